@@ -114,9 +114,11 @@ def _module_name(root: str, path: str) -> str:
 
 
 def iter_raw_documents(root: str | None = None) -> Iterator[dict]:
-  """All candidate documents in a fixed order: topics first (the best prose), then files."""
+  """All candidate documents in a fixed order: files, then the (few, long) reference topics.
+
+  Topics come last so that a small cap (as in tests) still yields many short documents.
+  """
   root = root or stdlib_dir()
-  yield from _pydoc_topics(root)
   for path in _python_files(root):
     if os.sep + "pydoc_data" + os.sep in path:
       continue
@@ -129,6 +131,7 @@ def iter_raw_documents(root: str | None = None) -> Iterator[dict]:
     module = _module_name(root, path)
     yield from _docstrings(tree, module)
     yield from _comment_blocks(source, module)
+  yield from _pydoc_topics(root)
 
 
 def collect_documents(max_bytes: int = 4_000_000, root: str | None = None) -> list[dict]:

@@ -40,10 +40,11 @@ class Tokenizer:
     self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
     self._is_spm = hasattr(backend, "encode_as_ids")
     # Role markers: single ids when the vocabulary has them, else the marker's own encoding.
-    self._markers = {name: self._piece_ids(piece) for name, piece in ROLE_PIECES.items()}
-    self._end = self._piece_ids(END_PIECE)
+    self._markers = {name: self.piece_ids(piece) for name, piece in ROLE_PIECES.items()}
+    self._end = self.piece_ids(END_PIECE)
 
-  def _piece_ids(self, piece: str) -> list[int]:
+  def piece_ids(self, piece: str) -> list[int]:
+    """Ids of a template piece such as "<|end|>": one id if the vocabulary has it."""
     if self._is_spm:
       pid = self._backend.piece_to_id(piece)
       return [pid] if pid != self._backend.unk_id() else self.encode(piece)
