@@ -1,0 +1,1 @@
+"""Model presets as ml_collections configs: `--config=configs/NAME.py[:ARG]`."""

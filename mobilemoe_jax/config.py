@@ -1,0 +1,155 @@
+"""The model and mesh config schema, and its validation.
+
+Every preset in `configs/` starts from `model_config()` and `mesh_config()` and
+overrides fields, so the schema lives in one place. Configs are locked: a typo in
+a field name fails when it is set (`--config.model.d_modle=...` is refused by
+ml_collections), and `validate()` checks the values before any array is built.
+"""
+from contextlib import nullcontext as _nullcontext
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+  """The decoder-only LM. With `moe.n_experts == 0` every FFN is dense."""
+  c = ml_collections.ConfigDict()
+  c.vocab_size = 32_000
+  c.d_model = 512
+  c.n_layers = 8
+  c.n_heads = 8
+  c.n_kv_heads = 2              # grouped-query attention: n_heads % n_kv_heads == 0
+  c.head_dim = 0                 # 0: d_model // n_heads (which must divide)
+  c.d_ff = 2048                 # hidden size of the dense SwiGLU FFN
+  c.tie_embeddings = True
+  c.rope_theta = 500_000.0
+  c.norm_eps = 1e-5
+  c.sliding_window = 0          # 0: every layer attends globally
+  c.global_every = 1            # with a window: layer i is global iff (i + 1) % global_every == 0
+  c.max_seq_len = 2048
+  c.dtype = 'bfloat16'          # compute dtype; params stay in param_dtype
+  c.param_dtype = 'float32'
+  c.init_std = 0.02
+  c.remat = False               # rematerialise each block in the backward pass
+
+  c.moe = ml_collections.ConfigDict()
+  c.moe.n_experts = 0           # routed experts per MoE layer; 0 turns the MoE off (dense model)
+  c.moe.top_k = 2
+  c.moe.d_expert = 256          # hidden size of one routed SwiGLU expert
+  c.moe.n_shared = 0            # always-active shared experts
+  c.moe.d_shared = 256          # hidden size of one shared expert
+  c.moe.first_dense = 1         # the first layers keep a dense FFN (routing is unstable there)
+  c.moe.score_func = 'softmax'  # 'softmax' | 'sigmoid'
+  c.moe.norm_topk_prob = True   # renormalise the k chosen weights to sum to 1
+  c.moe.routed_scale = 1.0      # multiplies the routed output (DeepSeek's routed scaling factor)
+  c.moe.aux_loss_coef = 1e-2    # Switch-style load-balancing loss
+  c.moe.z_loss_coef = 1e-3      # router z-loss
+  c.moe.expert_bias = False     # aux-loss-free balancing: a selection bias updated from the load
+  c.moe.bias_update_rate = 1e-3
+  c.moe.capacity_factor = 0.0   # 0: no token is ever dropped; >0: per-expert capacity
+  c.moe.dispatch = 'auto'       # 'auto' | 'dense' | 'sorted' | 'ragged'; see moe/dispatch.py
+  c.update(overrides)
+  return c
+
+
+def mesh_config(**overrides) -> ml_collections.ConfigDict:
+  """Named mesh axes. Sizes multiply to the device count; one size may be -1 (the rest)."""
+  c = ml_collections.ConfigDict()
+  c.data = -1
+  c.fsdp = 1
+  c.expert = 1
+  c.tensor = 1
+  c.update(overrides)
+  return c
+
+
+def experiment(model: ml_collections.ConfigDict, **sections) -> ml_collections.ConfigDict:
+  """The top-level config a preset returns: the model, the mesh, and any other sections
+  (train, data, ... added by the stage configs)."""
+  c = ml_collections.ConfigDict()
+  c.model = model
+  c.mesh = sections.pop('mesh', mesh_config())
+  for k, v in sections.items():
+    c[k] = v
+  return c
+
+
+def is_moe_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
+  return model.moe.n_experts > 0 and layer >= model.moe.first_dense
+
+
+def is_global_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
+  if not model.sliding_window or model.global_every <= 1:
+    return not model.sliding_window
+  return (layer + 1) % model.global_every == 0
+
+
+def _require(ok: bool, field: str, why: str):
+  if not ok:
+    raise ConfigError(f'config field `{field}`: {why}')
+
+
+def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks a model config; raises ConfigError naming the first bad field.
+  Fills the one derived field: head_dim = d_model // n_heads when it is 0."""
+  known = set(model_config().keys())
+  for key in model.keys():
+    _require(key in known, f'model.{key}', 'unknown field')
+  for key in model.moe.keys():
+    _require(key in model_config().moe, f'model.moe.{key}', 'unknown field')
+  for f in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff',
+            'max_seq_len'):
+    _require(model[f] > 0 or (f == 'head_dim' and model[f] == 0), f'model.{f}', f'must be positive, got {model[f]}')
+  if model.head_dim == 0:
+    _require(model.d_model % model.n_heads == 0, 'model.n_heads',
+             f'must divide d_model={model.d_model} when head_dim is 0, got {model.n_heads}')
+    with model.unlocked() if model.is_locked else _nullcontext():
+      model.head_dim = model.d_model // model.n_heads
+  _require(model.n_heads % model.n_kv_heads == 0, 'model.n_kv_heads',
+           f'must divide n_heads={model.n_heads}, got {model.n_kv_heads}')
+  _require(model.head_dim % 2 == 0, 'model.head_dim', 'must be even for RoPE')
+  _require(model.sliding_window >= 0, 'model.sliding_window', 'must be >= 0')
+  _require(model.dtype in ('bfloat16', 'float32', 'float16'), 'model.dtype',
+           f'unknown dtype {model.dtype!r}')
+  _require(model.param_dtype in ('bfloat16', 'float32'), 'model.param_dtype',
+           f'unknown dtype {model.param_dtype!r}')
+  m = model.moe
+  if m.n_experts:
+    _require(m.n_experts > 0, 'model.moe.n_experts', 'must be >= 0')
+    _require(0 < m.top_k <= m.n_experts, 'model.moe.top_k',
+             f'must be in [1, n_experts={m.n_experts}], got {m.top_k}')
+    _require(m.d_expert > 0, 'model.moe.d_expert', 'must be positive')
+    _require(m.n_shared >= 0, 'model.moe.n_shared', 'must be >= 0')
+    _require(m.n_shared == 0 or m.d_shared > 0, 'model.moe.d_shared', 'must be positive')
+    _require(0 <= m.first_dense <= model.n_layers, 'model.moe.first_dense',
+             f'must be in [0, n_layers={model.n_layers}]')
+    _require(m.score_func in ('softmax', 'sigmoid'), 'model.moe.score_func',
+             f"must be 'softmax' or 'sigmoid', got {m.score_func!r}")
+    _require(m.capacity_factor >= 0, 'model.moe.capacity_factor', 'must be >= 0')
+    _require(m.dispatch in ('auto', 'dense', 'sorted', 'ragged'), 'model.moe.dispatch',
+             f'unknown dispatch {m.dispatch!r}')
+  return model
+
+
+def validate_mesh(mesh: ml_collections.ConfigDict, n_devices: int) -> dict:
+  """Resolves a -1 axis and checks the mesh covers exactly `n_devices`."""
+  axes = {k: int(mesh[k]) for k in ('data', 'fsdp', 'expert', 'tensor')}
+  for key in mesh.keys():
+    _require(key in axes, f'mesh.{key}', 'unknown mesh axis')
+  free = [k for k, v in axes.items() if v == -1]
+  _require(len(free) <= 1, 'mesh', f'at most one axis may be -1, got {free}')
+  for k, v in axes.items():
+    _require(v == -1 or v >= 1, f'mesh.{k}', f'must be >= 1 or -1, got {v}')
+  fixed = 1
+  for k, v in axes.items():
+    fixed *= v if v > 0 else 1
+  if free:
+    _require(n_devices % fixed == 0, f'mesh.{free[0]}',
+             f'cannot fill: {n_devices} devices not divisible by the other axes ({fixed})')
+    axes[free[0]] = n_devices // fixed
+  _require(fixed * (axes[free[0]] if free else 1) == n_devices, 'mesh',
+           f'axes {axes} multiply to {fixed}, but there are {n_devices} devices')
+  return axes

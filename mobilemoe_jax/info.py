@@ -1,0 +1,62 @@
+"""Prints what a config costs: parameters, FLOPs per token, INT4 bytes, KV-cache bytes.
+
+  python -m mobilemoe_jax.info --config=configs/mobilemoe_s.py --context=2048
+  python -m mobilemoe_jax.info          # every preset side by side
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from mobilemoe_jax import config as config_lib
+from mobilemoe_jax.scaling import accounting
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file in configs/.',
+                                          lock_config=True)
+_CONTEXT = flags.DEFINE_integer('context', 2048, 'Context length for attention FLOPs and KV cache.')
+_KV_BYTES = flags.DEFINE_integer('kv_bytes', 2, 'Bytes per cached K/V value (2: fp16, 1: int8).')
+
+
+def describe(model, context: int, kv_bytes: int = 2) -> dict:
+  """The numbers `info` prints, as a dict (also used by the scaling tools and tests)."""
+  config_lib.validate(model)
+  c = accounting.count(model)
+  return {
+      'total params': c.total_params,
+      'active params': c.active_params,
+      'active non-embedding params': c.active_params - c.embedding_params,
+      f'forward FLOPs/token @ctx {context}': accounting.forward_flops_per_token(model, context),
+      f'train FLOPs/token @seq {context}': accounting.train_flops_per_token(model, context),
+      'INT4 weight bytes (g32, scales incl.)': accounting.int4_weight_bytes(model),
+      'INT4 bytes read per decoded token': accounting.active_int4_bytes_per_token(model),
+      f'KV-cache bytes @ctx {context}': accounting.kv_cache_bytes(model, context, kv_bytes),
+  }
+
+
+def _human(v: int) -> str:
+  for unit, scale in (('T', 1e12), ('G', 1e9), ('M', 1e6), ('K', 1e3)):
+    if abs(v) >= scale:
+      return f'{v / scale:.3f}{unit}'
+  return str(v)
+
+
+def presets():
+  """name -> config of every preset in configs/ (tiny in both variants)."""
+  from configs import mobilellm_pro, mobilemoe_l, mobilemoe_m, mobilemoe_s, tiny
+  return {'mobilellm_pro': mobilellm_pro.get_config(), 'mobilemoe_s': mobilemoe_s.get_config(),
+          'mobilemoe_m': mobilemoe_m.get_config(), 'mobilemoe_l': mobilemoe_l.get_config(),
+          'tiny:dense': tiny.get_config('dense'), 'tiny': tiny.get_config('moe')}
+
+
+def main(argv):
+  del argv
+  configs = {'config': _CONFIG.value} if _CONFIG.value is not None else presets()
+  table = {name: describe(cfg.model, _CONTEXT.value, _KV_BYTES.value) for name, cfg in configs.items()}
+  names = list(table)
+  rows = list(next(iter(table.values())))
+  width = max(map(len, rows))
+  print(' ' * width + ''.join(f'{n:>15}' for n in names))
+  for r in rows:
+    print(f'{r:<{width}}' + ''.join(f'{_human(table[n][r]):>15}' for n in names))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,109 @@
+"""Building blocks of the decoder: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+
+Parameters are stored in `param_dtype` (fp32) and cast to the compute dtype at use.
+Every parameter carries logical axis names (`axes=`) that sharding/ maps to the mesh.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mobilemoe_jax.sharding import constrain
+
+
+def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+  """A normal(0, std) parameter tagged with logical axes."""
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=('norm',))
+    self.eps = eps
+
+  def __call__(self, x):
+    # Normalise in fp32: bf16 sums of squares lose too much precision.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+  """Rotary embedding, half-split convention. x: [B, T, H, Dh]; positions: [B, T]."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)        # [Dh/2]
+  angle = positions[..., None, None].astype(jnp.float32) * freq         # [B, T, 1, Dh/2]
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int):
+  """[B, 1, T, S] bool: causal, same document, inside the sliding window (0 = none).
+
+  Positions are slot indices for the KV cache and in-document positions otherwise;
+  either way a key is visible iff it is not in the future and within the window.
+  Segment id 0 marks padding, which nothing attends to.
+  """
+  qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+  mask = (kp <= qp) & (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+  if window:
+    mask &= (qp - kp) < window
+  return mask[:, None]
+
+
+class Attention(nnx.Module):
+  """Grouped-query causal self-attention with RoPE and an optional sliding window."""
+
+  def __init__(self, cfg, window: int, rngs: nnx.Rngs):
+    d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+    self.q = param(rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), std, pd)
+    self.k = param(rngs, (d, kv, dh), ('embed', 'kv_heads', 'head_dim'), std, pd)
+    self.v = param(rngs, (d, kv, dh), ('embed', 'kv_heads', 'head_dim'), std, pd)
+    self.o = param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
+    self.window, self.theta = window, cfg.rope_theta
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x, positions, segment_ids, cache=None):
+    """x: [B, T, D]. Without cache: positions/segment_ids [B, T] describe packed documents.
+    With cache {'k','v': [B, S, K, Dh], 'end': [B]}: the T new tokens go to slots
+    end..end+T-1 and attend to every filled slot before them. Returns (y, new_cache)."""
+    dt = self.dtype
+    q = jnp.einsum('btd,dhk->bthk', x, self.q[...].astype(dt))
+    k = jnp.einsum('btd,dhk->bthk', x, self.k[...].astype(dt))
+    v = jnp.einsum('btd,dhk->bthk', x, self.v[...].astype(dt))
+    q = rope(q, positions, self.theta)
+    k = rope(k, positions, self.theta)
+    if cache is None:
+      mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)
+    else:
+      b, t = x.shape[:2]
+      write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, 0))
+      k = write(cache['k'], k.astype(cache['k'].dtype), cache['end'])
+      v = write(cache['v'], v.astype(cache['v'].dtype), cache['end'])
+      cache = dict(cache, k=k, v=v)
+      slots = jnp.arange(k.shape[1])[None].repeat(b, 0)                       # [B, S]
+      q_slot = cache['end'][:, None] + jnp.arange(t)[None]                     # [B, T]
+      mask = attention_mask(q_slot, slots, jnp.ones((b, t), jnp.int32),
+                            jnp.ones_like(slots), self.window)
+      k, v = k.astype(dt), v.astype(dt)
+    q = constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask)                      # [B, T, H, Dh]
+    return jnp.einsum('bthk,hkd->btd', y, self.o[...].astype(dt)), cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up))."""
+
+  def __init__(self, cfg, hidden: int, rngs: nnx.Rngs):
+    d, pd, std = cfg.d_model, jnp.dtype(cfg.param_dtype), cfg.init_std
+    self.gate = param(rngs, (d, hidden), ('embed', 'mlp'), std, pd)
+    self.up = param(rngs, (d, hidden), ('embed', 'mlp'), std, pd)
+    self.down = param(rngs, (hidden, d), ('mlp', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x):
+    dt = self.dtype
+    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    h = constrain(h, ('batch', 'length', 'mlp'))
+    return h @ self.down[...].astype(dt)

@@ -1,0 +1,105 @@
+"""The MobileMoE decoder. One model for every shape: with `moe.n_experts == 0` it is the
+dense baseline (MobileLLM-Pro), otherwise layers from `moe.first_dense` on use MoE FFNs."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mobilemoe_jax import config as config_lib
+from mobilemoe_jax.model.layers import MLP, Attention, RMSNorm, param
+from mobilemoe_jax.moe.layer import MoE
+from mobilemoe_jax.sharding import constrain
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg, layer: int, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    window = 0 if config_lib.is_global_layer(cfg, layer) else cfg.sliding_window
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+    self.attn = Attention(cfg, window, rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+    self.ffn = MoE(cfg, rngs) if config_lib.is_moe_layer(cfg, layer) else MLP(cfg, cfg.d_ff, rngs)
+
+  def __call__(self, x, positions, segment_ids, cache=None):
+    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+    x = x + h
+    stats = None
+    if isinstance(self.ffn, MoE):
+      h, stats = self.ffn(self.ffn_norm(x), valid=segment_ids != 0)
+    else:
+      h = self.ffn(self.ffn_norm(x))
+    x = constrain(x + h, ('batch', 'length', 'act_embed'))
+    return x, cache, stats
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    config_lib.validate(cfg)
+    pd = jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), cfg.init_std, pd)
+    self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+    self.head = None if cfg.tie_embeddings else param(
+        rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.init_std, pd)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+    """tokens: [B, T] int. Returns (logits [B, T, V] fp32, stats, new_cache).
+
+    Training passes packed rows with positions/segment_ids (see data/); decoding passes
+    a cache from `init_cache` and positions are the cache slots.
+    stats: {'aux_loss', 'z_loss'} summed over MoE layers, 'tokens_per_expert' [L_moe, E],
+    'dropped' (assignments over capacity).
+    """
+    b, t = tokens.shape
+    dt = jnp.dtype(self.cfg.dtype)
+    if cache is not None:
+      positions = cache['end'][:, None] + jnp.arange(t)[None]
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    if positions is None:
+      positions = jnp.arange(t)[None].repeat(b, 0)
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    x = self.embed[...].astype(dt)[tokens]
+    x = constrain(x, ('batch', 'length', 'act_embed'))
+    moe_stats, new_layers = [], []
+    for i, block in enumerate(self.blocks):
+      layer_cache = None if cache is None else dict(cache['layers'][i], end=cache['end'])
+      if self.cfg.remat and cache is None:
+        x, _, stats = nnx.remat(lambda blk, *a: blk(*a))(block, x, positions, segment_ids)
+      else:
+        x, layer_cache, stats = block(x, positions, segment_ids, layer_cache)
+      if layer_cache is not None:
+        new_layers.append({'k': layer_cache['k'], 'v': layer_cache['v']})
+      if stats is not None:
+        moe_stats.append(stats)
+    x = self.final_norm(x)
+    head = self.embed[...].T if self.head is None else self.head[...]
+    logits = (x @ head.astype(dt)).astype(jnp.float32)
+    logits = constrain(logits, ('batch', 'length', 'vocab'))
+    new_cache = None if cache is None else {'layers': new_layers, 'end': cache['end'] + t}
+    return logits, summarize(moe_stats), new_cache
+
+
+def summarize(moe_stats):
+  """Stacks per-layer MoE stats; zeros for a dense model so callers need no branch."""
+  if not moe_stats:
+    return {'aux_loss': jnp.zeros(()), 'z_loss': jnp.zeros(()), 'dropped': jnp.zeros((), jnp.int32),
+            'tokens_per_expert': jnp.zeros((0, 0))}
+  return {
+      'aux_loss': sum(s['aux_loss'] for s in moe_stats),
+      'z_loss': sum(s['z_loss'] for s in moe_stats),
+      'dropped': sum(s['dropped'] for s in moe_stats),
+      'tokens_per_expert': jnp.stack([s['tokens_per_expert'] for s in moe_stats]),
+  }
+
+
+def init_cache(cfg, batch: int, max_len: int, dtype=jnp.bfloat16):
+  """An empty KV cache: per layer k/v [B, S, K, Dh] and the filled length per row."""
+  shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  layers = [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+  return {'layers': layers, 'end': jnp.zeros((batch,), jnp.int32)}
+
+
+def moe_layers(model: Transformer):
+  """The MoE FFNs of a model, in layer order (used to update expert biases)."""
+  return [b.ffn for b in model.blocks if isinstance(b.ffn, MoE)]

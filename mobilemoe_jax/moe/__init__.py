@@ -1,0 +1,1 @@
+"""Mixture-of-Experts: routing, expert dispatch (reference, fast, expert-parallel), the layer."""

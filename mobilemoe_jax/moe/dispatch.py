@@ -1,0 +1,161 @@
+"""Running routed experts: how tokens reach the expert weights.
+
+All functions compute  y[n] = sum_j w[n, j] * Expert_{e[n, j]}(x[n])  with SwiGLU experts
+  Expert_e(x) = (silu(x @ gate[e]) * (x @ up[e])) @ down[e].
+
+- `dense`:  every expert on every token, masked by the routing weights. O(E) work, but
+  obviously correct: the reference the others are tested against.
+- `sorted`: sort the N*k assignments by expert, scatter them into a [E, C, D] buffer
+  (C = capacity; assignments past it are dropped and counted), batched einsums, gather
+  back. Batched matmuls are what accelerators run fast (see bench/moe_dispatch.py).
+- `ragged`: the sorted assignments through `jax.lax.ragged_dot`, never dropping.
+- `expert_parallel`: `sorted` inside shard_map over the mesh; the [E, C, D] buffer is
+  exchanged with all-to-all along the 'expert' axis so each device runs only its own
+  experts: tokens move, weights stay.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mobilemoe_jax.sharding import RULES
+
+
+def swiglu(x, gate, up, down):
+  """x: [..., D]; gate/up: [D, F]; down: [F, D]."""
+  return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+
+
+def dense(x, weights, experts, gate, up, down):
+  """x: [N, D]; weights/experts: [N, k]; gate/up: [E, D, F]; down: [E, F, D] -> [N, D], 0 dropped."""
+  n_experts = gate.shape[0]
+  combine = jnp.zeros((x.shape[0], n_experts), weights.dtype)
+  combine = combine.at[jnp.arange(x.shape[0])[:, None], experts].add(weights)   # [N, E]
+  h = jax.nn.silu(jnp.einsum('nd,edf->enf', x, gate)) * jnp.einsum('nd,edf->enf', x, up)
+  out = jnp.einsum('enf,efd->end', h, down)                                       # [E, N, D]
+  y = jnp.einsum('end,ne->nd', out, combine.astype(out.dtype))
+  return y, jnp.zeros((), jnp.int32)
+
+
+def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+  """Buffer rows per expert. Factor 0 means dropless: a token hits an expert at most once,
+  so N rows always suffice."""
+  if capacity_factor <= 0:
+    return n_tokens
+  return max(1, min(n_tokens, math.ceil(capacity_factor * n_tokens * top_k / n_experts)))
+
+
+def to_buffer(x, experts, n_experts: int, cap: int):
+  """Scatters token copies into an expert-major buffer.
+
+  Returns buf [E, C, D] and the slot of every assignment: (expert [N*k], pos [N*k]),
+  pos >= C meaning dropped. Sorting is stable, so earlier tokens win capacity.
+  """
+  n, k = experts.shape
+  flat = experts.reshape(-1)                                     # [N*k]
+  order = jnp.argsort(flat, stable=True)
+  sorted_e = flat[order]
+  starts = jnp.searchsorted(sorted_e, jnp.arange(n_experts), side='left')
+  rank = jnp.arange(n * k) - starts[sorted_e]                    # position inside its expert
+  pos = jnp.zeros_like(rank).at[order].set(rank)                 # back to assignment order
+  tok = jnp.arange(n * k) // k
+  buf = jnp.zeros((n_experts, cap, x.shape[-1]), x.dtype)
+  buf = buf.at[flat, pos].set(x[tok], mode='drop')               # pos >= cap: dropped
+  return buf, flat, pos
+
+
+def from_buffer(out, weights, flat, pos):
+  """Inverse of to_buffer: out [E, C, D] -> y [N, D] = sum_k w * out[e, pos]; dropped -> 0."""
+  n, k = weights.shape
+  cap = out.shape[1]
+  keep = pos < cap
+  got = out.at[flat, jnp.minimum(pos, cap - 1)].get() * keep[:, None].astype(out.dtype)
+  y = (got.reshape(n, k, -1) * weights[..., None].astype(out.dtype)).sum(1)
+  return y, jnp.sum(~keep).astype(jnp.int32)
+
+
+def batched_experts(buf, gate, up, down):
+  """buf [E, C, D] -> [E, C, D], one batched matmul per projection."""
+  h = jax.nn.silu(jnp.einsum('ecd,edf->ecf', buf, gate)) * jnp.einsum('ecd,edf->ecf', buf, up)
+  return jnp.einsum('ecf,efd->ecd', h, down)
+
+
+def sorted_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0):
+  cap = capacity(x.shape[0], experts.shape[1], gate.shape[0], capacity_factor)
+  buf, flat, pos = to_buffer(x, experts, gate.shape[0], cap)
+  return from_buffer(batched_experts(buf, gate, up, down), weights, flat, pos)
+
+
+def ragged(x, weights, experts, gate, up, down):
+  """Dropless grouped matmul with jax.lax.ragged_dot."""
+  n, k = experts.shape
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  xs = x[order // k]                                             # [N*k, D] grouped by expert
+  sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+  h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+  out = jax.lax.ragged_dot(h, down, sizes)
+  unsorted = jnp.zeros_like(out).at[order].set(out)
+  y = (unsorted.reshape(n, k, -1) * weights[..., None].astype(out.dtype)).sum(1)
+  return y, jnp.zeros((), jnp.int32)
+
+
+def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0):
+  """`sorted` with the experts split over the ambient mesh's 'expert' axis.
+
+  x: [N, D] split over the token axes; gate/up/down split over 'expert' on E and over
+  'tensor' on F. Each device fills a [E, C, D] buffer from its own tokens, all-to-all
+  sends buffer block j to the holder of experts block j, experts run, and a second
+  all-to-all brings results home.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  n_ep = mesh.shape['expert']
+  n_experts = gate.shape[0]
+  tok_axes = tuple(a for a in RULES['batch'] if mesh.shape[a] > 1)
+  tensor = 'tensor' if mesh.shape['tensor'] > 1 and gate.shape[2] % mesh.shape['tensor'] == 0 else None
+  n_tok_shards = math.prod(mesh.shape[a] for a in tok_axes)
+  cap = capacity(x.shape[0] // n_tok_shards, experts.shape[1], n_experts, capacity_factor)
+  tok = P(tok_axes or None)
+
+  def local(x, weights, experts, gate, up, down):
+    buf, flat, pos = to_buffer(x, experts, n_experts, cap)       # [E, C, D]
+    buf = buf.reshape(n_ep, n_experts // n_ep, cap, -1)
+    buf = jax.lax.all_to_all(buf, 'expert', 0, 0)                # [src, E/n, C, D]
+    h = (jax.nn.silu(jnp.einsum('secd,edf->secf', buf, gate))
+         * jnp.einsum('secd,edf->secf', buf, up))
+    out = jnp.einsum('secf,efd->secd', h, down)
+    if tensor:
+      out = jax.lax.psum(out, tensor)                            # F was split over 'tensor'
+    out = jax.lax.all_to_all(out, 'expert', 0, 0).reshape(n_experts, cap, -1)
+    y, dropped = from_buffer(out, weights, flat, pos)
+    return y, jax.lax.psum(dropped, tok_axes) if tok_axes else dropped
+
+  w_in = P('expert', None, tensor)
+  w_out = P('expert', tensor, None)
+  return jax.shard_map(local, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                       out_specs=(tok, P()), check_vma=False)(x, weights, experts, gate, up, down)
+
+
+def can_expert_parallel(n_tokens: int, n_experts: int) -> bool:
+  """True when an ambient mesh has an 'expert' axis the tokens and experts both split over."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or 'expert' not in (mesh.axis_names or ()) or mesh.shape['expert'] == 1:
+    return False
+  n_tok = math.prod(mesh.shape[a] for a in RULES['batch'])
+  return n_experts % mesh.shape['expert'] == 0 and n_tokens % n_tok == 0
+
+
+def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_factor: float):
+  """Dispatches to one of the implementations above; returns (y [N, D], dropped)."""
+  if can_expert_parallel(x.shape[0], gate.shape[0]):
+    return expert_parallel(x, weights, experts, gate, up, down, capacity_factor)
+  if method == 'auto':
+    method = 'sorted'
+  if method == 'dense':
+    return dense(x, weights, experts, gate, up, down)
+  if method == 'sorted':
+    return sorted_capacity(x, weights, experts, gate, up, down, capacity_factor)
+  if method == 'ragged':
+    return ragged(x, weights, experts, gate, up, down)
+  raise ValueError(f'unknown MoE dispatch {method!r}')

@@ -1,0 +1,61 @@
+"""The MoE feed-forward block: router, fine-grained routed experts, shared experts."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mobilemoe_jax.model.layers import MLP, param
+from mobilemoe_jax.moe import dispatch, routing
+
+
+class ExpertBias(nnx.Variable):
+  """Aux-loss-free balancing bias: not trained by the optimizer, nudged from the load."""
+
+
+class MoE(nnx.Module):
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    m, d = cfg.moe, cfg.d_model
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+    self.router = param(rngs, (d, m.n_experts), ('embed', None), std, pd)
+    self.gate = param(rngs, (m.n_experts, d, m.d_expert), ('expert', 'embed', 'expert_mlp'), std, pd)
+    self.up = param(rngs, (m.n_experts, d, m.d_expert), ('expert', 'embed', 'expert_mlp'), std, pd)
+    self.down = param(rngs, (m.n_experts, m.d_expert, d), ('expert', 'expert_mlp', 'embed'),
+                      std / (2 * cfg.n_layers) ** 0.5, pd)
+    # S shared experts of hidden F_s are one SwiGLU of hidden S * F_s: the same function.
+    self.shared = MLP(cfg, m.n_shared * m.d_shared, rngs) if m.n_shared else None
+    self.expert_bias = ExpertBias(jnp.zeros((m.n_experts,), jnp.float32), axes=(None,)) \
+        if m.expert_bias else None
+    self.cfg = m
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x, valid=None):
+    """x: [B, T, D]; valid: [B, T] 0/1 (padding excluded from losses and stats).
+    Returns (y [B, T, D], stats dict)."""
+    m, dt = self.cfg, self.dtype
+    b, t, d = x.shape
+    flat = x.reshape(b * t, d)
+    valid = None if valid is None else valid.reshape(b * t)
+    # The router stays in fp32: bf16 logits flip top-k choices near ties.
+    logits = flat.astype(jnp.float32) @ self.router[...].astype(jnp.float32)     # [N, E]
+    bias = None if self.expert_bias is None else self.expert_bias[...]
+    weights, experts, scores = routing.route(
+        logits, top_k=m.top_k, score_func=m.score_func, norm_topk_prob=m.norm_topk_prob,
+        routed_scale=m.routed_scale, bias=bias)
+    y, dropped = dispatch.run_experts(
+        flat, weights.astype(dt), experts, self.gate[...].astype(dt), self.up[...].astype(dt),
+        self.down[...].astype(dt), method=m.dispatch, capacity_factor=m.capacity_factor)
+    y = y.reshape(b, t, d)
+    if self.shared is not None:
+      y = y + self.shared(x)
+    stats = {
+        'aux_loss': routing.load_balancing_loss(scores, experts, m.n_experts, valid),
+        'z_loss': routing.z_loss(logits, valid),
+        'tokens_per_expert': routing.tokens_per_expert(experts, m.n_experts, valid),
+        'dropped': dropped,
+    }
+    return y, stats
+
+  def update_expert_bias(self, tokens_per_expert, rate: float):
+    """Aux-loss-free step: raise the bias of under-loaded experts, lower over-loaded ones."""
+    if self.expert_bias is not None:
+      load = tokens_per_expert.astype(jnp.float32)
+      self.expert_bias[...] += rate * jnp.sign(load.mean() - load)

@@ -1,0 +1,1 @@
+"""On-device scaling: exact accounting of configs (and, later, the loss law and search)."""

@@ -1,0 +1,109 @@
+"""Exact accounting for a model config: parameters, FLOPs, INT4 bytes, KV-cache bytes.
+
+Counted from the config alone (no arrays), so it works for 5B-parameter presets on a
+laptop; tests check the parameter counts against the real parameter tree.
+
+Conventions (written once, used everywhere):
+- *active* parameters are those touched by one token: everything except the routed
+  experts a token does not choose. The (tied) embedding counts once, as the LM head
+  is a full matmul over it for every token.
+- forward FLOPs per token = 2 x (matmul weights used) + attention score/value FLOPs
+  (4 x heads x head_dim x visible context per layer, context capped by the window).
+  Training FLOPs per token = 3 x forward.
+- INT4 weight bytes: every matmul weight and the embedding in symmetric INT4 with one
+  fp16 scale per group of 32 input values (0.5 + 2/32 bytes per weight); router and
+  norms stay fp32. This is the layout the exporter writes.
+"""
+import dataclasses
+
+from mobilemoe_jax import config as config_lib
+
+INT4_GROUP = 32
+SCALE_BYTES = 2
+
+
+@dataclasses.dataclass
+class Counts:
+  total_params: int
+  active_params: int
+  embedding_params: int
+  routed_expert_params: int      # all routed experts of all layers
+  matmul_params_active: int      # weights a token multiplies by (head included)
+  fp32_params: int               # router + norms, kept in float on device
+
+
+def _layer_params(cfg, layer):
+  d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  attn = d * h * dh * 2 + d * kv * dh * 2
+  norms = 2 * d
+  if config_lib.is_moe_layer(cfg, layer):
+    m = cfg.moe
+    router = d * m.n_experts
+    routed = m.n_experts * 3 * d * m.d_expert
+    routed_active = m.top_k * 3 * d * m.d_expert
+    shared = 3 * d * m.n_shared * m.d_shared
+    return dict(matmul=attn + shared + routed, matmul_active=attn + shared + routed_active,
+                routed=routed, fp32=norms + router)
+  ffn = 3 * d * cfg.d_ff
+  return dict(matmul=attn + ffn, matmul_active=attn + ffn, routed=0, fp32=norms)
+
+
+def count(cfg) -> Counts:
+  config_lib.validate(cfg)
+  layers = [_layer_params(cfg, i) for i in range(cfg.n_layers)]
+  emb = cfg.vocab_size * cfg.d_model
+  head = 0 if cfg.tie_embeddings else emb
+  fp32 = sum(l['fp32'] for l in layers) + cfg.d_model
+  total = emb + head + fp32 + sum(l['matmul'] for l in layers)
+  routed = sum(l['routed'] for l in layers)
+  inactive = sum(l['matmul'] - l['matmul_active'] for l in layers)
+  # The LM head is a [D, V] matmul for every token (the tied embedding or its own weight).
+  matmul_active = sum(l['matmul_active'] for l in layers) + emb
+  return Counts(total_params=total, active_params=total - inactive, embedding_params=emb + head,
+                routed_expert_params=routed, matmul_params_active=matmul_active,
+                fp32_params=fp32)
+
+
+def visible_context(cfg, layer: int, context: int) -> int:
+  window = 0 if config_lib.is_global_layer(cfg, layer) else cfg.sliding_window
+  return min(context, window) if window else context
+
+
+def attention_flops_per_token(cfg, context: int) -> int:
+  """QK^T and AV for one token attending to `context` earlier tokens, all layers."""
+  per = 4 * cfg.n_heads * cfg.head_dim
+  return sum(per * visible_context(cfg, i, context) for i in range(cfg.n_layers))
+
+
+def forward_flops_per_token(cfg, context: int) -> int:
+  c = count(cfg)
+  router = sum(2 * cfg.d_model * cfg.moe.n_experts for i in range(cfg.n_layers)
+               if config_lib.is_moe_layer(cfg, i))
+  return 2 * c.matmul_params_active + router + attention_flops_per_token(cfg, context)
+
+
+def train_flops_per_token(cfg, context: int) -> int:
+  """Forward + backward (2x forward), attention averaged over a causal sequence of `context`."""
+  return 3 * forward_flops_per_token(cfg, context // 2)
+
+
+def int4_bytes(n_params: int, group: int = INT4_GROUP) -> int:
+  return n_params // 2 + -(-n_params // group) * SCALE_BYTES
+
+
+def int4_weight_bytes(cfg, group: int = INT4_GROUP) -> int:
+  """Bytes of the INT4 model on device: quantised matmuls + embedding, fp32 router/norms."""
+  c = count(cfg)
+  return int4_bytes(c.total_params - c.fp32_params, group) + 4 * c.fp32_params
+
+
+def active_int4_bytes_per_token(cfg, group: int = INT4_GROUP) -> int:
+  """Weight bytes one decode step reads: active matmuls (head included), router, norms."""
+  c = count(cfg)
+  return int4_bytes(c.matmul_params_active, group) + 4 * c.fp32_params
+
+
+def kv_cache_bytes(cfg, context: int, bytes_per_value: int = 2) -> int:
+  """K and V of every layer for `context` tokens; windowed layers keep only the window."""
+  per_token = 2 * cfg.n_kv_heads * cfg.head_dim * bytes_per_value
+  return sum(per_token * visible_context(cfg, i, context) for i in range(cfg.n_layers))
