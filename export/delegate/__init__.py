@@ -1,0 +1,211 @@
+"""MobileMoE LiteRT delegate: build, load, and the numpy reference of its op.
+
+The C++ sources in this folder implement the `MobileMoeBlock` custom op (see
+README.md for the contract). `library_path()` compiles them on first use, so a
+fresh clone needs only g++.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import threading
+
+import numpy as np
+
+_DIR = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = ("abi.h", "flexbuf.h", "kernels.h", "kernels.cc", "kernels_avx512.cc",
+            "moe.h", "moe.cc", "threadpool.h", "delegate.cc", "Makefile")
+_LIB = {"release": "libmobilemoe_delegate.so", "asan": "libmobilemoe_delegate_asan.so"}
+_build_lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------
+# INT4 packing (same convention as TFLite INT4: low nibble = even index).
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+  """int values in [-8, 7], shape [..., K] (K even) -> uint8 [..., K/2]."""
+  q = np.asarray(q)
+  if q.shape[-1] % 2:
+    raise ValueError(f"last dim must be even, got {q.shape}")
+  if q.min(initial=0) < -8 or q.max(initial=0) > 7:
+    raise ValueError("int4 values must be in [-8, 7]")
+  nib = (q.astype(np.int16) & 0xF).astype(np.uint8)
+  return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, n: int | None = None) -> np.ndarray:
+  """uint8 [..., K/2] -> int8 [..., K] (optionally checks K == n)."""
+  packed = np.asarray(packed, dtype=np.uint8)
+  lo = (packed & 0xF).astype(np.int8)
+  hi = (packed >> 4).astype(np.int8)
+  q = np.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1)
+  q = np.where(q >= 8, q - 16, q).astype(np.int8)
+  if n is not None and q.shape[-1] != n:
+    raise ValueError(f"unpacked length {q.shape[-1]} != {n}")
+  return q
+
+
+def quantize_int4(w: np.ndarray, group_size: int):
+  """Symmetric group-wise INT4: w [..., K] -> (packed uint8 [..., K/2], scales [..., K/G])."""
+  w = np.asarray(w, np.float32)
+  g = w.reshape(*w.shape[:-1], -1, group_size)
+  s = np.abs(g).max(-1) / 7.0
+  s = np.where(s == 0, 1.0, s).astype(np.float32)
+  q = np.clip(np.rint(g / s[..., None]), -8, 7).astype(np.int8)
+  return pack_int4(q.reshape(w.shape)), s
+
+
+def dequantize_int4(packed, scales, group_size):
+  """Inverse of quantize_int4: W[o, i] = q[o, i] * s[o, i // G] (float32)."""
+  q = unpack_int4(packed).astype(np.float32)
+  return q * np.repeat(scales, group_size, axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# Reference math of the op.
+
+WEIGHT_NAMES = ("router_w", "router_bias", "gate_up_q", "gate_up_s", "down_q",
+                "down_s", "shared_gate_up_q", "shared_gate_up_s", "shared_down_q",
+                "shared_down_s")
+
+
+def _quant_rows_int8(x):
+  """Per-row symmetric int8, as the delegate's int8 activation mode does."""
+  x = np.asarray(x, np.float32)
+  amax = np.abs(x).max(-1, keepdims=True)
+  inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+  q = np.clip(np.rint(x * inv), -127, 127)
+  return (q * (amax / np.float32(127))).astype(np.float32)
+
+
+def route(x, router_w, router_bias, options):
+  """x [T, D] -> (chosen [T, k] int, weights [T, k], selection margin [T])."""
+  logits = x.astype(np.float64) @ router_w.astype(np.float64).T
+  if options.get("score_func", "softmax") == "softmax":
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    scores = e / e.sum(-1, keepdims=True)
+  else:
+    scores = 1.0 / (1.0 + np.exp(-logits))
+  k = options["top_k"]
+  sel = scores + (0.0 if router_bias is None else router_bias.astype(np.float64))
+  # Stable sort of -sel: ties keep the lower index first.
+  order = np.argsort(-sel, axis=-1, kind="stable")
+  chosen = order[:, :k]
+  sorted_sel = np.take_along_axis(sel, order, -1)
+  margin = (sorted_sel[:, k - 1] - sorted_sel[:, k] if k < sel.shape[-1]
+            else np.full(len(x), np.inf))
+  w = np.take_along_axis(scores, chosen, -1)
+  if options.get("norm_topk_prob", False):
+    w = w / w.sum(-1, keepdims=True)
+  return chosen, w * options.get("routed_scale", 1.0), margin
+
+
+def reference_moe(x, weights: dict, options: dict, activations: str = "fp32"):
+  """Numpy reference of MobileMoeBlock. x [..., D] -> y [..., D] (float32).
+
+  weights: dict with the names in WEIGHT_NAMES (shared ones optional).
+  activations="int8" mimics the delegate's per-row dynamic int8 rounding of
+  the expert inputs (x and the SwiGLU hidden), so int8 mode can be compared
+  with a tight tolerance too.
+  """
+  G = options["group_size"]
+  D = options["d_model"]
+  shape = np.shape(x)
+  x = np.asarray(x, np.float32).reshape(-1, D)
+  act = _quant_rows_int8 if activations == "int8" else (lambda a: np.asarray(a, np.float32))
+
+  def ffn(xin, gu_q, gu_s, dn_q, dn_s):
+    f = gu_q.shape[-2] // 2
+    gu = act(xin).astype(np.float64) @ dequantize_int4(gu_q, gu_s, G).astype(np.float64).T
+    g, u = gu[:, :f], gu[:, f:]
+    h = g / (1.0 + np.exp(-g)) * u
+    return act(h).astype(np.float64) @ dequantize_int4(dn_q, dn_s, G).astype(np.float64).T
+
+  chosen, w, _ = route(x, weights["router_w"], weights.get("router_bias"), options)
+  y = np.zeros(x.shape, np.float64)
+  for e in np.unique(chosen):
+    t, j = np.nonzero(chosen == e)
+    y[t] += w[t, j, None] * ffn(x[t], weights["gate_up_q"][e], weights["gate_up_s"][e],
+                                weights["down_q"][e], weights["down_s"][e])
+  if options.get("d_shared", 0):
+    y += ffn(x, weights["shared_gate_up_q"], weights["shared_gate_up_s"],
+             weights["shared_down_q"], weights["shared_down_s"])
+  return y.astype(np.float32).reshape(shape)
+
+
+def random_moe_weights(rng, num_experts, d_model, d_expert, d_shared=0, group_size=32,
+                       router_scale=1.0):
+  """Random INT4 weights with the op's layouts (for tests and benchmarks)."""
+  E, D, F, Fs, G = num_experts, d_model, d_expert, d_shared, group_size
+
+  def q4(shape_lead, rows, k):
+    q = rng.integers(-8, 8, size=(*shape_lead, rows, k), dtype=np.int8)
+    s = (rng.random((*shape_lead, rows, k // G)) * 0.5 + 0.5) / np.sqrt(k * 10)
+    return pack_int4(q), s.astype(np.float32)
+
+  w = {"router_w": (rng.standard_normal((E, D)) * router_scale / np.sqrt(D)).astype(np.float32),
+       "router_bias": (rng.standard_normal(E) * 0.01).astype(np.float32)}
+  w["gate_up_q"], w["gate_up_s"] = q4((E,), 2 * F, D)
+  w["down_q"], w["down_s"] = q4((E,), D, F)
+  if Fs:
+    w["shared_gate_up_q"], w["shared_gate_up_s"] = q4((), 2 * Fs, D)
+    w["shared_down_q"], w["shared_down_s"] = q4((), D, Fs)
+  return w
+
+
+# ----------------------------------------------------------------------------
+# Building and loading the shared library.
+
+def _stale(lib: str) -> bool:
+  if not os.path.exists(lib):
+    return True
+  t = os.path.getmtime(lib)
+  return any(os.path.getmtime(os.path.join(_DIR, s)) > t for s in _SOURCES)
+
+
+def library_path(variant: str = "release") -> str:
+  """Path of the delegate .so, (re)built with make/g++ if missing or stale.
+
+  variant: "release" or "asan" (AddressSanitizer + UBSan build; load it only
+  in a process started with LD_PRELOAD=$(g++ -print-file-name=libasan.so)).
+  """
+  lib = os.path.join(_DIR, _LIB[variant])
+  with _build_lock:
+    if _stale(lib):
+      r = subprocess.run(["make", "-C", _DIR, _LIB[variant]], capture_output=True, text=True)
+      if r.returncode != 0:
+        raise RuntimeError(f"building {lib} failed:\n{r.stdout}\n{r.stderr}")
+  return lib
+
+
+def load(num_threads: int | None = None, activations: str = "int8", kernel: str = "auto",
+         variant: str = "release", verbose: bool = False):
+  """Returns ai_edge_litert.interpreter.load_delegate(...) for this delegate.
+
+  num_threads: None -> the interpreter's thread count. activations: "int8"
+  (dynamic per-row, VNNI) or "fp32". kernel: "auto" or "scalar" (portable).
+  """
+  from ai_edge_litert.interpreter import load_delegate
+  opts = {"activations": activations, "kernel": kernel, "verbose": int(verbose)}
+  if num_threads is not None:
+    opts["num_threads"] = num_threads
+  return load_delegate(library_path(variant), opts)
+
+
+def stats(delegate) -> dict:
+  """Counters kept by a loaded delegate: nodes claimed/refused, invokes, messages."""
+  lib = ctypes.CDLL(delegate._library._name)
+  ptr = ctypes.c_void_p(delegate._get_native_delegate_pointer())
+  for name in ("mobilemoe_delegate_claimed", "mobilemoe_delegate_refused",
+               "mobilemoe_delegate_invokes"):
+    getattr(lib, name).argtypes = [ctypes.c_void_p]
+  lib.mobilemoe_delegate_messages.argtypes = [ctypes.c_void_p]
+  lib.mobilemoe_delegate_messages.restype = ctypes.c_char_p
+  lib.mobilemoe_kernel_isa.restype = ctypes.c_char_p
+  return {"claimed": lib.mobilemoe_delegate_claimed(ptr),
+          "refused": lib.mobilemoe_delegate_refused(ptr),
+          "invokes": lib.mobilemoe_delegate_invokes(ptr),
+          "messages": lib.mobilemoe_delegate_messages(ptr).decode(),
+          "isa": lib.mobilemoe_kernel_isa().decode()}

@@ -1,0 +1,54 @@
+// INT4 group-wise weight kernels shared by decode and prefill.
+//
+// A weight matrix W [M, K] is stored as packed signed int4 (two per byte along
+// K, low nibble = even k) plus fp32 scales S [M, K/G]:  W[m,k] = q[m,k] *
+// S[m, k/G]. Kernels compute out[n, m] = sum_k W[m,k] * x[n,k] for a range of
+// rows m and a list of activation rows n, dequantising in registers.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace mm {
+
+enum class ActMode { kF32, kI8 };
+
+// N activation rows of length K, laid out for the kernel that will read them.
+// SIMD layout: each block of 128 k's is stored as [64 even k's, 64 odd k's],
+// matching the low/high nibbles of 64 packed weight bytes.
+struct Acts {
+  int N = 0, K = 0;
+  ActMode mode = ActMode::kF32;
+  bool simd = false;
+  std::vector<float> f;       // [N, K] fp32 mode
+  std::vector<int8_t> q;      // [N, K] int8 mode: x ~= scale[n] * q
+  std::vector<int32_t> corr;  // [N, K/8] simd int8: -8 * (sum of 8 x's), see .cc
+  std::vector<float> scale;   // [N] int8 mode
+
+  void Resize(int n, int k, ActMode m, bool use_simd);
+  // Prepares rows [n0, n1) from x (row stride ldx); rows are independent so
+  // callers may split them across threads.
+  void PrepareRows(const float* x, int ldx, int n0, int n1);
+};
+
+struct Q4Matrix {
+  const uint8_t* q;  // [M, K/2]
+  const float* s;    // [M, K/G]
+  int M, K, G;
+};
+
+// out[n * ldo + (m - m0)] = (W x_rows[n])[m] for m in [m0, m1), n in [0, N).
+// rows[n] picks the activation row (nullptr: row n).
+void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, const int* rows,
+            int N, float* out, int ldo);
+
+// True when this CPU has the AVX-512 VNNI kernels and (K, G) fit them.
+bool SimdAvailable();
+bool SimdShapeOk(int K, int G);
+
+float Dot(const float* a, const float* b, int n);
+
+// h[i] = silu(g[i]) * u[i]
+void SiluMul(const float* g, const float* u, float* h, int n);
+
+}  // namespace mm

@@ -1,0 +1,201 @@
+// AVX-512 (+VNNI) kernels. This file alone is compiled with -mavx512*; it uses
+// only raw pointers (no STL), so no AVX-512 code leaks into inline functions
+// shared with the portable build. Called only after a runtime CPU check.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace mm {
+namespace avx512 {
+
+// Scales for the 16 int32 lanes of one 128-k block. Lane j of a dpbusd on the
+// [even|odd] layout covers k = 8j .. 8j+7, so it belongs to group (8j)/G.
+static inline __m512 BlockScales(const float* s_row, int b, int G) {
+  const int first = (b * 128) / G;
+  if (G >= 128) return _mm512_set1_ps(s_row[first]);
+  const int n = 128 / G;  // groups in this block: 4 for G=32
+  __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), s_row + first);
+  const __m512i idx = _mm512_srli_epi32(
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                           11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(8)),
+      __builtin_ctz(G));
+  return _mm512_permutexvar_ps(idx, v);
+}
+
+static inline float Hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// Int8 activations: R weight rows x NT activation rows, whole K.
+// Weights: (nibble ^ 8) = q + 8 in [0, 15] is the unsigned operand of dpbusd;
+// corr holds -8 * sum(x) per lane so the int32 result is exactly sum(q * x).
+template <int R, int NT>
+static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int K,
+                   int G, const int8_t* const* xq, const int32_t* const* corr,
+                   const float* xs, float* out, int ldo) {
+  __m512 acc[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_setzero_ps();
+  const __m512i lo_mask = _mm512_set1_epi8(0x0F);
+  const __m512i flip = _mm512_set1_epi8((char)0x88);
+  const int nb = K / 128;
+  for (int b = 0; b < nb; ++b) {
+    for (int r = 0; r < R; ++r) {
+      __m512i v = _mm512_loadu_si512(wq + (size_t)r * ldw + b * 64);
+      v = _mm512_xor_si512(v, flip);
+      const __m512i lo = _mm512_and_si512(v, lo_mask);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
+      const __m512 sc = BlockScales(ws + (size_t)r * lds, b, G);
+      for (int n = 0; n < NT; ++n) {
+        const int8_t* x = xq[n] + b * 128;
+        __m512i t = _mm512_loadu_si512(corr[n] + b * 16);
+        t = _mm512_dpbusd_epi32(t, lo, _mm512_loadu_si512(x));
+        t = _mm512_dpbusd_epi32(t, hi, _mm512_loadu_si512(x + 64));
+        acc[r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sc, acc[r][n]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) out[n * ldo + r] = xs[n] * Hsum(acc[r][n]);
+}
+
+// Signed nibble -> int8 lookup, for the fp32 path.
+static inline __m512i NibbleLut() {
+  return _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1));
+}
+
+// Fp32 activations: dequantise 16 weights at a time to fp32 and FMA.
+// Requires G % 32 == 0 so each 16-lane chunk (32 k's) is in one group.
+template <int R, int NT>
+static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds,
+                    int K, int G, const float* const* xf, float* out,
+                    int ldo) {
+  __m512 acc[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_setzero_ps();
+  const __m512i lo_mask = _mm512_set1_epi8(0x0F);
+  const __m512i lut = NibbleLut();
+  const int nb = K / 128;
+  for (int b = 0; b < nb; ++b) {
+    for (int r = 0; r < R; ++r) {
+      const __m512i v = _mm512_loadu_si512(wq + (size_t)r * ldw + b * 64);
+      const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, lo_mask));
+      const __m512i hi = _mm512_shuffle_epi8(
+          lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask));
+      const float* srow = ws + (size_t)r * lds;
+#define MM_CHUNK(c)                                                           \
+  {                                                                           \
+    const __m512 sc = _mm512_set1_ps(srow[(b * 128 + (c) * 32) / G]);         \
+    const __m512 we = _mm512_mul_ps(                                          \
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(lo, c))), sc); \
+    const __m512 wo = _mm512_mul_ps(                                          \
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(hi, c))), sc); \
+    for (int n = 0; n < NT; ++n) {                                            \
+      const float* x = xf[n] + b * 128 + (c) * 16;                           \
+      acc[r][n] = _mm512_fmadd_ps(we, _mm512_loadu_ps(x), acc[r][n]);        \
+      acc[r][n] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + 64), acc[r][n]);   \
+    }                                                                         \
+  }
+      MM_CHUNK(0) MM_CHUNK(1) MM_CHUNK(2) MM_CHUNK(3)
+#undef MM_CHUNK
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) out[n * ldo + r] = Hsum(acc[r][n]);
+}
+
+
+#define MM_DISPATCH_NT(TILE, R, NT, ...) \
+  switch (NT) {                          \
+    case 1: TILE<R, 1>(__VA_ARGS__); break; \
+    case 2: TILE<R, 2>(__VA_ARGS__); break; \
+    case 3: TILE<R, 3>(__VA_ARGS__); break; \
+    default: TILE<R, 4>(__VA_ARGS__); break; \
+  }
+
+void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
+            const int8_t* const* xq, const int32_t* const* corr,
+            const float* xs, int N, float* out, int ldo) {
+  const int ldw = K / 2, lds = K / G;
+  for (int n0 = 0; n0 < N; n0 += 4) {
+    const int nt = N - n0 < 4 ? N - n0 : 4;
+    int m = m0;
+    for (; m + 4 <= m1; m += 4) {
+      MM_DISPATCH_NT(TileI8, 4, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
+                     lds, K, G, xq + n0, corr + n0, xs + n0,
+                     out + (size_t)n0 * ldo + (m - m0), ldo)
+    }
+    for (; m < m1; ++m) {
+      MM_DISPATCH_NT(TileI8, 1, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
+                     lds, K, G, xq + n0, corr + n0, xs + n0,
+                     out + (size_t)n0 * ldo + (m - m0), ldo)
+    }
+  }
+}
+
+void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
+             const float* const* xf, int N, float* out, int ldo) {
+  const int ldw = K / 2, lds = K / G;
+  for (int n0 = 0; n0 < N; n0 += 4) {
+    const int nt = N - n0 < 4 ? N - n0 : 4;
+    int m = m0;
+    for (; m + 4 <= m1; m += 4) {
+      MM_DISPATCH_NT(TileF32, 4, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
+                     lds, K, G, xf + n0, out + (size_t)n0 * ldo + (m - m0), ldo)
+    }
+    for (; m < m1; ++m) {
+      MM_DISPATCH_NT(TileF32, 1, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
+                     lds, K, G, xf + n0, out + (size_t)n0 * ldo + (m - m0), ldo)
+    }
+  }
+}
+
+float Dot(const float* a, const float* b, int n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  float sum = Hsum(_mm512_add_ps(acc0, acc1));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// exp(x) for x <= 0 (silu only needs exp(-|g|)): 2^n * p(r), |rel err| ~1e-7.
+static inline __m512 ExpNeg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2, split in two constants for accuracy
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+void SiluMul(const float* g, const float* u, float* h, int n) {
+  int i = 0;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(g + i);
+    // sigmoid(x) = 1/(1+e^-x) for x>=0, e^x/(1+e^x) for x<0: never overflows
+    const __m512 e = ExpNeg(_mm512_sub_ps(_mm512_setzero_ps(),
+                                          _mm512_abs_ps(x)));
+    const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 sig = _mm512_mask_mul_ps(inv, neg, e, inv);
+    _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_mul_ps(x, sig), _mm512_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+}  // namespace avx512
+}  // namespace mm

@@ -1,0 +1,186 @@
+// MobileMoeBlock execution: route, then three parallel phases over the active
+// experts only. Decode and prefill share this code: with one token each job
+// is a GEMV over the selected expert's packed rows; with many tokens each job
+// is a GEMM whose dequantised weight tiles are reused across its tokens.
+#include "moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace mm {
+
+namespace {
+constexpr int kRowTile1 = 64;  // gate/up rows per work item
+constexpr int kRowTile3 = 32;  // down rows per work item
+}  // namespace
+
+void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
+                     int T, ThreadPool* pool) {
+  const int E = c.num_experts, D = c.d_model;
+  logits_.resize((size_t)T * E);
+  // logits [T, E] = x @ router_w^T, split by (token, 16 experts).
+  const int eb = (E + 15) / 16;
+  pool->Run(T * eb, [&](int item, int) {
+    const int t = item / eb, e0 = (item % eb) * 16, e1 = std::min(E, e0 + 16);
+    for (int e = e0; e < e1; ++e)
+      logits_[(size_t)t * E + e] = Dot(x + (size_t)t * D, w.router_w + (size_t)e * D, D);
+  });
+
+  tok_.resize(E);
+  wt_.resize(E);
+  for (int e = 0; e < E; ++e) { tok_[e].clear(); wt_[e].clear(); }
+  std::vector<float> score(E);
+  std::vector<char> taken(E);
+  std::vector<int> chosen(c.top_k);
+  for (int t = 0; t < T; ++t) {
+    const float* l = logits_.data() + (size_t)t * E;
+    if (c.softmax) {
+      float mx = l[0];
+      for (int e = 1; e < E; ++e) mx = std::max(mx, l[e]);
+      float sum = 0.f;
+      for (int e = 0; e < E; ++e) sum += (score[e] = std::exp(l[e] - mx));
+      for (int e = 0; e < E; ++e) score[e] /= sum;
+    } else {
+      for (int e = 0; e < E; ++e) score[e] = 1.f / (1.f + std::exp(-l[e]));
+    }
+    // Top-k by (score + bias); strict '>' keeps the lower index on ties.
+    std::fill(taken.begin(), taken.end(), 0);
+    float wsum = 0.f;
+    for (int j = 0; j < c.top_k; ++j) {
+      int best = -1;
+      float best_v = 0.f;
+      for (int e = 0; e < E; ++e) {
+        if (taken[e]) continue;
+        const float v = score[e] + (w.router_b ? w.router_b[e] : 0.f);
+        if (best < 0 || v > best_v) { best = e; best_v = v; }
+      }
+      taken[best] = 1;
+      chosen[j] = best;
+      wsum += score[best];
+    }
+    for (int j = 0; j < c.top_k; ++j) {
+      float wj = score[chosen[j]];
+      if (c.norm_topk_prob) wj /= wsum;
+      tok_[chosen[j]].push_back(t);
+      wt_[chosen[j]].push_back(wj * c.routed_scale);
+    }
+  }
+}
+
+void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
+                   int T, float* y, ThreadPool* pool, const RunOptions& opt) {
+  const int E = c.num_experts, D = c.d_model, F = c.d_expert, G = c.group_size;
+  const int nthreads = pool->size();
+  std::fill(y, y + (size_t)T * D, 0.f);
+  if (T == 0) return;
+
+  Route(c, w, x, T, pool);
+
+  // Jobs: every expert with at least one token, then the shared expert.
+  jobs_.clear();
+  active_.clear();
+  size_t gu_total = 0, h_total = 0;
+  auto add_job = [&](Job j) {
+    j.gu_off = gu_total;
+    j.h_off = h_total;
+    gu_total += (size_t)j.n * 2 * j.F;
+    h_total += (size_t)j.n * j.F;
+    jobs_.push_back(j);
+  };
+  for (int e = 0; e < E; ++e) {
+    if (tok_[e].empty()) continue;
+    active_.push_back(e);
+    Job j;
+    j.F = F;
+    j.n = (int)tok_[e].size();
+    j.tokens = tok_[e].data();
+    j.weights = wt_[e].data();
+    j.gate_up = {w.gate_up_q + (size_t)e * 2 * F * (D / 2),
+                 w.gate_up_s + (size_t)e * 2 * F * (D / G), 2 * F, D, G};
+    j.down = {w.down_q + (size_t)e * D * (F / 2),
+              w.down_s + (size_t)e * D * (F / G), D, F, G};
+    add_job(j);
+  }
+  if (c.d_shared > 0) {
+    const int Fs = c.d_shared;
+    all_tokens_.resize(T);
+    ones_.assign(T, 1.f);
+    for (int t = 0; t < T; ++t) all_tokens_[t] = t;
+    Job j;
+    j.F = Fs;
+    j.n = T;
+    j.tokens = all_tokens_.data();
+    j.weights = ones_.data();
+    j.gate_up = {w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, G};
+    j.down = {w.shared_down_q, w.shared_down_s, D, Fs, G};
+    add_job(j);
+  }
+  const int nj = (int)jobs_.size();
+
+  // Activations of all tokens, prepared once for the gate/up kernels.
+  const bool simd_x = opt.allow_simd && SimdAvailable() && SimdShapeOk(D, G);
+  x_acts_.Resize(T, D, opt.mode, simd_x);
+  const int tchunks = (T + 15) / 16;
+  pool->Run(tchunks, [&](int i, int) {
+    x_acts_.PrepareRows(x, D, i * 16, std::min(T, i * 16 + 16));
+  });
+
+  // Phase 1: gu_out[j] [n, 2F] = x[tokens] @ gate_up^T, split by row tiles.
+  gu_out_.resize(gu_total);
+  std::vector<int> first_item(nj + 1, 0);
+  for (int j = 0; j < nj; ++j)
+    first_item[j + 1] = first_item[j] + (2 * jobs_[j].F + kRowTile1 - 1) / kRowTile1;
+  pool->Run(first_item[nj], [&](int item, int) {
+    const int j = int(std::upper_bound(first_item.begin(), first_item.end(), item) -
+                      first_item.begin()) - 1;
+    const Job& jb = jobs_[j];
+    const int m0 = (item - first_item[j]) * kRowTile1;
+    const int m1 = std::min(2 * jb.F, m0 + kRowTile1);
+    Q4Gemm(jb.gate_up, m0, m1, x_acts_, jb.tokens, jb.n,
+           gu_out_.data() + jb.gu_off + m0, 2 * jb.F);
+  });
+
+  // Phase 2: h = silu(gate) * up, then prepare h for the down kernels.
+  h_.resize(h_total);
+  h_acts_.resize(nj);
+  for (int j = 0; j < nj; ++j) {
+    const Job& jb = jobs_[j];
+    const bool simd_h = opt.allow_simd && SimdAvailable() && SimdShapeOk(jb.F, G);
+    h_acts_[j].Resize(jb.n, jb.F, opt.mode, simd_h);
+  }
+  std::vector<int> first_row(nj + 1, 0);
+  for (int j = 0; j < nj; ++j) first_row[j + 1] = first_row[j] + jobs_[j].n;
+  pool->Run(first_row[nj], [&](int row, int) {
+    const int j = int(std::upper_bound(first_row.begin(), first_row.end(), row) -
+                      first_row.begin()) - 1;
+    const Job& jb = jobs_[j];
+    const int n = row - first_row[j];
+    const float* gu = gu_out_.data() + jb.gu_off + (size_t)n * 2 * jb.F;
+    float* h = h_.data() + jb.h_off;
+    SiluMul(gu, gu + jb.F, h + (size_t)n * jb.F, jb.F);
+    h_acts_[j].PrepareRows(h, jb.F, n, n + 1);
+  });
+
+  // Phase 3: y[tokens, rows] += weight * (h @ down^T)[rows]. Work items own
+  // disjoint output rows and loop over all jobs, so no two threads write the
+  // same y element.
+  tmp_.resize(nthreads);
+  for (auto& t : tmp_) t.resize((size_t)T * kRowTile3);
+  pool->Run((D + kRowTile3 - 1) / kRowTile3, [&](int item, int tid) {
+    const int m0 = item * kRowTile3, m1 = std::min(D, m0 + kRowTile3);
+    float* tmp = tmp_[tid].data();
+    for (int j = 0; j < nj; ++j) {
+      const Job& jb = jobs_[j];
+      Q4Gemm(jb.down, m0, m1, h_acts_[j], nullptr, jb.n, tmp, kRowTile3);
+      for (int n = 0; n < jb.n; ++n) {
+        float* yr = y + (size_t)jb.tokens[n] * D;
+        const float wn = jb.weights[n];
+        const float* tr = tmp + (size_t)n * kRowTile3;
+        for (int m = m0; m < m1; ++m) yr[m] += wn * tr[m - m0];
+      }
+    }
+  });
+}
+
+}  // namespace mm

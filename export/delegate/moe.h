@@ -1,0 +1,79 @@
+// The MobileMoeBlock computation (see README.md for the op contract).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels.h"
+#include "threadpool.h"
+
+namespace mm {
+
+struct MoeConfig {
+  int num_experts = 0, top_k = 0;
+  int d_model = 0;   // D
+  int d_expert = 0;  // F
+  int d_shared = 0;  // Fs (0: no shared expert)
+  int group_size = 0;
+  bool softmax = true;  // else sigmoid
+  bool norm_topk_prob = false;
+  float routed_scale = 1.f;
+};
+
+struct MoeWeights {
+  const float* router_w = nullptr;     // [E, D]
+  const float* router_b = nullptr;     // [E] or null
+  const uint8_t* gate_up_q = nullptr;  // [E, 2F, D/2]
+  const float* gate_up_s = nullptr;    // [E, 2F, D/G]
+  const uint8_t* down_q = nullptr;     // [E, D, F/2]
+  const float* down_s = nullptr;       // [E, D, F/G]
+  const uint8_t* shared_gate_up_q = nullptr;  // [2Fs, D/2] or null
+  const float* shared_gate_up_s = nullptr;
+  const uint8_t* shared_down_q = nullptr;     // [D, Fs/2]
+  const float* shared_down_s = nullptr;
+};
+
+struct RunOptions {
+  ActMode mode = ActMode::kI8;
+  bool allow_simd = true;
+};
+
+// Holds scratch buffers between calls; one per claimed node.
+class MoeBlock {
+ public:
+  // y [T, D] = MoE(x [T, D]).
+  void Run(const MoeConfig& c, const MoeWeights& w, const float* x, int T,
+           float* y, ThreadPool* pool, const RunOptions& opt);
+
+  // Experts touched by the last Run (routed ones; for tests and stats).
+  const std::vector<int>& last_active() const { return active_; }
+
+ private:
+  // One expert's work: the tokens routed to it and their combine weights.
+  struct Job {
+    Q4Matrix gate_up, down;  // [2F, D], [D, F]
+    int F = 0, n = 0;
+    const int* tokens = nullptr;  // [n] (null: all tokens, shared expert)
+    const float* weights = nullptr;
+    size_t gu_off = 0, h_off = 0;  // offsets into gu_out_ / h_
+  };
+
+  void Route(const MoeConfig& c, const MoeWeights& w, const float* x, int T,
+             ThreadPool* pool);
+
+  std::vector<float> logits_;               // [T, E]
+  std::vector<std::vector<int>> tok_;       // per expert: token ids
+  std::vector<std::vector<float>> wt_;      // per expert: combine weights
+  std::vector<int> active_;
+  std::vector<Job> jobs_;
+  std::vector<int> all_tokens_;
+  std::vector<float> ones_;
+  Acts x_acts_;
+  std::vector<Acts> h_acts_;                // per job
+  std::vector<float> gu_out_;               // per job [n, 2F]
+  std::vector<float> h_;                    // per job [n, F]
+  std::vector<std::vector<float>> tmp_;     // per thread [T, tile]
+};
+
+}  // namespace mm

@@ -1,0 +1,154 @@
+"""A small hand-written .tflite builder (flatbuffers object API).
+
+Used by the delegate tests and the on-device benchmark to make models that
+contain the MobileMoeBlock custom op, optionally surrounded by builtin ops,
+without depending on the exporter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import flatbuffers
+from flatbuffers import flexbuffers
+from ai_edge_litert import schema_py_generated as schema
+
+OP_NAME = "MobileMoeBlock"
+
+_DTYPES = {
+    np.dtype(np.float32): schema.TensorType.FLOAT32,
+    np.dtype(np.int32): schema.TensorType.INT32,
+    np.dtype(np.uint8): schema.TensorType.UINT8,
+    np.dtype(np.int8): schema.TensorType.INT8,
+    np.dtype(np.int64): schema.TensorType.INT64,
+    np.dtype(np.bool_): schema.TensorType.BOOL,
+}
+
+
+class GraphBuilder:
+  """One-subgraph model: add tensors and ops in execution order, then build()."""
+
+  def __init__(self):
+    self.tensors, self.ops, self.opcodes = [], [], []
+    self.buffers = [schema.BufferT()]  # buffer 0 is the empty sentinel
+    self.inputs, self.outputs = [], []
+
+  def tensor(self, name, shape, dtype=np.float32, data=None, tensor_type=None,
+             quantization=None) -> int:
+    """Adds a tensor; `data` makes it a constant. Returns its index."""
+    t = schema.TensorT()
+    t.name, t.shape = name, list(shape)
+    t.type = tensor_type if tensor_type is not None else _DTYPES[np.dtype(dtype)]
+    t.quantization = quantization
+    if data is not None:
+      b = schema.BufferT()
+      b.data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+      self.buffers.append(b)
+      t.buffer = len(self.buffers) - 1
+    self.tensors.append(t)
+    return len(self.tensors) - 1
+
+  def const(self, name, array) -> int:
+    array = np.asarray(array)
+    return self.tensor(name, array.shape, array.dtype, array)
+
+  def _opcode(self, builtin, custom=None) -> int:
+    key = (builtin, custom)
+    for i, oc in enumerate(self.opcodes):
+      if (oc.builtinCode, oc.customCode) == key:
+        return i
+    oc = schema.OperatorCodeT()
+    oc.builtinCode, oc.customCode = builtin, custom
+    oc.deprecatedBuiltinCode = min(builtin, 127)
+    self.opcodes.append(oc)
+    return len(self.opcodes) - 1
+
+  def op(self, builtin, inputs, outputs, options_type=0, options=None):
+    o = schema.OperatorT()
+    o.opcodeIndex = self._opcode(builtin)
+    o.inputs, o.outputs = list(inputs), list(outputs)
+    o.builtinOptionsType, o.builtinOptions = options_type, options
+    self.ops.append(o)
+
+  def custom_op(self, name, inputs, outputs, custom_options: bytes):
+    o = schema.OperatorT()
+    o.opcodeIndex = self._opcode(schema.BuiltinOperator.CUSTOM, name)
+    o.inputs, o.outputs = list(inputs), list(outputs)
+    o.customOptions = list(custom_options)
+    o.customOptionsFormat = schema.CustomOptionsFormat.FLEXBUFFERS
+    self.ops.append(o)
+
+  def build(self) -> bytes:
+    sg = schema.SubGraphT()
+    sg.tensors, sg.operators = self.tensors, self.ops
+    sg.inputs, sg.outputs = self.inputs, self.outputs
+    m = schema.ModelT()
+    m.version = 3
+    m.operatorCodes, m.subgraphs, m.buffers = self.opcodes, [sg], self.buffers
+    b = flatbuffers.Builder(1024)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+# ----------------------------------------------------------------------------
+# Builtin-op helpers.
+
+def fully_connected(g: GraphBuilder, x: int, w: int, out_shape, name, bias=-1) -> int:
+  opts = schema.FullyConnectedOptionsT()
+  opts.keepNumDims = True
+  y = g.tensor(name, out_shape)
+  g.op(schema.BuiltinOperator.FULLY_CONNECTED, [x, w, bias], [y],
+       schema.BuiltinOptions.FullyConnectedOptions, opts)
+  return y
+
+
+def add(g: GraphBuilder, a: int, b: int, shape, name) -> int:
+  y = g.tensor(name, shape)
+  g.op(schema.BuiltinOperator.ADD, [a, b], [y], schema.BuiltinOptions.AddOptions,
+       schema.AddOptionsT())
+  return y
+
+
+# ----------------------------------------------------------------------------
+# MobileMoeBlock.
+
+def moe_options_bytes(options: dict) -> bytes:
+  """The op's custom_options: a flexbuffer map (ints, floats, bools, strings)."""
+  return bytes(flexbuffers.Dumps(dict(options)))
+
+
+def add_moe_block(g: GraphBuilder, x: int, x_shape, weights: dict, options: dict,
+                  name="moe", int4_type=False, drop_inputs=()) -> int:
+  """Appends a MobileMoeBlock node reading x; returns its output tensor.
+
+  int4_type: store the packed weights as TensorType.INT4 with logical shapes
+  instead of uint8 bytes (the delegate accepts both).
+  drop_inputs: slot numbers to pass as -1 (absent), for negative tests.
+  """
+  def q4(key):
+    packed = weights[key]
+    if not int4_type:
+      return g.const(f"{name}/{key}", packed)
+    shape = list(packed.shape[:-1]) + [packed.shape[-1] * 2]
+    return g.tensor(f"{name}/{key}", shape, tensor_type=schema.TensorType.INT4, data=packed)
+
+  ins = [x, g.const(f"{name}/router_w", weights["router_w"])]
+  ins.append(g.const(f"{name}/router_bias", weights["router_bias"])
+             if weights.get("router_bias") is not None else -1)
+  ins += [q4("gate_up_q"), g.const(f"{name}/gate_up_s", weights["gate_up_s"]),
+          q4("down_q"), g.const(f"{name}/down_s", weights["down_s"])]
+  if options.get("d_shared", 0):
+    ins += [q4("shared_gate_up_q"), g.const(f"{name}/shared_gate_up_s", weights["shared_gate_up_s"]),
+            q4("shared_down_q"), g.const(f"{name}/shared_down_s", weights["shared_down_s"])]
+  ins = [-1 if i in drop_inputs else t for i, t in enumerate(ins)]
+  y = g.tensor(f"{name}/y", x_shape)
+  g.custom_op(OP_NAME, ins, [y], moe_options_bytes(options))
+  return y
+
+
+def moe_block_model(weights: dict, options: dict, x_shape, **kw) -> bytes:
+  """A model whose only op is one MobileMoeBlock: x -> y."""
+  g = GraphBuilder()
+  x = g.tensor("x", x_shape)
+  y = add_moe_block(g, x, x_shape, weights, options, **kw)
+  g.inputs, g.outputs = [x], [y]
+  return g.build()
