@@ -46,14 +46,32 @@ def _segments(batch):
       yield tuple(batch[k][b, idx] for k in ("inputs", "targets", "loss_mask"))
 
 
+def _raw_token_docs(source, tok):
+  """(ids, mask) of every document, read and tokenised without the pipeline's own code."""
+  if source["kind"] == "jsonl_chat":
+    with open(source["path"]) as f:
+      return [tok.encode_chat(json.loads(line)["messages"]) for line in f]
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  docs = []
+  for path in [source["path"]] if isinstance(source["path"], str) else source["path"]:
+    reader = ArrayRecordReader(path)
+    docs += [tok.encode_document(json.loads(r)["text"]) for r in reader.read_all()]
+    reader.close()
+  return docs
+
+
 def _all_pieces(data, source, tok):
-  """Every T-token piece the pipeline may emit for a source: inputs -> (targets, mask)."""
-  docs = pipeline.document_dataset(source, tok, seed=0, shuffle=False, num_epochs=1)
+  """Every T-token piece the pipeline may emit for a source: inputs -> (targets, mask).
+
+  A document's ids [n] give inputs ids[s:s+T] and targets ids[s+1:s+T+1]: the next token
+  of the same document, always.
+  """
   pieces = {}
-  for ex in docs:
-    for s in range(0, len(ex["inputs"]), T):
-      key = tuple(ex["inputs"][s:s + T].tolist())
-      pieces[key] = (ex["targets"][s:s + T].tolist(), ex["loss_mask"][s:s + T].tolist())
+  for ids, mask in _raw_token_docs(source, tok):
+    for s in range(0, len(ids) - 1, T):
+      stop = min(s + T, len(ids) - 1)
+      pieces[tuple(ids[s:stop].tolist())] = (ids[s + 1:stop + 1].tolist(), mask[s + 1:stop + 1].tolist())
   return pieces
 
 
@@ -214,12 +232,18 @@ def test_process_shards_are_disjoint_and_complete(data, shuffle):
   assert union == pieces(0, 1)
 
 
-def test_one_pass_ends_with_a_padded_batch(data):
-  cfg = _config(data, [{"kind": "array_record", "path": data["validation"]}], num_epochs=1, shuffle=False)
+def test_one_pass_yields_every_piece_once_in_full_size_batches(data):
+  tok = tokenizer_lib.load_tokenizer(data["tokenizer"])
+  source = {"kind": "array_record", "path": data["validation"]}
+  expected = collections.Counter()
+  for ids, _ in _raw_token_docs(source, tok):
+    expected.update(tuple(ids[s:min(s + T, len(ids) - 1)].tolist()) for s in range(0, len(ids) - 1, T))
+  cfg = _config(data, [source], num_epochs=1, shuffle=False)
   batches = list(pipeline.make_dataset(cfg, seq_len=T, batch_size=B, seed=0,
                                        process_index=0, process_count=1))
-  assert batches and all(b["inputs"].shape == (B, T) for b in batches)
-  assert (batches[-1]["segment_ids"] == 0).all(axis=1).any() or len(batches) * B >= 1
+  assert all(b["inputs"].shape == (B, T) for b in batches)  # the last one is padded, not short
+  seen = collections.Counter(tuple(s[0].tolist()) for b in batches for s in _segments(b))
+  assert seen == expected
 
 
 # ------------------------------------------------------------------------------------- errors
