@@ -3,8 +3,14 @@
 Entry point: `make_dataset(data_config, seq_len=..., batch_size=..., seed=...)` returns a
 `grain.IterDataset`; `iter()` on it gives a `grain.DatasetIterator` whose `get_state()` /
 `set_state()` (plain JSON-able dicts) make a resumed run see exactly the batches it would have
-seen. For Orbax, save the iterator with `grain.checkpoint.CheckpointSave(iterator)` under a
-`grain.checkpoint.CheckpointHandler` (re-exported here); it writes one JSON file per process.
+seen. With Orbax, the iterator is one more item of the checkpoint (one JSON file per process):
+
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=pipeline.CheckpointSave(iterator)))
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=pipeline.CheckpointRestore(iterator)))
+
+(CheckpointSave / CheckpointRestore / CheckpointHandler are grain.checkpoint's, re-exported.)
 
 Config schema (an ml_collections.ConfigDict or a plain dict; unknown keys are errors):
 
