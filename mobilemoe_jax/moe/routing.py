@@ -14,11 +14,25 @@ def route(logits, *, top_k: int, score_func: str, norm_topk_prob: bool, routed_s
   logits = logits.astype(jnp.float32)
   scores = jax.nn.softmax(logits, -1) if score_func == 'softmax' else jax.nn.sigmoid(logits)
   select = scores if bias is None else scores + bias.astype(jnp.float32)
-  _, experts = jax.lax.top_k(select, top_k)                  # ties -> lower index
+  experts = _top_k_indices(select, top_k)
   weights = jnp.take_along_axis(scores, experts, axis=-1)
   if norm_topk_prob:
     weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
   return weights * routed_scale, experts.astype(jnp.int32), scores
+
+
+def _top_k_indices(x, k: int):
+  """Indices of the k largest entries along the last axis; ties -> lower index.
+
+  k rounds of argmax rather than lax.top_k: XLA's SPMD partitioner gathers every token
+  to one device for TopK, but partitions argmax over the token dims (k <= 8 here).
+  """
+  picked = []
+  for _ in range(k):
+    i = jnp.argmax(x, -1)
+    picked.append(i)
+    x = jnp.where(jax.nn.one_hot(i, x.shape[-1], dtype=bool), -jnp.inf, x)
+  return jnp.stack(picked, -1)
 
 
 def load_balancing_loss(scores, experts, n_experts: int, valid=None):

@@ -104,3 +104,10 @@ def state_shardings(state, mesh):
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, length, ...] input array."""
   return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1), mesh=mesh))
+
+
+def shard_model(model, mesh):
+  """Places an nnx model's variables on `mesh` by their logical axes (in place)."""
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
+  return model

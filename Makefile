@@ -1,0 +1,19 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+# Each creates .venv (Python >= 3.11) and installs the project on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+demo: install
+	$(PY) -m mobilemoe_jax.info
+
+test: install
+	$(PY) -m pytest -n 2 --dist loadfile
