@@ -1,0 +1,142 @@
+"""The quantization grid is bit-identical to what ai-edge-quantizer / litert-torch write.
+
+Each test quantizes one known weight with the real tool, reads the int values and scales
+back from the flatbuffer (schema, not the interpreter) and compares with `grid.quantize`.
+"""
+import numpy as np
+import pytest
+
+from mobilemoe_jax.quant import grid
+
+torch = pytest.importorskip('torch')
+
+
+def _weight(seed=0, out=16, k=96):
+  """A weight with awkward groups: zeros, a tiny group, a huge one, exact .5 ties."""
+  rng = np.random.default_rng(seed)
+  w = (rng.standard_normal((out, k)) * rng.uniform(0.01, 2.0, (out, 1))).astype(np.float32)
+  w[0, :32] = 0.0
+  w[1, 32:64] *= 1e-6
+  w[2, 64:] *= 1e3
+  w[3, :32] = np.arange(32, dtype=np.float32) - 16.5   # values landing on .5 after scaling
+  w[3, 0] = 7.0 * 3.0 / 2.0
+  return w
+
+
+def _fp32_linear_tflite(w, path):
+  import litert_torch
+  lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+  with torch.no_grad():
+    lin.weight.copy_(torch.from_numpy(w))
+  litert_torch.convert(lin.eval(), (torch.zeros(2, w.shape[1]),)).export(str(path))
+  return path
+
+
+def _read_fc_weight(path):
+  from export import flatbuf
+  model, raw = flatbuf.load(str(path))
+  sg = model.subgraphs[0]
+  fcs = [op for op in sg.operators
+         if model.operatorCodes[op.opcodeIndex].builtinCode == 9]  # FULLY_CONNECTED
+  assert len(fcs) == 1
+  t = sg.tensors[fcs[0].inputs[1]]
+  scales, qdim, block = flatbuf.weight_quant(model, raw, sg, t)
+  return t.type, flatbuf.tensor_value(model, raw, t), scales, qdim, block
+
+
+def _check(path, w, scheme, want_type):
+  from export import flatbuf
+  ttype, q, s, qdim, block = _read_fc_weight(path)
+  assert flatbuf.TYPE_NAMES[ttype] == want_type
+  assert qdim == 0
+  assert block == grid.get_scheme(scheme).group
+  q_ref, s_ref = grid.quantize(w, scheme)
+  s = s.reshape(s_ref.shape)
+  np.testing.assert_array_equal(s, s_ref)
+  # Where a block scale underflowed fp16 to 0 the tool's integers are undefined (0/0).
+  defined = np.repeat(s_ref, w.shape[1] // s_ref.shape[1], 1) > 0
+  np.testing.assert_array_equal(q[defined], q_ref[defined])
+  # The jnp version agrees bit for bit with numpy, eagerly and under jit/vmap (XLA would
+  # otherwise turn the divisions into reciprocal multiplies, 1 ulp off).
+  import jax
+  import jax.numpy as jnp
+  for f in (lambda a: grid.quantize(a, scheme), jax.jit(lambda a: grid.quantize(a, scheme))):
+    q_j, s_j = f(jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(q_j), q_ref)
+    np.testing.assert_array_equal(np.asarray(s_j), s_ref)
+  q_v, s_v = jax.jit(jax.vmap(lambda a: grid.quantize(a, scheme)))(jnp.asarray(w)[None].repeat(2, 0))
+  np.testing.assert_array_equal(np.asarray(q_v[1]), q_ref)
+  np.testing.assert_array_equal(np.asarray(s_v[1]), s_ref)
+
+
+def test_litert_torch_int4_block32_recipe(tmp_path):
+  import litert_torch
+  from litert_torch.generative.quantize import quant_attrs, quant_recipes
+  w = _weight()
+  lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+  with torch.no_grad():
+    lin.weight.copy_(torch.from_numpy(w))
+  qc = quant_recipes.full_dynamic_recipe(weight_dtype=quant_attrs.Dtype.INT4,
+                                         granularity=quant_attrs.Granularity.BLOCKWISE_32)
+  path = tmp_path / 'b32.tflite'
+  litert_torch.convert(lin.eval(), (torch.zeros(2, w.shape[1]),), quant_config=qc).export(str(path))
+  _check(path, w, 'int4_g32', 'INT4')
+
+
+@pytest.mark.parametrize('scheme,recipe_name,want_type', [
+    ('int4_g32', 'dynamic_wi4b32_afp32', 'INT4'),
+    ('int4_channel', 'dynamic_wi4c_afp32', 'INT4'),
+    ('int8_channel', 'dynamic_wi8c_afp32', 'INT8'),
+])
+def test_ai_edge_quantizer_recipes(tmp_path, scheme, recipe_name, want_type):
+  from ai_edge_quantizer import quantizer, recipe
+  w = _weight(seed=1)
+  fp32 = _fp32_linear_tflite(w, tmp_path / 'fp32.tflite')
+  qt = quantizer.Quantizer(str(fp32), getattr(recipe, recipe_name)())
+  out = tmp_path / f'{scheme}.tflite'
+  qt.quantize().export_model(str(out))
+  _check(out, w, scheme, want_type)
+
+
+def test_roundtrip_and_ranges():
+  w = _weight(seed=2)
+  for scheme in ('int4_g32', 'int4_channel', 'int8_channel'):
+    q, s = grid.quantize(w, scheme)
+    sch = grid.get_scheme(scheme)
+    assert q.dtype == np.int8 and q.min() >= sch.qmin and q.max() <= sch.qmax
+    assert np.all(np.isfinite(s)) and np.all(s >= 0)
+    # Only the all-zero group of a block-wise scheme has a zero (fp16-underflowed) scale.
+    assert (s == 0).sum() == (1 if sch.group else 0)
+    # Dequantized weights lie on the grid: quantizing them again gives the same integers.
+    q2, s2 = grid.quantize(grid.dequantize(q, s), scheme)
+    np.testing.assert_array_equal(q2, q)
+    err = np.abs(grid.dequantize(q, s) - w)
+    assert np.all(err <= np.repeat(s, w.shape[1] // s.shape[1], 1) * 0.5 + 1e-6)
+
+
+def test_in_axis_matches_transpose():
+  w = _weight(seed=3)
+  q, s = grid.quantize(w, 'int4_g32')
+  qt, st = grid.quantize(w.T.copy(), 'int4_g32', in_axis=0)   # Flax layout [in, out]
+  np.testing.assert_array_equal(qt, q.T)
+  np.testing.assert_array_equal(st, s.T)
+
+
+def test_pack_roundtrip():
+  q = np.random.default_rng(0).integers(-8, 8, (3, 10)).astype(np.int8)
+  np.testing.assert_array_equal(grid.unpack_int4(grid.pack_int4(q)), q)
+  assert grid.pack_int4(np.array([1, -1], np.int8))[0] == 0xF1  # low nibble first
+
+
+def test_act_int8_matches_delegate_reference():
+  from export.delegate import _quant_rows_int8
+  x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+  x[2] = 0
+  np.testing.assert_array_equal(grid.fake_quant_act_int8(x), _quant_rows_int8(x))
+
+
+def test_errors():
+  with pytest.raises(ValueError, match='does not divide the input dimension 96'):
+    grid.quantize(np.zeros((4, 96), np.float32), 'int4_g64')
+  with pytest.raises(ValueError, match='unknown quantization scheme'):
+    grid.quantize(np.zeros((4, 64), np.float32), 'int3')
