@@ -1,0 +1,169 @@
+"""PyTorch MobileMoE -> LiteRT `.tflite` with `prefill_<T>` and `decode` signatures.
+
+The layout follows litert-torch's generative examples: token ids [1, T] int32, input_pos
+[T] int32, and an external KV cache (`kv_cache_k_<i>` / `kv_cache_v_<i>`, [1, S, K, Dh]
+f32) passed in and returned updated. Logits are [1, T, V] f32.
+
+Quantization is done by ai-edge-quantizer on the fp32 flatbuffer (the same library that
+litert-torch's quant_config calls, and it also offers INT4 channel-wise, which litert-torch's
+recipe refuses): weights of FULLY_CONNECTED ops on quant.grid's scheme with dynamic int8
+activations, the embedding gather on its own scheme, the MoE router kept in fp32 (a
+4-bit router flips expert choices). quant.grid's tests pin the integers to that tool.
+"""
+import os
+import tempfile
+import time
+
+import torch
+
+from export import flatbuf
+
+QUANTS = ('int4_g32', 'int4_channel', 'int8', 'fp32')
+EMBEDDINGS = ('int8', 'int4', 'fp32')
+
+
+class Exportable(torch.nn.Module):
+  """Named inputs/outputs for the signatures."""
+
+  def __init__(self, model):
+    super().__init__()
+    self.model = model
+
+  def forward(self, tokens, input_pos, kv_cache):
+    n = len(self.model.blocks)
+    cache = [(kv_cache[f'k_{i}'], kv_cache[f'v_{i}']) for i in range(n)]
+    logits, new = self.model(tokens, input_pos, cache)
+    out = {'logits': logits}
+    for i, (k, v) in enumerate(new):
+      out[f'kv_cache_k_{i}'], out[f'kv_cache_v_{i}'] = k, v
+    return out
+
+
+def empty_kv(cfg: dict, kv_len: int) -> dict:
+  shape = (1, kv_len, cfg['n_kv_heads'], cfg['head_dim'])
+  return {f'{c}_{i}': torch.zeros(shape) for i in range(cfg['n_layers']) for c in 'kv'}
+
+
+def convert_fp32(model, out_path: str, prefill_lens=(32, 128), kv_len: int = 0, log=print):
+  """Traces prefill_<T> for each T and decode, and writes the fp32 flatbuffer."""
+  import litert_torch
+  cfg = model.cfg
+  kv_len = kv_len or cfg['max_seq_len']
+  if kv_len > cfg['max_seq_len'] or max(prefill_lens) > kv_len:
+    raise ValueError(f'kv_len={kv_len} must be <= max_seq_len={cfg["max_seq_len"]} and >= '
+                     f'every prefill length {tuple(prefill_lens)}')
+  mod = Exportable(model).eval()
+  kv = empty_kv(cfg, kv_len)
+  conv = None
+  for t in prefill_lens:
+    kw = dict(tokens=torch.zeros((1, t), dtype=torch.int32),
+              input_pos=torch.arange(t, dtype=torch.int32), kv_cache=kv)
+    conv = (litert_torch if conv is None else conv).signature(f'prefill_{t}', mod, sample_kwargs=kw)
+  kw = dict(tokens=torch.zeros((1, 1), dtype=torch.int32),
+            input_pos=torch.zeros((1,), dtype=torch.int32), kv_cache=kv)
+  conv = conv.signature('decode', mod, sample_kwargs=kw)
+  t0 = time.time()
+  log(f'[export] tracing and lowering {len(prefill_lens) + 1} signatures with litert-torch...')
+  conv.convert().export(out_path)
+  log(f'[export] fp32 flatbuffer written ({time.time() - t0:.0f}s)')
+  return out_path
+
+
+def recipe(quant: str, embedding: str, cfg: dict):
+  """The ai-edge-quantizer recipe for a `--quant` choice (None for fp32)."""
+  from ai_edge_quantizer import qtyping
+  from ai_edge_quantizer import recipe as R
+  if quant not in QUANTS:
+    raise ValueError(f'unknown --quant {quant!r}; choose from {QUANTS}')
+  if embedding not in EMBEDDINGS:
+    raise ValueError(f'unknown embedding quantization {embedding!r}; choose from {EMBEDDINGS}')
+  fc = qtyping.TFLOperationName.FULLY_CONNECTED
+  emb = qtyping.TFLOperationName.EMBEDDING_LOOKUP
+  rules = []
+  if quant != 'fp32':
+    make = {'int4_g32': R.dynamic_wi4b32_afp32, 'int4_channel': R.dynamic_wi4c_afp32,
+            'int8': R.dynamic_wi8c_afp32}[quant]
+    rules += make(operation_name=fc)
+    # The router [E, D] is the smallest FC weight; min_weight_elements keeps it in fp32
+    # (a regex on its name does not reach it). Checked after quantization by check_router.
+    router = cfg['moe']['n_experts'] * cfg['d_model']
+    if router:
+      for r in rules:
+        r['op_config']['min_weight_elements'] = router + 1
+  if embedding != 'fp32':
+    rules += (R.dynamic_wi8c_afp32 if embedding == 'int8' else R.dynamic_wi4c_afp32)(
+        operation_name=emb)
+  return rules or None
+
+
+def smallest_non_router_fc(cfg: dict) -> int:
+  d, kv, dh = cfg['d_model'], cfg['n_kv_heads'], cfg['head_dim']
+  sizes = [d * kv * dh, d * d if not cfg['moe']['n_experts'] else d * cfg['moe']['d_expert']]
+  if cfg['moe']['n_shared']:
+    sizes.append(d * cfg['moe']['n_shared'] * cfg['moe']['d_shared'])
+  return min(sizes)
+
+
+def quantize(fp32_path: str, out_path: str, quant: str, embedding: str, cfg: dict, log=print):
+  rules = recipe(quant, embedding, cfg)
+  if rules is None:
+    if fp32_path != out_path:
+      os.replace(fp32_path, out_path)
+    return out_path
+  if cfg['moe']['n_experts'] and smallest_non_router_fc(cfg) <= cfg['moe']['n_experts'] * cfg['d_model']:
+    raise ValueError('cannot keep the router in fp32: another FC weight is as small as it '
+                     '(min_weight_elements would skip that one too)')
+  from ai_edge_quantizer import quantizer
+  t0 = time.time()
+  log(f'[export] quantizing weights ({quant}, embedding {embedding}) with ai-edge-quantizer...')
+  quantizer.Quantizer(fp32_path, rules).quantize().export_model(out_path, overwrite=True)
+  log(f'[export] quantized ({time.time() - t0:.0f}s)')
+  return out_path
+
+
+def export(model, out_path: str, *, quant='int4_g32', embedding='int8', moe='portable',
+           prefill_lens=(32, 128), kv_len=0, log=print):
+  """torch model -> out_path. Returns the report dict (see report())."""
+  if moe == 'delegate' and quant not in ('int4_g32',) and model.cfg['moe']['n_experts']:
+    log('[export] note: the MobileMoeBlock op always holds block-32 INT4 experts')
+  model.set_moe_lowering(moe)
+  with tempfile.TemporaryDirectory() as tmp:
+    fp32 = os.path.join(tmp, 'fp32.tflite')
+    convert_fp32(model, fp32, prefill_lens, kv_len, log)
+    quantize(fp32, out_path, quant, embedding, model.cfg, log)
+  return report(out_path)
+
+
+def report(path: str) -> dict:
+  """File size, weight bytes per storage type (read from the schema), signatures, ops."""
+  model, raw = flatbuf.load(path)
+  by_type = flatbuf.weight_bytes_by_type(model, raw)
+  total = sum(by_type.values())
+  moe_q4 = 0
+  if 'MobileMoeBlock' in flatbuf.op_names(model):
+    from export import moe_op
+    for _, ws in moe_op.read_ops(raw):
+      moe_q4 += sum(v.size // 2 for k, v in ws.items() if k.endswith('_q'))
+  return {
+      'path': path,
+      'file_bytes': len(raw),
+      'weight_bytes': by_type,
+      # Packed INT4 expert weights of the custom op are stored as uint8 bytes.
+      'int4_fraction': (by_type.get('INT4', 0) + moe_q4) / total if total else 0.0,
+      'signatures': sorted(flatbuf.signatures(model)),
+      'ops': flatbuf.op_names(model),
+  }
+
+
+def check_router(path: str):
+  """Names of FC weights still in float (expected: only the routers)."""
+  model, raw = flatbuf.load(path)
+  sg = model.subgraphs[0]
+  out = []
+  for op in sg.operators:
+    oc = model.operatorCodes[op.opcodeIndex]
+    if max(oc.builtinCode, oc.deprecatedBuiltinCode) == 9:
+      t = sg.tensors[op.inputs[1]]
+      if t.type == flatbuf.T.FLOAT32:
+        out.append(t.name.decode() if isinstance(t.name, bytes) else t.name)
+  return out

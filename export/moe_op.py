@@ -1,0 +1,157 @@
+"""The 'delegate' MoE lowering: one `MobileMoeBlock` custom op per MoE layer.
+
+Inputs and flexbuffer options follow export/delegate's contract (delegate.cc CheckNode):
+  x [N, D] f32, router_w [E, D] f32, router_bias [E] f32 (zeros without an expert bias),
+  gate_up_q [E, 2F, D/2] uint8 (rows: F gate then F up; int4 two per byte, low nibble
+  first) + gate_up_s [E, 2F, D/G] f32, down_q [E, D, F/2] + down_s [E, D, F/G],
+  and for the fused shared expert (hidden Fs = n_shared * d_shared) the same two pairs
+  without the E axis. Options: num_experts, top_k, d_model, d_expert, d_shared,
+  group_size, score_func, norm_topk_prob, routed_scale, act='silu'.
+
+The integers and scales come from quant.grid (block-wise, G=group_size), i.e. the grid the
+rest of the exported model uses. litert-torch emits the op through a torch custom op with a
+lowering to `tfl.custom` (the way litert-torch's own `moe` op is emitted); in PyTorch the op
+runs a dequantized reference so the module stays testable.
+"""
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flatbuffers import flexbuffers
+
+from mobilemoe_jax.quant import grid
+
+OP_NAME = 'MobileMoeBlock'
+WEIGHT_SLOTS = ('router_w', 'router_bias', 'gate_up_q', 'gate_up_s', 'down_q', 'down_s',
+                'shared_gate_up_q', 'shared_gate_up_s', 'shared_down_q', 'shared_down_s')
+
+
+def pack(w, group_size):
+  """w [..., out, in] f32 -> (packed uint8 [..., out, in/2], scales f32 [..., out, in/G])."""
+  q, s = grid.quantize(np.asarray(w, np.float32), grid.Scheme(4, group_size))
+  return grid.pack_int4(q), s.astype(np.float32)
+
+
+def unpack(packed, scales):
+  """Inverse of pack: the dequantized f32 weight."""
+  return grid.dequantize(grid.unpack_int4(packed), scales)
+
+
+def options_bytes(options: dict) -> bytes:
+  return bytes(flexbuffers.Dumps(options))
+
+
+def moe_tensors(moe, group_size: int):
+  """(numpy weights by slot name, options) of an export.torch_model.MoE module."""
+  m, e, f = moe.m, moe.e, moe.f
+  d = moe.router.weight.shape[1]
+  fs = m['n_shared'] * m['d_shared'] if moe.shared is not None else 0
+  for name, dim in (('d_model', d), ('d_expert', f), ('d_shared', fs)):
+    if dim % group_size:
+      raise ValueError(f'delegate MoE lowering: group_size {group_size} does not divide '
+                       f'{name}={dim}')
+  np_ = lambda t: t.detach().float().numpy()
+  w = {'router_w': np_(moe.router.weight),
+       'router_bias': np_(moe.expert_bias) if moe.expert_bias is not None else np.zeros(e, np.float32)}
+  w['gate_up_q'], w['gate_up_s'] = pack(np_(moe.gate_up.weight).reshape(e, 2 * f, d), group_size)
+  w['down_q'], w['down_s'] = pack(np.stack([np_(l.weight) for l in moe.down]), group_size)
+  if fs:
+    sh = moe.shared
+    w['shared_gate_up_q'], w['shared_gate_up_s'] = pack(
+        np.concatenate([np_(sh.gate.weight), np_(sh.up.weight)]), group_size)
+    w['shared_down_q'], w['shared_down_s'] = pack(np_(sh.down.weight), group_size)
+  options = {'num_experts': e, 'top_k': m['top_k'], 'd_model': d, 'd_expert': f,
+             'd_shared': fs, 'group_size': group_size, 'score_func': m['score_func'],
+             'norm_topk_prob': bool(m['norm_topk_prob']),
+             'routed_scale': float(m['routed_scale']), 'act': 'silu'}
+  return w, options
+
+
+class MoeBlockOp(torch.nn.Module):
+  """Holds one layer's packed weights as buffers (they become the op's constant inputs)."""
+
+  def __init__(self, moe, group_size: int = 32):
+    super().__init__()
+    weights, self.options = moe_tensors(moe, group_size)
+    self.slots = [k for k in WEIGHT_SLOTS if k in weights]
+    for k in self.slots:
+      self.register_buffer(k, torch.from_numpy(np.ascontiguousarray(weights[k])))
+
+  def forward(self, x):
+    return moe_block(x, [getattr(self, k) for k in self.slots], json.dumps(self.options))
+
+
+@torch.library.custom_op('mobilemoe::moe_block', mutates_args=())
+def moe_block(x: torch.Tensor, weights: list[torch.Tensor], options: str) -> torch.Tensor:
+  """Reference math (fp32, dequantized weights): what the delegate computes."""
+  from export.torch_model import route
+  o = json.loads(options)
+  w = dict(zip(WEIGHT_SLOTS, weights))
+  deq = lambda q, s: torch.from_numpy(unpack(q.numpy(), s.numpy()))
+
+  def ffn(xin, gu, dn):
+    g, u = (xin @ gu.T).chunk(2, -1)
+    return (F.silu(g) * u) @ dn.T
+
+  m = {'top_k': o['top_k'], 'score_func': o['score_func'], 'norm_topk_prob': o['norm_topk_prob'],
+       'routed_scale': o['routed_scale']}
+  bias = w['router_bias'] if torch.any(w['router_bias'] != 0) else None
+  comb = route(x @ w['router_w'].T, bias, m)                          # [N, E]
+  gu, dn = deq(w['gate_up_q'], w['gate_up_s']), deq(w['down_q'], w['down_s'])
+  y = sum(ffn(x, gu[e], dn[e]) * comb[:, e:e + 1] for e in range(o['num_experts']))
+  if o['d_shared']:
+    y = y + ffn(x, deq(w['shared_gate_up_q'], w['shared_gate_up_s']),
+                deq(w['shared_down_q'], w['shared_down_s']))
+  return y
+
+
+@moe_block.register_fake
+def _(x, weights, options):
+  return torch.empty_like(x)
+
+
+def _register_lowering():
+  from litert_converter.mlir import ir
+  from litert_torch.backend import lowerings
+  from litert_torch.backend.lowerings import utils as lowering_utils
+
+  @lowerings.lower(torch.ops.mobilemoe.moe_block)
+  def _lower(lctx, x, weights, options):
+    data = options_bytes(json.loads(options))
+    op = ir.Operation.create(
+        'tfl.custom',
+        results=lowering_utils.node_meta_to_ir_types(lctx.node),
+        operands=[x, *weights],
+        attributes={
+            'custom_code': ir.StringAttr.get(OP_NAME),
+            'custom_option': ir.Attribute.parse(f'#tfl<const_bytes: "0x{data.hex()}">'),
+        })
+    return op.results[0]
+
+
+_register_lowering()
+
+
+# ---- reading the op back from a flatbuffer ----------------------------------------------
+
+def read_ops(path_or_bytes):
+  """[(options dict, {slot: numpy array})] for every MobileMoeBlock node (first subgraph
+  that has them; signatures share the constants)."""
+  from export import flatbuf
+  model, raw = flatbuf.load(path_or_bytes)
+  codes = [i for i, oc in enumerate(model.operatorCodes)
+           if oc.customCode in (OP_NAME, OP_NAME.encode())]
+  found = []
+  for sg in model.subgraphs:
+    for op in sg.operators:
+      if op.opcodeIndex in codes:
+        opts = flexbuffers.Loads(bytes(bytearray(op.customOptions)))
+        ws = {}
+        for slot, t in zip(WEIGHT_SLOTS, list(op.inputs)[1:]):
+          if t >= 0:
+            ws[slot] = flatbuf.tensor_value(model, raw, sg.tensors[t])
+        found.append((opts, ws))
+    if found:
+      return found
+  return found

@@ -1,0 +1,124 @@
+"""Running an exported `.tflite` with ai_edge_litert: prefill + decode with the external KV
+cache, greedy or sampled generation, optional tokenizer.
+
+  python -m export.runner model.tflite --tokenizer tok.model --prompt "def main" --max-new 32
+"""
+import argparse
+import re
+
+import numpy as np
+
+
+class LiteRTLM:
+  def __init__(self, path: str, num_threads: int = 2, delegate=None):
+    from ai_edge_litert.interpreter import Interpreter
+    kw = {'experimental_delegates': [delegate]} if delegate is not None else {}
+    self.interp = Interpreter(model_path=path, num_threads=num_threads, **kw)
+    sigs = self.interp.get_signature_list()
+    self.prefill_lens = sorted(int(m.group(1)) for s in sigs if (m := re.fullmatch(r'prefill_(\d+)', s)))
+    if 'decode' not in sigs or not self.prefill_lens:
+      raise ValueError(f'{path}: expected prefill_<T> and decode signatures, found {sorted(sigs)}')
+    self.runners = {s: self.interp.get_signature_runner(s) for s in sigs}
+    details = self.runners['decode'].get_input_details()
+    self.kv_names = sorted(n for n in details if n.startswith('kv_cache_'))
+    self.kv_shape = details[self.kv_names[0]]['shape']
+    self.kv_len = int(self.kv_shape[1])
+    self.reset()
+
+  def reset(self):
+    self.kv = {n: np.zeros(self.kv_shape, np.float32) for n in self.kv_names}
+    self.pos = 0
+
+  def _run(self, sig, tokens, pos):
+    out = self.runners[sig](tokens=tokens.astype(np.int32), input_pos=pos.astype(np.int32), **self.kv)
+    self.kv = {n: out[n] for n in self.kv_names}
+    return out['logits'][0]
+
+  def prefill(self, ids) -> np.ndarray:
+    """Feeds ids (in chunks of the prefill lengths) after what is cached; returns their
+    logits [len(ids), V]. A padded chunk's extra slots hold junk that later tokens
+    overwrite and that the causal mask hides until then."""
+    ids = np.asarray(ids, np.int32)
+    if self.pos + len(ids) > self.kv_len:
+      raise ValueError(f'{self.pos + len(ids)} tokens exceed the KV cache ({self.kv_len})')
+    out = []
+    while len(ids):
+      fits = [t for t in self.prefill_lens if t >= len(ids)]
+      t = fits[0] if fits else self.prefill_lens[-1]
+      chunk, ids = ids[:t], ids[t:]
+      n = len(chunk)
+      if self.pos + t > self.kv_len:      # a padded tail would write past the cache
+        for tok in chunk:
+          out.append(self.decode(tok)[None])
+        continue
+      tokens = np.zeros((1, t), np.int32)
+      tokens[0, :n] = chunk
+      logits = self._run(f'prefill_{t}', tokens, np.arange(self.pos, self.pos + t))
+      out.append(logits[:n])
+      self.pos += n
+    return np.concatenate(out)
+
+  def decode(self, token) -> np.ndarray:
+    if self.pos >= self.kv_len:
+      raise ValueError(f'KV cache full ({self.kv_len})')
+    logits = self._run('decode', np.array([[token]]), np.array([self.pos]))[0]
+    self.pos += 1
+    return logits
+
+  def generate(self, prompt_ids, max_new: int, temperature=0.0, top_k=0, seed=0, eos_id=None):
+    rng = np.random.default_rng(seed)
+    self.reset()
+    logits = self.prefill(prompt_ids)[-1]
+    out = []
+    for _ in range(max_new):
+      tok = sample(logits, rng, temperature, top_k)
+      out.append(tok)
+      if tok == eos_id or self.pos >= self.kv_len:
+        break
+      logits = self.decode(tok)
+    return out
+
+
+def sample(logits, rng, temperature: float, top_k: int = 0) -> int:
+  if temperature <= 0:
+    return int(np.argmax(logits))
+  z = logits.astype(np.float64) / temperature
+  if top_k:
+    z[z < np.sort(z)[-top_k]] = -np.inf
+  p = np.exp(z - z.max())
+  return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument('model')
+  ap.add_argument('--tokenizer', help='SentencePiece .model or tokenizer.json')
+  ap.add_argument('--prompt', default='')
+  ap.add_argument('--ids', help='comma-separated prompt ids (without a tokenizer)')
+  ap.add_argument('--max-new', type=int, default=32)
+  ap.add_argument('--temperature', type=float, default=0.0)
+  ap.add_argument('--top-k', type=int, default=0)
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--threads', type=int, default=2)
+  ap.add_argument('--delegate', action='store_true', help='load the MobileMoeBlock delegate')
+  a = ap.parse_args(argv)
+  tok = None
+  if a.tokenizer:
+    from mobilemoe_jax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(a.tokenizer)
+    ids = [tok.bos_id] + tok.encode(a.prompt)
+  elif a.ids:
+    ids = [int(x) for x in a.ids.split(',')]
+  else:
+    ap.error('give --tokenizer and --prompt, or --ids')
+  dlg = None
+  if a.delegate:
+    from export import delegate
+    dlg = delegate.load()
+  lm = LiteRTLM(a.model, a.threads, dlg)
+  out = lm.generate(ids, a.max_new, a.temperature, a.top_k, a.seed, tok.eos_id if tok else None)
+  print(tok.decode(out) if tok else out)
+
+
+if __name__ == '__main__':
+  main()
