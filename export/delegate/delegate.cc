@@ -392,7 +392,7 @@ TfLiteStatus DelegatePrepare(TfLiteContext* ctx, TfLiteDelegate* d) {
       // The interpreter then reports an unresolved custom op; this says why.
       std::string msg = "MobileMoE delegate: not claiming " + std::string(kOpName) +
                         " node " + std::to_string(plan->data[i]) + ": " + why;
-      ctx->ReportError(ctx, "%s", msg.c_str());
+      ctx->ReportError(ctx, "%s\n", msg.c_str());
       fprintf(stderr, "%s\n", msg.c_str());
       del->messages += msg + "\n";
       del->refused++;

@@ -10,11 +10,13 @@
 namespace mm {
 namespace avx512 {
 void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
-            const int8_t* const* xq, const int32_t* const* corr,
-            const float* xs, int N, float* out, int ldo);
+            const int8_t* xq, const int32_t* corr, const float* xs, int N,
+            float* out, int ldo);
 void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
-             const float* const* xf, int N, float* out, int ldo);
+             const float* xf, int N, float* out, int ldo);
 float Dot(const float* a, const float* b, int n);
+void PrepRowI8(const float* x, int K, int8_t* q, int32_t* corr, float* scale);
+void PrepRowF32(const float* x, int K, float* f);
 void SiluMul(const float* g, const float* u, float* h, int n);
 }  // namespace avx512
 }  // namespace mm
@@ -45,30 +47,45 @@ void Acts::Resize(int n, int k, ActMode m, bool use_simd) {
   K = k;
   mode = m;
   simd = use_simd;
+  const size_t rows = simd ? (size_t)(N + 3) / 4 * 4 : (size_t)N;  // whole quads
   if (mode == ActMode::kF32) {
-    f.resize((size_t)N * K);
+    f.resize(rows * K);
   } else {
-    q.resize((size_t)N * K);
+    q.resize(rows * K);
     scale.resize(N);
-    if (simd) corr.resize((size_t)N * (K / 8));
+    if (simd) corr.resize(rows * (K / 8));
   }
 }
 
-// Position of k inside the SIMD layout ([64 evens | 64 odds] per 128 block).
-static inline int SimdPos(int k) {
+// Offset of (token n, k) in the SIMD layout, in elements (see kernels.h).
+static inline size_t SimdPos(int n, int k, int K) {
   const int b = k / 128, i = k % 128;
-  return b * 128 + (i % 2) * 64 + i / 2;
+  return (size_t)(n / 4) * 4 * K + (size_t)b * 4 * 128 + (n % 4) * 128 +
+         (i % 2) * 64 + i / 2;
 }
 
-void Acts::PrepareRows(const float* x, int ldx, int n0, int n1) {
+void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1) {
+  std::vector<int8_t> tmp;
   for (int n = n0; n < n1; ++n) {
-    const float* xr = x + (size_t)n * ldx;
-    if (mode == ActMode::kF32) {
-      float* dst = f.data() + (size_t)n * K;
-      if (!simd) {
-        std::memcpy(dst, xr, sizeof(float) * K);
+    const float* xr = x + (size_t)(rows ? rows[n] : n) * ldx;
+#if defined(__x86_64__) && defined(MM_HAVE_AVX512)
+    if (simd) {  // simd is only set when the AVX-512 kernels are usable
+      const size_t slot = (size_t)(n / 4) * 4 * K + (n % 4) * 128;
+      if (mode == ActMode::kF32) {
+        avx512::PrepRowF32(xr, K, f.data() + slot);
       } else {
-        for (int k = 0; k < K; ++k) dst[SimdPos(k)] = xr[k];
+        avx512::PrepRowI8(xr, K, q.data() + slot,
+                          corr.data() + (size_t)(n / 4) * 4 * (K / 8) + (n % 4) * 16,
+                          &scale[n]);
+      }
+      continue;
+    }
+#endif
+    if (mode == ActMode::kF32) {
+      if (!simd) {
+        std::memcpy(f.data() + (size_t)n * K, xr, sizeof(float) * K);
+      } else {
+        for (int k = 0; k < K; ++k) f[SimdPos(n, k, K)] = xr[k];
       }
       continue;
     }
@@ -77,22 +94,22 @@ void Acts::PrepareRows(const float* x, int ldx, int n0, int n1) {
     for (int k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     scale[n] = amax / 127.f;
-    int8_t* dst = q.data() + (size_t)n * K;
+    int8_t* dst = simd ? (tmp.resize(K), tmp.data()) : q.data() + (size_t)n * K;
     for (int k = 0; k < K; ++k) {
-      float v = std::nearbyint(xr[k] * inv);
+      float v = xr[k] * inv;
       if (!(v > -127.f)) v = -127.f;  // also catches NaN: no UB in the cast
       if (!(v < 127.f)) v = 127.f;
-      dst[simd ? SimdPos(k) : k] = (int8_t)v;
+      dst[k] = (int8_t)std::lrint(v);  // round half to even, like numpy.rint
     }
-    if (simd) {
-      // Each dpbusd lane j of block b sums k = 8j..8j+7 of that block; the
-      // kernel adds 8 to every weight (unsigned operand), this undoes it.
-      int32_t* c = corr.data() + (size_t)n * (K / 8);
-      for (int l = 0; l < K / 8; ++l) {
-        int32_t s = 0;
-        for (int k = 8 * l; k < 8 * l + 8; ++k) s += dst[SimdPos(k)];
-        c[l] = -8 * s;
-      }
+    if (!simd) continue;
+    for (int k = 0; k < K; ++k) q[SimdPos(n, k, K)] = dst[k];
+    // dpbusd lane j of a block sums k = 8j..8j+7 of that block; the kernel adds
+    // 8 to every weight (unsigned operand) and this removes 8 * sum(x) again.
+    int32_t* c = corr.data() + (size_t)(n / 4) * 4 * (K / 8) + (n % 4) * 16;
+    for (int l = 0; l < K / 8; ++l) {
+      int32_t s = 0;
+      for (int k = 8 * l; k < 8 * l + 8; ++k) s += dst[k];
+      c[(size_t)(l / 16) * 4 * 16 + l % 16] = -8 * s;
     }
   }
 }
@@ -104,68 +121,46 @@ static inline int Nibble(const uint8_t* row, int k) {
 }
 
 static void ScalarGemm(const Q4Matrix& w, int m0, int m1, const Acts& a,
-                       const int* rows, int N, float* out, int ldo) {
+                       float* out, int ldo) {
   const int K = w.K, G = w.G, ng = K / G;
-  for (int n = 0; n < N; ++n) {
-    const int r = rows ? rows[n] : n;
+  for (int n = 0; n < a.N; ++n) {
     for (int m = m0; m < m1; ++m) {
       const uint8_t* wq = w.q + (size_t)m * (K / 2);
       const float* ws = w.s + (size_t)m * ng;
       float acc = 0.f;
       if (a.mode == ActMode::kF32) {
-        const float* x = a.f.data() + (size_t)r * K;
+        const float* x = a.f.data() + (size_t)n * K;
         for (int g = 0; g < ng; ++g) {
           float gs = 0.f;
           for (int k = g * G; k < (g + 1) * G; ++k) gs += Nibble(wq, k) * x[k];
           acc += ws[g] * gs;
         }
       } else {
-        const int8_t* x = a.q.data() + (size_t)r * K;
+        const int8_t* x = a.q.data() + (size_t)n * K;
         for (int g = 0; g < ng; ++g) {
           int32_t gs = 0;
           for (int k = g * G; k < (g + 1) * G; ++k) gs += Nibble(wq, k) * x[k];
           acc += ws[g] * (float)gs;
         }
-        acc *= a.scale[r];
+        acc *= a.scale[n];
       }
       out[(size_t)n * ldo + (m - m0)] = acc;
     }
   }
 }
 
-void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, const int* rows,
-            int N, float* out, int ldo) {
+void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo) {
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
   if (a.simd) {
-    // The kernels take per-row pointers; pass them in chunks from the stack.
-    constexpr int kChunk = 64;
-    for (int n0 = 0; n0 < N; n0 += kChunk) {
-      const int nn = std::min(kChunk, N - n0);
-      float* o = out + (size_t)n0 * ldo;
-      if (a.mode == ActMode::kI8) {
-        const int8_t* xq[kChunk];
-        const int32_t* corr[kChunk];
-        float xs[kChunk];
-        for (int i = 0; i < nn; ++i) {
-          const int r = rows ? rows[n0 + i] : n0 + i;
-          xq[i] = a.q.data() + (size_t)r * a.K;
-          corr[i] = a.corr.data() + (size_t)r * (a.K / 8);
-          xs[i] = a.scale[r];
-        }
-        avx512::GemmI8(w.q, w.s, w.K, w.G, m0, m1, xq, corr, xs, nn, o, ldo);
-      } else {
-        const float* xf[kChunk];
-        for (int i = 0; i < nn; ++i) {
-          const int r = rows ? rows[n0 + i] : n0 + i;
-          xf[i] = a.f.data() + (size_t)r * a.K;
-        }
-        avx512::GemmF32(w.q, w.s, w.K, w.G, m0, m1, xf, nn, o, ldo);
-      }
-    }
+    if (a.mode == ActMode::kI8)
+      avx512::GemmI8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.corr.data(),
+                     a.scale.data(), a.N, out, ldo);
+    else
+      avx512::GemmF32(w.q, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
     return;
   }
 #endif
-  ScalarGemm(w, m0, m1, a, rows, N, out, ldo);
+  ScalarGemm(w, m0, m1, a, out, ldo);
 }
 
 float Dot(const float* a, const float* b, int n) {

@@ -14,21 +14,23 @@ namespace mm {
 enum class ActMode { kF32, kI8 };
 
 // N activation rows of length K, laid out for the kernel that will read them.
-// SIMD layout: each block of 128 k's is stored as [64 even k's, 64 odd k's],
-// matching the low/high nibbles of 64 packed weight bytes.
+// Scalar layout: plain [N, K]. SIMD layout: tokens in quads, each quad stored
+// as [K/128 blocks][4 tokens][128], and inside a block [64 even k's, 64 odd
+// k's] to match the low/high nibbles of 64 packed weight bytes.
 struct Acts {
   int N = 0, K = 0;
   ActMode mode = ActMode::kF32;
   bool simd = false;
-  std::vector<float> f;       // [N, K] fp32 mode
-  std::vector<int8_t> q;      // [N, K] int8 mode: x ~= scale[n] * q
-  std::vector<int32_t> corr;  // [N, K/8] simd int8: -8 * (sum of 8 x's), see .cc
+  std::vector<float> f;       // fp32 mode
+  std::vector<int8_t> q;      // int8 mode: x ~= scale[n] * q
+  std::vector<int32_t> corr;  // simd int8: -8 * (sum of 8 x's) per lane, see .cc
   std::vector<float> scale;   // [N] int8 mode
 
   void Resize(int n, int k, ActMode m, bool use_simd);
-  // Prepares rows [n0, n1) from x (row stride ldx); rows are independent so
-  // callers may split them across threads.
-  void PrepareRows(const float* x, int ldx, int n0, int n1);
+  // Prepares tokens [n0, n1): token n is row rows[n] (or n) of x, row stride
+  // ldx. Tokens are independent, so callers may split them across threads
+  // (at multiples of 4 to keep quads apart).
+  void PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1);
 };
 
 struct Q4Matrix {
@@ -37,10 +39,8 @@ struct Q4Matrix {
   int M, K, G;
 };
 
-// out[n * ldo + (m - m0)] = (W x_rows[n])[m] for m in [m0, m1), n in [0, N).
-// rows[n] picks the activation row (nullptr: row n).
-void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, const int* rows,
-            int N, float* out, int ldo);
+// out[n * ldo + (m - m0)] = (W x_n)[m] for m in [m0, m1), n in [0, a.N).
+void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo);
 
 // True when this CPU has the AVX-512 VNNI kernels and (K, G) fit them.
 bool SimdAvailable();

@@ -10,47 +10,56 @@ namespace mm {
 namespace avx512 {
 
 // Scales for the 16 int32 lanes of one 128-k block. Lane j of a dpbusd on the
-// [even|odd] layout covers k = 8j .. 8j+7, so it belongs to group (8j)/G.
-static inline __m512 BlockScales(const float* s_row, int b, int G) {
-  const int first = (b * 128) / G;
-  if (G >= 128) return _mm512_set1_ps(s_row[first]);
-  const int n = 128 / G;  // groups in this block: 4 for G=32
-  __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), s_row + first);
-  const __m512i idx = _mm512_srli_epi32(
-      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
-                                           11, 12, 13, 14, 15),
-                         _mm512_set1_epi32(8)),
-      __builtin_ctz(G));
-  return _mm512_permutexvar_ps(idx, v);
-}
+// [even|odd] layout covers k = 8j .. 8j+7, so it belongs to group (8j)/G; the
+// lane -> group index vector and load mask are computed once per call.
+struct ScaleMap {
+  __m512i idx;
+  __mmask16 mask;
+  int G;
+  explicit ScaleMap(int g) : G(g) {
+    alignas(64) int32_t lanes[16];
+    for (int j = 0; j < 16; ++j) lanes[j] = g >= 128 ? 0 : (8 * j) / g;
+    idx = _mm512_load_si512(lanes);
+    const int n = g >= 128 ? 1 : 128 / g;  // groups per block: 4 for G=32
+    mask = (__mmask16)((1u << n) - 1);
+  }
+  inline __m512 At(const float* s_row, int b) const {
+    const __m512 v = _mm512_maskz_loadu_ps(mask, s_row + (b * 128) / G);
+    return _mm512_permutexvar_ps(idx, v);
+  }
+};
 
 static inline float Hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// Int8 activations: R weight rows x NT activation rows, whole K.
+// Activation tiles are "quad-interleaved": for each group of 4 tokens the
+// layout is [block][4 tokens][128 k's], so the tile needs a single pointer.
+constexpr int kQuad = 4;
+
+// Int8 activations: R weight rows x NT tokens (NT <= 4), whole K.
 // Weights: (nibble ^ 8) = q + 8 in [0, 15] is the unsigned operand of dpbusd;
 // corr holds -8 * sum(x) per lane so the int32 result is exactly sum(q * x).
 template <int R, int NT>
-static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int K,
-                   int G, const int8_t* const* xq, const int32_t* const* corr,
+static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
+                   const ScaleMap& sm, const int8_t* xq, const int32_t* corr,
                    const float* xs, float* out, int ldo) {
   __m512 acc[R][NT];
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_setzero_ps();
   const __m512i lo_mask = _mm512_set1_epi8(0x0F);
   const __m512i flip = _mm512_set1_epi8((char)0x88);
-  const int nb = K / 128;
   for (int b = 0; b < nb; ++b) {
+    const int8_t* xb = xq + (size_t)b * kQuad * 128;
+    const int32_t* cb = corr + (size_t)b * kQuad * 16;
     for (int r = 0; r < R; ++r) {
       __m512i v = _mm512_loadu_si512(wq + (size_t)r * ldw + b * 64);
       v = _mm512_xor_si512(v, flip);
       const __m512i lo = _mm512_and_si512(v, lo_mask);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
-      const __m512 sc = BlockScales(ws + (size_t)r * lds, b, G);
+      const __m512 sc = sm.At(ws + (size_t)r * lds, b);
       for (int n = 0; n < NT; ++n) {
-        const int8_t* x = xq[n] + b * 128;
-        __m512i t = _mm512_loadu_si512(corr[n] + b * 16);
-        t = _mm512_dpbusd_epi32(t, lo, _mm512_loadu_si512(x));
-        t = _mm512_dpbusd_epi32(t, hi, _mm512_loadu_si512(x + 64));
+        __m512i t = _mm512_loadu_si512(cb + n * 16);
+        t = _mm512_dpbusd_epi32(t, lo, _mm512_loadu_si512(xb + n * 128));
+        t = _mm512_dpbusd_epi32(t, hi, _mm512_loadu_si512(xb + n * 128 + 64));
         acc[r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sc, acc[r][n]);
       }
     }
@@ -68,16 +77,15 @@ static inline __m512i NibbleLut() {
 // Fp32 activations: dequantise 16 weights at a time to fp32 and FMA.
 // Requires G % 32 == 0 so each 16-lane chunk (32 k's) is in one group.
 template <int R, int NT>
-static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds,
-                    int K, int G, const float* const* xf, float* out,
-                    int ldo) {
+static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
+                    int G, const float* xf, float* out, int ldo) {
   __m512 acc[R][NT];
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_setzero_ps();
   const __m512i lo_mask = _mm512_set1_epi8(0x0F);
   const __m512i lut = NibbleLut();
-  const int nb = K / 128;
   for (int b = 0; b < nb; ++b) {
+    const float* xb = xf + (size_t)b * kQuad * 128;
     for (int r = 0; r < R; ++r) {
       const __m512i v = _mm512_loadu_si512(wq + (size_t)r * ldw + b * 64);
       const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, lo_mask));
@@ -92,9 +100,9 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds,
     const __m512 wo = _mm512_mul_ps(                                          \
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(hi, c))), sc); \
     for (int n = 0; n < NT; ++n) {                                            \
-      const float* x = xf[n] + b * 128 + (c) * 16;                           \
-      acc[r][n] = _mm512_fmadd_ps(we, _mm512_loadu_ps(x), acc[r][n]);        \
-      acc[r][n] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + 64), acc[r][n]);   \
+      const float* x = xb + n * 128 + (c) * 16;                               \
+      acc[r][n] = _mm512_fmadd_ps(we, _mm512_loadu_ps(x), acc[r][n]);         \
+      acc[r][n] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + 64), acc[r][n]);    \
     }                                                                         \
   }
       MM_CHUNK(0) MM_CHUNK(1) MM_CHUNK(2) MM_CHUNK(3)
@@ -105,48 +113,105 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds,
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = Hsum(acc[r][n]);
 }
 
-
-#define MM_DISPATCH_NT(TILE, R, NT, ...) \
-  switch (NT) {                          \
-    case 1: TILE<R, 1>(__VA_ARGS__); break; \
-    case 2: TILE<R, 2>(__VA_ARGS__); break; \
-    case 3: TILE<R, 3>(__VA_ARGS__); break; \
+#define MM_DISPATCH_NT(TILE, R, NT, ...)     \
+  switch (NT) {                              \
+    case 1: TILE<R, 1>(__VA_ARGS__); break;  \
+    case 2: TILE<R, 2>(__VA_ARGS__); break;  \
+    case 3: TILE<R, 3>(__VA_ARGS__); break;  \
     default: TILE<R, 4>(__VA_ARGS__); break; \
   }
 
+// out[n * ldo + (m - m0)] for rows [m0, m1) and N quad-interleaved tokens.
 void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
-            const int8_t* const* xq, const int32_t* const* corr,
-            const float* xs, int N, float* out, int ldo) {
-  const int ldw = K / 2, lds = K / G;
-  for (int n0 = 0; n0 < N; n0 += 4) {
-    const int nt = N - n0 < 4 ? N - n0 : 4;
+            const int8_t* xq, const int32_t* corr, const float* xs, int N,
+            float* out, int ldo) {
+  const int ldw = K / 2, lds = K / G, nb = K / 128;
+  const ScaleMap sm(G);
+  for (int n0 = 0; n0 < N; n0 += kQuad) {
+    const int nt = N - n0 < kQuad ? N - n0 : kQuad;
+    const int8_t* xqq = xq + (size_t)n0 * K;  // quad n0/4 starts at n0*K
+    const int32_t* cq = corr + (size_t)n0 * (K / 8);
     int m = m0;
     for (; m + 4 <= m1; m += 4) {
       MM_DISPATCH_NT(TileI8, 4, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
-                     lds, K, G, xq + n0, corr + n0, xs + n0,
+                     lds, nb, sm, xqq, cq, xs + n0,
                      out + (size_t)n0 * ldo + (m - m0), ldo)
     }
     for (; m < m1; ++m) {
       MM_DISPATCH_NT(TileI8, 1, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
-                     lds, K, G, xq + n0, corr + n0, xs + n0,
+                     lds, nb, sm, xqq, cq, xs + n0,
                      out + (size_t)n0 * ldo + (m - m0), ldo)
     }
   }
 }
 
 void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
-             const float* const* xf, int N, float* out, int ldo) {
-  const int ldw = K / 2, lds = K / G;
-  for (int n0 = 0; n0 < N; n0 += 4) {
-    const int nt = N - n0 < 4 ? N - n0 : 4;
+             const float* xf, int N, float* out, int ldo) {
+  const int ldw = K / 2, lds = K / G, nb = K / 128;
+  for (int n0 = 0; n0 < N; n0 += kQuad) {
+    const int nt = N - n0 < kQuad ? N - n0 : kQuad;
+    const float* xq = xf + (size_t)n0 * K;
     int m = m0;
     for (; m + 4 <= m1; m += 4) {
       MM_DISPATCH_NT(TileF32, 4, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
-                     lds, K, G, xf + n0, out + (size_t)n0 * ldo + (m - m0), ldo)
+                     lds, nb, G, xq, out + (size_t)n0 * ldo + (m - m0), ldo)
     }
     for (; m < m1; ++m) {
       MM_DISPATCH_NT(TileF32, 1, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
-                     lds, K, G, xf + n0, out + (size_t)n0 * ldo + (m - m0), ldo)
+                     lds, nb, G, xq, out + (size_t)n0 * ldo + (m - m0), ldo)
+    }
+  }
+}
+
+// Prepares one activation row for the kernels above (SIMD layout, see
+// kernels.h): q/f point at this token's slot in block 0, successive blocks
+// are kQuad*128 elements apart. Int8 mode also writes corr and the scale.
+static inline float AbsMax(const float* x, int K) {
+  __m512 m = _mm512_setzero_ps();
+  for (int k = 0; k < K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  return _mm512_reduce_max_ps(m);
+}
+
+void PrepRowI8(const float* x, int K, int8_t* q, int32_t* corr, float* scale) {
+  const float amax = AbsMax(x, K);
+  *scale = amax / 127.f;
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_add_epi32(ie, _mm512_set1_epi32(1));
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  alignas(64) int32_t pair[16];
+  for (int b = 0; b < K / 128; ++b) {
+    int8_t* qb = q + (size_t)b * kQuad * 128;
+    int32_t* cb = corr + (size_t)b * kQuad * 16;
+    for (int c = 0; c < 4; ++c) {  // 32 k's -> 16 evens + 16 odds
+      const float* xc = x + b * 128 + c * 32;
+      const __m512 a = _mm512_loadu_ps(xc), a2 = _mm512_loadu_ps(xc + 16);
+      // cvtps rounds half to even (MXCSR default), like numpy.rint; NaN
+      // becomes INT_MIN and is clamped like the scalar path.
+      __m512i e = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, ie, a2), inv));
+      __m512i o = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, io, a2), inv));
+      e = _mm512_min_epi32(_mm512_max_epi32(e, lo), hi);
+      o = _mm512_min_epi32(_mm512_max_epi32(o, lo), hi);
+      _mm_storeu_si128((__m128i*)(qb + c * 16), _mm512_cvtepi32_epi8(e));
+      _mm_storeu_si128((__m128i*)(qb + 64 + c * 16), _mm512_cvtepi32_epi8(o));
+      // corr lane 4c+t sums k = 32c + 8t .. +7, i.e. pairs 4t .. 4t+3.
+      _mm512_store_si512(pair, _mm512_add_epi32(e, o));
+      for (int t = 0; t < 4; ++t)
+        cb[4 * c + t] = -8 * (pair[4 * t] + pair[4 * t + 1] + pair[4 * t + 2] + pair[4 * t + 3]);
+    }
+  }
+}
+
+void PrepRowF32(const float* x, int K, float* f) {
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_add_epi32(ie, _mm512_set1_epi32(1));
+  for (int b = 0; b < K / 128; ++b) {
+    float* fb = f + (size_t)b * kQuad * 128;
+    for (int c = 0; c < 4; ++c) {
+      const float* xc = x + b * 128 + c * 32;
+      const __m512 a = _mm512_loadu_ps(xc), a2 = _mm512_loadu_ps(xc + 16);
+      _mm512_storeu_ps(fb + c * 16, _mm512_permutex2var_ps(a, ie, a2));
+      _mm512_storeu_ps(fb + 64 + c * 16, _mm512_permutex2var_ps(a, io, a2));
     }
   }
 }

@@ -118,48 +118,56 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   }
   const int nj = (int)jobs_.size();
 
-  // Activations of all tokens, prepared once for the gate/up kernels.
+  // Phase 0: each job's tokens, prepared (gathered, quantised) for its kernel.
   const bool simd_x = opt.allow_simd && SimdAvailable() && SimdShapeOk(D, G);
-  x_acts_.Resize(T, D, opt.mode, simd_x);
-  const int tchunks = (T + 15) / 16;
-  pool->Run(tchunks, [&](int i, int) {
-    x_acts_.PrepareRows(x, D, i * 16, std::min(T, i * 16 + 16));
+  if ((int)x_acts_.size() < nj) x_acts_.resize(nj);  // never shrink: keep buffers
+  if ((int)h_acts_.size() < nj) h_acts_.resize(nj);
+  std::vector<int> first_item(nj + 1, 0);
+  for (int j = 0; j < nj; ++j) {
+    x_acts_[j].Resize(jobs_[j].n, D, opt.mode, simd_x);
+    first_item[j + 1] = first_item[j] + (jobs_[j].n + 15) / 16;
+  }
+  auto job_of = [&](int item) {
+    return int(std::upper_bound(first_item.begin(), first_item.begin() + nj + 1, item) -
+               first_item.begin()) - 1;
+  };
+  pool->Run(first_item[nj], [&](int item, int) {
+    const int j = job_of(item);
+    const int n0 = (item - first_item[j]) * 16;
+    x_acts_[j].PrepareRows(x, D, jobs_[j].tokens, n0, std::min(jobs_[j].n, n0 + 16));
   });
 
   // Phase 1: gu_out[j] [n, 2F] = x[tokens] @ gate_up^T, split by row tiles.
   gu_out_.resize(gu_total);
-  std::vector<int> first_item(nj + 1, 0);
   for (int j = 0; j < nj; ++j)
     first_item[j + 1] = first_item[j] + (2 * jobs_[j].F + kRowTile1 - 1) / kRowTile1;
   pool->Run(first_item[nj], [&](int item, int) {
-    const int j = int(std::upper_bound(first_item.begin(), first_item.end(), item) -
-                      first_item.begin()) - 1;
+    const int j = job_of(item);
     const Job& jb = jobs_[j];
     const int m0 = (item - first_item[j]) * kRowTile1;
     const int m1 = std::min(2 * jb.F, m0 + kRowTile1);
-    Q4Gemm(jb.gate_up, m0, m1, x_acts_, jb.tokens, jb.n,
-           gu_out_.data() + jb.gu_off + m0, 2 * jb.F);
+    Q4Gemm(jb.gate_up, m0, m1, x_acts_[j], gu_out_.data() + jb.gu_off + m0, 2 * jb.F);
   });
 
-  // Phase 2: h = silu(gate) * up, then prepare h for the down kernels.
+  // Phase 2: h = silu(gate) * up, then prepare h for the down kernels; work
+  // items are quads of tokens so no two threads write the same quad.
   h_.resize(h_total);
-  h_acts_.resize(nj);
   for (int j = 0; j < nj; ++j) {
     const Job& jb = jobs_[j];
     const bool simd_h = opt.allow_simd && SimdAvailable() && SimdShapeOk(jb.F, G);
     h_acts_[j].Resize(jb.n, jb.F, opt.mode, simd_h);
+    first_item[j + 1] = first_item[j] + (jb.n + 3) / 4;
   }
-  std::vector<int> first_row(nj + 1, 0);
-  for (int j = 0; j < nj; ++j) first_row[j + 1] = first_row[j] + jobs_[j].n;
-  pool->Run(first_row[nj], [&](int row, int) {
-    const int j = int(std::upper_bound(first_row.begin(), first_row.end(), row) -
-                      first_row.begin()) - 1;
+  pool->Run(first_item[nj], [&](int item, int) {
+    const int j = job_of(item);
     const Job& jb = jobs_[j];
-    const int n = row - first_row[j];
-    const float* gu = gu_out_.data() + jb.gu_off + (size_t)n * 2 * jb.F;
+    const int n0 = (item - first_item[j]) * 4, n1 = std::min(jb.n, n0 + 4);
     float* h = h_.data() + jb.h_off;
-    SiluMul(gu, gu + jb.F, h + (size_t)n * jb.F, jb.F);
-    h_acts_[j].PrepareRows(h, jb.F, n, n + 1);
+    for (int n = n0; n < n1; ++n) {
+      const float* gu = gu_out_.data() + jb.gu_off + (size_t)n * 2 * jb.F;
+      SiluMul(gu, gu + jb.F, h + (size_t)n * jb.F, jb.F);
+    }
+    h_acts_[j].PrepareRows(h, jb.F, nullptr, n0, n1);
   });
 
   // Phase 3: y[tokens, rows] += weight * (h @ down^T)[rows]. Work items own
@@ -172,7 +180,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     float* tmp = tmp_[tid].data();
     for (int j = 0; j < nj; ++j) {
       const Job& jb = jobs_[j];
-      Q4Gemm(jb.down, m0, m1, h_acts_[j], nullptr, jb.n, tmp, kRowTile3);
+      Q4Gemm(jb.down, m0, m1, h_acts_[j], tmp, kRowTile3);
       for (int n = 0; n < jb.n; ++n) {
         float* yr = y + (size_t)jb.tokens[n] * D;
         const float wn = jb.weights[n];

@@ -69,8 +69,8 @@ class MoeBlock {
   std::vector<Job> jobs_;
   std::vector<int> all_tokens_;
   std::vector<float> ones_;
-  Acts x_acts_;
-  std::vector<Acts> h_acts_;                // per job
+  std::vector<Acts> x_acts_;                // per job: its tokens' x
+  std::vector<Acts> h_acts_;                // per job: its SwiGLU hidden
   std::vector<float> gu_out_;               // per job [n, 2F]
   std::vector<float> h_;                    // per job [n, F]
   std::vector<std::vector<float>> tmp_;     // per thread [T, tile]

@@ -1,0 +1,234 @@
+"""The MobileMoE LiteRT delegate against the numpy reference of its op."""
+
+import ctypes
+import os
+import shutil
+import subprocess
+import zlib
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+from export import delegate as dl
+from export.delegate import tflite_builder as tb
+from test_delegate_util import assert_close, assert_rel_l2, opts, run, tokens, weights
+
+
+def test_pack_int4_convention():
+  # low nibble = even index, two's complement
+  assert dl.pack_int4(np.array([1, -1], np.int8)).tolist() == [0xF1]
+  assert dl.pack_int4(np.array([-8, 7], np.int8)).tolist() == [0x78]
+  q = np.random.default_rng(0).integers(-8, 8, size=(3, 5, 64)).astype(np.int8)
+  np.testing.assert_array_equal(dl.unpack_int4(dl.pack_int4(q), 64), q)
+  with pytest.raises(ValueError):
+    dl.pack_int4(np.array([8, 0]))
+
+
+def test_quantize_int4_roundtrip():
+  w = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+  packed, s = dl.quantize_int4(w, 32)
+  err = np.abs(dl.dequantize_int4(packed, s, 32) - w).max()
+  assert err <= np.abs(w).max() / 7 / 2 + 1e-6
+
+
+@pytest.mark.parametrize("case", [
+    # (E, k, D, F, Fs, G, T, extra options)       SIMD path: D, F % 128 == 0
+    (8, 2, 256, 128, 0, 32, 1, {}),
+    (8, 2, 256, 128, 128, 32, 5, {}),
+    (16, 4, 384, 256, 128, 64, 33, dict(score_func="sigmoid")),
+    (8, 1, 256, 128, 0, 128, 7, dict(norm_topk_prob=False, routed_scale=2.5)),
+    # scalar fallback shapes: not multiples of 128, small groups
+    (6, 3, 96, 64, 32, 16, 4, {}),
+    (4, 4, 64, 48, 0, 8, 9, dict(score_func="sigmoid", norm_topk_prob=False)),
+])
+@pytest.mark.parametrize("kernel", ["auto", "scalar"])
+def test_matches_reference(case, kernel):
+  E, k, D, F, Fs, G, T, extra = case
+  rng = np.random.default_rng(zlib.crc32(repr((case, kernel)).encode()))
+  o = opts(E, k, D, F, Fs, G, **extra)
+  w = weights(rng, o)
+  x = tokens(rng, w, o, T)
+  model = tb.moe_block_model(w, o, [T, D])
+  ref32 = dl.reference_moe(x, w, o)
+  # fp32 activations: only summation order differs from the reference
+  (y,), _ = run(model, x, dl.load(activations="fp32", kernel=kernel))
+  assert_close(y, ref32, 1e-5)
+  # int8 activations: close to a reference that rounds the same way (a rare
+  # flip of one rounding moves an element by ~1e-3), a few % from fp32 math
+  (y8,), _ = run(model, x, dl.load(activations="int8", kernel=kernel))
+  ref8 = dl.reference_moe(x, w, o, activations="int8")
+  assert_rel_l2(y8, ref8, 2e-3)
+  assert_close(y8, ref8, 1e-2)
+  assert_rel_l2(y8, ref32, 4e-2)
+
+
+def test_output_changes_with_input_and_weights():
+  # guards against a test that passes because everything is zero
+  rng = np.random.default_rng(3)
+  o = opts()
+  w = weights(rng, o)
+  x = tokens(rng, w, o, 2)
+  (y,), _ = run(tb.moe_block_model(w, o, [2, 256]), x, dl.load(activations="fp32"))
+  assert np.abs(y).max() > 0.1
+  w2 = dict(w, down_s=w["down_s"] * 2)
+  (y2,), _ = run(tb.moe_block_model(w2, o, [2, 256]), x, dl.load(activations="fp32"))
+  assert_close(y2, 2 * y, 1e-5)
+
+
+def test_int4_tensor_type_and_rank3_tokens():
+  rng = np.random.default_rng(4)
+  o = opts(Fs=128)
+  w = weights(rng, o)
+  x = tokens(rng, w, o, 6).reshape(2, 3, 256)
+  model = tb.moe_block_model(w, o, [2, 3, 256], int4_type=True)
+  (y,), _ = run(model, x, dl.load(activations="fp32"))
+  assert y.shape == (2, 3, 256)
+  assert_close(y, dl.reference_moe(x, w, o), 1e-5)
+
+
+def test_resize_token_count():
+  # decode-shaped model resized to a prefill chunk: the delegate re-prepares
+  rng = np.random.default_rng(5)
+  o = opts(Fs=128)
+  w = weights(rng, o)
+  x = tokens(rng, w, o, 19)
+  (y,), _ = run(tb.moe_block_model(w, o, [1, 256]), x, dl.load(activations="fp32"),
+                resize=[19, 256])
+  assert_close(y, dl.reference_moe(x, w, o), 1e-5)
+
+
+def test_thread_counts_agree():
+  rng = np.random.default_rng(6)
+  o = opts(E=16, k=4, Fs=128)
+  w = weights(rng, o)
+  x = tokens(rng, w, o, 11)
+  model = tb.moe_block_model(w, o, [11, 256])
+  outs = [run(model, x, dl.load(num_threads=n))[0][0] for n in (1, 2, 3)]
+  np.testing.assert_array_equal(outs[0], outs[1])
+  np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_ties_pick_lower_index():
+  # zero router: every score ties, so selection falls to the bias, then index
+  rng = np.random.default_rng(7)
+  o = opts(E=8, k=3)
+  w = weights(rng, o)
+  w["router_w"][:] = 0
+  w["router_bias"][:] = 0
+  w["router_bias"][5] = 1.0  # expert 5 first, then 0 and 1
+  x = rng.standard_normal((2, 256)).astype(np.float32)
+  chosen, _, _ = dl.route(x, w["router_w"], w["router_bias"], o)
+  assert chosen.tolist() == [[5, 0, 1]] * 2
+  (y,), _ = run(tb.moe_block_model(w, o, [2, 256]), x, dl.load(activations="fp32"))
+  assert_close(y, dl.reference_moe(x, w, o), 1e-5)
+
+
+def _graph_with_builtins(rng, o, chain: bool):
+  """x -> FC -> h -> MoE -> (+h) -> MoE -> (+) -> y, or MoE -> MoE directly."""
+  D = o["d_model"]
+  g = tb.GraphBuilder()
+  x = g.tensor("x", [4, D])
+  w_in = (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+  h = tb.fully_connected(g, x, g.const("w_in", w_in), [4, D], "h")
+  w1, w2 = weights(rng, o), weights(rng, o)
+  m1 = tb.add_moe_block(g, h, [4, D], w1, o, name="moe1")
+  r1 = m1 if chain else tb.add(g, h, m1, [4, D], "r1")
+  m2 = tb.add_moe_block(g, r1, [4, D], w2, o, name="moe2")
+  y = tb.add(g, r1, m2, [4, D], "y")
+  g.inputs, g.outputs = [x], [y]
+
+  def reference(xv):
+    hv = xv @ w_in.T
+    m1v = dl.reference_moe(hv, w1, o)
+    r1v = m1v if chain else hv + m1v
+    return r1v + dl.reference_moe(r1v, w2, o)
+
+  return g.build(), reference
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_every_node_claimed_and_builtins_run(chain):
+  rng = np.random.default_rng(8)
+  o = opts(Fs=128)
+  model, reference = _graph_with_builtins(rng, o, chain)
+  x = rng.standard_normal((4, 256)).astype(np.float32)
+  d = dl.load(activations="fp32")
+  (y,), it = run(model, x, d)
+  s = dl.stats(d)
+  n_moe = sum(op["op_name"] == tb.OP_NAME for op in it._get_ops_details())
+  assert n_moe == 2
+  assert (s["claimed"], s["refused"], s["invokes"]) == (2, 0, 1 if chain else 2)
+  assert_close(y, reference(x), 1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(act="gelu"), "unsupported act 'gelu'"),
+    (dict(score_func="sparsemax"), "unsupported score_func"),
+    (dict(top_k=9), "top_k must be in [1, num_experts]"),
+    (dict(group_size=48), "multiples of group_size"),
+    (dict(d_model=512), "x must be float32 [..., d_model=512]"),
+    (dict(d_expert=64), "gate_up_q: expected packed int4"),
+    (dict(num_experts=None), "missing option 'num_experts'"),
+])
+def test_unsupported_options_are_refused_with_reason(change, message):
+  rng = np.random.default_rng(9)
+  o = opts()
+  w = weights(rng, o)
+  bad = {k: v for k, v in {**o, **change}.items() if v is not None}
+  model = tb.moe_block_model(w, bad, [2, 256])
+  d = dl.load()
+  with pytest.raises(RuntimeError) as e:
+    run(model, np.zeros((2, 256), np.float32), d)
+  assert "MobileMoE delegate: not claiming" in str(e.value)
+  assert message in str(e.value)
+  s = dl.stats(d)
+  assert (s["claimed"], s["refused"]) == (0, 1)
+  assert message in s["messages"]
+
+
+def test_missing_required_input_is_refused():
+  rng = np.random.default_rng(10)
+  o = opts(Fs=128)
+  w = weights(rng, o)
+  model = tb.moe_block_model(w, o, [2, 256], drop_inputs=(9,))
+  with pytest.raises(RuntimeError, match="shared input 9 is absent"):
+    run(model, np.zeros((2, 256), np.float32), dl.load())
+
+
+def test_garbage_custom_options_do_not_crash():
+  rng = np.random.default_rng(11)
+  o = opts()
+  w = weights(rng, o)
+  g = tb.GraphBuilder()
+  x = g.tensor("x", [1, 256])
+  tb.add_moe_block(g, x, [1, 256], w, o)
+  for junk in (b"", b"\x00", bytes(rng.integers(0, 256, 64, dtype=np.uint8)),
+               tb.moe_options_bytes(o)[:-3] + b"\x01\x2c\x08"):
+    g.ops[-1].customOptions = list(junk)
+    g.inputs, g.outputs = [x], [len(g.tensors) - 1]
+    with pytest.raises(RuntimeError, match="not claiming"):
+      run(g.build(), np.zeros((1, 256), np.float32), dl.load())
+
+
+def test_bad_delegate_option():
+  with pytest.raises(ValueError, match="activations must be"):
+    dl.load(activations="int4")
+  with pytest.raises(ValueError, match="unknown option 'threads'"):
+    from ai_edge_litert.interpreter import load_delegate
+    load_delegate(dl.library_path(), {"threads": 2})
+
+
+def test_builds_from_clean_tree(tmp_path):
+  src = os.path.dirname(dl.__file__)
+  for f in os.listdir(src):
+    if f.endswith((".h", ".cc")) or f == "Makefile":
+      shutil.copy(os.path.join(src, f), tmp_path)
+  subprocess.run(["make", "-C", str(tmp_path)], check=True, capture_output=True)
+  lib = tmp_path / "libmobilemoe_delegate.so"
+  assert lib.exists()
+  syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True,
+                        text=True, check=True).stdout
+  for name in ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate"):
+    assert name in syms
+  ctypes.CDLL(str(lib))  # loads without unresolved symbols

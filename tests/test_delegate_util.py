@@ -1,0 +1,54 @@
+"""Shared helpers for the delegate tests (collected by pytest, but holds no tests)."""
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from export import delegate as dl
+
+
+def opts(E=8, k=2, D=256, F=128, Fs=0, G=32, **kw):
+  o = dict(num_experts=E, top_k=k, d_model=D, d_expert=F, d_shared=Fs, group_size=G,
+           score_func="softmax", norm_topk_prob=True, routed_scale=1.0, act="silu")
+  o.update(kw)
+  return o
+
+
+def weights(rng, o, router_scale=3.0):
+  return dl.random_moe_weights(rng, o["num_experts"], o["d_model"], o["d_expert"],
+                               o["d_shared"], o["group_size"], router_scale=router_scale)
+
+
+def tokens(rng, w, o, T, min_margin=1e-3):
+  """Random x [T, D] whose top-k choice is not within rounding of a tie."""
+  for _ in range(100):
+    x = rng.standard_normal((T, o["d_model"])).astype(np.float32)
+    _, _, margin = dl.route(x, w["router_w"], w.get("router_bias"), o)
+    if margin.min() > min_margin:
+      return x
+  raise AssertionError("could not draw well-separated routing")
+
+
+def run(model: bytes, inputs, delegate, num_threads=2, resize=None):
+  """Runs a one-input model; returns (outputs list, interpreter)."""
+  it = Interpreter(model_content=model, experimental_delegates=[delegate],
+                   num_threads=num_threads)
+  if resize is not None:
+    it.resize_tensor_input(it.get_input_details()[0]["index"], resize)
+  it.allocate_tensors()
+  it.set_tensor(it.get_input_details()[0]["index"], inputs)
+  it.invoke()
+  return [it.get_tensor(d["index"]) for d in it.get_output_details()], it
+
+
+def assert_close(y, ref, rel):
+  """max |y - ref| <= rel * max |ref| (a scale-aware tolerance)."""
+  err = float(np.abs(y - ref).max())
+  scale = float(np.abs(ref).max())
+  assert err <= rel * scale + 1e-6, f"max err {err:.3g} vs scale {scale:.3g} (rel {rel})"
+
+
+def assert_rel_l2(y, ref, rel):
+  """||y - ref|| <= rel * ||ref||: for int8 activations, where a rare rounding
+  flip moves single elements but not the whole."""
+  err = float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+  assert err <= rel, f"relative L2 error {err:.3g} > {rel}"
