@@ -1,0 +1,1 @@
+"""Training stages: `--config=configs/stages/STAGE.py:PRESET[,data_dir=DIR]`."""

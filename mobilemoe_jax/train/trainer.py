@@ -1,0 +1,383 @@
+"""The train loop: `train_and_evaluate(config, workdir)`, one function read top to bottom.
+
+Sections, in order: config checks, mesh, data, shapes (nnx.eval_shape, nothing allocated),
+shardings, optimizer, the jitted update step, resume (or start from the previous stage),
+the loop (log, evaluate, checkpoint, preemption), the summary.
+
+State is a plain pytree, so jit, Orbax and optax all see the same thing:
+  params    nnx.State of the trained Params
+  rest      nnx.State of everything else in the model (the MoE expert biases)
+  opt       optax state (mu/nu mirror params, sharding metadata included)
+  step      int32 []  completed steps; step s consumed batch s (1-based)
+  rng       uint32 [2] the stage's key: randomness for step s is fold_in(rng, s)
+  skipped   int32 []  steps skipped for a non-finite loss/gradient (on_nonfinite='skip')
+  bad_step  int32 []  first non-finite step with on_nonfinite='stop' (0: none); once set,
+                      the state no longer changes, so what is saved is the last good one
+
+Loss = masked CE (mean over loss_mask tokens of the global batch)
+     + moe.aux_loss_coef * aux + moe.z_loss_coef * z  (summed over MoE layers).
+"""
+import functools
+import math
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from mobilemoe_jax import config as config_lib
+from mobilemoe_jax import sharding
+from mobilemoe_jax.data import pipeline
+from mobilemoe_jax.data import tokenizer as tokenizer_lib
+from mobilemoe_jax.model import Transformer, moe_layers
+from mobilemoe_jax.scaling import accounting
+from mobilemoe_jax.train import checkpoint as ckpt_lib
+from mobilemoe_jax.train import metrics as metrics_lib
+from mobilemoe_jax.train import optim
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient became NaN/inf with train.on_nonfinite='stop'."""
+
+
+def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
+  """Trains one stage in `workdir` (resuming if it holds checkpoints); returns its summary.
+
+  step_callback(step) runs after every step (tests use it to pause a run before killing it).
+  """
+  t = config.train
+  _check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+
+  # ---------------------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(config.mesh)
+  n_batch_shards = math.prod(mesh.shape[a] for a in sharding.RULES['batch'])
+  micro = t.batch_size // t.grad_accum
+  if micro % n_batch_shards:
+    raise config_lib.ConfigError(
+        f'config field `train.batch_size`: {t.batch_size} / grad_accum {t.grad_accum} = {micro} '
+        f'rows per micro-batch must split over the {n_batch_shards} batch shards of mesh {dict(mesh.shape)}')
+
+  with jax.set_mesh(mesh):
+    # -------------------------------------------------------------------------- data
+    # Each process reads its own share; the global batch is assembled from the shares.
+    local_batch = t.batch_size // jax.process_count()
+    make = functools.partial(pipeline.make_dataset, seq_len=t.seq_len, batch_size=local_batch,
+                             seed=t.seed)
+    train_iter = iter(make(config.data.train))
+    eval_ds = make(config.data.eval)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def to_global(batch):  # {name: [B/processes, T] numpy} -> {name: [B, T] jax.Array}
+      return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------------ shapes
+    def init_model():
+      return Transformer(config.model, rngs=nnx.Rngs(t.seed))
+
+    graphdef, _, _ = nnx.split(nnx.eval_shape(init_model), nnx.Param, ...)
+
+    # --------------------------------------------------------------------- optimizer
+    tx, lr_schedule = optim.make_optimizer(t)
+
+    def init_state():
+      _, params, rest = nnx.split(init_model(), nnx.Param, ...)
+      zero = jnp.zeros((), jnp.int32)
+      return {'params': params, 'rest': rest, 'opt': tx.init(params), 'step': zero,
+              'rng': jax.random.key_data(jax.random.key(t.seed)), 'skipped': zero, 'bad_step': zero}
+
+    abstract_state = jax.eval_shape(init_state)
+
+    # --------------------------------------------------------------------- shardings
+    # Params and their optimizer moments follow the logical axes; scalars are replicated.
+    state_sharding = sharding.state_shardings(abstract_state, mesh)
+
+    # ------------------------------------------------------------------- update step
+    moe = config.model.moe
+
+    def micro_loss(params, rest, batch, n_tokens):
+      """One micro-batch [b, T]. Returns (objective, (ce_sum, stats)); the objective is
+      scaled so the gradients of all micro-batches add up to the full batch's gradient."""
+      model = nnx.merge(graphdef, params, rest)
+      logits, stats, _ = model(batch['inputs'], positions=batch['positions'],
+                               segment_ids=batch['segment_ids'])                       # [b, T, V]
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])   # [b, T]
+      # loss_mask is 0 on padding and (SFT) on prompt tokens: they carry no gradient.
+      ce_sum = jnp.sum(ce * batch['loss_mask'])
+      objective = ce_sum / n_tokens + (moe.aux_loss_coef * stats['aux_loss']
+                                       + moe.z_loss_coef * stats['z_loss']) / t.grad_accum
+      # QAT hook (issue 4): fake-quant lives in the layers (config.quant -> their `quant`
+      # field); a distillation term against a teacher's logits is added to `objective` here.
+      return objective, (ce_sum, stats)
+
+    def train_step(state, batch):
+      """batch: {name: [B, T]} -> (new state, per-step metrics)."""
+      params, rest = state['params'], state['rest']
+      n_tokens = jnp.maximum(batch['loss_mask'].sum(), 1.0)
+      # [B, T] -> [A, B/A, T] taking rows A apart, so each device keeps its own rows.
+      micros = jax.tree.map(
+          lambda x: x.reshape(micro, t.grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+      grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+      def accumulate(carry, mb):
+        (obj, (ce_sum, stats)), g = grad_fn(params, rest, mb, n_tokens)
+        acc = (obj, ce_sum, stats['aux_loss'], stats['z_loss'], stats['tokens_per_expert'],
+               stats['dropped'], g)
+        return jax.tree.map(jnp.add, carry, acc), None
+
+      zero = jnp.zeros(())
+      zeros = (zero, zero, zero, zero, _zero_load(config.model), jnp.zeros((), jnp.int32),
+               jax.tree.map(jnp.zeros_like, params))
+      (objective, ce_sum, aux, z, tokens_per_expert, dropped, grads), _ = jax.lax.scan(
+          accumulate, zeros, micros)
+
+      grad_norm = optax.global_norm(grads)
+      ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+      updates, opt = tx.update(grads, state['opt'], params)
+      new_params = optax.apply_updates(params, updates)
+      new_rest = rest
+      if moe.expert_bias:  # aux-loss-free balancing: nudge selection biases from the load
+        model = nnx.merge(graphdef, new_params, rest)
+        for layer, load in zip(moe_layers(model), tokens_per_expert):
+          layer.update_expert_bias(load, moe.bias_update_rate)
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+
+      # A non-finite step changes nothing but the counters; with 'stop' nothing changes
+      # after the first one, so a later save still holds the last good state.
+      frozen = state['bad_step'] > 0
+      apply = ok & ~frozen
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+      bad = ~ok & ~frozen
+      if t.on_nonfinite == 'stop':
+        step = state['step'] + apply.astype(jnp.int32)
+        bad_step = jnp.where(bad, state['step'] + 1, state['bad_step'])
+      else:
+        step = state['step'] + 1
+        bad_step = state['bad_step']
+      new_state = {'params': keep(new_params, params), 'rest': keep(new_rest, rest),
+                   'opt': keep(opt, state['opt']), 'step': step, 'rng': state['rng'],
+                   'skipped': state['skipped'] + bad.astype(jnp.int32), 'bad_step': bad_step}
+      # lr of this update (optax counts only applied updates; after skips it lags `step`).
+      step_metrics = {
+          'loss': ce_sum / n_tokens, 'objective': objective, 'aux_loss': aux / t.grad_accum,
+          'z_loss': z / t.grad_accum, 'grad_norm': grad_norm, 'lr': lr_schedule(state['step']),
+          'tokens_per_expert': tokens_per_expert, 'dropped': dropped, 'ok': ok,
+          'skipped': new_state['skipped'], 'loss_tokens': n_tokens}
+      return new_state, step_metrics
+
+    train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, None), donate_argnums=0)
+
+    @functools.partial(jax.jit, in_shardings=(state_sharding, batch_sharding))
+    def eval_step(state, batch):
+      """Summed CE and token count over loss_mask; perplexity = exp(sum / count)."""
+      model = nnx.merge(graphdef, state['params'], state['rest'])
+      logits, _, _ = model(batch['inputs'], positions=batch['positions'],
+                           segment_ids=batch['segment_ids'])
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+      return jnp.sum(ce * batch['loss_mask']), batch['loss_mask'].sum()
+
+    def evaluate(state) -> dict:
+      ce_sum, count = 0.0, 0.0
+      for i, batch in enumerate(eval_ds):  # a fresh, unshuffled pass each time
+        if i == t.eval_batches:
+          break
+        c, n = jax.device_get(eval_step(state, to_global(batch)))
+        ce_sum, count = ce_sum + float(c), count + float(n)
+      loss = ce_sum / max(count, 1.0)
+      return {'eval/loss': loss, 'eval/ppl': math.exp(min(loss, 50.0)), 'eval/tokens': count}
+
+    # ------------------------------------------------- resume, or start from a stage
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints,
+                                 async_save=t.async_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state, meta = ckpt.restore(latest, abstract_state, state_sharding, train_iter)
+      lineage = meta['lineage'][:-1]  # the last entry is this stage; it is rewritten on save
+      _log(f'{t.stage}: resumed from {ckpt.path(latest)}')
+    else:
+      state = jax.jit(init_state, out_shardings=state_sharding)()
+      lineage = []
+      if t.init_from:
+        # The previous stage's weights; the optimizer restarts unless restore_optimizer.
+        parts = ('params', 'rest') + (('opt',) if t.restore_optimizer else ())
+        loaded, meta, where = ckpt_lib.load_for_init(t.init_from, abstract_state, state_sharding, parts)
+        state.update(loaded)
+        lineage = meta['lineage']
+        _log(f'{t.stage}: initialised {", ".join(parts)} from {where}')
+
+    def save(step):
+      entry = {'stage': t.stage, 'checkpoint': ckpt.path(step), 'step': step}
+      ckpt.save(step, state, train_iter, {'stage': t.stage, 'step': step,
+                                          'lineage': lineage + [entry], 'config': config.to_dict()})
+
+    # -------------------------------------------------------------------------- loop
+    writer = metrics_lib.Writer(workdir)
+    flops_per_token = accounting.train_flops_per_token(config.model, t.seq_len)
+    peak = metrics_lib.peak_flops()
+    step = int(jax.device_get(state['step']))
+    if step == 0 and t.eval_batches:
+      writer.write(0, evaluate(state))
+    pending = []  # per-step metrics (device arrays) since the last log: no per-step sync
+    window_start, preempt = time.time(), _Preemption()
+    bar = tqdm(total=t.steps, initial=step, desc=t.stage, unit='step',
+               disable=not t.progress or jax.process_index() != 0)
+    with preempt:
+      while step < t.steps:
+        state, m = train_step(state, to_global(next(train_iter)))
+        step += 1
+        pending.append(m)
+        if step_callback is not None:
+          step_callback(step)
+        last = step == t.steps
+
+        if step == 1 or step % t.log_every == 0 or last:
+          _stop_if_nonfinite(state, pending, ckpt, t)
+          scalars, hist = _summarize(pending, time.time() - window_start,
+                                     t.batch_size * t.seq_len, flops_per_token, peak)
+          writer.write(step, scalars, hist)
+          bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/lr']:.1e}",
+                          tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+          pending, window_start = [], time.time()
+
+        if t.eval_every and (step % t.eval_every == 0 or last) and t.eval_batches:
+          writer.write(step, evaluate(state))
+
+        if step % t.checkpoint_every == 0 or last or preempt.requested:
+          _stop_if_nonfinite(state, pending, ckpt, t)  # never save past a bad step
+          save(step)
+        bar.update()
+        if preempt.requested:
+          ckpt.wait()
+          _log(f'{t.stage}: SIGTERM received; saved {ckpt.path(step)}; exiting cleanly.')
+          break
+
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  summary = stage_summary(workdir, t.stage)
+  summary['preempted'] = preempt.requested
+  return summary
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _check_config(config):
+  t = config.train
+  config_lib.validate(config.model)
+  req = config_lib._require
+  req(t.on_nonfinite in ('stop', 'skip'), 'train.on_nonfinite',
+      f"must be 'stop' or 'skip', got {t.on_nonfinite!r}")
+  req(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, 'train.grad_accum',
+      f'must be >= 1 and divide batch_size={t.batch_size}, got {t.grad_accum}')
+  req(t.batch_size % jax.process_count() == 0, 'train.batch_size',
+      f'must split over {jax.process_count()} processes')
+  req(t.seq_len <= config.model.max_seq_len, 'train.seq_len',
+      f'exceeds model.max_seq_len={config.model.max_seq_len}')
+  req(t.checkpoint_every >= 1 and t.log_every >= 1, 'train.checkpoint_every',
+      'checkpoint_every and log_every must be >= 1')
+  if config.get('quant') is not None:
+    raise NotImplementedError('config.quant is set, but quantisation-aware training is '
+                              'issue 4 and not built yet')
+  vocab = tokenizer_lib.load_tokenizer(config.data.train.tokenizer).vocab_size
+  req(vocab <= config.model.vocab_size, 'model.vocab_size',
+      f'{config.model.vocab_size} is smaller than the tokenizer vocabulary ({vocab}) of '
+      f'{config.data.train.tokenizer}')
+
+
+def _zero_load(model_cfg):
+  """tokens_per_expert [L_moe, E] of one step ([0, 0] for a dense model)."""
+  n_moe = sum(config_lib.is_moe_layer(model_cfg, i) for i in range(model_cfg.n_layers))
+  return jnp.zeros((n_moe, model_cfg.moe.n_experts) if n_moe else (0, 0), jnp.float32)
+
+
+def _summarize(pending, seconds, tokens_per_step, flops_per_token, peak):
+  """Averages the window's per-step metrics (finite steps only) into scalars + a histogram."""
+  host = jax.device_get(pending)
+  ok = [m for m in host if m['ok']] or host
+  mean = lambda k: float(np.mean([m[k] for m in ok]))
+  tokens_per_s = tokens_per_step * len(host) / max(seconds, 1e-9)
+  scalars = {
+      'train/loss': mean('loss'), 'train/objective': mean('objective'),
+      'train/aux_loss': mean('aux_loss'), 'train/z_loss': mean('z_loss'),
+      'train/grad_norm': mean('grad_norm'), 'train/lr': float(host[-1]['lr']),
+      'train/tokens_per_s': tokens_per_s, 'train/nonfinite_skipped': int(host[-1]['skipped']),
+      'train/loss_tokens': mean('loss_tokens'),
+  }
+  if peak:  # MFU needs a known peak: on CPU it is n/a and not logged
+    scalars['train/mfu'] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+  hist = {}
+  load = np.sum([m['tokens_per_expert'] for m in ok], 0)     # [L_moe, E]
+  if load.size:
+    rel = load / np.maximum(load.mean(-1, keepdims=True), 1e-9)  # 1.0 = perfectly balanced
+    scalars['moe/max_load'] = float(rel.max())
+    scalars['moe/min_load'] = float(rel.min())
+    scalars['moe/dropped'] = float(np.mean([m['dropped'] for m in ok]))
+    hist['moe/load'] = rel
+  return scalars, hist
+
+
+def _stop_if_nonfinite(state, pending, ckpt, t):
+  bad = int(jax.device_get(state['bad_step']))
+  if not bad:
+    return
+  host = jax.device_get(pending)
+  bad_m = next((m for m in host if not m['ok']), None)
+  detail = '' if bad_m is None else (f" (loss={float(bad_m['loss'])}, "
+                                     f"grad_norm={float(bad_m['grad_norm'])})")
+  ckpt.wait()
+  latest = ckpt.latest_step()
+  kept = f'the last good checkpoint is {ckpt.path(latest)}' if latest is not None \
+      else 'no checkpoint was saved before it'
+  raise NonFiniteError(
+      f"{t.stage}: non-finite loss or gradient at step {bad}{detail}; stopped and {kept}. "
+      "Lower train.lr or check the data, or set train.on_nonfinite='skip' to skip such steps.")
+
+
+class _Preemption:
+  """SIGTERM (TPU/cloud preemption) sets a flag; the loop saves and leaves at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _log(msg: str):
+  if jax.process_index() == 0:
+    tqdm.write(msg)
+
+
+def stage_summary(workdir: str, stage: str) -> dict:
+  """Loss at the first and last logged step and held-out perplexity at start and end, from
+  `metrics.jsonl` (so a resumed stage reports its whole history)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  logged = metrics_lib.read_jsonl(path) if os.path.exists(path) else {}
+  train = sorted(s for s, m in logged.items() if 'train/loss' in m)
+  evals = sorted(s for s, m in logged.items() if 'eval/ppl' in m)
+  get = lambda steps, i, k: logged[steps[i]][k] if steps else None
+  return {'stage': stage, 'steps': train[-1] if train else 0,
+          'loss_start': get(train, 0, 'train/loss'), 'loss_end': get(train, -1, 'train/loss'),
+          'ppl_start': get(evals, 0, 'eval/ppl'), 'ppl_end': get(evals, -1, 'eval/ppl'),
+          'skipped': get(train, -1, 'train/nonfinite_skipped'),
+          'checkpoint': os.path.join(os.path.abspath(workdir), 'checkpoints', str(train[-1]))
+          if train else None}
