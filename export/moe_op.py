@@ -2,7 +2,7 @@
 
 Inputs and flexbuffer options follow export/delegate's contract (delegate.cc CheckNode):
   x [N, D] f32, router_w [E, D] f32, router_bias [E] f32 (zeros without an expert bias),
-  gate_up_q [E, 2F, D/2] uint8 (rows: F gate then F up; int4 two per byte, low nibble
+  gate_up_q [E, 2F, D/2] int8 bytes (rows: F gate then F up; int4 two per byte, low nibble
   first) + gate_up_s [E, 2F, D/G] f32, down_q [E, D, F/2] + down_s [E, D, F/G],
   and for the fused shared expert (hidden Fs = n_shared * d_shared) the same two pairs
   without the E axis. Options: num_experts, top_k, d_model, d_expert, d_shared,
@@ -76,7 +76,10 @@ class MoeBlockOp(torch.nn.Module):
     weights, self.options = moe_tensors(moe, group_size)
     self.slots = [k for k in WEIGHT_SLOTS if k in weights]
     for k in self.slots:
-      self.register_buffer(k, torch.from_numpy(np.ascontiguousarray(weights[k])))
+      # Packed bytes travel as int8: MLIR constants must be signless (the delegate reads
+      # int8 and uint8 bytes alike).
+      a = weights[k].view(np.int8) if weights[k].dtype == np.uint8 else weights[k]
+      self.register_buffer(k, torch.from_numpy(np.ascontiguousarray(a)))
 
   def forward(self, x):
     return moe_block(x, [getattr(self, k) for k in self.slots], json.dumps(self.options))
@@ -88,7 +91,7 @@ def moe_block(x: torch.Tensor, weights: list[torch.Tensor], options: str) -> tor
   from export.torch_model import route
   o = json.loads(options)
   w = dict(zip(WEIGHT_SLOTS, weights))
-  deq = lambda q, s: torch.from_numpy(unpack(q.numpy(), s.numpy()))
+  deq = lambda q, s: torch.from_numpy(unpack(q.numpy().view(np.uint8), s.numpy()))
 
   def ffn(xin, gu, dn):
     g, u = (xin @ gu.T).chunk(2, -1)
@@ -150,7 +153,8 @@ def read_ops(path_or_bytes):
         ws = {}
         for slot, t in zip(WEIGHT_SLOTS, list(op.inputs)[1:]):
           if t >= 0:
-            ws[slot] = flatbuf.tensor_value(model, raw, sg.tensors[t])
+            v = flatbuf.tensor_value(model, raw, sg.tensors[t])
+            ws[slot] = v.view(np.uint8) if slot.endswith('_q') else v
         found.append((opts, ws))
     if found:
       return found
