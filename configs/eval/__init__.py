@@ -1,0 +1,1 @@
+"""Evaluation suites: `--suite=configs/eval/suite.py[:ARG]` for `python -m mobilemoe_jax.eval`."""

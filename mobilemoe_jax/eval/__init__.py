@@ -1,0 +1,1 @@
+"""Evaluation through lm-evaluation-harness, for JAX checkpoints and exported `.tflite` models."""
