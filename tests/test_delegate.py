@@ -232,3 +232,10 @@ def test_builds_from_clean_tree(tmp_path):
   for name in ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate"):
     assert name in syms
   ctypes.CDLL(str(lib))  # loads without unresolved symbols
+
+
+def test_sanitized_variant_is_what_runs():
+  # Under test_delegate_asan.py's child process this checks the ASan build is
+  # the one loaded; in a normal run, that the release build is.
+  s = dl.stats(dl.load())
+  assert s["sanitized"] == (os.environ.get("MOBILEMOE_DELEGATE_VARIANT") == "asan")

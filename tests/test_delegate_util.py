@@ -18,7 +18,7 @@ def weights(rng, o, router_scale=3.0):
                                o["d_shared"], o["group_size"], router_scale=router_scale)
 
 
-def tokens(rng, w, o, T, min_margin=1e-3):
+def tokens(rng, w, o, T, min_margin=2e-5):
   """Random x [T, D] whose top-k choice is not within rounding of a tie."""
   for _ in range(100):
     x = rng.standard_normal((T, o["d_model"])).astype(np.float32)

@@ -181,13 +181,16 @@ def library_path(variant: str = "release") -> str:
 
 
 def load(num_threads: int | None = None, activations: str = "int8", kernel: str = "auto",
-         variant: str = "release", verbose: bool = False):
+         variant: str | None = None, verbose: bool = False):
   """Returns ai_edge_litert.interpreter.load_delegate(...) for this delegate.
 
   num_threads: None -> the interpreter's thread count. activations: "int8"
   (dynamic per-row, VNNI) or "fp32". kernel: "auto" or "scalar" (portable).
+  variant: "release" or "asan"; None reads $MOBILEMOE_DELEGATE_VARIANT so the
+  sanitizer run can reuse the ordinary tests unchanged.
   """
   from ai_edge_litert.interpreter import load_delegate
+  variant = variant or os.environ.get("MOBILEMOE_DELEGATE_VARIANT", "release")
   opts = {"activations": activations, "kernel": kernel, "verbose": int(verbose)}
   if num_threads is not None:
     opts["num_threads"] = num_threads
@@ -208,4 +211,5 @@ def stats(delegate) -> dict:
           "refused": lib.mobilemoe_delegate_refused(ptr),
           "invokes": lib.mobilemoe_delegate_invokes(ptr),
           "messages": lib.mobilemoe_delegate_messages(ptr).decode(),
-          "isa": lib.mobilemoe_kernel_isa().decode()}
+          "isa": lib.mobilemoe_kernel_isa().decode(),
+          "sanitized": bool(lib.mobilemoe_sanitized())}

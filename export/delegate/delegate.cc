@@ -490,6 +490,14 @@ __attribute__((visibility("default"))) const char* mobilemoe_delegate_messages(
     TfLiteDelegate* d) {
   return Self(d)->messages.c_str();
 }
+// 1 in the ASan/UBSan build (lets the sanitizer test check what it loaded).
+__attribute__((visibility("default"))) int mobilemoe_sanitized() {
+#if defined(__SANITIZE_ADDRESS__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 __attribute__((visibility("default"))) const char* mobilemoe_kernel_isa() {
   return mm::SimdAvailable() ? "avx512-vnni" : "scalar";
 }
