@@ -11,12 +11,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mobilemoe_jax import distributed  # defines --coordinator_address/--num_processes/--process_id
+
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard logs.', required=True)
 config_flags.DEFINE_config_file('config', None, 'A stage config file[:arg].', lock_config=True)
 
 
 def main(argv):
   del argv
+  distributed.initialize()  # multi-host: before anything touches a JAX backend
   from mobilemoe_jax.train import NonFiniteError, train_and_evaluate
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
