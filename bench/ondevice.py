@@ -1,0 +1,394 @@
+"""On-device benchmark: the MoE block through our delegate vs the portable
+lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.json.
+
+  python bench/ondevice.py                 # ~5-10 min on the 2-core dev box
+  python bench/ondevice.py --quick         # smaller run, for a smoke test
+  python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # + whole models
+
+Rows (MobileMoE-S block shape: D=768, 64 experts of 512, top-4, one shared 512,
+INT4 group 32, random weights):
+  (a) delegate      MobileMoeBlock run by export/delegate (int8 activations)
+  (b) all-experts   the portable lowering: every expert as INT4 FULLY_CONNECTED
+                    (gate/up of all experts fused in one FC, down in one FC),
+                    hidden masked by the top-k routing weights (XNNPACK, qc4w)
+  (c) upstream moe  litert-torch's `moe` custom op (XNNPACK MoE kernel; GELU,
+                    int8 channel-wise experts), shared expert as INT4 FCs
+  limit             active INT4 bytes per token / measured DRAM read bandwidth
+Decode uses a stack of L blocks with different weights (x + MoE(x) each), so the
+weights (> L3) stream from DRAM as on a phone; each step feeds a new random token.
+Every configuration runs in its own process (clean caches, own peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from ai_edge_litert import schema_py_generated as schema  # noqa: E402
+from export import delegate as dl  # noqa: E402
+from export.delegate import tflite_builder as tb  # noqa: E402
+
+S = schema.BuiltinOperator
+O = schema.BuiltinOptions
+
+# MobileMoE-S MoE layer (configs/mobilemoe_s.py).
+BLOCK = dict(num_experts=64, top_k=4, d_model=768, d_expert=512, d_shared=512, group_size=32,
+             score_func="softmax", norm_topk_prob=True, routed_scale=1.0, act="silu")
+THREADS = 2
+
+
+# ----------------------------------------------------------------------------
+# Graph pieces built with builtin ops.
+
+def _i32(g, name, values):
+  return g.const(name, np.asarray(values, np.int32))
+
+
+def _op(g, code, ins, out_shape, name, opt_type=0, opt=None, dtype=np.float32):
+  y = g.tensor(name, out_shape, dtype)
+  g.op(code, ins, [y], opt_type, opt)
+  return y
+
+
+def _int4_channelwise(g, name, rng, rows, cols):
+  """Random INT4 weight [rows, cols] with per-row scales (XNNPACK qc4w FC)."""
+  q = rng.integers(-8, 8, size=(rows, cols), dtype=np.int8)
+  s = (rng.random(rows) * 0.5 + 0.5).astype(np.float32) / np.sqrt(cols * 10)
+  qp = schema.QuantizationParametersT()
+  qp.scale, qp.zeroPoint, qp.quantizedDimension = s.tolist(), [0] * rows, 0
+  t = g.tensor(name, [rows, cols], tensor_type=schema.TensorType.INT4, data=dl.pack_int4(q),
+               quantization=qp)
+  return t, q.astype(np.float32) * s[:, None]
+
+
+def _fc(g, x, w, out_shape, name):
+  return tb.fully_connected(g, x, w, out_shape, name)
+
+
+def _swiglu_shared(g, x, T, rng, Fs, D, name):
+  """Shared expert as two INT4 FCs: y = down(silu(gate x) * up x)."""
+  wgu, _ = _int4_channelwise(g, f"{name}/gu", rng, 2 * Fs, D)
+  wd, _ = _int4_channelwise(g, f"{name}/d", rng, D, Fs)
+  gu = _fc(g, x, wgu, [T, 2 * Fs], f"{name}/gu_out")
+  gs, us = g.tensor(f"{name}/g", [T, Fs]), g.tensor(f"{name}/u", [T, Fs])
+  so = schema.SplitOptionsT()
+  so.numSplits = 2
+  g.op(S.SPLIT, [_i32(g, f"{name}/axis", 1), gu], [gs, us], O.SplitOptions, so)
+  h = _silu_mul(g, gs, us, [T, Fs], name)
+  return _fc(g, h, wd, [T, D], f"{name}/out")
+
+
+def _silu_mul(g, gate, up, shape, name):
+  sig = _op(g, S.LOGISTIC, [gate], shape, f"{name}/sig")
+  sg = _op(g, S.MUL, [gate, sig], shape, f"{name}/silu", O.MulOptions, schema.MulOptionsT())
+  return _op(g, S.MUL, [sg, up], shape, f"{name}/h", O.MulOptions, schema.MulOptionsT())
+
+
+def _router(g, x, T, rng, o, name):
+  """softmax router + top-k: returns (scores [T,E], top values [T,k], top idx [T,k])."""
+  E, D, k = o["num_experts"], o["d_model"], o["top_k"]
+  wr = g.const(f"{name}/router", (rng.standard_normal((E, D)) / np.sqrt(D)).astype(np.float32))
+  logits = _fc(g, x, wr, [T, E], f"{name}/logits")
+  sm = schema.SoftmaxOptionsT()
+  sm.beta = 1.0
+  scores = _op(g, S.SOFTMAX, [logits], [T, E], f"{name}/scores", O.SoftmaxOptions, sm)
+  topv, topi = g.tensor(f"{name}/topv", [T, k]), g.tensor(f"{name}/topi", [T, k], np.int32)
+  g.op(S.TOPK_V2, [scores, _i32(g, f"{name}/k", k)], [topv, topi], O.TopKV2Options,
+       schema.TopKV2OptionsT())
+  return scores, topv, topi
+
+
+def _reduce(g, code, x, shape, name):
+  ro = schema.ReducerOptionsT()
+  ro.keepDims = True
+  return _op(g, code, [x, _i32(g, f"{name}/axes", [1])], shape, name, O.ReducerOptions, ro)
+
+
+def _reshape(g, x, shape, name, dtype=np.float32):
+  ro = schema.ReshapeOptionsT()
+  ro.newShape = list(shape)
+  return _op(g, S.RESHAPE, [x, _i32(g, f"{name}/shape", shape)], shape, name,
+             O.ReshapeOptions, ro, dtype)
+
+
+def add_allexperts_block(g, x, T, rng, o, name):
+  """(b): all experts computed with INT4 FCs, hidden masked by top-k weights."""
+  E, D, F, Fs, k = o["num_experts"], o["d_model"], o["d_expert"], o["d_shared"], o["top_k"]
+  scores, topv, _ = _router(g, x, T, rng, o, name)
+  kth = _reduce(g, S.REDUCE_MIN, topv, [T, 1], f"{name}/kth")
+  mask = _op(g, S.GREATER_EQUAL, [scores, kth], [T, E], f"{name}/mask", dtype=np.bool_)
+  co = schema.CastOptionsT()
+  co.inDataType, co.outDataType = schema.TensorType.BOOL, schema.TensorType.FLOAT32
+  maskf = _op(g, S.CAST, [mask], [T, E], f"{name}/maskf", O.CastOptions, co)
+  sw = _op(g, S.MUL, [scores, maskf], [T, E], f"{name}/sw", O.MulOptions, schema.MulOptionsT())
+  den = _reduce(g, S.SUM, sw, [T, 1], f"{name}/den")
+  rw = _op(g, S.DIV, [sw, den], [T, E], f"{name}/rw", O.DivOptions, schema.DivOptionsT())
+  # rows: gate of every expert (E*F), then up of every expert (E*F)
+  wgu, _ = _int4_channelwise(g, f"{name}/gu_all", rng, 2 * E * F, D)
+  wd, _ = _int4_channelwise(g, f"{name}/d_all", rng, D, E * F)
+  gu = _fc(g, x, wgu, [T, 2 * E * F], f"{name}/gu")
+  gs, us = g.tensor(f"{name}/g", [T, E * F]), g.tensor(f"{name}/u", [T, E * F])
+  so = schema.SplitOptionsT()
+  so.numSplits = 2
+  g.op(S.SPLIT, [_i32(g, f"{name}/axis", 1), gu], [gs, us], O.SplitOptions, so)
+  h = _silu_mul(g, gs, us, [T, E * F], name)
+  h3 = _reshape(g, h, [T, E, F], f"{name}/h3")
+  rw3 = _reshape(g, rw, [T, E, 1], f"{name}/rw3")
+  hw = _op(g, S.MUL, [h3, rw3], [T, E, F], f"{name}/hw", O.MulOptions, schema.MulOptionsT())
+  hw2 = _reshape(g, hw, [T, E * F], f"{name}/hw2")
+  y = _fc(g, hw2, wd, [T, D], f"{name}/routed")
+  if Fs:
+    y = tb.add(g, y, _swiglu_shared(g, x, T, rng, Fs, D, f"{name}/shared"), [T, D], f"{name}/y")
+  return y
+
+
+def add_upstream_moe_block(g, x, T, rng, o, name):
+  """(c): litert-torch's `moe` custom op (int8 channel-wise experts, gelu_tanh)."""
+  from flatbuffers import flexbuffers
+  E, D, H, Fs, k = o["num_experts"], o["d_model"], o["d_expert"], o["d_shared"], o["top_k"]
+  _, topv, topi = _router(g, x, T, rng, o, name)
+  den = _reduce(g, S.SUM, topv, [T, 1], f"{name}/den")
+  topw = _op(g, S.DIV, [topv, den], [T, k], f"{name}/topw", O.DivOptions, schema.DivOptionsT())
+
+  def int8_ohwi(wname, out_c, in_c):  # [out, E, 1, in] + scales [out, E, 1, 1]
+    w = g.const(f"{name}/{wname}", rng.integers(-127, 128, size=(out_c, E, 1, in_c), dtype=np.int8))
+    s = g.const(f"{name}/{wname}_s", (np.full((out_c, E, 1, 1), 1.0 / (127 * np.sqrt(in_c)))).astype(np.float32))
+    return w, s
+
+  gw, gs = int8_ohwi("gate", H, D)
+  uw, us = int8_ohwi("up", H, D)
+  lw, ls = int8_ohwi("down", D, H)
+  pes = g.const(f"{name}/per_expert_scale", np.ones((1, 1, 1, E), np.float32))
+  src = _reshape(g, x, [1, T, D], f"{name}/src")
+  w3 = _reshape(g, topw, [1, T, k], f"{name}/w3")
+  i3 = _reshape(g, topi, [1, T, k], f"{name}/i3", np.int32)
+  y3 = g.tensor(f"{name}/moe_out", [1, T, D])
+  opts = flexbuffers.Dumps({"num_experts": E, "num_active_experts": k, "model_dim": D,
+                            "hidden_dim": H, "activation": "gelu_tanh", "weight_type": "int8",
+                            "renormalized_top_weights": True})
+  g.custom_op("moe", [src, w3, i3, gw, gs, uw, us, lw, ls, pes], [y3], bytes(opts))
+  y = _reshape(g, y3, [T, D], f"{name}/routed")
+  if Fs:
+    y = tb.add(g, y, _swiglu_shared(g, x, T, rng, Fs, D, f"{name}/shared"), [T, D], f"{name}/y")
+  return y
+
+
+def add_delegate_block(g, x, T, rng, o, name):
+  """(a): one MobileMoeBlock node."""
+  w = dl.random_moe_weights(rng, o["num_experts"], o["d_model"], o["d_expert"],
+                            o["d_shared"], o["group_size"])
+  return tb.add_moe_block(g, x, [T, o["d_model"]], w, o, name=name)
+
+
+BUILDERS = {"delegate": add_delegate_block, "all_experts": add_allexperts_block,
+            "upstream_moe": add_upstream_moe_block}
+
+
+def stack_model(method, T, L, o, seed=0):
+  """x [T, D] -> L residual MoE blocks -> y."""
+  rng = np.random.default_rng(seed)
+  g = tb.GraphBuilder()
+  x = g.tensor("x", [T, o["d_model"]])
+  h = x
+  for layer in range(L):
+    m = BUILDERS[method](g, h, T, rng, o, f"l{layer}")
+    h = tb.add(g, h, m, [T, o["d_model"]], f"l{layer}/res")
+  g.inputs, g.outputs = [x], [h]
+  return g.build()
+
+
+# ----------------------------------------------------------------------------
+# Measurement (each configuration in a child process).
+
+def _interpreter(model_bytes, method):
+  from ai_edge_litert.interpreter import Interpreter
+  delegates = [dl.load(num_threads=THREADS)] if method == "delegate" else []
+  it = Interpreter(model_content=model_bytes, experimental_delegates=delegates,
+                   num_threads=THREADS)
+  it.allocate_tensors()
+  if method == "delegate":
+    s = dl.stats(delegates[0])
+    assert s["claimed"] > 0 and s["refused"] == 0, s
+  return it, delegates
+
+
+def worker(method, T, L, iters, budget_s):
+  """Times invoke() on fresh random inputs; prints one JSON line."""
+  o = dict(BLOCK)
+  model = stack_model(method, T, L, o)
+  it, keep = _interpreter(model, method)
+  idx = it.get_input_details()[0]["index"]
+  rng = np.random.default_rng(1)
+  xs = [rng.standard_normal((T, o["d_model"])).astype(np.float32) for _ in range(8)]
+  for i in range(3):  # warm-up
+    it.set_tensor(idx, xs[i % len(xs)])
+    it.invoke()
+  times = []
+  t_end = time.perf_counter() + budget_s
+  for i in range(iters):
+    it.set_tensor(idx, xs[i % len(xs)])
+    t0 = time.perf_counter()
+    it.invoke()
+    times.append(time.perf_counter() - t0)
+    if time.perf_counter() > t_end and len(times) >= 5:
+      break
+  times = np.array(times) / L  # per block
+  print(json.dumps({"method": method, "T": T, "L": L, "n": len(times),
+                    "median_ms": float(np.median(times) * 1e3),
+                    "p10_ms": float(np.percentile(times, 10) * 1e3),
+                    "model_mb": len(model) / 2**20,
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_child(args):
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", *map(str, args)]
+  r = subprocess.run(cmd, capture_output=True, text=True)
+  lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+  if r.returncode != 0 or not lines:
+    return {"error": (r.stderr or r.stdout)[-800:]}
+  return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------
+# DRAM bandwidth: a small C reader (2 threads), compiled on the fly.
+
+_BW_SRC = r"""
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+typedef struct { const uint64_t* p; size_t n; uint64_t s; } Arg;
+static void* rd(void* a_) {
+  Arg* a = (Arg*)a_; uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (size_t i = 0; i + 4 <= a->n; i += 4) { s0 += a->p[i]; s1 += a->p[i+1]; s2 += a->p[i+2]; s3 += a->p[i+3]; }
+  a->s = s0 + s1 + s2 + s3; return 0;
+}
+static double now() { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+/* best GB/s over reps of reading `bytes` with `threads` threads */
+double read_bw(size_t bytes, int threads, int reps) {
+  uint64_t* buf = (uint64_t*)aligned_alloc(64, bytes); memset(buf, 1, bytes);
+  size_t n = bytes / 8 / threads; double best = 0; pthread_t th[64]; Arg a[64];
+  for (int r = 0; r < reps; ++r) {
+    double t0 = now();
+    for (int t = 0; t < threads; ++t) { a[t].p = buf + t * n; a[t].n = n; pthread_create(&th[t], 0, rd, &a[t]); }
+    for (int t = 0; t < threads; ++t) pthread_join(th[t], 0);
+    double gbs = bytes / (now() - t0) / 1e9; if (gbs > best) best = gbs;
+  }
+  free(buf); return best;
+}
+"""
+
+
+def dram_read_bandwidth(threads=THREADS, gib=1.0):
+  d = tempfile.mkdtemp()
+  src, lib = os.path.join(d, "bw.c"), os.path.join(d, "bw.so")
+  with open(src, "w") as f:
+    f.write(_BW_SRC)
+  subprocess.run(["gcc", "-O3", "-march=native", "-shared", "-fPIC", src, "-o", lib, "-pthread"],
+                 check=True)
+  fn = ctypes.CDLL(lib).read_bw
+  fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+  return fn(int(gib * 2**30), threads, 5)
+
+
+def active_bytes_per_token(o):
+  """INT4 weight + fp32 scale bytes one token reads in one MoE block (+ fp32 router)."""
+  D, F, Fs, k, G, E = (o[n] for n in ("d_model", "d_expert", "d_shared", "top_k",
+                                      "group_size", "num_experts"))
+  per_weight = 0.5 + 4.0 / G
+  return (k * 3 * F * D + 3 * Fs * D) * per_weight + E * D * 4
+
+
+# ----------------------------------------------------------------------------
+# Whole models (optional: paths to exported .tflite files).
+
+def whole_model_rows(moe_path, dense_path):
+  """Decode/prefill of exported models. The exporter's signature layout is not
+  fixed yet, so this only records that the rows are missing unless both paths
+  are given; see bench/README.md."""
+  if not (moe_path and dense_path):
+    return None
+  raise NotImplementedError("whole-model timing needs the exporter's runner API")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--worker", nargs=5, metavar=("METHOD", "T", "L", "ITERS", "BUDGET_S"))
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--moe_model")
+  ap.add_argument("--dense_model")
+  ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "ondevice.json"))
+  a = ap.parse_args()
+  if a.worker:
+    m, T, L, n, b = a.worker
+    return worker(m, int(T), int(L), int(n), float(b))
+
+  t_start = time.time()
+  o = dict(BLOCK)
+  L_dec = 3 if a.quick else 8
+  bw = dram_read_bandwidth()
+  print(f"DRAM read bandwidth ({THREADS} threads): {bw:.1f} GB/s", flush=True)
+  rows = []
+  plan = [(m, 1, L_dec, 300 if a.quick else 1000, 20 if a.quick else 40)
+          for m in ("delegate", "all_experts", "upstream_moe")]
+  for T in ((128,) if a.quick else (128, 512)):
+    plan += [(m, T, 1, 20, 15 if a.quick else 40)
+             for m in ("delegate", "all_experts", "upstream_moe")]
+  for args in plan:
+    r = run_child(args)
+    r.update(method=args[0], T=args[1])
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+
+  def ms(method, T):
+    for r in rows:
+      if r["method"] == method and r["T"] == T and "median_ms" in r:
+        return r["median_ms"]
+    return None
+
+  limit_ms = active_bytes_per_token(o) / (bw * 1e9) * 1e3
+  dec = ms("delegate", 1)
+  ratio = lambda num, den: (num / den) if (num and den) else None
+  whole = whole_model_rows(a.moe_model, a.dense_model)
+  res = {
+      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "threads": THREADS, "loadavg_at_start": os.getloadavg()},
+      "block": o,
+      "dram_read_gbps": bw,
+      "active_bytes_per_token_per_block": active_bytes_per_token(o),
+      "decode_limit_ms_per_block": limit_ms,
+      "rows": rows,
+      "decode_fraction_of_bandwidth_limit": ratio(limit_ms, dec),
+      "delegate_vs_upstream_moe": ratio(ms("upstream_moe", 1), dec),
+      "delegate_vs_upstream_moe_prefill128": ratio(ms("upstream_moe", 128), ms("delegate", 128)),
+      "delegate_vs_all_experts_decode": ratio(ms("all_experts", 1), dec),
+      "delegate_vs_all_experts_prefill128": ratio(ms("all_experts", 128), ms("delegate", 128)),
+      "delegate_vs_all_experts_prefill512": ratio(ms("all_experts", 512), ms("delegate", 512)),
+      # Whole-model rows need exported MobileMoE-S / MobileLLM-Pro .tflite files.
+      "decode_speedup_vs_dense": whole and whole["decode"],
+      "prefill128_speedup_vs_dense": whole and whole["prefill128"],
+      "prefill512_speedup_vs_dense": whole and whole["prefill512"],
+      "wall_s": time.time() - t_start,
+  }
+  os.makedirs(os.path.dirname(a.out), exist_ok=True)
+  with open(a.out, "w") as f:
+    json.dump(res, f, indent=1)
+  print(json.dumps({k: v for k, v in res.items() if k not in ("rows", "block")}, indent=1))
+
+
+if __name__ == "__main__":
+  main()
