@@ -66,7 +66,9 @@ def check_compatible(saved, expected, where: str, prefixes=('',)):
 
 def _with_shardings(abstract, shardings):
   """ShapeDtypeStructs that carry the target sharding, so Orbax restores straight onto the mesh."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  # `shardings` stops at each nnx.Variable (a prefix of `abstract`): broadcast it down first.
+  full = jax.tree.map(lambda s, a: jax.tree.map(lambda _: s, a), shardings, abstract)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, full)
 
 
 class Checkpointer:
@@ -106,7 +108,7 @@ class Checkpointer:
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax/TensorStore/JSON errors: say which checkpoint is broken
       raise CheckpointError(f'checkpoint {where} is unreadable (corrupt or incomplete): '
-                            f'{type(e).__name__}: {e}') from e
+                            f'{type(e).__name__}: {_short(e)}') from e
     return restored['state'], restored['meta']
 
   def wait(self):
@@ -121,7 +123,12 @@ def _read_metadata(manager, step, where):
     return manager.item_metadata(step)['state']
   except Exception as e:
     raise CheckpointError(f'checkpoint {where}: cannot read its metadata (corrupt or incomplete): '
-                          f'{type(e).__name__}: {e}') from e
+                          f'{type(e).__name__}: {_short(e)}') from e
+
+
+def _short(e: Exception, limit: int = 1500) -> str:
+  msg = str(e)  # Orbax can print whole trees; the head names the file and the problem
+  return msg if len(msg) <= limit else msg[:limit] + ' ...'
 
 
 def resolve(path: str) -> tuple[str, int]:
@@ -146,8 +153,9 @@ def load_for_init(path: str, abstract_state, shardings, parts: tuple[str, ...]):
   """
   directory, step = resolve(path)
   where = os.path.join(directory, str(step))
+  # The PyTree handler (what the Standard one wraps, same format) can restore a subtree.
   manager = ocp.CheckpointManager(directory, item_handlers={
-      'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+      'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
   try:
     saved = _read_metadata(manager, step, where)
     check_compatible(saved, {p: abstract_state[p] for p in parts}, where, prefixes=parts)
@@ -155,11 +163,13 @@ def load_for_init(path: str, abstract_state, shardings, parts: tuple[str, ...]):
     target = {p: _with_shardings(abstract_state[p], shardings[p]) for p in parts}
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target, strict=False),
+          state=ocp.args.PyTreeRestore(
+              target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True),
           meta=ocp.args.JsonRestore()))
     except Exception as e:
       raise CheckpointError(f'checkpoint {where} is unreadable (corrupt or incomplete): '
-                            f'{type(e).__name__}: {e}') from e
+                            f'{type(e).__name__}: {_short(e)}') from e
   finally:
     manager.close()
   return restored['state'], restored['meta'], where

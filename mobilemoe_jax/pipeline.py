@@ -1,0 +1,115 @@
+"""The whole recipe in one command: build data -> pretrain -> midtrain -> SFT -> summary.
+
+  python -m mobilemoe_jax.pipeline                          # tiny, CPU, a few minutes
+  python -m mobilemoe_jax.pipeline --workdir=runs/demo --config=configs/stages/pretrain.py:tiny
+  python -m mobilemoe_jax.pipeline --workdir=runs/s --config=configs/stages/pretrain.py:mobilemoe_s \
+      --config.train.batch_size=512 --config.mesh.fsdp=8
+
+--config names the stage to start from and, after the colon, the arg every stage gets
+(`PRESET[,data_dir=DIR]`, see configs/stages/common.py). `--config.a.b=value` overrides
+apply to every stage (they share one schema); each stage's own fields (steps, lr, data)
+come from its file. Stage k writes <workdir>/<stage> and starts from stage k-1's final
+checkpoint. Rerunning resumes: finished stages are restored and not retrained.
+
+Prints a summary table (train loss at the first and last step, held-out perplexity before
+and after, wall time) and writes it to <workdir>/summary.json.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from configs.stages import common, midtrain, pretrain, sft
+
+# The recipe, in order. Appending a stage (QAT, export, eval) is one line here.
+STAGES = [
+    ('pretrain', pretrain.get_config),
+    ('midtrain', midtrain.get_config),
+    ('sft', sft.get_config),
+]
+
+flags.DEFINE_string('workdir', 'runs/demo', 'One subdirectory per stage, plus summary.json.')
+config_flags.DEFINE_config_file(
+    'config', 'configs/stages/pretrain.py:tiny',
+    'The stage to start from, with the arg given to every stage; --config.x=y overrides all.',
+    lock_config=True)
+
+
+def stage_configs(first: str, arg: str, overrides: dict, workdir: str) -> list:
+  """[(name, config)] from stage `first` on, overrides applied, each initialised from the
+  previous stage's checkpoints unless its config says otherwise."""
+  names = [name for name, _ in STAGES]
+  if first not in names:
+    raise ValueError(f'--config must name one of the stage files {names}, got {first!r}')
+  out = []
+  for i, (name, get_config) in enumerate(STAGES):
+    if i < names.index(first):
+      continue
+    config = get_config(arg)
+    config.update_from_flattened_dict(overrides)
+    if i > 0 and not config.train.init_from:
+      config.train.init_from = os.path.join(workdir, names[i - 1], 'checkpoints')
+    config.lock()
+    out.append((name, config))
+  return out
+
+
+def format_table(rows: list[dict]) -> str:
+  fmt = lambda v, spec: '-' if v is None else format(v, spec)
+  lines = [f"{'stage':<10} {'steps':>6} {'loss start':>10} {'loss end':>9} "
+           f"{'ppl start':>10} {'ppl end':>9} {'time (s)':>9}"]
+  for r in rows:
+    lines.append(f"{r['stage']:<10} {r['steps']:>6} {fmt(r['loss_start'], '.3f'):>10} "
+                 f"{fmt(r['loss_end'], '.3f'):>9} {fmt(r['ppl_start'], '.1f'):>10} "
+                 f"{fmt(r['ppl_end'], '.1f'):>9} {r['seconds']:>9.1f}")
+  return '\n'.join(lines)
+
+
+def run(workdir: str, first: str, arg: str, overrides: dict | None = None) -> dict:
+  """Runs the pipeline; returns the summary also written to <workdir>/summary.json."""
+  from mobilemoe_jax.data import build
+  from mobilemoe_jax.train import train_and_evaluate
+
+  start = time.time()
+  _, opts = common.parse_arg(arg)
+  os.makedirs(workdir, exist_ok=True)
+  build.build(opts['data_dir'])          # idempotent: returns at once when up to date
+  summary = {'workdir': os.path.abspath(workdir), 'arg': arg, 'stages': [],
+             'data_seconds': round(time.time() - start, 1)}
+  for name, config in stage_configs(first, arg, overrides or {}, workdir):
+    t0 = time.time()
+    result = train_and_evaluate(config, os.path.join(workdir, name))
+    result['seconds'] = round(time.time() - t0, 1)
+    summary['stages'].append(result)
+    if result['preempted']:
+      print(f'pipeline: {name} was preempted; rerun the same command to resume.')
+      break
+  summary['total_seconds'] = round(time.time() - start, 1)
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  print('\n' + format_table(summary['stages']))
+  print(f"data {summary['data_seconds']} s, total {summary['total_seconds']} s; "
+        f"summary in {os.path.join(workdir, 'summary.json')}")
+  return summary
+
+
+def main(argv):
+  del argv
+  from mobilemoe_jax.train import NonFiniteError
+
+  stage_file, _, arg = config_flags.get_config_filename(flags.FLAGS['config']).partition(':')
+  first = os.path.splitext(os.path.basename(stage_file))[0]
+  # The `--config.a.b=v` flags given, applied to every stage, not only the first.
+  overrides = dict(config_flags.get_override_values(flags.FLAGS['config']))
+  try:
+    run(flags.FLAGS.workdir, first, arg or 'tiny', overrides)
+  except NonFiniteError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
