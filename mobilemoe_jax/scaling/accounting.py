@@ -13,8 +13,14 @@ Conventions (written once, used everywhere):
 - INT4 weight bytes: every matmul weight and the embedding in symmetric INT4 with one
   fp16 scale per group of 32 input values (0.5 + 2/32 bytes per weight); router and
   norms stay fp32. This is the layout the exporter writes.
+- Latency (a roofline, nothing finer): a decode step at batch 1 is memory-bound, so it
+  takes (active INT4 weight bytes + KV-cache bytes read) / bandwidth; prefill is
+  compute-bound, so it takes its FLOPs / compute rate. The two constants come from
+  `bench/results/ondevice.json` when a phone benchmark wrote one (see `load_device`).
 """
 import dataclasses
+import json
+import os
 
 from mobilemoe_jax import config as config_lib
 
@@ -50,6 +56,12 @@ def _layer_params(cfg, layer):
 
 def count(cfg) -> Counts:
   config_lib.validate(cfg)
+  return _count(cfg)
+
+
+def _count(cfg) -> Counts:
+  """`count` without validation, for the architecture search: it calls this ~10^5 times
+  on shapes valid by construction, and validation costs ~30x the counting."""
   layers = [_layer_params(cfg, i) for i in range(cfg.n_layers)]
   emb = cfg.vocab_size * cfg.d_model
   head = 0 if cfg.tie_embeddings else emb
@@ -107,3 +119,85 @@ def kv_cache_bytes(cfg, context: int, bytes_per_value: int = 2) -> int:
   """K and V of every layer for `context` tokens; windowed layers keep only the window."""
   per_token = 2 * cfg.n_kv_heads * cfg.head_dim * bytes_per_value
   return sum(per_token * visible_context(cfg, i, context) for i in range(cfg.n_layers))
+
+
+# ---------------------------------------------------------------------------------------
+# Everything at once, and the latency model.
+
+@dataclasses.dataclass(frozen=True)
+class DeviceModel:
+  """The two constants of the roofline latency model."""
+  bandwidth: float   # bytes/s of weights streamed from DRAM during decode (sustained)
+  compute: float     # FLOP/s sustained during prefill
+  source: str        # where the numbers came from; printed next to every latency
+
+# Placeholders, NOT measurements: the order of a 2024 flagship phone (LPDDR5X peak ~77 GB/s,
+# of which decode sustains roughly half; ~1 TFLOP/s of INT4/INT8 matmul on CPU+NPU).
+# Latencies from these are only good for ranking configs against each other.
+ASSUMED_DEVICE = DeviceModel(bandwidth=40e9, compute=1e12, source='assumed (no ondevice.json)')
+ONDEVICE_JSON = os.path.join('bench', 'results', 'ondevice.json')
+
+
+def load_device(path: str = ONDEVICE_JSON) -> DeviceModel:
+  """Reads the latency constants from a benchmark record when it exists, else the placeholders.
+
+  The file is a JSON object with (at least)
+    "decode_bytes_per_s":  weight bytes per decoded token x measured decode tokens/s,
+    "prefill_flops_per_s": forward FLOPs of the prompt / measured prefill seconds,
+  and optionally "device" (a name). Anything else in it is ignored.
+  """
+  if not os.path.exists(path):
+    return ASSUMED_DEVICE
+  with open(path) as f:
+    rec = json.load(f)
+  missing = [k for k in ('decode_bytes_per_s', 'prefill_flops_per_s') if k not in rec]
+  if missing:
+    raise ValueError(f'{path}: missing field(s) {missing}; expected decode_bytes_per_s and '
+                     'prefill_flops_per_s (see accounting.load_device)')
+  return DeviceModel(bandwidth=float(rec['decode_bytes_per_s']),
+                     compute=float(rec['prefill_flops_per_s']),
+                     source=f"{path} ({rec.get('device', 'unnamed device')})")
+
+
+def decode_seconds(cfg, device: DeviceModel = ASSUMED_DEVICE, context: int = 0) -> float:
+  """One decoded token at batch 1: the weights it uses plus `context` tokens of KV cache
+  are read once from DRAM; at phone bandwidths that read dominates the arithmetic."""
+  read = active_int4_bytes_per_token(cfg) + kv_cache_bytes(cfg, context)
+  return read / device.bandwidth
+
+
+def prefill_seconds(cfg, n_tokens: int, device: DeviceModel = ASSUMED_DEVICE) -> float:
+  """A prompt of `n_tokens`: its forward FLOPs (attention averaged over the causal prompt)
+  at the device's compute rate."""
+  return n_tokens * forward_flops_per_token(cfg, n_tokens // 2) / device.compute
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+  """Every number the scaling tools need for one config, from a single count."""
+  total_params: int
+  active_params: int
+  embedding_params: int
+  forward_flops: int           # per token at `context`
+  int4_bytes: int              # whole model on device
+  active_int4_bytes: int       # read per decoded token
+  kv_bytes: int                # at `context`
+  decode_s: float              # per token at `context`
+  context: int
+
+
+def costs(cfg, context: int = 2048, device: DeviceModel = ASSUMED_DEVICE,
+          check: bool = True) -> Costs:
+  """The same numbers as the functions above (tests hold them equal), computed with one
+  count. `check=False` skips validation; only for shapes valid by construction."""
+  c = count(cfg) if check else _count(cfg)
+  router = sum(2 * cfg.d_model * cfg.moe.n_experts for i in range(cfg.n_layers)
+               if config_lib.is_moe_layer(cfg, i))
+  flops = 2 * c.matmul_params_active + router + attention_flops_per_token(cfg, context)
+  weights = int4_bytes(c.total_params - c.fp32_params) + 4 * c.fp32_params
+  active = int4_bytes(c.matmul_params_active) + 4 * c.fp32_params
+  kv = kv_cache_bytes(cfg, context)
+  return Costs(total_params=c.total_params, active_params=c.active_params,
+               embedding_params=c.embedding_params, forward_flops=flops, int4_bytes=weights,
+               active_int4_bytes=active, kv_bytes=kv, decode_s=(active + kv) / device.bandwidth,
+               context=context)

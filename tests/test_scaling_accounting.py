@@ -1,0 +1,44 @@
+"""The accounting's one-pass `costs` and the latency model."""
+import json
+
+import pytest
+
+from mobilemoe_jax.info import presets
+from mobilemoe_jax.scaling import accounting
+
+
+@pytest.mark.parametrize('name', sorted(presets()))
+def test_costs_equal_the_single_functions(name):
+  m = presets()[name].model
+  dev = accounting.DeviceModel(bandwidth=50e9, compute=2e12, source='test')
+  c = accounting.costs(m, 1024, dev)
+  counts = accounting.count(m)
+  assert (c.total_params, c.active_params) == (counts.total_params, counts.active_params)
+  assert c.forward_flops == accounting.forward_flops_per_token(m, 1024)
+  assert c.int4_bytes == accounting.int4_weight_bytes(m)
+  assert c.active_int4_bytes == accounting.active_int4_bytes_per_token(m)
+  assert c.kv_bytes == accounting.kv_cache_bytes(m, 1024)
+  assert c.decode_s == pytest.approx(accounting.decode_seconds(m, dev, 1024))
+
+
+def test_latency_is_bytes_over_bandwidth_and_flops_over_compute():
+  m = presets()['mobilemoe_s'].model
+  dev = accounting.DeviceModel(bandwidth=1e9, compute=1e12, source='test')
+  assert accounting.decode_seconds(m, dev) == accounting.active_int4_bytes_per_token(m) / 1e9
+  assert accounting.prefill_seconds(m, 512, dev) == pytest.approx(
+      512 * accounting.forward_flops_per_token(m, 256) / 1e12)
+  # MoE reads fewer weight bytes per token than the dense baseline, so it decodes faster.
+  dense = presets()['mobilellm_pro'].model
+  assert accounting.decode_seconds(m, dev) < accounting.decode_seconds(dense, dev) / 3
+
+
+def test_device_constants_from_benchmark_file(tmp_path):
+  assert accounting.load_device(str(tmp_path / 'none.json')) is accounting.ASSUMED_DEVICE
+  p = tmp_path / 'ondevice.json'
+  p.write_text(json.dumps({'decode_bytes_per_s': 3e10, 'prefill_flops_per_s': 5e11,
+                           'device': 'Pixel'}))
+  dev = accounting.load_device(str(p))
+  assert (dev.bandwidth, dev.compute) == (3e10, 5e11) and 'Pixel' in dev.source
+  p.write_text(json.dumps({'decode_tokens_per_s': 20}))
+  with pytest.raises(ValueError, match='decode_bytes_per_s'):
+    accounting.load_device(str(p))
