@@ -117,10 +117,14 @@ def _reduce(g, code, x, shape, name):
   return _op(g, code, [x, _i32(g, f"{name}/axes", [1])], shape, name, O.ReducerOptions, ro)
 
 
-def _reshape(g, x, shape, name, dtype=np.float32):
+def _reshape(g, x, shape, name, dtype=np.float32, token_axis=0):
+  """Reshape whose token axis is -1, so one model serves every T after
+  resize_tensor_input."""
+  spec = list(shape)
+  spec[token_axis] = -1
   ro = schema.ReshapeOptionsT()
-  ro.newShape = list(shape)
-  return _op(g, S.RESHAPE, [x, _i32(g, f"{name}/shape", shape)], shape, name,
+  ro.newShape = spec
+  return _op(g, S.RESHAPE, [x, _i32(g, f"{name}/shape", spec)], shape, name,
              O.ReshapeOptions, ro, dtype)
 
 
@@ -172,9 +176,9 @@ def add_upstream_moe_block(g, x, T, rng, o, name):
   uw, us = int8_ohwi("up", H, D)
   lw, ls = int8_ohwi("down", D, H)
   pes = g.const(f"{name}/per_expert_scale", np.ones((1, 1, 1, E), np.float32))
-  src = _reshape(g, x, [1, T, D], f"{name}/src")
-  w3 = _reshape(g, topw, [1, T, k], f"{name}/w3")
-  i3 = _reshape(g, topi, [1, T, k], f"{name}/i3", np.int32)
+  src = _reshape(g, x, [1, T, D], f"{name}/src", token_axis=1)
+  w3 = _reshape(g, topw, [1, T, k], f"{name}/w3", token_axis=1)
+  i3 = _reshape(g, topi, [1, T, k], f"{name}/i3", np.int32, token_axis=1)
   y3 = g.tensor(f"{name}/moe_out", [1, T, D])
   opts = flexbuffers.Dumps({"num_experts": E, "num_active_experts": k, "model_dim": D,
                             "hidden_dim": H, "activation": "gelu_tanh", "weight_type": "int8",
@@ -196,70 +200,106 @@ def add_delegate_block(g, x, T, rng, o, name):
 BUILDERS = {"delegate": add_delegate_block, "all_experts": add_allexperts_block,
             "upstream_moe": add_upstream_moe_block}
 
+# FFN-only proxies of the whole models (attention, embeddings, lm_head left
+# out: they are the same kind of work in both models). MobileMoE-S: layer 0
+# dense (d_ff 2048) + 15 MoE layers through the delegate; MobileLLM-Pro: 30
+# dense SwiGLU 1280 -> 6144, INT4 channel-wise FCs (XNNPACK's fastest INT4).
+STACKS = {
+    "moe_s_ffn": dict(d_model=768, layers=[("dense", 2048)] + [("moe", None)] * 15),
+    "pro_ffn": dict(d_model=1280, layers=[("dense", 6144)] * 30),
+}
 
-def stack_model(method, T, L, o, seed=0):
-  """x [T, D] -> L residual MoE blocks -> y."""
+
+def stack_model(method, L, o, seed=0):
+  """x [1, D] -> L residual blocks -> y (resize the input for prefill)."""
   rng = np.random.default_rng(seed)
   g = tb.GraphBuilder()
-  x = g.tensor("x", [T, o["d_model"]])
+  if method in STACKS:
+    D = STACKS[method]["d_model"]
+    layers = STACKS[method]["layers"]
+  else:
+    D, layers = o["d_model"], [(method, None)] * L
+  x = g.tensor("x", [1, D])
   h = x
-  for layer in range(L):
-    m = BUILDERS[method](g, h, T, rng, o, f"l{layer}")
-    h = tb.add(g, h, m, [T, o["d_model"]], f"l{layer}/res")
+  for i, (kind, d_ff) in enumerate(layers):
+    if kind == "dense":
+      m = _swiglu_shared(g, h, 1, rng, d_ff, D, f"l{i}")
+    elif kind == "moe":
+      m = add_delegate_block(g, h, 1, rng, o, f"l{i}")
+    else:
+      m = BUILDERS[kind](g, h, 1, rng, o, f"l{i}")
+    h = tb.add(g, h, m, [1, D], f"l{i}/res")
   g.inputs, g.outputs = [x], [h]
-  return g.build()
+  return g.build(), D, len(layers)
 
 
 # ----------------------------------------------------------------------------
 # Measurement (each configuration in a child process).
 
-def _interpreter(model_bytes, method):
+def build(method, L, path):
+  """Child process 1: writes the model, so the timing child maps it from disk
+  and its peak RSS is the runtime's, not the builder's."""
+  model, D, layers = stack_model(method, L, dict(BLOCK))
+  with open(path, "wb") as f:
+    f.write(model)
+  print(json.dumps({"D": D, "layers": layers, "model_mb": len(model) / 2**20}))
+
+
+def worker(method, path, D, layers, Ts, budget_s):
+  """Child process 2: for each T, times invoke() on fresh random inputs."""
   from ai_edge_litert.interpreter import Interpreter
-  delegates = [dl.load(num_threads=THREADS)] if method == "delegate" else []
-  it = Interpreter(model_content=model_bytes, experimental_delegates=delegates,
+  uses_delegate = method in ("delegate", "moe_s_ffn")
+  d = dl.load(num_threads=THREADS) if uses_delegate else None
+  it = Interpreter(model_path=path, experimental_delegates=[d] if d else [],
                    num_threads=THREADS)
-  it.allocate_tensors()
-  if method == "delegate":
-    s = dl.stats(delegates[0])
-    assert s["claimed"] > 0 and s["refused"] == 0, s
-  return it, delegates
-
-
-def worker(method, T, L, iters, budget_s):
-  """Times invoke() on fresh random inputs; prints one JSON line."""
-  o = dict(BLOCK)
-  model = stack_model(method, T, L, o)
-  it, keep = _interpreter(model, method)
   idx = it.get_input_details()[0]["index"]
   rng = np.random.default_rng(1)
-  xs = [rng.standard_normal((T, o["d_model"])).astype(np.float32) for _ in range(8)]
-  for i in range(3):  # warm-up
-    it.set_tensor(idx, xs[i % len(xs)])
-    it.invoke()
-  times = []
-  t_end = time.perf_counter() + budget_s
-  for i in range(iters):
-    it.set_tensor(idx, xs[i % len(xs)])
-    t0 = time.perf_counter()
-    it.invoke()
-    times.append(time.perf_counter() - t0)
-    if time.perf_counter() > t_end and len(times) >= 5:
-      break
-  times = np.array(times) / L  # per block
-  print(json.dumps({"method": method, "T": T, "L": L, "n": len(times),
-                    "median_ms": float(np.median(times) * 1e3),
-                    "p10_ms": float(np.percentile(times, 10) * 1e3),
-                    "model_mb": len(model) / 2**20,
-                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+  out = []
+  for T in Ts:
+    it.resize_tensor_input(idx, [T, D])
+    it.allocate_tensors()
+    if d is not None:
+      s = dl.stats(d)
+      assert s["claimed"] > 0 and s["refused"] == 0, s
+    xs = [rng.standard_normal((T, D)).astype(np.float32) for _ in range(8 if T == 1 else 2)]
+    for i in range(2):  # warm-up
+      it.set_tensor(idx, xs[i % len(xs)])
+      it.invoke()
+    times, t_end = [], time.perf_counter() + budget_s
+    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 2000):
+      it.set_tensor(idx, xs[len(times) % len(xs)])
+      t0 = time.perf_counter()
+      it.invoke()
+      times.append(time.perf_counter() - t0)
+    t = np.array(times) * 1e3
+    out.append({"T": T, "n": len(t), "median_ms": float(np.median(t)),
+                "p10_ms": float(np.percentile(t, 10)), "layers": layers})
+  print(json.dumps({"runs": out, "peak_rss_mb":
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def run_child(args):
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", *map(str, args)]
+def run_child(*args):
+  cmd = [sys.executable, os.path.abspath(__file__), *map(str, args)]
   r = subprocess.run(cmd, capture_output=True, text=True)
   lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
   if r.returncode != 0 or not lines:
-    return {"error": (r.stderr or r.stdout)[-800:]}
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{(r.stderr or r.stdout)[-2000:]}")
   return json.loads(lines[-1])
+
+
+def measure(method, L, Ts, budget_s, tmp):
+  path = os.path.join(tmp, f"{method}.tflite")
+  b = run_child("--build", method, L, path)
+  r = run_child("--worker", method, path, b["D"], b["layers"], ",".join(map(str, Ts)), budget_s)
+  os.remove(path)
+  rows = []
+  for run in r["runs"]:
+    per = run["layers"] if method in BUILDERS else 1  # blocks: per block; stacks: per model
+    rows.append({"method": method, "T": run["T"], "n": run["n"],
+                 "median_ms": run["median_ms"] / per, "p10_ms": run["p10_ms"] / per,
+                 "per": "block" if method in BUILDERS else "ffn stack",
+                 "model_mb": b["model_mb"], "peak_rss_mb": r["peak_rss_mb"]})
+  return rows
 
 
 # ----------------------------------------------------------------------------
@@ -327,47 +367,52 @@ def whole_model_rows(moe_path, dense_path):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--worker", nargs=5, metavar=("METHOD", "T", "L", "ITERS", "BUDGET_S"))
-  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--build", nargs=3, metavar=("METHOD", "L", "PATH"))
+  ap.add_argument("--worker", nargs=6, metavar=("METHOD", "PATH", "D", "LAYERS", "TS", "BUDGET_S"))
+  ap.add_argument("--quick", action="store_true", help="fewer layers/iterations (smoke test)")
   ap.add_argument("--moe_model")
   ap.add_argument("--dense_model")
   ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "ondevice.json"))
   a = ap.parse_args()
+  if a.build:
+    return build(a.build[0], int(a.build[1]), a.build[2])
   if a.worker:
-    m, T, L, n, b = a.worker
-    return worker(m, int(T), int(L), int(n), float(b))
+    m, path, D, layers, Ts, budget = a.worker
+    return worker(m, path, int(D), int(layers), [int(t) for t in Ts.split(",")], float(budget))
 
   t_start = time.time()
+  load0 = os.getloadavg()
   o = dict(BLOCK)
-  L_dec = 3 if a.quick else 8
+  L = 3 if a.quick else 8
+  budget = 8 if a.quick else 20
+  Ts = (1, 128) if a.quick else (1, 128, 512)
   bw = dram_read_bandwidth()
   print(f"DRAM read bandwidth ({THREADS} threads): {bw:.1f} GB/s", flush=True)
   rows = []
-  plan = [(m, 1, L_dec, 300 if a.quick else 1000, 20 if a.quick else 40)
-          for m in ("delegate", "all_experts", "upstream_moe")]
-  for T in ((128,) if a.quick else (128, 512)):
-    plan += [(m, T, 1, 20, 15 if a.quick else 40)
-             for m in ("delegate", "all_experts", "upstream_moe")]
-  for args in plan:
-    r = run_child(args)
-    r.update(method=args[0], T=args[1])
-    rows.append(r)
-    print(json.dumps(r), flush=True)
+  tmp = tempfile.mkdtemp()
+  for method in ("delegate", "all_experts", "upstream_moe", "moe_s_ffn", "pro_ffn"):
+    if a.quick and method in STACKS:
+      continue
+    for r in measure(method, L, Ts, budget, tmp):
+      rows.append(r)
+      print(json.dumps(r), flush=True)
 
   def ms(method, T):
     for r in rows:
-      if r["method"] == method and r["T"] == T and "median_ms" in r:
+      if r["method"] == method and r["T"] == T:
         return r["median_ms"]
     return None
 
+  ratio = lambda num, den: (num / den) if (num and den) else None
   limit_ms = active_bytes_per_token(o) / (bw * 1e9) * 1e3
   dec = ms("delegate", 1)
-  ratio = lambda num, den: (num / den) if (num and den) else None
   whole = whole_model_rows(a.moe_model, a.dense_model)
   res = {
       "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                  "threads": THREADS, "loadavg_at_start": os.getloadavg()},
+                  "threads": THREADS, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+                  "note": "shared dev box: other jobs ran concurrently; medians, see p10 too"},
       "block": o,
+      "decode_stack_layers": L,
       "dram_read_gbps": bw,
       "active_bytes_per_token_per_block": active_bytes_per_token(o),
       "decode_limit_ms_per_block": limit_ms,
@@ -378,7 +423,12 @@ def main():
       "delegate_vs_all_experts_decode": ratio(ms("all_experts", 1), dec),
       "delegate_vs_all_experts_prefill128": ratio(ms("all_experts", 128), ms("delegate", 128)),
       "delegate_vs_all_experts_prefill512": ratio(ms("all_experts", 512), ms("delegate", 512)),
-      # Whole-model rows need exported MobileMoE-S / MobileLLM-Pro .tflite files.
+      # FFN-only proxies of MobileMoE-S vs MobileLLM-Pro (not whole models).
+      "ffn_stack_decode_speedup_vs_dense": ratio(ms("pro_ffn", 1), ms("moe_s_ffn", 1)),
+      "ffn_stack_prefill128_speedup_vs_dense": ratio(ms("pro_ffn", 128), ms("moe_s_ffn", 128)),
+      "ffn_stack_prefill512_speedup_vs_dense": ratio(ms("pro_ffn", 512), ms("moe_s_ffn", 512)),
+      # Whole models need exported MobileMoE-S / MobileLLM-Pro .tflite files: null
+      # means not measured in this run.
       "decode_speedup_vs_dense": whole and whole["decode"],
       "prefill128_speedup_vs_dense": whole and whole["prefill128"],
       "prefill512_speedup_vs_dense": whole and whole["prefill512"],

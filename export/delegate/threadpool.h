@@ -61,7 +61,12 @@ class ThreadPool {
     }
     cv_.notify_all();
     Work(0);
-    while (pending_.load(std::memory_order_acquire) != 0) MM_CPU_RELAX();
+    // Workers normally finish within microseconds of us; if one was
+    // preempted (busy machine), yield the core instead of spinning on it.
+    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < 2000) MM_CPU_RELAX();
+      else std::this_thread::yield();
+    }
     fn_ = nullptr;
   }
 
@@ -84,7 +89,8 @@ class ThreadPool {
       int spins = 0;
       while (generation_.load(std::memory_order_acquire) == seen) {
         MM_CPU_RELAX();
-        if (++spins % 256 == 0 &&
+        if (++spins % 256 == 0) std::this_thread::yield();  // let others run
+        if (spins % 256 == 0 &&
             std::chrono::steady_clock::now() - t0 >
                 std::chrono::microseconds(kSpinUs)) {
           std::unique_lock<std::mutex> lock(mu_);
