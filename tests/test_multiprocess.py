@@ -1,9 +1,11 @@
-"""Two local processes joined by jax.distributed (gloo CPU collectives) train the tiny MoE
-on data sharded by process, checkpoint, and a second launch resumes: the losses must be those
-of one process running the same global batches on 2 local devices without a break.
+"""Two local processes joined by jax.distributed (gloo CPU collectives) run the real trainer
+(`python -m mobilemoe_jax.train`) on the tiny MoE with data sharded by process; a second
+launch resumes from the first one's checkpoint. The losses must be those of one process
+training the same global batches on 2 local devices without a break.
 
-The workers are this file run as a script (`python tests/test_multiprocess.py worker ...`):
-each is a fresh interpreter, as on a real slice, so jax.distributed starts before any backend.
+The single-process reference is this file run as a script: it calls `train_and_evaluate`
+with the data pipeline wrapped so that one process reads both process shards and joins
+them, which is exactly the global batch the 2 processes assemble.
 """
 import json
 import os
@@ -15,85 +17,68 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEQ_LEN, GLOBAL_BATCH, SHARDS = 64, 4, 2  # data is always split 2 ways, as for 2 processes
+PROCESSES = 2
 FIRST, TOTAL = 3, 6  # the first launch stops (and saves) after FIRST steps; resume runs to TOTAL
-LR = 0.1
+# Short rows, no eval, a constant LR (so stopping at FIRST does not change the schedule).
+OVERRIDES = dict(batch_size=4, seq_len=64, schedule='constant', warmup_steps=0, eval_batches=0,
+                 log_every=1, checkpoint_every=1000, progress=False)
 
 
-# ------------------------------------------------------------------------------- the workers
+def _config_arg(data_dir):
+  return f'configs/stages/pretrain.py:tiny,data_dir={data_dir}'
 
 
-def _worker(workdir: str, data_dir: str, steps: int):
-  """Plain-SGD steps of the tiny MoE; process 0 writes {step: loss} to losses-<steps>.json."""
-  from mobilemoe_jax import distributed
+# ------------------------------------------------------------- the single-process reference
 
-  distributed.initialize()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
 
-  import jax
-  import optax
-  import orbax.checkpoint as ocp
-  from flax import nnx
+class _JoinedShards:
+  """A dataset whose batches join every process shard's batch in process order, as
+  make_array_from_process_local_data does across processes."""
 
-  from configs import tiny
-  from mobilemoe_jax.config import mesh_config
-  from mobilemoe_jax.data import build, pipeline
-  from mobilemoe_jax.model import Transformer
-  from mobilemoe_jax.sharding import batch_sharding, make_mesh, state_shardings
+  def __init__(self, shards):
+    self.shards = shards
 
-  cfg = tiny.get_config('moe')
-  mesh = make_mesh(mesh_config(data=-1))  # every global device on 'data'
-  # Initialise eagerly on one local device before the mesh is set (eager ops under a mesh
-  # compile each initialiser for every device), then place the (identical) values on the mesh.
-  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  state = jax.device_put(jax.device_get(state), state_shardings(state, mesh))
-  jax.set_mesh(mesh)  # ambient for the rest of the process, as in the trainer
-  graphdef, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
+  def __iter__(self):
+    return _JoinedIterator([iter(s) for s in self.shards])
 
-  # One process reads both shards and concatenates them; two processes read one each, so the
-  # global batch is the same either way.
-  data_cfg = pipeline.bundled_data_config(data_dir, 'pretrain')
-  shards = range(SHARDS) if jax.process_count() == 1 else [jax.process_index()]
-  assert jax.process_count() in (1, SHARDS)
-  iters = [iter(pipeline.make_dataset(data_cfg, seq_len=SEQ_LEN, batch_size=GLOBAL_BATCH // SHARDS,
-                                      seed=0, process_index=i, process_count=SHARDS)) for i in shards]
-  in_sharding = batch_sharding(mesh)
 
-  def next_batch():
-    rows = [next(it) for it in iters]
-    return {k: jax.make_array_from_process_local_data(in_sharding, np.concatenate([r[k] for r in rows]))
-            for k in ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')}
+class _JoinedIterator:
+  """Checkpointable like a Grain iterator (the trainer saves it): the state is every shard's."""
 
-  @jax.jit
-  def train_step(params, batch):
-    def loss_fn(params):
-      logits, _, _ = nnx.merge(graphdef, params, rest)(
-          batch['inputs'], batch['positions'], batch['segment_ids'])
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-      return (ce * batch['loss_mask']).sum() / batch['loss_mask'].sum()  # a global (all-reduced) mean
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    return jax.tree.map(lambda p, g: p - LR * g, params, grads), loss
+  def __init__(self, iterators):
+    self.iterators = iterators
 
-  # Resume: parameters and every process's data position come back from the latest step.
-  ckpt = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  start = ckpt.latest_step() or 0
-  if start:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
-    restored = ckpt.restore(start, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract), data=pipeline.CheckpointRestore(iters[0])))
-    params = restored['params']
+  def __next__(self):
+    parts = [next(it) for it in self.iterators]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  losses = {}
-  for step in range(start + 1, steps + 1):
-    params, loss = train_step(params, next_batch())
-    losses[step] = float(loss)
-  if jax.process_count() > 1:
-    ckpt.save(steps, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), data=pipeline.CheckpointSave(iters[0])))
-    ckpt.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'losses-{steps}.json'), 'w') as f:
-      json.dump(losses, f)
+  def get_state(self) -> bytes:
+    return json.dumps([it.get_state() for it in self.iterators]).encode()
+
+  def set_state(self, state: bytes):
+    for it, s in zip(self.iterators, json.loads(state)):
+      it.set_state(s)
+
+  def start_prefetch(self):
+    pass
+
+
+def _reference(data_dir: str, workdir: str, steps: int):
+  from configs.stages import pretrain
+  from mobilemoe_jax.data import pipeline
+  from mobilemoe_jax.train import train_and_evaluate
+
+  make_dataset = pipeline.make_dataset
+
+  def joined(data_config, *, batch_size, **kw):
+    shards = [make_dataset(data_config, batch_size=batch_size // PROCESSES, process_index=i,
+                           process_count=PROCESSES, **kw) for i in range(PROCESSES)]
+    return _JoinedShards(shards)
+
+  pipeline.make_dataset = joined
+  config = pretrain.get_config(_config_arg(data_dir).split(':', 1)[1])
+  config.train.update(dict(OVERRIDES, steps=steps))
+  train_and_evaluate(config, workdir)
 
 
 # ------------------------------------------------------------------------------- the test
@@ -105,32 +90,41 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _spawn(args, devices: int, process_id=None, port=None):
+def _spawn(cmd, devices: int, env_extra=None):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   for key in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
     env.pop(key, None)
-  if process_id is not None:
-    env.update(JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES=str(SHARDS),
-               JAX_PROCESS_ID=str(process_id))
-  return subprocess.Popen([sys.executable, os.path.abspath(__file__), 'worker', *args], cwd=ROOT,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  env.update(env_extra or {})
+  return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(procs, timeout=180):
+def _wait(procs, timeout=300):
   for p in procs:
     try:
       out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
-      pytest.fail('a worker hung (a process that never joined the collective?)')
-    assert p.returncode == 0, f'worker failed (rc={p.returncode}):\n{out[-4000:]}'
+      pytest.fail('a process hung (one that never joined the collective?)')
+    assert p.returncode == 0, f'{p.args} failed (rc={p.returncode}):\n{out[-4000:]}'
 
 
-def _two_processes(args):
+def _train_two_processes(data_dir, workdir, steps):
+  """Both processes of one launch, as launch/ starts them on a slice (env, one per host)."""
   port = _free_port()
-  return [_spawn(args, devices=1, process_id=i, port=port) for i in range(SHARDS)]
+  flags = [f'--config.train.{k}={v}' for k, v in dict(OVERRIDES, steps=steps).items()]
+  cmd = ['-m', 'mobilemoe_jax.train', f'--config={_config_arg(data_dir)}', f'--workdir={workdir}',
+         *flags]
+  return [_spawn(cmd, devices=1, env_extra=dict(
+      JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES=str(PROCESSES),
+      JAX_PROCESS_ID=str(i))) for i in range(PROCESSES)]
+
+
+def _losses(workdir):
+  from mobilemoe_jax.train.metrics import read_jsonl
+  return {s: m['train/loss'] for s, m in read_jsonl(f'{workdir}/metrics.jsonl').items()}
 
 
 @pytest.fixture(scope='module')
@@ -141,31 +135,27 @@ def data_dir(tmp_path_factory):
   return out
 
 
-def test_two_processes_train_resume_match_one_process(tmp_path, data_dir):
+def test_two_processes_train_and_resume_like_one_process(tmp_path, data_dir):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
-  os.makedirs(multi)
-  os.makedirs(single)
-  # The single-process reference runs alongside the first 2-process launch.
-  reference = _spawn([single, data_dir, str(TOTAL)], devices=SHARDS)
-  _wait(_two_processes([multi, data_dir, str(FIRST)]))
-  _wait(_two_processes([multi, data_dir, str(TOTAL)]))  # resumes from the step-FIRST checkpoint
+  # The reference runs alongside the first 2-process launch (3 processes, 2 cores: fine).
+  reference = _spawn([os.path.abspath(__file__), data_dir, single, str(TOTAL)], devices=PROCESSES)
+  _wait(_train_two_processes(data_dir, multi, FIRST))
+  first = _losses(multi)
+  assert sorted(os.listdir(f'{multi}/checkpoints')) == [str(FIRST)]
+  _wait(_train_two_processes(data_dir, multi, TOTAL))  # resumes from the step-FIRST checkpoint
   _wait([reference])
 
-  def read(path):
-    with open(path) as f:
-      return {int(k): v for k, v in json.load(f).items()}
-
-  first, resumed = read(f'{multi}/losses-{FIRST}.json'), read(f'{multi}/losses-{TOTAL}.json')
-  want = read(f'{single}/losses-{TOTAL}.json')
   assert sorted(first) == list(range(1, FIRST + 1))
-  assert sorted(resumed) == list(range(FIRST + 1, TOTAL + 1))  # it did resume, not restart
-  got = {**first, **resumed}
+  got, want = _losses(multi), _losses(single)
+  assert sorted(got) == sorted(want) == list(range(1, TOTAL + 1))
+  # Steps FIRST+1.. come from the resumed launch: its restored params, optimizer state and
+  # per-process data positions must reproduce the uninterrupted run.
   steps = sorted(want)
-  np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=1e-5)
-  assert want[TOTAL] < want[1]  # it trains
+  np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=1e-6)
+  assert got[TOTAL] < got[1]  # it trains
 
 
 if __name__ == '__main__':
-  if sys.argv[1:2] != ['worker']:
-    sys.exit('usage: test_multiprocess.py worker WORKDIR DATA_DIR STEPS (run by the test)')
-  _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+  if len(sys.argv) != 4:
+    sys.exit('usage: test_multiprocess.py DATA_DIR WORKDIR STEPS (the reference run of the test)')
+  _reference(sys.argv[1], sys.argv[2], int(sys.argv[3]))
