@@ -167,3 +167,27 @@ def check_router(path: str):
       if t.type == flatbuf.T.FLOAT32:
         out.append(t.name.decode() if isinstance(t.name, bytes) else t.name)
   return out
+
+
+def fake_quant(model, quant: str, embedding: str):
+  """A copy of the torch model whose weights are replaced by their dequantized grid values
+  (quant.grid), i.e. what the quantized .tflite holds: every FC but the routers on `quant`,
+  the embedding gather on `embedding`, a tied lm_head as its own FC weight. Activations
+  stay float (the .tflite quantizes them dynamically on top)."""
+  import copy
+  from mobilemoe_jax.quant import grid
+  schemes = {'int4_g32': 'int4_g32', 'int4_channel': 'int4_channel', 'int8': 'int8_channel',
+             'fp32': None}
+  emb_schemes = {'int8': 'int8_channel', 'int4': 'int4_channel', 'fp32': None}
+  fc, emb = schemes[quant], emb_schemes[embedding]
+  fq = lambda w, s: w if s is None else torch.from_numpy(grid.fake_quant(w.detach().numpy(), s))
+  m = copy.deepcopy(model)
+  with torch.no_grad():
+    if m.head is None:
+      m.head = torch.nn.Linear(m.cfg['d_model'], m.cfg['vocab_size'], bias=False)
+      m.head.weight.copy_(m.embed.weight)
+    for name, mod in m.named_modules():
+      if isinstance(mod, torch.nn.Linear) and not name.endswith('router'):
+        mod.weight.copy_(fq(mod.weight, fc))
+    m.embed.weight.copy_(fq(m.embed.weight, emb))
+  return m

@@ -1,0 +1,93 @@
+"""PyTorch MobileMoE == JAX model (fp32), its KV cache, files and error messages."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+
+import jax.numpy as jnp
+from flax import nnx
+
+from configs import tiny
+from export import torch_model as tm
+from mobilemoe_jax.model import Transformer
+
+
+def make(kind='moe', router_gain=30.0, **moe):
+  """A tiny model with a decisive router: the init's near-uniform router puts top-k
+  choices at float ties, where any two implementations may legitimately differ."""
+  cfg = tiny.get_config(kind).model
+  cfg.moe.update(moe)
+  m = Transformer(cfg, rngs=nnx.Rngs(0))
+  for b in m.blocks:
+    if hasattr(b.ffn, 'router'):
+      b.ffn.router[...] = b.ffn.router[...] * router_gain
+      if b.ffn.expert_bias is not None:
+        b.ffn.expert_bias[...] = jnp.linspace(-0.05, 0.05, cfg.moe.n_experts)
+  return cfg, m
+
+
+TOKENS = np.random.default_rng(0).integers(0, 2048, (2, 90))   # > the 64-token window
+
+
+@pytest.mark.parametrize('kind,moe', [
+    ('dense', {}),
+    ('moe', {}),
+    ('moe', dict(score_func='sigmoid', expert_bias=True, routed_scale=2.5, norm_topk_prob=False)),
+])
+def test_torch_logits_equal_jax(kind, moe):
+  cfg, m = make(kind, **moe)
+  want = np.asarray(m(jnp.asarray(TOKENS))[0])
+  pt = tm.from_flax(m, cfg)
+  with torch.no_grad():
+    got = pt(torch.from_numpy(TOKENS)).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_prefill_decode_equals_full_forward():
+  cfg, m = make('moe')
+  pt = tm.from_flax(m, cfg)
+  tok = torch.from_numpy(TOKENS)
+  with torch.no_grad():
+    full = pt(tok)
+    cache = pt.empty_cache(2, 96)
+    out, cache = pt(tok[:, :70], torch.arange(70, dtype=torch.int32), cache)
+    steps = [out]
+    for i in range(70, 90):
+      o, cache = pt(tok[:, i:i + 1], torch.tensor([i], dtype=torch.int32), cache)
+      steps.append(o)
+  np.testing.assert_allclose(torch.cat(steps, 1).numpy(), full.numpy(), atol=1e-5, rtol=0)
+
+
+def test_save_load_roundtrip(tmp_path):
+  cfg, m = make('moe')
+  pt = tm.from_flax(m, cfg)
+  tm.save(pt, str(tmp_path))
+  back = tm.load(str(tmp_path))
+  with torch.no_grad():
+    np.testing.assert_array_equal(back(torch.from_numpy(TOKENS)).numpy(),
+                                  pt(torch.from_numpy(TOKENS)).numpy())
+
+
+def test_checkpoint_config_mismatch_is_clear(tmp_path):
+  cfg, m = make('moe')
+  dense = tiny.get_config('dense').model
+  with pytest.raises(tm.ConfigMismatch, match=r'blocks\.1\.ffn\.gate: checkpoint shape \(8, 128, 64\) != \(128, 384\)'):
+    tm.from_flax(m, dense)
+  wider = tiny.get_config('moe').model
+  wider.d_model = 256
+  with pytest.raises(tm.ConfigMismatch, match="embed: checkpoint shape"):
+    tm.from_flax(m, wider)
+  fewer = tiny.get_config('moe').model
+  fewer.n_layers = 2
+  with pytest.raises(tm.ConfigMismatch, match='does not use'):
+    tm.from_flax(m, fewer)
+  with pytest.raises(FileNotFoundError, match='config.json is missing'):
+    tm.load(str(tmp_path))
+
+
+def test_unsupported_config_is_clear():
+  from mobilemoe_jax.config import ConfigError
+  cfg = tiny.get_config('moe').model.to_dict()
+  cfg['moe']['score_func'] = 'relu'
+  with pytest.raises(ConfigError, match='score_func'):
+    tm.config_dict(cfg)
