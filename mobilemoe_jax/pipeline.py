@@ -68,15 +68,18 @@ def format_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def run(workdir: str, first: str, arg: str, overrides: dict | None = None) -> dict:
-  """Runs the pipeline; returns the summary also written to <workdir>/summary.json."""
+def run(workdir: str, first: str, arg: str, overrides: dict | None = None,
+        build_data: bool = True) -> dict:
+  """Runs the pipeline; returns the summary also written to <workdir>/summary.json.
+  build_data=False uses the data already at data_dir (tests build a smaller one)."""
   from mobilemoe_jax.data import build
   from mobilemoe_jax.train import train_and_evaluate
 
   start = time.time()
   _, opts = common.parse_arg(arg)
   os.makedirs(workdir, exist_ok=True)
-  build.build(opts['data_dir'])          # idempotent: returns at once when up to date
+  if build_data:
+    build.build(opts['data_dir'])        # idempotent: returns at once when up to date
   summary = {'workdir': os.path.abspath(workdir), 'arg': arg, 'stages': [],
              'data_seconds': round(time.time() - start, 1)}
   for name, config in stage_configs(first, arg, overrides or {}, workdir):

@@ -78,99 +78,17 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
       return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
     # ------------------------------------------------------------------------ shapes
-    def init_model():
-      return Transformer(config.model, rngs=nnx.Rngs(t.seed))
-
-    graphdef, _, _ = nnx.split(nnx.eval_shape(init_model), nnx.Param, ...)
-
-    # --------------------------------------------------------------------- optimizer
-    tx, lr_schedule = optim.make_optimizer(t)
-
-    def init_state():
-      _, params, rest = nnx.split(init_model(), nnx.Param, ...)
-      zero = jnp.zeros((), jnp.int32)
-      return {'params': params, 'rest': rest, 'opt': tx.init(params), 'step': zero,
-              'rng': jax.random.key_data(jax.random.key(t.seed)), 'skipped': zero, 'bad_step': zero}
-
-    abstract_state = jax.eval_shape(init_state)
+    tx, lr_schedule = optim.make_optimizer(t)        # optimizer: AdamW, schedule, clipping
+    init_state = make_init_fn(config, tx)
+    abstract_state = jax.eval_shape(init_state)      # nothing is allocated
+    graphdef = model_graphdef(config)
 
     # --------------------------------------------------------------------- shardings
     # Params and their optimizer moments follow the logical axes; scalars are replicated.
     state_sharding = sharding.state_shardings(abstract_state, mesh)
 
     # ------------------------------------------------------------------- update step
-    moe = config.model.moe
-
-    def micro_loss(params, rest, batch, n_tokens):
-      """One micro-batch [b, T]. Returns (objective, (ce_sum, stats)); the objective is
-      scaled so the gradients of all micro-batches add up to the full batch's gradient."""
-      model = nnx.merge(graphdef, params, rest)
-      logits, stats, _ = model(batch['inputs'], positions=batch['positions'],
-                               segment_ids=batch['segment_ids'])                       # [b, T, V]
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])   # [b, T]
-      # loss_mask is 0 on padding and (SFT) on prompt tokens: they carry no gradient.
-      ce_sum = jnp.sum(ce * batch['loss_mask'])
-      objective = ce_sum / n_tokens + (moe.aux_loss_coef * stats['aux_loss']
-                                       + moe.z_loss_coef * stats['z_loss']) / t.grad_accum
-      # QAT hook (issue 4): fake-quant lives in the layers (config.quant -> their `quant`
-      # field); a distillation term against a teacher's logits is added to `objective` here.
-      return objective, (ce_sum, stats)
-
-    def train_step(state, batch):
-      """batch: {name: [B, T]} -> (new state, per-step metrics)."""
-      params, rest = state['params'], state['rest']
-      n_tokens = jnp.maximum(batch['loss_mask'].sum(), 1.0)
-      # [B, T] -> [A, B/A, T] taking rows A apart, so each device keeps its own rows.
-      micros = jax.tree.map(
-          lambda x: x.reshape(micro, t.grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
-      grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-      def accumulate(carry, mb):
-        (obj, (ce_sum, stats)), g = grad_fn(params, rest, mb, n_tokens)
-        acc = (obj, ce_sum, stats['aux_loss'], stats['z_loss'], stats['tokens_per_expert'],
-               stats['dropped'], g)
-        return jax.tree.map(jnp.add, carry, acc), None
-
-      zero = jnp.zeros(())
-      zeros = (zero, zero, zero, zero, _zero_load(config.model), jnp.zeros((), jnp.int32),
-               jax.tree.map(jnp.zeros_like, params))
-      (objective, ce_sum, aux, z, tokens_per_expert, dropped, grads), _ = jax.lax.scan(
-          accumulate, zeros, micros)
-
-      grad_norm = optax.global_norm(grads)
-      ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-      updates, opt = tx.update(grads, state['opt'], params)
-      new_params = optax.apply_updates(params, updates)
-      new_rest = rest
-      if moe.expert_bias:  # aux-loss-free balancing: nudge selection biases from the load
-        model = nnx.merge(graphdef, new_params, rest)
-        for layer, load in zip(moe_layers(model), tokens_per_expert):
-          layer.update_expert_bias(load, moe.bias_update_rate)
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-
-      # A non-finite step changes nothing but the counters; with 'stop' nothing changes
-      # after the first one, so a later save still holds the last good state.
-      frozen = state['bad_step'] > 0
-      apply = ok & ~frozen
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
-      bad = ~ok & ~frozen
-      if t.on_nonfinite == 'stop':
-        step = state['step'] + apply.astype(jnp.int32)
-        bad_step = jnp.where(bad, state['step'] + 1, state['bad_step'])
-      else:
-        step = state['step'] + 1
-        bad_step = state['bad_step']
-      new_state = {'params': keep(new_params, params), 'rest': keep(new_rest, rest),
-                   'opt': keep(opt, state['opt']), 'step': step, 'rng': state['rng'],
-                   'skipped': state['skipped'] + bad.astype(jnp.int32), 'bad_step': bad_step}
-      # lr of this update (optax counts only applied updates; after skips it lags `step`).
-      step_metrics = {
-          'loss': ce_sum / n_tokens, 'objective': objective, 'aux_loss': aux / t.grad_accum,
-          'z_loss': z / t.grad_accum, 'grad_norm': grad_norm, 'lr': lr_schedule(state['step']),
-          'tokens_per_expert': tokens_per_expert, 'dropped': dropped, 'ok': ok,
-          'skipped': new_state['skipped'], 'loss_tokens': n_tokens}
-      return new_state, step_metrics
-
+    train_step = make_train_step(config, tx, lr_schedule)
     train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, None), donate_argnums=0)
 
@@ -249,11 +167,12 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
         if t.eval_every and (step % t.eval_every == 0 or last) and t.eval_batches:
           writer.write(step, evaluate(state))
 
-        if step % t.checkpoint_every == 0 or last or preempt.requested:
+        preempted = preempt.requested  # read once: SIGTERM may land between the two uses
+        if step % t.checkpoint_every == 0 or last or preempted:
           _stop_if_nonfinite(state, pending, ckpt, t)  # never save past a bad step
           save(step)
         bar.update()
-        if preempt.requested:
+        if preempted:
           ckpt.wait()
           _log(f'{t.stage}: SIGTERM received; saved {ckpt.path(step)}; exiting cleanly.')
           break
@@ -265,6 +184,108 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
   summary = stage_summary(workdir, t.stage)
   summary['preempted'] = preempt.requested
   return summary
+
+
+# ---------------------------------------------------------------------- state and step
+
+
+def model_graphdef(config):
+  """The model's structure without its arrays (for nnx.merge inside jitted functions)."""
+  abstract = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(config.train.seed)))
+  return nnx.split(abstract, nnx.Param, ...)[0]
+
+
+def make_init_fn(config, tx):
+  """() -> a fresh train state (see the module docstring); jit it with out_shardings."""
+  t = config.train
+
+  def init_state():
+    model = Transformer(config.model, rngs=nnx.Rngs(t.seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    zero = jnp.zeros((), jnp.int32)
+    return {'params': params, 'rest': rest, 'opt': tx.init(params), 'step': zero,
+            'rng': jax.random.key_data(jax.random.key(t.seed)), 'skipped': zero, 'bad_step': zero}
+
+  return init_state
+
+
+def make_train_step(config, tx, lr_schedule):
+  """(state, batch {name: [B, T]}) -> (new state, per-step metrics); pure, for jax.jit."""
+  t, moe = config.train, config.model.moe
+  graphdef = model_graphdef(config)
+  micro = t.batch_size // t.grad_accum
+
+  def micro_loss(params, rest, batch, n_tokens):
+    """One micro-batch [b, T]. Returns (objective, (ce_sum, stats)); the objective is
+    scaled so the gradients of all micro-batches add up to the full batch's gradient."""
+    model = nnx.merge(graphdef, params, rest)
+    logits, stats, _ = model(batch['inputs'], positions=batch['positions'],
+                             segment_ids=batch['segment_ids'])                       # [b, T, V]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])   # [b, T]
+    # loss_mask is 0 on padding and (SFT) on prompt tokens: they carry no gradient.
+    ce_sum = jnp.sum(ce * batch['loss_mask'])
+    objective = ce_sum / n_tokens + (moe.aux_loss_coef * stats['aux_loss']
+                                     + moe.z_loss_coef * stats['z_loss']) / t.grad_accum
+    # QAT hook (issue 4): fake-quant lives in the layers (config.quant -> their `quant`
+    # field); a distillation term against a teacher's logits is added to `objective` here.
+    return objective, (ce_sum, stats)
+
+  def train_step(state, batch):
+    """batch: {name: [B, T]} -> (new state, per-step metrics)."""
+    params, rest = state['params'], state['rest']
+    n_tokens = jnp.maximum(batch['loss_mask'].sum(), 1.0)
+    # [B, T] -> [A, B/A, T] taking rows A apart, so each device keeps its own rows.
+    micros = jax.tree.map(
+        lambda x: x.reshape(micro, t.grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def accumulate(carry, mb):
+      (obj, (ce_sum, stats)), g = grad_fn(params, rest, mb, n_tokens)
+      acc = (obj, ce_sum, stats['aux_loss'], stats['z_loss'], stats['tokens_per_expert'],
+             stats['dropped'], g)
+      return jax.tree.map(jnp.add, carry, acc), None
+
+    zero = jnp.zeros(())
+    zeros = (zero, zero, zero, zero, _zero_load(config.model), jnp.zeros((), jnp.int32),
+             jax.tree.map(jnp.zeros_like, params))
+    (objective, ce_sum, aux, z, tokens_per_expert, dropped, grads), _ = jax.lax.scan(
+        accumulate, zeros, micros)
+
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+    updates, opt = tx.update(grads, state['opt'], params)
+    new_params = optax.apply_updates(params, updates)
+    new_rest = rest
+    if moe.expert_bias:  # aux-loss-free balancing: nudge selection biases from the load
+      model = nnx.merge(graphdef, new_params, rest)
+      for layer, load in zip(moe_layers(model), tokens_per_expert):
+        layer.update_expert_bias(load, moe.bias_update_rate)
+      _, _, new_rest = nnx.split(model, nnx.Param, ...)
+
+    # A non-finite step changes nothing but the counters; with 'stop' nothing changes
+    # after the first one, so a later save still holds the last good state.
+    frozen = state['bad_step'] > 0
+    apply = ok & ~frozen
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+    bad = ~ok & ~frozen
+    if t.on_nonfinite == 'stop':
+      step = state['step'] + apply.astype(jnp.int32)
+      bad_step = jnp.where(bad, state['step'] + 1, state['bad_step'])
+    else:
+      step = state['step'] + 1
+      bad_step = state['bad_step']
+    new_state = {'params': keep(new_params, params), 'rest': keep(new_rest, rest),
+                 'opt': keep(opt, state['opt']), 'step': step, 'rng': state['rng'],
+                 'skipped': state['skipped'] + bad.astype(jnp.int32), 'bad_step': bad_step}
+    # lr of this update (optax counts only applied updates; after skips it lags `step`).
+    step_metrics = {
+        'loss': ce_sum / n_tokens, 'objective': objective, 'aux_loss': aux / t.grad_accum,
+        'z_loss': z / t.grad_accum, 'grad_norm': grad_norm, 'lr': lr_schedule(state['step']),
+        'tokens_per_expert': tokens_per_expert, 'dropped': dropped, 'ok': ok,
+        'skipped': new_state['skipped'], 'loss_tokens': n_tokens}
+    return new_state, step_metrics
+
+  return train_step
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -1,0 +1,129 @@
+"""The train loop: non-finite handling, checkpoint mismatch/corruption errors, SFT loss mask."""
+import glob
+import itertools
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs.stages import pretrain, sft
+from mobilemoe_jax.data import build, pipeline
+from mobilemoe_jax.train import CheckpointError, NonFiniteError, optim, train_and_evaluate, trainer
+from mobilemoe_jax.train import metrics as metrics_lib
+
+# Small enough to compile in seconds: 2 layers (dense, then MoE with 8 experts).
+SMALL = {'model.n_layers': 2, 'model.d_model': 64, 'model.d_ff': 128, 'model.vocab_size': 512,
+         'train.batch_size': 8, 'train.seq_len': 32, 'train.log_every': 1, 'train.eval_batches': 1,
+         'train.warmup_steps': 2, 'train.progress': False, 'train.async_checkpoints': True}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('data'))
+  build.build(out, max_bytes=200_000, vocab_size=512, progress=False)
+  return out
+
+
+def make_config(data_dir, stage=pretrain, **overrides):
+  config = stage.get_config(f'tiny,data_dir={data_dir}')
+  config.update_from_flattened_dict({**SMALL, **overrides})
+  config.lock()
+  return config
+
+
+def _poison_step(monkeypatch, bad_step):
+  """Makes training batch `bad_step` (1-based) carry a NaN loss mask, as corrupt data would."""
+  original = pipeline.make_dataset
+
+  def make_dataset(data_config, **kw):
+    ds = original(data_config, **kw)
+    if data_config['num_epochs'] == 1:  # the held-out set stays clean
+      return ds
+    count = itertools.count(1)
+    return ds.map(lambda b: dict(b, loss_mask=b['loss_mask'] * np.nan) if next(count) == bad_step else b)
+
+  monkeypatch.setattr(pipeline, 'make_dataset', make_dataset)
+
+
+def test_nonfinite_stop_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+  _poison_step(monkeypatch, 4)
+  config = make_config(data_dir, **{'train.steps': 6, 'train.checkpoint_every': 3,
+                                    'train.on_nonfinite': 'stop'})
+  with pytest.raises(NonFiniteError, match=r'step 4 .*last good checkpoint is .*checkpoints/3'):
+    train_and_evaluate(config, str(tmp_path))
+  saved = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / 'checkpoints' / '[0-9]*')))
+  assert saved == [3]
+
+
+def test_nonfinite_skip_is_recorded(data_dir, tmp_path, monkeypatch):
+  _poison_step(monkeypatch, 2)
+  config = make_config(data_dir, **{'train.steps': 4, 'train.on_nonfinite': 'skip'})
+  summary = train_and_evaluate(config, str(tmp_path))
+  logged = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert [logged[s]['train/nonfinite_skipped'] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+  assert summary['skipped'] == 1 and summary['steps'] == 4
+  assert all(np.isfinite(logged[s]['train/loss']) for s in (1, 3, 4))
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+  """A 2-step pre-training run with a checkpoint, shared by the checkpoint tests."""
+  workdir = str(tmp_path_factory.mktemp('pretrain'))
+  train_and_evaluate(make_config(data_dir, **{'train.steps': 2}), workdir)
+  return workdir
+
+
+def test_mismatched_checkpoint_names_the_parameter(data_dir, trained, tmp_path):
+  config = make_config(data_dir, **{'train.steps': 3, 'model.d_ff': 96})
+  with pytest.raises(CheckpointError) as err:
+    train_and_evaluate(config, trained)
+  msg = str(err.value)
+  assert 'params/blocks/0/ffn/gate' in msg and '(64, 128)' in msg and '(64, 96)' in msg, msg
+
+
+def test_corrupt_checkpoint_names_the_checkpoint(data_dir, trained, tmp_path):
+  import shutil
+  workdir = tmp_path / 'copy'
+  shutil.copytree(trained, workdir)
+  step_dir = workdir / 'checkpoints' / '2'
+  for path in glob.glob(str(step_dir / 'state' / '**' / '*'), recursive=True):
+    if os.path.isfile(path) and 'metadata' not in os.path.basename(path).lower():
+      with open(path, 'r+b') as f:  # keep the size, destroy the bytes
+        f.write(b'\xff' * os.path.getsize(path))
+  with pytest.raises(CheckpointError, match=str(step_dir)):
+    train_and_evaluate(make_config(data_dir, **{'train.steps': 3}), str(workdir))
+
+
+def test_stage_lineage_and_init_from(data_dir, trained, tmp_path):
+  import json
+  config = make_config(data_dir, stage=sft, **{'train.steps': 1,
+                                             'train.init_from': os.path.join(trained, 'checkpoints')})
+  summary = train_and_evaluate(config, str(tmp_path))
+  with open(os.path.join(summary['checkpoint'], 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  assert [(e['stage'], e['step']) for e in meta['lineage']] == [('pretrain', 2), ('sft', 1)]
+  assert meta['lineage'][0]['checkpoint'] == os.path.join(trained, 'checkpoints', '2')
+
+
+def test_sft_prompt_tokens_carry_no_loss(data_dir):
+  """Changing a prompt token's target leaves the loss and gradient the step computes
+  unchanged, bit for bit; changing an assistant token's target does not."""
+  config = make_config(data_dir, stage=sft)
+  batch = next(iter(pipeline.make_dataset(config.data.train, seq_len=32, batch_size=8, seed=0)))
+  prompt = (batch['loss_mask'] == 0) & (batch['segment_ids'] > 0)
+  answer = batch['loss_mask'] > 0
+  assert prompt.any() and answer.any()
+  tx, lr = optim.make_optimizer(config.train)
+  state = jax.jit(trainer.make_init_fn(config, tx))()
+  step = jax.jit(trainer.make_train_step(config, tx, lr))
+
+  def loss_and_grad_norm(targets):
+    _, m = step(state, dict(batch, targets=targets))
+    return float(m['loss']), float(m['grad_norm'])
+
+  base = loss_and_grad_norm(batch['targets'])
+  other = (batch['targets'] + 7) % 512
+  assert loss_and_grad_norm(np.where(prompt, other, batch['targets'])) == base
+  changed = loss_and_grad_norm(np.where(answer, other, batch['targets']))
+  assert changed[0] != base[0] and changed[1] != base[1]
