@@ -51,6 +51,12 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.moe.bias_update_rate = 1e-3
   c.moe.capacity_factor = 0.0   # 0: no token is ever dropped; >0: per-expert capacity
   c.moe.dispatch = 'auto'       # 'auto' | 'dense' | 'sorted' | 'ragged'; see moe/dispatch.py
+  # Fake quantization for QAT (quant/qat.py); weights=None keeps the float model.
+  c.quant = ml_collections.ConfigDict()
+  c.quant.weights = ml_collections.config_dict.placeholder(str)  # None | 'int4_g32' | 'int4_channel' | 'int8_channel' | ...
+  c.quant.embedding = 'int4_g32'  # grid of the embedding / tied head when weights is set
+  c.quant.learnable_scale = False  # LSQ-style trained scales (initialised from max-abs)
+  c.quant.router = False        # the router stays float unless asked
   c.update(overrides)
   return c
 
@@ -116,6 +122,14 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f'unknown dtype {model.dtype!r}')
   _require(model.param_dtype in ('bfloat16', 'float32'), 'model.param_dtype',
            f'unknown dtype {model.param_dtype!r}')
+  q = model.quant
+  for key in q.keys():
+    _require(key in model_config().quant, f'model.quant.{key}', 'unknown field')
+  if q.weights is not None:
+    from mobilemoe_jax.quant import grid    # the one place schemes are defined
+    for f in ('weights', 'embedding'):
+      _require(q[f] in grid.SCHEMES, f'model.quant.{f}',
+               f'unknown scheme {q[f]!r}; known: {sorted(grid.SCHEMES)}')
   m = model.moe
   if m.n_experts:
     _require(m.n_experts > 0, 'model.moe.n_experts', 'must be >= 0')

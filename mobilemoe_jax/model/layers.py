@@ -3,11 +3,44 @@
 Parameters are stored in `param_dtype` (fp32) and cast to the compute dtype at use.
 Every parameter carries logical axis names (`axes=`) that sharding/ maps to the mesh.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mobilemoe_jax.quant import qat
 from mobilemoe_jax.sharding import constrain
+
+
+class QuantScale(nnx.Param):
+  """A learnable (LSQ) quantization scale of one weight: trained like any parameter."""
+
+
+def _matrix_view(w, n_batch: int, n_in: int):
+  """[batch..., in..., out...] -> [batch..., in, out]: the [in, out] matrix quantization
+  groups run along (the TFLite FC the exporter writes has the same input dim)."""
+  s = w.shape
+  return w.reshape(*s[:n_batch], math.prod(s[n_batch:n_batch + n_in]), -1)
+
+
+def add_quant_scale(layer, name: str, quant, n_batch: int = 0, n_in: int = 1):
+  """With learnable scales on, gives `layer` a `<name>_scale` parameter (max-abs init)."""
+  if quant.weights is not None and quant.learnable_scale:
+    w = _matrix_view(getattr(layer, name)[...], n_batch, n_in)
+    setattr(layer, name + '_scale', QuantScale(qat.init_scale(w, quant.weights), axes=None))
+
+
+def kernel(layer, name: str, quant, dtype, n_batch: int = 0, n_in: int = 1, scheme=None):
+  """`layer.<name>` in the compute dtype, fake-quantized when `quant.weights` is set.
+  n_batch leading dims are independent matrices (experts); the next n_in are inputs."""
+  w = getattr(layer, name)[...]
+  if quant is None or quant.weights is None:
+    return w.astype(dtype)
+  scale = getattr(layer, name + '_scale', None)
+  q = qat.fake_quant(_matrix_view(w, n_batch, n_in), scheme or quant.weights,
+                     None if scale is None else scale[...])
+  return q.reshape(w.shape).astype(dtype)
 
 
 def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -63,15 +96,19 @@ class Attention(nnx.Module):
     self.o = param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
     self.window, self.theta = window, cfg.rope_theta
     self.dtype = jnp.dtype(cfg.dtype)
+    self.quant = cfg.quant
+    for name in ('q', 'k', 'v'):
+      add_quant_scale(self, name, cfg.quant)
+    add_quant_scale(self, 'o', cfg.quant, n_in=2)
 
   def __call__(self, x, positions, segment_ids, cache=None):
     """x: [B, T, D]. Without cache: positions/segment_ids [B, T] describe packed documents.
     With cache {'k','v': [B, S, K, Dh], 'end': [B]}: the T new tokens go to slots
     end..end+T-1 and attend to every filled slot before them. Returns (y, new_cache)."""
-    dt = self.dtype
-    q = jnp.einsum('btd,dhk->bthk', x, self.q[...].astype(dt))
-    k = jnp.einsum('btd,dhk->bthk', x, self.k[...].astype(dt))
-    v = jnp.einsum('btd,dhk->bthk', x, self.v[...].astype(dt))
+    dt, qc = self.dtype, self.quant
+    q = jnp.einsum('btd,dhk->bthk', x, kernel(self, 'q', qc, dt))
+    k = jnp.einsum('btd,dhk->bthk', x, kernel(self, 'k', qc, dt))
+    v = jnp.einsum('btd,dhk->bthk', x, kernel(self, 'v', qc, dt))
     q = rope(q, positions, self.theta)
     k = rope(k, positions, self.theta)
     if cache is None:
@@ -89,7 +126,7 @@ class Attention(nnx.Module):
       k, v = k.astype(dt), v.astype(dt)
     q = constrain(q, ('batch', 'length', 'heads', 'head_dim'))
     y = jax.nn.dot_product_attention(q, k, v, mask=mask)                      # [B, T, H, Dh]
-    return jnp.einsum('bthk,hkd->btd', y, self.o[...].astype(dt)), cache
+    return jnp.einsum('bthk,hkd->btd', y, kernel(self, 'o', qc, dt, n_in=2)), cache
 
 
 class MLP(nnx.Module):
@@ -101,9 +138,12 @@ class MLP(nnx.Module):
     self.up = param(rngs, (d, hidden), ('embed', 'mlp'), std, pd)
     self.down = param(rngs, (hidden, d), ('mlp', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
     self.dtype = jnp.dtype(cfg.dtype)
+    self.quant = cfg.quant
+    for name in ('gate', 'up', 'down'):
+      add_quant_scale(self, name, cfg.quant)
 
   def __call__(self, x):
-    dt = self.dtype
-    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+    dt, qc = self.dtype, self.quant
+    h = jax.nn.silu(x @ kernel(self, 'gate', qc, dt)) * (x @ kernel(self, 'up', qc, dt))
     h = constrain(h, ('batch', 'length', 'mlp'))
-    return h @ self.down[...].astype(dt)
+    return h @ kernel(self, 'down', qc, dt)

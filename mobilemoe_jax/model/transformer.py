@@ -5,8 +5,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mobilemoe_jax import config as config_lib
-from mobilemoe_jax.model.layers import MLP, Attention, RMSNorm, param
+from mobilemoe_jax.model.layers import MLP, Attention, RMSNorm, add_quant_scale, kernel, param
 from mobilemoe_jax.moe.layer import MoE
+from mobilemoe_jax.quant import qat
 from mobilemoe_jax.sharding import constrain
 
 
@@ -41,6 +42,8 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     self.head = None if cfg.tie_embeddings else param(
         rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.init_std, pd)
+    if self.head is not None:
+      add_quant_scale(self, 'head', cfg.quant)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
     """tokens: [B, T] int. Returns (logits [B, T, V] fp32, stats, new_cache).
@@ -59,7 +62,8 @@ class Transformer(nnx.Module):
       positions = jnp.arange(t)[None].repeat(b, 0)
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
-    x = self.embed[...].astype(dt)[tokens]
+    table = self.table(dt)                                                     # [V, D]
+    x = table[tokens]
     x = constrain(x, ('batch', 'length', 'act_embed'))
     moe_stats, new_layers = [], []
     for i, block in enumerate(self.blocks):
@@ -73,11 +77,20 @@ class Transformer(nnx.Module):
       if stats is not None:
         moe_stats.append(stats)
     x = self.final_norm(x)
-    head = self.embed[...].T if self.head is None else self.head[...]
-    logits = (x @ head.astype(dt)).astype(jnp.float32)
+    head = table.T if self.head is None else kernel(self, 'head', self.cfg.quant, dt)
+    logits = (x @ head).astype(jnp.float32)
     logits = constrain(logits, ('batch', 'length', 'vocab'))
     new_cache = None if cache is None else {'layers': new_layers, 'end': cache['end'] + t}
     return logits, summarize(moe_stats), new_cache
+
+
+  def table(self, dtype):
+    """The embedding table [V, D]; under QAT on its own grid, groups along D (the input
+    dim of the tied head, so the gather and the head share one quantized tensor)."""
+    q = self.cfg.quant
+    if q.weights is None:
+      return self.embed[...].astype(dtype)
+    return qat.fake_quant(self.embed[...].T, q.embedding).T.astype(dtype)
 
 
 def summarize(moe_stats):

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mobilemoe_jax.model.layers import MLP, param
+from mobilemoe_jax.model.layers import MLP, add_quant_scale, kernel, param
 from mobilemoe_jax.moe import dispatch, routing
 
 
@@ -26,23 +26,33 @@ class MoE(nnx.Module):
         if m.expert_bias else None
     self.cfg = m
     self.dtype = jnp.dtype(cfg.dtype)
+    self.quant = cfg.quant
+    for name in ('gate', 'up', 'down'):
+      add_quant_scale(self, name, cfg.quant, n_batch=1)
+    # The router stays float unless quant.router: a flipped top-k choice costs more than
+    # the few bytes it saves.
+    self.router_quant = cfg.quant if cfg.quant.router else None
+    if cfg.quant.router:
+      add_quant_scale(self, 'router', cfg.quant)
 
   def __call__(self, x, valid=None):
     """x: [B, T, D]; valid: [B, T] 0/1 (padding excluded from losses and stats).
     Returns (y [B, T, D], stats dict)."""
-    m, dt = self.cfg, self.dtype
+    m, dt, qc = self.cfg, self.dtype, self.quant
     b, t, d = x.shape
     flat = x.reshape(b * t, d)
     valid = None if valid is None else valid.reshape(b * t)
     # The router stays in fp32: bf16 logits flip top-k choices near ties.
-    logits = flat.astype(jnp.float32) @ self.router[...].astype(jnp.float32)     # [N, E]
+    router = kernel(self, 'router', self.router_quant, jnp.float32)
+    logits = flat.astype(jnp.float32) @ router                                     # [N, E]
     bias = None if self.expert_bias is None else self.expert_bias[...]
     weights, experts, scores = routing.route(
         logits, top_k=m.top_k, score_func=m.score_func, norm_topk_prob=m.norm_topk_prob,
         routed_scale=m.routed_scale, bias=bias)
     y, dropped = dispatch.run_experts(
-        flat, weights.astype(dt), experts, self.gate[...].astype(dt), self.up[...].astype(dt),
-        self.down[...].astype(dt), method=m.dispatch, capacity_factor=m.capacity_factor)
+        flat, weights.astype(dt), experts, kernel(self, 'gate', qc, dt, n_batch=1),
+        kernel(self, 'up', qc, dt, n_batch=1), kernel(self, 'down', qc, dt, n_batch=1),
+        method=m.dispatch, capacity_factor=m.capacity_factor)
     y = y.reshape(b, t, d)
     if self.shared is not None:
       y = y + self.shared(x)

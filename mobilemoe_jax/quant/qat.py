@@ -1,0 +1,99 @@
+"""Fake quantization for QAT, on exactly the grid the exporter writes (quant/grid.py).
+
+Forward: the weight is replaced by dequantize(quantize(w)) — bit-identical to the integers
+and scales `extract()` returns and the exporter stores. Backward: a straight-through
+estimator: d/dw = 1 where w / scale rounds into [qmin, qmax] (x in [qmin - 1/2, qmax + 1/2]),
+0 where the clip changed it.
+
+Two scale modes:
+- max-abs (default): scales follow the weights (recomputed every step, no gradient).
+- learnable (LSQ, Esser et al. 2020): a trained scale per group, initialised from max-abs;
+  d/ds = round(x) - x inside the range, qmin/qmax at the clipped ends, times
+  1/sqrt(G * qmax) to keep its step size comparable to the weights'.
+
+Our kernels are [..., in, out]; every function here takes weights with the input
+(reduction) axis at -2, as the layers store them.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mobilemoe_jax.quant import grid
+
+IN_AXIS = -2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _ste(w, scale, qmin, qmax):
+  return _ste_fwd(w, scale, qmin, qmax)[0]
+
+
+def _ste_fwd(w, scale, qmin, qmax):
+  x = grid._div(w, scale)         # a true division, as the grid (and ai-edge-quantizer) does
+  return jnp.clip(jnp.round(x), qmin, qmax) * scale, x
+
+
+def _ste_bwd(qmin, qmax, x, g):
+  # Inside = not changed by the clip: everything that rounds into [qmin, qmax].
+  inside = (x >= qmin - 0.5) & (x <= qmax + 0.5)
+  dw = jnp.where(inside, g, 0.0)
+  # LSQ scale gradient; summed over each group by the caller's broadcast (see _expand).
+  ds = g * jnp.where(inside, jnp.round(x) - x, jnp.clip(x, qmin, qmax))
+  return dw, ds
+
+
+_ste.defvjp(_ste_fwd, _ste_bwd)
+
+
+def _expand(scale, k: int):
+  """[..., n_groups, out] -> [..., k, out]: each group scale repeated over its inputs."""
+  return jnp.repeat(scale, k // scale.shape[IN_AXIS], axis=IN_AXIS)
+
+
+def fake_quant(w, scheme, scale=None):
+  """w: [..., in, out] float. scale: learnable per-group scales [..., in/G, out] or None
+  (max-abs). Returns the fake-quantized weight (same dtype as w, values exactly
+  dequantize(extract(...)))."""
+  s = grid.get_scheme(scheme)
+  w32 = w.astype(jnp.float32)
+  k = w.shape[IN_AXIS]
+  if scale is None:
+    # Reuse the grid's own scale (bf16/fp16 rounding included) so forward == exporter.
+    scale = jax.lax.stop_gradient(grid.scales(w32, s, IN_AXIS))
+    out = _ste(w32, _expand(scale, k), s.qmin, s.qmax)
+  else:
+    group = s.group or k
+    grad_scale = 1.0 / jnp.sqrt(group * s.qmax)
+    # Gradient scaling trick: value of `scale`, gradient of `scale * grad_scale`.
+    scaled = scale * grad_scale + jax.lax.stop_gradient(scale - scale * grad_scale)
+    out = _ste(w32, _expand(round_scale(scaled, s), k), s.qmin, s.qmax)
+  return out.astype(w.dtype)
+
+
+def round_scale(scale, scheme):
+  """The scale as stored on device: block scales go through bf16 then fp16 (as the grid),
+  with a straight-through gradient."""
+  s = grid.get_scheme(scheme)
+  if not s.group:
+    return scale
+  stored = scale.astype(jnp.bfloat16).astype(jnp.float16).astype(jnp.float32)
+  return scale + jax.lax.stop_gradient(stored - scale)
+
+
+def init_scale(w, scheme):
+  """Max-abs scales to start LSQ from: [..., in/G, out] float32."""
+  return grid.scales(jnp.asarray(w, jnp.float32), scheme, IN_AXIS)
+
+
+def extract(w, scheme, scale=None):
+  """The integers and scales the fake-quant forward used: (q int8 [..., in, out], scales).
+  dequantize(q, scales, in_axis=-2) equals fake_quant(w, scheme, scale) exactly."""
+  s = grid.get_scheme(scheme)
+  w32 = jnp.asarray(w, jnp.float32)
+  if scale is None:
+    return grid.quantize(w32, s, IN_AXIS)
+  stored = round_scale(jnp.asarray(scale, jnp.float32), s)
+  full = _expand(stored, w.shape[IN_AXIS])
+  q = jnp.clip(jnp.round(grid._div(w32, full)), s.qmin, s.qmax).astype(jnp.int8)
+  return q, stored

@@ -1,0 +1,113 @@
+"""Fake quantization: forward on the exporter's grid, straight-through gradients, extraction."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mobilemoe_jax.quant import grid, qat
+
+
+def weight(shape=(3, 64, 16), seed=0):
+  return jax.random.normal(jax.random.key(seed), shape) * 0.1
+
+
+@pytest.mark.parametrize('scheme', ['int4_g32', 'int4_channel', 'int8_channel'])
+def test_forward_equals_dequantized_integers(scheme):
+  w = weight()
+  fq = jax.jit(lambda w: qat.fake_quant(w, scheme))(w)
+  q, s = qat.extract(w, scheme)
+  np.testing.assert_array_equal(fq, grid.dequantize(np.asarray(q), np.asarray(s), -2))
+  # ... and the same integers the exporter computes with numpy
+  q_np, s_np = grid.quantize(np.asarray(w), scheme, -2)
+  np.testing.assert_array_equal(q, q_np)
+  np.testing.assert_array_equal(s, s_np)
+
+
+def test_extracted_int4_in_range_and_round_trip_exact():
+  w = weight((64, 32)) * 30
+  q, s = qat.extract(w, 'int4_g32')
+  q, s = np.asarray(q), np.asarray(s)
+  assert q.min() >= -8 and q.max() <= 7 and q.dtype == np.int8
+  assert (s > 0).all() and np.isfinite(s).all()
+  q2, s2 = grid.quantize(grid.dequantize(q, s, -2), 'int4_g32', -2)
+  np.testing.assert_array_equal(q2, q)   # dequantized weights re-quantize to themselves
+
+
+def test_ste_passes_inside_and_blocks_outside_clip_range():
+  w = weight((32, 4))
+  scale = qat.init_scale(w, 'int4_g32') * 0.25      # a small scale: many weights clip
+  g = jax.grad(lambda w: jnp.sum(qat.fake_quant(w, 'int4_g32', scale) * 3.0))(w)
+  x = np.asarray(w) / np.asarray(qat.round_scale(scale, 'int4_g32'))
+  inside = (x >= -8.5) & (x <= 7.5)
+  assert inside.any() and (~inside).any()
+  np.testing.assert_array_equal(np.asarray(g), np.where(inside, 3.0, 0.0))
+  # max-abs scales never clip: the gradient is the identity everywhere
+  g = jax.grad(lambda w: jnp.sum(qat.fake_quant(w, 'int4_g32')))(w)
+  np.testing.assert_array_equal(g, np.ones_like(g))
+
+
+def test_learnable_scale_gets_lsq_gradient():
+  w = weight((32, 4))
+  scale = qat.init_scale(w, 'int4_g32')
+  g = jax.grad(lambda s: jnp.sum(qat.fake_quant(w, 'int4_g32', s)), argnums=0)(scale)
+  x = np.asarray(w) / np.asarray(qat.round_scale(scale, 'int4_g32'))
+  expect = (np.round(x) - x).sum(0, keepdims=True) / np.sqrt(32 * 7)
+  np.testing.assert_allclose(g, expect, rtol=1e-4, atol=1e-6)
+  # extraction with the learned scale reproduces the forward exactly
+  fq = qat.fake_quant(w, 'int4_g32', scale * 1.3)
+  q, s = qat.extract(w, 'int4_g32', scale * 1.3)
+  np.testing.assert_array_equal(fq, grid.dequantize(np.asarray(q), np.asarray(s), -2))
+
+
+def test_bad_scheme_and_group_fail_clearly():
+  with pytest.raises(ValueError, match='unknown quantization scheme'):
+    qat.fake_quant(weight(), 'int3')
+  with pytest.raises(ValueError, match='does not divide'):
+    qat.fake_quant(weight((3, 48, 16)), 'int4_g32')
+
+
+# ------------------------------------------------------------------ the whole model
+
+from flax import nnx  # noqa: E402
+
+from configs import tiny  # noqa: E402
+from mobilemoe_jax.model import Transformer  # noqa: E402
+from mobilemoe_jax.model.layers import QuantScale  # noqa: E402
+from mobilemoe_jax.quant.extract import dequantized_state, integer_weights  # noqa: E402
+
+
+def _models(kind, learnable=False, router=False):
+  cfg = tiny.get_config(kind).model
+  cfg.n_layers = 2
+  cfg.quant.update(dict(weights='int4_g32', learnable_scale=learnable, router=router))
+  fq = Transformer(cfg, rngs=nnx.Rngs(0))
+  plain_cfg = tiny.get_config(kind).model
+  plain_cfg.n_layers = 2
+  return fq, Transformer(plain_cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('kind, learnable, router', [('moe', False, False), ('dense', False, False),
+                                                     ('moe', True, True)])
+def test_model_forward_equals_dequantized_integer_model(kind, learnable, router):
+  fq, plain = _models(kind, learnable, router)
+  x = jax.random.randint(jax.random.key(1), (2, 12), 0, 2048)
+  float_logits = plain(x)[0]
+  if learnable:   # move the scales off their max-abs init so the learned ones are really used
+    scales = nnx.state(fq, QuantScale)
+    nnx.update(fq, jax.tree.map(lambda s: s * 1.1, scales))
+  ints = integer_weights(fq)
+  for e in ints.values():
+    assert int(e['q'].min()) >= -8 and int(e['q'].max()) <= 7
+    assert bool(jnp.all(e['scales'] > 0)) and bool(jnp.all(jnp.isfinite(e['scales'])))
+  names = {p[-1] for p in ints}
+  assert {'q', 'k', 'v', 'o', 'gate', 'up', 'down', 'embed'} <= names
+  assert ('router' in names) == router
+  # the float model with every weight replaced by its dequantized integers ...
+  state = nnx.state(plain, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  for path, w in dequantized_state(fq).items():
+    flat[path].value = w
+  nnx.update(plain, nnx.from_flat_state(flat))
+  # ... computes exactly what the fake-quant forward computes
+  np.testing.assert_array_equal(fq(x)[0], plain(x)[0])
+  assert not np.allclose(fq(x)[0], float_logits, atol=1e-4)     # and quantization did act
