@@ -39,3 +39,9 @@ def test_finished_runs_are_skipped_and_losses_read(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text(
       '{"step": 0, "eval/loss": 7.0}\n{"step": 5, "train/loss": 6.0}\n{"step": 9, "eval/loss": 5.5}\n')
   assert sweep.final_eval_loss(str(tmp_path)) == (5.5, 9)
+
+
+def test_report_compares_each_shape_with_dense():
+  rec = lambda name, loss: {'name': name, 'loss': loss, 'tokens': 614400}
+  table = sweep.report([rec('d64_dense_s300', 5.0), rec('d64_e8k2_s300', 4.9)])
+  assert '| d64, s300 | 614400 | 5.0000 | 4.9000 (-0.1000) | not run | not run |' in table

@@ -302,6 +302,16 @@ def plot_fit(records, params: LawParams, path: str, heldout: list | None = None,
   return path
 
 
+def markdown_table(records) -> str:
+  rows = ['| run | N (active non-emb.) | S | G | tokens | held-out loss | wall s |',
+          '|---|---:|---:|---:|---:|---:|---:|']
+  for r in check_records(records):
+    rows.append(f"| {r.get('name', '')} | {r['active_params']:.0f} | "
+                f"{r['total_params'] / r['active_params']:.2f} | {r['granularity']:.2f} | "
+                f"{r['tokens']:.0f} | {r['loss']:.4f} | {r.get('wall_s', '')} |")
+  return '\n'.join(rows)
+
+
 def main(argv=None):
   import argparse
   ap = argparse.ArgumentParser(description='Fit the MoE loss law to run records.')
@@ -311,9 +321,12 @@ def main(argv=None):
   ap.add_argument('--folds', type=int, default=5)
   ap.add_argument('--plot', default='', help='PNG path for predicted vs actual')
   ap.add_argument('--out', default='', help='JSON path for the fitted parameters and errors')
+  ap.add_argument('--table', action='store_true', help='also print the records as Markdown')
   a = ap.parse_args(argv)
   fixed = {k: float(v) for k, v in (s.split('=', 1) for s in a.fix)}
   records = load_records(a.records)
+  if a.table:
+    print(markdown_table(records))
   f = fit(records, fixed=fixed)
   held = heldout_error(records, n_folds=a.folds, fixed=fixed)
   result = {'params': f.params.as_dict(), 'fixed': fixed, 'n_records': f.n_records,

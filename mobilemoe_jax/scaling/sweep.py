@@ -153,6 +153,30 @@ def run_grid(runs, family, out, workdir, data_dir=None, dry_run=False, log=print
     log(f'  loss {rec["loss"]:.4f} in {rec["wall_s"]} s')
 
 
+def report(records) -> str:
+  """Markdown: per (width, steps), each shape's held-out loss and its difference from the
+  dense run of the same width and steps (equal active parameters by the grid's construction)."""
+  groups = {}
+  for r in records:
+    d, tag, steps = r['name'].split('_')
+    groups.setdefault((d, steps), {})[tag] = r
+  tags = ['dense', 'e8k2', 'e16k4', 'e8k1s1']
+  rows = ['| width, steps | tokens | ' + ' | '.join(tags) + ' |', '|---|---:|' + '---:|' * len(tags)]
+  for (d, steps), g in sorted(groups.items()):
+    base = g.get('dense')
+    cells = []
+    for t in tags:
+      if t not in g:
+        cells.append('not run')
+      elif base is None or t == 'dense':
+        cells.append(f"{g[t]['loss']:.4f}")
+      else:
+        cells.append(f"{g[t]['loss']:.4f} ({g[t]['loss'] - base['loss']:+.4f})")
+    tokens = next(iter(g.values()))['tokens']
+    rows.append(f'| {d}, {steps} | {tokens:.0f} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(rows)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description='Train a grid of small models; append run records.')
   ap.add_argument('--grid', default='tiny', choices=sorted(GRIDS))
@@ -162,10 +186,15 @@ def main(argv=None):
   ap.add_argument('--data_dir', default=None, help='bundled data dir (stage default: data)')
   ap.add_argument('--only', default='', help='comma-separated run names to run')
   ap.add_argument('--dry_run', action='store_true', help='print the training commands only')
+  ap.add_argument('--report', action='store_true',
+                  help='print the dense-vs-MoE table of the records in --out and exit')
   ap.add_argument('--device', action='store_true',
                   help='print a command for the device tool (GPU) that runs this sweep there '
                   'and leaves the records under $OUT')
   a = ap.parse_args(argv)
+  if a.report:
+    print(report(law.load_records(a.out)))
+    return
   runs = GRIDS[a.grid]()
   if a.only:
     keep = set(a.only.split(','))
