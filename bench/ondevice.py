@@ -26,7 +26,6 @@ import ctypes
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -236,6 +235,16 @@ def stack_model(method, L, o, seed=0):
 # ----------------------------------------------------------------------------
 # Measurement (each configuration in a child process).
 
+def peak_rss_mb():
+  """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over
+  from the parent across fork/exec, so every child would report the parent's."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return None
+
+
 def build(method, L, path):
   """Child process 1: writes the model, so the timing child maps it from disk
   and its peak RSS is the runtime's, not the builder's."""
@@ -262,7 +271,7 @@ def worker(method, path, D, layers, Ts, budget_s):
       s = dl.stats(d)
       assert s["claimed"] > 0 and s["refused"] == 0, s
     xs = [rng.standard_normal((T, D)).astype(np.float32) for _ in range(8 if T == 1 else 2)]
-    for i in range(2):  # warm-up
+    for i in range(2 if T == 1 else 1):  # warm-up
       it.set_tensor(idx, xs[i % len(xs)])
       it.invoke()
     times, t_end = [], time.perf_counter() + budget_s
@@ -274,8 +283,7 @@ def worker(method, path, D, layers, Ts, budget_s):
     t = np.array(times) * 1e3
     out.append({"T": T, "n": len(t), "median_ms": float(np.median(t)),
                 "p10_ms": float(np.percentile(t, 10)), "layers": layers})
-  print(json.dumps({"runs": out, "peak_rss_mb":
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+  print(json.dumps({"runs": out, "peak_rss_mb": peak_rss_mb()}))
 
 
 def run_child(*args):
@@ -365,8 +373,31 @@ def whole_model_rows(moe_path, dense_path):
   raise NotImplementedError("whole-model timing needs the exporter's runner API")
 
 
+def markdown_table(res) -> str:
+  """The bench/README.md table for a results dict."""
+  names = {"delegate": "(a) MobileMoeBlock delegate", "all_experts": "(b) all experts, INT4 FCs",
+           "upstream_moe": "(c) upstream `moe` op (int8, gelu)",
+           "moe_s_ffn": "MobileMoE-S FFN stack (16 layers)",
+           "pro_ffn": "MobileLLM-Pro FFN stack (30 layers)"}
+  lines = ["| config | per | decode T=1 ms | prefill 128 ms | prefill 512 ms | peak RSS MB |",
+           "|---|---|---|---|---|---|"]
+  for m, label in names.items():
+    rs = {r["T"]: r for r in res["rows"] if r["method"] == m}
+    if not rs:
+      continue
+    cell = lambda T: (f"{rs[T]['median_ms']:.3g} (p10 {rs[T]['p10_ms']:.3g})" if T in rs else "-")
+    any_r = next(iter(rs.values()))
+    lines.append(f"| {label} | {any_r['per']} | {cell(1)} | {cell(128)} | {cell(512)} | "
+                 f"{any_r['peak_rss_mb']:.0f} |")
+  lines.append(f"| bandwidth limit: {res['active_bytes_per_token_per_block'] / 1e6:.2f} MB active "
+               f"/ {res['dram_read_gbps']:.1f} GB/s | block | {res['decode_limit_ms_per_block']:.3g} "
+               f"| | | |")
+  return "\n".join(lines)
+
+
 def main():
   ap = argparse.ArgumentParser()
+  ap.add_argument("--table", action="store_true", help="print the README table of --out")
   ap.add_argument("--build", nargs=3, metavar=("METHOD", "L", "PATH"))
   ap.add_argument("--worker", nargs=6, metavar=("METHOD", "PATH", "D", "LAYERS", "TS", "BUDGET_S"))
   ap.add_argument("--quick", action="store_true", help="fewer layers/iterations (smoke test)")
@@ -374,6 +405,9 @@ def main():
   ap.add_argument("--dense_model")
   ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "ondevice.json"))
   a = ap.parse_args()
+  if a.table:
+    with open(a.out) as f:
+      return print(markdown_table(json.load(f)))
   if a.build:
     return build(a.build[0], int(a.build[1]), a.build[2])
   if a.worker:

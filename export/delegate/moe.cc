@@ -21,7 +21,9 @@ void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
   logits_.resize((size_t)T * E);
   // logits [T, E] = x @ router_w^T, split by (token, 16 experts).
   const int eb = (E + 15) / 16;
-  pool->Run(T * eb, [&](int item, int) {
+  // A decode step's router is a few microseconds: not worth a pool hand-off.
+  ThreadPool* p = T >= 8 ? pool : &inline_pool_;
+  p->Run(T * eb, [&](int item, int) {
     const int t = item / eb, e0 = (item % eb) * 16, e1 = std::min(E, e0 + 16);
     for (int e = e0; e < e1; ++e)
       logits_[(size_t)t * E + e] = Dot(x + (size_t)t * D, w.router_w + (size_t)e * D, D);
@@ -131,7 +133,10 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     return int(std::upper_bound(first_item.begin(), first_item.begin() + nj + 1, item) -
                first_item.begin()) - 1;
   };
-  pool->Run(first_item[nj], [&](int item, int) {
+  // Decode-sized steps run the cheap phases (0, 2) inline: each pool hand-off
+  // is a barrier, and on a busy core a barrier can cost a time slice.
+  ThreadPool* cheap = T >= 8 ? pool : &inline_pool_;
+  cheap->Run(first_item[nj], [&](int item, int) {
     const int j = job_of(item);
     const int n0 = (item - first_item[j]) * 16;
     x_acts_[j].PrepareRows(x, D, jobs_[j].tokens, n0, std::min(jobs_[j].n, n0 + 16));
@@ -158,7 +163,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     h_acts_[j].Resize(jb.n, jb.F, opt.mode, simd_h);
     first_item[j + 1] = first_item[j] + (jb.n + 3) / 4;
   }
-  pool->Run(first_item[nj], [&](int item, int) {
+  cheap->Run(first_item[nj], [&](int item, int) {
     const int j = job_of(item);
     const Job& jb = jobs_[j];
     const int n0 = (item - first_item[j]) * 4, n1 = std::min(jb.n, n0 + 4);

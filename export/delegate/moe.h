@@ -74,6 +74,7 @@ class MoeBlock {
   std::vector<float> gu_out_;               // per job [n, 2F]
   std::vector<float> h_;                    // per job [n, F]
   std::vector<std::vector<float>> tmp_;     // per thread [T, tile]
+  ThreadPool inline_pool_{1};               // runs items on the caller
 };
 
 }  // namespace mm
