@@ -15,14 +15,11 @@
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
-ACTION="${1:-}"
-[[ "$ACTION" == -h || "$ACTION" == --help ]] && usage 0
-[[ "$ACTION" =~ ^(apply|logs|delete)$ ]] || die "first argument must be apply, logs or delete, got '${ACTION}'"
-shift
-IMAGE="" BUCKET="" RUN="" CONFIG="" TYPE="" TOPOLOGY="" CHIPS_PER_WORKER=4 MAX_RESTARTS=10
+ACTION="" IMAGE="" BUCKET="" RUN="" CONFIG="" TYPE="" TOPOLOGY="" CHIPS_PER_WORKER=4 MAX_RESTARTS=10
 SERVICE_ACCOUNT=default
 while (($#)); do
   common_flag "$1" || case "$1" in
+    apply | logs | delete) ACTION="$1" ;;
     --image=*) IMAGE="${1#*=}" ;;
     --bucket=*) BUCKET="${1#*=}" ;;
     --run=*) RUN="${1#*=}" ;;
@@ -37,6 +34,7 @@ while (($#)); do
   esac
   shift
 done
+[[ -n "$ACTION" ]] || die "say what to do: apply, logs or delete"
 require "$NAME" --name "the JobSet name"
 
 if [[ "$ACTION" == logs ]]; then
@@ -78,16 +76,20 @@ workers=$((chips / CHIPS_PER_WORKER))
 command=(launch/worker.sh "--workdir=${BUCKET%/}/$RUN" "--config=$CONFIG")
 if ((${#EXTRA[@]})); then command+=(-- "${EXTRA[@]}"); fi
 yaml_command=""
+bs="\\" dq='"'
 for w in "${command[@]}"; do
-  w="${w//\\/\\\\}"
-  yaml_command+="${yaml_command:+, }\"${w//\"/\\\"}\""
+  w=${w//"$bs"/"$bs$bs"}
+  w=${w//"$dq"/"$bs$dq"}
+  yaml_command+="${yaml_command:+, }\"$w\""
 done
 
 manifest="$(<"$LAUNCH_DIR/jobset.yaml")"
 for pair in "NAME=$NAME" "IMAGE=$IMAGE" "MAX_RESTARTS=$MAX_RESTARTS" "WORKERS=$workers" \
             "SERVICE_ACCOUNT=$SERVICE_ACCOUNT" "ACCELERATOR=$accelerator" "TOPOLOGY=$TOPOLOGY" \
             "CHIPS_PER_WORKER=$CHIPS_PER_WORKER" "COMMAND=[$yaml_command]"; do
-  manifest="${manifest//\$\{${pair%%=*}\}/${pair#*=}}"
+  # Quoted pattern and value: taken literally (no globbing, no `&` or `\` processing).
+  placeholder="\${${pair%%=*}}" value="${pair#*=}"
+  manifest=${manifest//"$placeholder"/"$value"}
 done
 if [[ "$manifest" == *"\${"* ]]; then die "jobset.yaml has a placeholder gke.sh does not fill"; fi
 
