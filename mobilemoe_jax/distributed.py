@@ -84,6 +84,26 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None) ->
   return jax.process_count() > 1
 
 
+def stop_requested(step: int, sigterm_seen: bool) -> bool:
+  """Whether to save and stop after `step`, the same answer on every process.
+
+  A preemption (or launch/stop.sh) delivers SIGTERM to each host at a slightly different
+  time. If each process stopped at the step it saw the signal, one would be saving (Orbax
+  collectives) while another ran the next step (training collectives): on CPU that aborts
+  with a gloo "collective mismatch", on TPU it hangs. So with several processes the answer
+  comes from JAX's preemption sync manager: it catches SIGTERM itself, tells every process,
+  and they agree on the first step all of them reach. It must see the signal, so a
+  multi-process run must not install a Python SIGTERM handler (that would replace JAX's);
+  `sigterm_seen` (the trainer's own handler) is used only by a single process.
+  Call it after every step, on every process.
+  """
+  import jax
+  if jax.process_count() == 1:
+    return sigterm_seen
+  from jax.experimental import multihost_utils
+  return multihost_utils.reached_preemption_sync_point(step)
+
+
 def _smoke(argv):
   """Prints who is who and checks a cross-process sum: run it on a new slice before training."""
   del argv
