@@ -1,0 +1,186 @@
+"""The .tflite export: fp32 == PyTorch, prefill + decode == full forward, weights really INT4
+on our grid (read from the schema), and the delegate lowering (structure + the delegate).
+
+One small MoE model (a windowed dense layer, then a global MoE layer) is converted once per
+lowering; quantized variants are made from the fp32 flatbuffer, which is fast.
+"""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+pytest.importorskip('litert_torch')
+
+from export import flatbuf, litert, moe_op
+from export import torch_model as tm
+from export.runner import LiteRTLM
+from mobilemoe_jax.quant import grid
+from tests.test_export_torch import make
+
+KV_LEN = 96
+TOK = np.random.default_rng(1).integers(0, 2048, 88)      # past the 64-token window
+
+
+@pytest.fixture(scope='module')
+def small():
+  cfg, m = make('moe')
+  cfg.n_layers = 2
+  cfg.sliding_window = 64
+  from flax import nnx
+  from mobilemoe_jax.model import Transformer
+  m = Transformer(cfg, rngs=nnx.Rngs(3))
+  for b in m.blocks:
+    if hasattr(b.ffn, 'router'):
+      b.ffn.router[...] = b.ffn.router[...] * 30.0
+  return tm.from_flax(m, cfg)
+
+
+@pytest.fixture(scope='module')
+def fp32_path(small, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('litert') / 'fp32.tflite')
+  small.set_moe_lowering('portable')
+  litert.convert_fp32(small, path, prefill_lens=(8, 32), kv_len=KV_LEN, log=lambda _: None)
+  return path
+
+
+def torch_logits(model):
+  with torch.no_grad():
+    return model(torch.from_numpy(TOK[None]).long())[0].numpy()
+
+
+def run(path, n_prompt=70, delegate=None):
+  """Prefill (chunks of 32 and a padded 8) then decode the rest."""
+  lm = LiteRTLM(path, delegate=delegate)
+  out = [lm.prefill(TOK[:n_prompt])]
+  out += [lm.decode(t)[None] for t in TOK[n_prompt:]]
+  return np.concatenate(out)
+
+
+def test_fp32_equals_torch_and_cache_equals_full_forward(small, fp32_path):
+  want = torch_logits(small)
+  # Prefill-only, prefill+decode and decode-only all reproduce the full forward.
+  for n_prompt in (88, 70, 1):
+    np.testing.assert_allclose(run(fp32_path, n_prompt), want, atol=1e-4, rtol=0)
+  model, _ = flatbuf.load(fp32_path)
+  assert sorted(flatbuf.signatures(model)) == ['decode', 'prefill_32', 'prefill_8']
+
+
+@pytest.mark.parametrize('quant,emb', [('int4_g32', 'int8'), ('int4_channel', 'int4')])
+def test_int4_weights_are_int4_on_our_grid(small, fp32_path, tmp_path, quant, emb):
+  out = str(tmp_path / f'{quant}.tflite')
+  litert.quantize(fp32_path, out, quant, emb, small.cfg, log=lambda _: None)
+  model, raw = flatbuf.load(out)
+  scheme = grid.get_scheme(quant)
+  # Every FC weight but the router, and the (tied) lm_head, as we would quantize it.
+  ours = {}
+  for name, mod in small.named_modules():
+    if isinstance(mod, torch.nn.Linear) and not name.endswith('router'):
+      ours[name] = mod.weight.detach().numpy()
+  ours['lm_head'] = small.embed.weight.detach().numpy()
+  expected = {}
+  for name, w in ours.items():
+    q, s = grid.quantize(w, scheme)
+    expected[q.tobytes()] = (name, s)
+  n_fc, n_int4 = 0, 0
+  for sg in model.subgraphs[:1]:
+    for op in sg.operators:
+      if max(model.operatorCodes[op.opcodeIndex].builtinCode,
+             model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) != 9:
+        continue
+      t = sg.tensors[op.inputs[1]]
+      n_fc += 1
+      if t.type == flatbuf.T.FLOAT32:
+        assert t.shape[0] == small.cfg['moe']['n_experts'], 'only the router stays fp32'
+        continue
+      assert flatbuf.TYPE_NAMES[t.type] == 'INT4'
+      n_int4 += 1
+      q = flatbuf.tensor_value(model, raw, t)
+      assert q.tobytes() in expected, f'{t.name}: integers not on our grid'
+      s, qdim, block = flatbuf.weight_quant(model, raw, sg, t)
+      assert block == scheme.group and qdim == 0
+      np.testing.assert_array_equal(s.reshape(expected[q.tobytes()][1].shape), expected[q.tobytes()][1])
+  assert n_int4 >= len(ours) - 1 and n_fc > n_int4
+  rep = litert.report(out)
+  # All those weights are stored at half a byte each (read from the schema).
+  assert rep['weight_bytes']['INT4'] >= sum(w.size for w in ours.values()) // 2
+  assert rep['int4_fraction'] > 0.4
+  # And the model still computes the fake-quantized network (dynamic int8 activations on top).
+  ref = torch_logits(litert.fake_quant(small, quant, emb))
+  got = run(out)
+  err = np.abs(got - ref).max() / np.abs(ref).max()
+  assert err < 0.05, err
+  assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_int8_and_embedding(small, fp32_path, tmp_path):
+  out = str(tmp_path / 'int8.tflite')
+  litert.quantize(fp32_path, out, 'int8', 'int8', small.cfg, log=lambda _: None)
+  by_type = litert.report(out)['weight_bytes']
+  assert by_type.get('INT8', 0) > 0 and 'INT4' not in by_type
+  ref = torch_logits(litert.fake_quant(small, 'int8', 'int8'))
+  np.testing.assert_allclose(run(out), ref, atol=0.02 * np.abs(ref).max(), rtol=0)
+
+
+def test_bad_quant_is_refused(small):
+  with pytest.raises(ValueError, match='unknown --quant'):
+    litert.recipe('int3', 'int8', small.cfg)
+
+
+@pytest.fixture(scope='module')
+def delegate_dir(small, tmp_path_factory):
+  """The CLI on a saved PyTorch dir with --moe delegate."""
+  from export import __main__ as cli
+  d = tmp_path_factory.mktemp('cli')
+  tm.save(small, str(d / 'torch'))
+  out = str(d / 'moe_delegate.tflite')
+  cli.main(['--checkpoint', str(d / 'torch'), '--out', out, '--quant', 'fp32', '--embedding', 'fp32', '--moe', 'delegate',
+            '--prefill', '8,32', '--kv-len', str(KV_LEN), '--no-verify'])
+  small.set_moe_lowering('portable')
+  return out
+
+
+def test_delegate_op_structure(small, delegate_dir):
+  model, _ = flatbuf.load(delegate_dir)
+  assert 'MobileMoeBlock' in flatbuf.op_names(model)
+  assert 'TOPK_V2' not in flatbuf.op_names(model)        # routing lives inside the op
+  ops = moe_op.read_ops(delegate_dir)
+  assert len(ops) == 1                                     # one MoE layer (per signature)
+  opts, ws = ops[0]
+  m = small.cfg['moe']
+  assert opts == {'num_experts': 8, 'top_k': 2, 'd_model': 128, 'd_expert': 64, 'd_shared': 64,
+                  'group_size': 32, 'score_func': 'softmax', 'norm_topk_prob': True,
+                  'routed_scale': 1.0, 'act': 'silu'}
+  moe = small.blocks[1].ffn
+  e, f, d = m['n_experts'], m['d_expert'], small.cfg['d_model']
+  assert ws['gate_up_q'].shape == (e, 2 * f, d // 2) and ws['gate_up_s'].shape == (e, 2 * f, d // 32)
+  assert ws['down_q'].shape == (e, d, f // 2) and ws['down_s'].shape == (e, d, f // 32)
+  # Packed tensors decode back to the grid values of the weights.
+  gu = moe.gate_up.weight.detach().numpy().reshape(e, 2 * f, d)
+  np.testing.assert_array_equal(moe_op.unpack(ws['gate_up_q'], ws['gate_up_s']), grid.fake_quant(gu))
+  gate0 = moe.gate_up.weight.detach().numpy()[:f]        # expert 0's gate rows come first
+  assert np.abs(moe_op.unpack(ws['gate_up_q'], ws['gate_up_s'])[0, :f] - gate0).max() < 0.02
+  down = np.stack([l.weight.detach().numpy() for l in moe.down])
+  np.testing.assert_array_equal(moe_op.unpack(ws['down_q'], ws['down_s']), grid.fake_quant(down))
+  sh = np.concatenate([moe.shared.gate.weight.detach().numpy(), moe.shared.up.weight.detach().numpy()])
+  np.testing.assert_array_equal(moe_op.unpack(ws['shared_gate_up_q'], ws['shared_gate_up_s']),
+                                grid.fake_quant(sh))
+  np.testing.assert_array_equal(ws['router_w'], moe.router.weight.detach().numpy())
+
+
+def test_delegate_runs_the_op(small, delegate_dir):
+  export_delegate = pytest.importorskip('export.delegate')
+  try:
+    dlg = export_delegate.load(activations='fp32')
+  except Exception as e:   # no compiler on this machine
+    pytest.skip(f'delegate library unavailable: {e}')
+  got = run(delegate_dir, delegate=dlg)
+  st = export_delegate.stats(dlg)
+  assert st['claimed'] >= 1 and st['refused'] == 0 and st['invokes'] > 0
+  small.set_moe_lowering('delegate')
+  try:
+    ref = torch_logits(small)           # the op's dequantized reference inside PyTorch
+  finally:
+    small.set_moe_lowering('portable')
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+  assert (got.argmax(-1) == ref.argmax(-1)).all()
