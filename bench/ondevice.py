@@ -16,7 +16,9 @@ INT4 group 32, random weights):
   limit             active INT4 bytes per token / measured DRAM read bandwidth
 Decode uses a stack of L blocks with different weights (x + MoE(x) each), so the
 weights (> L3) stream from DRAM as on a phone; each step feeds a new random token.
-Every configuration runs in its own process (clean caches, own peak RSS).
+Models are built in one child process and timed in another; the models of one
+comparison are timed in the same window with alternating invokes, so on a
+shared machine they see the same background load. Peak RSS: each model alone.
 """
 
 from __future__ import annotations
@@ -254,36 +256,60 @@ def build(method, L, path):
   print(json.dumps({"D": D, "layers": layers, "model_mb": len(model) / 2**20}))
 
 
-def worker(method, path, D, layers, Ts, budget_s):
-  """Child process 2: for each T, times invoke() on fresh random inputs."""
+def _load(method, path, T, D):
   from ai_edge_litert.interpreter import Interpreter
-  uses_delegate = method in ("delegate", "moe_s_ffn")
-  d = dl.load(num_threads=THREADS) if uses_delegate else None
+  d = dl.load(num_threads=THREADS) if method in ("delegate", "moe_s_ffn") else None
   it = Interpreter(model_path=path, experimental_delegates=[d] if d else [],
                    num_threads=THREADS)
   idx = it.get_input_details()[0]["index"]
+  it.resize_tensor_input(idx, [T, D])
+  it.allocate_tensors()
+  if d is not None:
+    s = dl.stats(d)
+    assert s["claimed"] > 0 and s["refused"] == 0, s
+  return it, idx, d
+
+
+def race(methods, paths, Ds, Ts, budget_s):
+  """Child process: times several models in one window, alternating invokes
+  (A B C A B C ...), so all see the same background load on a shared box."""
   rng = np.random.default_rng(1)
   out = []
   for T in Ts:
-    it.resize_tensor_input(idx, [T, D])
-    it.allocate_tensors()
-    if d is not None:
-      s = dl.stats(d)
-      assert s["claimed"] > 0 and s["refused"] == 0, s
-    xs = [rng.standard_normal((T, D)).astype(np.float32) for _ in range(8 if T == 1 else 2)]
-    for i in range(2 if T == 1 else 1):  # warm-up
-      it.set_tensor(idx, xs[i % len(xs)])
-      it.invoke()
-    times, t_end = [], time.perf_counter() + budget_s
-    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 2000):
-      it.set_tensor(idx, xs[len(times) % len(xs)])
-      t0 = time.perf_counter()
-      it.invoke()
-      times.append(time.perf_counter() - t0)
-    t = np.array(times) * 1e3
-    out.append({"T": T, "n": len(t), "median_ms": float(np.median(t)),
-                "p10_ms": float(np.percentile(t, 10)), "layers": layers})
-  print(json.dumps({"runs": out, "peak_rss_mb": peak_rss_mb()}))
+    its = [_load(m, p, T, D) for m, p, D in zip(methods, paths, Ds)]
+    xs = [[rng.standard_normal((T, D)).astype(np.float32) for _ in range(8 if T == 1 else 2)]
+          for D in Ds]
+    for (it, idx, _), x in zip(its, xs):  # warm-up
+      for i in range(2 if T == 1 else 1):
+        it.set_tensor(idx, x[i % len(x)])
+        it.invoke()
+    times = [[] for _ in methods]
+    t_end = time.perf_counter() + budget_s * len(methods)
+    r = 0
+    while r < 3 or (time.perf_counter() < t_end and r < 2000):
+      for k in range(len(methods)):
+        j = (k + r) % len(methods)  # rotate who goes first
+        it, idx, _ = its[j]
+        it.set_tensor(idx, xs[j][r % len(xs[j])])
+        t0 = time.perf_counter()
+        it.invoke()
+        times[j].append(time.perf_counter() - t0)
+      r += 1
+    for m, t in zip(methods, times):
+      t = np.array(t) * 1e3
+      out.append({"method": m, "T": T, "n": len(t), "median_ms": float(np.median(t)),
+                  "p10_ms": float(np.percentile(t, 10))})
+    del its
+  print(json.dumps({"runs": out}))
+
+
+def rss(method, path, D, Ts):
+  """Child process: peak RSS of loading one model and running each T once."""
+  for T in Ts:
+    it, idx, _ = _load(method, path, T, D)
+    it.set_tensor(idx, np.zeros((T, D), np.float32))
+    it.invoke()
+  print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
 def run_child(*args):
@@ -295,18 +321,25 @@ def run_child(*args):
   return json.loads(lines[-1])
 
 
-def measure(method, L, Ts, budget_s, tmp):
-  path = os.path.join(tmp, f"{method}.tflite")
-  b = run_child("--build", method, L, path)
-  r = run_child("--worker", method, path, b["D"], b["layers"], ",".join(map(str, Ts)), budget_s)
-  os.remove(path)
+def measure(methods, L, Ts, budget_s, tmp):
+  """Builds each model, records its peak RSS alone, then times them together."""
+  built = {}
+  for m in methods:
+    path = os.path.join(tmp, f"{m}.tflite")
+    built[m] = dict(run_child("--build", m, L, path), path=path)
+    built[m].update(run_child("--rss", m, path, built[m]["D"], ",".join(map(str, Ts))))
+  r = run_child("--race", ",".join(methods), ",".join(built[m]["path"] for m in methods),
+                ",".join(str(built[m]["D"]) for m in methods), ",".join(map(str, Ts)), budget_s)
   rows = []
   for run in r["runs"]:
-    per = run["layers"] if method in BUILDERS else 1  # blocks: per block; stacks: per model
-    rows.append({"method": method, "T": run["T"], "n": run["n"],
+    b = built[run["method"]]
+    per = b["layers"] if run["method"] in BUILDERS else 1  # blocks: per block
+    rows.append({"method": run["method"], "T": run["T"], "n": run["n"],
                  "median_ms": run["median_ms"] / per, "p10_ms": run["p10_ms"] / per,
-                 "per": "block" if method in BUILDERS else "ffn stack",
-                 "model_mb": b["model_mb"], "peak_rss_mb": r["peak_rss_mb"]})
+                 "per": "block" if run["method"] in BUILDERS else "ffn stack",
+                 "model_mb": b["model_mb"], "peak_rss_mb": b["peak_rss_mb"]})
+  for m in methods:
+    os.remove(built[m]["path"])
   return rows
 
 
@@ -399,7 +432,8 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--table", action="store_true", help="print the README table of --out")
   ap.add_argument("--build", nargs=3, metavar=("METHOD", "L", "PATH"))
-  ap.add_argument("--worker", nargs=6, metavar=("METHOD", "PATH", "D", "LAYERS", "TS", "BUDGET_S"))
+  ap.add_argument("--race", nargs=5, metavar=("METHODS", "PATHS", "DS", "TS", "BUDGET_S"))
+  ap.add_argument("--rss", nargs=4, metavar=("METHOD", "PATH", "D", "TS"))
   ap.add_argument("--quick", action="store_true", help="fewer layers/iterations (smoke test)")
   ap.add_argument("--moe_model")
   ap.add_argument("--dense_model")
@@ -410,9 +444,12 @@ def main():
       return print(markdown_table(json.load(f)))
   if a.build:
     return build(a.build[0], int(a.build[1]), a.build[2])
-  if a.worker:
-    m, path, D, layers, Ts, budget = a.worker
-    return worker(m, path, int(D), int(layers), [int(t) for t in Ts.split(",")], float(budget))
+  ints = lambda csv: [int(v) for v in csv.split(",")]
+  if a.race:
+    ms_, paths, Ds, Ts_, budget = a.race
+    return race(ms_.split(","), paths.split(","), ints(Ds), ints(Ts_), float(budget))
+  if a.rss:
+    return rss(a.rss[0], a.rss[1], int(a.rss[2]), ints(a.rss[3]))
 
   t_start = time.time()
   load0 = os.getloadavg()
@@ -424,10 +461,11 @@ def main():
   print(f"DRAM read bandwidth ({THREADS} threads): {bw:.1f} GB/s", flush=True)
   rows = []
   tmp = tempfile.mkdtemp()
-  for method in ("delegate", "all_experts", "upstream_moe", "moe_s_ffn", "pro_ffn"):
-    if a.quick and method in STACKS:
-      continue
-    for r in measure(method, L, Ts, budget, tmp):
+  groups = [("delegate", "all_experts", "upstream_moe")]
+  if not a.quick:
+    groups.append(("moe_s_ffn", "pro_ffn"))
+  for group in groups:
+    for r in measure(group, L, Ts, budget, tmp):
       rows.append(r)
       print(json.dumps(r), flush=True)
 
