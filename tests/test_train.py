@@ -2,6 +2,7 @@
 import glob
 import itertools
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -12,13 +13,21 @@ from mobilemoe_jax.data import build, pipeline
 from mobilemoe_jax.train import CheckpointError, NonFiniteError, optim, train_and_evaluate, trainer
 from mobilemoe_jax.train import metrics as metrics_lib
 
-# Small enough to compile in seconds: 2 layers (dense, then MoE with 8 experts).
+# Compiling dominates these tests; XLA's on-disk cache lets runs with the same config
+# (and the subprocesses of test_train_resume.py) compile once.
+jax.config.update('jax_compilation_cache_dir', os.environ.get(
+    'MOBILEMOE_TEST_XLA_CACHE', os.path.join(tempfile.gettempdir(), 'mobilemoe_jax_test_xla_cache')))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+
+# Small enough to compile in seconds: 2 layers (dense, then MoE with 8 experts). Tests keep
+# steps=6 and on_nonfinite='stop' unless they need otherwise, so they share compiled steps.
 SMALL = {'model.n_layers': 2, 'model.d_model': 64, 'model.d_ff': 128, 'model.vocab_size': 512,
          'train.batch_size': 8, 'train.seq_len': 32, 'train.log_every': 1, 'train.eval_batches': 1,
-         'train.warmup_steps': 2, 'train.progress': False, 'train.async_checkpoints': True}
+         'train.warmup_steps': 2, 'train.progress': False, 'train.steps': 6,
+         'train.checkpoint_every': 3}
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('data'))
   build.build(out, max_bytes=200_000, vocab_size=512, progress=False)
@@ -48,8 +57,7 @@ def _poison_step(monkeypatch, bad_step):
 
 def test_nonfinite_stop_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
   _poison_step(monkeypatch, 4)
-  config = make_config(data_dir, **{'train.steps': 6, 'train.checkpoint_every': 3,
-                                    'train.on_nonfinite': 'stop'})
+  config = make_config(data_dir)
   with pytest.raises(NonFiniteError, match=r'step 4 .*last good checkpoint is .*checkpoints/3'):
     train_and_evaluate(config, str(tmp_path))
   saved = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / 'checkpoints' / '[0-9]*')))
@@ -58,24 +66,25 @@ def test_nonfinite_stop_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypat
 
 def test_nonfinite_skip_is_recorded(data_dir, tmp_path, monkeypatch):
   _poison_step(monkeypatch, 2)
-  config = make_config(data_dir, **{'train.steps': 4, 'train.on_nonfinite': 'skip'})
+  config = make_config(data_dir, **{'train.on_nonfinite': 'skip'})
   summary = train_and_evaluate(config, str(tmp_path))
   logged = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
-  assert [logged[s]['train/nonfinite_skipped'] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
-  assert summary['skipped'] == 1 and summary['steps'] == 4
-  assert all(np.isfinite(logged[s]['train/loss']) for s in (1, 3, 4))
+  assert [logged[s]['train/nonfinite_skipped'] for s in range(1, 7)] == [0, 1, 1, 1, 1, 1]
+  assert summary['skipped'] == 1 and summary['steps'] == 6
+  assert np.isnan(logged[2]['train/loss'])
+  assert all(np.isfinite(logged[s]['train/loss']) for s in (1, 3, 4, 5, 6))
 
 
 @pytest.fixture(scope='module')
 def trained(data_dir, tmp_path_factory):
-  """A 2-step pre-training run with a checkpoint, shared by the checkpoint tests."""
+  """A finished 6-step pre-training run, shared by the checkpoint tests."""
   workdir = str(tmp_path_factory.mktemp('pretrain'))
-  train_and_evaluate(make_config(data_dir, **{'train.steps': 2}), workdir)
+  train_and_evaluate(make_config(data_dir), workdir)
   return workdir
 
 
 def test_mismatched_checkpoint_names_the_parameter(data_dir, trained, tmp_path):
-  config = make_config(data_dir, **{'train.steps': 3, 'model.d_ff': 96})
+  config = make_config(data_dir, **{'train.steps': 7, 'model.d_ff': 96})
   with pytest.raises(CheckpointError) as err:
     train_and_evaluate(config, trained)
   msg = str(err.value)
@@ -86,24 +95,31 @@ def test_corrupt_checkpoint_names_the_checkpoint(data_dir, trained, tmp_path):
   import shutil
   workdir = tmp_path / 'copy'
   shutil.copytree(trained, workdir)
-  step_dir = workdir / 'checkpoints' / '2'
+  step_dir = workdir / 'checkpoints' / '6'
   for path in glob.glob(str(step_dir / 'state' / '**' / '*'), recursive=True):
     if os.path.isfile(path) and 'metadata' not in os.path.basename(path).lower():
       with open(path, 'r+b') as f:  # keep the size, destroy the bytes
         f.write(b'\xff' * os.path.getsize(path))
   with pytest.raises(CheckpointError, match=str(step_dir)):
-    train_and_evaluate(make_config(data_dir, **{'train.steps': 3}), str(workdir))
+    train_and_evaluate(make_config(data_dir, **{'train.steps': 7}), str(workdir))
 
 
 def test_stage_lineage_and_init_from(data_dir, trained, tmp_path):
+  """A stage started from another's checkpoint takes its params, restarts the optimizer
+  and records where it came from."""
   import json
-  config = make_config(data_dir, stage=sft, **{'train.steps': 1,
-                                             'train.init_from': os.path.join(trained, 'checkpoints')})
+  config = make_config(data_dir, **{'train.stage': 'midtrain',
+                                    'train.init_from': os.path.join(trained, 'checkpoints')})
   summary = train_and_evaluate(config, str(tmp_path))
   with open(os.path.join(summary['checkpoint'], 'meta', 'metadata')) as f:
     meta = json.load(f)
-  assert [(e['stage'], e['step']) for e in meta['lineage']] == [('pretrain', 2), ('sft', 1)]
-  assert meta['lineage'][0]['checkpoint'] == os.path.join(trained, 'checkpoints', '2')
+  assert [(e['stage'], e['step']) for e in meta['lineage']] == [('pretrain', 6), ('midtrain', 6)]
+  assert meta['lineage'][0]['checkpoint'] == os.path.join(trained, 'checkpoints', '6')
+  # Same params and held-out set: step 0 of this stage scores exactly what the last one did.
+  assert summary['ppl_start'] == trainer.stage_summary(trained, 'pretrain')['ppl_end']
+  # A fresh optimizer: the LR warms up from 0 again.
+  logged = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert logged[1]['train/lr'] == 0.0
 
 
 def test_sft_prompt_tokens_carry_no_loss(data_dir):

@@ -13,14 +13,18 @@ from mobilemoe_jax.eval import tasks as tasks_lib
 def evaluate(lm, specs, *, include=(), limit: int | None = None,
              log_samples: bool = False) -> dict:
   """lm_eval's simple_evaluate, offline, with fixed seeds.
-  specs: task names or {'task': name, overrides}; include: directories of extra task YAMLs."""
+  specs: task names or {'task': name, overrides}; include: directories of extra task YAMLs.
+  lm_eval's own task index (seconds to build) is read only when a spec is not from `include`."""
   tasks_lib.go_offline()
   from lm_eval import evaluator
   from lm_eval.tasks import TaskManager
 
+  local = {p.stem for d in include for p in pathlib.Path(d).glob('*.yaml')}
+  builtin = any((s['task'] if isinstance(s, dict) else s) not in local for s in specs)
+  manager = TaskManager(include_path=list(include) or None, include_defaults=builtin)
   return evaluator.simple_evaluate(
       model=lm, tasks=list(specs), limit=limit or None, log_samples=log_samples,
-      task_manager=TaskManager(include_path=list(include) or None), bootstrap_iters=1000,
+      task_manager=manager, bootstrap_iters=1000,
       torch_random_seed=None)  # None: lm_eval would import torch only to seed it
 
 

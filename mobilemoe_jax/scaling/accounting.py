@@ -139,24 +139,36 @@ ONDEVICE_JSON = os.path.join('bench', 'results', 'ondevice.json')
 
 
 def load_device(path: str = ONDEVICE_JSON) -> DeviceModel:
-  """Reads the latency constants from a benchmark record when it exists, else the placeholders.
+  """The latency constants from a benchmark record when one exists, else the placeholders.
 
-  The file is a JSON object with (at least)
-    "decode_bytes_per_s":  weight bytes per decoded token x measured decode tokens/s,
-    "prefill_flops_per_s": forward FLOPs of the prompt / measured prefill seconds,
-  and optionally "device" (a name). Anything else in it is ignored.
+  Two layouts are read:
+  - explicit rates: {"decode_bytes_per_s": ..., "prefill_flops_per_s": ..., "device": ...};
+  - `bench/ondevice.py`'s record: the MoE-block rows of method "delegate". Decode rate =
+    "active_bytes_per_token_per_block" / the T=1 median time (an *effective* rate: it includes
+    whatever compute overhead the kernel has, which is what a latency estimate needs); prefill
+    rate = the block's matmul + router FLOPs per token x T / the largest-T median time.
   """
   if not os.path.exists(path):
     return ASSUMED_DEVICE
   with open(path) as f:
     rec = json.load(f)
-  missing = [k for k in ('decode_bytes_per_s', 'prefill_flops_per_s') if k not in rec]
-  if missing:
-    raise ValueError(f'{path}: missing field(s) {missing}; expected decode_bytes_per_s and '
-                     'prefill_flops_per_s (see accounting.load_device)')
-  return DeviceModel(bandwidth=float(rec['decode_bytes_per_s']),
-                     compute=float(rec['prefill_flops_per_s']),
-                     source=f"{path} ({rec.get('device', 'unnamed device')})")
+  name = rec.get('device') or rec.get('machine', {}).get('cpu', 'unnamed device')
+  if 'decode_bytes_per_s' in rec and 'prefill_flops_per_s' in rec:
+    return DeviceModel(bandwidth=float(rec['decode_bytes_per_s']),
+                       compute=float(rec['prefill_flops_per_s']), source=f'{path} ({name})')
+  rows = [r for r in rec.get('rows', []) if r.get('method') == 'delegate' and r.get('per') == 'block']
+  if 'active_bytes_per_token_per_block' in rec and 'block' in rec and rows:
+    b = rec['block']
+    decode = min(rows, key=lambda r: r['T'])
+    prefill = max(rows, key=lambda r: r['T'])
+    flops = 2 * (b['top_k'] * 3 * b['d_expert'] + 3 * b['d_shared']) * b['d_model'] \
+        + 2 * b['num_experts'] * b['d_model']
+    return DeviceModel(
+        bandwidth=rec['active_bytes_per_token_per_block'] / (decode['median_ms'] / 1e3),
+        compute=flops * prefill['T'] / (prefill['median_ms'] / 1e3),
+        source=f"{path} (MoE-block benchmark on {name}, delegate medians)")
+  raise ValueError(f'{path}: neither decode_bytes_per_s/prefill_flops_per_s nor a bench/ondevice.py '
+                   'record with delegate rows; see accounting.load_device')
 
 
 def decode_seconds(cfg, device: DeviceModel = ASSUMED_DEVICE, context: int = 0) -> float:

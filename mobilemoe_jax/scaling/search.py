@@ -14,7 +14,7 @@ What the law cannot see, the space decides: the law knows N, S, G and D only, no
 parameters are arranged. So the aspect ratio d_model / n_layers is kept in [32, 64] (every
 preset and MobileLLM-Pro lie in it; MobileLLM found deep-and-thin best at this size, and
 Kaplan et al. found loss flat over a wide band of aspect ratios), and heads = d_model /
-head_dim with the family's head_dim.
+head_dim (the family's unless `--head_dim` lists others).
 """
 import dataclasses
 import itertools
@@ -26,7 +26,7 @@ import numpy as np
 from mobilemoe_jax import config as config_lib
 from mobilemoe_jax.scaling import accounting, law
 
-SHAPE_FIELDS = ('d_model', 'n_layers', 'n_heads', 'd_ff')
+SHAPE_FIELDS = ('d_model', 'n_layers', 'n_heads', 'head_dim', 'd_ff')
 MOE_SHAPE_FIELDS = ('n_experts', 'top_k', 'd_expert', 'n_shared', 'd_shared')
 
 
@@ -39,6 +39,7 @@ class Space:
   d_model: tuple = (384, 512, 640, 768, 896, 1024, 1152, 1280, 1408, 1536)
   n_layers: tuple = tuple(range(8, 41, 2))
   aspect: tuple = (32, 64)               # allowed d_model / n_layers, inclusive
+  head_dim: tuple = ()                   # () = the family's; heads = d_model / head_dim
   d_ff_ratio: tuple = (8 / 3, 4.0, 4.8)  # dense FFN hidden / d_model (rounded to 128)
   n_experts: tuple = (0, 8, 16, 32, 64, 72, 96, 128)   # 0: a dense model
   top_k: tuple = (1, 2, 4, 6, 8)
@@ -82,21 +83,21 @@ def _shapes(base, space: Space):
                                              space.shared):
     if e and k <= e:
       experts.append((e, k, de, ns, r * de))
-  for d in space.d_model:
-    if d % base.head_dim or (d // base.head_dim) % base.n_kv_heads:
+  for d, hd in itertools.product(space.d_model, space.head_dim or (base.head_dim,)):
+    if d % hd or (d // hd) % base.n_kv_heads:
       continue           # heads must be a whole number and a multiple of the KV heads
-    heads = d // base.head_dim
+    heads = d // hd
     layers = [n for n in space.n_layers if space.aspect[0] <= d / n <= space.aspect[1]]
     layers = [n for n in layers if n > base.moe.first_dense]
     d_ffs = sorted({int(round(r * d / 128)) * 128 for r in space.d_ff_ratio})
     for d_ff, ex in itertools.product(d_ffs, experts):
-      yield (d, heads, d_ff, ex), layers
+      yield (d, heads, hd, d_ff, ex), layers
 
 
-def _make(base, d, heads, d_ff, ex, n_layers):
+def _make(base, d, heads, hd, d_ff, ex, n_layers):
   m = types.SimpleNamespace(**vars(base))
   m.moe = types.SimpleNamespace(**vars(base.moe))
-  m.d_model, m.n_heads, m.d_ff, m.n_layers = d, heads, d_ff, n_layers
+  m.d_model, m.n_heads, m.head_dim, m.d_ff, m.n_layers = d, heads, hd, d_ff, n_layers
   (m.moe.n_experts, m.moe.top_k, m.moe.d_expert, m.moe.n_shared, m.moe.d_shared) = ex
   if not ex[0]:          # a dense model: keep the family's (unused) expert fields valid
     m.moe.top_k, m.moe.d_expert, m.moe.n_shared, m.moe.d_shared = (
@@ -158,9 +159,9 @@ def search(budgets: Budgets, family=None, space: Space = Space(),
     family = mobilemoe_s.get_config().model
   base = _namespace(config_lib.validate(family))
   found, n_eval = [], 0
-  for (d, heads, d_ff, ex), layers in _shapes(base, space):
+  for (d, heads, hd, d_ff, ex), layers in _shapes(base, space):
     for n in layers:            # ascending: once over a budget, deeper is over it too
-      m = _make(base, d, heads, d_ff, ex, n)
+      m = _make(base, d, heads, hd, d_ff, ex, n)
       c = accounting.costs(m, budgets.context, device, check=False)
       n_eval += 1
       if not _within(c, budgets):
@@ -215,7 +216,8 @@ def _describe(r: dict) -> str:
   moe = (f"{s['n_experts']}x{s['d_expert']} top-{s['top_k']}"
          + (f" + {s['n_shared']} shared {s['d_shared']}" if s['n_shared'] else '')
          + f" (dense layer d_ff {s['d_ff']})" if s['n_experts'] else f"dense d_ff {s['d_ff']}")
-  return (f"d_model {s['d_model']}, {s['n_layers']} layers, {s['n_heads']} heads, {moe}: "
+  return (f"d_model {s['d_model']}, {s['n_layers']} layers, {s['n_heads']} heads of "
+          f"{s['head_dim']}, {moe}: "
           f"{r['active_params'] / 1e6:.0f}M active / {r['total_params'] / 1e6:.0f}M total, "
           f"{r['int4_bytes'] / 1e9:.3f} GB INT4, {r['forward_flops'] / 1e6:.0f} MFLOPs/token, "
           f"decode {r['decode_s'] * 1e3:.2f} ms, predicted loss {r['loss']:.4f}")
@@ -329,9 +331,12 @@ def main(argv=None):
                   help='preset whose non-shape fields are kept (configs/stages/common.py names)')
   ap.add_argument('--law', default='', help='JSON of fitted law parameters (law.py --out); '
                   'default: law.REFERENCE')
-  for field in ('d_model', 'n_layers', 'n_experts', 'top_k', 'd_expert'):
+  for field in ('d_model', 'n_layers', 'head_dim', 'n_experts', 'top_k', 'd_expert'):
     ap.add_argument(f'--{field}', default='', help=f'comma-separated {field} values to search '
                     f'(default: {getattr(Space(), field)})')
+  ap.add_argument('--device_json', default=accounting.ONDEVICE_JSON,
+                  help='latency constants (accounting.load_device); a missing file means the '
+                  'assumed placeholders')
   ap.add_argument('--top', type=int, default=5, help='how many of the best shapes to print')
   ap.add_argument('--write', default='', help='directory for the optimum config file')
   ap.add_argument('--name', default='', help='file name for --write (default from budgets)')
@@ -350,10 +355,11 @@ def main(argv=None):
   b = Budgets(memory_bytes=a.memory_gb * 1e9, tokens=a.tokens, flops=a.flops,
               decode_s=None if a.decode_ms is None else a.decode_ms / 1e3, context=a.context)
   space = Space(**{f: tuple(int(x) for x in getattr(a, f).split(','))
-                   for f in ('d_model', 'n_layers', 'n_experts', 'top_k', 'd_expert')
+                   for f in ('d_model', 'n_layers', 'head_dim', 'n_experts', 'top_k', 'd_expert')
                    if getattr(a, f)})
   try:
-    res = search(b, family, space=space, params=params)
+    res = search(b, family, space=space, params=params,
+                 device=accounting.load_device(a.device_json))
   except BudgetError as e:
     sys.exit(f'error: {e}')
   print(f'{res.n_evaluated} shapes evaluated, {len(res.candidates)} within budgets; device '
