@@ -42,3 +42,19 @@ def test_device_constants_from_benchmark_file(tmp_path):
   p.write_text(json.dumps({'decode_tokens_per_s': 20}))
   with pytest.raises(ValueError, match='decode_bytes_per_s'):
     accounting.load_device(str(p))
+
+
+def test_device_constants_from_the_block_benchmark_record(tmp_path):
+  # The layout bench/ondevice.py writes: a block shape and per-method timing rows.
+  block = dict(num_experts=4, top_k=1, d_model=8, d_expert=16, d_shared=16)
+  rows = [dict(method='delegate', per='block', T=1, median_ms=2.0),
+          dict(method='delegate', per='block', T=100, median_ms=10.0),
+          dict(method='all_experts', per='block', T=1, median_ms=99.0)]
+  p = tmp_path / 'ondevice.json'
+  p.write_text(json.dumps({'machine': {'cpu': 'x86_64'}, 'block': block, 'rows': rows,
+                           'active_bytes_per_token_per_block': 1000.0}))
+  dev = accounting.load_device(str(p))
+  assert dev.bandwidth == pytest.approx(1000 / 2e-3)
+  flops = 2 * (1 * 3 * 16 + 3 * 16) * 8 + 2 * 4 * 8
+  assert dev.compute == pytest.approx(flops * 100 / 10e-3)
+  assert 'x86_64' in dev.source
