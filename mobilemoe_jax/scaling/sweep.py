@@ -127,13 +127,12 @@ def done_names(out: str) -> set:
 
 
 def run_grid(runs, family, out, workdir, data_dir=None, dry_run=False, log=print):
-  done = done_names(out)
   for name, over in runs:
     cmd = command(name, family, over, workdir, data_dir)
     if dry_run:
       log(shlex.join(cmd))
       continue
-    if name in done:
+    if name in done_names(out):   # re-read each time: two sweeps may share one output file
       log(f'skip {name}: already in {out}')
       continue
     rec = record_of(name, family, over, data_dir)
