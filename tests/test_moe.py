@@ -55,7 +55,7 @@ def test_load_balancing_loss_is_one_when_balanced():
   assert float(routing.load_balancing_loss(skew, jnp.zeros((E, 1), jnp.int32), E)) == pytest.approx(E)
 
 
-@pytest.mark.parametrize('method', ['sorted', 'ragged'])
+@pytest.mark.parametrize('method', ['sorted', 'gather', 'ragged'])
 def test_fast_dispatch_equals_reference(method):
   x, logits, gate, up, down = _problem(1)
 
@@ -65,7 +65,8 @@ def test_fast_dispatch_equals_reference(method):
     y, dropped = fn(x, w, e, gate, up, down)
     return y, dropped
 
-  fast = getattr(dispatch, {'sorted': 'sorted_capacity', 'ragged': 'ragged'}[method])
+  fast = getattr(dispatch, {'sorted': 'sorted_capacity', 'gather': 'gather_capacity',
+                            'ragged': 'ragged'}[method])
   y_ref, _ = run(dispatch.dense, x, gate, up, down)
   y, dropped = run(fast, x, gate, up, down)
   assert int(dropped) == 0
@@ -77,14 +78,37 @@ def test_fast_dispatch_equals_reference(method):
   for a, b in zip(g, g_ref):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
+  # gradients into the routing weights too (the router learns through them)
+  w, e, _ = routing.route(logits, top_k=K, score_func='softmax', norm_topk_prob=True,
+                          routed_scale=1.0)
+  wloss = lambda fn: lambda w: jnp.sum(jnp.sin(fn(x, w, e, gate, up, down)[0]))
+  np.testing.assert_allclose(jax.grad(wloss(fast))(w), jax.grad(wloss(dispatch.dense))(w),
+                             atol=1e-4, rtol=1e-4)
 
-def test_capacity_drops_are_counted_and_zeroed():
+
+@pytest.mark.parametrize('fn', [dispatch.sorted_capacity, dispatch.gather_capacity])
+def test_capacity_drops_are_counted_and_zeroed(fn):
   x, _, gate, up, down = _problem(2)
   experts = jnp.zeros((N, 1), jnp.int32)            # every token wants expert 0
   weights = jnp.ones((N, 1))
   cap = dispatch.capacity(N, 1, E, 1.0)             # N/E rows per expert
-  y, dropped = dispatch.sorted_capacity(x, weights, experts, gate, up, down, capacity_factor=1.0)
+  y, dropped = fn(x, weights, experts, gate, up, down, capacity_factor=1.0)
   assert int(dropped) == N - cap
   y_ref, _ = dispatch.dense(x, weights, experts, gate, up, down)
   np.testing.assert_allclose(y[:cap], y_ref[:cap], atol=1e-5)      # earliest tokens kept
   assert np.all(np.asarray(y[cap:]) == 0)                        # dropped tokens get nothing
+
+
+def test_gather_drops_like_sorted():
+  """Same capacity -> the same assignments dropped, the same outputs and gradients."""
+  x, logits, gate, up, down = _problem(3)
+  w, e, _ = routing.route(logits + jnp.arange(E) * 0.5, top_k=K, score_func='softmax',
+                          norm_topk_prob=True, routed_scale=1.0)       # skewed: drops happen
+  run = lambda fn: lambda x, w: fn(x, w, e, gate, up, down, capacity_factor=1.0)
+  (y_s, d_s), (y_g, d_g) = run(dispatch.sorted_capacity)(x, w), run(dispatch.gather_capacity)(x, w)
+  assert int(d_s) == int(d_g) > 0
+  np.testing.assert_allclose(y_g, y_s, atol=1e-5, rtol=1e-5)
+  loss = lambda fn: lambda x, w: jnp.sum(jnp.sin(run(fn)(x, w)[0]))
+  for a, b in zip(jax.grad(loss(dispatch.gather_capacity), (0, 1))(x, w),
+                  jax.grad(loss(dispatch.sorted_capacity), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
