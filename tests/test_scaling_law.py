@@ -48,6 +48,16 @@ def test_fixed_parameters_stay_fixed():
   assert f.params.alpha == pytest.approx(0.3, abs=0.03)
 
 
+def test_one_bad_run_does_not_move_the_fit():
+  # The Huber loss is linear beyond 1e-3 in log-loss, so a diverged run (loss 50% high)
+  # pulls on the fit no harder than a slightly-off one.
+  recs = synthetic()
+  recs[10] = {**recs[10], 'loss': recs[10]['loss'] * 1.5}
+  f = law.fit(recs, fixed={'gamma': 0.45, 'C': 30.0, 'eta': 0.6}, grid={**SMALL_GRID, 'A': [4.0]})
+  assert f.params.alpha == pytest.approx(0.3, abs=0.03)
+  assert f.params.E == pytest.approx(1.8, rel=0.05)
+
+
 def test_heldout_error_is_near_the_noise():
   recs = synthetic()[::3]                  # 30 records, 3 folds of 10
   # The granularity and sparsity terms held at their true values keep this test fast.
