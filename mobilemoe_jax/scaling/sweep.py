@@ -55,7 +55,14 @@ def _tiny_grid(steps=(300, 150)):
   return runs
 
 
-GRIDS = {'tiny': _tiny_grid, 'smoke': lambda: _tiny_grid(steps=(20,))[:2]}
+def _seed_grid():
+  """Two tiny-grid runs again with another seed: how far apart two identical runs land."""
+  return [(f'{name}_seed1', {**over, 'train.seed': 1})
+          for name, over in _tiny_grid(steps=(300,)) if name in ('d64_dense_s300', 'd64_e8k2_s300')]
+
+
+GRIDS = {'tiny': _tiny_grid, 'seeds': _seed_grid,
+         'smoke': lambda: _tiny_grid(steps=(20,))[:2]}
 
 
 def build_config(family: str, overrides: dict, data_dir: str | None = None):
@@ -157,6 +164,8 @@ def report(records) -> str:
   dense run of the same width and steps (equal active parameters by the grid's construction)."""
   groups = {}
   for r in records:
+    if r['name'].count('_') != 2:
+      continue                      # not a tiny-grid name (e.g. a seed repeat)
     d, tag, steps = r['name'].split('_')
     groups.setdefault((d, steps), {})[tag] = r
   tags = ['dense', 'e8k2', 'e16k4', 'e8k1s1']
