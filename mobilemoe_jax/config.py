@@ -50,7 +50,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.moe.expert_bias = False     # aux-loss-free balancing: a selection bias updated from the load
   c.moe.bias_update_rate = 1e-3
   c.moe.capacity_factor = 0.0   # 0: no token is ever dropped; >0: per-expert capacity
-  c.moe.dispatch = 'auto'       # 'auto' | 'dense' | 'sorted' | 'ragged'; see moe/dispatch.py
+  c.moe.dispatch = 'auto'       # 'auto' | 'dense' | 'sorted' | 'gather' | 'ragged'; see moe/dispatch.py
   # Fake quantization for QAT (quant/qat.py); weights=None keeps the float model.
   c.quant = ml_collections.ConfigDict()
   c.quant.weights = ml_collections.config_dict.placeholder(str)  # None | 'int4_g32' | 'int4_channel' | 'int8_channel' | ...
@@ -143,7 +143,7 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.score_func in ('softmax', 'sigmoid'), 'model.moe.score_func',
              f"must be 'softmax' or 'sigmoid', got {m.score_func!r}")
     _require(m.capacity_factor >= 0, 'model.moe.capacity_factor', 'must be >= 0')
-    _require(m.dispatch in ('auto', 'dense', 'sorted', 'ragged'), 'model.moe.dispatch',
+    _require(m.dispatch in ('auto', 'dense', 'sorted', 'gather', 'ragged'), 'model.moe.dispatch',
              f'unknown dispatch {m.dispatch!r}')
   return model
 

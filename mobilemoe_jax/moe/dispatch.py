@@ -13,7 +13,7 @@ All functions compute  y[n] = sum_j w[n, j] * Expert_{e[n, j]}(x[n])  with SwiGL
   sort) and only small int32 index arrays are scattered. XLA's scatters of rows (and the
   scatter-adds autodiff makes of gathers) are what made `sorted` slow on GPU.
 - `ragged`: the sorted assignments through `jax.lax.ragged_dot`, never dropping.
-- `expert_parallel`: `sorted` inside shard_map over the mesh; the [E, C, D] buffer is
+- `expert_parallel`: `gather` inside shard_map over the mesh; the [E, C, D] buffer is
   exchanged with all-to-all along the 'expert' axis so each device runs only its own
   experts: tokens move, weights stay.
 """
@@ -185,7 +185,7 @@ def ragged(x, weights, experts, gate, up, down):
 
 
 def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0):
-  """`sorted` with the experts split over the ambient mesh's 'expert' axis.
+  """`gather` with the experts split over the ambient mesh's 'expert' axis.
 
   x: [N, D] split over the token axes; gate/up/down split over 'expert' on E and over
   'tensor' on F. Each device fills a [E, C, D] buffer from its own tokens, all-to-all
@@ -202,7 +202,8 @@ def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0):
   tok = P(tok_axes or None)
 
   def local(x, weights, experts, gate, up, down):
-    buf, flat, pos = to_buffer(x, experts, n_experts, cap)       # [E, C, D]
+    src, dst = slots(experts, n_experts, cap)
+    buf = _dispatch_rows(x, src, dst)                            # [E*C, D], gathers only
     buf = buf.reshape(n_ep, n_experts // n_ep, cap, -1)
     buf = jax.lax.all_to_all(buf, 'expert', 0, 0)                # [src, E/n, C, D]
     h = (jax.nn.silu(jnp.einsum('secd,edf->secf', buf, gate))
@@ -210,8 +211,9 @@ def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0):
     out = jnp.einsum('secf,efd->secd', h, down)
     if tensor:
       out = jax.lax.psum(out, tensor)                            # F was split over 'tensor'
-    out = jax.lax.all_to_all(out, 'expert', 0, 0).reshape(n_experts, cap, -1)
-    y, dropped = from_buffer(out, weights, flat, pos)
+    out = jax.lax.all_to_all(out, 'expert', 0, 0).reshape(n_experts * cap, -1)
+    y = _combine_rows(out, weights, src, dst)
+    dropped = jnp.sum(dst == n_experts * cap).astype(jnp.int32)
     return y, jax.lax.psum(dropped, tok_axes) if tok_axes else dropped
 
   w_in = P('expert', None, tensor)
