@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs.stages import pretrain, sft
+from configs.stages import pretrain
+from mobilemoe_jax import sharding
 from mobilemoe_jax.data import build, pipeline
 from mobilemoe_jax.train import CheckpointError, NonFiniteError, optim, train_and_evaluate, trainer
 from mobilemoe_jax.train import metrics as metrics_lib
@@ -123,23 +124,30 @@ def test_stage_lineage_and_init_from(data_dir, trained, tmp_path):
 
 
 def test_sft_prompt_tokens_carry_no_loss(data_dir):
-  """Changing a prompt token's target leaves the loss and gradient the step computes
+  """Changing a prompt token's target leaves the loss and gradient of the train step
   unchanged, bit for bit; changing an assistant token's target does not."""
-  config = make_config(data_dir, stage=sft)
-  batch = next(iter(pipeline.make_dataset(config.data.train, seq_len=32, batch_size=8, seed=0)))
+  config = make_config(data_dir)  # the trainer's own step, jitted as it jits it
+  data = pipeline.bundled_data_config(data_dir, 'sft')
+  batch = next(iter(pipeline.make_dataset(data, seq_len=32, batch_size=8, seed=0)))
   prompt = (batch['loss_mask'] == 0) & (batch['segment_ids'] > 0)
   answer = batch['loss_mask'] > 0
   assert prompt.any() and answer.any()
   tx, lr = optim.make_optimizer(config.train)
-  state = jax.jit(trainer.make_init_fn(config, tx))()
-  step = jax.jit(trainer.make_train_step(config, tx, lr))
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    init = trainer.make_init_fn(config, tx)
+    state_sharding = sharding.state_shardings(jax.eval_shape(init), mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    init = jax.jit(init, out_shardings=state_sharding)
+    step = jax.jit(trainer.make_train_step(config, tx, lr), donate_argnums=0,
+                   in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
 
-  def loss_and_grad_norm(targets):
-    _, m = step(state, dict(batch, targets=targets))
-    return float(m['loss']), float(m['grad_norm'])
+    def loss_and_grad_norm(targets):
+      _, m = step(init(), jax.device_put(dict(batch, targets=targets), batch_sharding))
+      return float(m['loss']), float(m['grad_norm'])
 
-  base = loss_and_grad_norm(batch['targets'])
-  other = (batch['targets'] + 7) % 512
-  assert loss_and_grad_norm(np.where(prompt, other, batch['targets'])) == base
-  changed = loss_and_grad_norm(np.where(answer, other, batch['targets']))
+    base = loss_and_grad_norm(batch['targets'])
+    other = (batch['targets'] + 7) % 512
+    assert loss_and_grad_norm(np.where(prompt, other, batch['targets'])) == base
+    changed = loss_and_grad_norm(np.where(answer, other, batch['targets']))
   assert changed[0] != base[0] and changed[1] != base[1]

@@ -1,0 +1,43 @@
+"""The one-command pipeline: pretrain -> midtrain -> SFT, chained by checkpoints, with a
+summary table and the full lineage in the last checkpoint."""
+import json
+import os
+
+from mobilemoe_jax import pipeline
+from test_train import SMALL, data_dir  # noqa: F401  (data_dir is a fixture)
+
+
+def test_pipeline_chains_stages(data_dir, tmp_path, capsys):
+  workdir = str(tmp_path / 'demo')
+  # Every stage gets pre-training's optimizer settings here, so all three compile to the
+  # step test_train.py already compiled (XLA disk cache); the stage files' own values are
+  # what the demo exercises.
+  overrides = dict(SMALL, **{'train.checkpoint_every': 3, 'train.schedule': 'wsd',
+                             'train.lr': 3e-3, 'train.decay_fraction': 0.2, 'train.min_lr_ratio': 0.1,
+                             'train.weight_decay': 0.1, 'train.steps': 6})
+  summary = pipeline.run(workdir, 'pretrain', f'tiny,data_dir={data_dir}', overrides,
+                         build_data=False)
+
+  stages = summary['stages']
+  assert [s['stage'] for s in stages] == ['pretrain', 'midtrain', 'sft']
+  assert all(s['steps'] == 6 and s['loss_end'] is not None for s in stages)
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    assert json.load(f)['stages'] == stages
+  table = capsys.readouterr().out
+  assert 'loss start' in table and 'midtrain' in table
+
+  # Each stage starts from the previous one's params: same held-out set, same perplexity.
+  assert stages[1]['ppl_start'] == stages[0]['ppl_end']
+  with open(os.path.join(stages[2]['checkpoint'], 'meta', 'metadata')) as f:
+    lineage = json.load(f)['lineage']
+  assert [(e['stage'], e['step']) for e in lineage] == [('pretrain', 6), ('midtrain', 6), ('sft', 6)]
+  assert [e['checkpoint'] for e in lineage] == [s['checkpoint'] for s in stages]
+
+
+def test_appending_a_stage_is_one_line(data_dir, tmp_path, monkeypatch):
+  """A new stage only needs an entry in STAGES: it gets its predecessor's checkpoint."""
+  monkeypatch.setattr(pipeline, 'STAGES', pipeline.STAGES + [('qat', pipeline.sft.get_config)])
+  configs = pipeline.stage_configs('sft', f'tiny,data_dir={data_dir}', {'train.steps': 5}, 'w')
+  assert [name for name, _ in configs] == ['sft', 'qat']
+  assert configs[1][1].train.init_from == os.path.join('w', 'sft', 'checkpoints')
+  assert all(c.train.steps == 5 for _, c in configs)
