@@ -112,14 +112,17 @@ def _wait(procs, timeout=300):
 
 
 def _train_two_processes(data_dir, workdir, steps):
-  """Both processes of one launch, as launch/ starts them on a slice (env, one per host)."""
+  """Both processes of one launch, as launch/ starts them on a slice (env, one per host).
+  They share a compilation cache (as launch/worker.sh sets up): the resumed launch does not
+  compile the step again."""
   port = _free_port()
   flags = [f'--config.train.{k}={v}' for k, v in dict(OVERRIDES, steps=steps).items()]
   cmd = ['-m', 'mobilemoe_jax.train', f'--config={_config_arg(data_dir)}', f'--workdir={workdir}',
          *flags]
   return [_spawn(cmd, devices=1, env_extra=dict(
       JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES=str(PROCESSES),
-      JAX_PROCESS_ID=str(i))) for i in range(PROCESSES)]
+      JAX_PROCESS_ID=str(i), JAX_COMPILATION_CACHE_DIR=f'{workdir}/jax_cache'))
+      for i in range(PROCESSES)]
 
 
 def _losses(workdir):
