@@ -16,6 +16,7 @@ default, and then a 2-process CPU run fails only at the first psum).
   python -m mobilemoe_jax.distributed [--coordinator_address=... ...]   # smoke check a slice
 """
 import glob
+import importlib.util
 import logging
 import os
 
@@ -50,10 +51,13 @@ def explicit_settings(coordinator_address=None, num_processes=None, process_id=N
 
 
 def on_cloud_tpu() -> bool:
-  """True on a TPU VM, found without starting a backend: TPU chips show up as /dev/accel*
-  (v2-v5e) or /dev/vfio/<n> (v5p, v6e). GKE TPU pods also get TPU_WORKER_HOSTNAMES."""
-  return bool(os.environ.get('TPU_WORKER_HOSTNAMES') or glob.glob('/dev/accel*')
-              or glob.glob('/dev/vfio/[0-9]*'))
+  """True on a TPU VM, found without starting a backend: libtpu is installed and TPU chips
+  show up as /dev/accel* (v2-v5e) or /dev/vfio/<n> (v5p, v6e); libtpu is checked because
+  other machines may have VFIO devices too. GKE TPU pods also get TPU_WORKER_HOSTNAMES."""
+  if os.environ.get('TPU_WORKER_HOSTNAMES'):
+    return True
+  chips = glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')
+  return bool(chips) and importlib.util.find_spec('libtpu') is not None
 
 
 def initialize(coordinator_address=None, num_processes=None, process_id=None) -> bool:
