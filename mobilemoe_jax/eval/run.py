@@ -3,6 +3,7 @@
   from mobilemoe_jax.eval.run import run_local_eval
   summary = run_local_eval(model, tokenizer)     # the pipeline's last step: the local cloze task
 """
+import copy
 import json
 import logging
 import pathlib
@@ -19,11 +20,12 @@ def evaluate(lm, specs, *, include=(), limit: int | None = None,
   from lm_eval import evaluator
   from lm_eval.tasks import TaskManager
 
+  specs = copy.deepcopy(list(specs))   # lm_eval pops keys out of config dicts
   local = {p.stem for d in include for p in pathlib.Path(d).glob('*.yaml')}
   builtin = any((s['task'] if isinstance(s, dict) else s) not in local for s in specs)
   manager = TaskManager(include_path=list(include) or None, include_defaults=builtin)
   return evaluator.simple_evaluate(
-      model=lm, tasks=list(specs), limit=limit or None, log_samples=log_samples,
+      model=lm, tasks=specs, limit=limit or None, log_samples=log_samples,
       task_manager=manager, bootstrap_iters=1000,
       torch_random_seed=None)  # None: lm_eval would import torch only to seed it
 
