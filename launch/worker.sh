@@ -50,7 +50,9 @@ fi
 mkdir -p "$LOG_DIR"
 echo "+ $(quote "${train[@]}")" >>"$log"
 # Output to the log file and to stdout (which GKE keeps; launch/run.sh discards it).
-"${train[@]}" > >(tee -a "$log") 2>&1 &
+exec 3> >(tee -a "$log")
+tee_pid=$!
+"${train[@]}" >&3 2>&1 &
 trainer=$!
 echo "$trainer" >"$LOG_DIR/trainer.pid"  # launch/stop.sh signals this process
 stopping=0
@@ -63,6 +65,8 @@ if ((stopping)); then
   wait "$trainer" || status=$?
 fi
 rm -f "$LOG_DIR/trainer.pid"
+exec 3>&-  # tee sees the end of the output; let it finish before the log is appended to
+wait "$tee_pid" 2>/dev/null || true
 echo "trainer exited with status $status" >>"$log"
 if command -v gcloud >/dev/null && [[ "$WORKDIR" == gs://* ]]; then "${upload[@]}" || true; fi
 exit "$status"
