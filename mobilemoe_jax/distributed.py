@@ -5,13 +5,13 @@ Where the process group comes from, first match wins:
   1. explicit values: arguments, else flags --coordinator_address / --num_processes /
      --process_id, else env JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
      (GPU hosts, local CPU processes in the tests);
-  2. a Cloud TPU VM (a slice made by launch/tpu.sh, or a GKE TPU pod from launch/jobset.yaml):
+  2. a Cloud TPU VM (a slice from launch/create.sh, or a GKE TPU pod from launch/jobset.yaml):
      `jax.distributed.initialize()` with no arguments reads the worker list and this
      worker's id from the TPU metadata server / the TPU_WORKER_* env GKE sets;
   3. neither: one process, nothing is started.
 
-Cross-process collectives on CPU go through gloo (set explicitly: older jax had none by
-default, and then a 2-process CPU run fails only at the first psum).
+Cross-process collectives on CPU go through gloo (set explicitly: older jax versions had
+none by default, and a 2-process CPU run then fails only at its first collective).
 
   python -m mobilemoe_jax.distributed [--coordinator_address=... ...]   # smoke check a slice
 """
@@ -61,7 +61,8 @@ def on_cloud_tpu() -> bool:
 
 
 def initialize(coordinator_address=None, num_processes=None, process_id=None) -> bool:
-  """Joins the process group if this is a multi-process run; returns True if it did."""
+  """Joins the process group if this is a multi-process run; returns whether there are
+  several processes."""
   import jax  # here, not at module import, so `--help` and flag parsing stay fast
 
   address, count, pid = explicit_settings(coordinator_address, num_processes, process_id)
