@@ -107,6 +107,11 @@ def main(argv):
   first = os.path.splitext(os.path.basename(stage_file))[0]
   # The `--config.a.b=v` flags given, applied to every stage, not only the first.
   overrides = dict(config_flags.get_override_values(flags.FLAGS['config']))
+  # Stages share shapes, so XLA's disk cache skips recompiling what an earlier stage or an
+  # earlier run of this command already compiled (the eval step; everything on a rerun).
+  import jax
+  jax.config.update('jax_compilation_cache_dir', os.path.join(flags.FLAGS.workdir, 'xla_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   try:
     run(flags.FLAGS.workdir, first, arg or 'tiny', overrides)
   except NonFiniteError as e:
