@@ -324,11 +324,14 @@ def main(argv=None):
   ap.add_argument('--table', action='store_true', help='also print the records as Markdown')
   a = ap.parse_args(argv)
   fixed = {k: float(v) for k, v in (s.split('=', 1) for s in a.fix)}
-  records = load_records(a.records)
-  if a.table:
-    print(markdown_table(records))
-  f = fit(records, fixed=fixed)
-  held = heldout_error(records, n_folds=a.folds, fixed=fixed)
+  try:
+    records = load_records(a.records)
+    if a.table:
+      print(markdown_table(records))
+    f = fit(records, fixed=fixed)
+    held = heldout_error(records, n_folds=a.folds, fixed=fixed)
+  except (RecordError, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
   result = {'params': f.params.as_dict(), 'fixed': fixed, 'n_records': f.n_records,
             'fit_rmse_log': f.rmse_log, 'fit_max_abs_rel': f.max_abs_rel,
             'heldout_rmse_log': held['rmse_log'], 'heldout_max_abs_rel': held['max_abs_rel'],
