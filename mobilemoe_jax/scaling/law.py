@@ -322,17 +322,24 @@ def main(argv=None):
   ap.add_argument('--plot', default='', help='PNG path for predicted vs actual')
   ap.add_argument('--out', default='', help='JSON path for the fitted parameters and errors')
   ap.add_argument('--table', action='store_true', help='also print the records as Markdown')
+  ap.add_argument('--exclude', action='append', default=[], metavar='SUBSTRING',
+                  help='leave out records whose name contains SUBSTRING (say why in the write-up)')
+  ap.add_argument('--starts', type=int, choices=(16, 64), default=64,
+                  help='initial points: 64 (DEFAULT_GRID) or 16 (2 per A, B, alpha, beta)')
   a = ap.parse_args(argv)
   fixed = {k: float(v) for k, v in (s.split('=', 1) for s in a.fix)}
   try:
-    records = load_records(a.records)
+    records = [r for r in load_records(a.records)
+               if not any(x in r.get('name', '') for x in a.exclude)]
     if a.table:
       print(markdown_table(records))
-    f = fit(records, fixed=fixed)
-    held = heldout_error(records, n_folds=a.folds, fixed=fixed)
+    grid = None if a.starts == 64 else {'E': [0.0], 'gamma': [0.5]}
+    f = fit(records, fixed=fixed, grid=grid)
+    held = heldout_error(records, n_folds=a.folds, fixed=fixed, grid=grid)
   except (RecordError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
-  result = {'params': f.params.as_dict(), 'fixed': fixed, 'n_records': f.n_records,
+  result = {'params': f.params.as_dict(), 'fixed': fixed, 'excluded': a.exclude,
+            'starts': a.starts, 'n_records': f.n_records,
             'fit_rmse_log': f.rmse_log, 'fit_max_abs_rel': f.max_abs_rel,
             'heldout_rmse_log': held['rmse_log'], 'heldout_max_abs_rel': held['max_abs_rel'],
             'heldout_folds': held['n_folds']}

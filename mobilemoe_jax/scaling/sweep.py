@@ -34,7 +34,10 @@ def _tiny_grid(steps=(300, 150)):
   per width, a dense FFN of 3*d; 8 experts of 1.5*d top-2 (same active FFN, S > 1); 16 of
   0.75*d top-4 (same active FFN, twice the granularity); 8 of 1.5*d top-1 plus a shared
   expert of 1.5*d (same active FFN, with a shared expert). Ordered longest runs first, so a
-  sweep cut short still has every shape at one token count."""
+  sweep cut short still has every shape at one token count.
+  Known flaw, kept so the committed records match this grid: the tiny family renormalises the
+  top-k weights (norm_topk_prob=True), which at top-1 makes every weight exactly 1, so the
+  'e8k1s1' routers get no gradient from the LM loss (only the balancing losses)."""
   runs = []
   for s in steps:
     for d in (64, 128):
