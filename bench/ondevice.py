@@ -277,7 +277,8 @@ def race(methods, paths, Ds, Ts, budget_s):
   out = []
   for T in Ts:
     its = [_load(m, p, T, D) for m, p, D in zip(methods, paths, Ds)]
-    xs = [[rng.standard_normal((T, D)).astype(np.float32) for _ in range(8 if T == 1 else 2)]
+    # 64 different decode tokens: routing changes every step, as in generation
+    xs = [[rng.standard_normal((T, D)).astype(np.float32) for _ in range(64 if T == 1 else 2)]
           for D in Ds]
     for (it, idx, _), x in zip(its, xs):  # warm-up
       for i in range(2 if T == 1 else 1):

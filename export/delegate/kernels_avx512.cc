@@ -34,6 +34,7 @@ static inline float Hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 // Activation tiles are "quad-interleaved": for each group of 4 tokens the
 // layout is [block][4 tokens][128 k's], so the tile needs a single pointer.
 constexpr int kQuad = 4;
+constexpr int kPrefetchRows = 8;  // software prefetch distance, in weight rows
 
 // Int8 activations: R weight rows x NT tokens (NT <= 4), whole K.
 // Weights: (nibble ^ 8) = q + 8 in [0, 15] is the unsigned operand of dpbusd;
@@ -51,7 +52,12 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
     const int8_t* xb = xq + (size_t)b * kQuad * 128;
     const int32_t* cb = corr + (size_t)b * kQuad * 16;
     for (int r = 0; r < R; ++r) {
-      __m512i v = _mm512_loadu_si512(wq + (size_t)r * ldw + b * 64);
+      const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
+      // Rows 8 ahead (two 4-row tiles): weights stream from DRAM and the
+      // hardware prefetcher alone leaves the VNNI units waiting.
+      _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      if (b == 0) _mm_prefetch((const char*)(ws + (size_t)(r + kPrefetchRows) * lds), _MM_HINT_T0);
+      __m512i v = _mm512_loadu_si512(wrow);
       v = _mm512_xor_si512(v, flip);
       const __m512i lo = _mm512_and_si512(v, lo_mask);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
@@ -87,7 +93,10 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
   for (int b = 0; b < nb; ++b) {
     const float* xb = xf + (size_t)b * kQuad * 128;
     for (int r = 0; r < R; ++r) {
-      const __m512i v = _mm512_loadu_si512(wq + (size_t)r * ldw + b * 64);
+      const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
+      _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      if (b == 0) _mm_prefetch((const char*)(ws + (size_t)(r + kPrefetchRows) * lds), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(wrow);
       const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, lo_mask));
       const __m512i hi = _mm512_shuffle_epi8(
           lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask));
