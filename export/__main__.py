@@ -15,25 +15,41 @@ import time
 import numpy as np
 
 
-def verify(model, path, moe: str, n_prompt: int = 12, n_decode: int = 8) -> dict:
-  """Runs the .tflite (prefill + decode) and PyTorch on the same random tokens.
-  Reports the max logit error and greedy-token agreement; with --moe delegate the
-  MobileMoeBlock delegate is loaded (it must claim every MoE node)."""
+def verify(model, path, quant: str, embedding: str, moe: str, n_prompt: int = 12,
+           n_decode: int = 8, n_greedy: int = 16) -> dict:
+  """Runs the .tflite (prefill + decode) against PyTorch with the same weights on our
+  quantization grid (litert.fake_quant; activations stay float there, the .tflite
+  quantizes them dynamically): max logit error and argmax agreement on random tokens, and
+  how many of `n_greedy` greedy tokens agree. With --moe delegate the MobileMoeBlock
+  delegate is loaded and its claimed/refused counts are reported."""
   import torch
+  from export import litert
   from export.runner import LiteRTLM
   dlg = None
   if moe == 'delegate' and model.cfg['moe']['n_experts']:
     from export import delegate
     dlg = delegate.load(activations='fp32')
   lm = LiteRTLM(path, delegate=dlg)
+  ref_model = litert.fake_quant(model, quant, embedding)
   n = min(n_prompt + n_decode, lm.kv_len)
   tok = np.random.default_rng(0).integers(0, model.cfg['vocab_size'], n)
-  got = np.concatenate([lm.prefill(tok[:n_prompt]), np.stack([lm.decode(t) for t in tok[n_prompt:]])])
+  got = np.concatenate([lm.prefill(tok[:n_prompt])] + [lm.decode(t)[None] for t in tok[n_prompt:n]])
   with torch.no_grad():
-    ref = model(torch.from_numpy(tok[None]).long())[0].numpy()
-  out = {'max_abs_logit_err': float(np.abs(got - ref).max()),
+    ref = ref_model(torch.from_numpy(tok[None]).long())[0].numpy()
+  out = {'reference': f'PyTorch, weights on the {quant} grid',
+         'max_abs_logit_err': float(np.abs(got - ref).max()),
          'logit_scale': float(np.abs(ref).max()),
          'argmax_agree': float((got.argmax(-1) == ref.argmax(-1)).mean())}
+  # Greedy continuation of a short prompt: .tflite decode loop vs PyTorch full forwards.
+  n_greedy = min(n_greedy, lm.kv_len - 4)
+  ids = list(tok[:4])
+  tfl = lm.generate(ids, n_greedy)
+  seq = list(ids)
+  with torch.no_grad():
+    for _ in range(n_greedy):
+      seq.append(int(ref_model(torch.tensor([seq]))[0, -1].argmax()))
+  agree = next((i for i, (a, b) in enumerate(zip(tfl, seq[4:])) if a != b), n_greedy)
+  out['greedy_tokens_agreeing'] = f'{agree}/{n_greedy}'
   if dlg is not None:
     from export import delegate
     st = delegate.stats(dlg)
@@ -51,7 +67,9 @@ def main(argv=None):
   ap.add_argument('--config', help='configs/x.py:arg to check the checkpoint against')
   ap.add_argument('--out', required=True, help='output .tflite')
   ap.add_argument('--quant', default='int4_g32', choices=('int4_g32', 'int4_channel', 'int8', 'fp32'))
-  ap.add_argument('--embedding', default='int8', choices=('int8', 'int4', 'fp32'))
+  ap.add_argument('--embedding', default='auto', choices=('auto', 'int4_g32', 'int4', 'int8', 'fp32'),
+                  help="auto: the --quant scheme (a tied embedding is then stored once); "
+                       "int4 = INT4 channel-wise")
   ap.add_argument('--moe', default='portable', choices=('portable', 'delegate'))
   ap.add_argument('--prefill', default='32,128', help='comma-separated prefill lengths')
   ap.add_argument('--kv-len', type=int, default=0, help='KV cache length (0: max_seq_len)')
@@ -87,7 +105,7 @@ def main(argv=None):
   rep['float_fc_weights'] = len(litert.check_router(a.out))
   if not a.no_verify:
     print('[export] verifying against PyTorch (prefill + decode)...', flush=True)
-    rep['verify'] = verify(model, a.out, a.moe)
+    rep['verify'] = verify(model, a.out, a.quant, a.embedding, a.moe)
   rep['seconds'] = round(time.time() - t0, 1)
   print(json.dumps(rep, indent=2))
   mb = rep['file_bytes'] / 2**20

@@ -54,8 +54,11 @@ def from_orbax(path: str, config: str | None = None):
     import orbax.checkpoint as ocp
     meta = ocp.CheckpointManager(directory, item_handlers={'meta': ocp.JsonCheckpointHandler()}) \
         .restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    cfg = ml_collections.ConfigDict(meta['config'])
-  model_cfg = cfg.model
+    cfg = ml_collections.ConfigDict({'model': meta['config']['model']})
+  # Fields added to the schema after the checkpoint was written take their defaults.
+  from mobilemoe_jax import config as config_lib
+  model_cfg = config_lib.model_config()
+  model_cfg.update(cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else cfg.model)
   abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   target = {'params': params, 'rest': rest}

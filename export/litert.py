@@ -19,7 +19,9 @@ import torch
 from export import flatbuf
 
 QUANTS = ('int4_g32', 'int4_channel', 'int8', 'fp32')
-EMBEDDINGS = ('int8', 'int4', 'fp32')
+# 'auto': the FC scheme, so a tied embedding is stored once for the gather and the lm_head.
+EMBEDDINGS = ('auto', 'int4_g32', 'int4', 'int8', 'fp32')
+_AUTO_EMBEDDING = {'int4_g32': 'int4_g32', 'int4_channel': 'int4', 'int8': 'int8', 'fp32': 'fp32'}
 
 
 class Exportable(torch.nn.Module):
@@ -77,6 +79,7 @@ def recipe(quant: str, embedding: str, cfg: dict):
     raise ValueError(f'unknown --quant {quant!r}; choose from {QUANTS}')
   if embedding not in EMBEDDINGS:
     raise ValueError(f'unknown embedding quantization {embedding!r}; choose from {EMBEDDINGS}')
+  embedding = _AUTO_EMBEDDING[quant] if embedding == 'auto' else embedding
   fc = qtyping.TFLOperationName.FULLY_CONNECTED
   emb = qtyping.TFLOperationName.EMBEDDING_LOOKUP
   rules = []
@@ -91,8 +94,9 @@ def recipe(quant: str, embedding: str, cfg: dict):
       for r in rules:
         r['op_config']['min_weight_elements'] = router + 1
   if embedding != 'fp32':
-    rules += (R.dynamic_wi8c_afp32 if embedding == 'int8' else R.dynamic_wi4c_afp32)(
-        operation_name=emb)
+    make = {'int8': R.dynamic_wi8c_afp32, 'int4': R.dynamic_wi4c_afp32,
+            'int4_g32': R.dynamic_wi4b32_afp32}[embedding]
+    rules += make(operation_name=emb)
   return rules or None
 
 
@@ -121,7 +125,7 @@ def quantize(fp32_path: str, out_path: str, quant: str, embedding: str, cfg: dic
   return out_path
 
 
-def export(model, out_path: str, *, quant='int4_g32', embedding='int8', moe='portable',
+def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='portable',
            prefill_lens=(32, 128), kv_len=0, log=print):
   """torch model -> out_path. Returns the report dict (see report())."""
   if moe == 'delegate' and quant not in ('int4_g32',) and model.cfg['moe']['n_experts']:
@@ -178,7 +182,9 @@ def fake_quant(model, quant: str, embedding: str):
   from mobilemoe_jax.quant import grid
   schemes = {'int4_g32': 'int4_g32', 'int4_channel': 'int4_channel', 'int8': 'int8_channel',
              'fp32': None}
-  emb_schemes = {'int8': 'int8_channel', 'int4': 'int4_channel', 'fp32': None}
+  emb_schemes = {'int8': 'int8_channel', 'int4': 'int4_channel', 'int4_g32': 'int4_g32',
+                 'fp32': None}
+  embedding = _AUTO_EMBEDDING[quant] if embedding == 'auto' else embedding
   fc, emb = schemes[quant], emb_schemes[embedding]
   fq = lambda w, s: w if s is None else torch.from_numpy(grid.fake_quant(w.detach().numpy(), s))
   m = copy.deepcopy(model)

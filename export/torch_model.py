@@ -87,7 +87,11 @@ def apply_rope(x, cos, sin):
 
 def update_cache(cache, new, pos0):
   """cache [B, S, K, Dh] with new [B, T, K, Dh] written at slots pos0..pos0+T-1.
-  litert-torch's dynamic_update_slice lowers to one DYNAMIC_UPDATE_SLICE."""
+  When exporting, litert-torch's dynamic_update_slice (one DYNAMIC_UPDATE_SLICE op);
+  eagerly a plain index_copy, so PyTorch use never imports litert-torch."""
+  if not torch.compiler.is_exporting():
+    slots = pos0.long() + torch.arange(new.shape[1])
+    return cache.index_copy(1, slots, new)
   from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
   zero = torch.zeros([], dtype=torch.int32)
   return dynamic_update_slice(cache, new, [zero, pos0.reshape([]), zero, zero])

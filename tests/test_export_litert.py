@@ -64,9 +64,10 @@ def test_fp32_equals_torch_and_cache_equals_full_forward(small, fp32_path):
     np.testing.assert_allclose(run(fp32_path, n_prompt), want, atol=1e-4, rtol=0)
   model, _ = flatbuf.load(fp32_path)
   assert sorted(flatbuf.signatures(model)) == ['decode', 'prefill_32', 'prefill_8']
+  assert 'DYNAMIC_UPDATE_SLICE' in flatbuf.op_names(model)     # the in-place KV write
 
 
-@pytest.mark.parametrize('quant,emb', [('int4_g32', 'int8'), ('int4_channel', 'int4')])
+@pytest.mark.parametrize('quant,emb', [('int4_g32', 'auto'), ('int4_channel', 'int8')])
 def test_int4_weights_are_int4_on_our_grid(small, fp32_path, tmp_path, quant, emb):
   out = str(tmp_path / f'{quant}.tflite')
   litert.quantize(fp32_path, out, quant, emb, small.cfg, log=lambda _: None)

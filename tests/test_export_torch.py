@@ -1,4 +1,7 @@
 """PyTorch MobileMoE == JAX model (fp32), its KV cache, files and error messages."""
+import copy
+import functools
+
 import numpy as np
 import pytest
 
@@ -14,7 +17,15 @@ from mobilemoe_jax.model import Transformer
 
 def make(kind='moe', router_gain=30.0, **moe):
   """A tiny model with a decisive router: the init's near-uniform router puts top-k
-  choices at float ties, where any two implementations may legitimately differ."""
+  choices at float ties, where any two implementations may legitimately differ.
+  Cached (building one eagerly is slow on 2 cores); the config is a fresh copy."""
+  cfg, m = _make(kind, router_gain, tuple(sorted(moe.items())))
+  return copy.deepcopy(cfg), m
+
+
+@functools.lru_cache(maxsize=None)
+def _make(kind, router_gain, moe):
+  moe = dict(moe)
   cfg = tiny.get_config(kind).model
   cfg.moe.update(moe)
   m = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -91,3 +102,19 @@ def test_unsupported_config_is_clear():
   cfg['moe']['score_func'] = 'relu'
   with pytest.raises(ConfigError, match='score_func'):
     tm.config_dict(cfg)
+
+
+@pytest.mark.parametrize('kind', ['dense', 'moe'])
+def test_fake_quant_torch_equals_jax_qat_forward(kind):
+  """The weights the INT4 .tflite holds (litert.fake_quant: every FC but the router and the
+  tied embedding on int4_g32) give the JAX QAT forward (model.quant.weights='int4_g32')."""
+  from export import litert
+  cfg, m = make(kind)
+  qcfg = copy.deepcopy(cfg)
+  qcfg.quant.weights = 'int4_g32'
+  qm = Transformer(qcfg, rngs=nnx.Rngs(0))
+  nnx.update(qm, nnx.state(m, nnx.Param))
+  want = np.asarray(qm(jnp.asarray(TOKENS))[0])
+  with torch.no_grad():
+    got = litert.fake_quant(tm.from_flax(m, cfg), 'int4_g32', 'auto')(torch.from_numpy(TOKENS)).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
