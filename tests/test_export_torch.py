@@ -118,3 +118,14 @@ def test_fake_quant_torch_equals_jax_qat_forward(kind):
   with torch.no_grad():
     got = litert.fake_quant(tm.from_flax(m, cfg), 'int4_g32', 'auto')(torch.from_numpy(TOKENS)).numpy()
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_cli_sources_fail_clearly(tmp_path):
+  from export import checkpoint
+  with pytest.raises(FileNotFoundError, match='no such file or directory'):
+    checkpoint.load_any(str(tmp_path / 'nope'))
+  cfg, m = make('moe')
+  tm.save(tm.from_flax(m, cfg), str(tmp_path / 'moe'))
+  with pytest.raises(tm.ConfigMismatch, match=r"differs from --config configs/tiny.py:dense in \['moe'\]"):
+    checkpoint.load_any(str(tmp_path / 'moe'), 'configs/tiny.py:dense')
+  assert checkpoint.load_any(str(tmp_path / 'moe'), 'configs/tiny.py:moe').cfg['moe']['n_experts'] == 8
