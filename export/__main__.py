@@ -66,7 +66,8 @@ def main(argv=None):
   src.add_argument('--random-init', metavar='CONFIG', help='configs/x.py:arg, random weights')
   ap.add_argument('--config', help='configs/x.py:arg to check the checkpoint against')
   ap.add_argument('--out', required=True, help='output .tflite')
-  ap.add_argument('--quant', default='int4_g32', choices=('int4_g32', 'int4_channel', 'int8', 'fp32'))
+  ap.add_argument('--quant', choices=('int4_g32', 'int4_channel', 'int8', 'fp32'),
+                  help="default: the checkpoint's QAT scheme (model.quant.weights), else int4_g32")
   ap.add_argument('--embedding', default='auto', choices=('auto', 'int4_g32', 'int4', 'int8', 'fp32'),
                   help="auto: the --quant scheme (a tied embedding is then stored once); "
                        "int4 = INT4 channel-wise")
@@ -98,6 +99,15 @@ def main(argv=None):
     from export import hf
     hf.save(model, a.hf_out)
     print(f'[export] Hugging Face dir: {a.hf_out}')
+  # A QAT checkpoint was trained on one grid: export on that grid unless told otherwise.
+  qat = model.cfg.get('quant') or {}
+  to_cli = {'int4_g32': 'int4_g32', 'int4_channel': 'int4_channel', 'int8_channel': 'int8'}
+  if a.quant is None:
+    a.quant = to_cli.get(qat.get('weights'), 'int4_g32')
+  if a.embedding == 'auto' and qat.get('weights'):
+    a.embedding = {'int4_g32': 'int4_g32', 'int4_channel': 'int4', 'int8_channel': 'int8'}.get(
+        qat.get('embedding'), 'auto')
+  print(f'[export] weights {a.quant}, embedding {a.embedding}, MoE {a.moe}', flush=True)
   prefill = tuple(int(x) for x in a.prefill.split(','))
   rep = litert.export(model, a.out, quant=a.quant, embedding=a.embedding, moe=a.moe,
                       prefill_lens=prefill, kv_len=a.kv_len,

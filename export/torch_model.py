@@ -265,6 +265,12 @@ def convert_flax(params: dict, cfg: dict) -> dict:
   naming the first missing, unexpected or mis-shaped tensor."""
   d, h, kv, dh = cfg['d_model'], cfg['n_heads'], cfg['n_kv_heads'], cfg['head_dim']
   m = cfg['moe']
+  if (cfg.get('quant') or {}).get('learnable_scale'):
+    # ai-edge-quantizer recomputes max-abs scales from the weights it is given, so learned
+    # (LSQ) scales would not survive into the .tflite: refuse rather than export silently
+    # different integers.
+    raise ConfigMismatch('checkpoint trained with quant.learnable_scale (LSQ): the exporter '
+                         'writes max-abs scales and cannot keep learned ones yet')
   used, out = set(), {}
 
   def get(name, shape):

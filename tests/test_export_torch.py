@@ -129,3 +129,10 @@ def test_cli_sources_fail_clearly(tmp_path):
   with pytest.raises(tm.ConfigMismatch, match=r"differs from --config configs/tiny.py:dense in \['moe'\]"):
     checkpoint.load_any(str(tmp_path / 'moe'), 'configs/tiny.py:dense')
   assert checkpoint.load_any(str(tmp_path / 'moe'), 'configs/tiny.py:moe').cfg['moe']['n_experts'] == 8
+
+
+def test_learned_scales_are_refused():
+  cfg, m = make('moe')
+  cfg.quant.weights, cfg.quant.learnable_scale = 'int4_g32', True
+  with pytest.raises(tm.ConfigMismatch, match='learnable_scale'):
+    tm.from_flax(Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
