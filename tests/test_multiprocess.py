@@ -68,9 +68,10 @@ def _reference(data_dir: str, workdir: str, steps: int):
   from mobilemoe_jax.data import pipeline
   from mobilemoe_jax.train import train_and_evaluate
 
-  make_dataset = pipeline.make_dataset
+  make_dataset, calls = pipeline.make_dataset, []
 
   def joined(data_config, *, batch_size, **kw):
+    calls.append(data_config)
     shards = [make_dataset(data_config, batch_size=batch_size // PROCESSES, process_index=i,
                            process_count=PROCESSES, **kw) for i in range(PROCESSES)]
     return _JoinedShards(shards)
@@ -79,6 +80,9 @@ def _reference(data_dir: str, workdir: str, steps: int):
   config = pretrain.get_config(_config_arg(data_dir).split(':', 1)[1])
   config.train.update(dict(OVERRIDES, steps=steps))
   train_and_evaluate(config, workdir)
+  if not calls:
+    sys.exit('the trainer no longer reads data through pipeline.make_dataset: this reference '
+             'did not see the joined shards; update _reference')
 
 
 # ------------------------------------------------------------------------------- the test
