@@ -8,6 +8,7 @@ fresh clone needs only g++.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import subprocess
 import threading
@@ -15,7 +16,7 @@ import threading
 import numpy as np
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ("abi.h", "flexbuf.h", "kernels.h", "kernels.cc", "kernels_avx512.cc",
+_SOURCES = ("abi.h", "flexbuf.h", "kernels.h", "kernels.cc", "kernels_avx512.cc", "kernels_neon.cc",
             "moe.h", "moe.cc", "threadpool.h", "delegate.cc", "Makefile")
 _LIB = {"release": "libmobilemoe_delegate.so", "asan": "libmobilemoe_delegate_asan.so"}
 _build_lock = threading.Lock()
@@ -172,7 +173,9 @@ def library_path(variant: str = "release") -> str:
   in a process started with LD_PRELOAD=$(g++ -print-file-name=libasan.so)).
   """
   lib = os.path.join(_DIR, _LIB[variant])
-  with _build_lock:
+  # One build at a time, across threads and processes (tests, benchmark children).
+  with _build_lock, open(os.path.join(_DIR, ".build.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
     if _stale(lib):
       r = subprocess.run(["make", "-C", _DIR, _LIB[variant]], capture_output=True, text=True)
       if r.returncode != 0:

@@ -22,6 +22,18 @@ void SiluMul(const float* g, const float* u, float* h, int n);
 }  // namespace mm
 #endif
 
+#if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+#include <sys/auxv.h>
+namespace mm {
+namespace neon {
+void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
+            const int8_t* xq, const float* xs, int N, float* out, int ldo);
+void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
+             const float* xf, int N, float* out, int ldo);
+}  // namespace neon
+}  // namespace mm
+#endif
+
 namespace mm {
 
 bool SimdAvailable() {
@@ -30,6 +42,9 @@ bool SimdAvailable() {
                          __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") &&
                          __builtin_cpu_supports("avx512vnni");
+  return ok;
+#elif defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+  static const bool ok = (getauxval(AT_HWCAP) & (1UL << 20)) != 0;  // HWCAP_ASIMDDP
   return ok;
 #else
   return false;
@@ -157,6 +172,14 @@ void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ld
                      a.scale.data(), a.N, out, ldo);
     else
       avx512::GemmF32(w.q, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
+    return;
+  }
+#elif defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+  if (a.simd) {
+    if (a.mode == ActMode::kI8)
+      neon::GemmI8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.scale.data(), a.N, out, ldo);
+    else
+      neon::GemmF32(w.q, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
     return;
   }
 #endif

@@ -1,0 +1,126 @@
+// NEON kernels for arm64 phones (ARMv8.2 dot product: sdot). Compiled only on
+// aarch64 with +dotprod and called after a run-time HWCAP check. Same
+// activation layout as the AVX-512 path (kernels.h); sdot is signed x signed,
+// so the int4 nibbles are sign-extended in registers and need no correction.
+#if defined(__aarch64__)
+#include <arm_neon.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mm {
+namespace neon {
+
+constexpr int kQuad = 4;
+
+// Int8 activations: R weight rows x NT tokens over the whole K. Each 16-byte
+// weight vector covers 32 consecutive k's (16 even in the low nibbles, 16 odd
+// in the high ones), all in one scale group because G % 32 == 0.
+template <int R, int NT>
+static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb, int G,
+                   const int8_t* xq, const float* xs, float* out, int ldo) {
+  float32x4_t acc[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) acc[r][n] = vdupq_n_f32(0.f);
+  for (int b = 0; b < nb; ++b) {
+    const int8_t* xb = xq + (size_t)b * kQuad * 128;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* w = wq + (size_t)r * ldw + b * 64;
+      const float* srow = ws + (size_t)r * lds;
+      for (int c = 0; c < 4; ++c) {
+        const int8x16_t v = vreinterpretq_s8_u8(vld1q_u8(w + 16 * c));
+        const int8x16_t lo = vshrq_n_s8(vshlq_n_s8(v, 4), 4);  // sign-extend low nibble
+        const int8x16_t hi = vshrq_n_s8(v, 4);                 // arithmetic: high nibble
+        const float sc = srow[(b * 128 + 32 * c) / G];
+        for (int n = 0; n < NT; ++n) {
+          const int8_t* x = xb + n * 128 + 16 * c;
+          int32x4_t t = vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8(x));
+          t = vdotq_s32(t, hi, vld1q_s8(x + 64));
+          acc[r][n] = vfmaq_n_f32(acc[r][n], vcvtq_f32_s32(t), sc);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) out[n * ldo + r] = xs[n] * vaddvq_f32(acc[r][n]);
+}
+
+// Fp32 activations: widen the nibbles to fp32, scale, FMA.
+template <int R, int NT>
+static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb, int G,
+                    const float* xf, float* out, int ldo) {
+  float32x4_t acc[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) acc[r][n] = vdupq_n_f32(0.f);
+  for (int b = 0; b < nb; ++b) {
+    const float* xb = xf + (size_t)b * kQuad * 128;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* w = wq + (size_t)r * ldw + b * 64;
+      const float* srow = ws + (size_t)r * lds;
+      for (int c = 0; c < 4; ++c) {
+        const int8x16_t v = vreinterpretq_s8_u8(vld1q_u8(w + 16 * c));
+        const int8x16_t half[2] = {vshrq_n_s8(vshlq_n_s8(v, 4), 4), vshrq_n_s8(v, 4)};
+        const float sc = srow[(b * 128 + 32 * c) / G];
+        for (int h = 0; h < 2; ++h) {  // h=0: even k's, h=1: odd k's (+64 in x)
+          const int16x8_t w16[2] = {vmovl_s8(vget_low_s8(half[h])), vmovl_s8(vget_high_s8(half[h]))};
+          for (int q = 0; q < 4; ++q) {
+            const int16x4_t w4 = q % 2 ? vget_high_s16(w16[q / 2]) : vget_low_s16(w16[q / 2]);
+            const float32x4_t wf = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(w4)), sc);
+            for (int n = 0; n < NT; ++n)
+              acc[r][n] = vfmaq_f32(acc[r][n], wf, vld1q_f32(xb + n * 128 + h * 64 + 16 * c + 4 * q));
+          }
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) out[n * ldo + r] = vaddvq_f32(acc[r][n]);
+}
+
+#define MM_DISPATCH_NT(TILE, R, NT, ...)     \
+  switch (NT) {                              \
+    case 1: TILE<R, 1>(__VA_ARGS__); break;  \
+    case 2: TILE<R, 2>(__VA_ARGS__); break;  \
+    case 3: TILE<R, 3>(__VA_ARGS__); break;  \
+    default: TILE<R, 4>(__VA_ARGS__); break; \
+  }
+
+void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
+            const int8_t* xq, const float* xs, int N, float* out, int ldo) {
+  const int ldw = K / 2, lds = K / G, nb = K / 128;
+  for (int n0 = 0; n0 < N; n0 += kQuad) {
+    const int nt = N - n0 < kQuad ? N - n0 : kQuad;
+    const int8_t* xqq = xq + (size_t)n0 * K;
+    int m = m0;
+    for (; m + 4 <= m1; m += 4) {
+      MM_DISPATCH_NT(TileI8, 4, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G,
+                     xqq, xs + n0, out + (size_t)n0 * ldo + (m - m0), ldo)
+    }
+    for (; m < m1; ++m) {
+      MM_DISPATCH_NT(TileI8, 1, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G,
+                     xqq, xs + n0, out + (size_t)n0 * ldo + (m - m0), ldo)
+    }
+  }
+}
+
+void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
+             const float* xf, int N, float* out, int ldo) {
+  const int ldw = K / 2, lds = K / G, nb = K / 128;
+  for (int n0 = 0; n0 < N; n0 += kQuad) {
+    const int nt = N - n0 < kQuad ? N - n0 : kQuad;
+    const float* xq = xf + (size_t)n0 * K;
+    int m = m0;
+    for (; m + 4 <= m1; m += 4) {
+      MM_DISPATCH_NT(TileF32, 4, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G,
+                     xq, out + (size_t)n0 * ldo + (m - m0), ldo)
+    }
+    for (; m < m1; ++m) {
+      MM_DISPATCH_NT(TileF32, 1, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G,
+                     xq, out + (size_t)n0 * ldo + (m - m0), ldo)
+    }
+  }
+}
+
+}  // namespace neon
+}  // namespace mm
+#endif  // __aarch64__

@@ -1,0 +1,68 @@
+"""The SIMD INT4 kernels against the scalar ones, outside LiteRT: natively
+(AVX-512 VNNI here) and, when a cross compiler and qemu are installed, the
+arm64 NEON (sdot) build run under qemu-aarch64."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from export import delegate as dl
+
+SRC = os.path.dirname(dl.__file__)
+
+
+def _copy_sources(dst):
+  for f in os.listdir(SRC):
+    if f.endswith((".h", ".cc")) or f == "Makefile":
+      shutil.copy(os.path.join(SRC, f), dst)
+
+
+def _build_check(cxx, simd_src, simd_flags, define, out, extra=()):
+  obj = f"{out}.simd.o"
+  subprocess.run([cxx, "-std=c++17", "-O2", *simd_flags, "-c", os.path.join(SRC, simd_src),
+                  "-o", obj], check=True, capture_output=True)
+  subprocess.run([cxx, "-std=c++17", "-O2", define, os.path.join(SRC, "kernel_check.cc"),
+                  os.path.join(SRC, "kernels.cc"), obj, "-o", out, *extra],
+                 check=True, capture_output=True)
+
+
+def test_native_simd_matches_scalar(tmp_path):
+  if os.uname().machine != "x86_64":
+    pytest.skip("native check is written for the x86-64 build")
+  exe = str(tmp_path / "kcheck")
+  _build_check("g++", "kernels_avx512.cc",
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
+               "-DMM_HAVE_AVX512", exe)
+  r = subprocess.run([exe], capture_output=True, text=True)
+  if r.returncode == 2:
+    pytest.skip("CPU without AVX-512 VNNI")
+  assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+
+
+needs_arm = pytest.mark.skipif(
+    not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
+    reason="needs g++-aarch64-linux-gnu and qemu-user")
+
+
+@needs_arm
+def test_arm64_neon_matches_scalar_under_qemu(tmp_path):
+  exe = str(tmp_path / "kcheck_arm")
+  _build_check("aarch64-linux-gnu-g++", "kernels_neon.cc", ["-march=armv8.2-a+dotprod"],
+               "-DMM_HAVE_NEON_DOT", exe, extra=["-static"])
+  r = subprocess.run(["qemu-aarch64", "-cpu", "max", exe], capture_output=True, text=True)
+  assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+  # a core without the dot-product extension must not take the NEON path
+  r = subprocess.run(["qemu-aarch64", "-cpu", "cortex-a53", exe], capture_output=True, text=True)
+  assert r.returncode == 2, r.stdout + r.stderr
+
+
+@needs_arm
+def test_arm64_delegate_cross_builds(tmp_path):
+  _copy_sources(tmp_path)
+  subprocess.run(["make", "-C", str(tmp_path), "CXX=aarch64-linux-gnu-g++"], check=True,
+                 capture_output=True)
+  out = subprocess.run(["file", str(tmp_path / "libmobilemoe_delegate.so")],
+                       capture_output=True, text=True).stdout
+  assert "aarch64" in out
