@@ -35,6 +35,12 @@ def lm(model, tok):
   return JaxLM(model, tok, batch_size=8, length_bucket=32)
 
 
+@pytest.fixture(scope='module')
+def lm1(ref, tok):
+  """One device and a 64-token context: the cheap adapter for the remaining checks."""
+  return JaxLM(ref, tok, batch_size=2, length_bucket=32, max_length=64, shard=False)
+
+
 def test_lm_is_sharded_over_all_devices(lm):
   assert jax.device_count() == 8 and lm.mesh is not None and lm.batch_size % 8 == 0
 
@@ -80,9 +86,9 @@ def test_accuracy_on_hand_checked_cases(tok):
   assert res['acc_norm,none'] == 0.75    # the whale flips to right when divided by length
 
 
-def test_rolling_loglikelihood_is_the_whole_document(lm, ref, tok):
+def test_rolling_loglikelihood_is_the_whole_document(lm1, ref, tok):
   text = 'The json module encodes Python objects as strings.'
-  (got,) = lm.loglikelihood_rolling([Instance('loglikelihood_rolling', {}, (text,), 0)])
+  (got,) = lm1.loglikelihood_rolling([Instance('loglikelihood_rolling', {}, (text,), 0)])
   # Empty context: the document is conditioned on <bos> alone.
   ids = [tok.bos_id] + tok.encode(text)
   logits, _, _ = ref(np.asarray([ids], np.int32))
@@ -95,9 +101,9 @@ def _gen(lm, prompt, until, max_gen_toks):
   return lm.generate_until([req])[0]
 
 
-def test_generate_until_is_greedy_and_stops_at_stop_strings(lm, ref, tok):
+def test_generate_until_is_greedy_and_stops_at_stop_strings(lm1, ref, tok):
   prompt = 'Return the number of items in a'
-  free = _gen(lm, prompt, [], 24)
+  free = _gen(lm1, prompt, [], 24)
   # Greedy decoding equals the foundation's KV-cache generate(), up to an <eos> if one comes.
   ids = np.asarray(generate(ref, np.asarray([[tok.bos_id] + tok.encode(prompt)]), 24))[0]
   ref = [int(i) for i in ids]
@@ -106,10 +112,10 @@ def test_generate_until_is_greedy_and_stops_at_stop_strings(lm, ref, tok):
   assert free == tok.decode(ref)
   assert len(free) >= 6, f'need some text to cut: {free!r}'
   stop = free[3:5]
-  assert _gen(lm, prompt, [stop], 24) == free[:free.find(stop)]
+  assert _gen(lm1, prompt, [stop], 24) == free[:free.find(stop)]
   # Several stops: the earliest wins, and a stop never seen leaves the text whole.
-  assert _gen(lm, prompt, ['never-generated', stop], 24) == free[:free.find(stop)]
-  assert _gen(lm, prompt, ['never-generated'], 24) == free
+  assert _gen(lm1, prompt, ['never-generated', stop], 24) == free[:free.find(stop)]
+  assert _gen(lm1, prompt, ['never-generated'], 24) == free
 
 
 def test_cut_at_stop():
@@ -118,11 +124,11 @@ def test_cut_at_stop():
   assert cut_at_stop('abc', ['']) == 'abc'
 
 
-def test_long_context_is_left_truncated(lm, ref, tok):
-  ctx = [tok.bos_id] + [5] * (lm.max_length + 40)
-  got_ctx, cont = lm._fit(ctx, [7, 8])
-  assert len(got_ctx) + len(cont) == lm.max_length + 1 and got_ctx[-1] == 5
-  (score,) = lm._score_pairs([(got_ctx, cont)])
+def test_long_context_is_left_truncated(lm1, ref, tok):
+  ctx = [tok.bos_id] + [5] * (lm1.max_length + 40)
+  got_ctx, cont = lm1._fit(ctx, [7, 8])
+  assert len(got_ctx) + len(cont) == lm1.max_length + 1 and got_ctx[-1] == 5
+  (score,) = lm1._score_pairs([(got_ctx, cont)])
   row = np.asarray([got_ctx + cont[:-1]], np.int32)
   logp = np.asarray(jax.nn.log_softmax(ref(row)[0][0], -1), np.float64)
   assert score[0] == pytest.approx(logp[-2, 7] + logp[-1, 8], rel=1e-5)

@@ -43,7 +43,9 @@ class JaxLM(TokenLM):
 
   def __init__(self, model=None, tokenizer=None, *, checkpoint: str | None = None,
                batch_size: int = 8, max_gen_toks: int = 256, length_bucket: int = 64,
-               shard: bool = True, seed: int = 0, **unused):
+               max_length: int | None = None, shard: bool = True, seed: int = 0, **unused):
+    """max_length: context to evaluate at (default and upper bound: the model's max_seq_len).
+    shard: split batches over all devices when there are several."""
     if unused:
       logging.warning('JaxLM ignores arguments %s', sorted(unused))
     if model is None:
@@ -57,7 +59,8 @@ class JaxLM(TokenLM):
     if isinstance(tokenizer, str):
       from mobilemoe_jax.data.tokenizer import load_tokenizer
       tokenizer = load_tokenizer(tokenizer)
-    super().__init__(tokenizer, model.cfg.max_seq_len, max_gen_toks)
+    max_length = min(int(max_length or model.cfg.max_seq_len), model.cfg.max_seq_len)
+    super().__init__(tokenizer, max_length, max_gen_toks)
     if model.cfg.moe.n_experts and model.cfg.moe.capacity_factor > 0:
       # Padding and the other rows of a batch then compete for expert capacity.
       logging.warning('MoE capacity_factor=%s drops tokens: scores depend on batch content; '
