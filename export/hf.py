@@ -125,7 +125,7 @@ def to_hf(model: torch_model.MobileMoE):
   import transformers
   config = hf_config(model.cfg)
   hf_model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-  missing, unexpected = hf_model.load_state_dict(state_dict(model, hf_model), strict=True)
+  hf_model.load_state_dict(state_dict(model, hf_model), strict=True)
   return hf_model
 
 

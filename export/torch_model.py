@@ -16,10 +16,13 @@ import json
 import math
 import os
 
+import ml_collections
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mobilemoe_jax import config as config_lib
 
 FORMAT = 'mobilemoe-torch'
 
@@ -32,27 +35,20 @@ class ConfigMismatch(ValueError):
 
 def config_dict(model_cfg) -> dict:
   """A plain dict of the model config (validated, head_dim filled in)."""
-  from mobilemoe_jax import config as config_lib
   cfg = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
-  import ml_collections
-  c = config_lib.model_config()
+  c = config_lib.model_config()   # schema defaults for fields an older config lacks
   c.update(cfg)
   config_lib.validate(c)
   return c.to_dict()
 
 
 def is_moe_layer(cfg: dict, layer: int) -> bool:
-  return cfg['moe']['n_experts'] > 0 and layer >= cfg['moe']['first_dense']
+  return config_lib.is_moe_layer(ml_collections.ConfigDict(cfg), layer)
 
 
 def layer_window(cfg: dict, layer: int) -> int:
-  """0 for a global layer, else the sliding window (mirrors config.is_global_layer)."""
-  w, every = cfg['sliding_window'], cfg['global_every']
-  if not w:
-    return 0
-  if every <= 1:
-    return w
-  return 0 if (layer + 1) % every == 0 else w
+  """0 for a global layer, else the sliding window (the rule lives in config.py)."""
+  return 0 if config_lib.is_global_layer(ml_collections.ConfigDict(cfg), layer) else cfg['sliding_window']
 
 
 # ---- modules ----------------------------------------------------------------------------
