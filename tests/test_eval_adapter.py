@@ -7,6 +7,7 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from mobilemoe_jax.eval import run, tasks
+from mobilemoe_jax.eval.run import run_local_eval
 from mobilemoe_jax.eval.base import TokenLM, cut_at_stop
 from mobilemoe_jax.eval.jax_lm import JaxLM
 from mobilemoe_jax.model import generate
@@ -132,3 +133,10 @@ def test_long_context_is_left_truncated(lm1, ref, tok):
   row = np.asarray([got_ctx + cont[:-1]], np.int32)
   logp = np.asarray(jax.nn.log_softmax(ref(row)[0][0], -1), np.float64)
   assert score[0] == pytest.approx(logp[-2, 7] + logp[-1, 8], rel=1e-5)
+
+
+def test_run_local_eval_for_the_pipeline(model, tok, tmp_path):
+  summary = run_local_eval(model, tok, out_dir=tmp_path)
+  assert summary['task'] == 'pydoc_cloze' and summary['n'] == 24
+  assert 0 <= summary['acc'] <= 1 and 0 <= summary['acc_norm'] <= 1
+  assert '| pydoc_cloze | 0 | acc,none |' in (tmp_path / 'results.md').read_text()

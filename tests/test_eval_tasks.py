@@ -109,3 +109,24 @@ def test_lm_eval_arc_easy_runs_from_the_local_mirror(tmp_path, empty_hf_cache):
   assert '| arc_easy | 0 | acc_norm,none | 0.3333 |' in table and 'acc,none' not in table
   payload = json.loads(open(paths['json']).read())
   assert payload['checkpoint'] == 'stub' and payload['summary'][0]['n'] == 3
+
+
+class ParisLM(TokenLM):
+  """Always 'generates' " Paris\nQuestion: ...": the task's stop string must cut it."""
+
+  def _generate_ids(self, prompts, max_new, should_stop, temperature):
+    ids = self.tok.encode(' Paris\nQuestion: what next?')
+    assert max_new == 16 and should_stop(ids) and not should_stop(ids[:1])
+    return [ids for _ in prompts]
+
+  def _score_pairs(self, pairs):
+    raise AssertionError('unused')
+
+
+def test_generate_until_task_cuts_at_the_yaml_stop_and_scores(tmp_path):
+  spec, include = tasks.local_task(EVAL_DATA / 'tiny_gen.yaml')
+  results = run.evaluate(ParisLM(make_tokenizer(tmp_path), 64), [spec], include=[include],
+                         log_samples=True)
+  outputs = [s['filtered_resps'][0] for s in results['samples']['tiny_gen']]
+  assert outputs == ['Paris', 'Paris']                 # cut at "\n", whitespace stripped
+  assert results['results']['tiny_gen']['exact_match,strip'] == 0.5   # France yes, Japan no
