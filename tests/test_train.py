@@ -101,8 +101,9 @@ def test_corrupt_checkpoint_names_the_checkpoint(data_dir, trained, tmp_path):
     if os.path.isfile(path) and 'metadata' not in os.path.basename(path).lower():
       with open(path, 'r+b') as f:  # keep the size, destroy the bytes
         f.write(b'\xff' * os.path.getsize(path))
-  with pytest.raises(CheckpointError, match=str(step_dir)):
+  with pytest.raises(CheckpointError, match=str(step_dir)) as err:
     train_and_evaluate(make_config(data_dir, **{'train.steps': 7}), str(workdir))
+  assert 'corrupt' in str(err.value) and str(step_dir / 'state') in str(err.value)  # the file
 
 
 def test_stage_lineage_and_init_from(data_dir, trained, tmp_path):

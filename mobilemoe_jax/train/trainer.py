@@ -140,6 +140,10 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
     flops_per_token = accounting.train_flops_per_token(config.model, t.seq_len)
     peak = metrics_lib.peak_flops()
     step = int(jax.device_get(state['step']))
+    counts = accounting.count(config.model)
+    _log(f'{t.stage}: {counts.active_params / 1e6:.2f}M active / {counts.total_params / 1e6:.2f}M '
+         f'params, mesh {dict(mesh.shape)}, {t.batch_size}x{t.seq_len} tokens per step, '
+         f'step {step} of {t.steps}')
     if step == 0 and t.eval_batches:
       writer.write(0, evaluate(state))
     pending = []  # per-step metrics (device arrays) since the last log: no per-step sync
@@ -160,8 +164,9 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
           scalars, hist = _summarize(pending, time.time() - window_start,
                                      t.batch_size * t.seq_len, flops_per_token, peak)
           writer.write(step, scalars, hist)
+          mfu = f"{scalars['train/mfu']:.1%}" if 'train/mfu' in scalars else 'n/a'
           bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/lr']:.1e}",
-                          tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+                          tok_s=f"{scalars['train/tokens_per_s']:.0f}", mfu=mfu)
           pending, window_start = [], time.time()
 
         if t.eval_every and (step % t.eval_every == 0 or last) and t.eval_batches:
