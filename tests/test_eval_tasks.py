@@ -111,6 +111,13 @@ def test_lm_eval_arc_easy_runs_from_the_local_mirror(tmp_path, empty_hf_cache):
   assert payload['checkpoint'] == 'stub' and payload['summary'][0]['n'] == 3
 
 
+def test_incomplete_mirror_is_a_missing_dataset(tmp_path, empty_hf_cache):
+  # The mirror's ai2_arc holds ARC-Easy only, so arc_challenge finds the repo but not its config.
+  specs = tasks.suite_specs(suite_lib.get_config().tasks, ['arc_challenge'], MIRROR)
+  with pytest.raises(tasks.DatasetMissingError, match='ARC-Challenge.*incomplete'):
+    run.evaluate(ShortestAnswerLM(make_tokenizer(tmp_path), 64), specs)
+
+
 class ParisLM(TokenLM):
   """Always 'generates' " Paris\nQuestion: ...": the task's stop string must cut it."""
 

@@ -24,10 +24,19 @@ def evaluate(lm, specs, *, include=(), limit: int | None = None,
   local = {p.stem for d in include for p in pathlib.Path(d).glob('*.yaml')}
   builtin = any((s['task'] if isinstance(s, dict) else s) not in local for s in specs)
   manager = TaskManager(include_path=list(include) or None, include_defaults=builtin)
-  return evaluator.simple_evaluate(
-      model=lm, tasks=specs, limit=limit or None, log_samples=log_samples,
-      task_manager=manager, bootstrap_iters=1000,
-      torch_random_seed=None)  # None: lm_eval would import torch only to seed it
+  try:
+    return evaluator.simple_evaluate(
+        model=lm, tasks=specs, limit=limit or None, log_samples=log_samples,
+        task_manager=manager, bootstrap_iters=1000,
+        torch_random_seed=None)  # None: lm_eval would import torch only to seed it
+  except (ConnectionError, FileNotFoundError, ValueError) as e:
+    # Offline, `datasets` fails this way when a mirror or cache entry exists but lacks a
+    # config or split the task reads (e.g. a partial copy).
+    if isinstance(e, ValueError) and not any(k in str(e) for k in ('BuilderConfig', 'split')):
+      raise
+    raise tasks_lib.DatasetMissingError(
+        f'a task could not read its data offline ({type(e).__name__}: {e}). The local mirror '
+        'or HF cache entry is incomplete; see mobilemoe_jax/eval/tasks.py for the layout.') from e
 
 
 def summarize(results: dict, metrics: dict[str, str] | None = None) -> list[dict]:

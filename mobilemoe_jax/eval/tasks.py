@@ -69,11 +69,13 @@ def locate(repo: str, data_dir: pathlib.Path | None) -> str | None:
 
 
 def missing_message(task: str, repos: list[str], data_dir: pathlib.Path | None) -> str:
-  where = data_dir if data_dir is not None else '$MOBILEMOE_EVAL_DATA (unset; or pass --data_dir)'
+  where = data_dir if data_dir is not None else 'DATA_DIR'
   lines = [f"No data for task {task!r}: dataset repo(s) {', '.join(repos)} not found.",
            'Put each one in ONE of:']
   for repo in repos:
     lines.append(f'  - {where}/{repo}/   (a snapshot of the HF dataset repo {repo})')
+  if data_dir is None:
+    lines.append('    where DATA_DIR is --data_dir or $MOBILEMOE_EVAL_DATA (neither is set)')
   lines.append(f'  - the HF cache: {" or ".join(str(d) for d in hf_cache_dirs(repos[0]))}')
   lines.append('To fill either on a machine with internet: `python -m mobilemoe_jax.eval.fetch '
                '--out DIR` (local mirror) or `... --hf_cache` (HF cache), then copy it here. '
