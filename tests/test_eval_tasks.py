@@ -111,6 +111,15 @@ def test_lm_eval_arc_easy_runs_from_the_local_mirror(tmp_path, empty_hf_cache):
   assert payload['checkpoint'] == 'stub' and payload['summary'][0]['n'] == 3
 
 
+def test_suite_shot_count_reaches_the_prompt(tmp_path, empty_hf_cache):
+  (spec,) = tasks.suite_specs(suite_lib.get_config().tasks, ['arc_easy'], MIRROR)
+  spec['num_fewshot'] = 1          # the mirror's train split has the one example to show
+  results = run.evaluate(ShortestAnswerLM(make_tokenizer(tmp_path), 64), [spec], log_samples=True)
+  assert results['n-shot']['arc_easy'] == 1
+  context = results['samples']['arc_easy'][0]['arguments'][0][0]
+  assert context.startswith('Question: Which organ pumps blood through the body?\nAnswer: the heart\n\n')
+
+
 def test_incomplete_mirror_is_a_missing_dataset(tmp_path, empty_hf_cache):
   # The mirror's ai2_arc holds ARC-Easy only, so arc_challenge finds the repo but not its config.
   specs = tasks.suite_specs(suite_lib.get_config().tasks, ['arc_challenge'], MIRROR)

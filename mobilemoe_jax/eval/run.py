@@ -89,6 +89,7 @@ def run_local_eval(model, tokenizer, out_dir=None, batch_size: int = 8) -> dict:
 
   Returns {'task', 'acc', 'acc_norm', 'n', 'chance'} (and writes results.json/.md to
   out_dir when given). 24 examples, three endings each: a trained demo model should beat 1/3.
+  With several devices the model's parameters are placed on a data-parallel mesh (replicated).
   """
   from mobilemoe_jax.eval.jax_lm import JaxLM
 
