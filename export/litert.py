@@ -147,7 +147,7 @@ def report(path: str) -> dict:
   if 'MobileMoeBlock' in flatbuf.op_names(model):
     from export import moe_op
     for _, ws in moe_op.read_ops(raw):
-      moe_q4 += sum(v.size // 2 for k, v in ws.items() if k.endswith('_q'))
+      moe_q4 += sum(v.nbytes for k, v in ws.items() if k.endswith('_q'))   # already packed
   return {
       'path': path,
       'file_bytes': len(raw),

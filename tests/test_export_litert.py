@@ -167,6 +167,10 @@ def test_delegate_op_structure(small, delegate_dir):
   np.testing.assert_array_equal(moe_op.unpack(ws['shared_gate_up_q'], ws['shared_gate_up_s']),
                                 grid.fake_quant(sh))
   np.testing.assert_array_equal(ws['router_w'], moe.router.weight.detach().numpy())
+  # The report counts the op's packed bytes as INT4 (the rest of this model is fp32).
+  rep = litert.report(delegate_dir)
+  packed = sum(v.nbytes for k, v in ws.items() if k.endswith('_q'))
+  assert rep['int4_fraction'] == pytest.approx(packed / sum(rep['weight_bytes'].values()))
 
 
 def test_delegate_runs_the_op(small, delegate_dir):
