@@ -21,13 +21,14 @@ def _hf_logits(path):
     return type(model).__name__, model(torch.from_numpy(TOKENS)).logits.numpy()
 
 
-@pytest.mark.parametrize('kind,window,cls', [
-    ('dense', 64, 'Qwen2ForCausalLM'),      # tiny: windowed and global layers alternate
-    ('dense', 0, 'LlamaForCausalLM'),
-    ('moe', 64, 'Qwen2MoeForCausalLM'),
+@pytest.mark.parametrize('kind,window,cls,moe', [
+    ('dense', 64, 'Qwen2ForCausalLM', {}),      # tiny: windowed and global layers alternate
+    ('dense', 0, 'LlamaForCausalLM', {}),
+    ('moe', 64, 'Qwen2MoeForCausalLM', {}),
+    ('moe', 0, 'Qwen2MoeForCausalLM', dict(n_shared=0, norm_topk_prob=False, first_dense=2)),
 ])
-def test_hf_logits_equal_ours(tmp_path, kind, window, cls):
-  cfg, m = make(kind)
+def test_hf_logits_equal_ours(tmp_path, kind, window, cls, moe):
+  cfg, m = make(kind, **moe)
   cfg.sliding_window = window
   pt = tm.from_flax(m, cfg)
   hf.save(pt, str(tmp_path))
