@@ -29,6 +29,7 @@ STAGES = [
     ('pretrain', pretrain.get_config),
     ('midtrain', midtrain.get_config),
     ('sft', sft.get_config),
+    # ('qat', qat.get_config),   issue 4: fake-quant fine-tuning from the SFT checkpoint
 ]
 
 flags.DEFINE_string('workdir', 'runs/demo', 'One subdirectory per stage, plus summary.json.')
