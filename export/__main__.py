@@ -77,6 +77,8 @@ def main(argv=None):
   ap.add_argument('--torch-out', help='also write the PyTorch safetensors dir here')
   ap.add_argument('--hf-out', help='also write a Hugging Face transformers dir here')
   ap.add_argument('--no-verify', action='store_true')
+  ap.add_argument('--litertlm', metavar='DIR', help='also bundle a .litertlm here (needs --tokenizer)')
+  ap.add_argument('--tokenizer', help='SentencePiece .model for --litertlm')
   a = ap.parse_args(argv)
 
   from export import checkpoint, litert, torch_model
@@ -116,6 +118,11 @@ def main(argv=None):
   if not a.no_verify:
     print('[export] verifying against PyTorch (prefill + decode)...', flush=True)
     rep['verify'] = verify(model, a.out, a.quant, a.embedding, a.moe)
+  if a.litertlm:
+    if not a.tokenizer:
+      ap.error('--litertlm needs --tokenizer')
+    rep['litertlm'] = litert.bundle(a.out, a.litertlm, a.tokenizer, a.kv_len or model.cfg['max_seq_len'])
+    print(f'[export] LiteRT-LM bundle: {rep["litertlm"]}', flush=True)
   rep['seconds'] = round(time.time() - t0, 1)
   print(json.dumps(rep, indent=2))
   mb = rep['file_bytes'] / 2**20

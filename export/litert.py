@@ -197,3 +197,24 @@ def fake_quant(model, quant: str, embedding: str):
         mod.weight.copy_(fq(mod.weight, fc))
     m.embed.weight.copy_(fq(m.embed.weight, emb))
   return m
+
+
+def bundle(tflite_path: str, out_dir: str, tokenizer_path: str, context_length: int) -> str:
+  """A .litertlm (LiteRT-LM) file: the .tflite, the SentencePiece tokenizer and metadata
+  (bos/eos ids, our chat template), built by litert-torch's litert-lm-builder wrapper."""
+  from litert_torch.generative.utilities import litertlm_builder
+  from mobilemoe_jax.data import tokenizer as tok_lib
+  if not litertlm_builder.is_litertlm_builder_available():
+    raise RuntimeError('litert-lm-builder is not installed: cannot write a .litertlm')
+  if not tokenizer_path.endswith('.model'):
+    raise ValueError(f'--tokenizer {tokenizer_path}: the bundle takes a SentencePiece .model')
+  tok = tok_lib.load_tokenizer(tokenizer_path)
+  os.makedirs(out_dir, exist_ok=True)
+  with tempfile.TemporaryDirectory() as work:
+    litertlm_builder.build_litertlm(
+        tflite_path, work, out_dir, context_length, tokenizer_model_path=tokenizer_path,
+        start_token_id=tok.bos_id, stop_token_ids=[tok.eos_id],
+        user_prompt_prefix=tok_lib.ROLE_PIECES['user'], user_prompt_suffix=tok_lib.END_PIECE,
+        model_prompt_prefix=tok_lib.ROLE_PIECES['assistant'], model_prompt_suffix=tok_lib.END_PIECE)
+  name = os.path.splitext(os.path.basename(tflite_path))[0] + '.litertlm'
+  return os.path.join(out_dir, name)
