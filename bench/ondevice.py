@@ -4,6 +4,7 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
   python bench/ondevice.py                 # ~5-10 min on the 2-core dev box
   python bench/ondevice.py --quick         # smaller run, for a smoke test
   python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # + whole models
+  python bench/ondevice.py --whole_only --moe_model a.tflite --dense_model b.tflite
 
 Rows (MobileMoE-S block shape: D=768, 64 experts of 512, top-4, one shared 512,
 INT4 group 32, random weights):
@@ -398,13 +399,63 @@ def active_bytes_per_token(o):
 # ----------------------------------------------------------------------------
 # Whole models (optional: paths to exported .tflite files).
 
-def whole_model_rows(moe_path, dense_path):
-  """Decode/prefill of exported models. The exporter's signature layout is not
-  fixed yet, so this only records that the rows are missing unless both paths
-  are given; see bench/README.md."""
+def whole_model_race(moe_path, dense_path, budget_s):
+  """Child process: exported MobileMoE-S and dense models (export/runner.py
+  signatures) timed in one window, alternating. Prefill P tokens from an empty
+  cache (chunked by the model's prefill signatures); decode = one token after a
+  32-token prompt."""
+  from export.runner import LiteRTLM
+  lms = {}
+  for name, path in (("moe", moe_path), ("dense", dense_path)):
+    with open(path, "rb") as f:
+      uses_op = tb.OP_NAME.encode() in f.read()
+    d = dl.load(num_threads=THREADS) if uses_op else None
+    lms[name] = (LiteRTLM(path, num_threads=THREADS, delegate=d), d)
+    if d is not None:
+      s = dl.stats(d)
+      assert s["claimed"] > 0 and s["refused"] == 0, s
+  rng = np.random.default_rng(0)
+  out = {}
+  for P in (128, 512):
+    if any(P > lm.kv_len for lm, _ in lms.values()):
+      continue
+    times = {n: [] for n in lms}
+    t_end = time.perf_counter() + budget_s
+    while min(map(len, times.values())) < 3 or time.perf_counter() < t_end:
+      for n, (lm, _) in lms.items():
+        lm.reset()
+        ids = rng.integers(0, 1000, P)
+        t0 = time.perf_counter()
+        lm.prefill(ids)
+        times[n].append(time.perf_counter() - t0)
+    for n, t in times.items():
+      out[f"{n}_prefill{P}_ms"] = float(np.median(t) * 1e3)
+  times = {n: [] for n in lms}
+  for n, (lm, _) in lms.items():
+    lm.reset()
+    lm.prefill(rng.integers(0, 1000, 32))
+  t_end = time.perf_counter() + budget_s
+  while min(map(len, times.values())) < 10 or time.perf_counter() < t_end:
+    for n, (lm, _) in lms.items():
+      if lm.pos >= lm.kv_len:
+        lm.reset()
+        lm.prefill(rng.integers(0, 1000, 32))
+      t0 = time.perf_counter()
+      lm.decode(int(rng.integers(0, 1000)))
+      times[n].append(time.perf_counter() - t0)
+  for n, t in times.items():
+    out[f"{n}_decode_ms"] = float(np.median(t) * 1e3)
+  print(json.dumps(out))
+
+
+def whole_model_rows(moe_path, dense_path, budget_s=20):
+  """Speedups of an exported MobileMoE model over a dense one (None if not given)."""
   if not (moe_path and dense_path):
     return None
-  raise NotImplementedError("whole-model timing needs the exporter's runner API")
+  r = run_child("--whole", moe_path, dense_path, budget_s)
+  ratio = lambda k: (r.get(f"dense_{k}_ms") / r[f"moe_{k}_ms"]) if f"moe_{k}_ms" in r else None
+  return {"raw": r, "decode": ratio("decode"), "prefill128": ratio("prefill128"),
+          "prefill512": ratio("prefill512")}
 
 
 def markdown_table(res) -> str:
@@ -435,6 +486,9 @@ def main():
   ap.add_argument("--build", nargs=3, metavar=("METHOD", "L", "PATH"))
   ap.add_argument("--race", nargs=5, metavar=("METHODS", "PATHS", "DS", "TS", "BUDGET_S"))
   ap.add_argument("--rss", nargs=4, metavar=("METHOD", "PATH", "D", "TS"))
+  ap.add_argument("--whole", nargs=3, metavar=("MOE_PATH", "DENSE_PATH", "BUDGET_S"))
+  ap.add_argument("--whole_only", action="store_true",
+                  help="only the whole-model rows (needs --moe_model/--dense_model)")
   ap.add_argument("--quick", action="store_true", help="fewer layers/iterations (smoke test)")
   ap.add_argument("--moe_model")
   ap.add_argument("--dense_model")
@@ -451,6 +505,10 @@ def main():
     return race(ms_.split(","), paths.split(","), ints(Ds), ints(Ts_), float(budget))
   if a.rss:
     return rss(a.rss[0], a.rss[1], int(a.rss[2]), ints(a.rss[3]))
+  if a.whole:
+    return whole_model_race(a.whole[0], a.whole[1], float(a.whole[2]))
+  if a.whole_only:
+    return print(json.dumps(whole_model_rows(a.moe_model, a.dense_model), indent=1))
 
   t_start = time.time()
   load0 = os.getloadavg()
@@ -505,6 +563,7 @@ def main():
       "decode_speedup_vs_dense": whole and whole["decode"],
       "prefill128_speedup_vs_dense": whole and whole["prefill128"],
       "prefill512_speedup_vs_dense": whole and whole["prefill512"],
+      "whole_model_raw_ms": whole and whole["raw"],
       "wall_s": time.time() - t_start,
   }
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
