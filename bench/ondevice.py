@@ -76,14 +76,32 @@ def _int4_channelwise(g, name, rng, rows, cols):
   return t, q.astype(np.float32) * s[:, None]
 
 
+def _int4_block32(g, name, rng, rows, cols):
+  """Random INT4 weight [rows, cols], block-32 fp16 scales (as ai-edge-quantizer
+  writes them): the same scheme MobileMoE's export uses for every FC."""
+  q = rng.integers(-8, 8, size=(rows, cols), dtype=np.int8)
+  s = ((rng.random((rows, cols // 32)) * 0.5 + 0.5) / np.sqrt(cols * 10)).astype(np.float16)
+  st = g.const(f"{name}_scales", s)
+  bq = schema.BlockwiseQuantizationT()
+  bq.scales, bq.zeroPoints, bq.blockSize = st, -1, 32
+  qp = schema.QuantizationParametersT()
+  qp.detailsType, qp.details, qp.quantizedDimension = (
+      schema.QuantizationDetails.BlockwiseQuantization, bq, 0)
+  t = g.tensor(name, [rows, cols], tensor_type=schema.TensorType.INT4, data=dl.pack_int4(q),
+               quantization=qp)
+  return t, q.astype(np.float32) * np.repeat(s.astype(np.float32), 32, axis=1)
+
+
 def _fc(g, x, w, out_shape, name):
   return tb.fully_connected(g, x, w, out_shape, name)
 
 
-def _swiglu_shared(g, x, T, rng, Fs, D, name):
-  """Shared expert as two INT4 FCs: y = down(silu(gate x) * up x)."""
-  wgu, _ = _int4_channelwise(g, f"{name}/gu", rng, 2 * Fs, D)
-  wd, _ = _int4_channelwise(g, f"{name}/d", rng, D, Fs)
+def _swiglu_shared(g, x, T, rng, Fs, D, name, weight=None):
+  """SwiGLU as two INT4 FCs (shared expert, dense FFN): down(silu(gate x) * up x).
+  weight: the INT4 weight maker (default channel-wise)."""
+  weight = weight or _int4_channelwise
+  wgu, _ = weight(g, f"{name}/gu", rng, 2 * Fs, D)
+  wd, _ = weight(g, f"{name}/d", rng, D, Fs)
   gu = _fc(g, x, wgu, [T, 2 * Fs], f"{name}/gu_out")
   gs, us = g.tensor(f"{name}/g", [T, Fs]), g.tensor(f"{name}/u", [T, Fs])
   so = schema.SplitOptionsT()
@@ -205,10 +223,12 @@ BUILDERS = {"delegate": add_delegate_block, "all_experts": add_allexperts_block,
 # FFN-only proxies of the whole models (attention, embeddings, lm_head left
 # out: they are the same kind of work in both models). MobileMoE-S: layer 0
 # dense (d_ff 2048) + 15 MoE layers through the delegate; MobileLLM-Pro: 30
-# dense SwiGLU 1280 -> 6144, INT4 channel-wise FCs (XNNPACK's fastest INT4).
+# dense SwiGLU 1280 -> 6144 as INT4 FCs, channel-wise (XNNPACK's fastest INT4)
+# and block-32 (the scheme MobileMoE's export and experts use).
 STACKS = {
     "moe_s_ffn": dict(d_model=768, layers=[("dense", 2048)] + [("moe", None)] * 15),
     "pro_ffn": dict(d_model=1280, layers=[("dense", 6144)] * 30),
+    "pro_ffn_b32": dict(d_model=1280, layers=[("dense_b32", 6144)] * 30),
 }
 
 
@@ -226,6 +246,8 @@ def stack_model(method, L, o, seed=0):
   for i, (kind, d_ff) in enumerate(layers):
     if kind == "dense":
       m = _swiglu_shared(g, h, 1, rng, d_ff, D, f"l{i}")
+    elif kind == "dense_b32":
+      m = _swiglu_shared(g, h, 1, rng, d_ff, D, f"l{i}", weight=_int4_block32)
     elif kind == "moe":
       m = add_delegate_block(g, h, 1, rng, o, f"l{i}")
     else:
@@ -463,7 +485,8 @@ def markdown_table(res) -> str:
   names = {"delegate": "(a) MobileMoeBlock delegate", "all_experts": "(b) all experts, INT4 FCs",
            "upstream_moe": "(c) upstream `moe` op (int8, gelu)",
            "moe_s_ffn": "MobileMoE-S FFN stack (16 layers)",
-           "pro_ffn": "MobileLLM-Pro FFN stack (30 layers)"}
+           "pro_ffn": "MobileLLM-Pro FFN stack (30 layers, INT4 channel-wise)",
+           "pro_ffn_b32": "MobileLLM-Pro FFN stack (30 layers, INT4 block-32)"}
   lines = ["| config | per | decode T=1 ms | prefill 128 ms | prefill 512 ms | peak RSS MB |",
            "|---|---|---|---|---|---|"]
   for m, label in names.items():
@@ -522,7 +545,7 @@ def main():
   tmp = tempfile.mkdtemp()
   groups = [("delegate", "all_experts", "upstream_moe")]
   if not a.quick:
-    groups.append(("moe_s_ffn", "pro_ffn"))
+    groups.append(("moe_s_ffn", "pro_ffn", "pro_ffn_b32"))
   for group in groups:
     for r in measure(group, L, Ts, budget, tmp):
       rows.append(r)
@@ -558,6 +581,9 @@ def main():
       "ffn_stack_decode_speedup_vs_dense": ratio(ms("pro_ffn", 1), ms("moe_s_ffn", 1)),
       "ffn_stack_prefill128_speedup_vs_dense": ratio(ms("pro_ffn", 128), ms("moe_s_ffn", 128)),
       "ffn_stack_prefill512_speedup_vs_dense": ratio(ms("pro_ffn", 512), ms("moe_s_ffn", 512)),
+      "ffn_stack_decode_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 1), ms("moe_s_ffn", 1)),
+      "ffn_stack_prefill128_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 128), ms("moe_s_ffn", 128)),
+      "ffn_stack_prefill512_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 512), ms("moe_s_ffn", 512)),
       # Whole models need exported MobileMoE-S / MobileLLM-Pro .tflite files: null
       # means not measured in this run.
       "decode_speedup_vs_dense": whole and whole["decode"],

@@ -16,6 +16,7 @@ OP_NAME = "MobileMoeBlock"
 
 _DTYPES = {
     np.dtype(np.float32): schema.TensorType.FLOAT32,
+    np.dtype(np.float16): schema.TensorType.FLOAT16,
     np.dtype(np.int32): schema.TensorType.INT32,
     np.dtype(np.uint8): schema.TensorType.UINT8,
     np.dtype(np.int8): schema.TensorType.INT8,
