@@ -58,3 +58,7 @@ def test_device_constants_from_the_block_benchmark_record(tmp_path):
   flops = 2 * (1 * 3 * 16 + 3 * 16) * 8 + 2 * 4 * 8
   assert dev.compute == pytest.approx(flops * 100 / 10e-3)
   assert 'x86_64' in dev.source
+  # Decode faster than the measured DRAM rate means cache hits; the DRAM rate bounds it.
+  rec = json.loads(p.read_text())
+  p.write_text(json.dumps({**rec, 'dram_read_gbps': 1e-4}))
+  assert accounting.load_device(str(p)).bandwidth == pytest.approx(1e5)

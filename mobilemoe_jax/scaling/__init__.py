@@ -1,1 +1,3 @@
-"""On-device scaling: exact accounting of configs (and, later, the loss law and search)."""
+"""On-device scaling: exact accounting and latency of configs (accounting), the MoE loss
+law (law), architecture search under budgets (search), training sweeps (sweep).
+See docs/scaling.md."""

@@ -146,7 +146,8 @@ def load_device(path: str = ONDEVICE_JSON) -> DeviceModel:
   - `bench/ondevice.py`'s record: the MoE-block rows of method "delegate". Decode rate =
     "active_bytes_per_token_per_block" / the T=1 median time (an *effective* rate: it includes
     whatever compute overhead the kernel has, which is what a latency estimate needs); prefill
-    rate = the block's matmul + router FLOPs per token x T / the largest-T median time.
+    rate = the block's matmul + router FLOPs per token x T / the largest-T median time. A
+    decode rate above the record's "dram_read_gbps" is capped at it.
   """
   if not os.path.exists(path):
     return ASSUMED_DEVICE
@@ -163,10 +164,16 @@ def load_device(path: str = ONDEVICE_JSON) -> DeviceModel:
     prefill = max(rows, key=lambda r: r['T'])
     flops = 2 * (b['top_k'] * 3 * b['d_expert'] + 3 * b['d_shared']) * b['d_model'] \
         + 2 * b['num_experts'] * b['d_model']
-    return DeviceModel(
-        bandwidth=rec['active_bytes_per_token_per_block'] / (decode['median_ms'] / 1e3),
-        compute=flops * prefill['T'] / (prefill['median_ms'] / 1e3),
-        source=f"{path} (MoE-block benchmark on {name}, delegate medians)")
+    bandwidth = rec['active_bytes_per_token_per_block'] / (decode['median_ms'] / 1e3)
+    note = 'delegate medians'
+    dram = rec.get('dram_read_gbps')
+    if dram and bandwidth > dram * 1e9:
+      # Faster than DRAM can deliver: the benchmark's weights were partly in cache. A whole
+      # model is not, so the measured DRAM read rate is the honest bound.
+      bandwidth, note = dram * 1e9, 'decode capped at the measured DRAM read rate'
+    return DeviceModel(bandwidth=bandwidth,
+                       compute=flops * prefill['T'] / (prefill['median_ms'] / 1e3),
+                       source=f"{path} (MoE-block benchmark on {name}, {note})")
   raise ValueError(f'{path}: neither decode_bytes_per_s/prefill_flops_per_s nor a bench/ondevice.py '
                    'record with delegate rows; see accounting.load_device')
 
