@@ -13,7 +13,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m mobilemoe_jax.info
+	$(PY) -m mobilemoe_jax.pipeline --workdir=runs/demo
 
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile

@@ -1,4 +1,5 @@
-"""The whole recipe in one command: build data -> pretrain -> midtrain -> SFT -> summary.
+"""The whole recipe in one command: build data -> pretrain -> midtrain -> SFT -> QAT ->
+INT4 .tflite export -> generation through the MobileMoE delegate -> local eval -> summary.
 
   python -m mobilemoe_jax.pipeline                          # tiny, CPU, a few minutes
   python -m mobilemoe_jax.pipeline --workdir=runs/demo --config=configs/stages/pretrain.py:tiny
@@ -19,17 +20,17 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs.stages import common, midtrain, pretrain, sft
+from configs.stages import common, midtrain, pretrain, qat, sft
 
 # The recipe, in order. Appending a stage (QAT, export, eval) is one line here.
 STAGES = [
     ('pretrain', pretrain.get_config),
     ('midtrain', midtrain.get_config),
     ('sft', sft.get_config),
-    # ('qat', qat.get_config),   issue 4: fake-quant fine-tuning from the SFT checkpoint
+    ('qat', qat.get_config),
 ]
 
 flags.DEFINE_string('workdir', 'runs/demo', 'One subdirectory per stage, plus summary.json.')
@@ -69,10 +70,41 @@ def format_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def ship(workdir: str, checkpoint: str, tokenizer_path: str) -> dict:
+  """The on-device end of the recipe: exports `checkpoint` to an INT4 `.tflite` whose MoE
+  blocks are MobileMoeBlock ops, generates a few tokens with LiteRT + our delegate, and
+  scores the JAX model on the bundled local eval task."""
+  from export import delegate
+  from export.__main__ import main as export_main
+  from export.runner import LiteRTLM
+  from mobilemoe_jax.eval.loading import load_checkpoint
+  from mobilemoe_jax.eval.run import run_local_eval
+
+  path = os.path.join(workdir, 'model.tflite')
+  export_main(['--checkpoint', checkpoint, '--out', path, '--moe', 'delegate',
+               '--prefill', '32', '--kv-len', '128'])
+  model, tok = load_checkpoint(checkpoint, tokenizer_path)
+  dlg = delegate.load()
+  lm = LiteRTLM(path, delegate=dlg)
+  prompt = 'Return the number of'
+  ids = lm.generate([tok.bos_id] + tok.encode(prompt), 24, temperature=0.7, top_k=40, seed=0,
+                    eos_id=tok.eos_id)
+  claimed = delegate.stats(dlg)['claimed']
+  print(f'\n[.tflite + MobileMoE delegate, {claimed} MoE blocks claimed] {prompt}{tok.decode(ids)}')
+  local_eval = run_local_eval(model, tok, out_dir=os.path.join(workdir, 'eval'))
+  print(f"[local eval] {local_eval['task']}: acc {local_eval['acc']:.3f}, "
+        f"acc_norm {local_eval['acc_norm']:.3f} (chance {local_eval['chance']:.3f}, "
+        f"n={local_eval['n']})")
+  return {'tflite': path, 'tflite_bytes': os.path.getsize(path), 'delegate_claimed': claimed,
+          'prompt': prompt, 'generated': tok.decode(ids),
+          'local_eval': {k: local_eval[k] for k in ('task', 'acc', 'acc_norm', 'n', 'chance')}}
+
+
 def run(workdir: str, first: str, arg: str, overrides: dict | None = None,
-        build_data: bool = True) -> dict:
+        build_data: bool = True, export: bool = False) -> dict:
   """Runs the pipeline; returns the summary also written to <workdir>/summary.json.
-  build_data=False uses the data already at data_dir (tests build a smaller one)."""
+  build_data=False uses the data already at data_dir (tests build a smaller one);
+  export=True ends with `ship` (the main job does)."""
   from mobilemoe_jax.data import build
   from mobilemoe_jax.train import train_and_evaluate
 
@@ -83,18 +115,25 @@ def run(workdir: str, first: str, arg: str, overrides: dict | None = None,
     build.build(opts['data_dir'])        # idempotent: returns at once when up to date
   summary = {'workdir': os.path.abspath(workdir), 'arg': arg, 'stages': [],
              'data_seconds': round(time.time() - start, 1)}
+  preempted = False
   for name, config in stage_configs(first, arg, overrides or {}, workdir):
     t0 = time.time()
     result = train_and_evaluate(config, os.path.join(workdir, name))
     result['seconds'] = round(time.time() - t0, 1)
     summary['stages'].append(result)
     if result['preempted']:
+      preempted = True
       print(f'pipeline: {name} was preempted; rerun the same command to resume.')
       break
+  print('\n' + format_table(summary['stages']))
+  if export and not preempted:
+    t0 = time.time()
+    summary['ship'] = ship(workdir, os.path.join(workdir, name, 'checkpoints'),
+                           config.data.train.tokenizer)
+    summary['ship']['seconds'] = round(time.time() - t0, 1)
   summary['total_seconds'] = round(time.time() - start, 1)
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
-  print('\n' + format_table(summary['stages']))
   print(f"data {summary['data_seconds']} s, total {summary['total_seconds']} s; "
         f"summary in {os.path.join(workdir, 'summary.json')}")
   return summary
@@ -103,6 +142,8 @@ def run(workdir: str, first: str, arg: str, overrides: dict | None = None,
 def main(argv):
   del argv
   from mobilemoe_jax.train import NonFiniteError
+  # Orbax logs every file it writes at INFO; keep the console for progress and results.
+  logging.set_verbosity(logging.WARNING)
 
   stage_file, _, arg = config_flags.get_config_filename(flags.FLAGS['config']).partition(':')
   first = os.path.splitext(os.path.basename(stage_file))[0]
@@ -114,7 +155,7 @@ def main(argv):
   jax.config.update('jax_compilation_cache_dir', os.path.join(flags.FLAGS.workdir, 'xla_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   try:
-    run(flags.FLAGS.workdir, first, arg or 'tiny', overrides)
+    run(flags.FLAGS.workdir, first, arg or 'tiny', overrides, export=True)
   except NonFiniteError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -1,5 +1,5 @@
-"""The one-command pipeline: pretrain -> midtrain -> SFT, chained by checkpoints, with a
-summary table and the full lineage in the last checkpoint."""
+"""The one-command pipeline: pretrain -> midtrain -> SFT -> QAT, chained by checkpoints, with
+a summary table and the full lineage in the last checkpoint."""
 import json
 import os
 
@@ -19,7 +19,7 @@ def test_pipeline_chains_stages(data_dir, tmp_path, capsys):
                          build_data=False)
 
   stages = summary['stages']
-  assert [s['stage'] for s in stages] == ['pretrain', 'midtrain', 'sft']
+  assert [s['stage'] for s in stages] == ['pretrain', 'midtrain', 'sft', 'qat']
   assert all(s['steps'] == 6 and s['loss_end'] is not None for s in stages)
   with open(os.path.join(workdir, 'summary.json')) as f:
     assert json.load(f)['stages'] == stages
@@ -28,16 +28,19 @@ def test_pipeline_chains_stages(data_dir, tmp_path, capsys):
 
   # Each stage starts from the previous one's params: same held-out set, same perplexity.
   assert stages[1]['ppl_start'] == stages[0]['ppl_end']
-  with open(os.path.join(stages[2]['checkpoint'], 'meta', 'metadata')) as f:
-    lineage = json.load(f)['lineage']
-  assert [(e['stage'], e['step']) for e in lineage] == [('pretrain', 6), ('midtrain', 6), ('sft', 6)]
+  with open(os.path.join(stages[3]['checkpoint'], 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  lineage = meta['lineage']
+  assert [(e['stage'], e['step']) for e in lineage] == [('pretrain', 6), ('midtrain', 6), ('sft', 6),
+                                                         ('qat', 6)]
+  assert meta['config']['model']['quant']['weights'] == 'int4_g32'   # QAT trained fake-quantized
   assert [e['checkpoint'] for e in lineage] == [s['checkpoint'] for s in stages]
 
 
 def test_appending_a_stage_is_one_line(data_dir, tmp_path, monkeypatch):
   """A new stage only needs an entry in STAGES: it gets its predecessor's checkpoint."""
-  monkeypatch.setattr(pipeline, 'STAGES', pipeline.STAGES + [('qat', pipeline.sft.get_config)])
-  configs = pipeline.stage_configs('sft', f'tiny,data_dir={data_dir}', {'train.steps': 5}, 'w')
-  assert [name for name, _ in configs] == ['sft', 'qat']
-  assert configs[1][1].train.init_from == os.path.join('w', 'sft', 'checkpoints')
+  monkeypatch.setattr(pipeline, 'STAGES', pipeline.STAGES + [('extra', pipeline.sft.get_config)])
+  configs = pipeline.stage_configs('qat', f'tiny,data_dir={data_dir}', {'train.steps': 5}, 'w')
+  assert [name for name, _ in configs] == ['qat', 'extra']
+  assert configs[1][1].train.init_from == os.path.join('w', 'qat', 'checkpoints')
   assert all(c.train.steps == 5 for _, c in configs)

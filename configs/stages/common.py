@@ -67,12 +67,15 @@ def train_config(stage: str, small: bool, **overrides) -> ml_collections.ConfigD
   t.init_from = ''                # previous stage's checkpoints dir (or a step dir); '' = scratch
   t.restore_optimizer = False     # with init_from: also take its optimizer state
   t.progress = True               # tqdm progress bar
+  t.distill_weight = 0.0          # QAT: weight of KL(float teacher || fake-quant model); 0 = off
+  t.distill_temperature = 1.0
   t.update(overrides)
   return t
 
 
 def data_config(stage: str, data_dir: str) -> ml_collections.ConfigDict:
   """`train` and `eval` inputs in the data package's schema (mobilemoe_jax/data/pipeline.py)."""
+  stage = {'qat': 'sft'}.get(stage, stage)     # QAT trains on the SFT chats
   eval_stage = 'sft_eval' if stage == 'sft' else 'eval'
   return ml_collections.ConfigDict({
       'train': pipeline.bundled_data_config(data_dir, stage),    # sources, weights, tokenizer
@@ -88,5 +91,4 @@ def stage_config(stage: str, arg: str, **train_overrides) -> ml_collections.Conf
       mesh=mesh_config(),
       train=train_config(stage, is_small(preset), **train_overrides),
       data=data_config(stage, opts['data_dir']),
-      quant=None,   # issue 4 (QAT) sets fake-quant here; None = full precision
   )

@@ -10,6 +10,7 @@ import ml_collections
 from flax import nnx
 
 from mobilemoe_jax.data.tokenizer import load_tokenizer
+from mobilemoe_jax import config as config_lib
 from mobilemoe_jax.model import Transformer
 
 
@@ -24,6 +25,10 @@ def load_checkpoint(path: str, tokenizer: str | None = None):
   meta = ocp.CheckpointManager(directory, item_handlers={'meta': ocp.JsonCheckpointHandler()}) \
       .restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
   cfg = ml_collections.ConfigDict(meta['config'])
+  # Start from today's schema so checkpoints written before a field existed still load.
+  model_cfg = config_lib.model_config()
+  model_cfg.update(meta['config']['model'])
+  cfg.model = model_cfg
   abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   target = {'params': params, 'rest': rest}

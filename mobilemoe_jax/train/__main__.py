@@ -8,7 +8,7 @@ Exit codes: 0 finished or preempted (SIGTERM: saved, resumable by rerunning the 
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mobilemoe_jax import distributed  # defines --coordinator_address/--num_processes/--process_id
@@ -20,6 +20,8 @@ config_flags.DEFINE_config_file('config', None, 'A stage config file[:arg].', lo
 def main(argv):
   del argv
   distributed.initialize()  # multi-host: before anything touches a JAX backend
+  # Orbax logs every file it writes at INFO; keep the console for progress and results.
+  logging.set_verbosity(logging.WARNING)
   from mobilemoe_jax.train import NonFiniteError, train_and_evaluate
   try:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

@@ -14,8 +14,11 @@ State is a plain pytree, so jit, Orbax and optax all see the same thing:
   bad_step  int32 []  first non-finite step with on_nonfinite='stop' (0: none); once set,
                       the state no longer changes, so what is saved is the last good one
 
+  teacher   the float params QAT distils from (only with train.distill_weight > 0)
+
 Loss = masked CE (mean over loss_mask tokens of the global batch)
-     + moe.aux_loss_coef * aux + moe.z_loss_coef * z  (summed over MoE layers).
+     + moe.aux_loss_coef * aux + moe.z_loss_coef * z  (summed over MoE layers)
+     + train.distill_weight * KL(teacher || model)  (QAT only; mean over loss_mask tokens).
 """
 import functools
 import math
@@ -32,7 +35,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from mobilemoe_jax import config as config_lib
-from mobilemoe_jax import sharding
+from mobilemoe_jax import distributed, sharding
 from mobilemoe_jax.data import pipeline
 from mobilemoe_jax.data import tokenizer as tokenizer_lib
 from mobilemoe_jax.model import Transformer, moe_layers
@@ -127,6 +130,8 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
         parts = ('params', 'rest') + (('opt',) if t.restore_optimizer else ())
         loaded, meta, where = ckpt_lib.load_for_init(t.init_from, abstract_state, state_sharding, parts)
         state.update(loaded)
+        if t.distill_weight:  # QAT self-distillation: the teacher is the model we start from
+          state['teacher'] = jax.tree.map(jnp.copy, state['params'])
         lineage = meta['lineage']
         _log(f'{t.stage}: initialised {", ".join(parts)} from {where}')
 
@@ -150,6 +155,7 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
     window_start, preempt = time.time(), _Preemption()
     bar = tqdm(total=t.steps, initial=step, desc=t.stage, unit='step',
                disable=not t.progress or jax.process_index() != 0)
+    preempted = False
     with preempt:
       while step < t.steps:
         state, m = train_step(state, to_global(next(train_iter)))
@@ -172,7 +178,8 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
         if t.eval_every and (step % t.eval_every == 0 or last) and t.eval_batches:
           writer.write(step, evaluate(state))
 
-        preempted = preempt.requested  # read once: SIGTERM may land between the two uses
+        # The same answer on every process (read once: SIGTERM may land between two uses).
+        preempted = distributed.stop_requested(step, preempt.requested)
         if step % t.checkpoint_every == 0 or last or preempted:
           _stop_if_nonfinite(state, pending, ckpt, t)  # never save past a bad step
           save(step)
@@ -187,7 +194,7 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
     ckpt.close()
     writer.close()
   summary = stage_summary(workdir, t.stage)
-  summary['preempted'] = preempt.requested
+  summary['preempted'] = preempted
   return summary
 
 
@@ -208,8 +215,11 @@ def make_init_fn(config, tx):
     model = Transformer(config.model, rngs=nnx.Rngs(t.seed))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     zero = jnp.zeros((), jnp.int32)
-    return {'params': params, 'rest': rest, 'opt': tx.init(params), 'step': zero,
-            'rng': jax.random.key_data(jax.random.key(t.seed)), 'skipped': zero, 'bad_step': zero}
+    state = {'params': params, 'rest': rest, 'opt': tx.init(params), 'step': zero,
+             'rng': jax.random.key_data(jax.random.key(t.seed)), 'skipped': zero, 'bad_step': zero}
+    if t.distill_weight:
+      state['teacher'] = jax.tree.map(jnp.copy, params)   # frozen; set from init_from
+    return state
 
   return init_state
 
@@ -219,8 +229,23 @@ def make_train_step(config, tx, lr_schedule):
   t, moe = config.train, config.model.moe
   graphdef = model_graphdef(config)
   micro = t.batch_size // t.grad_accum
+  if t.distill_weight:  # the same model without fake quantization
+    float_config = config.copy_and_resolve_references()
+    float_config.model.quant.weights = None
+    teacher_graphdef = model_graphdef(float_config)
 
-  def micro_loss(params, rest, batch, n_tokens):
+  def distill_kl(teacher, rest, batch, logits):
+    """Summed KL(teacher || student) over loss_mask tokens, at train.distill_temperature."""
+    temp = t.distill_temperature
+    model = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher), rest)
+    target, _, _ = model(batch['inputs'], positions=batch['positions'],
+                         segment_ids=batch['segment_ids'])
+    p = jax.nn.log_softmax(jax.lax.stop_gradient(target) / temp, -1)
+    q = jax.nn.log_softmax(logits / temp, -1)
+    kl = jnp.sum(jnp.exp(p) * (p - q), -1) * temp ** 2                          # [b, T]
+    return jnp.sum(kl * batch['loss_mask'])
+
+  def micro_loss(params, rest, batch, n_tokens, teacher=None):
     """One micro-batch [b, T]. Returns (objective, (ce_sum, stats)); the objective is
     scaled so the gradients of all micro-batches add up to the full batch's gradient."""
     model = nnx.merge(graphdef, params, rest)
@@ -231,8 +256,10 @@ def make_train_step(config, tx, lr_schedule):
     ce_sum = jnp.sum(ce * batch['loss_mask'])
     objective = ce_sum / n_tokens + (moe.aux_loss_coef * stats['aux_loss']
                                      + moe.z_loss_coef * stats['z_loss']) / t.grad_accum
-    # QAT hook (issue 4): fake-quant lives in the layers (config.quant -> their `quant`
-    # field); a distillation term against a teacher's logits is added to `objective` here.
+    # QAT: fake quantization happens in the layers (config.model.quant); here, optionally,
+    # self-distillation from the float model we started from.
+    if teacher is not None:
+      objective += t.distill_weight * distill_kl(teacher, rest, batch, logits) / n_tokens
     return objective, (ce_sum, stats)
 
   def train_step(state, batch):
@@ -245,7 +272,7 @@ def make_train_step(config, tx, lr_schedule):
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def accumulate(carry, mb):
-      (obj, (ce_sum, stats)), g = grad_fn(params, rest, mb, n_tokens)
+      (obj, (ce_sum, stats)), g = grad_fn(params, rest, mb, n_tokens, state.get('teacher'))
       acc = (obj, ce_sum, stats['aux_loss'], stats['z_loss'], stats['tokens_per_expert'],
              stats['dropped'], g)
       return jax.tree.map(jnp.add, carry, acc), None
@@ -282,6 +309,8 @@ def make_train_step(config, tx, lr_schedule):
     new_state = {'params': keep(new_params, params), 'rest': keep(new_rest, rest),
                  'opt': keep(opt, state['opt']), 'step': step, 'rng': state['rng'],
                  'skipped': state['skipped'] + bad.astype(jnp.int32), 'bad_step': bad_step}
+    if 'teacher' in state:
+      new_state['teacher'] = state['teacher']
     # lr of this update (optax counts only applied updates; after skips it lags `step`).
     step_metrics = {
         'loss': ce_sum / n_tokens, 'objective': objective, 'aux_loss': aux / t.grad_accum,
@@ -310,9 +339,14 @@ def _check_config(config):
       f'exceeds model.max_seq_len={config.model.max_seq_len}')
   req(t.checkpoint_every >= 1 and t.log_every >= 1, 'train.checkpoint_every',
       'checkpoint_every and log_every must be >= 1')
-  if config.get('quant') is not None:
-    raise NotImplementedError('config.quant is set, but quantisation-aware training is '
-                              'issue 4 and not built yet')
+  req(t.distill_weight >= 0 and t.distill_temperature > 0, 'train.distill_weight',
+      'distill_weight must be >= 0 and distill_temperature > 0')
+  req(not t.distill_weight or config.model.quant.weights is not None, 'train.distill_weight',
+      'self-distillation teaches the fake-quantized model from the float one: set '
+      'model.quant.weights (the QAT stage does)')
+  req(not (config.model.quant.learnable_scale and t.init_from), 'model.quant.learnable_scale',
+      'learned scales cannot yet start from a float checkpoint (they would be initialised '
+      'from the random init, not the restored weights); use max-abs scales')
   vocab = tokenizer_lib.load_tokenizer(config.data.train.tokenizer).vocab_size
   req(vocab <= config.model.vocab_size, 'model.vocab_size',
       f'{config.model.vocab_size} is smaller than the tokenizer vocabulary ({vocab}) of '
@@ -376,7 +410,8 @@ class _Preemption:
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    # With several processes JAX's preemption sync catches SIGTERM (distributed.stop_requested).
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 

@@ -1,0 +1,111 @@
+"""What QAT buys: held-out loss of (a) the float SFT model, (b) its post-training INT4
+rounding (PTQ: the same weights on the exporter's grid), (c) the QAT model, side by side.
+
+  python -m mobilemoe_jax.pipeline --workdir=runs/demo      # trains sft/ and qat/ stages
+  python bench/qat.py --workdir=runs/demo                   # -> bench/results/qat.json
+
+Held-out sets (bundled data, never trained on): the held-out corpus documents (all tokens)
+and the held-out chats (assistant tokens only, the SFT/QAT objective). PTQ and QAT use the
+same grid (model.quant: symmetric INT4, groups of 32, fp16 scales; router float), so (b)
+and (c) compute with exactly the integers the exported .tflite holds.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mobilemoe_jax.data import pipeline  # noqa: E402
+from mobilemoe_jax.eval.loading import load_checkpoint  # noqa: E402
+from mobilemoe_jax.model import Transformer  # noqa: E402
+
+
+@nnx.jit
+def ce_sum(model, batch):
+  logits, _, _ = model(batch['inputs'], positions=batch['positions'],
+                       segment_ids=batch['segment_ids'])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  return jnp.sum(ce * batch['loss_mask']), jnp.sum(batch['loss_mask'])
+
+
+def held_out_loss(model, data_config, seq_len: int, max_batches: int) -> float:
+  total, count = 0.0, 0.0
+  ds = pipeline.make_dataset(data_config, seq_len=seq_len, batch_size=16, seed=0)
+  for i, batch in enumerate(ds):
+    if i == max_batches:
+      break
+    c, n = jax.device_get(ce_sum(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+    total, count = total + float(c), count + float(n)
+  return total / max(count, 1.0)
+
+
+def with_quant(model, scheme: str):
+  """The same parameters under fake quantization on `scheme` (post-training rounding)."""
+  cfg = model.cfg.copy_and_resolve_references()
+  cfg.quant.weights = scheme
+  cfg.quant.embedding = scheme
+  cfg.quant.learnable_scale = False
+  quantized = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  nnx.update(quantized, nnx.state(model))
+  return quantized
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument('--workdir', default='runs/demo')
+  ap.add_argument('--data_dir', default='data')
+  ap.add_argument('--seq_len', type=int, default=128)
+  ap.add_argument('--max_batches', type=int, default=32)
+  ap.add_argument('--out', default='bench/results/qat.json')
+  a = ap.parse_args()
+
+  start = time.time()
+  sft, _ = load_checkpoint(os.path.join(a.workdir, 'sft', 'checkpoints'))
+  qat, _ = load_checkpoint(os.path.join(a.workdir, 'qat', 'checkpoints'))
+  scheme = qat.cfg.quant.weights
+  if scheme is None:
+    raise SystemExit(f'{a.workdir}/qat was not trained with fake quantization (model.quant.weights)')
+  models = {'float (SFT)': sft, f'PTQ {scheme} (SFT rounded)': with_quant(sft, scheme),
+            f'QAT {scheme}': qat}
+  sets = {'held-out corpus': pipeline.bundled_data_config(a.data_dir, 'eval'),
+          'held-out chats (assistant tokens)': pipeline.bundled_data_config(a.data_dir, 'sft_eval')}
+  rows = {}
+  for name, model in models.items():
+    rows[name] = {s: held_out_loss(model, cfg, a.seq_len, a.max_batches) for s, cfg in sets.items()}
+    print(name, {s: round(v, 4) for s, v in rows[name].items()}, flush=True)
+  names = list(models)
+  recovered = {}
+  for s in sets:
+    gap = rows[names[1]][s] - rows[names[0]][s]
+    left = rows[names[2]][s] - rows[names[0]][s]
+    recovered[s] = None if gap <= 0 else 1 - left / gap
+  result = {
+      'workdir': a.workdir, 'scheme': scheme, 'seq_len': a.seq_len, 'max_batches': a.max_batches,
+      'loss': rows, 'ppl': {n: {s: math.exp(v) for s, v in r.items()} for n, r in rows.items()},
+      'ptq_gap_recovered_by_qat': recovered,
+      'command': 'python bench/qat.py ' + ' '.join(sys.argv[1:]),
+      'versions': {'jax': jax.__version__, 'python': platform.python_version()},
+      'seconds': round(time.time() - start, 1),
+  }
+  os.makedirs(os.path.dirname(a.out), exist_ok=True)
+  with open(a.out, 'w') as f:
+    json.dump(result, f, indent=2)
+  print('\n| model | ' + ' | '.join(f'{s} loss (ppl)' for s in sets) + ' |')
+  print('|---|' + '---|' * len(sets))
+  for n in names:
+    print(f'| {n} | ' + ' | '.join(f'{rows[n][s]:.4f} ({math.exp(rows[n][s]):.1f})' for s in sets) + ' |')
+  print('| PTQ gap recovered by QAT | ' + ' | '.join(
+      '-' if recovered[s] is None else f'{100 * recovered[s]:.0f}%' for s in sets) + ' |')
+
+
+if __name__ == '__main__':
+  main()
