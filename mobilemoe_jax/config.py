@@ -135,6 +135,9 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.n_experts > 0, 'model.moe.n_experts', 'must be >= 0')
     _require(0 < m.top_k <= m.n_experts, 'model.moe.top_k',
              f'must be in [1, n_experts={m.n_experts}], got {m.top_k}')
+    _require(not (m.top_k == 1 and m.norm_topk_prob), 'model.moe.norm_topk_prob',
+             'with top_k=1 it renormalises the one weight to exactly 1, so the router gets no '
+             'gradient from the LM loss; set it False for top-1 routing')
     _require(m.d_expert > 0, 'model.moe.d_expert', 'must be positive')
     _require(m.n_shared >= 0, 'model.moe.n_shared', 'must be >= 0')
     _require(m.n_shared == 0 or m.d_shared > 0, 'model.moe.d_shared', 'must be positive')

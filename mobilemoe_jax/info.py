@@ -9,10 +9,12 @@ from ml_collections import config_flags
 from mobilemoe_jax import config as config_lib
 from mobilemoe_jax.scaling import accounting
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file in configs/.',
-                                          lock_config=True)
-_CONTEXT = flags.DEFINE_integer('context', 2048, 'Context length for attention FLOPs and KV cache.')
-_KV_BYTES = flags.DEFINE_integer('kv_bytes', 2, 'Bytes per cached K/V value (2: fp16, 1: int8).')
+
+def _define_flags():
+  """Only when run as a program, so importing `describe`/`presets` defines no flags."""
+  config_flags.DEFINE_config_file('config', None, 'A config file in configs/.', lock_config=True)
+  flags.DEFINE_integer('context', 2048, 'Context length for attention FLOPs and KV cache.')
+  flags.DEFINE_integer('kv_bytes', 2, 'Bytes per cached K/V value (2: fp16, 1: int8).')
 
 
 def describe(model, context: int, kv_bytes: int = 2) -> dict:
@@ -48,8 +50,9 @@ def presets():
 
 def main(argv):
   del argv
-  configs = {'config': _CONFIG.value} if _CONFIG.value is not None else presets()
-  table = {name: describe(cfg.model, _CONTEXT.value, _KV_BYTES.value) for name, cfg in configs.items()}
+  f = flags.FLAGS
+  configs = {'config': f.config} if f.config is not None else presets()
+  table = {name: describe(cfg.model, f.context, f.kv_bytes) for name, cfg in configs.items()}
   names = list(table)
   rows = list(next(iter(table.values())))
   width = max(map(len, rows))
@@ -59,4 +62,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -33,11 +33,14 @@ STAGES = [
     ('qat', qat.get_config),
 ]
 
-flags.DEFINE_string('workdir', 'runs/demo', 'One subdirectory per stage, plus summary.json.')
-config_flags.DEFINE_config_file(
-    'config', 'configs/stages/pretrain.py:tiny',
-    'The stage to start from, with the arg given to every stage; --config.x=y overrides all.',
-    lock_config=True)
+
+def _define_flags():
+  """Only when run as a program, so importing `run` defines no flags."""
+  flags.DEFINE_string('workdir', 'runs/demo', 'One subdirectory per stage, plus summary.json.')
+  config_flags.DEFINE_config_file(
+      'config', 'configs/stages/pretrain.py:tiny',
+      'The stage to start from, with the arg given to every stage; --config.x=y overrides all.',
+      lock_config=True)
 
 
 def stage_configs(first: str, arg: str, overrides: dict, workdir: str) -> list:
@@ -162,4 +165,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -28,6 +28,7 @@ def model(**kw):
     (dict(moe_dispatch='magic'), 'model.moe.dispatch'),
     (dict(moe_first_dense=9), 'model.moe.first_dense'),
     (dict(d_model=0), 'model.d_model'),
+    (dict(moe_top_k=1, moe_norm_topk_prob=True), 'model.moe.norm_topk_prob'),   # router gets no grad
 ])
 def test_bad_values_name_the_field(kw, field):
   with pytest.raises(ConfigError, match=field.replace('.', r'\.')):

@@ -99,6 +99,7 @@ def _make(base, d, heads, hd, d_ff, ex, n_layers):
   m.moe = types.SimpleNamespace(**vars(base.moe))
   m.d_model, m.n_heads, m.head_dim, m.d_ff, m.n_layers = d, heads, hd, d_ff, n_layers
   (m.moe.n_experts, m.moe.top_k, m.moe.d_expert, m.moe.n_shared, m.moe.d_shared) = ex
+  m.moe.norm_topk_prob = base.moe.norm_topk_prob and m.moe.top_k > 1   # top-1: see config.validate
   if not ex[0]:          # a dense model: keep the family's (unused) expert fields valid
     m.moe.top_k, m.moe.d_expert, m.moe.n_shared, m.moe.d_shared = (
         base.moe.top_k, base.moe.d_expert, 0, base.moe.d_shared)
