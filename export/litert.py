@@ -48,6 +48,12 @@ def empty_kv(cfg: dict, kv_len: int) -> dict:
 
 def convert_fp32(model, out_path: str, prefill_lens=(32, 128), kv_len: int = 0, log=print):
   """Traces prefill_<T> for each T and decode, and writes the fp32 flatbuffer."""
+  from export import keep_jax_x64
+  with keep_jax_x64(inside=True):
+    return _convert_fp32(model, out_path, prefill_lens, kv_len, log)
+
+
+def _convert_fp32(model, out_path, prefill_lens, kv_len, log):
   import litert_torch
   cfg = model.cfg
   kv_len = kv_len or cfg['max_seq_len']
@@ -202,7 +208,9 @@ def fake_quant(model, quant: str, embedding: str):
 def bundle(tflite_path: str, out_dir: str, tokenizer_path: str, context_length: int) -> str:
   """A .litertlm (LiteRT-LM) file: the .tflite, the SentencePiece tokenizer and metadata
   (bos/eos ids, our chat template), built by litert-torch's litert-lm-builder wrapper."""
-  from litert_torch.generative.utilities import litertlm_builder
+  from export import keep_jax_x64
+  with keep_jax_x64():   # litert_torch turns on jax_enable_x64 process-wide when imported
+    from litert_torch.generative.utilities import litertlm_builder
   from mobilemoe_jax.data import tokenizer as tok_lib
   if not litertlm_builder.is_litertlm_builder_available():
     raise RuntimeError('litert-lm-builder is not installed: cannot write a .litertlm')

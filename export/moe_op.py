@@ -116,8 +116,10 @@ def _(x, weights, options):
 
 def _register_lowering():
   from litert_converter.mlir import ir
-  from litert_torch.backend import lowerings
-  from litert_torch.backend.lowerings import utils as lowering_utils
+  from export import keep_jax_x64
+  with keep_jax_x64():   # importing the lowerings turns on jax_enable_x64 process-wide
+    from litert_torch.backend import lowerings
+    from litert_torch.backend.lowerings import utils as lowering_utils
 
   @lowerings.lower(torch.ops.mobilemoe.moe_block)
   def _lower(lctx, x, weights, options):

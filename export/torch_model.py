@@ -88,7 +88,9 @@ def update_cache(cache, new, pos0):
   if not torch.compiler.is_exporting():
     slots = pos0.long() + torch.arange(new.shape[1])
     return cache.index_copy(1, slots, new)
-  from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
+  from export import keep_jax_x64
+  with keep_jax_x64():   # litert_torch turns on jax_enable_x64 process-wide when imported
+    from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
   zero = torch.zeros([], dtype=torch.int32)
   return dynamic_update_slice(cache, new, [zero, pos0.reshape([]), zero, zero])
 

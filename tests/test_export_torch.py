@@ -136,3 +136,21 @@ def test_learned_scales_are_refused():
   cfg.quant.weights, cfg.quant.learnable_scale = 'int4_g32', True
   with pytest.raises(tm.ConfigMismatch, match='learnable_scale'):
     tm.from_flax(Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
+
+
+def test_litert_torch_does_not_change_jax_precision(tmp_path):
+  """litert_torch turns on jax_enable_x64 at import and while converting; the export package
+  must not let that leak into a process that also trains (it broke bit-exact resume when the
+  test suite ran export and training tests in one process)."""
+  import jax
+  from export import import_litert_torch, litert
+  from export.torch_model import from_flax
+  assert not jax.config.jax_enable_x64
+  import_litert_torch()
+  assert not jax.config.jax_enable_x64
+  cfg = tiny.get_config('dense').model
+  cfg.n_layers = 1
+  torch_model = from_flax(Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
+  litert.convert_fp32(torch_model, str(tmp_path / 'm.tflite'), prefill_lens=(4,), kv_len=8,
+                      log=lambda _: None)
+  assert not jax.config.jax_enable_x64

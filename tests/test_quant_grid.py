@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mobilemoe_jax.quant import grid
+from export import import_litert_torch, keep_jax_x64
 
 torch = pytest.importorskip('torch')
 
@@ -24,11 +25,12 @@ def _weight(seed=0, out=16, k=96):
 
 
 def _fp32_linear_tflite(w, path):
-  import litert_torch
+  litert_torch = import_litert_torch()
   lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
   with torch.no_grad():
     lin.weight.copy_(torch.from_numpy(w))
-  litert_torch.convert(lin.eval(), (torch.zeros(2, w.shape[1]),)).export(str(path))
+  with keep_jax_x64(inside=True):
+    litert_torch.convert(lin.eval(), (torch.zeros(2, w.shape[1]),)).export(str(path))
   return path
 
 
@@ -70,7 +72,7 @@ def _check(path, w, scheme, want_type):
 
 
 def test_litert_torch_int4_block32_recipe(tmp_path):
-  import litert_torch
+  litert_torch = import_litert_torch()
   from litert_torch.generative.quantize import quant_attrs, quant_recipes
   w = _weight()
   lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
@@ -79,7 +81,8 @@ def test_litert_torch_int4_block32_recipe(tmp_path):
   qc = quant_recipes.full_dynamic_recipe(weight_dtype=quant_attrs.Dtype.INT4,
                                          granularity=quant_attrs.Granularity.BLOCKWISE_32)
   path = tmp_path / 'b32.tflite'
-  litert_torch.convert(lin.eval(), (torch.zeros(2, w.shape[1]),), quant_config=qc).export(str(path))
+  with keep_jax_x64(inside=True):
+    litert_torch.convert(lin.eval(), (torch.zeros(2, w.shape[1]),), quant_config=qc).export(str(path))
   _check(path, w, 'int4_g32', 'INT4')
 
 
