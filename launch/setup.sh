@@ -30,7 +30,7 @@ steps=(
   "rm -rf $REMOTE_DIR" "mkdir $REMOTE_DIR" "tar -xzf $REMOTE_DIR.tar.gz -C $REMOTE_DIR"
   "python3 -m pip install -q --user uv"  # ssh starts in the home directory
   ".local/bin/uv venv -q --python 3.12 --allow-existing venv"
-  ".local/bin/uv pip install -q --python venv/bin/python -e ./$REMOTE_DIR 'jax[tpu]'"
+  ".local/bin/uv pip install -q --python venv/bin/python -e ./$REMOTE_DIR 'jax[tpu]' gcsfs"  # gcsfs: gs:// workdirs
   "cd $REMOTE_DIR" "../venv/bin/python -m mobilemoe_jax.data.build --out data"
 )
 install="$(printf ' && %s' "${steps[@]}")"

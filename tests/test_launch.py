@@ -99,7 +99,7 @@ def test_setup():
           'tar -xzf mobilemoe-jax.tar.gz -C mobilemoe-jax',
           'python3 -m pip install -q --user uv',
           '.local/bin/uv venv -q --python 3.12 --allow-existing venv',
-          ".local/bin/uv pip install -q --python venv/bin/python -e ./mobilemoe-jax 'jax[tpu]'",
+          ".local/bin/uv pip install -q --python venv/bin/python -e ./mobilemoe-jax 'jax[tpu]' gcsfs",
           'cd mobilemoe-jax', '../venv/bin/python -m mobilemoe_jax.data.build --out data'])],
       SSH + ['--worker=all',
              '--command=cd mobilemoe-jax && ../venv/bin/python -m mobilemoe_jax.distributed']]

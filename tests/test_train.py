@@ -84,6 +84,18 @@ def trained(data_dir, tmp_path_factory):
   return workdir
 
 
+def test_workdir_layout(trained):
+  """Checkpoints, TensorBoard events and the JSONL log each in their place (launch/README.md)."""
+  assert sorted(os.listdir(trained)) == ['checkpoints', 'metrics.jsonl', 'tensorboard']
+  assert glob.glob(os.path.join(trained, 'tensorboard', 'events.out.tfevents.*'))
+  assert sorted(metrics_lib.read_jsonl(os.path.join(trained, 'metrics.jsonl'))) == list(range(7))
+
+
+def test_unknown_workdir_scheme_fails_before_training(data_dir):
+  with pytest.raises(ValueError, match="'gcs://bucket/run': unsupported scheme 'gcs://'"):
+    train_and_evaluate(make_config(data_dir), 'gcs://bucket/run')
+
+
 def test_mismatched_checkpoint_names_the_parameter(data_dir, trained, tmp_path):
   config = make_config(data_dir, **{'train.steps': 7, 'model.d_ff': 96})
   with pytest.raises(CheckpointError) as err:

@@ -11,13 +11,13 @@ One step directory holds three items:
 Before any array is read the saved tree is compared with the one the config builds, so a
 mismatch names the parameter path and both shapes instead of failing deep inside Orbax.
 """
-import os
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mobilemoe_jax.data import pipeline
+from mobilemoe_jax.train import paths
 
 
 class CheckpointError(RuntimeError):
@@ -75,7 +75,7 @@ class Checkpointer:
   """A CheckpointManager for one stage's `<workdir>/checkpoints`: async saves, keep-last-K."""
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.as_path(directory)   # local or gs://
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -88,7 +88,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return str(self.directory / str(step))
 
   def save(self, step: int, state, data_iter, meta: dict):
     """Starts an async save; the arrays are copied off the device before it returns."""
@@ -131,15 +131,14 @@ def _short(e: Exception, limit: int = 1500) -> str:
   return msg if len(msg) <= limit else msg[:limit] + ' ...'
 
 
-def resolve(path: str) -> tuple[str, int]:
+def resolve(path: str) -> tuple[epath.Path, int]:
   """`<dir>/checkpoints` (its latest step) or `<dir>/checkpoints/<step>` -> (checkpoints dir, step)."""
-  path = os.path.abspath(path)
-  base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(path):
-    return os.path.dirname(path), int(base)
-  if not os.path.isdir(path):
+  path = paths.as_path(path)
+  if path.name.isdigit() and path.is_dir():
+    return path.parent, int(path.name)
+  if not path.is_dir():
     raise CheckpointError(f'train.init_from: no checkpoint directory at {path}')
-  steps = [int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d))]
+  steps = [int(d.name) for d in path.iterdir() if d.name.isdigit() and d.is_dir()]
   if not steps:
     raise CheckpointError(f'train.init_from: {path} holds no finished checkpoint')
   return path, max(steps)
@@ -152,7 +151,7 @@ def load_for_init(path: str, abstract_state, shardings, parts: tuple[str, ...]):
   starts at step 0 with a fresh optimizer and data iterator unless parts include 'opt'.
   """
   directory, step = resolve(path)
-  where = os.path.join(directory, str(step))
+  where = str(directory / str(step))
   # The PyTree handler (what the Standard one wraps, same format) can restore a subtree.
   manager = ocp.CheckpointManager(directory, item_handlers={
       'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})

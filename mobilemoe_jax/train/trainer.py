@@ -22,7 +22,6 @@ Loss = masked CE (mean over loss_mask tokens of the global batch)
 """
 import functools
 import math
-import os
 import signal
 import threading
 import time
@@ -39,10 +38,11 @@ from mobilemoe_jax import distributed, sharding
 from mobilemoe_jax.data import pipeline
 from mobilemoe_jax.data import tokenizer as tokenizer_lib
 from mobilemoe_jax.model import Transformer, moe_layers
+from mobilemoe_jax.quant import qat
 from mobilemoe_jax.scaling import accounting
 from mobilemoe_jax.train import checkpoint as ckpt_lib
 from mobilemoe_jax.train import metrics as metrics_lib
-from mobilemoe_jax.train import optim
+from mobilemoe_jax.train import optim, paths
 
 
 class NonFiniteError(RuntimeError):
@@ -56,7 +56,8 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
   """
   t = config.train
   _check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.as_path(workdir)          # a local directory or gs://BUCKET/RUN
+  workdir.mkdir(parents=True, exist_ok=True)
 
   # ---------------------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -115,7 +116,7 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
       return {'eval/loss': loss, 'eval/ppl': math.exp(min(loss, 50.0)), 'eval/tokens': count}
 
     # ------------------------------------------------- resume, or start from a stage
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints,
+    ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', keep=t.keep_checkpoints,
                                  async_save=t.async_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -128,7 +129,10 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
       if t.init_from:
         # The previous stage's weights; the optimizer restarts unless restore_optimizer.
         parts = ('params', 'rest') + (('opt',) if t.restore_optimizer else ())
-        loaded, meta, where = ckpt_lib.load_for_init(t.init_from, abstract_state, state_sharding, parts)
+        if config.model.quant.learnable_scale and not _holds_quant_scales(t.init_from):
+          loaded, meta, where = _load_into_lsq(config, tx, mesh, state, state_sharding, parts)
+        else:
+          loaded, meta, where = ckpt_lib.load_for_init(t.init_from, abstract_state, state_sharding, parts)
         state.update(loaded)
         if t.distill_weight:  # QAT self-distillation: the teacher is the model we start from
           state['teacher'] = jax.tree.map(jnp.copy, state['params'])
@@ -344,13 +348,48 @@ def _check_config(config):
   req(not t.distill_weight or config.model.quant.weights is not None, 'train.distill_weight',
       'self-distillation teaches the fake-quantized model from the float one: set '
       'model.quant.weights (the QAT stage does)')
-  req(not (config.model.quant.learnable_scale and t.init_from), 'model.quant.learnable_scale',
-      'learned scales cannot yet start from a float checkpoint (they would be initialised '
-      'from the random init, not the restored weights); use max-abs scales')
   vocab = tokenizer_lib.load_tokenizer(config.data.train.tokenizer).vocab_size
   req(vocab <= config.model.vocab_size, 'model.vocab_size',
       f'{config.model.vocab_size} is smaller than the tokenizer vocabulary ({vocab}) of '
       f'{config.data.train.tokenizer}')
+
+
+def _holds_quant_scales(path) -> bool:
+  """Whether a checkpoint's params include learned (LSQ) scales (`<weight>_scale`)."""
+  import orbax.checkpoint as ocp
+  directory, step = ckpt_lib.resolve(path)
+  manager = ocp.CheckpointManager(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  try:
+    params = manager.item_metadata(step)['state']['params']
+  finally:
+    manager.close()
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  return any(ckpt_lib._key_name(k).endswith('_scale') for p, _ in paths for k in p)
+
+
+def _load_into_lsq(config, tx, mesh, state, state_sharding, parts):
+  """train.init_from a checkpoint without learned scales (the float SFT model) into an LSQ
+  model: loads it as the same model without scales, then starts every scale from the
+  max-abs scale of its loaded weight, exactly as a fresh LSQ init computes it."""
+  t = config.train
+  config_lib._require(not t.restore_optimizer, 'train.restore_optimizer',
+                      f'{t.init_from} holds no learned quantization scales, hence no optimizer '
+                      'state for them: start LSQ with a fresh optimizer')
+  plain = config.copy_and_resolve_references()
+  plain.model.quant.learnable_scale = False
+  abstract = jax.eval_shape(make_init_fn(plain, tx))
+  loaded, meta, where = ckpt_lib.load_for_init(
+      t.init_from, abstract, sharding.state_shardings(abstract, mesh), parts)
+  graphdef = model_graphdef(config)
+
+  @functools.partial(jax.jit, out_shardings=state_sharding['params'])
+  def with_scales(params, rest, loaded_params):
+    model = nnx.merge(graphdef, params, rest)
+    nnx.update(model, loaded_params)
+    return nnx.state(qat.init_scales_from_weights(model), nnx.Param)
+
+  loaded['params'] = with_scales(state['params'], loaded['rest'], loaded['params'])
+  return loaded, meta, where
 
 
 def _zero_load(model_cfg):
@@ -431,8 +470,9 @@ def _log(msg: str):
 def stage_summary(workdir: str, stage: str) -> dict:
   """Loss at the first and last logged step and held-out perplexity at start and end, from
   `metrics.jsonl` (so a resumed stage reports its whole history)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  logged = metrics_lib.read_jsonl(path) if os.path.exists(path) else {}
+  workdir = paths.as_path(workdir)
+  path = workdir / 'metrics.jsonl'
+  logged = metrics_lib.read_jsonl(path) if path.exists() else {}
   train = sorted(s for s, m in logged.items() if 'train/loss' in m)
   evals = sorted(s for s, m in logged.items() if 'eval/ppl' in m)
   get = lambda steps, i, k: logged[steps[i]][k] if steps else None
@@ -440,5 +480,5 @@ def stage_summary(workdir: str, stage: str) -> dict:
           'loss_start': get(train, 0, 'train/loss'), 'loss_end': get(train, -1, 'train/loss'),
           'ppl_start': get(evals, 0, 'eval/ppl'), 'ppl_end': get(evals, -1, 'eval/ppl'),
           'skipped': get(train, -1, 'train/nonfinite_skipped'),
-          'checkpoint': os.path.join(os.path.abspath(workdir), 'checkpoints', str(train[-1]))
+          'checkpoint': str(workdir / 'checkpoints' / str(train[-1]))
           if train else None}
