@@ -53,10 +53,15 @@ def test_learnable_scale_gets_lsq_gradient():
   x = np.asarray(w) / np.asarray(qat.round_scale(scale, 'int4_g32'))
   expect = (np.round(x) - x).sum(0, keepdims=True) / np.sqrt(32 * 7)
   np.testing.assert_allclose(g, expect, rtol=1e-4, atol=1e-6)
-  # extraction with the learned scale reproduces the forward exactly
-  fq = qat.fake_quant(w, 'int4_g32', scale * 1.3)
-  q, s = qat.extract(w, 'int4_g32', scale * 1.3)
-  np.testing.assert_array_equal(fq, grid.dequantize(np.asarray(q), np.asarray(s), -2))
+  # extraction with the learned scale reproduces the forward exactly (channel-wise scales
+  # are fp32, unrounded: the forward must use the parameter's exact value)
+  for scheme in ('int4_g32', 'int4_channel', 'int8_channel'):
+    learned = qat.init_scale(w, scheme) * 1.3
+    fq = jax.jit(lambda w, s: qat.fake_quant(w, scheme, s))(w, learned)
+    q, s = qat.extract(w, scheme, learned)
+    np.testing.assert_array_equal(fq, grid.dequantize(np.asarray(q), np.asarray(s), -2))
+    if scheme.endswith('channel'):
+      np.testing.assert_array_equal(s, learned)
 
 
 def test_bad_scheme_and_group_fail_clearly():
@@ -111,3 +116,59 @@ def test_model_forward_equals_dequantized_integer_model(kind, learnable, router)
   # ... computes exactly what the fake-quant forward computes
   np.testing.assert_array_equal(fq(x)[0], plain(x)[0])
   assert not np.allclose(fq(x)[0], float_logits, atol=1e-4)     # and quantization did act
+
+
+def test_init_scales_from_loaded_weights_equal_max_abs_scales():
+  """Scales of an LSQ model whose weights were replaced (a loaded float checkpoint) restart
+  at exactly the grid's max-abs scales of the new weights."""
+  cfg = tiny.get_config('moe').model
+  cfg.update(dict(n_layers=2, vocab_size=64, d_model=64))
+  plain = Transformer(cfg, rngs=nnx.Rngs(7))                  # the "checkpoint": other weights
+  cfg.quant.update(dict(weights='int4_g32', learnable_scale=True, router=True))
+  lsq = Transformer(cfg, rngs=nnx.Rngs(0))
+  nnx.update(lsq, nnx.state(plain, nnx.Param))
+  qat.init_scales_from_weights(lsq)
+  n = 0
+  for path, e in integer_weights(lsq).items():
+    if path == ('embed',):
+      continue                                                 # no learned scale there
+    w = np.asarray(e['q'], np.float32)                         # shape only
+    mat = dict(nnx.to_flat_state(nnx.state(plain)))[path][...]
+    mat = np.asarray(mat).reshape(w.shape)
+    np.testing.assert_array_equal(e['scales'], grid.scales(mat, 'int4_g32', in_axis=-2))
+    n += 1
+  assert n >= 12    # q, k, v, o, dense and expert gate/up/down, shared, router
+
+
+def test_lsq_qat_trains_from_a_float_checkpoint(tmp_path):
+  """train.init_from a float checkpoint with learned scales: the run starts the scales from
+  the loaded weights (not the random init) and trains them."""
+  from configs.stages import qat as qat_stage
+  from mobilemoe_jax.data import build
+  from mobilemoe_jax.eval.loading import load_checkpoint
+  from mobilemoe_jax.train import train_and_evaluate
+  from tests.test_train import make_config
+  data_dir = str(tmp_path / 'data')
+  build.build(data_dir, max_bytes=100_000, vocab_size=512, progress=False)
+  # Another seed than the QAT run's: its random-init scales would be far from these weights.
+  float_run = train_and_evaluate(make_config(data_dir, **{
+      'train.steps': 2, 'train.seed': 1, 'train.eval_batches': 0}), str(tmp_path / 'float'))
+  config = make_config(data_dir, qat_stage, **{
+      'train.steps': 3, 'model.quant.learnable_scale': True, 'train.lr': 1e-5,
+      'train.eval_batches': 0,
+      'train.init_from': str(tmp_path / 'float' / 'checkpoints')})
+  summary = train_and_evaluate(config, str(tmp_path / 'lsq'))
+  assert np.isfinite(summary['loss_end'])
+  loaded, _ = load_checkpoint(float_run['checkpoint'])
+  lsq, _ = load_checkpoint(summary['checkpoint'])
+  flat = lambda m: {p: np.array(v[...]) for p, v in nnx.to_flat_state(nnx.state(m, QuantScale))}
+  random_init = Transformer(config.model, rngs=nnx.Rngs(0))
+  init = flat(random_init)
+  nnx.update(random_init, nnx.state(loaded, nnx.Param))      # the float weights, no scales
+  start, trained = flat(qat.init_scales_from_weights(random_init)), flat(lsq)
+  for path in trained:
+    a, b, c = trained[path], start[path], init[path]
+    assert not np.array_equal(a, b), path                    # the scales trained ...
+    assert np.abs(a / b - 1).max() < 0.05, path              # ... from the loaded weights' max-abs
+    assert np.abs(c / b - 1).max() > 0.2, path               # (not from the random init)
+

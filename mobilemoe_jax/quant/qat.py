@@ -65,8 +65,10 @@ def fake_quant(w, scheme, scale=None):
   else:
     group = s.group or k
     grad_scale = 1.0 / jnp.sqrt(group * s.qmax)
-    # Gradient scaling trick: value of `scale`, gradient of `scale * grad_scale`.
-    scaled = scale * grad_scale + jax.lax.stop_gradient(scale - scale * grad_scale)
+    # Gradient scaling: the value is exactly `scale` (s + 0: the scale extract() and the
+    # exporter store, channel-wise fp32 included), the gradient that of `scale * grad_scale`.
+    frozen = jax.lax.stop_gradient(scale)
+    scaled = frozen + (scale - frozen) * grad_scale
     out = _ste(w32, _expand(round_scale(scaled, s), k), s.qmin, s.qmax)
   return out.astype(w.dtype)
 
@@ -84,6 +86,27 @@ def round_scale(scale, scheme):
 def init_scale(w, scheme):
   """Max-abs scales to start LSQ from: [..., in/G, out] float32."""
   return grid.scales(jnp.asarray(w, jnp.float32), scheme, IN_AXIS)
+
+
+def init_scales_from_weights(model):
+  """Sets every learned scale of `model` to the max-abs scale of its weight's current value,
+  as a fresh LSQ init computes it (layers.add_quant_scale) but from weights loaded after
+  construction, e.g. a float checkpoint. In place; returns the model.
+
+  A scale `<name>_scale` [batch..., in/G, out] sits beside its weight `<name>`
+  [batch..., in..., out...]; its shape gives the weight's matrix view."""
+  from flax import nnx
+  from mobilemoe_jax.model.layers import QuantScale   # layers imports this module
+  scheme = model.cfg.quant.weights
+  for _, module in nnx.iter_graph(model):
+    if not isinstance(module, nnx.Module):
+      continue
+    for name, scale in list(vars(module).items()):
+      if isinstance(scale, QuantScale):
+        w = getattr(module, name[:-len('_scale')])[...]
+        s = scale[...]
+        scale[...] = init_scale(w.reshape(*s.shape[:-2], -1, s.shape[-1]), scheme)
+  return model
 
 
 def extract(w, scheme, scale=None):

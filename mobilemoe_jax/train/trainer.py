@@ -38,6 +38,7 @@ from mobilemoe_jax import distributed, sharding
 from mobilemoe_jax.data import pipeline
 from mobilemoe_jax.data import tokenizer as tokenizer_lib
 from mobilemoe_jax.model import Transformer, moe_layers
+from mobilemoe_jax.model.layers import QuantScale
 from mobilemoe_jax.quant import qat
 from mobilemoe_jax.scaling import accounting
 from mobilemoe_jax.train import checkpoint as ckpt_lib
@@ -241,7 +242,8 @@ def make_train_step(config, tx, lr_schedule):
   def distill_kl(teacher, rest, batch, logits):
     """Summed KL(teacher || student) over loss_mask tokens, at train.distill_temperature."""
     temp = t.distill_temperature
-    model = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher), rest)
+    weights = teacher.filter(nnx.Not(QuantScale))    # the float model has no learned scales
+    model = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(weights), rest)
     target, _, _ = model(batch['inputs'], positions=batch['positions'],
                          segment_ids=batch['segment_ids'])
     p = jax.nn.log_softmax(jax.lax.stop_gradient(target) / temp, -1)
