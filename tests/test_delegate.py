@@ -42,7 +42,7 @@ def test_quantize_int4_roundtrip():
     (6, 3, 96, 64, 32, 16, 4, {}),
     (4, 4, 64, 48, 0, 8, 9, dict(score_func="sigmoid", norm_topk_prob=False)),
 ])
-@pytest.mark.parametrize("kernel", ["auto", "scalar"])
+@pytest.mark.parametrize("kernel", ["auto", "avx2", "scalar"])
 def test_matches_reference(case, kernel):
   E, k, D, F, Fs, G, T, extra = case
   rng = np.random.default_rng(zlib.crc32(repr((case, kernel)).encode()))
@@ -209,6 +209,15 @@ def test_garbage_custom_options_do_not_crash():
     g.inputs, g.outputs = [x], [len(g.tensors) - 1]
     with pytest.raises(RuntimeError, match="not claiming"):
       run(g.build(), np.zeros((1, 256), np.float32), dl.load())
+
+
+def test_kernel_option_caps_the_isa():
+  cpu = dl.stats(dl.load())["cpu_isa"]
+  assert dl.stats(dl.load())["isa"] == cpu
+  assert dl.stats(dl.load(kernel="scalar"))["isa"] == "scalar"
+  # "avx2" forces the AVX2 kernels on an AVX-512 CPU (what the avx2 cases above run)
+  want = "avx2" if cpu in ("avx512-vnni", "avx2") else cpu if cpu == "neon-dot" else "scalar"
+  assert dl.stats(dl.load(kernel="avx2"))["isa"] == want
 
 
 def test_bad_delegate_option():

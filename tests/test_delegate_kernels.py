@@ -19,12 +19,15 @@ def _copy_sources(dst):
       shutil.copy(os.path.join(SRC, f), dst)
 
 
-def _build_check(cxx, simd_src, simd_flags, define, out, extra=()):
-  obj = f"{out}.simd.o"
-  subprocess.run([cxx, "-std=c++17", "-O2", *simd_flags, "-c", os.path.join(SRC, simd_src),
-                  "-o", obj], check=True, capture_output=True)
-  subprocess.run([cxx, "-std=c++17", "-O2", define, os.path.join(SRC, "kernel_check.cc"),
-                  os.path.join(SRC, "kernels.cc"), obj, "-o", out, *extra],
+def _build_check(cxx, simd, defines, out, extra=()):
+  """simd: {source file: its flags}; defines: the MM_HAVE_* macros."""
+  objs = []
+  for src, flags in simd.items():
+    objs.append(f"{out}.{src}.o")
+    subprocess.run([cxx, "-std=c++17", "-O2", *flags, "-c", os.path.join(SRC, src),
+                    "-o", objs[-1]], check=True, capture_output=True)
+  subprocess.run([cxx, "-std=c++17", "-O2", *defines, os.path.join(SRC, "kernel_check.cc"),
+                  os.path.join(SRC, "kernels.cc"), *objs, "-o", out, *extra],
                  check=True, capture_output=True)
 
 
@@ -32,13 +35,16 @@ def test_native_simd_matches_scalar(tmp_path):
   if os.uname().machine != "x86_64":
     pytest.skip("native check is written for the x86-64 build")
   exe = str(tmp_path / "kcheck")
-  _build_check("g++", "kernels_avx512.cc",
-               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
-               "-DMM_HAVE_AVX512", exe)
+  _build_check("g++", {
+      "kernels_avx512.cc": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
+      "kernels_avx2.cc": ["-mavx2", "-mfma"]}, ["-DMM_HAVE_AVX512", "-DMM_HAVE_AVX2"], exe)
   r = subprocess.run([exe], capture_output=True, text=True)
   if r.returncode == 2:
-    pytest.skip("CPU without AVX-512 VNNI")
+    pytest.skip("CPU without AVX2")
   assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+  # both x86 families checked where the CPU has them (AVX2 also forced on AVX-512 CPUs)
+  if "avx512_vnni" in open("/proc/cpuinfo").read():
+    assert "ok avx512-vnni" in r.stdout and "ok avx2" in r.stdout, r.stdout
 
 
 needs_arm = pytest.mark.skipif(
@@ -49,8 +55,8 @@ needs_arm = pytest.mark.skipif(
 @needs_arm
 def test_arm64_neon_matches_scalar_under_qemu(tmp_path):
   exe = str(tmp_path / "kcheck_arm")
-  _build_check("aarch64-linux-gnu-g++", "kernels_neon.cc", ["-march=armv8.2-a+dotprod"],
-               "-DMM_HAVE_NEON_DOT", exe, extra=["-static"])
+  _build_check("aarch64-linux-gnu-g++", {"kernels_neon.cc": ["-march=armv8.2-a+dotprod"]},
+               ["-DMM_HAVE_NEON_DOT"], exe, extra=["-static"])
   r = subprocess.run(["qemu-aarch64", "-cpu", "max", exe], capture_output=True, text=True)
   assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
   # a core without the dot-product extension must not take the NEON path

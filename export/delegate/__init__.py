@@ -16,8 +16,9 @@ import threading
 import numpy as np
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ("abi.h", "flexbuf.h", "kernels.h", "kernels.cc", "kernels_avx512.cc", "kernels_neon.cc",
-            "moe.h", "moe.cc", "threadpool.h", "delegate.cc", "Makefile")
+_SOURCES = ("abi.h", "flexbuf.h", "kernels.h", "kernels.cc", "kernels_avx512.cc", "kernels_avx2.cc",
+            "kernels_neon.cc",
+            "moe.h", "moe.cc", "simd_shared.h", "threadpool.h", "delegate.cc", "Makefile")
 _LIB = {"release": "libmobilemoe_delegate.so", "asan": "libmobilemoe_delegate_asan.so"}
 _build_lock = threading.Lock()
 
@@ -188,7 +189,9 @@ def load(num_threads: int | None = None, activations: str = "int8", kernel: str 
   """Returns ai_edge_litert.interpreter.load_delegate(...) for this delegate.
 
   num_threads: None -> the interpreter's thread count. activations: "int8"
-  (dynamic per-row, VNNI) or "fp32". kernel: "auto" or "scalar" (portable).
+  (dynamic per-row, VNNI) or "fp32". kernel: "auto" (the best SIMD kernels the
+  CPU has), "avx2" (at most AVX2 on x86: tests that path on AVX-512 CPUs) or
+  "scalar" (portable C++).
   variant: "release" or "asan"; None reads $MOBILEMOE_DELEGATE_VARIANT so the
   sanitizer run can reuse the ordinary tests unchanged.
   """
@@ -210,9 +213,12 @@ def stats(delegate) -> dict:
   lib.mobilemoe_delegate_messages.argtypes = [ctypes.c_void_p]
   lib.mobilemoe_delegate_messages.restype = ctypes.c_char_p
   lib.mobilemoe_kernel_isa.restype = ctypes.c_char_p
+  lib.mobilemoe_delegate_isa.argtypes = [ctypes.c_void_p]
+  lib.mobilemoe_delegate_isa.restype = ctypes.c_char_p
   return {"claimed": lib.mobilemoe_delegate_claimed(ptr),
           "refused": lib.mobilemoe_delegate_refused(ptr),
           "invokes": lib.mobilemoe_delegate_invokes(ptr),
           "messages": lib.mobilemoe_delegate_messages(ptr).decode(),
-          "isa": lib.mobilemoe_kernel_isa().decode(),
+          "isa": lib.mobilemoe_delegate_isa(ptr).decode(),        # what this delegate runs
+          "cpu_isa": lib.mobilemoe_kernel_isa().decode(),         # the best this CPU has
           "sanitized": bool(lib.mobilemoe_sanitized())}

@@ -22,7 +22,7 @@ constexpr const char* kOpName = "MobileMoeBlock";
 struct Options {
   int num_threads = 0;  // 0: the interpreter's recommended thread count
   mm::ActMode mode = mm::ActMode::kI8;
-  bool allow_simd = true;
+  mm::IsaCap kernel = mm::IsaCap::kAuto;
   bool verbose = false;
 };
 
@@ -322,7 +322,7 @@ TfLiteStatus KernelInvoke(TfLiteContext* ctx, TfLiteNode* node) {
   mm::ThreadPool* pool = del->Pool(ctx->recommended_num_threads);
   mm::RunOptions ro;
   ro.mode = del->opts.mode;
-  ro.allow_simd = del->opts.allow_simd;
+  ro.cap = del->opts.kernel;
   for (auto& op : k->ops) {
     auto data = [&](int slot) -> const void* {
       const int t = op->inputs[slot];
@@ -432,9 +432,10 @@ bool ParseOptions(const char* const* keys, const char* const* values, int n,
       else if (v == "fp32") o->mode = mm::ActMode::kF32;
       else { *err = "activations must be 'int8' or 'fp32'"; return false; }
     } else if (k == "kernel") {
-      if (v == "auto") o->allow_simd = true;
-      else if (v == "scalar") o->allow_simd = false;
-      else { *err = "kernel must be 'auto' or 'scalar'"; return false; }
+      if (v == "auto") o->kernel = mm::IsaCap::kAuto;
+      else if (v == "avx2") o->kernel = mm::IsaCap::kAvx2;
+      else if (v == "scalar") o->kernel = mm::IsaCap::kScalar;
+      else { *err = "kernel must be 'auto', 'avx2' or 'scalar'"; return false; }
     } else if (k == "verbose") {
       o->verbose = v == "1" || v == "true";
     } else {
@@ -499,7 +500,12 @@ __attribute__((visibility("default"))) int mobilemoe_sanitized() {
 #endif
 }
 __attribute__((visibility("default"))) const char* mobilemoe_kernel_isa() {
-  return mm::SimdAvailable() ? "avx512-vnni" : "scalar";
+  return mm::IsaName(mm::KernelIsa(mm::IsaCap::kAuto));
+}
+// The kernels this delegate runs (its `kernel` option applied; shapes that
+// the SIMD kernels do not fit still run the scalar code).
+__attribute__((visibility("default"))) const char* mobilemoe_delegate_isa(TfLiteDelegate* d) {
+  return mm::IsaName(mm::KernelIsa(Self(d)->opts.kernel));
 }
 
 }  // extern "C"

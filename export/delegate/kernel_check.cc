@@ -1,7 +1,8 @@
 // Self-check of the SIMD kernels against the scalar ones, without LiteRT:
-// random INT4 matrices and activations, every (K, G, N, mode) combination.
-// Used by tests/test_delegate_neon.py to run the arm64 build under qemu.
-//   g++ -std=c++17 -O2 [-DMM_HAVE_...] kernel_check.cc kernels.cc [simd .cc] && ./a.out
+// random INT4 matrices and activations, every (K, G, N, M, mode) combination,
+// for each SIMD family this CPU runs (AVX-512 and AVX2 on x86, NEON on arm64).
+// Used by tests/test_delegate_kernels.py (natively, and arm64 under qemu).
+//   g++ -std=c++17 -O2 [-DMM_HAVE_...] kernel_check.cc kernels.cc [simd .cc ...] && ./a.out
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -11,19 +12,15 @@
 
 using namespace mm;
 
-int main() {
-  if (!SimdAvailable()) {
-    printf("no SIMD kernels on this CPU/build\n");
-    return 2;
-  }
+static int Check(Isa isa) {
   std::mt19937 rng(0);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   int checks = 0;
   for (int K : {128, 256, 768}) {
     for (int G : {32, 64, 128, 256}) {
       if (K % G) continue;
-      for (int N : {1, 3, 4, 9}) {
-        const int M = 13;
+      for (int N : {1, 3, 4, 9})
+      for (int M : {13, 37}) {  // row tiles plus tail rows
         std::vector<uint8_t> q((size_t)M * K / 2);
         for (auto& b : q) b = (uint8_t)rng();
         std::vector<float> s((size_t)M * K / G), x((size_t)N * K);
@@ -32,8 +29,8 @@ int main() {
         const Q4Matrix w{q.data(), s.data(), M, K, G};
         for (ActMode mode : {ActMode::kF32, ActMode::kI8}) {
           Acts simd, plain;
-          simd.Resize(N, K, mode, true);
-          plain.Resize(N, K, mode, false);
+          simd.Resize(N, K, mode, isa);
+          plain.Resize(N, K, mode, Isa::kScalar);
           simd.PrepareRows(x.data(), K, nullptr, 0, N);
           plain.PrepareRows(x.data(), K, nullptr, 0, N);
           std::vector<float> a((size_t)N * M), b((size_t)N * M);
@@ -45,14 +42,47 @@ int main() {
             scale = std::fmax(scale, std::fabs(b[i]));
           }
           if (!(err <= 1e-5f * scale + 1e-6f)) {
-            printf("MISMATCH K=%d G=%d N=%d mode=%d err=%g scale=%g\n", K, G, N, (int)mode, err, scale);
-            return 1;
+            printf("MISMATCH %s K=%d G=%d N=%d M=%d mode=%d err=%g scale=%g\n", IsaName(isa),
+                   K, G, N, M, (int)mode, err, scale);
+            return -1;
           }
           ++checks;
         }
       }
     }
   }
-  printf("ok %d checks\n", checks);
+  // Router dot products and SwiGLU, against the portable code.
+  std::vector<float> g(1000), up(1000), h1(1000), h2(1000);
+  for (size_t i = 0; i < g.size(); ++i) { g[i] = 12 * u(rng); up[i] = u(rng); }
+  SiluMul(g.data(), up.data(), h1.data(), (int)g.size(), isa);
+  SiluMul(g.data(), up.data(), h2.data(), (int)g.size(), Isa::kScalar);
+  for (size_t i = 0; i < g.size(); ++i)
+    if (!(std::fabs(h1[i] - h2[i]) <= 1e-5f * (1 + std::fabs(h2[i])))) {
+      printf("MISMATCH %s SiluMul g=%g: %g vs %g\n", IsaName(isa), g[i], h1[i], h2[i]);
+      return -1;
+    }
+  const float d1 = Dot(g.data(), up.data(), 999, isa), d2 = Dot(g.data(), up.data(), 999, Isa::kScalar);
+  if (!(std::fabs(d1 - d2) <= 1e-4f * (1 + std::fabs(d2)))) {
+    printf("MISMATCH %s Dot: %g vs %g\n", IsaName(isa), d1, d2);
+    return -1;
+  }
+  return checks + 2;
+}
+
+int main() {
+  std::vector<Isa> isas;
+  for (IsaCap cap : {IsaCap::kAuto, IsaCap::kAvx2}) {
+    const Isa isa = KernelIsa(cap);
+    if (isa != Isa::kScalar && (isas.empty() || isas.back() != isa)) isas.push_back(isa);
+  }
+  if (isas.empty()) {
+    printf("no SIMD kernels on this CPU/build\n");
+    return 2;
+  }
+  for (Isa isa : isas) {
+    const int n = Check(isa);
+    if (n < 0) return 1;
+    printf("ok %s: %d checks\n", IsaName(isa), n);
+  }
   return 0;
 }

@@ -1,25 +1,37 @@
 // Portable parts of the INT4 kernels: activation preparation, the scalar
-// fallback, and dispatch to the AVX-512 VNNI kernels when the CPU has them.
+// fallback, and dispatch to the SIMD kernels the CPU has (AVX-512 VNNI, AVX2,
+// NEON dot product).
 #include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(MM_HAVE_AVX512)
+#if defined(__x86_64__)
+// Entry points of the x86 kernel files, each in its own namespace.
+#define MM_X86_KERNELS                                                        \
+  void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1, \
+              const int8_t* xq, const int32_t* corr, const float* xs, int N,  \
+              float* out, int ldo);                                           \
+  void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1, \
+               const float* xf, int N, float* out, int ldo);                  \
+  float Dot(const float* a, const float* b, int n);                           \
+  void SiluMul(const float* g, const float* u, float* h, int n);
 namespace mm {
+#if defined(MM_HAVE_AVX512)
 namespace avx512 {
-void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
-            const int8_t* xq, const int32_t* corr, const float* xs, int N,
-            float* out, int ldo);
-void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
-             const float* xf, int N, float* out, int ldo);
-float Dot(const float* a, const float* b, int n);
+MM_X86_KERNELS
 void PrepRowI8(const float* x, int K, int8_t* q, int32_t* corr, float* scale);
 void PrepRowF32(const float* x, int K, float* f);
-void SiluMul(const float* g, const float* u, float* h, int n);
 }  // namespace avx512
+#endif
+#if defined(MM_HAVE_AVX2)
+namespace avx2 {
+MM_X86_KERNELS
+}  // namespace avx2
+#endif
 }  // namespace mm
+#undef MM_X86_KERNELS
 #endif
 
 #if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
@@ -36,19 +48,33 @@ void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
 
 namespace mm {
 
-bool SimdAvailable() {
+Isa KernelIsa(IsaCap cap) {
+  if (cap == IsaCap::kScalar) return Isa::kScalar;
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-  static const bool ok = __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512vnni");
-  return ok;
-#elif defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
-  static const bool ok = (getauxval(AT_HWCAP) & (1UL << 20)) != 0;  // HWCAP_ASIMDDP
-  return ok;
-#else
-  return false;
+  static const bool avx512 = __builtin_cpu_supports("avx512f") &&
+                             __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512vnni");
+  if (cap == IsaCap::kAuto && avx512) return Isa::kAvx512;
 #endif
+#if defined(__x86_64__) && defined(MM_HAVE_AVX2)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return Isa::kAvx2;
+#endif
+#if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+  static const bool dot = (getauxval(AT_HWCAP) & (1UL << 20)) != 0;  // HWCAP_ASIMDDP
+  if (cap == IsaCap::kAuto && dot) return Isa::kNeon;
+#endif
+  return Isa::kScalar;
+}
+
+const char* IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512-vnni";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kNeon: return "neon-dot";
+    default: return "scalar";
+  }
 }
 
 bool SimdShapeOk(int K, int G) {
@@ -57,11 +83,12 @@ bool SimdShapeOk(int K, int G) {
   return K % 128 == 0 && G >= 32 && (G & (G - 1)) == 0 && K % G == 0;
 }
 
-void Acts::Resize(int n, int k, ActMode m, bool use_simd) {
+void Acts::Resize(int n, int k, ActMode m, Isa kernel_isa) {
   N = n;
   K = k;
   mode = m;
-  simd = use_simd;
+  isa = kernel_isa;
+  simd = isa != Isa::kScalar;
   const size_t rows = simd ? (size_t)(N + 3) / 4 * 4 : (size_t)N;  // whole quads
   if (mode == ActMode::kF32) {
     f.resize(rows * K);
@@ -84,7 +111,7 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
   for (int n = n0; n < n1; ++n) {
     const float* xr = x + (size_t)(rows ? rows[n] : n) * ldx;
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-    if (simd) {  // simd is only set when the AVX-512 kernels are usable
+    if (isa == Isa::kAvx512) {
       const size_t slot = (size_t)(n / 4) * 4 * K + (n % 4) * 128;
       if (mode == ActMode::kF32) {
         avx512::PrepRowF32(xr, K, f.data() + slot);
@@ -164,18 +191,30 @@ static void ScalarGemm(const Q4Matrix& w, int m0, int m1, const Acts& a,
   }
 }
 
+#if defined(__x86_64__)
+// The x86 families share one signature (int8 path with the corr lanes).
+using GemmI8Fn = void (*)(const uint8_t*, const float*, int, int, int, int, const int8_t*,
+                          const int32_t*, const float*, int, float*, int);
+using GemmF32Fn = void (*)(const uint8_t*, const float*, int, int, int, int, const float*,
+                           int, float*, int);
+static void X86Gemm(GemmI8Fn i8, GemmF32Fn f32, const Q4Matrix& w, int m0, int m1,
+                    const Acts& a, float* out, int ldo) {
+  if (a.mode == ActMode::kI8)
+    i8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.corr.data(), a.scale.data(), a.N, out, ldo);
+  else
+    f32(w.q, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
+}
+#endif
+
 void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo) {
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-  if (a.simd) {
-    if (a.mode == ActMode::kI8)
-      avx512::GemmI8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.corr.data(),
-                     a.scale.data(), a.N, out, ldo);
-    else
-      avx512::GemmF32(w.q, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
-    return;
-  }
-#elif defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
-  if (a.simd) {
+  if (a.isa == Isa::kAvx512) return X86Gemm(avx512::GemmI8, avx512::GemmF32, w, m0, m1, a, out, ldo);
+#endif
+#if defined(__x86_64__) && defined(MM_HAVE_AVX2)
+  if (a.isa == Isa::kAvx2) return X86Gemm(avx2::GemmI8, avx2::GemmF32, w, m0, m1, a, out, ldo);
+#endif
+#if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+  if (a.isa == Isa::kNeon) {
     if (a.mode == ActMode::kI8)
       neon::GemmI8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.scale.data(), a.N, out, ldo);
     else
@@ -186,9 +225,12 @@ void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ld
   ScalarGemm(w, m0, m1, a, out, ldo);
 }
 
-float Dot(const float* a, const float* b, int n) {
+float Dot(const float* a, const float* b, int n, Isa isa) {
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-  if (SimdAvailable()) return avx512::Dot(a, b, n);
+  if (isa == Isa::kAvx512) return avx512::Dot(a, b, n);
+#endif
+#if defined(__x86_64__) && defined(MM_HAVE_AVX2)
+  if (isa == Isa::kAvx2) return avx2::Dot(a, b, n);
 #endif
   float s[4] = {0, 0, 0, 0};
   int i = 0;
@@ -198,9 +240,12 @@ float Dot(const float* a, const float* b, int n) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-void SiluMul(const float* g, const float* u, float* h, int n) {
+void SiluMul(const float* g, const float* u, float* h, int n, Isa isa) {
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-  if (SimdAvailable()) return avx512::SiluMul(g, u, h, n);
+  if (isa == Isa::kAvx512) return avx512::SiluMul(g, u, h, n);
+#endif
+#if defined(__x86_64__) && defined(MM_HAVE_AVX2)
+  if (isa == Isa::kAvx2) return avx2::SiluMul(g, u, h, n);
 #endif
   for (int i = 0; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }

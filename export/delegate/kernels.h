@@ -13,6 +13,19 @@ namespace mm {
 
 enum class ActMode { kF32, kI8 };
 
+// Kernel families. Isa::kScalar is the portable C++ (any shape); the others
+// need SimdShapeOk. On x86 the best the CPU has is picked at run time:
+// AVX-512 VNNI, else AVX2 + FMA (with AVX-VNNI's dot product when present).
+enum class Isa { kScalar, kAvx2, kAvx512, kNeon };
+// A cap on that choice (the delegate's `kernel` option): kAvx2 runs the AVX2
+// kernels even on an AVX-512 CPU, e.g. to test them.
+enum class IsaCap { kAuto, kAvx2, kScalar };
+
+// The kernels this CPU and build run under `cap`.
+Isa KernelIsa(IsaCap cap);
+const char* IsaName(Isa isa);
+bool SimdShapeOk(int K, int G);
+
 // N activation rows of length K, laid out for the kernel that will read them.
 // Scalar layout: plain [N, K]. SIMD layout: tokens in quads, each quad stored
 // as [K/128 blocks][4 tokens][128], and inside a block [64 even k's, 64 odd
@@ -20,13 +33,14 @@ enum class ActMode { kF32, kI8 };
 struct Acts {
   int N = 0, K = 0;
   ActMode mode = ActMode::kF32;
-  bool simd = false;
+  Isa isa = Isa::kScalar;  // whose kernels read these rows (layout: see above)
+  bool simd = false;       // isa != kScalar
   std::vector<float> f;       // fp32 mode
   std::vector<int8_t> q;      // int8 mode: x ~= scale[n] * q
   std::vector<int32_t> corr;  // simd int8: -8 * (sum of 8 x's) per lane, see .cc
   std::vector<float> scale;   // [N] int8 mode
 
-  void Resize(int n, int k, ActMode m, bool use_simd);
+  void Resize(int n, int k, ActMode m, Isa kernel_isa);
   // Prepares tokens [n0, n1): token n is row rows[n] (or n) of x, row stride
   // ldx. Tokens are independent, so callers may split them across threads
   // (at multiples of 4 to keep quads apart).
@@ -42,13 +56,9 @@ struct Q4Matrix {
 // out[n * ldo + (m - m0)] = (W x_n)[m] for m in [m0, m1), n in [0, a.N).
 void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo);
 
-// True when this CPU has the AVX-512 VNNI kernels and (K, G) fit them.
-bool SimdAvailable();
-bool SimdShapeOk(int K, int G);
-
-float Dot(const float* a, const float* b, int n);
+float Dot(const float* a, const float* b, int n, Isa isa);
 
 // h[i] = silu(g[i]) * u[i]
-void SiluMul(const float* g, const float* u, float* h, int n);
+void SiluMul(const float* g, const float* u, float* h, int n, Isa isa);
 
 }  // namespace mm

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "simd_shared.h"
+
 namespace mm {
 namespace avx512 {
 
@@ -32,8 +34,7 @@ struct ScaleMap {
 static inline float Hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // Activation tiles are "quad-interleaved": for each group of 4 tokens the
-// layout is [block][4 tokens][128 k's], so the tile needs a single pointer.
-constexpr int kQuad = 4;
+// layout is [block][4 tokens][128 k's] (kQuad = 4), so the tile needs a single pointer.
 constexpr int kPrefetchRows = 8;  // software prefetch distance, in weight rows
 
 // Int8 activations: R weight rows x NT tokens (NT <= 4), whole K.
@@ -122,55 +123,9 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = Hsum(acc[r][n]);
 }
 
-#define MM_DISPATCH_NT(TILE, R, NT, ...)     \
-  switch (NT) {                              \
-    case 1: TILE<R, 1>(__VA_ARGS__); break;  \
-    case 2: TILE<R, 2>(__VA_ARGS__); break;  \
-    case 3: TILE<R, 3>(__VA_ARGS__); break;  \
-    default: TILE<R, 4>(__VA_ARGS__); break; \
-  }
-
-// out[n * ldo + (m - m0)] for rows [m0, m1) and N quad-interleaved tokens.
-void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
-            const int8_t* xq, const int32_t* corr, const float* xs, int N,
-            float* out, int ldo) {
-  const int ldw = K / 2, lds = K / G, nb = K / 128;
-  const ScaleMap sm(G);
-  for (int n0 = 0; n0 < N; n0 += kQuad) {
-    const int nt = N - n0 < kQuad ? N - n0 : kQuad;
-    const int8_t* xqq = xq + (size_t)n0 * K;  // quad n0/4 starts at n0*K
-    const int32_t* cq = corr + (size_t)n0 * (K / 8);
-    int m = m0;
-    for (; m + 4 <= m1; m += 4) {
-      MM_DISPATCH_NT(TileI8, 4, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
-                     lds, nb, sm, xqq, cq, xs + n0,
-                     out + (size_t)n0 * ldo + (m - m0), ldo)
-    }
-    for (; m < m1; ++m) {
-      MM_DISPATCH_NT(TileI8, 1, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
-                     lds, nb, sm, xqq, cq, xs + n0,
-                     out + (size_t)n0 * ldo + (m - m0), ldo)
-    }
-  }
-}
-
-void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
-             const float* xf, int N, float* out, int ldo) {
-  const int ldw = K / 2, lds = K / G, nb = K / 128;
-  for (int n0 = 0; n0 < N; n0 += kQuad) {
-    const int nt = N - n0 < kQuad ? N - n0 : kQuad;
-    const float* xq = xf + (size_t)n0 * K;
-    int m = m0;
-    for (; m + 4 <= m1; m += 4) {
-      MM_DISPATCH_NT(TileF32, 4, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
-                     lds, nb, G, xq, out + (size_t)n0 * ldo + (m - m0), ldo)
-    }
-    for (; m < m1; ++m) {
-      MM_DISPATCH_NT(TileF32, 1, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds,
-                     lds, nb, G, xq, out + (size_t)n0 * ldo + (m - m0), ldo)
-    }
-  }
-}
+// out[n * ldo + (m - m0)] for rows [m0, m1) and N quad-interleaved tokens;
+// 4-row tiles (32 zmm registers).
+MM_DEFINE_X86_GEMMS(4)
 
 // Prepares one activation row for the kernels above (SIMD layout, see
 // kernels.h): q/f point at this token's slot in block 0, successive blocks
@@ -225,51 +180,9 @@ void PrepRowF32(const float* x, int K, float* f) {
   }
 }
 
-float Dot(const float* a, const float* b, int n) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  int i = 0;
-  for (; i + 32 <= n; i += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-  }
-  float sum = Hsum(_mm512_add_ps(acc0, acc1));
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
+float Dot(const float* a, const float* b, int n) { return DotVec<16>(a, b, n); }
 
-// exp(x) for x <= 0 (silu only needs exp(-|g|)): 2^n * p(r), |rel err| ~1e-7.
-static inline __m512 ExpNeg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // r = x - n ln2, split in two constants for accuracy
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-void SiluMul(const float* g, const float* u, float* h, int n) {
-  int i = 0;
-  const __m512 one = _mm512_set1_ps(1.0f);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 x = _mm512_loadu_ps(g + i);
-    // sigmoid(x) = 1/(1+e^-x) for x>=0, e^x/(1+e^x) for x<0: never overflows
-    const __m512 e = ExpNeg(_mm512_sub_ps(_mm512_setzero_ps(),
-                                          _mm512_abs_ps(x)));
-    const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
-    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-    const __m512 sig = _mm512_mask_mul_ps(inv, neg, e, inv);
-    _mm512_storeu_ps(h + i, _mm512_mul_ps(_mm512_mul_ps(x, sig), _mm512_loadu_ps(u + i)));
-  }
-  for (; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-}
+void SiluMul(const float* g, const float* u, float* h, int n) { SiluMulVec<16>(g, u, h, n); }
 
 }  // namespace avx512
 }  // namespace mm

@@ -8,10 +8,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "simd_shared.h"
+
 namespace mm {
 namespace neon {
-
-constexpr int kQuad = 4;
 
 // Int8 activations: R weight rows x NT tokens over the whole K. Each 16-byte
 // weight vector covers 32 consecutive k's (16 even in the low nibbles, 16 odd
@@ -77,48 +77,25 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = vaddvq_f32(acc[r][n]);
 }
 
-#define MM_DISPATCH_NT(TILE, R, NT, ...)     \
-  switch (NT) {                              \
-    case 1: TILE<R, 1>(__VA_ARGS__); break;  \
-    case 2: TILE<R, 2>(__VA_ARGS__); break;  \
-    case 3: TILE<R, 3>(__VA_ARGS__); break;  \
-    default: TILE<R, 4>(__VA_ARGS__); break; \
-  }
-
 void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
-            const int8_t* xq, const float* xs, int N, float* out, int ldo) {
+            const int8_t* xq, const float* xs, int N,
+            float* out, int ldo) {
   const int ldw = K / 2, lds = K / G, nb = K / 128;
-  for (int n0 = 0; n0 < N; n0 += kQuad) {
-    const int nt = N - n0 < kQuad ? N - n0 : kQuad;
-    const int8_t* xqq = xq + (size_t)n0 * K;
-    int m = m0;
-    for (; m + 4 <= m1; m += 4) {
-      MM_DISPATCH_NT(TileI8, 4, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G,
-                     xqq, xs + n0, out + (size_t)n0 * ldo + (m - m0), ldo)
-    }
-    for (; m < m1; ++m) {
-      MM_DISPATCH_NT(TileI8, 1, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G,
-                     xqq, xs + n0, out + (size_t)n0 * ldo + (m - m0), ldo)
-    }
-  }
+  ForEachTile<4>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {
+    TileI8<decltype(r)::value, decltype(nt)::value>(
+        q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G, xq + (size_t)n0 * K, xs + n0,
+        out + (size_t)n0 * ldo + (m - m0), ldo);
+  });
 }
 
 void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
              const float* xf, int N, float* out, int ldo) {
   const int ldw = K / 2, lds = K / G, nb = K / 128;
-  for (int n0 = 0; n0 < N; n0 += kQuad) {
-    const int nt = N - n0 < kQuad ? N - n0 : kQuad;
-    const float* xq = xf + (size_t)n0 * K;
-    int m = m0;
-    for (; m + 4 <= m1; m += 4) {
-      MM_DISPATCH_NT(TileF32, 4, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G,
-                     xq, out + (size_t)n0 * ldo + (m - m0), ldo)
-    }
-    for (; m < m1; ++m) {
-      MM_DISPATCH_NT(TileF32, 1, nt, q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G,
-                     xq, out + (size_t)n0 * ldo + (m - m0), ldo)
-    }
-  }
+  ForEachTile<4>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {
+    TileF32<decltype(r)::value, decltype(nt)::value>(
+        q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G, xf + (size_t)n0 * K,
+        out + (size_t)n0 * ldo + (m - m0), ldo);
+  });
 }
 
 }  // namespace neon

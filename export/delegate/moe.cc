@@ -16,7 +16,7 @@ constexpr int kRowTile3 = 32;  // down rows per work item
 }  // namespace
 
 void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
-                     int T, ThreadPool* pool) {
+                     int T, ThreadPool* pool, Isa isa) {
   const int E = c.num_experts, D = c.d_model;
   logits_.resize((size_t)T * E);
   // logits [T, E] = x @ router_w^T, split by (token, 16 experts).
@@ -26,7 +26,7 @@ void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
   p->Run(T * eb, [&](int item, int) {
     const int t = item / eb, e0 = (item % eb) * 16, e1 = std::min(E, e0 + 16);
     for (int e = e0; e < e1; ++e)
-      logits_[(size_t)t * E + e] = Dot(x + (size_t)t * D, w.router_w + (size_t)e * D, D);
+      logits_[(size_t)t * E + e] = Dot(x + (size_t)t * D, w.router_w + (size_t)e * D, D, isa);
   });
 
   tok_.resize(E);
@@ -77,7 +77,8 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   std::fill(y, y + (size_t)T * D, 0.f);
   if (T == 0) return;
 
-  Route(c, w, x, T, pool);
+  const Isa isa = KernelIsa(opt.cap);
+  Route(c, w, x, T, pool, isa);
 
   // Jobs: every expert with at least one token, then the shared expert.
   jobs_.clear();
@@ -121,12 +122,12 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   const int nj = (int)jobs_.size();
 
   // Phase 0: each job's tokens, prepared (gathered, quantised) for its kernel.
-  const bool simd_x = opt.allow_simd && SimdAvailable() && SimdShapeOk(D, G);
+  const Isa x_isa = SimdShapeOk(D, G) ? isa : Isa::kScalar;
   if ((int)x_acts_.size() < nj) x_acts_.resize(nj);  // never shrink: keep buffers
   if ((int)h_acts_.size() < nj) h_acts_.resize(nj);
   std::vector<int> first_item(nj + 1, 0);
   for (int j = 0; j < nj; ++j) {
-    x_acts_[j].Resize(jobs_[j].n, D, opt.mode, simd_x);
+    x_acts_[j].Resize(jobs_[j].n, D, opt.mode, x_isa);
     first_item[j + 1] = first_item[j] + (jobs_[j].n + 15) / 16;
   }
   auto job_of = [&](int item) {
@@ -159,8 +160,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   h_.resize(h_total);
   for (int j = 0; j < nj; ++j) {
     const Job& jb = jobs_[j];
-    const bool simd_h = opt.allow_simd && SimdAvailable() && SimdShapeOk(jb.F, G);
-    h_acts_[j].Resize(jb.n, jb.F, opt.mode, simd_h);
+    h_acts_[j].Resize(jb.n, jb.F, opt.mode, SimdShapeOk(jb.F, G) ? isa : Isa::kScalar);
     first_item[j + 1] = first_item[j] + (jb.n + 3) / 4;
   }
   cheap->Run(first_item[nj], [&](int item, int) {
@@ -170,7 +170,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     float* h = h_.data() + jb.h_off;
     for (int n = n0; n < n1; ++n) {
       const float* gu = gu_out_.data() + jb.gu_off + (size_t)n * 2 * jb.F;
-      SiluMul(gu, gu + jb.F, h + (size_t)n * jb.F, jb.F);
+      SiluMul(gu, gu + jb.F, h + (size_t)n * jb.F, jb.F, isa);
     }
     h_acts_[j].PrepareRows(h, jb.F, nullptr, n0, n1);
   });

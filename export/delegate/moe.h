@@ -36,7 +36,7 @@ struct MoeWeights {
 
 struct RunOptions {
   ActMode mode = ActMode::kI8;
-  bool allow_simd = true;
+  IsaCap cap = IsaCap::kAuto;
 };
 
 // Holds scratch buffers between calls; one per claimed node.
@@ -60,7 +60,7 @@ class MoeBlock {
   };
 
   void Route(const MoeConfig& c, const MoeWeights& w, const float* x, int T,
-             ThreadPool* pool);
+             ThreadPool* pool, Isa isa);
 
   std::vector<float> logits_;               // [T, E]
   std::vector<std::vector<int>> tok_;       // per expert: token ids

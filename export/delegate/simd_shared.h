@@ -1,0 +1,140 @@
+// Code shared by the SIMD kernel files (AVX-512, AVX2, NEON): the GEMM tile
+// loop, and SiLU written once with GCC vector extensions. Each file
+// instantiates these with its own widths and compiles them with its own -m
+// flags; everything here has internal linkage and no STL, so no SIMD code can
+// leak into functions shared with the portable build.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace mm {
+namespace {
+
+constexpr int kQuad = 4;  // tokens per activation quad (kernels.h)
+
+template <int V>
+struct Int {
+  static constexpr int value = V;
+};
+
+template <int R, class Tile>
+inline void DispatchTokens(Tile& tile, int nt, int m, int n0) {
+  switch (nt) {
+    case 1: tile(Int<R>(), Int<1>(), m, n0); break;
+    case 2: tile(Int<R>(), Int<2>(), m, n0); break;
+    case 3: tile(Int<R>(), Int<3>(), m, n0); break;
+    default: tile(Int<R>(), Int<4>(), m, n0); break;
+  }
+}
+
+// Calls tile(Int<rows>, Int<tokens>, m, n0) over rows [m0, m1) in tiles of R
+// rows (single rows at the end) and N tokens in quads (the last one 1..4):
+// weights are unpacked once per tile, activations reused across its rows.
+template <int R, class Tile>
+inline void ForEachTile(int m0, int m1, int N, Tile tile) {
+  for (int n0 = 0; n0 < N; n0 += kQuad) {
+    const int nt = N - n0 < kQuad ? N - n0 : kQuad;
+    int m = m0;
+    for (; m + R <= m1; m += R) DispatchTokens<R>(tile, nt, m, n0);
+    for (; m < m1; ++m) DispatchTokens<1>(tile, nt, m, n0);
+  }
+}
+
+// The x86 files' GemmI8 / GemmF32 (declared in kernels.cc): their own TileI8,
+// TileF32 and ScaleMap over ForEachTile with R-row tiles.
+#define MM_DEFINE_X86_GEMMS(R)                                                      \
+  void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,      \
+              const int8_t* xq, const int32_t* corr, const float* xs, int N,       \
+              float* out, int ldo) {                                               \
+    const int ldw = K / 2, lds = K / G, nb = K / 128;                              \
+    const ScaleMap sm(G);                                                          \
+    ForEachTile<R>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {                \
+      TileI8<decltype(r)::value, decltype(nt)::value>(                             \
+          q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, sm,              \
+          xq + (size_t)n0 * K, corr + (size_t)n0 * (K / 8), xs + n0,               \
+          out + (size_t)n0 * ldo + (m - m0), ldo);                                 \
+    });                                                                            \
+  }                                                                                \
+  void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,     \
+               const float* xf, int N, float* out, int ldo) {                      \
+    const int ldw = K / 2, lds = K / G, nb = K / 128;                              \
+    ForEachTile<R>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {                \
+      TileF32<decltype(r)::value, decltype(nt)::value>(                            \
+          q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G,               \
+          xf + (size_t)n0 * K, out + (size_t)n0 * ldo + (m - m0), ldo);            \
+    });                                                                            \
+  }
+
+template <int W>
+struct Vec {
+  typedef float F __attribute__((vector_size(4 * W)));
+  typedef int32_t I __attribute__((vector_size(4 * W)));
+};
+
+// exp(x) for x <= 0 (SiLU only needs exp(-|g|)): 2^n * p(r), |rel err| ~1e-7.
+template <int W>
+inline typename Vec<W>::F ExpNeg(typename Vec<W>::F x) {
+  using F = typename Vec<W>::F;
+  using I = typename Vec<W>::I;
+  x = x < -87.0f ? F{} - 87.0f : x;
+  const F big = F{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest int
+  const F n = (x * 1.44269504088896341f + big) - big;
+  F r = x - n * 0.693359375f;  // r = x - n ln2, ln2 split in two for accuracy
+  r = r - n * -2.12194440e-4f;
+  // exp(r) ~ 1 + r + r^2 * P(r), P's coefficients highest first (Horner)
+  static constexpr float kP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  F p = F{} + kP[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kP[i];
+  p = p * (r * r) + (r + 1.0f);
+  // 2^n from the exponent bits; n in [-126, 0]
+  const I e = (__builtin_convertvector(n, I) + 127) << 23;
+  F scale;
+  std::memcpy(&scale, &e, sizeof(F));
+  return p * scale;
+}
+
+// sum a[i] * b[i] (the router's logits), 2W floats at a time.
+template <int W>
+inline float DotVec(const float* a, const float* b, int n) {
+  using F = typename Vec<W>::F;
+  F acc0 = {}, acc1 = {}, x, y;
+  int i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    std::memcpy(&x, a + i, sizeof(F));
+    std::memcpy(&y, b + i, sizeof(F));
+    acc0 += x * y;
+    std::memcpy(&x, a + i + W, sizeof(F));
+    std::memcpy(&y, b + i + W, sizeof(F));
+    acc1 += x * y;
+  }
+  acc0 += acc1;
+  float sum = 0.f;
+  for (int j = 0; j < W; ++j) sum += acc0[j];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// h[i] = silu(g[i]) * u[i], W floats at a time.
+template <int W>
+inline void SiluMulVec(const float* g, const float* u, float* h, int n) {
+  using F = typename Vec<W>::F;
+  int i = 0;
+  for (; i + W <= n; i += W) {
+    F x, up;
+    std::memcpy(&x, g + i, sizeof(F));
+    std::memcpy(&up, u + i, sizeof(F));
+    // sigmoid(x) = 1/(1+e^-x) for x>=0, e^x/(1+e^x) for x<0: never overflows
+    const F e = ExpNeg<W>(x < 0 ? x : -x);
+    const F inv = 1.0f / (1.0f + e);
+    const F sig = x < 0 ? e * inv : inv;
+    const F y = x * sig * up;
+    std::memcpy(h + i, &y, sizeof(F));
+  }
+  for (; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+}  // namespace
+}  // namespace mm
