@@ -17,12 +17,15 @@ params_with_embedding (total, active), final_eval_step, wall_s, returncode, code
 '+dirty' when mobilemoe_jax/ or configs/ had uncommitted changes).
 """
 import argparse
+import hashlib
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 from mobilemoe_jax.scaling import law
 
@@ -64,7 +67,46 @@ def _seed_grid():
           for name, over in _tiny_grid(steps=(300,)) if name in ('d64_dense_s300', 'd64_e8k2_s300')]
 
 
-GRIDS = {'tiny': _tiny_grid, 'seeds': _seed_grid,
+def _h200_run(d, tag, steps):
+  """One run of the H200 grid: width d, 4 layers, first layer dense, and an FFN whose active
+  hidden size is 3d in every shape, so every shape of a width has the same active parameters
+  and FLOPs up to the router. tag: 'dense' or 'e{E}k{k}' / 'e{E}k{k}s1' (E routed experts,
+  top-k, optionally one shared expert of the same size); each expert then has 3d / (k + shared)
+  hidden units. Top-1 turns norm_topk_prob off (config.validate refuses it on)."""
+  over = {'model.d_model': d, 'model.n_heads': d // 32, 'model.d_ff': 3 * d, 'model.n_layers': 4}
+  if tag == 'dense':
+    over['model.moe.n_experts'] = 0
+  else:
+    e, rest = tag[1:].split('k')
+    k, shared = (int(rest[:-2]), 1) if rest.endswith('s1') else (int(rest), 0)
+    size = 3 * d // (k + shared)
+    over.update({'model.moe.n_experts': int(e), 'model.moe.top_k': k, 'model.moe.d_expert': size,
+                 'model.moe.n_shared': shared, 'model.moe.d_shared': size})
+    if k == 1:
+      over['model.moe.norm_topk_prob'] = False
+  over['train.steps'] = steps
+  return f'd{d}_{tag}_s{steps}', over
+
+
+def _h200_grid():
+  """The seeded mini-study (docs/scaling.md section 5), most important runs first so a sweep
+  cut short by its deadline still answers the main question. Batch 16 x 128 tokens; 800
+  steps = 1.64M tokens, about two passes over the bundled corpus's 0.78M training tokens.
+  1. dense vs MoE at equal active FLOPs, three widths: dense, 8 experts top-2, the same cut
+     twice as fine (16 top-4), top-1 plus a shared expert.
+  2. at d128: sparsity at a fixed expert size (4/16/32 experts of 1.5d, top-2), granularity at
+     fixed sparsity (32 experts of 0.375d top-8), a shared expert with fine experts (16 top-3
+     + 1), and 32 experts of 0.75d top-4.
+  3. fewer tokens (200 and 400 steps) for dense and e8k2 at every width: the law's D axis.
+  4. the sparsity and granularity ends at the other two widths."""
+  runs = [_h200_run(d, tag, 800) for d in (64, 128, 256) for tag in ('dense', 'e8k2', 'e16k4', 'e8k1s1')]
+  runs += [_h200_run(128, tag, 800) for tag in ('e4k2', 'e16k2', 'e32k2', 'e32k8', 'e16k3s1', 'e32k4')]
+  runs += [_h200_run(d, tag, s) for s in (400, 200) for d in (64, 128, 256) for tag in ('dense', 'e8k2')]
+  runs += [_h200_run(d, tag, 800) for d in (64, 256) for tag in ('e32k2', 'e32k8')]
+  return runs
+
+
+GRIDS = {'tiny': _tiny_grid, 'seeds': _seed_grid, 'h200': _h200_grid,
          'smoke': lambda: _tiny_grid(steps=(20,))[:2]}
 
 
@@ -125,8 +167,13 @@ def _code_version() -> str:
   say which code produced it."""
   def git(*args):
     return subprocess.run(['git', *args], capture_output=True, text=True).stdout.strip()
-  dirty = git('status', '--porcelain', '--', 'mobilemoe_jax', 'configs')
-  return git('rev-parse', '--short', 'HEAD') + ('+dirty' if dirty else '')
+  dirty = git('diff', 'HEAD', '--', 'mobilemoe_jax', 'configs')
+  untracked = git('ls-files', '--others', '--exclude-standard', '--', 'mobilemoe_jax', 'configs')
+  if not (dirty or untracked):
+    return git('rev-parse', '--short', 'HEAD')
+  # Which uncommitted changes: a short hash of the diff tells two dirty trees apart.
+  digest = hashlib.sha256((dirty + untracked).encode()).hexdigest()[:8]
+  return git('rev-parse', '--short', 'HEAD') + f'+dirty.{digest}'
 
 
 def done_names(out: str) -> set:
@@ -162,6 +209,86 @@ def run_grid(runs, family, out, workdir, data_dir=None, dry_run=False, log=print
     log(f'  loss {rec["loss"]:.4f} in {rec["wall_s"]} s')
 
 
+# ------------------------------------------------------------- in-process mode (one GPU)
+
+
+def batch_file(batches_dir: str, seed: int | None) -> str:
+  """Where prepare_batches writes a seed's training stream (seed None: the validation pass)."""
+  return os.path.join(batches_dir, 'eval.npz' if seed is None else f'train_seed{seed}.npz')
+
+
+def prepare_batches(runs, family, seeds, batches_dir, data_dir=None, log=print):
+  """Writes each seed's training batches (enough for the longest run) and the validation
+  split, from the data pipeline, as the .npz files run_in_process reads (see batched.py)."""
+  from mobilemoe_jax.scaling import batched
+  cfgs = [build_config(family, over, data_dir) for _, over in runs]
+  shapes = {(c.train.batch_size, c.train.seq_len) for c in cfgs}
+  if len(shapes) != 1:
+    raise ValueError(f'runs of one sweep must share batch_size and seq_len; got {sorted(shapes)}')
+  (batch_size, seq_len), steps = shapes.pop(), max(c.train.steps for c in cfgs)
+  data = cfgs[0].data
+  meta = dict(tokenizer=data.train.tokenizer, batch_size=batch_size, seq_len=seq_len)
+  for seed in seeds:
+    b = batched.take_batches(data.train, seq_len=seq_len, batch_size=batch_size, seed=seed, n=steps)
+    batched.save_batches(batch_file(batches_dir, seed), b, seed=seed, steps=steps, **meta)
+    log(f'seed {seed}: {steps} batches of {batch_size}x{seq_len} -> {batch_file(batches_dir, seed)}')
+  b = batched.take_batches(data.eval, seq_len=seq_len, batch_size=batch_size, seed=0, n=None)
+  batched.save_batches(batch_file(batches_dir, None), b, **meta)
+  log(f'validation: {int(b["loss_mask"].sum())} tokens -> {batch_file(batches_dir, None)}')
+
+
+def run_in_process(runs, family, out, batches_dir, seeds, *, chunk, workers=1, deadline_s=None,
+                   data_dir=None, code=None, log=print):
+  """Trains every run of the grid for every seed in this process (batched.train_seeds: a
+  run's seeds side by side), `workers` runs at a time in threads, so compiling one run
+  overlaps training others. Appends one record per (run, seed), named RUN_seedS, as each run
+  finishes; runs already recorded for every seed are skipped; no run starts after
+  `deadline_s` seconds (a device call has a hard limit)."""
+  import concurrent.futures
+  import threading
+
+  import jax
+
+  from mobilemoe_jax.scaling import batched
+  start = time.time()
+  train = {s: batched.load_batches(batch_file(batches_dir, s)) for s in seeds}
+  evals = batched.load_batches(batch_file(batches_dir, None))
+  done = done_names(out)
+  todo = [(n, o) for n, o in runs if any(f'{n}_seed{s}' not in done for s in seeds)]
+  log(f'{len(runs) - len(todo)} runs already in {out}; {len(todo)} to train x {len(seeds)} seeds '
+      f'on {jax.devices()[0].device_kind}, {workers} at a time')
+  code = code or _code_version()
+  lock = threading.Lock()
+
+  def one(name, over):
+    if deadline_s is not None and time.time() - start > deadline_s:
+      log(f'skip {name}: past the {deadline_s} s deadline')
+      return
+    cfg = build_config(family, over, data_dir)
+    t0 = time.time()
+    results = batched.train_seeds(cfg, seeds, [train[s] for s in seeds], evals, chunk=chunk)
+    wall = round(time.time() - t0, 1)
+    base = record_of(name, family, over, data_dir)
+    with lock:
+      os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+      with open(out, 'a') as f:
+        for r in results:
+          train_curve = [[(i + 1) * chunk, round(float(np.mean(r['train_losses'][i * chunk:(i + 1) * chunk])), 5)]
+                         for i in range(cfg.train.steps // chunk)]
+          f.write(json.dumps({**base, 'name': f'{name}_seed{r["seed"]}', 'run': name,
+                              'seed': r['seed'], 'loss': r['loss'], 'curve': r['curve'],
+                              'train_curve': train_curve, 'bad_step': r['bad_step'],
+                              'eval_tokens': int(evals['loss_mask'].sum()),
+                              'group_wall_s': wall, 'seeds_in_group': len(seeds),
+                              'device': jax.devices()[0].device_kind, 'code': code}) + '\n')
+      losses = ' '.join(f'{r["loss"]:.4f}' for r in results)
+      log(f'{name}: held-out loss {losses} ({wall} s with compile, t={time.time() - start:.0f} s)')
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for f in [pool.submit(one, n, o) for n, o in todo]:
+      f.result()           # re-raise a failed run's exception
+
+
 def report(records) -> str:
   """Markdown: per (width, steps), each shape's held-out loss and its difference from the
   dense run of the same width and steps (equal active parameters by the grid's construction)."""
@@ -188,6 +315,24 @@ def report(records) -> str:
   return '\n'.join(rows)
 
 
+def device_command(a) -> str:
+  """A command for the device tool. In-process mode: install the wheels its image lacks
+  (carried in WHEELS beside --batches; grain is imported by the configs, ml_collections is
+  the config system) and train from the carried batches. Otherwise one trainer process per
+  run, which needs the built data there."""
+  out = f'--out=$OUT/{os.path.basename(a.out)}'
+  if not a.in_process:
+    return (f'python -m mobilemoe_jax.scaling.sweep --grid={a.grid} --family={a.family} {out} '
+            f'--workdir=/tmp/scaling_sweep' + (f' --data_dir={a.data_dir}' if a.data_dir else ''))
+  wheels = os.path.join(os.path.dirname(a.batches.rstrip('/')), 'whl')
+  return (f'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target '
+          f'/tmp/site {wheels}/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit; '
+          f'python3 -m mobilemoe_jax.scaling.sweep --grid={a.grid} --family={a.family} --in_process '
+          f'--seeds={a.seeds} --workers={a.workers} --chunk={a.chunk} '
+          + (f'--deadline_s={a.deadline_s:g} ' if a.deadline_s else '')
+          + f'--batches={a.batches} {out} --code={a.code or _code_version()} 2>&1 | tee $OUT/log.txt')
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description='Train a grid of small models; append run records.')
   ap.add_argument('--grid', default='tiny', choices=sorted(GRIDS))
@@ -202,6 +347,23 @@ def main(argv=None):
   ap.add_argument('--device', action='store_true',
                   help='print a command for the device tool (GPU) that runs this sweep there '
                   'and leaves the records under $OUT')
+  ap.add_argument('--in_process', action='store_true',
+                  help='train every run in this process, each run\'s --seeds side by side '
+                  '(batched.py), reading the batches --prepare_batches wrote to --batches')
+  ap.add_argument('--prepare_batches', action='store_true',
+                  help='write the data pipeline\'s batches for --seeds to --batches and exit')
+  ap.add_argument('--batches', default='runs/scaling_batches', help='dir of the .npz batch files')
+  ap.add_argument('--seeds', default='0', help='comma-separated seeds (in-process mode)')
+  ap.add_argument('--workers', type=int, default=1, help='runs trained at once (in-process mode)')
+  ap.add_argument('--chunk', type=int, default=100,
+                  help='steps per compiled call; held-out loss every chunk (in-process mode)')
+  ap.add_argument('--deadline_s', type=float, default=None,
+                  help='start no run after this many seconds (in-process mode)')
+  ap.add_argument('--steps', type=int, default=0,
+                  help='train every run this many steps instead (a quick check of the setup)')
+  ap.add_argument('--code', default=None,
+                  help='code version for the records (default: git HEAD here; a copy without '
+                  '.git, like the device tool\'s, needs it)')
   a = ap.parse_args(argv)
   if a.report:
     print(report(law.load_records(a.out)))
@@ -210,12 +372,22 @@ def main(argv=None):
   if a.only:
     keep = set(a.only.split(','))
     runs = [r for r in runs if r[0] in keep]
+  if a.steps:
+    runs = [(n, {**o, 'train.steps': a.steps}) for n, o in runs]
   if a.device:
-    print(f'python -m mobilemoe_jax.scaling.sweep --grid={a.grid} --family={a.family} '
-          f'--out=$OUT/{os.path.basename(a.out)} --workdir=/tmp/scaling_sweep'
-          + (f' --data_dir={a.data_dir}' if a.data_dir else ''))
+    print(device_command(a))
     return
-  run_grid(runs, a.family, a.out, a.workdir, a.data_dir, a.dry_run)
+  seeds = [int(x) for x in a.seeds.split(',')]
+  if a.prepare_batches:
+    prepare_batches(runs, a.family, seeds, a.batches, a.data_dir)
+  elif a.in_process:
+    import jax
+    # fp32 matmuls in full precision on the GPU too (no TF32): the CPU runs' arithmetic.
+    jax.config.update('jax_default_matmul_precision', 'highest')
+    run_in_process(runs, a.family, a.out, a.batches, seeds, chunk=a.chunk, workers=a.workers,
+                   deadline_s=a.deadline_s, data_dir=a.data_dir, code=a.code)
+  else:
+    run_grid(runs, a.family, a.out, a.workdir, a.data_dir, a.dry_run)
 
 
 if __name__ == '__main__':
