@@ -79,6 +79,37 @@ class LiteRTLM:
     return out
 
 
+# Sentence starts in the style of the bundled corpus (stdlib docs): prompts for checking
+# that the .tflite and a reference continue text the same way (random token ids are not
+# text: a trained model's top logits are near-ties there).
+PROMPTS = ('Return the number of items in a', 'If the file does not exist',
+           'The default value of this argument is', 'This module provides functions for',
+           'Raise a ValueError if the', 'The following example shows how to',
+           'Create a new socket using the given address family', 'Return True if the string')
+
+
+def greedy_agreement(lm, reference, prompt_ids, n_steps: int) -> dict:
+  """The .tflite's greedy continuation of prompt_ids vs a reference model's.
+  reference(ids) -> next-token logits [V] after ids (a full forward).
+  Returns {'agree': steps before the first different token, 'tflite': tokens,
+  'reference': tokens} and, at a divergence, how close a call it was: 'ref_margin' =
+  reference logit of its token minus that of the .tflite's token, 'tflite_margin' the
+  reverse (both small: a near-tie)."""
+  got = lm.generate(list(prompt_ids), n_steps)
+  ids, ref = list(prompt_ids), []
+  for i, tok in enumerate(got):
+    logits = np.asarray(reference(ids))
+    ref.append(int(np.argmax(logits)))
+    if ref[-1] != tok:
+      lm.reset()
+      tfl = lm.prefill(ids)[-1]
+      return {'agree': i, 'tflite': got, 'reference': ref,
+              'ref_margin': float(logits[ref[-1]] - logits[tok]),
+              'tflite_margin': float(tfl[tok] - tfl[ref[-1]])}
+    ids.append(tok)
+  return {'agree': len(got), 'tflite': got, 'reference': ref}
+
+
 def sample(logits, rng, temperature: float, top_k: int = 0) -> int:
   if temperature <= 0:
     return int(np.argmax(logits))

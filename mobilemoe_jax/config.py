@@ -57,6 +57,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.quant.embedding = 'int4_g32'  # grid of the embedding / tied head when weights is set
   c.quant.learnable_scale = False  # LSQ-style trained scales (initialised from max-abs)
   c.quant.router = False        # the router stays float unless asked
+  # The int8 grid the .tflite quantizes FC inputs to at run time (quant/grid.py), modelled
+  # on every input of an integer-weight linear: None | 'int8_dynamic' | 'int8_dynamic_sym'
+  c.quant.activations = ml_collections.config_dict.placeholder(str)
   c.update(overrides)
   return c
 
@@ -130,6 +133,10 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for f in ('weights', 'embedding'):
       _require(q[f] in grid.SCHEMES, f'model.quant.{f}',
                f'unknown scheme {q[f]!r}; known: {sorted(grid.SCHEMES)}')
+  if q.get('activations') is not None:
+    from mobilemoe_jax.quant import grid
+    _require(q.activations in grid.ACTIVATIONS, 'model.quant.activations',
+             f'unknown activation grid {q.activations!r}; known: None, {", ".join(grid.ACTIVATIONS)}')
   m = model.moe
   if m.n_experts:
     _require(m.n_experts > 0, 'model.moe.n_experts', 'must be >= 0')

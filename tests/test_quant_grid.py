@@ -138,8 +138,99 @@ def test_act_int8_matches_delegate_reference():
   np.testing.assert_array_equal(grid.fake_quant_act_int8(x), _quant_rows_int8(x))
 
 
+def _run_fc(path, x, resolver=None):
+  """Runs the one-FC model on the rows of x (two at a time: its input shape is [2, K])."""
+  from ai_edge_litert.interpreter import Interpreter, OpResolverType
+  kw = {} if resolver is None else {'experimental_op_resolver_type': getattr(OpResolverType, resolver)}
+  it = Interpreter(model_path=str(path), num_threads=1, **kw)
+  it.allocate_tensors()
+  inp, out = it.get_input_details()[0]['index'], it.get_output_details()[0]['index']
+  ys = []
+  for i in range(0, len(x), 2):
+    it.set_tensor(inp, x[i:i + 2])
+    it.invoke()
+    ys.append(it.get_tensor(out).astype(np.float64))
+  return np.concatenate(ys)
+
+
+def _act_probe_inputs(k):
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((120, k)) * rng.uniform(0.01, 30, (120, 1)) + rng.uniform(-2, 2, (120, 1))
+  x[:20] = np.abs(x[:20])                     # one-sided rows: the zero point matters
+  x[20:30] = -np.abs(x[20:30])
+  x[30:40] = np.round(x[30:40] * 4) / 4       # values landing on ties
+  x[40] = 0.0
+  return x.astype(np.float32)
+
+
+@pytest.mark.parametrize('scheme,recipe_name', [('int4_g32', 'dynamic_wi4b32_afp32'),
+                                                ('int4_channel', 'dynamic_wi4c_afp32')])
+def test_activation_grid_matches_litert(tmp_path, scheme, recipe_name):
+  """The .tflite's FC quantizes its input per row on grid 'int8_dynamic' (XNNPACK, the
+  default interpreter), bit for bit: an invertible weight exactly on the grid lets the
+  activations the kernel used be solved for from its output."""
+  from ai_edge_quantizer import quantizer, recipe
+  k = 64
+  rng = np.random.default_rng(0)
+  q = rng.integers(-7, 7, (k, k)).astype(np.float32)
+  for g in range(0, k, 32):      # every group's max |q| is 7 at a different column per row
+    q[np.arange(k), g + np.arange(k) % 32] = 7
+  w = q * (rng.integers(16, 64, (k, 1)) / 2048).astype(np.float32)   # scales exact in bf16
+  np.testing.assert_array_equal(grid.fake_quant(w, scheme), w)     # w is on the grid
+  fp32 = _fp32_linear_tflite(w, tmp_path / 'fp32.tflite')
+  out = tmp_path / f'{scheme}.tflite'
+  quantizer.Quantizer(str(fp32), getattr(recipe, recipe_name)()).quantize().export_model(str(out))
+  x = _act_probe_inputs(k)
+  y = _run_fc(out, x)
+  used = np.linalg.solve(w.astype(np.float64), y.T).T               # the kernel's activations
+  q_a, zp, inv = grid.quantize_act_int8_asym(x)
+  np.testing.assert_allclose(used * inv, np.rint(used * inv), atol=0.01)  # on an int grid
+  np.testing.assert_array_equal(np.rint(used * inv), q_a.astype(np.float64) - zp)
+  scale = np.abs(y).max()
+  err = lambda a: np.abs(a.astype(np.float64) @ w.T.astype(np.float64) - y).max() / scale
+  assert err(grid.fake_quant_act(x, 'int8_dynamic')) < 1e-6
+  assert err(grid.fake_quant_act(x, 'int8_dynamic_sym')) > 1e-3     # the other grid is off
+  assert err(x) > 1e-3                                             # and so is no grid
+  # The same from jax.numpy, under jit.
+  import jax
+  import jax.numpy as jnp
+  got = jax.jit(lambda a: grid.fake_quant_act(a, 'int8_dynamic'))(jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(got), grid.fake_quant_act(x, 'int8_dynamic'))
+  if scheme == 'int4_channel':
+    # Without XNNPACK, TFLite's own channel-wise kernel quantizes rows symmetrically.
+    y_builtin = _run_fc(out, x, 'BUILTIN_WITHOUT_DEFAULT_DELEGATES')
+    np.testing.assert_allclose(grid.fake_quant_act(x, 'int8_dynamic_sym').astype(np.float64)
+                               @ w.T.astype(np.float64), y_builtin, atol=1e-6 * scale)
+
+
 def test_errors():
   with pytest.raises(ValueError, match='does not divide the input dimension 96'):
     grid.quantize(np.zeros((4, 96), np.float32), 'int4_g64')
   with pytest.raises(ValueError, match='unknown quantization scheme'):
     grid.quantize(np.zeros((4, 64), np.float32), 'int3')
+  with pytest.raises(ValueError, match='unknown activation quantization'):
+    grid.fake_quant_act(np.zeros((4, 64), np.float32), 'int4_dynamic')
+
+
+def test_act_fake_quant_in_the_model():
+  """layers.act: the grid's values forward, a straight-through gradient, and float activations
+  unless weights and activations are both quantized; a bad grid name is a ConfigError."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from mobilemoe_jax import config as config_lib
+  from mobilemoe_jax.model.layers import act
+  quant = config_lib.model_config().quant
+  quant.weights, quant.activations = 'int4_g32', 'int8_dynamic'
+  x = jnp.asarray(_act_probe_inputs(64)[:8].reshape(2, 4, 2, 32))    # [B, T, H, Dh]
+  rows = np.asarray(x).reshape(2, 4, 64)
+  np.testing.assert_array_equal(np.asarray(act(x, quant, n_in=2)).reshape(2, 4, 64),
+                                grid.fake_quant_act(rows))
+  g = jax.grad(lambda a: jnp.sum(act(a, quant, n_in=2) * 3.0))(x)
+  np.testing.assert_array_equal(np.asarray(g), 3.0)
+  teacher = ml_collections.ConfigDict(dict(quant.to_dict(), weights=None))
+  assert act(x, teacher) is x
+  model = config_lib.model_config()
+  model.quant.weights, model.quant.activations = 'int4_g32', 'int4'
+  with pytest.raises(config_lib.ConfigError, match='model.quant.activations'):
+    config_lib.validate(model)

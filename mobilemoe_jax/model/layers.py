@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mobilemoe_jax.quant import qat
+from mobilemoe_jax.quant import grid, qat
 from mobilemoe_jax.sharding import constrain
 
 
@@ -41,6 +41,19 @@ def kernel(layer, name: str, quant, dtype, n_batch: int = 0, n_in: int = 1, sche
   q = qat.fake_quant(_matrix_view(w, n_batch, n_in), scheme or quant.weights,
                      None if scale is None else scale[...])
   return q.reshape(w.shape).astype(dtype)
+
+
+def act(x, quant, n_in: int = 1):
+  """An integer-weight linear's input as the .tflite sees it: on `quant.activations`' int8
+  grid, one scale (and zero point) per row of the last n_in dims; straight-through gradient.
+  Identity unless both weights and activations are quantized (the teacher of QAT's
+  self-distillation and float models keep float activations)."""
+  if quant is None or quant.weights is None or quant.get('activations') is None:
+    return x
+  rows = x.reshape(*x.shape[:x.ndim - n_in], -1)
+  fq = grid.fake_quant_act(rows.astype(jnp.float32), quant.activations).astype(x.dtype)
+  # Exactly fq forward; d/dx = 1 (the row's range always covers x: nothing is clipped).
+  return jax.lax.stop_gradient(fq.reshape(x.shape)) + (x - jax.lax.stop_gradient(x))
 
 
 def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -106,9 +119,10 @@ class Attention(nnx.Module):
     With cache {'k','v': [B, S, K, Dh], 'end': [B]}: the T new tokens go to slots
     end..end+T-1 and attend to every filled slot before them. Returns (y, new_cache)."""
     dt, qc = self.dtype, self.quant
-    q = jnp.einsum('btd,dhk->bthk', x, kernel(self, 'q', qc, dt))
-    k = jnp.einsum('btd,dhk->bthk', x, kernel(self, 'k', qc, dt))
-    v = jnp.einsum('btd,dhk->bthk', x, kernel(self, 'v', qc, dt))
+    xq = act(x, qc)
+    q = jnp.einsum('btd,dhk->bthk', xq, kernel(self, 'q', qc, dt))
+    k = jnp.einsum('btd,dhk->bthk', xq, kernel(self, 'k', qc, dt))
+    v = jnp.einsum('btd,dhk->bthk', xq, kernel(self, 'v', qc, dt))
     q = rope(q, positions, self.theta)
     k = rope(k, positions, self.theta)
     if cache is None:
@@ -126,7 +140,7 @@ class Attention(nnx.Module):
       k, v = k.astype(dt), v.astype(dt)
     q = constrain(q, ('batch', 'length', 'heads', 'head_dim'))
     y = jax.nn.dot_product_attention(q, k, v, mask=mask)                      # [B, T, H, Dh]
-    return jnp.einsum('bthk,hkd->btd', y, kernel(self, 'o', qc, dt, n_in=2)), cache
+    return jnp.einsum('bthk,hkd->btd', act(y, qc, n_in=2), kernel(self, 'o', qc, dt, n_in=2)), cache
 
 
 class MLP(nnx.Module):
@@ -144,6 +158,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     dt, qc = self.dtype, self.quant
+    x = act(x, qc)
     h = jax.nn.silu(x @ kernel(self, 'gate', qc, dt)) * (x @ kernel(self, 'up', qc, dt))
     h = constrain(h, ('batch', 'length', 'mlp'))
-    return h @ kernel(self, 'down', qc, dt)
+    return act(h, qc) @ kernel(self, 'down', qc, dt)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mobilemoe_jax import config as config_lib
-from mobilemoe_jax.model.layers import MLP, Attention, RMSNorm, add_quant_scale, kernel, param
+from mobilemoe_jax.model.layers import MLP, Attention, RMSNorm, act, add_quant_scale, kernel, param
 from mobilemoe_jax.moe.layer import MoE
 from mobilemoe_jax.quant import qat
 from mobilemoe_jax.sharding import constrain
@@ -78,7 +78,7 @@ class Transformer(nnx.Module):
         moe_stats.append(stats)
     x = self.final_norm(x)
     head = table.T if self.head is None else kernel(self, 'head', self.cfg.quant, dt)
-    logits = (x @ head).astype(jnp.float32)
+    logits = (act(x, self.cfg.quant) @ head).astype(jnp.float32)
     logits = constrain(logits, ('batch', 'length', 'vocab'))
     new_cache = None if cache is None else {'layers': new_layers, 'end': cache['end'] + t}
     return logits, summarize(moe_stats), new_cache

@@ -31,13 +31,18 @@ def swiglu(x, gate, up, down):
   return (jax.nn.silu(x @ gate) * (x @ up)) @ down
 
 
-def dense(x, weights, experts, gate, up, down):
-  """x: [N, D]; weights/experts: [N, k]; gate/up: [E, D, F]; down: [E, F, D] -> [N, D], 0 dropped."""
+def _same(h):
+  return h
+
+
+def dense(x, weights, experts, gate, up, down, act=_same):
+  """x: [N, D]; weights/experts: [N, k]; gate/up: [E, D, F]; down: [E, F, D] -> [N, D], 0 dropped.
+  act: applied to the hidden rows before `down` (QAT's activation grid, model/layers.act)."""
   n_experts = gate.shape[0]
   combine = jnp.zeros((x.shape[0], n_experts), weights.dtype)
   combine = combine.at[jnp.arange(x.shape[0])[:, None], experts].add(weights)   # [N, E]
   h = jax.nn.silu(jnp.einsum('nd,edf->enf', x, gate)) * jnp.einsum('nd,edf->enf', x, up)
-  out = jnp.einsum('enf,efd->end', h, down)                                       # [E, N, D]
+  out = jnp.einsum('enf,efd->end', act(h), down)                                  # [E, N, D]
   y = jnp.einsum('end,ne->nd', out, combine.astype(out.dtype))
   return y, jnp.zeros((), jnp.int32)
 
@@ -79,16 +84,16 @@ def from_buffer(out, weights, flat, pos):
   return y, jnp.sum(~keep).astype(jnp.int32)
 
 
-def batched_experts(buf, gate, up, down):
+def batched_experts(buf, gate, up, down, act=_same):
   """buf [E, C, D] -> [E, C, D], one batched matmul per projection."""
   h = jax.nn.silu(jnp.einsum('ecd,edf->ecf', buf, gate)) * jnp.einsum('ecd,edf->ecf', buf, up)
-  return jnp.einsum('ecf,efd->ecd', h, down)
+  return jnp.einsum('ecf,efd->ecd', act(h), down)
 
 
-def sorted_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0):
+def sorted_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same):
   cap = capacity(x.shape[0], experts.shape[1], gate.shape[0], capacity_factor)
   buf, flat, pos = to_buffer(x, experts, gate.shape[0], cap)
-  return from_buffer(batched_experts(buf, gate, up, down), weights, flat, pos)
+  return from_buffer(batched_experts(buf, gate, up, down, act), weights, flat, pos)
 
 
 def slots(experts, n_experts: int, cap: int):
@@ -159,18 +164,18 @@ def _combine_bwd(res, g):
 _combine_rows.defvjp(_combine_fwd, _combine_bwd)
 
 
-def gather_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0):
+def gather_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same):
   """`sorted_capacity` with gathers only for row data (see the module docstring)."""
   n_experts = gate.shape[0]
   cap = capacity(x.shape[0], experts.shape[1], n_experts, capacity_factor)
   src, dst = slots(experts, n_experts, cap)
   buf = _dispatch_rows(x, src, dst).reshape(n_experts, cap, -1)
-  out = batched_experts(buf, gate, up, down).reshape(n_experts * cap, -1)
+  out = batched_experts(buf, gate, up, down, act).reshape(n_experts * cap, -1)
   y = _combine_rows(out, weights, src, dst)
   return y, jnp.sum(dst == n_experts * cap).astype(jnp.int32)
 
 
-def ragged(x, weights, experts, gate, up, down):
+def ragged(x, weights, experts, gate, up, down, act=_same):
   """Dropless grouped matmul with jax.lax.ragged_dot."""
   n, k = experts.shape
   flat = experts.reshape(-1)
@@ -178,13 +183,13 @@ def ragged(x, weights, experts, gate, up, down):
   xs = x[order // k]                                             # [N*k, D] grouped by expert
   sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
   h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
-  out = jax.lax.ragged_dot(h, down, sizes)
+  out = jax.lax.ragged_dot(act(h), down, sizes)
   unsorted = jnp.zeros_like(out).at[order].set(out)
   y = (unsorted.reshape(n, k, -1) * weights[..., None].astype(out.dtype)).sum(1)
   return y, jnp.zeros((), jnp.int32)
 
 
-def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0):
+def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same):
   """`gather` with the experts split over the ambient mesh's 'expert' axis.
 
   x: [N, D] split over the token axes; gate/up/down split over 'expert' on E and over
@@ -208,7 +213,7 @@ def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0):
     buf = jax.lax.all_to_all(buf, 'expert', 0, 0)                # [src, E/n, C, D]
     h = (jax.nn.silu(jnp.einsum('secd,edf->secf', buf, gate))
          * jnp.einsum('secd,edf->secf', buf, up))
-    out = jnp.einsum('secf,efd->secd', h, down)
+    out = jnp.einsum('secf,efd->secd', act(h), down)
     if tensor:
       out = jax.lax.psum(out, tensor)                            # F was split over 'tensor'
     out = jax.lax.all_to_all(out, 'expert', 0, 0).reshape(n_experts * cap, -1)
@@ -231,21 +236,23 @@ def can_expert_parallel(n_tokens: int, n_experts: int) -> bool:
   return n_experts % mesh.shape['expert'] == 0 and n_tokens % n_tok == 0
 
 
-def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_factor: float):
-  """Dispatches to one of the implementations above; returns (y [N, D], dropped)."""
+def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_factor: float,
+                act=_same):
+  """Dispatches to one of the implementations above; returns (y [N, D], dropped).
+  act(h) is applied to each expert's hidden rows before `down`."""
   if can_expert_parallel(x.shape[0], gate.shape[0]):
-    return expert_parallel(x, weights, experts, gate, up, down, capacity_factor)
+    return expert_parallel(x, weights, experts, gate, up, down, capacity_factor, act)
   if method == 'auto':
     # bench/README.md (bench/moe_dispatch.py): `gather` was the fastest of ours at every
     # shape on an H200, with or without a capacity, and on CPU at the tiny preset's shape.
     # TPU is unmeasured: it keeps `sorted`.
     method = 'gather' if jax.default_backend() in ('gpu', 'cpu') else 'sorted'
   if method == 'dense':
-    return dense(x, weights, experts, gate, up, down)
+    return dense(x, weights, experts, gate, up, down, act)
   if method == 'sorted':
-    return sorted_capacity(x, weights, experts, gate, up, down, capacity_factor)
+    return sorted_capacity(x, weights, experts, gate, up, down, capacity_factor, act)
   if method == 'gather':
-    return gather_capacity(x, weights, experts, gate, up, down, capacity_factor)
+    return gather_capacity(x, weights, experts, gate, up, down, capacity_factor, act)
   if method == 'ragged':
-    return ragged(x, weights, experts, gate, up, down)
+    return ragged(x, weights, experts, gate, up, down, act)
   raise ValueError(f'unknown MoE dispatch {method!r}')

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mobilemoe_jax.model.layers import MLP, add_quant_scale, kernel, param
+from mobilemoe_jax.model.layers import MLP, act, add_quant_scale, kernel, param
 from mobilemoe_jax.moe import dispatch, routing
 
 
@@ -49,10 +49,12 @@ class MoE(nnx.Module):
     weights, experts, scores = routing.route(
         logits, top_k=m.top_k, score_func=m.score_func, norm_topk_prob=m.norm_topk_prob,
         routed_scale=m.routed_scale, bias=bias)
+    # Experts see int8 inputs in the .tflite (when quant.activations is set); the float
+    # router does not.
     y, dropped = dispatch.run_experts(
-        flat, weights.astype(dt), experts, kernel(self, 'gate', qc, dt, n_batch=1),
+        act(flat, qc), weights.astype(dt), experts, kernel(self, 'gate', qc, dt, n_batch=1),
         kernel(self, 'up', qc, dt, n_batch=1), kernel(self, 'down', qc, dt, n_batch=1),
-        method=m.dispatch, capacity_factor=m.capacity_factor)
+        method=m.dispatch, capacity_factor=m.capacity_factor, act=lambda h: act(h, qc))
     y = y.reshape(b, t, d)
     if self.shared is not None:
       y = y + self.shared(x)

@@ -15,9 +15,18 @@ Layout: `in_axis` names the input (reduction) dimension. TFLite FC weights are [
 (in_axis=-1, the default); our Flax kernels are [in, out] (in_axis=-2 or 0). Scales keep the
 weight's rank with the input axis shrunk to in/G groups (1 for channel-wise).
 
-Activations: int8 dynamic per-token (per row), symmetric: the delegate's int8 mode does
-exactly this. XNNPACK's stock dynamic FCs quantize rows asymmetrically (with a zero point),
-so against stock LiteRT this grid is a close model, not a bit-exact one.
+Activations (measured, not assumed: tests/test_quant_grid.py runs one INT4/INT8 FC through
+ai-edge-litert 2.3 and inverts it): the .tflite's FCs quantize their input at run time, one
+row (= token) at a time, on one of two int8 grids:
+- 'int8_dynamic' (stock LiteRT: XNNPACK's qd8 kernels, which the default interpreter uses for
+  every INT4 block-32, INT4 channel-wise and INT8 FC): asymmetric with a zero point.
+    rmin = min(row, 0), rmax = max(row, 0), inv = 255 / (rmax - rmin)   (1 if rmin == rmax)
+    zp = round_half_even(clip(-128 - rmin * inv, -128, 127))      (XNNPACK's "nudged" form)
+    q = clip(round_half_even(x * inv) + zp, -128, 127),  x ~= (q - zp) / inv
+  Bit-exact with the kernel's integers on 51,200 probed values (fp32 arithmetic as here).
+- 'int8_dynamic_sym': symmetric, q = round_half_even(x * 127 / amax) in [-127, 127]: our
+  delegate's int8 mode (MobileMoeBlock experts), and TFLite's builtin kernels without
+  XNNPACK for channel-wise weights (FC option asymmetric_quantize_inputs = False).
 """
 from typing import NamedTuple
 
@@ -153,6 +162,38 @@ def quantize_act_int8(x):
 def fake_quant_act_int8(x):
   q, s = quantize_act_int8(x)
   return (q.astype(s.dtype) * s).astype(x.dtype)
+
+
+def quantize_act_int8_asym(x):
+  """XNNPACK's dynamic per-row int8 (qd8): x [..., D] -> (q int8, zero point [..., 1],
+  inv [..., 1]) with x ~= (q - zp) / inv. See the module docstring."""
+  xp, f32 = _xp(x), np.float32
+  x = x.astype(f32)
+  rmin = xp.minimum(xp.min(x, axis=-1, keepdims=True), f32(0))
+  rmax = xp.maximum(xp.max(x, axis=-1, keepdims=True), f32(0))
+  span = rmax - rmin
+  inv = xp.where(span > 0, _div(span * 0 + f32(255), xp.where(span > 0, span, f32(1))), f32(1))
+  # XNNPACK picks the zero point from the end with the smaller rounding error; in fp32 the
+  # two candidates can differ by an ulp, so the same rule is followed.
+  from_min, from_max = f32(-128) - rmin * inv, f32(127) - rmax * inv
+  zp = xp.where((f32(-128) + rmin * inv) + (f32(127) + rmax * inv) > 0, from_min, from_max)
+  zp = xp.round(xp.clip(zp, -128, 127))
+  q = xp.clip(xp.round(x * inv) + zp, -128, 127)
+  return q.astype(xp.int8), zp, inv
+
+
+ACTIVATIONS = ('int8_dynamic', 'int8_dynamic_sym')
+
+
+def fake_quant_act(x, scheme='int8_dynamic'):
+  """x [..., D] float -> the values an FC of the .tflite multiplies with (see ACTIVATIONS),
+  in x's dtype, computed in fp32. No STE here (model/layers.py adds it)."""
+  if scheme == 'int8_dynamic_sym':
+    return fake_quant_act_int8(x)
+  if scheme != 'int8_dynamic':
+    raise ValueError(f'unknown activation quantization {scheme!r}; known: {ACTIVATIONS}')
+  q, zp, inv = quantize_act_int8_asym(x)
+  return ((q.astype(inv.dtype) - zp) * _div(inv * 0 + 1, inv)).astype(x.dtype)
 
 
 def pack_int4(q):
