@@ -61,11 +61,14 @@ def constant_tensors(model):
   seen = set()
   for sg in model.subgraphs:
     for t in sg.tensors:
-      if t.buffer and t.buffer not in seen and (
-          (model.buffers[t.buffer].data is not None and len(model.buffers[t.buffer].data))
-          or model.buffers[t.buffer].offset > 1):
+      if t.buffer not in seen and _has_data(model, t.buffer):
         seen.add(t.buffer)
         yield sg, t
+
+
+def _has_data(model, index: int) -> bool:
+  b = model.buffers[index]
+  return bool(index) and ((b.data is not None and len(b.data) > 0) or b.offset > 1)
 
 
 def weight_bytes_by_type(model, raw) -> dict:
@@ -99,6 +102,60 @@ def op_names(model) -> list:
     else:
       names.add(ops.get(code, str(code)))
   return sorted(names)
+
+
+def quantized_constants(model):
+  """Yields (subgraph, tensor) for every INT4/INT8 constant with quantization parameters,
+  in every subgraph (per-channel scales live in each tensor's table, once per signature)."""
+  for sg in model.subgraphs:
+    for t in sg.tensors:
+      if t.type in (T.INT4, T.INT8) and t.quantization is not None and _has_data(model, t.buffer):
+        yield sg, t
+
+
+def write_weight(raw: bytearray, model, sg, tensor, q, scales):
+  """Overwrites, in place in `raw` (the file's bytes, parsed as `model`), a quantized
+  constant's integers q [shape] and its scales (block-wise [out, in/block] stored fp16, or
+  per-channel [out] f32). Same shapes, dtypes and sizes: a byte patch, the layout is kept."""
+  q = np.asarray(q).reshape(-1)
+  if tensor.type == T.INT4:
+    from mobilemoe_jax.quant import grid
+    data = grid.pack_int4(np.concatenate([q, np.zeros(len(q) % 2, q.dtype)]))
+  else:
+    data = q.astype(np.int8).view(np.uint8)
+  _buffer_view(raw, model, tensor.buffer)[:] = _same_size(data, _buffer_view(raw, model, tensor.buffer))
+  scales = np.asarray(scales, np.float32).reshape(-1)
+  quant = tensor.quantization
+  if quant.detailsType == schema.QuantizationDetails.BlockwiseQuantization:
+    stored = scales.astype(np.float16)
+    if not np.array_equal(stored.astype(np.float32), scales):
+      raise ValueError(f'{_name(tensor)}: block-wise scales must be fp16 values (the file stores fp16)')
+    view = _buffer_view(raw, model, sg.tensors[quant.details.scales].buffer)
+    view[:] = _same_size(stored.view(np.uint8), view)
+  else:
+    root = schema.Model.GetRootAs(raw, 0)
+    sg_i = next(i for i, g in enumerate(model.subgraphs) if g is sg)
+    t_i = next(i for i, t in enumerate(sg.tensors) if t is tensor)
+    view = root.Subgraphs(sg_i).Tensors(t_i).Quantization().ScaleAsNumpy()
+    view[:] = _same_size(scales, view)
+
+
+def _buffer_view(raw: bytearray, model, index: int) -> np.ndarray:
+  """A writable uint8 view of buffer `index` inside raw."""
+  b = model.buffers[index]
+  if b.offset > 1:
+    return np.frombuffer(raw, np.uint8, b.size, b.offset)
+  return schema.Model.GetRootAs(raw, 0).Buffers(index).DataAsNumpy()
+
+
+def _same_size(new, old):
+  if new.nbytes != old.nbytes:
+    raise ValueError(f'byte patch of {old.nbytes} bytes got {new.nbytes}: shapes differ')
+  return new
+
+
+def _name(tensor) -> str:
+  return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
 
 
 def save(model, path=None) -> bytes:

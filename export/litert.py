@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from export import flatbuf
@@ -22,6 +23,11 @@ QUANTS = ('int4_g32', 'int4_channel', 'int8', 'fp32')
 # 'auto': the FC scheme, so a tied embedding is stored once for the gather and the lm_head.
 EMBEDDINGS = ('auto', 'int4_g32', 'int4', 'int8', 'fp32')
 _AUTO_EMBEDDING = {'int4_g32': 'int4_g32', 'int4_channel': 'int4', 'int8': 'int8', 'fp32': 'fp32'}
+# The quant.grid scheme each choice writes (None: float).
+FC_SCHEMES = {'int4_g32': 'int4_g32', 'int4_channel': 'int4_channel', 'int8': 'int8_channel',
+              'fp32': None}
+EMBEDDING_SCHEMES = {'int8': 'int8_channel', 'int4': 'int4_channel', 'int4_g32': 'int4_g32',
+                     'fp32': None}
 
 
 class Exportable(torch.nn.Module):
@@ -141,7 +147,81 @@ def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='por
     fp32 = os.path.join(tmp, 'fp32.tflite')
     convert_fp32(model, fp32, prefill_lens, kv_len, log)
     quantize(fp32, out_path, quant, embedding, model.cfg, log)
-  return report(out_path)
+  exact = write_grid(out_path, model, quant, embedding, log)
+  return dict(report(out_path), exact_grid=exact)
+
+
+def _schemes(quant: str, embedding: str):
+  """(FC scheme, embedding scheme) as quant.grid Schemes (None: float)."""
+  from mobilemoe_jax.quant import grid
+  embedding = _AUTO_EMBEDDING[quant] if embedding == 'auto' else embedding
+  get = lambda s: None if s is None else grid.get_scheme(s)
+  return get(FC_SCHEMES[quant]), get(EMBEDDING_SCHEMES[embedding])
+
+
+def write_grid(path: str, model, quant: str, embedding: str, log=print) -> dict:
+  """Overwrites the integers and scales ai-edge-quantizer computed (max-abs, from the float
+  weights) with the QAT checkpoint's own (`module.grid`, see torch_model.from_flax) wherever
+  the file uses the checkpoint's scheme, in place. Learned (LSQ) scales and their integers
+  then reach the file exactly; for max-abs checkpoints nothing changes (checked).
+
+  The quantizer's tensor of a weight is found by content: it is bit-exact with
+  quant.grid.quantize of the float weight (tests/test_quant_grid.py). Every weight on the
+  file's scheme must be found, or this raises."""
+  from export import torch_model
+  from mobilemoe_jax.quant import grid
+  fc, emb = _schemes(quant, embedding)
+  tied = model.head is None
+  delegate = [f'{n}.' for n, m in model.named_modules()
+              if isinstance(m, torch_model.MoE) and m.lowering == 'delegate']
+  targets, expected = {}, set()
+  for name, g in torch_model.grids(model).items():
+    if any(name.startswith(p) for p in delegate):
+      continue                       # inside the MobileMoeBlock op: moe_op packs these
+    scheme = grid.get_scheme(g.scheme)
+    if scheme not in ((emb, fc if tied else None) if name == 'embed.weight' else (fc,)):
+      continue                       # the file uses another grid for it: left to the quantizer
+    expected.add(name)
+    w = model.get_parameter(name).detach().numpy()
+    q, s = grid.quantize(w, scheme)
+    key = (scheme, q.shape, q.tobytes(), s.tobytes())
+    if key in targets and not _same_grid(targets[key][1], g):
+      raise ValueError(f'{name} and {targets[key][0]} quantize to the same tensor but carry '
+                       'different integers: cannot tell their tensors apart')
+    targets[key] = (name, g)
+  if not targets:
+    return {'weights': 0, 'tensors': 0, 'changed': 0}
+  model_fb, raw = flatbuf.load(path)
+  raw = bytearray(raw)
+  found, changed, tensors = set(), set(), 0
+  for sg, t in flatbuf.quantized_constants(model_fb):
+    q = flatbuf.tensor_value(model_fb, raw, t)
+    s, _, block = flatbuf.weight_quant(model_fb, raw, sg, t)
+    scheme = grid.Scheme(4 if t.type == flatbuf.T.INT4 else 8, block)
+    hit = targets.get((scheme, q.shape, q.tobytes(), s.reshape(q.shape[0], -1).tobytes()))
+    if hit is None:
+      continue
+    name, g = hit
+    if not (np.isfinite(g.scales).all() and (g.scales > 0).all()):
+      raise ValueError(f'{name}: its scales must be positive and finite to be stored')
+    flatbuf.write_weight(raw, model_fb, sg, t, g.q, g.scales)
+    found.add(name)
+    tensors += 1
+    if not _same_grid(g, torch_model.Grid(q, s.reshape(g.scales.shape), g.scheme)):
+      changed.add(name)
+  missing = sorted(expected - found)
+  if missing:
+    raise RuntimeError(f'{path}: no quantized tensor found for {missing[:5]}: the quantizer '
+                       'did not write our grid, so the exact integers cannot be placed')
+  with open(path, 'wb') as f:
+    f.write(raw)
+  log(f'[export] wrote the checkpoint\'s exact integers and scales of {len(found)} weights '
+      f'({tensors} tensors; {len(changed)} weights differed from the max-abs grid)')
+  return {'weights': len(found), 'tensors': tensors, 'changed': len(changed)}
+
+
+def _same_grid(a, b) -> bool:
+  return np.array_equal(a.q, b.q) and np.array_equal(a.scales, b.scales)
 
 
 def report(path: str) -> dict:
@@ -186,22 +266,24 @@ def fake_quant(model, quant: str, embedding: str):
   stay float (the .tflite quantizes them dynamically on top)."""
   import copy
   from mobilemoe_jax.quant import grid
-  schemes = {'int4_g32': 'int4_g32', 'int4_channel': 'int4_channel', 'int8': 'int8_channel',
-             'fp32': None}
-  emb_schemes = {'int8': 'int8_channel', 'int4': 'int4_channel', 'int4_g32': 'int4_g32',
-                 'fp32': None}
-  embedding = _AUTO_EMBEDDING[quant] if embedding == 'auto' else embedding
-  fc, emb = schemes[quant], emb_schemes[embedding]
-  fq = lambda w, s: w if s is None else torch.from_numpy(grid.fake_quant(w.detach().numpy(), s))
+  fc, emb = _schemes(quant, embedding)
+
+  def fq(mod, scheme):
+    exact = getattr(mod, 'grid', None)
+    if scheme is None or (exact is not None and grid.get_scheme(exact.scheme) == scheme):
+      return mod.weight       # float, or already its checkpoint's grid values (write_grid)
+    return torch.from_numpy(grid.fake_quant(mod.weight.detach().numpy(), scheme))
+
   m = copy.deepcopy(model)
   with torch.no_grad():
     if m.head is None:
       m.head = torch.nn.Linear(m.cfg['d_model'], m.cfg['vocab_size'], bias=False)
       m.head.weight.copy_(m.embed.weight)
+      m.head.grid = getattr(m.embed, 'grid', None)
     for name, mod in m.named_modules():
       if isinstance(mod, torch.nn.Linear) and not name.endswith('router'):
-        mod.weight.copy_(fq(mod.weight, fc))
-    m.embed.weight.copy_(fq(m.embed.weight, emb))
+        mod.weight.copy_(fq(mod, fc))
+    m.embed.weight.copy_(fq(m.embed, emb))
   return m
 
 

@@ -9,7 +9,8 @@ Inputs and flexbuffer options follow export/delegate's contract (delegate.cc Che
   group_size, score_func, norm_topk_prob, routed_scale, act='silu'.
 
 The integers and scales come from quant.grid (block-wise, G=group_size), i.e. the grid the
-rest of the exported model uses. litert-torch emits the op through a torch custom op with a
+rest of the exported model uses; a QAT checkpoint's own integers and scales (learned ones
+included) are packed unchanged when it was trained on that grid. litert-torch emits the op through a torch custom op with a
 lowering to `tfl.custom` (the way litert-torch's own `moe` op is emitted); in PyTorch the op
 runs a dequantized reference so the module stays testable.
 """
@@ -33,6 +34,18 @@ def pack(w, group_size):
   return grid.pack_int4(q), s.astype(np.float32)
 
 
+def pack_modules(mods, group_size: int, combine):
+  """Packs Linear modules' weights joined by `combine` (a list of [out, in] arrays -> the
+  op's layout; applied to integers and scales alike). A QAT checkpoint's modules carry their
+  exact integers and scales (`module.grid`, torch_model.from_flax): those are packed as they
+  are when they are block-`group_size` INT4, otherwise the weights get the max-abs grid."""
+  exact = [getattr(m, 'grid', None) for m in mods]
+  if all(g is not None and grid.get_scheme(g.scheme) == grid.Scheme(4, group_size) for g in exact):
+    return (grid.pack_int4(combine([g.q for g in exact])),
+            combine([g.scales for g in exact]).astype(np.float32))
+  return pack(combine([m.weight.detach().float().numpy() for m in mods]), group_size)
+
+
 def unpack(packed, scales):
   """Inverse of pack: the dequantized f32 weight."""
   return grid.dequantize(grid.unpack_int4(packed), scales)
@@ -54,13 +67,14 @@ def moe_tensors(moe, group_size: int):
   np_ = lambda t: t.detach().float().numpy()
   w = {'router_w': np_(moe.router.weight),
        'router_bias': np_(moe.expert_bias) if moe.expert_bias is not None else np.zeros(e, np.float32)}
-  w['gate_up_q'], w['gate_up_s'] = pack(np_(moe.gate_up.weight).reshape(e, 2 * f, d), group_size)
-  w['down_q'], w['down_s'] = pack(np.stack([np_(l.weight) for l in moe.down]), group_size)
+  w['gate_up_q'], w['gate_up_s'] = pack_modules(
+      [moe.gate_up], group_size, lambda a: a[0].reshape(e, 2 * f, -1))
+  w['down_q'], w['down_s'] = pack_modules(list(moe.down), group_size, np.stack)
   if fs:
     sh = moe.shared
-    w['shared_gate_up_q'], w['shared_gate_up_s'] = pack(
-        np.concatenate([np_(sh.gate.weight), np_(sh.up.weight)]), group_size)
-    w['shared_down_q'], w['shared_down_s'] = pack(np_(sh.down.weight), group_size)
+    w['shared_gate_up_q'], w['shared_gate_up_s'] = pack_modules([sh.gate, sh.up], group_size,
+                                                                np.concatenate)
+    w['shared_down_q'], w['shared_down_s'] = pack_modules([sh.down], group_size, lambda a: a[0])
   options = {'num_experts': e, 'top_k': m['top_k'], 'd_model': d, 'd_expert': f,
              'd_shared': fs, 'group_size': group_size, 'score_func': m['score_func'],
              'norm_topk_prob': bool(m['norm_topk_prob']),

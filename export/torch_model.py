@@ -15,6 +15,7 @@ KV cache updated with dynamic_update_slice, and the routed experts either as
 import json
 import math
 import os
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
@@ -25,6 +26,7 @@ from torch import nn
 from mobilemoe_jax import config as config_lib
 
 FORMAT = 'mobilemoe-torch'
+GRID_FILE = 'quant_grid.safetensors'   # a QAT model's exact integers and scales
 
 
 class ConfigMismatch(ValueError):
@@ -95,11 +97,21 @@ def update_cache(cache, new, pos0):
   return dynamic_update_slice(cache, new, [zero, pos0.reshape([]), zero, zero])
 
 
+def int8_qdq(x):
+  """x [..., Dh] through the int8 KV-cache grid and back (quant.grid.quantize_act_int8:
+  symmetric, one scale per token and head), with the same fp32 operations."""
+  amax = x.abs().amax(-1, keepdim=True)
+  inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax)),
+                    torch.zeros_like(amax))
+  return torch.clamp(torch.round(x * inv), -127, 127) * (amax / 127.0)
+
+
 class Attention(nn.Module):
   def __init__(self, cfg, window):
     super().__init__()
     d, h, kv, dh = cfg['d_model'], cfg['n_heads'], cfg['n_kv_heads'], cfg['head_dim']
     self.h, self.kv, self.dh, self.window = h, kv, dh, window
+    self.kv_int8 = (cfg.get('quant') or {}).get('kv_cache') == 'int8'
     self.q = nn.Linear(d, h * dh, bias=False)
     self.k = nn.Linear(d, kv * dh, bias=False)
     self.v = nn.Linear(d, kv * dh, bias=False)
@@ -112,6 +124,8 @@ class Attention(nn.Module):
     q = apply_rope(self.q(x).view(b, t, self.h, self.dh), cos, sin)
     k = apply_rope(self.k(x).view(b, t, self.kv, self.dh), cos, sin)
     v = self.v(x).view(b, t, self.kv, self.dh)
+    if self.kv_int8:   # the values an int8 cache returns; the cache tensors themselves stay f32
+      k, v = int8_qdq(k), int8_qdq(v)
     if cache is None:
       k_pos = pos
     else:
@@ -125,11 +139,12 @@ class Attention(nn.Module):
     if self.window:
       visible = visible & (diff < self.window)
     rep = self.h // self.kv                      # query head i reads kv head i // rep
-    k = k.repeat_interleave(rep, dim=2)
-    v = v.repeat_interleave(rep, dim=2)
-    scores = torch.einsum('bthd,bshd->bhts', q, k) / math.sqrt(self.dh)
+    # Query heads grouped per KV head [B, T, K, rep, Dh]: no repeated copy of the cache
+    # (in LiteRT that copy was a reference BROADCAST_TO per layer, ~60% of a decode step).
+    q = q.view(b, t, self.kv, rep, self.dh)
+    scores = torch.einsum('btgrd,bsgd->bgrts', q, k) / math.sqrt(self.dh)
     scores = scores.masked_fill(~visible, float('-inf'))
-    y = torch.einsum('bhts,bshd->bthd', scores.softmax(-1), v)
+    y = torch.einsum('bgrts,bsgd->btgrd', scores.softmax(-1), v)
     return self.o(y.reshape(b, t, self.h * self.dh)), cache
 
 
@@ -263,12 +278,6 @@ def convert_flax(params: dict, cfg: dict) -> dict:
   naming the first missing, unexpected or mis-shaped tensor."""
   d, h, kv, dh = cfg['d_model'], cfg['n_heads'], cfg['n_kv_heads'], cfg['head_dim']
   m = cfg['moe']
-  if (cfg.get('quant') or {}).get('learnable_scale'):
-    # ai-edge-quantizer recomputes max-abs scales from the weights it is given, so learned
-    # (LSQ) scales would not survive into the .tflite: refuse rather than export silently
-    # different integers.
-    raise ConfigMismatch('checkpoint trained with quant.learnable_scale (LSQ): the exporter '
-                         'writes max-abs scales and cannot keep learned ones yet')
   used, out = set(), {}
 
   def get(name, shape):
@@ -321,11 +330,69 @@ def convert_flax(params: dict, cfg: dict) -> dict:
   return {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in out.items()}
 
 
+class Grid(NamedTuple):
+  """One weight's integers and scales from a QAT checkpoint, in this module's [out, in]
+  layout: exactly what the checkpoint's fake-quant forward computed with."""
+  q: np.ndarray         # int8 [out, in]
+  scales: np.ndarray    # float32 [out, in / G] (G = in for channel-wise)
+  scheme: str           # its quant.grid scheme, e.g. 'int4_g32'
+
+
 def from_flax(model_or_state, model_cfg) -> MobileMoE:
+  """A QAT model (quant.weights set) converts to the weights its forward computes with: each
+  quantized weight holds its dequantized integers, and the integers and scales themselves
+  ride along as `module.grid` (the exporter writes them into the .tflite unchanged)."""
   cfg = config_dict(model_cfg)
   model = MobileMoE(cfg)
-  model.load_state_dict(convert_flax(flax_params(model_or_state), cfg))
+  params = flax_params(model_or_state)
+  if not cfg['quant']['weights']:
+    model.load_state_dict(convert_flax(params, cfg))
+    return model.eval()
+  from flax import nnx
+  from mobilemoe_jax.quant import extract, grid
+  if not isinstance(model_or_state, nnx.Module) or model_or_state.cfg.quant.to_dict() != cfg['quant']:
+    raise ConfigMismatch('a QAT config (quant.weights set) converts from the nnx model built '
+                         'with that same quant config, not from a bare state or another config')
+  params = {k: v for k, v in params.items() if not k.endswith('_scale')}   # learned scales
+  deq, ints, scales = {}, {}, {}
+  for path, e in extract.integer_weights(model_or_state).items():
+    name = '.'.join(map(str, path))
+    q, s = np.asarray(e['q']), np.asarray(e['scales'], np.float32)
+    fold = (lambda a: a.T) if e.get('transposed') else (lambda a, shape=e['shape']: a.reshape(shape))
+    deq[name] = fold(grid.dequantize(q, s, in_axis=-2))
+    ints[name] = fold(q.astype(np.float32))
+    # Each group's scale repeated over its inputs, so the layout change below moves it along.
+    scales[name] = fold(np.repeat(s, q.shape[-2] // s.shape[-2], axis=-2))
+  model.load_state_dict(convert_flax({**params, **deq}, cfg))
+  ints, scales = convert_flax({**params, **ints}, cfg), convert_flax({**params, **scales}, cfg)
+  for name in grid_names(model):
+    scheme = cfg['quant']['embedding'] if name == 'embed.weight' else cfg['quant']['weights']
+    k = ints[name].shape[1]
+    group = grid.get_scheme(scheme).group or k
+    set_grid(model, name, Grid(ints[name].numpy().astype(np.int8),
+                               np.ascontiguousarray(scales[name].numpy()[:, ::group]), scheme))
   return model.eval()
+
+
+def grid_names(model: MobileMoE) -> list:
+  """The weights the .tflite stores as integers: every Linear but the routers, and the
+  embedding (which a tied lm_head shares)."""
+  return [f'{n}.weight' for n, m in model.named_modules()
+          if isinstance(m, nn.Linear) and not n.endswith('router')] + ['embed.weight']
+
+
+def set_grid(model, name: str, g: Grid):
+  model.get_submodule(name.removesuffix('.weight')).grid = g
+
+
+def grids(model) -> dict:
+  """{state_dict name: Grid} of the weights that carry a QAT checkpoint's integers."""
+  out = {}
+  for name in grid_names(model):
+    g = getattr(model.get_submodule(name.removesuffix('.weight')), 'grid', None)
+    if g is not None:
+      out[name] = g
+  return out
 
 
 # ---- files ------------------------------------------------------------------------------
@@ -336,8 +403,14 @@ def save(model: MobileMoE, out_dir: str):
   os.makedirs(out_dir, exist_ok=True)
   save_file({k: v.contiguous() for k, v in model.state_dict().items()},
             os.path.join(out_dir, 'model.safetensors'))
+  meta = {'format': FORMAT, 'model': model.cfg}
+  exact = grids(model)
+  if exact:   # a QAT model's integers and scales (learned ones are not recomputable)
+    save_file({f'{n}.{part}': torch.from_numpy(getattr(g, part)) for n, g in exact.items()
+               for part in ('q', 'scales')}, os.path.join(out_dir, GRID_FILE))
+    meta['grid'] = {n: g.scheme for n, g in exact.items()}
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump({'format': FORMAT, 'model': model.cfg}, f, indent=2)
+    json.dump(meta, f, indent=2)
 
 
 def load(path: str) -> MobileMoE:
@@ -361,4 +434,8 @@ def load(path: str) -> MobileMoE:
     if v.shape != want[k].shape:
       raise ConfigMismatch(f'{k}: shape {tuple(v.shape)} != {tuple(want[k].shape)} from config.json')
   model.load_state_dict(tensors)
+  if meta.get('grid'):
+    exact = load_file(os.path.join(path, GRID_FILE))
+    for name, scheme in meta['grid'].items():
+      set_grid(model, name, Grid(exact[f'{name}.q'].numpy(), exact[f'{name}.scales'].numpy(), scheme))
   return model.eval()

@@ -60,6 +60,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   # The int8 grid the .tflite quantizes FC inputs to at run time (quant/grid.py), modelled
   # on every input of an integer-weight linear: None | 'int8_dynamic' | 'int8_dynamic_sym'
   c.quant.activations = ml_collections.config_dict.placeholder(str)
+  # KV cache on an int8 grid (quant/grid.py KV_CACHE): None | 'int8' (per token and head).
+  # Fake-quantized in training, stored as int8 + scales when decoding with the cache.
+  c.quant.kv_cache = ml_collections.config_dict.placeholder(str)
   c.update(overrides)
   return c
 
@@ -133,6 +136,10 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for f in ('weights', 'embedding'):
       _require(q[f] in grid.SCHEMES, f'model.quant.{f}',
                f'unknown scheme {q[f]!r}; known: {sorted(grid.SCHEMES)}')
+  if q.get('kv_cache') is not None:
+    from mobilemoe_jax.quant import grid
+    _require(q.kv_cache in grid.KV_CACHE, 'model.quant.kv_cache',
+             f'unknown KV-cache grid {q.kv_cache!r}; known: None, {", ".join(grid.KV_CACHE)}')
   if q.get('activations') is not None:
     from mobilemoe_jax.quant import grid
     _require(q.activations in grid.ACTIVATIONS, 'model.quant.activations',

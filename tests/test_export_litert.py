@@ -1,8 +1,10 @@
-"""The .tflite export: fp32 == PyTorch, prefill + decode == full forward, weights really INT4
-on our grid (read from the schema), and the delegate lowering (structure + the delegate).
+"""The .tflite export: fp32 == PyTorch == JAX, prefill + decode == full forward, weights
+really INT4 and exactly the checkpoint's integers and learned scales (read from the schema),
+and the delegate lowering (structure + the delegate).
 
-One small MoE model (a windowed dense layer, then a global MoE layer) is converted once per
-lowering; quantized variants are made from the fp32 flatbuffer, which is fast.
+One small MoE QAT model (a windowed dense layer, then a global MoE layer; LSQ scales, int8
+KV cache) is converted once per lowering; quantized variants are made from the fp32
+flatbuffer, which is fast.
 """
 import json
 
@@ -16,24 +18,39 @@ from export import flatbuf, litert, moe_op
 from export import torch_model as tm
 from export.runner import LiteRTLM
 from mobilemoe_jax.quant import grid
-from tests.test_export_torch import make
+from tests.test_export_torch import lsq_model, make
 
 KV_LEN = 96
 TOK = np.random.default_rng(1).integers(0, 2048, 88)      # past the 64-token window
 
 
 @pytest.fixture(scope='module')
-def small():
+def qat_model():
+  """A QAT checkpoint with learned (LSQ) scales moved off max-abs: the hardest case for an
+  exact export (ai-edge-quantizer alone would recompute max-abs scales); and an int8 KV
+  cache (its quantize-dequantize is in the graph, the cache tensors stay f32)."""
   cfg, m = make('moe')
   cfg.n_layers = 2
   cfg.sliding_window = 64
+  cfg.quant.kv_cache = 'int8'
   from flax import nnx
   from mobilemoe_jax.model import Transformer
   m = Transformer(cfg, rngs=nnx.Rngs(3))
   for b in m.blocks:
     if hasattr(b.ffn, 'router'):
       b.ffn.router[...] = b.ffn.router[...] * 30.0
-  return tm.from_flax(m, cfg)
+  return lsq_model(cfg, m)
+
+
+@pytest.fixture(scope='module')
+def small(qat_model):
+  """Its PyTorch twin: weights = the dequantized integers, the integers in `module.grid`."""
+  return tm.from_flax(qat_model[1], qat_model[0])
+
+
+@pytest.fixture(scope='module')
+def jax_logits(qat_model):
+  return np.asarray(qat_model[1](TOK[None])[0][0])
 
 
 @pytest.fixture(scope='module')
@@ -57,8 +74,9 @@ def run(path, n_prompt=70, delegate=None):
   return np.concatenate(out)
 
 
-def test_fp32_equals_torch_and_cache_equals_full_forward(small, fp32_path):
+def test_fp32_equals_torch_and_cache_equals_full_forward(small, fp32_path, jax_logits):
   want = torch_logits(small)
+  np.testing.assert_allclose(want, jax_logits, atol=1e-4, rtol=0)   # the JAX QAT forward
   # Prefill-only, prefill+decode and decode-only all reproduce the full forward.
   for n_prompt in (88, 70, 1):
     np.testing.assert_allclose(run(fp32_path, n_prompt), want, atol=1e-4, rtol=0)
@@ -68,21 +86,28 @@ def test_fp32_equals_torch_and_cache_equals_full_forward(small, fp32_path):
 
 
 @pytest.mark.parametrize('quant,emb', [('int4_g32', 'auto'), ('int4_channel', 'int8')])
-def test_int4_weights_are_int4_on_our_grid(small, fp32_path, tmp_path, quant, emb):
+def test_int4_weights_are_int4_on_our_grid(small, fp32_path, tmp_path, quant, emb, jax_logits):
+  """The exported file holds the checkpoint's own integers and learned scales where it uses
+  the checkpoint's grid (int4_g32), and the max-abs grid of the weights elsewhere."""
   out = str(tmp_path / f'{quant}.tflite')
   litert.quantize(fp32_path, out, quant, emb, small.cfg, log=lambda _: None)
+  exact = litert.write_grid(out, small, quant, emb, log=lambda _: None)
   model, raw = flatbuf.load(out)
   scheme = grid.get_scheme(quant)
-  # Every FC weight but the router, and the (tied) lm_head, as we would quantize it.
+  # Every FC weight but the router, and the (tied) lm_head: (weight, the checkpoint's grid).
   ours = {}
   for name, mod in small.named_modules():
     if isinstance(mod, torch.nn.Linear) and not name.endswith('router'):
-      ours[name] = mod.weight.detach().numpy()
-  ours['lm_head'] = small.embed.weight.detach().numpy()
+      ours[name] = (mod.weight.detach().numpy(), mod.grid)
+  ours['lm_head'] = (small.embed.weight.detach().numpy(), small.embed.grid)
   expected = {}
-  for name, w in ours.items():
-    q, s = grid.quantize(w, scheme)
+  for name, (w, g) in ours.items():
+    q, s = (g.q, g.scales) if grid.get_scheme(g.scheme) == scheme else grid.quantize(w, scheme)
     expected[q.tobytes()] = (name, s)
+  if quant == 'int4_g32':   # every weight placed; all but the embedding's scales are learned
+    assert exact['weights'] == len(ours) and exact['changed'] == len(ours) - 1
+  else:
+    assert exact['weights'] == 0
   n_fc, n_int4 = 0, 0
   for sg in model.subgraphs[:1]:
     for op in sg.operators:
@@ -104,7 +129,7 @@ def test_int4_weights_are_int4_on_our_grid(small, fp32_path, tmp_path, quant, em
   assert n_int4 >= len(ours) - 1 and n_fc > n_int4
   rep = litert.report(out)
   # All those weights are stored at half a byte each (read from the schema).
-  assert rep['weight_bytes']['INT4'] >= sum(w.size for w in ours.values()) // 2
+  assert rep['weight_bytes']['INT4'] >= sum(w.size for w, _ in ours.values()) // 2
   assert rep['int4_fraction'] > 0.4
   # And the model still computes the fake-quantized network (dynamic int8 activations on top).
   ref = torch_logits(litert.fake_quant(small, quant, emb))
@@ -112,6 +137,10 @@ def test_int4_weights_are_int4_on_our_grid(small, fp32_path, tmp_path, quant, em
   err = np.abs(got - ref).max() / np.abs(ref).max()
   assert err < 0.05, err
   assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+  if quant == 'int4_g32':   # the checkpoint's grid: the JAX QAT forward itself
+    err = np.abs(got - jax_logits).max() / np.abs(jax_logits).max()
+    assert err < 0.05, err
+    assert (got.argmax(-1) == jax_logits.argmax(-1)).mean() >= 0.9
 
 
 def test_int8_and_embedding(small, fp32_path, tmp_path):
@@ -156,16 +185,15 @@ def test_delegate_op_structure(small, delegate_dir):
   e, f, d = m['n_experts'], m['d_expert'], small.cfg['d_model']
   assert ws['gate_up_q'].shape == (e, 2 * f, d // 2) and ws['gate_up_s'].shape == (e, 2 * f, d // 32)
   assert ws['down_q'].shape == (e, d, f // 2) and ws['down_s'].shape == (e, d, f // 32)
-  # Packed tensors decode back to the grid values of the weights.
-  gu = moe.gate_up.weight.detach().numpy().reshape(e, 2 * f, d)
-  np.testing.assert_array_equal(moe_op.unpack(ws['gate_up_q'], ws['gate_up_s']), grid.fake_quant(gu))
-  gate0 = moe.gate_up.weight.detach().numpy()[:f]        # expert 0's gate rows come first
-  assert np.abs(moe_op.unpack(ws['gate_up_q'], ws['gate_up_s'])[0, :f] - gate0).max() < 0.02
+  # Packed tensors hold the checkpoint's own integers and learned scales (through the saved
+  # PyTorch dir): they decode to the weights exactly (the weights are those dequantized
+  # integers), and the scales are not the max-abs ones the weights would give.
+  gu = moe.gate_up.weight.detach().numpy().reshape(e, 2 * f, d)   # expert-major, gate rows first
   down = np.stack([l.weight.detach().numpy() for l in moe.down])
-  np.testing.assert_array_equal(moe_op.unpack(ws['down_q'], ws['down_s']), grid.fake_quant(down))
   sh = np.concatenate([moe.shared.gate.weight.detach().numpy(), moe.shared.up.weight.detach().numpy()])
-  np.testing.assert_array_equal(moe_op.unpack(ws['shared_gate_up_q'], ws['shared_gate_up_s']),
-                                grid.fake_quant(sh))
+  for slot, w in (('gate_up', gu), ('down', down), ('shared_gate_up', sh)):
+    np.testing.assert_array_equal(moe_op.unpack(ws[f'{slot}_q'], ws[f'{slot}_s']), w)
+    assert not np.array_equal(ws[f'{slot}_s'], grid.quantize(w)[1])
   np.testing.assert_array_equal(ws['router_w'], moe.router.weight.detach().numpy())
   # The report counts the op's packed bytes as INT4 (the rest of this model is fp32).
   rep = litert.report(delegate_dir)

@@ -172,3 +172,37 @@ def test_lsq_qat_trains_from_a_float_checkpoint(tmp_path):
     assert np.abs(a / b - 1).max() < 0.05, path              # ... from the loaded weights' max-abs
     assert np.abs(c / b - 1).max() > 0.2, path               # (not from the random init)
 
+
+
+# ------------------------------------------------------------------ int8 KV cache
+
+
+def test_int8_kv_cache_decode_equals_full_forward():
+  """With model.quant.kv_cache='int8' the decode cache really holds int8 (+ a scale per token
+  and head), and prefill + decode computes what the full forward computes under the same
+  fake quantization of K and V."""
+  from mobilemoe_jax.config import ConfigError
+  from mobilemoe_jax.model.generate import decode_step, prefill
+  from mobilemoe_jax.model.transformer import init_cache
+  cfg = tiny.get_config('moe').model
+  cfg.update(dict(n_layers=2, vocab_size=64, d_model=64, dtype='float32', sliding_window=8))
+  float_model = Transformer(cfg, rngs=nnx.Rngs(0))
+  cfg = cfg.copy_and_resolve_references()        # (the float model keeps its own config)
+  cfg.quant.kv_cache = 'int8'
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.randint(jax.random.key(2), (2, 14), 0, 64)
+  full = model(x)[0]
+  assert np.abs(full - float_model(x)[0]).max() > 1e-3        # the grid acts on K and V
+  cache = init_cache(cfg, 2, 16, jnp.float32)
+  assert cache['layers'][0]['k'].dtype == jnp.int8 and cache['layers'][0]['k_scale'].shape == (2, 16, 2, 1)
+  first, cache = prefill(model, x[:, :5], jnp.full((2,), 5), cache)
+  steps = [first]
+  for t in range(5, 13):                                       # past the window of 8
+    out, cache = decode_step(model, x[:, t], cache)
+    steps.append(out)
+  np.testing.assert_allclose(jnp.stack(steps, 1), full[:, 4:13], atol=2e-5, rtol=0)
+  k = np.asarray(cache['layers'][1]['k'])
+  assert np.abs(k).max() == 127 and k.dtype == np.int8         # each row's max maps to 127
+  cfg.quant.kv_cache = 'int4'
+  with pytest.raises(ConfigError, match='model.quant.kv_cache'):
+    Transformer(cfg, rngs=nnx.Rngs(0))

@@ -116,8 +116,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, cache=None):
     """x: [B, T, D]. Without cache: positions/segment_ids [B, T] describe packed documents.
-    With cache {'k','v': [B, S, K, Dh], 'end': [B]}: the T new tokens go to slots
-    end..end+T-1 and attend to every filled slot before them. Returns (y, new_cache)."""
+    With cache {'k','v': [B, S, K, Dh] (+ int8 scales, see init_cache), 'end': [B]}: the T
+    new tokens go to slots end..end+T-1 and attend to every filled slot before them.
+    Returns (y, new_cache)."""
     dt, qc = self.dtype, self.quant
     xq = act(x, qc)
     q = jnp.einsum('btd,dhk->bthk', xq, kernel(self, 'q', qc, dt))
@@ -126,13 +127,15 @@ class Attention(nnx.Module):
     q = rope(q, positions, self.theta)
     k = rope(k, positions, self.theta)
     if cache is None:
+      k, v = qat.fake_quant_kv(k, qc), qat.fake_quant_kv(v, qc)   # as an int8 KV cache would
       mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)
     else:
       b, t = x.shape[:2]
       write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, 0))
-      k = write(cache['k'], k.astype(cache['k'].dtype), cache['end'])
-      v = write(cache['v'], v.astype(cache['v'].dtype), cache['end'])
-      cache = dict(cache, k=k, v=v)
+      new = qat.kv_cache_entries(k, v, qc)        # float, or int8 + scales (quant.kv_cache)
+      cache = dict(cache, **{n: write(cache[n], a.astype(cache[n].dtype), cache['end'])
+                             for n, a in new.items()})
+      k, v = qat.kv_from_cache(cache)
       slots = jnp.arange(k.shape[1])[None].repeat(b, 0)                       # [B, S]
       q_slot = cache['end'][:, None] + jnp.arange(t)[None]                     # [B, T]
       mask = attention_mask(q_slot, slots, jnp.ones((b, t), jnp.int32),

@@ -73,7 +73,7 @@ class Transformer(nnx.Module):
       else:
         x, layer_cache, stats = block(x, positions, segment_ids, layer_cache)
       if layer_cache is not None:
-        new_layers.append({'k': layer_cache['k'], 'v': layer_cache['v']})
+        new_layers.append({n: a for n, a in layer_cache.items() if n != 'end'})
       if stats is not None:
         moe_stats.append(stats)
     x = self.final_norm(x)
@@ -107,10 +107,16 @@ def summarize(moe_stats):
 
 
 def init_cache(cfg, batch: int, max_len: int, dtype=jnp.bfloat16):
-  """An empty KV cache: per layer k/v [B, S, K, Dh] and the filled length per row."""
+  """An empty KV cache: per layer k/v [B, S, K, Dh] in `dtype` and the filled length per row.
+  With model.quant.kv_cache='int8', k/v are int8 and each token and head has a float32 scale
+  ('k_scale', 'v_scale' [B, S, K, 1]); `dtype` is then unused."""
   shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-  layers = [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
-  return {'layers': layers, 'end': jnp.zeros((batch,), jnp.int32)}
+  if cfg.quant.get('kv_cache') == 'int8':
+    layer = lambda: {'k': jnp.zeros(shape, jnp.int8), 'k_scale': jnp.zeros(shape[:-1] + (1,)),
+                     'v': jnp.zeros(shape, jnp.int8), 'v_scale': jnp.zeros(shape[:-1] + (1,))}
+  else:
+    layer = lambda: {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+  return {'layers': [layer() for _ in range(cfg.n_layers)], 'end': jnp.zeros((batch,), jnp.int32)}
 
 
 def moe_layers(model: Transformer):

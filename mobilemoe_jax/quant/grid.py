@@ -184,6 +184,13 @@ def quantize_act_int8_asym(x):
 
 ACTIVATIONS = ('int8_dynamic', 'int8_dynamic_sym')
 
+# KV cache grids (model.quant.kv_cache). 'int8': quantize_act_int8 on each K/V vector
+# [..., head_dim]: symmetric int8, one scale per token and KV head. Per token because the
+# cache is append-only (a token's scale never changes once written, unlike per-channel
+# scales over tokens); per head because heads differ in range; symmetric so reading is one
+# multiply. Scales are fp32: 4 bytes per head_dim (64) int8 values, 1.06 bytes per value.
+KV_CACHE = ('int8',)
+
 
 def fake_quant_act(x, scheme='int8_dynamic'):
   """x [..., D] float -> the values an FC of the .tflite multiplies with (see ACTIVATIONS),

@@ -120,3 +120,30 @@ def extract(w, scheme, scale=None):
   full = _expand(stored, w.shape[IN_AXIS])
   q = jnp.clip(jnp.round(grid._div(w32, full)), s.qmin, s.qmax).astype(jnp.int8)
   return q, stored
+
+
+# ---------------------------------------------------------------- int8 KV cache (grid.KV_CACHE)
+
+def fake_quant_kv(x, quant):
+  """K or V [B, T, K, Dh] as an int8 KV cache (quant.kv_cache) returns them: symmetric int8,
+  one scale per token and head; straight-through gradient. Identity without quant.kv_cache."""
+  if quant is None or quant.get('kv_cache') is None:
+    return x
+  return grid.fake_quant_act_int8(x) + (x - jax.lax.stop_gradient(x))   # exactly the grid value
+
+
+def kv_cache_entries(k, v, quant) -> dict:
+  """New K/V [B, T, K, Dh] as the cache stores them: float {'k', 'v'}, or with an int8 cache
+  int8 'k', 'v' and their float32 'k_scale', 'v_scale' [B, T, K, 1]."""
+  if quant is None or quant.get('kv_cache') is None:
+    return {'k': k, 'v': v}
+  (kq, ks), (vq, vs) = grid.quantize_act_int8(k), grid.quantize_act_int8(v)
+  return {'k': kq, 'k_scale': ks, 'v': vq, 'v_scale': vs}
+
+
+def kv_from_cache(cache):
+  """(k, v) [B, S, K, Dh] of a cache: dequantized (float32) when it holds int8 + scales,
+  the same values fake_quant_kv gives the forward without a cache."""
+  if 'k_scale' not in cache:
+    return cache['k'], cache['v']
+  return cache['k'] * cache['k_scale'], cache['v'] * cache['v_scale']

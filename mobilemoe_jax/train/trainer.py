@@ -237,6 +237,7 @@ def make_train_step(config, tx, lr_schedule):
   if t.distill_weight:  # the same model without fake quantization
     float_config = config.copy_and_resolve_references()
     float_config.model.quant.weights = None
+    float_config.model.quant.kv_cache = None
     teacher_graphdef = model_graphdef(float_config)
 
   def distill_kl(teacher, rest, batch, logits):
