@@ -59,6 +59,11 @@ p.add_argument('--stub-grain', action='store_true', help='use the grain stand-in
 p.add_argument('--worker', default=None, help=argparse.SUPPRESS)   # internal: run one job
 p.add_argument('--n-devices', type=int, default=1, help=argparse.SUPPRESS)
 p.add_argument('--table-from', default=None, help='print the markdown table of a results JSON')
+p.add_argument('--profile', default='',
+               help='comma-separated JAX runs to trace for 2 steps after timing (per-op/kernel summary)')
+p.add_argument('--job-limit-s', type=float, default=240, help='per-job time limit on a one-GPU machine')
+p.add_argument('--merge-into', default=None,
+               help='update this results JSON: runs measured now replace theirs, others are kept')
 args = p.parse_args()
 if args.platform:
   os.environ['JAX_PLATFORMS'] = args.platform
@@ -68,16 +73,26 @@ BATCH = args.batch or (2 if SMALL else 8)
 WARMUP = args.warmup if args.warmup is not None else (1 if SMALL else 3)
 STEPS = args.steps or (3 if SMALL else 10)
 
-# name: (preset, n_gpus, variant). Variant None = the preset as users train it.
+# name: (preset, n_gpus, variant). Variant None = the preset with the benchmark's settings;
+# the others are in VARIANTS (model-config overrides, a per-GPU batch).
 JOBS = {
     'tiny_1gpu': ('tiny', 1, None),
-    'mobilemoe_s_1gpu': ('mobilemoe_s', 1, None),
+    'mobilemoe_s_1gpu': ('mobilemoe_s', 1, 'xla'),
     'mobilellm_pro_1gpu': ('mobilellm_pro', 1, None),
     'torch_peer_s_1gpu': ('mobilemoe_s', 1, 'torch'),
-    'mobilemoe_s_ep2': ('mobilemoe_s', 2, None),
-    'mobilemoe_s_ep4': ('mobilemoe_s', 4, None),
+    'mobilemoe_s_ep2': ('mobilemoe_s', 2, 'xla'),
+    'mobilemoe_s_ep4': ('mobilemoe_s', 4, 'xla'),
     's_dense_ffn_1gpu': ('mobilemoe_s', 1, 'dense_ffn'),
-    's_cudnn_attn_1gpu': ('mobilemoe_s', 1, 'cudnn_attn'),
+    's_cudnn_attn_1gpu': ('mobilemoe_s', 1, 'cudnn'),
+    's_cudnn_batch16_1gpu': ('mobilemoe_s', 1, 'cudnn_batch16'),
+    'attention_check': (None, 1, 'attention_check'),
+}
+CUDNN = {'attention_impl': 'cudnn'}
+VARIANTS = {   # name: (model-config overrides, per-GPU batch or None)
+    'xla': ({'attention_impl': 'xla'}, None),
+    'dense_ffn': ({'attention_impl': 'xla'}, None),   # and see model_cfg
+    'cudnn': (CUDNN, None),
+    'cudnn_batch16': (CUDNN, 16),
 }
 # Phases run one after another, each with a time limit (s); inside a phase, lanes run side by
 # side on their own GPUs and the jobs of one lane one after another.
@@ -87,6 +102,9 @@ PLAN = [
     (150, [([0, 1, 2, 3], ['mobilemoe_s_ep4'])]),
     (150, [([0, 1], ['mobilemoe_s_ep2']), ([2], ['s_cudnn_attn_1gpu'])]),
 ]
+# On a one-GPU machine every selected one-GPU job runs in turn, in this order.
+SERIAL = ['attention_check', 'mobilemoe_s_1gpu', 'mobilellm_pro_1gpu', 's_cudnn_batch16_1gpu',
+          's_cudnn_attn_1gpu', 'tiny_1gpu', 's_dense_ffn_1gpu', 'torch_peer_s_1gpu']
 
 
 # --------------------------------------------------------------------------- model configs
@@ -145,29 +163,11 @@ def model_cfg(preset: str, variant):
     m = cfg.moe
     cfg.d_ff = m.top_k * m.d_expert + m.n_shared * m.d_shared
     cfg.moe.n_experts = 0
+  overrides = VARIANTS[variant][0] if variant in VARIANTS else {}
+  if not cfg.moe.n_experts:
+    overrides = {k: v for k, v in overrides.items() if not k.startswith('moe.')}
+  cfg.update_from_flattened_dict(overrides)
   return cfg
-
-
-def _patch_cudnn_attention():
-  """What-if: attention through cuDNN's fused kernel with causal + window flags in place of
-  the [B,1,T,S] mask (right only for one document per row, which this benchmark feeds)."""
-  import jax
-  from mobilemoe_jax.model import layers
-  orig_call, orig_dpa = layers.Attention.__call__, jax.nn.dot_product_attention
-
-  def call(self, x, positions, segment_ids, cache=None):
-    w = self.window
-
-    def dpa(q, k, v, mask=None, **kw):
-      return orig_dpa(q, k, v, is_causal=True, implementation='cudnn',
-                      local_window_size=(w - 1, 0) if w else None)
-    jax.nn.dot_product_attention = dpa
-    try:
-      return orig_call(self, x, positions, segment_ids, cache)
-    finally:
-      jax.nn.dot_product_attention = orig_dpa
-
-  layers.Attention.__call__ = call
 
 
 # ------------------------------------------------------------------------------- JAX worker
@@ -187,8 +187,6 @@ def run_jax(name, preset, n_dev, variant):
   from mobilemoe_jax.config import experiment, mesh_config
   from mobilemoe_jax.scaling import accounting
   from mobilemoe_jax.train import optim, trainer
-  if variant == 'cudnn_attn':
-    _patch_cudnn_attention()
 
   _say(name, f'imported; {len(jax.devices())} devices')
   devices = jax.devices()[:n_dev]
@@ -197,7 +195,8 @@ def run_jax(name, preset, n_dev, variant):
   cfg_model = model_cfg(preset, variant)
   flops_tok = accounting.train_flops_per_token(cfg_model, SEQ)
   counts = accounting.count(cfg_model)
-  attempts = [(BATCH, False), (BATCH, True), (BATCH // 2, False)]
+  per_gpu = VARIANTS[variant][1] if variant in VARIANTS and VARIANTS[variant][1] else BATCH
+  attempts = [(per_gpu, False), (per_gpu, True), (per_gpu // 2, False)]
   errors = []
   for per_dev, remat in attempts:
     cfg_model.remat = remat
@@ -229,21 +228,24 @@ def run_jax(name, preset, n_dev, variant):
         init_out = {}
 
         def build():
-          try:
+          t_init = time.time()
+          try:   # the key is an argument, as in train_and_evaluate (no constant folding)
             init_out['state'] = jax.block_until_ready(
-                jax.jit(init_state, out_shardings=state_sh)())
+                jax.jit(init_state, out_shardings=state_sh)(jax.random.key(t.seed)))
           except Exception as e:  # noqa: BLE001
             init_out['error'] = e
+          init_out['seconds'] = time.time() - t_init
         import threading
         init_thread = threading.Thread(target=build)
         init_thread.start()
         t0 = time.time()
         try:
           compiled = step.lower(abstract, batch).compile()
+          compile_s = time.time() - t0
         finally:
           init_thread.join()
-        compile_s = time.time() - t0
-        _say(name, f'compiled in {compile_s:.1f} s (state built alongside)')
+        _say(name, f'step compiled in {compile_s:.1f} s; state built alongside in '
+                   f'{init_out.get("seconds", 0):.1f} s')
         if 'error' in init_out:
           raise init_out['error']
         mem = compiled.memory_analysis()
@@ -270,6 +272,10 @@ def run_jax(name, preset, n_dev, variant):
         _say(name, f'timed {STEPS} steps, median {statistics.median(times):.4f} s')
         m = jax.device_get(metrics)
         peak_mem = max((d.memory_stats() or {}).get('peak_bytes_in_use', 0) for d in devices)
+        profile = None
+        if name in args.profile.split(','):
+          state, profile = profile_steps(compiled, state, batch, 2)
+          _say(name, f'profiled: {profile.get("gpu_ms_per_step")} GPU ms per step')
         del state, metrics, compiled
     except Exception as e:  # noqa: BLE001  out of memory: try the next setting
       msg = f'{type(e).__name__}: {str(e)[:300]}'
@@ -293,13 +299,151 @@ def run_jax(name, preset, n_dev, variant):
         'train_flops_per_token': flops_tok,
         'mfu': tok_s * flops_tok / (PEAK * n_dev),
         'total_params': counts.total_params, 'active_params': counts.active_params,
-        'compile_s': compile_s, 'compiled_bytes_per_device': need, 'peak_bytes_in_use': peak_mem,
+        'compile_s': compile_s, 'init_s': init_out.get('seconds'), 'compiled_bytes_per_device': need, 'peak_bytes_in_use': peak_mem,
         'loss_last': float(m['loss']), 'dropped_frac': (float(m['dropped']) / n_assign) if n_assign else 0.0,
         'capacity_factor': cfg_model.moe.capacity_factor if cfg_model.moe.n_experts else None,
         'device_kind': devices[0].device_kind, 'failed_attempts': errors,
         'stubbed_modules': STUBBED, 'expert_parallel_path': ep_path,
+        'attention_impl': cfg_model.attention_impl, 
+        'profile': profile,
     }
   return {'name': name, 'error': errors, 'stubbed_modules': STUBBED}
+
+
+def profile_steps(compiled, state, batch, n_steps):
+  """Runs n_steps under jax.profiler and sums the GPU time of each kernel on the trace's
+  stream lines; returns (state, summary per step)."""
+  import glob
+  import gzip
+  import tempfile
+  from collections import defaultdict
+  import jax
+  log_dir = tempfile.mkdtemp(prefix='trace_')
+  with jax.profiler.trace(log_dir):
+    for _ in range(n_steps):
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+  files = glob.glob(os.path.join(log_dir, 'plugins', 'profile', '*', '*.trace.json.gz'))
+  if not files:
+    return state, {'error': f'no trace.json.gz under {log_dir}'}
+  with gzip.open(files[0]) as f:
+    events = json.load(f)['traceEvents']
+  procs = {e['pid']: e['args']['name'] for e in events
+           if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  threads = {(e['pid'], e['tid']): e['args']['name'] for e in events
+             if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
+  kernels = defaultdict(lambda: [0.0, 0])   # name: [ms per step, calls]
+  for e in events:
+    if (e.get('ph') == 'X' and 'GPU' in procs.get(e['pid'], '')
+        and threads.get((e['pid'], e['tid']), '').startswith('Stream')):
+      kernels[e['name']][0] += e.get('dur', 0) / 1e3 / n_steps
+      kernels[e['name']][1] += 1
+
+  def kind(name):
+    text = name.lower()
+    for k, keys in (('attention (cuDNN)', ('cudnn', 'fmha', 'sdpa', 'flash')),
+                    ('matmul', ('gemm', 'xmma', 'nvjet', 'cublas', 'cutlass', 'dot')),
+                    ('collective', ('nccl', 'all-to-all', 'all-reduce')),
+                    ('scatter/gather/sort', ('scatter', 'gather', 'sort', 'dynamic-slice'))):
+      if any(w in text for w in keys):
+        return k
+    return 'other (elementwise, reductions, copies)'
+
+  if not kernels:   # say what the trace held instead
+    return state, {'error': 'no GPU stream events', 'lines': sorted(
+        {f'{procs.get(p, p)} / {name}' for (p, _), name in threads.items()})[:40]}
+  by_kind = defaultdict(float)
+  for k, v in kernels.items():
+    by_kind[kind(k)] += v[0]
+  return state, {
+      'steps': n_steps,
+      'gpu_ms_per_step': round(sum(v[0] for v in kernels.values()), 2),
+      'kernel_ms_by_kind': {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+      'top_kernels': [{'name': k, 'ms': round(v[0], 3), 'calls': v[1] // n_steps} for k, v in
+                      sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]],
+  }
+
+
+def run_attention_check(name):
+  """cuDNN attention (model.attention_impl='cudnn') against XLA's in the model's Attention
+  layer at the S preset's shape: packed rows (several documents, padding), a global and a
+  windowed layer, bf16. Reports the largest differences of outputs (real tokens) and of
+  input gradients, next to bf16 XLA's own distance from an fp32 XLA reference."""
+  _imports()
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from configs.stages.common import PRESETS
+  from mobilemoe_jax.model import layers
+  b, t = 4, 2048
+  seg = np.zeros((b, t), np.int32)
+  pos = np.zeros((b, t), np.int32)
+  for row, lengths in enumerate([[2048], [700, 900, 400], [1500, 500], [300, 300, 1000]]):
+    start = 0
+    for i, n in enumerate(lengths):   # the last row ends with 48 padding tokens
+      seg[row, start:start + n], pos[row, start:start + n] = i + 1, np.arange(n)
+      start += n
+  x = jax.random.normal(jax.random.key(0), (b, t, 768), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (b, t, 768), jnp.float32) * (seg > 0)[..., None]
+  out = {}
+  for window in (0, 512):
+    res = {}
+    for impl, dtype in (('xla', 'float32'), ('xla', 'bfloat16'), ('cudnn', 'bfloat16')):
+      cfg = PRESETS['mobilemoe_s']().model
+      cfg.update(dict(attention_impl=impl, dtype=dtype))
+      layer = layers.Attention(cfg, window, nnx.Rngs(0))
+
+      def loss(x):
+        y, _ = layer(x.astype(dtype), jnp.asarray(pos), jnp.asarray(seg))
+        return jnp.sum(y.astype(jnp.float32) * w), y.astype(jnp.float32)
+      try:
+        (_, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+      except Exception as e:  # noqa: BLE001
+        res[f'{impl}_{dtype}'] = f'{type(e).__name__}: {str(e)[:300]}'
+        continue
+      res[f'{impl}_{dtype}'] = (np.asarray(y) * (seg > 0)[..., None], np.asarray(g))
+    ref_y, ref_g = res['xla_float32']
+    err = lambda a, r: float(np.abs(a - r).max() / np.abs(r).max())
+    out[f'window_{window}'] = {
+        f'{k}_vs_xla_float32': {'output_max_rel_err': err(v[0], ref_y), 'grad_max_rel_err': err(v[1], ref_g)}
+        if isinstance(v, tuple) else v for k, v in res.items() if k != 'xla_float32'}
+    _say(name, f'window {window}: {out[f"window_{window}"]}')
+  # Time of the attention op alone (forward + backward, batch 8 x 2048, 12 heads / 4 KV heads
+  # of 64, bf16): XLA with the mask, cuDNN with the mask (as the model calls it), and cuDNN
+  # with only the causal/window flags (exact for one document per row only).
+  b8 = 8
+  q = jax.random.normal(jax.random.key(2), (b8, t, 12, 64), jnp.bfloat16)
+  kv = jax.random.normal(jax.random.key(3), (2, b8, t, 4, 64), jnp.bfloat16)
+  p8 = jnp.broadcast_to(jnp.arange(t), (b8, t))
+  s8 = jnp.ones((b8, t), jnp.int32)
+  timing = {}
+  for window in (0, 512):
+    mask = layers.attention_mask(p8, p8, s8, s8, window)
+    lw = (window - 1, 0) if window else None
+    calls = {
+        'xla_mask': lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask),
+        'cudnn_mask': lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, implementation='cudnn', local_window_size=lw),
+        'cudnn_flags_only': lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation='cudnn', local_window_size=lw)}
+    for impl, fn in calls.items():
+      step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+      try:
+        jax.block_until_ready(step(q, kv[0], kv[1]))
+      except Exception as e:  # noqa: BLE001
+        timing[f'window_{window}/{impl}'] = f'{type(e).__name__}: {str(e)[:300]}'
+        continue
+      ts = []
+      for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(q, kv[0], kv[1]))
+        ts.append(time.perf_counter() - t0)
+      timing[f'window_{window}/{impl}'] = round(1e3 * statistics.median(ts), 3)
+  _say(name, f'attention fwd+bwd ms per layer: {timing}')
+  return {'name': name, 'impl': 'check', 'errors_relative_to_max': out,
+          'rows': 'packed: [2048], [700, 900, 400], [1500, 500], [300, 300, 1000] + 48 padding',
+          'attention_fwd_bwd_ms_per_layer_batch8': timing}
 
 
 # ----------------------------------------------------------------------------- torch worker
@@ -384,6 +528,8 @@ def worker(name):
   preset, n_dev, variant = JOBS[name]
   if variant == 'torch':
     res = run_torch(name, preset)
+  elif variant == 'attention_check':
+    res = run_attention_check(name)
   else:
     res = run_jax(name, preset, n_dev, variant)
   print('RESULT ' + json.dumps(res), flush=True)
@@ -424,6 +570,8 @@ def launch(name, gpus, cpu):
     argv.append('--small')
   if args.stub_grain:
     argv.append('--stub-grain')
+  if args.profile:
+    argv.append(f'--profile={args.profile}')
   if cpu:
     env['XLA_FLAGS'] = env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   else:
@@ -468,9 +616,8 @@ def summarize(runs):
       k = f'mobilemoe_s_ep{n}'
       if ok(k) and runs[k]['batch_per_gpu'] == base['batch_per_gpu']:
         s[f'weak_scaling_efficiency_{n}gpu'] = runs[k]['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']
-  for k in ('tiny_1gpu', 'mobilellm_pro_1gpu', 'torch_peer_s_1gpu', 's_dense_ffn_1gpu',
-            's_cudnn_attn_1gpu'):
-    if ok(k):
+  for k in runs:
+    if ok(k) and 'mfu' in runs[k] and k != 'mobilemoe_s_1gpu':
       s[f'mfu_{k}'] = runs[k]['mfu']
   s['targets'] = {k: {'target': v, 'measured': s.get(k), 'met': (s[k] >= v) if k in s else None}
                   for k, v in TARGETS.items()}
@@ -494,7 +641,13 @@ def orchestrate():
       'seq_len': SEQ, 'batch_per_gpu': BATCH, 'warmup_steps': WARMUP, 'timed_steps': STEPS,
       'small': SMALL, 'runs': {},
   }
-  for limit, phase in PLAN:
+  plan = PLAN
+  if not cpu and n_gpu == 1:   # one GPU: the selected one-GPU jobs in turn, each with its own limit
+    names = [n for n in SERIAL if only is None or n in only]
+    for n in sorted(set(only or JOBS) - set(names)):
+      result['runs'][n] = {'name': n, 'error': [f'needs {JOBS[n][1]} GPUs, have 1']}
+    plan = [(args.job_limit_s, [([0], [n])]) for n in names]
+  for limit, phase in plan:
     deadline = min(time.time() + limit * args.time_scale, t_all + args.deadline_s)
     procs = []
     for gpus, names in phase:
@@ -521,14 +674,33 @@ def orchestrate():
         th.start()
       for th in threads:
         th.join()
-    result['summary'] = summarize(result['runs'])
     result['wall_s'] = time.time() - t_all
+    merged = merge(result) if args.merge_into else result
+    merged['summary'] = summarize(merged['runs'])
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, 'w') as f:
-      json.dump(result, f, indent=1)
+      json.dump(merged, f, indent=1)
+  result = merged
   print(table(result))
   print(json.dumps(result['summary'], indent=1))
   print(f'wrote {out_path} ({time.time() - t_all:.0f} s)')
+
+
+def merge(result):
+  """The results in --merge-into with this call's runs put in (each tagged with its call)."""
+  with open(args.merge_into) as f:
+    old = json.load(f)
+  calls = old.setdefault('calls', [])
+  call = {'command': result['command'], 'date': result['date'], 'wall_s': result['wall_s'],
+          'gpus': result['gpus'], 'versions': result['versions'], 'runs': list(result['runs'])}
+  if calls and calls[-1]['date'] == call['date']:
+    calls[-1] = call     # the same call, written again after its next job
+  else:
+    calls.append(call)
+  runs = dict(old['runs'])
+  for name, r in result['runs'].items():
+    runs[name] = dict(r, call=len(calls))
+  return dict(old, runs=runs)
 
 
 def table(result):
@@ -538,7 +710,9 @@ def table(result):
     if 'error' in r:
       rows.append(f'| {name} | | | | | | | | failed: {"; ".join(r["error"])[:200]} |')
       continue
-    notes = []
+    if 'tokens_per_s' not in r:   # the attention check
+      continue
+    notes = [] if r.get('attention_impl', 'xla') == 'xla' else [f'{r["attention_impl"]} attention']
     if r.get('remat'):
       notes.append('remat')
     if r.get('dropped_frac'):

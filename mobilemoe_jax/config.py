@@ -14,6 +14,9 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
 
 
+ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+
+
 def model_config(**overrides) -> ml_collections.ConfigDict:
   """The decoder-only LM. With `moe.n_experts == 0` every FFN is dense."""
   c = ml_collections.ConfigDict()
@@ -34,6 +37,11 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.param_dtype = 'float32'
   c.init_std = 0.02
   c.remat = False               # rematerialise each block in the backward pass
+  # Attention kernel: 'xla' (scores materialised; any backend), 'cudnn' (fused flash attention,
+  # GPU, 16-bit dtypes), 'auto' (cudnn on GPU with a 16-bit dtype, else xla). Decoding with a KV
+  # cache always uses xla. On an H200 cuDNN halved MobileMoE-S's train step and matched XLA's
+  # numerics (bench/README.md, training throughput).
+  c.attention_impl = 'auto'
 
   c.moe = ml_collections.ConfigDict()
   c.moe.n_experts = 0           # routed experts per MoE layer; 0 turns the MoE off (dense model)
@@ -124,6 +132,8 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f'must divide n_heads={model.n_heads}, got {model.n_kv_heads}')
   _require(model.head_dim % 2 == 0, 'model.head_dim', 'must be even for RoPE')
   _require(model.sliding_window >= 0, 'model.sliding_window', 'must be >= 0')
+  _require(model.get('attention_impl', 'auto') in ATTENTION_IMPLS, 'model.attention_impl',
+           f'unknown attention kernel {model.get("attention_impl")!r}; known: {ATTENTION_IMPLS}')
   _require(model.dtype in ('bfloat16', 'float32', 'float16'), 'model.dtype',
            f'unknown dtype {model.dtype!r}')
   _require(model.param_dtype in ('bfloat16', 'float32'), 'model.param_dtype',

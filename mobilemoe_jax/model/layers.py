@@ -109,6 +109,7 @@ class Attention(nnx.Module):
     self.o = param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
     self.window, self.theta = window, cfg.rope_theta
     self.dtype = jnp.dtype(cfg.dtype)
+    self.attention_impl = cfg.get('attention_impl', 'auto')   # configs saved before the field
     self.quant = cfg.quant
     for name in ('q', 'k', 'v'):
       add_quant_scale(self, name, cfg.quant)
@@ -142,7 +143,16 @@ class Attention(nnx.Module):
                             jnp.ones_like(slots), self.window)
       k, v = k.astype(dt), v.astype(dt)
     q = constrain(q, ('batch', 'length', 'heads', 'head_dim'))
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask)                      # [B, T, H, Dh]
+    impl = self.attention_impl
+    if impl == 'auto':
+      impl = 'cudnn' if jax.default_backend() == 'gpu' and dt in (jnp.bfloat16, jnp.float16) else 'xla'
+    if impl == 'cudnn' and cache is None:
+      # cuDNN flash attention: no [T, S] scores in memory. The mask (documents, padding,
+      # window) enters as a bias; the causal and window flags only let it skip hidden tiles.
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation='cudnn',
+                                       local_window_size=(self.window - 1, 0) if self.window else None)
+    else:
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask)                    # [B, T, H, Dh]
     return jnp.einsum('bthk,hkd->btd', act(y, qc, n_in=2), kernel(self, 'o', qc, dt, n_in=2)), cache
 
 

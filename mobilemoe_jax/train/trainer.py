@@ -125,7 +125,7 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
       lineage = meta['lineage'][:-1]  # the last entry is this stage; it is rewritten on save
       _log(f'{t.stage}: resumed from {ckpt.path(latest)}')
     else:
-      state = jax.jit(init_state, out_shardings=state_sharding)()
+      state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(t.seed))
       lineage = []
       if t.init_from:
         # The previous stage's weights; the optimizer restarts unless restore_optimizer.
@@ -213,15 +213,20 @@ def model_graphdef(config):
 
 
 def make_init_fn(config, tx):
-  """() -> a fresh train state (see the module docstring); jit it with out_shardings."""
+  """(key=None) -> a fresh train state (see the module docstring); jit it with out_shardings.
+
+  key defaults to jax.random.key(train.seed). Pass that key as a jit argument: with no
+  argument the whole init is a constant, and XLA may try to fold it at compile time.
+  """
   t = config.train
 
-  def init_state():
-    model = Transformer(config.model, rngs=nnx.Rngs(t.seed))
+  def init_state(key=None):
+    key = jax.random.key(t.seed) if key is None else key
+    model = Transformer(config.model, rngs=nnx.Rngs(key))
     _, params, rest = nnx.split(model, nnx.Param, ...)
     zero = jnp.zeros((), jnp.int32)
     state = {'params': params, 'rest': rest, 'opt': tx.init(params), 'step': zero,
-             'rng': jax.random.key_data(jax.random.key(t.seed)), 'skipped': zero, 'bad_step': zero}
+             'rng': jax.random.key_data(key), 'skipped': zero, 'bad_step': zero}
     if t.distill_weight:
       state['teacher'] = jax.tree.map(jnp.copy, params)   # frozen; set from init_from
     return state
