@@ -9,52 +9,103 @@ from the flatbuffer schema), signatures, and the verification against PyTorch.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
 import numpy as np
 
 
-def verify(model, path, quant: str, embedding: str, moe: str, n_prompt: int = 12,
-           n_decode: int = 8, n_greedy: int = 16) -> dict:
-  """Runs the .tflite (prefill + decode) against PyTorch with the same weights on our
-  quantization grid (litert.fake_quant; activations stay float there, the .tflite
-  quantizes them dynamically): max logit error and argmax agreement on random tokens, and
-  how many of `n_greedy` greedy tokens agree. With --moe delegate the MobileMoeBlock
-  delegate is loaded and its claimed/refused counts are reported."""
+def verify(model, path, quant: str, embedding: str, moe: str, tokenizer=None,
+           n_greedy: int = 16) -> dict:
+  """Runs the .tflite (prefill + decode) against PyTorch computing what the .tflite should:
+  weights on our grid (litert.fake_quant) and, for integer weights, each FC input on the
+  int8 grid LiteRT quantizes it to at run time (grid.fake_quant_act, 'int8_dynamic').
+  Prompts: text (runner.PROMPTS) when a tokenizer is given, else random token ids (not text:
+  a trained model's top logits are near-ties there, so greedy agreement means little).
+  Reports max logit error and argmax agreement over prompt + continuation, greedy tokens
+  agreeing per prompt (with the logit margins where they part), and with --moe delegate
+  the delegate's claimed/refused counts (its experts run with fp32 activations here)."""
   import torch
   from export import litert
-  from export.runner import LiteRTLM
+  from export.runner import PROMPTS, LiteRTLM, greedy_agreement
   dlg = None
   if moe == 'delegate' and model.cfg['moe']['n_experts']:
     from export import delegate
     dlg = delegate.load(activations='fp32')
   lm = LiteRTLM(path, delegate=dlg)
   ref_model = litert.fake_quant(model, quant, embedding)
-  n = min(n_prompt + n_decode, lm.kv_len)
-  tok = np.random.default_rng(0).integers(0, model.cfg['vocab_size'], n)
-  got = np.concatenate([lm.prefill(tok[:n_prompt])] + [lm.decode(t)[None] for t in tok[n_prompt:n]])
-  with torch.no_grad():
-    ref = ref_model(torch.from_numpy(tok[None]).long())[0].numpy()
-  out = {'reference': f'PyTorch, weights on the {quant} grid',
-         'max_abs_logit_err': float(np.abs(got - ref).max()),
-         'logit_scale': float(np.abs(ref).max()),
-         'argmax_agree': float((got.argmax(-1) == ref.argmax(-1)).mean())}
-  # Greedy continuation of a short prompt: .tflite decode loop vs PyTorch full forwards.
-  n_greedy = min(n_greedy, lm.kv_len - 4)
-  ids = list(tok[:4])
-  tfl = lm.generate(ids, n_greedy)
-  seq = list(ids)
-  with torch.no_grad():
-    for _ in range(n_greedy):
-      seq.append(int(ref_model(torch.tensor([seq]))[0, -1].argmax()))
-  agree = next((i for i, (a, b) in enumerate(zip(tfl, seq[4:])) if a != b), n_greedy)
-  out['greedy_tokens_agreeing'] = f'{agree}/{n_greedy}'
+  if quant != 'fp32':
+    quantize_fc_inputs(ref_model)
+  if tokenizer is not None:
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in PROMPTS]
+    kind = f'{len(prompts)} text prompts (export.runner.PROMPTS)'
+  else:
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, model.cfg['vocab_size'], 8)) for _ in range(4)]
+    kind = '4 random-token prompts (no tokenizer: pass --tokenizer for text)'
+  n_greedy = min(n_greedy, lm.kv_len - max(map(len, prompts)))
+
+  def ref_logits(ids):
+    with torch.no_grad():
+      return ref_model(torch.tensor([ids]).long())[0].numpy()
+
+  results, err, scale, agree = [], 0.0, 0.0, []
+  for p in prompts:
+    r = greedy_agreement(lm, lambda ids: ref_logits(ids)[-1], p, n_greedy)
+    results.append(r)
+    # Teacher-forced on the .tflite's continuation: prefill the prompt, decode the rest.
+    lm.reset()
+    cont = r['tflite'][:-1]
+    got = np.concatenate([lm.prefill(p)] + [lm.decode(t)[None] for t in cont])
+    want = ref_logits(list(p) + list(cont))
+    err, scale = max(err, float(np.abs(got - want).max())), max(scale, float(np.abs(want).max()))
+    agree.append(got.argmax(-1) == want.argmax(-1))
+  n_full = sum(r['agree'] == n_greedy for r in results)
+  out = {'reference': f'PyTorch, weights on the {quant} grid'
+                      + (', FC inputs on the int8_dynamic grid' if quant != 'fp32' else ''),
+         'prompts': kind,
+         'max_abs_logit_err': err, 'logit_scale': scale,
+         'argmax_agree': float(np.concatenate(agree).mean()),
+         'greedy_tokens_agreeing': f'{n_greedy}/{n_greedy} on {n_full} of {len(prompts)} prompts',
+         'greedy_agree_per_prompt': [r['agree'] for r in results],
+         # Where they part: how close a call it was for each side (near-ties are ~0.01).
+         'divergences': [{'prompt': i, 'step': r['agree'], 'ref_margin': r['ref_margin'],
+                          'tflite_margin': r['tflite_margin']}
+                         for i, r in enumerate(results) if 'ref_margin' in r]}
   if dlg is not None:
     from export import delegate
     st = delegate.stats(dlg)
     out['delegate'] = {k: st[k] for k in ('claimed', 'refused', 'invokes')}
   return out
+
+
+def quantize_fc_inputs(torch_model, scheme='int8_dynamic'):
+  """Puts each integer-weight Linear's input on the int8 grid LiteRT quantizes it to at run
+  time (a forward pre-hook on this reference copy; the routers stay float, as exported)."""
+  import torch
+  from mobilemoe_jax.quant import grid
+
+  def hook(_, args):
+    return (torch.from_numpy(grid.fake_quant_act(args[0].detach().numpy(), scheme)),)
+  for name, mod in torch_model.named_modules():
+    if isinstance(mod, torch.nn.Linear) and not name.endswith('router'):
+      mod.register_forward_pre_hook(hook)
+  return torch_model
+
+
+def checkpoint_tokenizer(path: str):
+  """The tokenizer an Orbax training checkpoint was trained with (its meta config), or None
+  (a PyTorch dir, or the file is not there)."""
+  from mobilemoe_jax.data.tokenizer import load_tokenizer
+  from mobilemoe_jax.train import checkpoint as ckpt_lib
+  try:
+    directory, step = ckpt_lib.resolve(path)
+    meta = json.loads((directory / str(step) / 'meta' / 'metadata').read_text())
+  except (ImportError, OSError, ValueError, ckpt_lib.CheckpointError):
+    return None
+  tok = meta.get('config', {}).get('data', {}).get('train', {}).get('tokenizer')
+  return load_tokenizer(tok) if tok and os.path.isfile(tok) else None
 
 
 def main(argv=None):
@@ -78,7 +129,8 @@ def main(argv=None):
   ap.add_argument('--hf-out', help='also write a Hugging Face transformers dir here')
   ap.add_argument('--no-verify', action='store_true')
   ap.add_argument('--litertlm', metavar='DIR', help='also bundle a .litertlm here (needs --tokenizer)')
-  ap.add_argument('--tokenizer', help='SentencePiece .model for --litertlm')
+  ap.add_argument('--tokenizer', help='SentencePiece .model (or tokenizer.json): text prompts for '
+                  "the verification (default: an Orbax checkpoint's own) and --litertlm")
   a = ap.parse_args(argv)
 
   from export import checkpoint, litert, torch_model
@@ -117,7 +169,12 @@ def main(argv=None):
   rep['float_fc_weights'] = len(litert.check_router(a.out))
   if not a.no_verify:
     print('[export] verifying against PyTorch (prefill + decode)...', flush=True)
-    rep['verify'] = verify(model, a.out, a.quant, a.embedding, a.moe)
+    if a.tokenizer:
+      from mobilemoe_jax.data.tokenizer import load_tokenizer
+      tok = load_tokenizer(a.tokenizer)
+    else:
+      tok = checkpoint_tokenizer(a.checkpoint) if a.checkpoint else None
+    rep['verify'] = verify(model, a.out, a.quant, a.embedding, a.moe, tok)
   if a.litertlm:
     if not a.tokenizer:
       ap.error('--litertlm needs --tokenizer')

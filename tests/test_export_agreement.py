@@ -45,9 +45,10 @@ def trained(data_dir, tmp_path_factory):
   train_and_evaluate(config, workdir)
   model, tok = load_checkpoint(os.path.join(workdir, 'checkpoints'))
   path = os.path.join(workdir, 'int4.tflite')
-  litert.export(torch_model.from_flax(model, model.cfg), path, quant='int4_g32',
-                prefill_lens=(32,), kv_len=64, log=lambda *a: None)
-  return model, tok, path
+  torch_copy = torch_model.from_flax(model, model.cfg)
+  litert.export(torch_copy, path, quant='int4_g32', prefill_lens=(32,), kv_len=64,
+                log=lambda *a: None)
+  return model, tok, path, workdir, torch_copy
 
 
 def jax_next_logits(model, length=64):
@@ -65,7 +66,7 @@ def jax_next_logits(model, length=64):
 
 def test_greedy_tokens_agree_for_16_steps(trained, data_dir):
   from export.runner import LiteRTLM, greedy_agreement
-  model, tok, path = trained
+  model, tok, path, _, _ = trained
   lm = LiteRTLM(path)
   logits = jax_next_logits(model)
   prompts = held_out_prompts(data_dir, tok)
@@ -79,3 +80,22 @@ def test_greedy_tokens_agree_for_16_steps(trained, data_dir):
     lm.reset()
     err = np.abs(lm.prefill(seq) - logits(seq)).max()
     assert err < 0.05, (tok.decode(p[1:]), err)
+
+
+def test_export_cli_verify_uses_text_prompts(trained):
+  """The CLI's verification finds the checkpoint's tokenizer and reports agreement on text."""
+  import torch
+  from export.__main__ import checkpoint_tokenizer, verify
+  _, tok, path, workdir, torch_copy = trained
+  found = checkpoint_tokenizer(os.path.join(workdir, 'checkpoints'))
+  assert found is not None and found.encode('Return the') == tok.encode('Return the')
+  assert checkpoint_tokenizer(workdir) is None            # not a checkpoint dir: no tokenizer
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)     # a model this small runs 10x slower on 2 busy cores with 2
+  try:
+    rep = verify(torch_copy, path, 'int4_g32', 'auto', 'portable', found)
+  finally:
+    torch.set_num_threads(threads)
+  assert rep['prompts'].endswith('text prompts (export.runner.PROMPTS)')
+  assert rep['greedy_agree_per_prompt'] == [N_STEPS] * len(rep['greedy_agree_per_prompt']), rep
+  assert rep['argmax_agree'] == 1.0 and rep['max_abs_logit_err'] < 0.05, rep

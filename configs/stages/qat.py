@@ -6,9 +6,13 @@
 Every linear layer (attention, dense FFN, each routed and shared expert, the untied head) and
 the embedding compute with their weights on the exporter's grid (quant/grid.py: symmetric
 INT4, groups of 32 inputs, fp16 scales) and learn through straight-through gradients; the
-router stays float (model.quant.router). The loss adds self-distillation from the float SFT
-model (KL on logits, train.distill_weight). The saved checkpoint's integers and scales are
-exactly what its forward used: `mobilemoe_jax.quant.extract.integer_weights`.
+router stays float (model.quant.router). Each of those linears also sees its input on the
+int8 grid the .tflite quantizes it to at run time (model.quant.activations='int8_dynamic':
+XNNPACK's per-token asymmetric int8), so this stage's forward is the exported model's: its
+greedy tokens agree with the INT4 .tflite (tests/test_export_agreement.py). The loss adds
+self-distillation from the float SFT model (KL on logits, train.distill_weight). The saved
+checkpoint's integers and scales are exactly what its forward used:
+`mobilemoe_jax.quant.extract.integer_weights`.
 """
 from configs.stages import common
 
@@ -26,4 +30,5 @@ def get_config(arg: str = 'tiny'):
       distill_weight=1.0)
   config.model.quant.weights = 'int4_g32'
   config.model.quant.embedding = 'int4_g32'
+  config.model.quant.activations = 'int8_dynamic'
   return config
