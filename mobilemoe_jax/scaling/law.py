@@ -255,18 +255,26 @@ def fit(records, fixed: dict | None = None, grid: dict | None = None) -> Fit:
              max_abs_rel=float(np.max(np.abs(pred / L - 1))), n_records=len(L), fixed=fixed)
 
 
-def heldout_error(records, n_folds: int = 5, seed: int = 0, **fit_kw) -> dict:
+def heldout_error(records, n_folds: int = 5, seed: int = 0, group: str | None = None,
+                  **fit_kw) -> dict:
   """Leave-some-out: fits on all folds but one and predicts the one left out, for each fold.
+  With `group` (a record field, e.g. 'run'), records sharing its value are held out together:
+  the seeds of one configuration must not predict each other.
   Returns the held-out RMSE of log-loss, the largest relative error, and each prediction."""
   records = check_records(records)
-  n_folds = min(n_folds, len(records))
+  keys = [r.get(group, i) if group else i for i, r in enumerate(records)]
+  if group and any(group not in r for r in records):
+    raise RecordError(f'group {group!r}: not a field of every record')
+  units = list(dict.fromkeys(keys))                  # distinct groups, in record order
+  n_folds = min(n_folds, len(units))
   if n_folds < 2:
-    raise RecordError('held-out error needs at least 2 records')
-  order = np.random.default_rng(seed).permutation(len(records))
+    raise RecordError('held-out error needs at least 2 records (or groups)')
+  unit_order = np.random.default_rng(seed).permutation(len(units))
+  fold_of = {units[u]: k % n_folds for k, u in enumerate(unit_order)}
   preds = np.zeros(len(records))
   for k in range(n_folds):
-    test = order[k::n_folds]
-    train = [records[i] for i in order if i not in set(test)]
+    test = np.array([i for i, key in enumerate(keys) if fold_of[key] == k])
+    train = [records[i] for i, key in enumerate(keys) if fold_of[key] != k]
     p = fit(train, **fit_kw).params
     N, S, G, D, _ = _arrays([records[i] for i in test])
     preds[test] = predict(p, N, S, G, D)

@@ -67,7 +67,7 @@ def _seed_grid():
           for name, over in _tiny_grid(steps=(300,)) if name in ('d64_dense_s300', 'd64_e8k2_s300')]
 
 
-def _h200_run(d, tag, steps):
+def _h200_run(d, tag, steps, lr=None):
   """One run of the H200 grid: width d, 4 layers, first layer dense, and an FFN whose active
   hidden size is 3d in every shape, so every shape of a width has the same active parameters
   and FLOPs up to the router. tag: 'dense' or 'e{E}k{k}' / 'e{E}k{k}s1' (E routed experts,
@@ -85,7 +85,9 @@ def _h200_run(d, tag, steps):
     if k == 1:
       over['model.moe.norm_topk_prob'] = False
   over['train.steps'] = steps
-  return f'd{d}_{tag}_s{steps}', over
+  if lr is None:
+    return f'd{d}_{tag}_s{steps}', over
+  return f'd{d}_{tag}_s{steps}_lr{lr:g}', {**over, 'train.lr': lr}
 
 
 def _h200_grid():
@@ -98,11 +100,14 @@ def _h200_grid():
      fixed sparsity (32 experts of 0.375d top-8), a shared expert with fine experts (16 top-3
      + 1), and 32 experts of 0.75d top-4.
   3. fewer tokens (200 and 400 steps) for dense and e8k2 at every width: the law's D axis.
-  4. the sparsity and granularity ends at the other two widths."""
+  4. the sparsity and granularity ends at the other two widths.
+  5. d256 dense and e8k2 at lr 1e-3: the first sweep's d256 runs (lr 3e-3, the tiny family's)
+     ended above d128's, so the width axis needs a check of the learning rate."""
   runs = [_h200_run(d, tag, 800) for d in (64, 128, 256) for tag in ('dense', 'e8k2', 'e16k4', 'e8k1s1')]
   runs += [_h200_run(128, tag, 800) for tag in ('e4k2', 'e16k2', 'e32k2', 'e32k8', 'e16k3s1', 'e32k4')]
   runs += [_h200_run(d, tag, s) for s in (400, 200) for d in (64, 128, 256) for tag in ('dense', 'e8k2')]
   runs += [_h200_run(d, tag, 800) for d in (64, 256) for tag in ('e32k2', 'e32k8')]
+  runs += [_h200_run(256, tag, 800, lr=1e-3) for tag in ('dense', 'e8k2')]
   return runs
 
 
