@@ -1,10 +1,10 @@
 """On-device benchmark: the MoE block through our delegate vs the portable
 lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.json.
 
-  python bench/ondevice.py                 # ~5-10 min on the 2-core dev box
-  python bench/ondevice.py --quick         # smaller run, for a smoke test
-  python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # + whole models
-  python bench/ondevice.py --whole_only --moe_model a.tflite --dense_model b.tflite
+  python bench/ondevice.py                 # everything (exports the whole models once)
+  python bench/ondevice.py --quick         # smaller run without whole models, a smoke test
+  python bench/ondevice.py --whole_only    # just the whole-model rows
+  python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # your own files
 
 Rows (MobileMoE-S block shape: D=768, 64 experts of 512, top-4, one shared 512,
 INT4 group 32, random weights):
@@ -17,6 +17,12 @@ INT4 group 32, random weights):
   limit             active INT4 bytes per token / measured DRAM read bandwidth
 Decode uses a stack of L blocks with different weights (x + MoE(x) each), so the
 weights (> L3) stream from DRAM as on a phone; each step feeds a new random token.
+Whole models: MobileMoE-S (configs/mobilemoe_s.py, MoE blocks lowered to MobileMoeBlock
+for the delegate) and MobileLLM-Pro (configs/mobilellm_pro.py), random weights, exported
+by export/ (litert-torch + ai-edge-quantizer) with prefill_128 / prefill_512 / decode
+signatures and a 1024-slot external KV cache, every FC INT4 channel-wise (XNNPACK's
+fastest INT4 path; MobileMoE-S's experts are block-32 inside the op). The files are
+cached in runs/ondevice_models/ (first export ~4 + ~5 min, ~15 GB RAM for Pro).
 Models are built in one child process and timed in another; the models of one
 comparison are timed in the same window with alternating invokes, so on a
 shared machine they see the same background load. Peak RSS: each model alone.
@@ -421,6 +427,88 @@ def active_bytes_per_token(o):
 # ----------------------------------------------------------------------------
 # Whole models (optional: paths to exported .tflite files).
 
+# The two whole models, exported once and cached (keyed by everything that shapes them).
+WHOLE = {
+    "moe": dict(config="configs/mobilemoe_s.py", quant="int4_channel", moe="delegate"),
+    "dense": dict(config="configs/mobilellm_pro.py", quant="int4_channel", moe="portable"),
+}
+WHOLE_PREFILL = (128, 512)
+WHOLE_KV_LEN = 1024
+WHOLE_DIR = os.path.join(REPO, "runs", "ondevice_models")
+# A change to these files re-exports the cached models.
+EXPORTER_FILES = ("export/torch_model.py", "export/litert.py", "export/moe_op.py",
+                  "export/flatbuf.py")
+
+
+def exporter_version():
+  import hashlib
+  h = hashlib.sha256()
+  for f in EXPORTER_FILES:
+    with open(os.path.join(REPO, f), "rb") as fh:
+      h.update(fh.read())
+  return h.hexdigest()[:16]
+
+
+def whole_spec(name):
+  """Everything that shapes a cached whole model (its .json must match)."""
+  return dict(WHOLE[name], prefill=list(WHOLE_PREFILL), kv_len=WHOLE_KV_LEN,
+              exporter=exporter_version())
+
+
+def export_whole(name, path):
+  """Child process: random-weight model of WHOLE[name] -> .tflite through export/
+  (the same litert.export the CLI uses), plus path + '.json' with what was built."""
+  import torch
+  from export import checkpoint, litert, torch_model
+  spec = whole_spec(name)   # read before the export: the code it runs
+  t0 = time.time()
+  cfg = torch_model.config_dict(checkpoint.load_config(os.path.join(REPO, spec["config"])).model)
+  torch.manual_seed(0)
+  model = torch_model.MobileMoE(cfg).eval()   # torch's default init: random weights
+  params = sum(p.numel() for p in model.parameters())
+  if spec["moe"] == "delegate":
+    # Pack the experts for the MobileMoeBlock op now and drop their fp32 copies (~5 GB
+    # for MobileMoE-S; with them the conversion ran out of memory on a 24 GB box). The
+    # op only reads its packed buffers; export's own set_moe_lowering call is then a no-op.
+    model.set_moe_lowering("delegate")
+    for b in model.blocks:
+      if isinstance(b.ffn, torch_model.MoE):
+        b.ffn.gate_up = b.ffn.down = b.ffn.shared = None
+    model.set_moe_lowering = lambda *args, **kw: model
+  rep = litert.export(model, path + ".tmp", quant=spec["quant"], moe=spec["moe"],
+                      prefill_lens=WHOLE_PREFILL, kv_len=WHOLE_KV_LEN,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
+  os.replace(path + ".tmp", path)
+  meta = dict(spec, export_s=time.time() - t0,
+              file_bytes=rep["file_bytes"], params=params,
+              signatures=rep["signatures"], peak_rss_mb=peak_rss_mb())
+  with open(path + ".json", "w") as f:
+    json.dump(meta, f, indent=1)
+  print(json.dumps(meta))
+
+
+def whole_models():
+  """{name: (path, meta)}, exporting what is missing or stale (one child per model, so
+  the ~15 GB the Pro conversion needs is returned before anything is timed)."""
+  os.makedirs(WHOLE_DIR, exist_ok=True)
+  out = {}
+  for name, spec in WHOLE.items():
+    path = os.path.join(WHOLE_DIR, f"{name}.tflite")
+    meta = None
+    if os.path.exists(path) and os.path.exists(path + ".json"):
+      with open(path + ".json") as f:
+        meta = json.load(f)
+      if any(meta.get(k) != v for k, v in whole_spec(name).items()):
+        meta = None
+    if meta is None:
+      print(f"exporting the whole {name} model ({spec['config']}) to {path} ...", flush=True)
+      meta = dict(run_child("--export", name, path), cached=False)
+    else:
+      meta["cached"] = True
+    out[name] = (path, meta)
+  return out
+
+
 def whole_model_race(moe_path, dense_path, budget_s):
   """Child process: exported MobileMoE-S and dense models (export/runner.py
   signatures) timed in one window, alternating. Prefill P tokens from an empty
@@ -470,14 +558,43 @@ def whole_model_race(moe_path, dense_path, budget_s):
   print(json.dumps(out))
 
 
+def whole_rss(path):
+  """Child process: peak RSS of one whole model loaded, prefilling 128 and decoding."""
+  from export.runner import LiteRTLM
+  with open(path, "rb") as f:
+    uses_op = tb.OP_NAME.encode() in f.read()
+  lm = LiteRTLM(path, num_threads=THREADS, delegate=dl.load(num_threads=THREADS) if uses_op else None)
+  lm.prefill(np.arange(128) % 1000)
+  lm.decode(1)
+  print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
 def whole_model_rows(moe_path, dense_path, budget_s=20):
-  """Speedups of an exported MobileMoE model over a dense one (None if not given)."""
-  if not (moe_path and dense_path):
-    return None
+  """Speedups of an exported MobileMoE model over a dense one."""
   r = run_child("--whole", moe_path, dense_path, budget_s)
+  for name, path in (("moe", moe_path), ("dense", dense_path)):
+    r[f"{name}_peak_rss_mb"] = run_child("--whole_rss", path)["peak_rss_mb"]
   ratio = lambda k: (r.get(f"dense_{k}_ms") / r[f"moe_{k}_ms"]) if f"moe_{k}_ms" in r else None
   return {"raw": r, "decode": ratio("decode"), "prefill128": ratio("prefill128"),
           "prefill512": ratio("prefill512")}
+
+
+def whole_rows(a):
+  """The whole-model measurement for the command line: given files, or the cached /
+  freshly exported MobileMoE-S and MobileLLM-Pro."""
+  if a.moe_model or a.dense_model:
+    if not (a.moe_model and a.dense_model):
+      raise SystemExit("--moe_model and --dense_model go together")
+    models = {"moe": (a.moe_model, {"given": a.moe_model}),
+              "dense": (a.dense_model, {"given": a.dense_model})}
+  else:
+    models = whole_models()
+  t0 = time.time()
+  w = whole_model_rows(models["moe"][0], models["dense"][0])
+  w["models"] = {n: meta for n, (_, meta) in models.items()}
+  w["timing_s"] = time.time() - t0
+  print(json.dumps({k: v for k, v in w.items() if k != "models"}), flush=True)
+  return w
 
 
 def markdown_table(res) -> str:
@@ -500,6 +617,14 @@ def markdown_table(res) -> str:
   lines.append(f"| bandwidth limit: {res['active_bytes_per_token_per_block'] / 1e6:.2f} MB active "
                f"/ {res['dram_read_gbps']:.1f} GB/s | block | {res['decode_limit_ms_per_block']:.3g} "
                f"| | | |")
+  raw = res.get("whole_model_raw_ms")
+  if raw:
+    for n, label in (("moe", "MobileMoE-S whole model (delegate)"),
+                     ("dense", "MobileLLM-Pro whole model")):
+      cell = lambda k: f"{raw[f'{n}_{k}_ms']:.4g}" if f"{n}_{k}_ms" in raw else "-"
+      rss = raw.get(f"{n}_peak_rss_mb")
+      lines.append(f"| {label} | model | {cell('decode')} | {cell('prefill128')} | "
+                   f"{cell('prefill512')} | {f'{rss:.0f}' if rss else '-'} |")
   return "\n".join(lines)
 
 
@@ -510,8 +635,9 @@ def main():
   ap.add_argument("--race", nargs=5, metavar=("METHODS", "PATHS", "DS", "TS", "BUDGET_S"))
   ap.add_argument("--rss", nargs=4, metavar=("METHOD", "PATH", "D", "TS"))
   ap.add_argument("--whole", nargs=3, metavar=("MOE_PATH", "DENSE_PATH", "BUDGET_S"))
-  ap.add_argument("--whole_only", action="store_true",
-                  help="only the whole-model rows (needs --moe_model/--dense_model)")
+  ap.add_argument("--whole_rss", metavar="PATH")
+  ap.add_argument("--export", nargs=2, metavar=("NAME", "PATH"))
+  ap.add_argument("--whole_only", action="store_true", help="only the whole-model rows")
   ap.add_argument("--quick", action="store_true", help="fewer layers/iterations (smoke test)")
   ap.add_argument("--moe_model")
   ap.add_argument("--dense_model")
@@ -530,8 +656,12 @@ def main():
     return rss(a.rss[0], a.rss[1], int(a.rss[2]), ints(a.rss[3]))
   if a.whole:
     return whole_model_race(a.whole[0], a.whole[1], float(a.whole[2]))
+  if a.whole_rss:
+    return whole_rss(a.whole_rss)
+  if a.export:
+    return export_whole(*a.export)
   if a.whole_only:
-    return print(json.dumps(whole_model_rows(a.moe_model, a.dense_model), indent=1))
+    return print(json.dumps(whole_rows(a), indent=1))
 
   t_start = time.time()
   load0 = os.getloadavg()
@@ -560,7 +690,8 @@ def main():
   ratio = lambda num, den: (num / den) if (num and den) else None
   limit_ms = active_bytes_per_token(o) / (bw * 1e9) * 1e3
   dec = ms("delegate", 1)
-  whole = whole_model_rows(a.moe_model, a.dense_model)
+  # --quick skips the whole models unless files are given (the export takes minutes)
+  whole = whole_rows(a) if (not a.quick or a.moe_model) else None
   res = {
       "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "threads": THREADS, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
@@ -584,12 +715,12 @@ def main():
       "ffn_stack_decode_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 1), ms("moe_s_ffn", 1)),
       "ffn_stack_prefill128_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 128), ms("moe_s_ffn", 128)),
       "ffn_stack_prefill512_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 512), ms("moe_s_ffn", 512)),
-      # Whole models need exported MobileMoE-S / MobileLLM-Pro .tflite files: null
-      # means not measured in this run.
+      # Whole MobileMoE-S vs MobileLLM-Pro .tflite models (null: not measured, --quick).
       "decode_speedup_vs_dense": whole and whole["decode"],
       "prefill128_speedup_vs_dense": whole and whole["prefill128"],
       "prefill512_speedup_vs_dense": whole and whole["prefill512"],
       "whole_model_raw_ms": whole and whole["raw"],
+      "whole_models": whole and whole["models"],
       "wall_s": time.time() - t_start,
   }
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
