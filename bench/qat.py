@@ -3,7 +3,12 @@ rounding (PTQ: the same weights on the exporter's grid), (c) the QAT model, and 
 model's weights run in float, side by side. The INT4 gap before QAT is b - a, after it c - d.
 
   python -m mobilemoe_jax.pipeline --workdir=runs/demo      # trains sft/ and qat/ stages
+  python -m mobilemoe_jax.train --config=configs/stages/qat.py:tiny --workdir=runs/demo/qat_lsq \
+      --config.train.init_from=runs/demo/sft/checkpoints --config.model.quant.learnable_scale=True
   python bench/qat.py --workdir=runs/demo                   # -> bench/results/qat.json
+
+The second command (optional) adds (e) QAT with learned (LSQ) scales, same stage otherwise,
+and (f) its weights in float.
 
 Held-out sets (bundled data, never trained on): the held-out corpus documents (all tokens)
 and the held-out chats (assistant tokens only, the SFT/QAT objective). PTQ and QAT use the
@@ -22,12 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mobilemoe_jax.data import pipeline  # noqa: E402
 from mobilemoe_jax.eval.loading import load_checkpoint  # noqa: E402
 from mobilemoe_jax.model import Transformer  # noqa: E402
+from mobilemoe_jax.model.layers import QuantScale  # noqa: E402
+from mobilemoe_jax.quant import grid  # noqa: E402
+from mobilemoe_jax.quant.extract import integer_weights  # noqa: E402
 
 
 @nnx.jit
@@ -56,8 +65,23 @@ def with_quant(model, scheme):
   cfg.quant.embedding = scheme or cfg.quant.embedding
   cfg.quant.learnable_scale = False
   quantized = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  nnx.update(quantized, nnx.state(model))
+  nnx.update(quantized, nnx.state(model, nnx.Not(QuantScale)))   # learned scales dropped
   return quantized
+
+
+def scale_drift(model) -> dict:
+  """How far learned (LSQ) scales, as stored, moved from the max-abs scales of the final
+  weights: quantiles of |learned / max-abs - 1| over all groups (the embedding has none)."""
+  state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  ratios = []
+  for path, e in integer_weights(model).items():
+    if path == ('embed',):
+      continue
+    s = np.asarray(e['scales'])
+    w = np.asarray(state[path][...]).reshape(*s.shape[:-2], -1, s.shape[-1])
+    ratios.append(np.abs(s / grid.scales(w, model.cfg.quant.weights, -2) - 1).ravel())
+  r = np.concatenate(ratios)
+  return {f'q{round(q * 100)}': float(np.quantile(r, q)) for q in (0.5, 0.9, 0.99)}
 
 
 def main():
@@ -66,6 +90,8 @@ def main():
   ap.add_argument('--data_dir', default='data')
   ap.add_argument('--seq_len', type=int, default=128)
   ap.add_argument('--max_batches', type=int, default=32)
+  ap.add_argument('--lsq', default='qat_lsq', help='stage dir (under --workdir) of a QAT run with '
+                  'learned scales (model.quant.learnable_scale); its rows are added when it exists')
   ap.add_argument('--out', default='bench/results/qat.json')
   a = ap.parse_args()
 
@@ -77,6 +103,13 @@ def main():
     raise SystemExit(f'{a.workdir}/qat was not trained with fake quantization (model.quant.weights)')
   models = {'float (SFT)': sft, f'PTQ {scheme} (SFT rounded)': with_quant(sft, scheme),
             f'QAT {scheme}': qat, 'QAT weights, float forward': with_quant(qat, None)}
+  lsq_dir = os.path.join(a.workdir, a.lsq, 'checkpoints')
+  drift = None
+  if os.path.isdir(lsq_dir):
+    lsq, _ = load_checkpoint(lsq_dir)
+    models.update({f'QAT {scheme}, learned scales (LSQ)': lsq,
+                   'LSQ weights, float forward': with_quant(lsq, None)})
+    drift = scale_drift(lsq)
   sets = {'held-out corpus': pipeline.bundled_data_config(a.data_dir, 'eval'),
           'held-out chats (assistant tokens)': pipeline.bundled_data_config(a.data_dir, 'sft_eval')}
   rows = {}
@@ -89,10 +122,14 @@ def main():
   # comparing each INT4 model with its own float weights isolates the rounding.
   gaps = {s: {'ptq': rows[names[1]][s] - rows[names[0]][s],
               'after_qat': rows[names[2]][s] - rows[names[3]][s]} for s in sets}
+  if drift is not None:
+    for s in sets:
+      gaps[s]['after_lsq_qat'] = rows[names[4]][s] - rows[names[5]][s]
   result = {
       'workdir': a.workdir, 'scheme': scheme, 'seq_len': a.seq_len, 'max_batches': a.max_batches,
       'loss': rows, 'ppl': {n: {s: math.exp(v) for s, v in r.items()} for n, r in rows.items()},
       'quantization_gap': gaps,
+      'lsq_scale_drift_from_max_abs': drift,
       'command': 'python bench/qat.py ' + ' '.join(sys.argv[1:]),
       'versions': {'jax': jax.__version__, 'python': platform.python_version()},
       'seconds': round(time.time() - start, 1),
@@ -106,6 +143,10 @@ def main():
     print(f'| {n} | ' + ' | '.join(f'{rows[n][s]:.4f} ({math.exp(rows[n][s]):.1f})' for s in sets) + ' |')
   print('| INT4 gap: PTQ (b - a) | ' + ' | '.join(f"{gaps[s]['ptq']:+.4f}" for s in sets) + ' |')
   print('| INT4 gap: after QAT (c - d) | ' + ' | '.join(f"{gaps[s]['after_qat']:+.4f}" for s in sets) + ' |')
+  if drift is not None:
+    print('| INT4 gap: after LSQ QAT (e - f) | '
+          + ' | '.join(f"{gaps[s]['after_lsq_qat']:+.4f}" for s in sets) + ' |')
+    print(f'LSQ scales vs max-abs of the final weights, |ratio - 1| quantiles: {drift}')
 
 
 if __name__ == '__main__':

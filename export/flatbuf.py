@@ -105,11 +105,14 @@ def op_names(model) -> list:
 
 
 def quantized_constants(model):
-  """Yields (subgraph, tensor) for every INT4/INT8 constant with quantization parameters,
-  in every subgraph (per-channel scales live in each tensor's table, once per signature)."""
+  """Yields (subgraph, tensor) for every INT4/INT8 constant with scales (a quantized weight;
+  the delegate op's packed bytes are int8 without), in every subgraph (per-channel scales
+  live in each tensor's table, once per signature)."""
   for sg in model.subgraphs:
     for t in sg.tensors:
-      if t.type in (T.INT4, T.INT8) and t.quantization is not None and _has_data(model, t.buffer):
+      q = t.quantization
+      if t.type in (T.INT4, T.INT8) and q is not None and _has_data(model, t.buffer) and (
+          q.scale is not None or q.detailsType == schema.QuantizationDetails.BlockwiseQuantization):
         yield sg, t
 
 

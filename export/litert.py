@@ -191,12 +191,12 @@ def write_grid(path: str, model, quant: str, embedding: str, log=print) -> dict:
     targets[key] = (name, g)
   if not targets:
     return {'weights': 0, 'tensors': 0, 'changed': 0}
-  model_fb, raw = flatbuf.load(path)
-  raw = bytearray(raw)
+  model_fb, original = flatbuf.load(path)
+  raw = bytearray(original)     # patched; tensors are read from the original (shared buffers)
   found, changed, tensors = set(), set(), 0
   for sg, t in flatbuf.quantized_constants(model_fb):
-    q = flatbuf.tensor_value(model_fb, raw, t)
-    s, _, block = flatbuf.weight_quant(model_fb, raw, sg, t)
+    q = flatbuf.tensor_value(model_fb, original, t)
+    s, _, block = flatbuf.weight_quant(model_fb, original, sg, t)
     scheme = grid.Scheme(4 if t.type == flatbuf.T.INT4 else 8, block)
     hit = targets.get((scheme, q.shape, q.tobytes(), s.reshape(q.shape[0], -1).tobytes()))
     if hit is None:

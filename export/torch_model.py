@@ -358,7 +358,10 @@ def from_flax(model_or_state, model_cfg) -> MobileMoE:
   for path, e in extract.integer_weights(model_or_state).items():
     name = '.'.join(map(str, path))
     q, s = np.asarray(e['q']), np.asarray(e['scales'], np.float32)
-    fold = (lambda a: a.T) if e.get('transposed') else (lambda a, shape=e['shape']: a.reshape(shape))
+
+    def fold(a, e=e):   # [..., in, out] -> the parameter's own shape (a writable copy)
+      return np.array(a.T if e.get('transposed') else a.reshape(e['shape']))
+
     deq[name] = fold(grid.dequantize(q, s, in_axis=-2))
     ints[name] = fold(q.astype(np.float32))
     # Each group's scale repeated over its inputs, so the layout change below moves it along.

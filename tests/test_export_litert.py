@@ -104,8 +104,9 @@ def test_int4_weights_are_int4_on_our_grid(small, fp32_path, tmp_path, quant, em
   for name, (w, g) in ours.items():
     q, s = (g.q, g.scales) if grid.get_scheme(g.scheme) == scheme else grid.quantize(w, scheme)
     expected[q.tobytes()] = (name, s)
-  if quant == 'int4_g32':   # every weight placed; all but the embedding's scales are learned
-    assert exact['weights'] == len(ours) and exact['changed'] == len(ours) - 1
+  if quant == 'int4_g32':   # every weight placed (in every signature); all but the
+    assert exact['weights'] == len(ours) and exact['changed'] == len(ours) - 1  # embedding learned
+    assert exact['tensors'] == len(list(flatbuf.quantized_constants(flatbuf.load(out)[0])))
   else:
     assert exact['weights'] == 0
   n_fc, n_int4 = 0, 0
@@ -141,6 +142,34 @@ def test_int4_weights_are_int4_on_our_grid(small, fp32_path, tmp_path, quant, em
     err = np.abs(got - jax_logits).max() / np.abs(jax_logits).max()
     assert err < 0.05, err
     assert (got.argmax(-1) == jax_logits.argmax(-1)).mean() >= 0.9
+
+
+def test_byte_patch_of_per_channel_weights(small, fp32_path, tmp_path):
+  """flatbuf.write_weight on channel-wise INT4 and INT8 tensors (per-channel scales live in
+  each tensor's table, not a buffer): what is written reads back, nothing else moves."""
+  out = str(tmp_path / 'channel.tflite')
+  litert.quantize(fp32_path, out, 'int4_channel', 'int8', small.cfg, log=lambda _: None)
+  model, raw = flatbuf.load(out)
+  raw = bytearray(raw)
+  first = {}                      # one INT4 (an FC) and one INT8 (the embedding) tensor
+  for sg, t in flatbuf.quantized_constants(model):
+    if sg is model.subgraphs[0]:
+      first.setdefault(t.type, t)
+  assert set(first) == {flatbuf.T.INT4, flatbuf.T.INT8}
+  sg, written = model.subgraphs[0], {}
+  for t in first.values():
+    q, s = flatbuf.tensor_value(model, raw, t), flatbuf.weight_quant(model, raw, sg, t)[0]
+    written[t.name] = (np.clip(-q, -7, 7).astype(np.int8), s * 1.5)
+    flatbuf.write_weight(raw, model, sg, t, *written[t.name])
+  back, raw2 = flatbuf.load(bytes(raw))
+  assert len(raw2) == len(flatbuf.load(out)[1])
+  for t in back.subgraphs[0].tensors:
+    if t.name in written:
+      np.testing.assert_array_equal(flatbuf.tensor_value(back, raw2, t), written[t.name][0])
+      np.testing.assert_array_equal(flatbuf.weight_quant(back, raw2, back.subgraphs[0], t)[0],
+                                    written[t.name][1])
+      written.pop(t.name)
+  assert not written
 
 
 def test_int8_and_embedding(small, fp32_path, tmp_path):

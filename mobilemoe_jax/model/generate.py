@@ -35,7 +35,9 @@ def sample(logits, rng, temperature: float, top_k: int = 0):
 def generate(model, prompt, max_new_tokens: int, *, lengths=None, temperature: float = 0.0,
              top_k: int = 0, seed: int = 0, eos_id=None, cache_dtype=jnp.float32):
   """prompt: [B, T] int (right-padded; `lengths` [B] real lengths, default T).
-  Returns [B, max_new_tokens] int32; after `eos_id` a row repeats eos_id."""
+  Returns [B, max_new_tokens] int32; after `eos_id` a row repeats eos_id.
+  The cache holds K/V in `cache_dtype`, or int8 + per-token scales when the model has
+  model.quant.kv_cache='int8' (init_cache)."""
   prompt = jnp.asarray(prompt, jnp.int32)
   b, t = prompt.shape
   lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
