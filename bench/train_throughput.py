@@ -9,18 +9,27 @@ trainer's imports work.
 
 Runs (bf16 compute, fp32 params and AdamW moments, per-GPU batch 8 x 2048 unless it does not
 fit; `model.moe.capacity_factor` 1.25 for MoE models):
-  tiny, mobilemoe_s, mobilellm_pro            one GPU each
-  mobilemoe_s expert-parallel on 2 and 4 GPUs  mesh expert=n, per-GPU batch fixed (weak scaling)
+  tiny, mobilellm_pro                          one GPU each, the preset's attention_impl
+                                               ('auto': cuDNN on a GPU)
+  s_cudnn_attn_1gpu                            mobilemoe_s with cuDNN attention (= its default on
+                                               a GPU): the headline run
+  mobilemoe_s_1gpu                             mobilemoe_s with XLA attention (the default
+                                               before model.attention_impl existed)
+  mobilemoe_s expert-parallel on 2 and 4 GPUs  mesh expert=n, per-GPU batch fixed (weak
+                                               scaling), XLA attention like mobilemoe_s_1gpu
   torch_peer_s                                 transformers Qwen2-MoE built to mobilemoe_s's
                                                shape, eager, autocast bf16, fused AdamW
-  two what-ifs on mobilemoe_s, for where the time goes:
-    s_dense_ffn   every FFN a dense SwiGLU of the active width (top_k*d_expert + shared)
-    s_cudnn_attn  attention through cuDNN (causal + window, no mask array) instead of XLA
+  s_dense_ffn   what-if: every FFN a dense SwiGLU of the active width (XLA attention)
+  s_cudnn_batch16_1gpu  cuDNN attention, per-GPU batch 16
+  attention_check  cuDNN vs XLA attention in the model's layer against an fp32 reference
+                   (packed rows, padding, global and windowed), and each alone timed
 Each run is a subprocess (CUDA_VISIBLE_DEVICES picks its GPUs), so one-GPU runs go side by
-side on different GPUs. Timing: compile first (not timed), `--warmup` steps, then `--steps`
-steps each ended by block_until_ready; tokens/s = tokens per step / median step time.
-MFU = tokens/s per GPU x accounting.train_flops_per_token (6 x active params + attention at
-the layer's visible context) / 989 TFLOP/s (H200 dense bf16).
+side on different GPUs of a 4-GPU machine; on a one-GPU machine the selected runs go in turn.
+Timing: compile first (not timed), `--warmup` steps, then `--steps` steps each ended by
+block_until_ready; tokens/s = tokens per step / median step time. MFU = tokens/s per GPU x
+accounting.train_flops_per_token (6 x active params + attention at the layer's visible
+context) / 989 TFLOP/s (H200 dense bf16). `--profile=RUNS` traces 2 more steps of those runs
+with jax.profiler and keeps GPU time per kernel.
 
   python3 bench/train_throughput.py                       # GPU -> bench/results/train_throughput.json
   python bench/train_throughput.py --platform=cpu --small # CPU check, 8 fake devices
@@ -604,18 +613,25 @@ def finish(name, proc, t_start, logf, deadline):
 
 
 def summarize(runs):
+  """Headline: MobileMoE-S as configured (attention_impl 'auto' = cuDNN on a GPU, the run
+  s_cudnn_attn_1gpu). Weak scaling compares the expert-parallel runs with mobilemoe_s_1gpu,
+  which has the same settings (XLA attention, as when the EP runs were measured)."""
   ok = lambda k: k in runs and 'error' not in runs[k]
   s = {}
+  if ok('s_cudnn_attn_1gpu'):
+    head = runs['s_cudnn_attn_1gpu']
+    s['mfu_mobilemoe_s_1gpu'] = head['mfu']
+    s['tokens_per_s_mobilemoe_s_1gpu'] = head['tokens_per_s']
+    if ok('torch_peer_s_1gpu'):
+      s['speedup_vs_torch_peer'] = head['tokens_per_s'] / runs['torch_peer_s_1gpu']['tokens_per_s']
   if ok('mobilemoe_s_1gpu'):
     base = runs['mobilemoe_s_1gpu']
-    s['mfu_mobilemoe_s_1gpu'] = base['mfu']
-    s['tokens_per_s_mobilemoe_s_1gpu'] = base['tokens_per_s']
-    if ok('torch_peer_s_1gpu'):
-      s['speedup_vs_torch_peer'] = base['tokens_per_s'] / runs['torch_peer_s_1gpu']['tokens_per_s']
     for n in (2, 4):
       k = f'mobilemoe_s_ep{n}'
       if ok(k) and runs[k]['batch_per_gpu'] == base['batch_per_gpu']:
         s[f'weak_scaling_efficiency_{n}gpu'] = runs[k]['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']
+  if ok('mobilemoe_s_1gpu'):
+    s['mfu_mobilemoe_s_1gpu_xla_attention'] = runs['mobilemoe_s_1gpu']['mfu']
   for k in runs:
     if ok(k) and 'mfu' in runs[k] and k != 'mobilemoe_s_1gpu':
       s[f'mfu_{k}'] = runs[k]['mfu']
@@ -697,8 +713,10 @@ def merge(result):
     calls[-1] = call     # the same call, written again after its next job
   else:
     calls.append(call)
-  runs = dict(old['runs'])
+  runs, superseded = dict(old['runs']), old.setdefault('superseded', {})
   for name, r in result['runs'].items():
+    if name in runs and runs[name].get('call') != len(calls):   # keep what it replaces
+      superseded.setdefault(name, []).append(runs[name])
     runs[name] = dict(r, call=len(calls))
   return dict(old, runs=runs)
 
@@ -712,7 +730,8 @@ def table(result):
       continue
     if 'tokens_per_s' not in r:   # the attention check
       continue
-    notes = [] if r.get('attention_impl', 'xla') == 'xla' else [f'{r["attention_impl"]} attention']
+    impl = r.get('attention_impl', 'xla')   # runs before the field existed used XLA's
+    notes = [] if impl == 'xla' else ['cuDNN attention' + (' (auto)' if impl == 'auto' else '')]
     if r.get('remat'):
       notes.append('remat')
     if r.get('dropped_frac'):
