@@ -32,3 +32,11 @@ def test_writer_puts_events_under_tensorboard_and_keeps_the_log_on_resume(tmp_pa
   assert sorted(os.listdir(tmp_path)) == ['metrics.jsonl', 'tensorboard']
   assert metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl')) == {
       1: {'train/loss': 2.5}, 2: {'train/loss': 2.0}}
+
+
+def test_bucket_without_gcsfs_names_the_missing_package():
+  import importlib.util
+  if importlib.util.find_spec('gcsfs') or importlib.util.find_spec('tensorflow'):
+    pytest.skip('a GCS backend is installed: this would reach the network')
+  with pytest.raises(ImportError, match='gcsfs'):
+    paths.as_path('gs://no-such-bucket/run').mkdir(parents=True, exist_ok=True)
