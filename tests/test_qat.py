@@ -203,6 +203,11 @@ def test_int8_kv_cache_decode_equals_full_forward():
   np.testing.assert_allclose(jnp.stack(steps, 1), full[:, 4:13], atol=2e-5, rtol=0)
   k = np.asarray(cache['layers'][1]['k'])
   assert np.abs(k).max() == 127 and k.dtype == np.int8         # each row's max maps to 127
+  # training sees the same values with a straight-through (identity) gradient
+  kx = jax.random.normal(jax.random.key(3), (2, 5, 2, 16))
+  c = jax.random.normal(jax.random.key(4), kx.shape)
+  g = jax.grad(lambda a: jnp.sum(qat.fake_quant_kv(a, cfg.quant) * c))(kx)
+  np.testing.assert_array_equal(g, c)
   cfg.quant.kv_cache = 'int4'
   with pytest.raises(ConfigError, match='model.quant.kv_cache'):
     Transformer(cfg, rngs=nnx.Rngs(0))

@@ -13,6 +13,9 @@ Two scale modes:
 
 Our kernels are [..., in, out]; every function here takes weights with the input
 (reduction) axis at -2, as the layers store them.
+
+The optional int8 KV cache (model.quant.kv_cache, grid.KV_CACHE) is at the end: its
+fake quantization for training and what the decode cache stores and reads back.
 """
 import functools
 
@@ -129,7 +132,8 @@ def fake_quant_kv(x, quant):
   one scale per token and head; straight-through gradient. Identity without quant.kv_cache."""
   if quant is None or quant.get('kv_cache') is None:
     return x
-  return grid.fake_quant_act_int8(x) + (x - jax.lax.stop_gradient(x))   # exactly the grid value
+  # Value: exactly the grid value (fq + 0). Gradient: identity (none through round or amax).
+  return jax.lax.stop_gradient(grid.fake_quant_act_int8(x)) + (x - jax.lax.stop_gradient(x))
 
 
 def kv_cache_entries(k, v, quant) -> dict:
