@@ -332,6 +332,11 @@ def main(argv=None):
   ap.add_argument('--table', action='store_true', help='also print the records as Markdown')
   ap.add_argument('--exclude', action='append', default=[], metavar='SUBSTRING',
                   help='leave out records whose name contains SUBSTRING (say why in the write-up)')
+  ap.add_argument('--group', default=None, metavar='FIELD',
+                  help='hold out records sharing this field together (e.g. run: all its seeds)')
+  ap.add_argument('--predict', action='append', default=[], metavar='SUBSTRING',
+                  help='also fit without the records whose name contains SUBSTRING and report '
+                  'how well that fit predicts them (extrapolation, e.g. to the widest runs)')
   ap.add_argument('--starts', type=int, choices=(16, 64), default=64,
                   help='initial points: 64 (DEFAULT_GRID) or 16 (2 per A, B, alpha, beta)')
   a = ap.parse_args(argv)
@@ -343,14 +348,28 @@ def main(argv=None):
       print(markdown_table(records))
     grid = None if a.starts == 64 else {'E': [0.0], 'gamma': [0.5]}
     f = fit(records, fixed=fixed, grid=grid)
-    held = heldout_error(records, n_folds=a.folds, fixed=fixed, grid=grid)
+    held = heldout_error(records, n_folds=a.folds, group=a.group, fixed=fixed, grid=grid)
+    extrapolation = None
+    if a.predict:
+      hit = lambda r: any(x in r.get('name', '') for x in a.predict)
+      target = [r for r in records if hit(r)]
+      if not target:
+        raise RecordError(f'--predict {a.predict}: no record name contains it')
+      p = fit([r for r in records if not hit(r)], fixed=fixed, grid=grid).params
+      pred = predict(p, *_arrays(target)[:4])
+      actual = np.array([r['loss'] for r in target])
+      extrapolation = {'predict': a.predict, 'n_records': len(target), 'params': p.as_dict(),
+                       'rmse_log': float(np.sqrt(np.mean((np.log(pred) - np.log(actual)) ** 2))),
+                       'mean_rel': float(np.mean(pred / actual - 1)),
+                       'max_abs_rel': float(np.max(np.abs(pred / actual - 1)))}
   except (RecordError, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
   result = {'params': f.params.as_dict(), 'fixed': fixed, 'excluded': a.exclude,
             'starts': a.starts, 'n_records': f.n_records,
             'fit_rmse_log': f.rmse_log, 'fit_max_abs_rel': f.max_abs_rel,
             'heldout_rmse_log': held['rmse_log'], 'heldout_max_abs_rel': held['max_abs_rel'],
-            'heldout_folds': held['n_folds']}
+            'heldout_folds': held['n_folds'], 'heldout_group': a.group,
+            'extrapolation': extrapolation}
   print(json.dumps(result, indent=1))
   if a.out:
     with open(a.out, 'w') as fh:
