@@ -95,13 +95,18 @@ def plot_width(summary: dict, steps: int, shapes, path: str):
       n, m, sd = map(np.array, zip(*pts))
       ax.errorbar(n * (1 + 0.03 * (i - len(shapes) / 2)), m, yerr=sd, marker='o', ms=3,
                   capsize=2, lw=1, label=shape)
+  for s in summary.values():   # variants (another learning rate) as separate points
+    if s['variant'] and s['steps'] == steps:
+      ax.errorbar([s['N']], [s['mean']], yerr=[s['sd']], marker='x', ms=6, capsize=2, color='k',
+                  ls='none', label=f"{s['shape']}, {s['variant']}")
   ax.set_xscale('log')
   dense = sorted({(s['N'], s['width']) for s in summary.values() if s['shape'] == 'dense'})
   ax.set_xticks([n for n, _ in dense], [f'd{w}\n{n / 1e6:.2f}M' for n, w in dense], fontsize=7)
   ax.minorticks_off()
   ax.set_xlabel('width, active non-embedding parameters')
   ax.set_ylabel('held-out loss (nats/token)')
-  ax.set_title(f'equal active FFN per width, {steps} steps; bars: sd over seeds', fontsize=8)
+  ax.set_title(f'equal active FFN per width, {steps} steps, lr 3e-3 unless marked;\n'
+               'bars: sd over seeds', fontsize=8)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path)
