@@ -4,6 +4,8 @@ run record per finished run to a JSONL file that `law.py` reads.
   python -m mobilemoe_jax.scaling.sweep --grid=tiny --dry_run            # print the commands
   python -m mobilemoe_jax.scaling.sweep --grid=tiny --out=bench/results/scaling_tiny.jsonl
   python -m mobilemoe_jax.scaling.sweep --grid=tiny --device              # a device-tool command
+  python -m mobilemoe_jax.scaling.sweep --grid=h200 --prepare_batches --seeds=0,1,2,3
+  python -m mobilemoe_jax.scaling.sweep --grid=h200 --in_process --seeds=0,1,2,3 --workers=8
 
 Each run is `python -m mobilemoe_jax.train --config=configs/stages/pretrain.py:FAMILY[,data_dir=D]
 --workdir=W --config.model.X=V ... --config.train.steps=S`: the grid is a list of overrides of
@@ -12,9 +14,17 @@ record's accounting is computed from the same overrides applied in-process (one 
 truth for what was trained). A run already in the output file (same name) is skipped, so an
 interrupted sweep resumes by re-running its command.
 
+In-process mode (--in_process, run_in_process): every run in this process, each run's seeds
+trained side by side (batched.py) from the batches --prepare_batches stored, a few runs at a
+time in threads; one record per (run, seed), named RUN_seedS. For many tiny runs on one GPU,
+where start-up and compiling would otherwise cost more than the training.
+
 Record fields (law.FIELDS plus): name, family, overrides, steps, batch_size, seq_len,
 params_with_embedding (total, active), final_eval_step, wall_s, returncode, code (git HEAD,
-'+dirty' when mobilemoe_jax/ or configs/ had uncommitted changes).
+'+dirty.HASH' when mobilemoe_jax/ or configs/ had uncommitted changes); in-process records
+have run, seed, curve and train_curve ([step, loss] every chunk), bad_step, eval_tokens,
+group_wall_s (the run's seeds together, compile included), device instead of the
+subprocess fields.
 """
 import argparse
 import hashlib
