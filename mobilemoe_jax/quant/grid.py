@@ -23,7 +23,8 @@ row (= token) at a time, on one of two int8 grids:
     rmin = min(row, 0), rmax = max(row, 0), inv = 255 / (rmax - rmin)   (1 if rmin == rmax)
     zp = round_half_even(clip(-128 - rmin * inv, -128, 127))      (XNNPACK's "nudged" form)
     q = clip(round_half_even(x * inv) + zp, -128, 127),  x ~= (q - zp) / inv
-  Bit-exact with the kernel's integers on 51,200 probed values (fp32 arithmetic as here).
+  Bit-exact with the kernel's integers (fp32 arithmetic as here): 51,200 probed values per
+  weight type (INT4 block-32, INT4 channel-wise, INT8) once; the test checks 7,680.
 - 'int8_dynamic_sym': symmetric, q = round_half_even(x * 127 / amax) in [-127, 127]: our
   delegate's int8 mode (MobileMoeBlock experts), and TFLite's builtin kernels without
   XNNPACK for channel-wise weights (FC option asymmetric_quantize_inputs = False).
