@@ -144,32 +144,29 @@ def test_int4_weights_are_int4_on_our_grid(small, fp32_path, tmp_path, quant, em
     assert (got.argmax(-1) == jax_logits.argmax(-1)).mean() >= 0.9
 
 
-def test_byte_patch_of_per_channel_weights(small, fp32_path, tmp_path):
-  """flatbuf.write_weight on channel-wise INT4 and INT8 tensors (per-channel scales live in
-  each tensor's table, not a buffer): what is written reads back, nothing else moves."""
+def test_write_grid_per_channel(small, fp32_path, tmp_path):
+  """write_grid on channel-wise INT4 FCs and an INT8 embedding, whose scales live in each
+  tensor's table once per signature (not in a shared buffer): every signature gets them."""
+  import copy
   out = str(tmp_path / 'channel.tflite')
   litert.quantize(fp32_path, out, 'int4_channel', 'int8', small.cfg, log=lambda _: None)
+  m = copy.deepcopy(small)
+  for name in tm.grid_names(m):   # any integers and scales: this checks the file mechanics
+    scheme = 'int8_channel' if name == 'embed.weight' else 'int4_channel'
+    q, s = grid.quantize(m.get_parameter(name).detach().numpy(), scheme)
+    tm.set_grid(m, name, tm.Grid(np.clip(-q, -7, 7).astype(np.int8), s * 1.5, scheme))
+  rep = litert.write_grid(out, m, 'int4_channel', 'int8', log=lambda _: None)
+  n = len(tm.grid_names(m))
+  assert rep['weights'] == rep['changed'] == n
+  given = {g.q.tobytes(): g for g in tm.grids(m).values()}
   model, raw = flatbuf.load(out)
-  raw = bytearray(raw)
-  first = {}                      # one INT4 (an FC) and one INT8 (the embedding) tensor
+  placed = 0
   for sg, t in flatbuf.quantized_constants(model):
-    if sg is model.subgraphs[0]:
-      first.setdefault(t.type, t)
-  assert set(first) == {flatbuf.T.INT4, flatbuf.T.INT8}
-  sg, written = model.subgraphs[0], {}
-  for t in first.values():
-    q, s = flatbuf.tensor_value(model, raw, t), flatbuf.weight_quant(model, raw, sg, t)[0]
-    written[t.name] = (np.clip(-q, -7, 7).astype(np.int8), s * 1.5)
-    flatbuf.write_weight(raw, model, sg, t, *written[t.name])
-  back, raw2 = flatbuf.load(bytes(raw))
-  assert len(raw2) == len(flatbuf.load(out)[1])
-  for t in back.subgraphs[0].tensors:
-    if t.name in written:
-      np.testing.assert_array_equal(flatbuf.tensor_value(back, raw2, t), written[t.name][0])
-      np.testing.assert_array_equal(flatbuf.weight_quant(back, raw2, back.subgraphs[0], t)[0],
-                                    written[t.name][1])
-      written.pop(t.name)
-  assert not written
+    g = given.get(flatbuf.tensor_value(model, raw, t).tobytes())
+    if g is not None:           # (the tied lm_head's INT4 copy of the embedding has none)
+      np.testing.assert_array_equal(flatbuf.weight_quant(model, raw, sg, t)[0], g.scales.ravel())
+      placed += 1
+  assert placed == rep['tensors'] == n * len(model.subgraphs)
 
 
 def test_int8_and_embedding(small, fp32_path, tmp_path):
