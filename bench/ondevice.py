@@ -21,7 +21,10 @@ Whole models: MobileMoE-S (configs/mobilemoe_s.py, MoE blocks lowered to MobileM
 for the delegate) and MobileLLM-Pro (configs/mobilellm_pro.py), random weights, exported
 by export/ (litert-torch + ai-edge-quantizer) with prefill_128 / prefill_512 / decode
 signatures and a 1024-slot external KV cache, every FC INT4 channel-wise (XNNPACK's
-fastest INT4 path; MobileMoE-S's experts are block-32 inside the op). The files are
+fastest INT4 path; MobileMoE-S's experts are block-32 inside the op). Prefill returns
+the last prompt token's logits only (export --prefill-logits last, what a phone app
+samples from): the final norm + lm_head over the 202k vocabulary run for one row, not
+for all T (at T=512 that layer alone would be ~79 GMAC and ~414 MB of logits). The files are
 cached in runs/ondevice_models/ (first export ~4 + ~5 min, ~15 GB RAM for Pro).
 Models are built in one child process and timed in another; the models of one
 comparison are timed in the same window with alternating invokes, so on a
@@ -429,8 +432,10 @@ def active_bytes_per_token(o):
 
 # The two whole models, exported once and cached (keyed by everything that shapes them).
 WHOLE = {
-    "moe": dict(config="configs/mobilemoe_s.py", quant="int4_channel", moe="delegate"),
-    "dense": dict(config="configs/mobilellm_pro.py", quant="int4_channel", moe="portable"),
+    "moe": dict(config="configs/mobilemoe_s.py", quant="int4_channel", moe="delegate",
+                prefill_logits="last"),
+    "dense": dict(config="configs/mobilellm_pro.py", quant="int4_channel", moe="portable",
+                  prefill_logits="last"),
 }
 WHOLE_PREFILL = (128, 512)
 WHOLE_KV_LEN = 1024
@@ -477,11 +482,12 @@ def export_whole(name, path):
     model.set_moe_lowering = lambda *args, **kw: model
   rep = litert.export(model, path + ".tmp", quant=spec["quant"], moe=spec["moe"],
                       prefill_lens=WHOLE_PREFILL, kv_len=WHOLE_KV_LEN,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
+                      prefill_logits=spec["prefill_logits"], log=lambda m: print(m, file=sys.stderr, flush=True))
   os.replace(path + ".tmp", path)
   meta = dict(spec, export_s=time.time() - t0,
               file_bytes=rep["file_bytes"], params=params,
-              signatures=rep["signatures"], peak_rss_mb=peak_rss_mb())
+              signatures=rep["signatures"], file_prefill_logits=rep["prefill_logits"],
+              peak_rss_mb=peak_rss_mb())
   with open(path + ".json", "w") as f:
     json.dump(meta, f, indent=1)
   print(json.dumps(meta))
@@ -512,8 +518,8 @@ def whole_models():
 def whole_model_race(moe_path, dense_path, budget_s):
   """Child process: exported MobileMoE-S and dense models (export/runner.py
   signatures) timed in one window, alternating. Prefill P tokens from an empty
-  cache (chunked by the model's prefill signatures); decode = one token after a
-  32-token prompt."""
+  cache (chunked by the model's prefill signatures) up to the logits after the last
+  token (all a 'last' file returns); decode = one token after a 32-token prompt."""
   from export.runner import LiteRTLM
   lms = {}
   for name, path in (("moe", moe_path), ("dense", dense_path)):
@@ -536,20 +542,20 @@ def whole_model_race(moe_path, dense_path, budget_s):
         lm.reset()
         ids = rng.integers(0, 1000, P)
         t0 = time.perf_counter()
-        lm.prefill(ids)
+        lm.prefill_last(ids)
         times[n].append(time.perf_counter() - t0)
     for n, t in times.items():
       out[f"{n}_prefill{P}_ms"] = float(np.median(t) * 1e3)
   times = {n: [] for n in lms}
   for n, (lm, _) in lms.items():
     lm.reset()
-    lm.prefill(rng.integers(0, 1000, 32))
+    lm.prefill_last(rng.integers(0, 1000, 32))
   t_end = time.perf_counter() + budget_s
   while min(map(len, times.values())) < 10 or time.perf_counter() < t_end:
     for n, (lm, _) in lms.items():
       if lm.pos >= lm.kv_len:
         lm.reset()
-        lm.prefill(rng.integers(0, 1000, 32))
+        lm.prefill_last(rng.integers(0, 1000, 32))
       t0 = time.perf_counter()
       lm.decode(int(rng.integers(0, 1000)))
       times[n].append(time.perf_counter() - t0)
@@ -564,7 +570,7 @@ def whole_rss(path):
   with open(path, "rb") as f:
     uses_op = tb.OP_NAME.encode() in f.read()
   lm = LiteRTLM(path, num_threads=THREADS, delegate=dl.load(num_threads=THREADS) if uses_op else None)
-  lm.prefill(np.arange(128) % 1000)
+  lm.prefill_last(np.arange(128) % 1000)
   lm.decode(1)
   print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 

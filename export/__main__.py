@@ -57,8 +57,10 @@ def verify(model, path, quant: str, embedding: str, moe: str, tokenizer=None,
     # Teacher-forced on the .tflite's continuation: prefill the prompt, decode the rest.
     lm.reset()
     cont = r['tflite'][:-1]
-    got = np.concatenate([lm.prefill(p)] + [lm.decode(t)[None] for t in cont])
-    want = ref_logits(list(p) + list(cont))
+    # A --prefill-logits last file gives the prompt's last row only: compared from there.
+    first = lm.prefill(p) if lm.prefill_logits == 'all' else lm.prefill_last(p)[None]
+    got = np.concatenate([first] + [lm.decode(t)[None] for t in cont])
+    want = ref_logits(list(p) + list(cont))[len(p) - len(first):]
     err, scale = max(err, float(np.abs(got - want).max())), max(scale, float(np.abs(want).max()))
     agree.append(got.argmax(-1) == want.argmax(-1))
   n_full = sum(r['agree'] == n_greedy for r in results)
@@ -124,6 +126,9 @@ def main(argv=None):
                        "int4 = INT4 channel-wise")
   ap.add_argument('--moe', default='portable', choices=('portable', 'delegate'))
   ap.add_argument('--prefill', default='32,128', help='comma-separated prefill lengths')
+  ap.add_argument('--prefill-logits', default='all', choices=('all', 'last'),
+                  help="what prefill returns: 'all' positions (scoring, eval) or the 'last' "
+                       "real token's only (generation: skips the T x vocab lm_head)")
   ap.add_argument('--kv-len', type=int, default=0, help='KV cache length (0: max_seq_len)')
   ap.add_argument('--torch-out', help='also write the PyTorch safetensors dir here')
   ap.add_argument('--hf-out', help='also write a Hugging Face transformers dir here')
@@ -161,10 +166,11 @@ def main(argv=None):
   if a.embedding == 'auto' and qat.get('weights'):
     a.embedding = {'int4_g32': 'int4_g32', 'int4_channel': 'int4', 'int8_channel': 'int8'}.get(
         qat.get('embedding'), 'auto')
-  print(f'[export] weights {a.quant}, embedding {a.embedding}, MoE {a.moe}', flush=True)
+  print(f'[export] weights {a.quant}, embedding {a.embedding}, MoE {a.moe}, '
+        f'prefill logits {a.prefill_logits}', flush=True)
   prefill = tuple(int(x) for x in a.prefill.split(','))
   rep = litert.export(model, a.out, quant=a.quant, embedding=a.embedding, moe=a.moe,
-                      prefill_lens=prefill, kv_len=a.kv_len,
+                      prefill_lens=prefill, kv_len=a.kv_len, prefill_logits=a.prefill_logits,
                       log=lambda m: print(m, flush=True))
   rep['float_fc_weights'] = len(litert.check_router(a.out))
   if not a.no_verify:

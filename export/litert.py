@@ -2,7 +2,10 @@
 
 The layout follows litert-torch's generative examples: token ids [1, T] int32, input_pos
 [T] int32, and an external KV cache (`kv_cache_k_<i>` / `kv_cache_v_<i>`, [1, S, K, Dh]
-f32) passed in and returned updated. Logits are [1, T, V] f32.
+f32) passed in and returned updated. Logits are [1, T, V] f32, or with
+prefill_logits='last' [1, 1, V] for the token at the prefill's extra input `last_index` [1]
+int32 (its index in the padded chunk): what an app samples from, without the T x V lm_head
+and logits copy (at V=202k and T=512 more MACs than a MoE model's whole body).
 
 Quantization is done by ai-edge-quantizer on the fp32 flatbuffer (the same library that
 litert-torch's quant_config calls, and it also offers INT4 channel-wise, which litert-torch's
@@ -19,6 +22,7 @@ import torch
 
 from export import flatbuf
 
+PREFILL_LOGITS = ('all', 'last')
 QUANTS = ('int4_g32', 'int4_channel', 'int8', 'fp32')
 # 'auto': the FC scheme, so a tied embedding is stored once for the gather and the lm_head.
 EMBEDDINGS = ('auto', 'int4_g32', 'int4', 'int8', 'fp32')
@@ -37,10 +41,10 @@ class Exportable(torch.nn.Module):
     super().__init__()
     self.model = model
 
-  def forward(self, tokens, input_pos, kv_cache):
+  def forward(self, tokens, input_pos, kv_cache, last_index=None):
     n = len(self.model.blocks)
     cache = [(kv_cache[f'k_{i}'], kv_cache[f'v_{i}']) for i in range(n)]
-    logits, new = self.model(tokens, input_pos, cache)
+    logits, new = self.model(tokens, input_pos, cache, last_index)
     out = {'logits': logits}
     for i, (k, v) in enumerate(new):
       out[f'kv_cache_k_{i}'], out[f'kv_cache_v_{i}'] = k, v
@@ -52,14 +56,17 @@ def empty_kv(cfg: dict, kv_len: int) -> dict:
   return {f'{c}_{i}': torch.zeros(shape) for i in range(cfg['n_layers']) for c in 'kv'}
 
 
-def convert_fp32(model, out_path: str, prefill_lens=(32, 128), kv_len: int = 0, log=print):
+def convert_fp32(model, out_path: str, prefill_lens=(32, 128), kv_len: int = 0, log=print,
+                 prefill_logits='all'):
   """Traces prefill_<T> for each T and decode, and writes the fp32 flatbuffer."""
   from export import keep_jax_x64
+  if prefill_logits not in PREFILL_LOGITS:
+    raise ValueError(f'unknown prefill_logits {prefill_logits!r}; choose from {PREFILL_LOGITS}')
   with keep_jax_x64(inside=True):
-    return _convert_fp32(model, out_path, prefill_lens, kv_len, log)
+    return _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits)
 
 
-def _convert_fp32(model, out_path, prefill_lens, kv_len, log):
+def _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits):
   import litert_torch
   cfg = model.cfg
   kv_len = kv_len or cfg['max_seq_len']
@@ -72,6 +79,8 @@ def _convert_fp32(model, out_path, prefill_lens, kv_len, log):
   for t in prefill_lens:
     kw = dict(tokens=torch.zeros((1, t), dtype=torch.int32),
               input_pos=torch.arange(t, dtype=torch.int32), kv_cache=kv)
+    if prefill_logits == 'last':
+      kw['last_index'] = torch.tensor([t - 1], dtype=torch.int32)
     conv = (litert_torch if conv is None else conv).signature(f'prefill_{t}', mod, sample_kwargs=kw)
   kw = dict(tokens=torch.zeros((1, 1), dtype=torch.int32),
             input_pos=torch.zeros((1,), dtype=torch.int32), kv_cache=kv)
@@ -138,14 +147,15 @@ def quantize(fp32_path: str, out_path: str, quant: str, embedding: str, cfg: dic
 
 
 def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='portable',
-           prefill_lens=(32, 128), kv_len=0, log=print):
-  """torch model -> out_path. Returns the report dict (see report())."""
+           prefill_lens=(32, 128), kv_len=0, prefill_logits='all', log=print):
+  """torch model -> out_path. Returns the report dict (see report()).
+  prefill_logits: 'all' (every position: scoring needs them) or 'last' (see the module doc)."""
   if moe == 'delegate' and quant not in ('int4_g32',) and model.cfg['moe']['n_experts']:
     log('[export] note: the MobileMoeBlock op always holds block-32 INT4 experts')
   model.set_moe_lowering(moe)
   with tempfile.TemporaryDirectory() as tmp:
     fp32 = os.path.join(tmp, 'fp32.tflite')
-    convert_fp32(model, fp32, prefill_lens, kv_len, log)
+    convert_fp32(model, fp32, prefill_lens, kv_len, log, prefill_logits)
     quantize(fp32, out_path, quant, embedding, model.cfg, log)
   exact = write_grid(out_path, model, quant, embedding, log)
   return dict(report(out_path), exact_grid=exact)
@@ -234,15 +244,26 @@ def report(path: str) -> dict:
     from export import moe_op
     for _, ws in moe_op.read_ops(raw):
       moe_q4 += sum(v.nbytes for k, v in ws.items() if k.endswith('_q'))   # already packed
+  sigs = flatbuf.signatures(model)
   return {
       'path': path,
       'file_bytes': len(raw),
       'weight_bytes': by_type,
       # Packed INT4 expert weights of the custom op are stored as uint8 bytes.
       'int4_fraction': (by_type.get('INT4', 0) + moe_q4) / total if total else 0.0,
-      'signatures': sorted(flatbuf.signatures(model)),
+      'signatures': sorted(sigs),
+      'prefill_logits': prefill_logits(sigs),
       'ops': flatbuf.op_names(model),
   }
+
+
+def prefill_logits(sigs: dict) -> str:
+  """'last' if the prefill signatures take `last_index` (flatbuf.signatures' dict), else 'all'."""
+  kinds = {'last' if 'last_index' in ins else 'all'
+           for k, (ins, _) in sigs.items() if k.startswith('prefill_')}
+  if len(kinds) > 1:
+    raise ValueError(f'prefill signatures disagree on their logits: {sorted(sigs)}')
+  return kinds.pop() if kinds else 'all'
 
 
 def check_router(path: str):

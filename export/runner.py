@@ -23,14 +23,19 @@ class LiteRTLM:
     self.kv_names = sorted(n for n in details if n.startswith('kv_cache_'))
     self.kv_shape = details[self.kv_names[0]]['shape']
     self.kv_len = int(self.kv_shape[1])
+    # 'last': the prefill signatures take `last_index` and return that token's logits only
+    # (export --prefill-logits last); 'all': logits for every position.
+    ins = self.runners[f'prefill_{self.prefill_lens[0]}'].get_input_details()
+    self.prefill_logits = 'last' if 'last_index' in ins else 'all'
     self.reset()
 
   def reset(self):
     self.kv = {n: np.zeros(self.kv_shape, np.float32) for n in self.kv_names}
     self.pos = 0
 
-  def _run(self, sig, tokens, pos):
-    out = self.runners[sig](tokens=tokens.astype(np.int32), input_pos=pos.astype(np.int32), **self.kv)
+  def _run(self, sig, tokens, pos, **extra):
+    out = self.runners[sig](tokens=tokens.astype(np.int32), input_pos=pos.astype(np.int32),
+                            **self.kv, **extra)
     self.kv = {n: out[n] for n in self.kv_names}
     return out['logits'][0]
 
@@ -38,6 +43,21 @@ class LiteRTLM:
     """Feeds ids (in chunks of the prefill lengths) after what is cached; returns their
     logits [len(ids), V]. A padded chunk's extra slots hold junk that later tokens
     overwrite and that the causal mask hides until then."""
+    if self.prefill_logits != 'all':
+      raise ValueError('this .tflite was exported with --prefill-logits last: its prefill '
+                       'returns only the last token\'s logits; use prefill_last(), or export '
+                       'with --prefill-logits all for per-position logits (scoring)')
+    return np.concatenate(self._prefill(ids))
+
+  def prefill_last(self, ids) -> np.ndarray:
+    """Feeds ids like prefill() and returns only the logits after the last one [V]
+    (what generation samples from); works with either kind of file."""
+    if not len(ids):
+      raise ValueError('prefill_last needs at least one id')
+    return self._prefill(ids)[-1][-1]
+
+  def _prefill(self, ids) -> list:
+    """Logits per chunk: [n, V] each, or [1, V] (its last real token) for a 'last' file."""
     ids = np.asarray(ids, np.int32)
     if self.pos + len(ids) > self.kv_len:
       raise ValueError(f'{self.pos + len(ids)} tokens exceed the KV cache ({self.kv_len})')
@@ -53,10 +73,11 @@ class LiteRTLM:
         continue
       tokens = np.zeros((1, t), np.int32)
       tokens[0, :n] = chunk
-      logits = self._run(f'prefill_{t}', tokens, np.arange(self.pos, self.pos + t))
-      out.append(logits[:n])
+      extra = {'last_index': np.array([n - 1], np.int32)} if self.prefill_logits == 'last' else {}
+      logits = self._run(f'prefill_{t}', tokens, np.arange(self.pos, self.pos + t), **extra)
+      out.append(logits if extra else logits[:n])
       self.pos += n
-    return np.concatenate(out)
+    return out
 
   def decode(self, token) -> np.ndarray:
     if self.pos >= self.kv_len:
@@ -68,7 +89,7 @@ class LiteRTLM:
   def generate(self, prompt_ids, max_new: int, temperature=0.0, top_k=0, seed=0, eos_id=None):
     rng = np.random.default_rng(seed)
     self.reset()
-    logits = self.prefill(prompt_ids)[-1]
+    logits = self.prefill_last(prompt_ids)
     out = []
     for _ in range(max_new):
       tok = sample(logits, rng, temperature, top_k)
@@ -102,7 +123,7 @@ def greedy_agreement(lm, reference, prompt_ids, n_steps: int) -> dict:
     ref.append(int(np.argmax(logits)))
     if ref[-1] != tok:
       lm.reset()
-      tfl = lm.prefill(ids)[-1]
+      tfl = lm.prefill_last(ids)
       return {'agree': i, 'tflite': got, 'reference': ref,
               'ref_margin': float(logits[ref[-1]] - logits[tok]),
               'tflite_margin': float(tfl[tok] - tfl[ref[-1]])}

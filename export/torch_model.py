@@ -228,9 +228,12 @@ class MobileMoE(nn.Module):
     self.register_buffer('rope_cos', cos, persistent=False)
     self.register_buffer('rope_sin', sin, persistent=False)
 
-  def forward(self, tokens, input_pos=None, kv_cache=None):
+  def forward(self, tokens, input_pos=None, kv_cache=None, last_index=None):
     """input_pos [T]: positions of the tokens (= cache slots; contiguous).
-    kv_cache: list of (k, v) [B, S, K, Dh] per layer, or None for a plain forward."""
+    kv_cache: list of (k, v) [B, S, K, Dh] per layer, or None for a plain forward.
+    last_index [1] int: logits only for that token of the chunk ([B, 1, V]): a prefill
+    padded to T samples from its last real token, and the lm_head over the vocabulary
+    then runs for one row instead of T."""
     if input_pos is None:
       input_pos = torch.arange(tokens.shape[1], dtype=torch.int32)
     cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
@@ -239,6 +242,8 @@ class MobileMoE(nn.Module):
     for i, block in enumerate(self.blocks):
       x, c = block(x, input_pos, cos, sin, None if kv_cache is None else kv_cache[i])
       new_cache.append(c)
+    if last_index is not None:
+      x = x.index_select(1, last_index)
     x = self.final_norm(x)
     logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
     return logits if kv_cache is None else (logits, new_cache)

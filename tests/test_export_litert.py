@@ -257,3 +257,60 @@ def test_runner_greedy_generation_matches_torch(small, fp32_path):
   # Sampling is seeded: the same seed gives the same tokens.
   a, b = lm.generate(prompt, 12, temperature=1.0, seed=1), lm.generate(prompt, 12, temperature=1.0, seed=1)
   assert a == b and len(a) == 12
+
+
+@pytest.fixture(scope='module')
+def last_fp32_path(small, tmp_path_factory):
+  """The same model with prefill_logits='last': prefill returns the last real token's row."""
+  path = str(tmp_path_factory.mktemp('litert_last') / 'fp32_last.tflite')
+  small.set_moe_lowering('portable')
+  litert.convert_fp32(small, path, prefill_lens=(8, 32), kv_len=KV_LEN, log=lambda _: None,
+                      prefill_logits='last')
+  return path
+
+
+@pytest.mark.parametrize('quant', ['fp32', 'int4_g32'])
+def test_prefill_logits_last(small, fp32_path, last_fp32_path, tmp_path, quant):
+  """A 'last' file's prefill gives the 'all' file's last row (padded chunks included: the
+  row of the last real token), continues the same KV cache, and generates the same tokens."""
+  paths = {}
+  for kind, src in (('all', fp32_path), ('last', last_fp32_path)):
+    paths[kind] = src
+    if quant != 'fp32':
+      paths[kind] = str(tmp_path / f'{kind}.tflite')
+      litert.quantize(src, paths[kind], quant, 'auto', small.cfg, log=lambda _: None)
+      litert.write_grid(paths[kind], small, quant, 'auto', log=lambda _: None)
+  assert litert.report(paths['all'])['prefill_logits'] == 'all'
+  assert litert.report(paths['last'])['prefill_logits'] == 'last'
+  full, last = LiteRTLM(paths['all']), LiteRTLM(paths['last'])
+  assert (full.prefill_logits, last.prefill_logits) == ('all', 'last')
+  out = last.runners['prefill_32'].get_output_details()['logits']['shape']
+  assert list(out) == [1, 1, small.cfg['vocab_size']]
+  # 5 and 70 end in a padded prefill_8 chunk, 32 fills one chunk, 1 token is padded too.
+  for n in (5, 32, 70, 1):
+    full.reset(), last.reset()
+    want = full.prefill(TOK[:n])[-1]
+    got = last.prefill_last(TOK[:n])
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    full.reset()
+    assert np.array_equal(full.prefill_last(TOK[:n]), want)    # prefill_last on an 'all' file
+    # Same cache: the next decode step agrees too.
+    np.testing.assert_allclose(last.decode(TOK[n]), full.decode(TOK[n]),
+                               atol=1e-5 * np.abs(want).max(), rtol=0)
+  assert full.generate(list(TOK[:37]), 16) == last.generate(list(TOK[:37]), 16)
+  with pytest.raises(ValueError, match='prefill-logits last'):
+    last.prefill(TOK[:5])
+
+
+def test_prefill_logits_last_verify_and_eval(small, last_fp32_path):
+  """The CLI's verification runs on a 'last' file; the lm_eval backend refuses one (scoring
+  needs every position) with an error naming the option."""
+  from export.__main__ import verify
+  r = verify(small, last_fp32_path, 'fp32', 'fp32', 'portable', n_greedy=8)
+  assert r['max_abs_logit_err'] < 1e-4 * r['logit_scale'] and r['argmax_agree'] == 1.0
+  with pytest.raises(ValueError, match='unknown prefill_logits'):
+    litert.convert_fp32(small, 'x.tflite', prefill_logits='first')
+  pytest.importorskip('lm_eval')
+  from mobilemoe_jax.eval.tflite_lm import TFLiteLM
+  with pytest.raises(ValueError, match='--prefill-logits all'):
+    TFLiteLM(tokenizer=object(), runner=LiteRTLM(last_fp32_path))

@@ -9,6 +9,7 @@ this backend relies on:
 
   runner.reset()                 empty the KV cache
   runner.prefill(ids) -> [n, V]  append ids to the cache; logits after each of them
+                                 (a file exported with --prefill-logits all, the default)
   runner.decode(id)   -> [V]     append one id; the next-token logits
   runner.kv / runner.pos         the cache and its fill (copied to reuse a shared context)
   runner.kv_len                  cache length = the longest sequence it can score
@@ -47,6 +48,10 @@ class TFLiteLM(TokenLM):
         from export import delegate as delegate_lib
         dlg = delegate_lib.load()
       runner = LiteRTLM(str(path), int(num_threads), dlg)
+    if getattr(runner, 'prefill_logits', 'all') != 'all':
+      raise ValueError(f'{path or "the runner"}: a .tflite exported with --prefill-logits last '
+                       '(prefill returns only the last token\'s logits); scoring needs every '
+                       'position: export with --prefill-logits all (the default)')
     super().__init__(tokenizer, runner.kv_len, max_gen_toks)
     self.runner = runner
     self.rng = np.random.default_rng(int(seed))
