@@ -132,10 +132,14 @@ def test_pack_roundtrip():
 
 
 def test_act_int8_matches_delegate_reference():
+  # The delegate's int8 mode is on the .tflite FCs' grid ('int8_dynamic', as QAT), not the
+  # symmetric one; tests/test_delegate*.py check the C++ op against this reference.
   from export.delegate import _quant_rows_int8
-  x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+  x = np.random.default_rng(0).standard_normal((6, 64)).astype(np.float32)
   x[2] = 0
-  np.testing.assert_array_equal(grid.fake_quant_act_int8(x), _quant_rows_int8(x))
+  x[3], x[4] = np.abs(x[3]), -np.abs(x[4])  # zero point at either end
+  np.testing.assert_array_equal(grid.fake_quant_act(x, 'int8_dynamic'), _quant_rows_int8(x))
+  assert not np.array_equal(grid.fake_quant_act_int8(x), _quant_rows_int8(x))
 
 
 def _run_fc(path, x, resolver=None):

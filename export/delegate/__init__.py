@@ -74,12 +74,11 @@ WEIGHT_NAMES = ("router_w", "router_bias", "gate_up_q", "gate_up_s", "down_q",
 
 
 def _quant_rows_int8(x):
-  """Per-row symmetric int8, as the delegate's int8 activation mode does."""
-  x = np.asarray(x, np.float32)
-  amax = np.abs(x).max(-1, keepdims=True)
-  inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-  q = np.clip(np.rint(x * inv), -127, 127)
-  return (q * (amax / np.float32(127))).astype(np.float32)
+  """Per-row int8 as the delegate's int8 activation mode does: XNNPACK's asymmetric
+  grid (grid.quantize_act_int8_asym, the one implementation), dequantised to float32
+  the way QAT's grid.fake_quant_act(x, 'int8_dynamic') does."""
+  from mobilemoe_jax.quant import grid
+  return grid.fake_quant_act(np.asarray(x, np.float32), "int8_dynamic").astype(np.float32)
 
 
 def route(x, router_w, router_bias, options):

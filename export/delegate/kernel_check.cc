@@ -26,7 +26,11 @@ static int Check(Isa isa) {
         std::vector<float> s((size_t)M * K / G), x((size_t)N * K);
         for (auto& v : s) v = 0.01f + 0.05f * std::fabs(u(rng));
         for (auto& v : x) v = u(rng);
-        const Q4Matrix w{q.data(), s.data(), M, K, G};
+        for (int n = 0; n < N; n += 3)  // one-signed rows: zero points at the ends
+          for (int k = 0; k < K; ++k) x[(size_t)n * K + k] = (n % 2 ? -1.f : 1.f) * std::fabs(x[(size_t)n * K + k]);
+        std::vector<float> wsum(M);
+        ZeroPointSums(q.data(), s.data(), M, K, G, wsum.data());
+        const Q4Matrix w{q.data(), s.data(), M, K, G, wsum.data()};
         for (ActMode mode : {ActMode::kF32, ActMode::kI8}) {
           Acts simd, plain;
           simd.Resize(N, K, mode, isa);

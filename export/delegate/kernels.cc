@@ -21,7 +21,8 @@ namespace mm {
 #if defined(MM_HAVE_AVX512)
 namespace avx512 {
 MM_X86_KERNELS
-void PrepRowI8(const float* x, int K, int8_t* q, int32_t* corr, float* scale);
+void MinMax(const float* x, int K, float* mn, float* mx);
+void PrepRowI8(const float* x, int K, float inv, float zp, int8_t* q, int32_t* corr);
 void PrepRowF32(const float* x, int K, float* f);
 }  // namespace avx512
 #endif
@@ -95,6 +96,7 @@ void Acts::Resize(int n, int k, ActMode m, Isa kernel_isa) {
   } else {
     q.resize(rows * K);
     scale.resize(N);
+    zp.resize(N);
     if (simd) corr.resize(rows * (K / 8));
   }
 }
@@ -104,6 +106,35 @@ static inline size_t SimdPos(int n, int k, int K) {
   const int b = k / 128, i = k % 128;
   return (size_t)(n / 4) * 4 * K + (size_t)b * 4 * 128 + (n % 4) * 128 +
          (i % 2) * 64 + i / 2;
+}
+
+// A rounded fp32 product: the volatile keeps the compiler from fusing it into
+// an FMA with the following add (arm64), which would round differently.
+static inline float Mul(float a, float b) {
+  volatile float p = a * b;
+  return p;
+}
+
+// XNNPACK's per-row parameters, operation for operation as grid.py's
+// quantize_act_int8_asym in fp32. Comparisons are written so NaN/inf rows
+// give finite parameters.
+static void AsymParams(float mn, float mx, float* inv, float* zp) {
+  const float rmin = mn < 0.f ? mn : 0.f, rmax = mx > 0.f ? mx : 0.f;
+  const float span = rmax - rmin;
+  *inv = span > 0.f ? 255.f / span : 1.f;
+  const float lo = Mul(rmin, *inv), hi = Mul(rmax, *inv);
+  const float from_min = -128.f - lo, from_max = 127.f - hi;
+  float z = (-128.f + lo) + (127.f + hi) > 0.f ? from_min : from_max;
+  if (!(z > -128.f)) z = -128.f;
+  if (!(z < 127.f)) z = 127.f;
+  *zp = std::nearbyint(z);  // half to even (default rounding mode), like numpy.round
+}
+
+static inline int8_t QuantAsym(float x, float inv, float zp) {
+  float v = std::nearbyint(x * inv) + zp;
+  if (!(v > -128.f)) v = -128.f;  // also catches NaN: no UB in the cast
+  if (!(v < 127.f)) v = 127.f;
+  return (int8_t)v;
 }
 
 void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1) {
@@ -116,9 +147,12 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
       if (mode == ActMode::kF32) {
         avx512::PrepRowF32(xr, K, f.data() + slot);
       } else {
-        avx512::PrepRowI8(xr, K, q.data() + slot,
-                          corr.data() + (size_t)(n / 4) * 4 * (K / 8) + (n % 4) * 16,
-                          &scale[n]);
+        float mn, mx, inv;
+        avx512::MinMax(xr, K, &mn, &mx);
+        AsymParams(mn, mx, &inv, &zp[n]);
+        scale[n] = 1.f / inv;
+        avx512::PrepRowI8(xr, K, inv, zp[n], q.data() + slot,
+                          corr.data() + (size_t)(n / 4) * 4 * (K / 8) + (n % 4) * 16);
       }
       continue;
     }
@@ -131,18 +165,16 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
       }
       continue;
     }
-    // Dynamic symmetric int8 per row: x ~= scale * q, q in [-127, 127].
-    float amax = 0.f;
-    for (int k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    scale[n] = amax / 127.f;
-    int8_t* dst = simd ? (tmp.resize(K), tmp.data()) : q.data() + (size_t)n * K;
+    // Dynamic asymmetric int8 per row: x ~= scale * (q - zp), q in [-128, 127].
+    float mn = 0.f, mx = 0.f, inv;
     for (int k = 0; k < K; ++k) {
-      float v = xr[k] * inv;
-      if (!(v > -127.f)) v = -127.f;  // also catches NaN: no UB in the cast
-      if (!(v < 127.f)) v = 127.f;
-      dst[k] = (int8_t)std::lrint(v);  // round half to even, like numpy.rint
+      mn = std::min(mn, xr[k]);
+      mx = std::max(mx, xr[k]);
     }
+    AsymParams(mn, mx, &inv, &zp[n]);
+    scale[n] = 1.f / inv;
+    int8_t* dst = simd ? (tmp.resize(K), tmp.data()) : q.data() + (size_t)n * K;
+    for (int k = 0; k < K; ++k) dst[k] = QuantAsym(xr[k], inv, zp[n]);
     if (!simd) continue;
     for (int k = 0; k < K; ++k) q[SimdPos(n, k, K)] = dst[k];
     // dpbusd lane j of a block sums k = 8j..8j+7 of that block; the kernel adds
@@ -153,6 +185,34 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
       for (int k = 8 * l; k < 8 * l + 8; ++k) s += dst[k];
       c[(size_t)(l / 16) * 4 * 16 + l % 16] = -8 * s;
     }
+  }
+}
+
+void ZeroPointSums(const uint8_t* q, const float* s, int M, int K, int G, float* wsum) {
+  for (int m = 0; m < M; ++m) {
+    const uint8_t* row = q + (size_t)m * (K / 2);
+    float acc = 0.f;
+    for (int g = 0; g < K / G; ++g) {
+      int32_t gs = 0;
+      for (int k = g * G; k < (g + 1) * G; ++k) {
+        const int v = (row[k >> 1] >> ((k & 1) * 4)) & 0xF;
+        gs += v >= 8 ? v - 16 : v;
+      }
+      acc += s[(size_t)m * (K / G) + g] * (float)gs;
+    }
+    wsum[m] = acc;
+  }
+}
+
+// The SIMD int8 kernels return scale * sum_k W[m,k] q_k; this removes
+// scale * zp * wsum[m], a rank-one term, in one vectorisable pass over out.
+static void ZeroPointFix(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out,
+                         int ldo) {
+  const float* __restrict ws = w.wsum + m0;
+  for (int n = 0; n < a.N; ++n) {
+    const float c = a.scale[n] * a.zp[n];
+    float* __restrict o = out + (size_t)n * ldo;
+    for (int m = 0; m < m1 - m0; ++m) o[m] -= c * ws[m];
   }
 }
 
@@ -184,7 +244,7 @@ static void ScalarGemm(const Q4Matrix& w, int m0, int m1, const Acts& a,
           for (int k = g * G; k < (g + 1) * G; ++k) gs += Nibble(wq, k) * x[k];
           acc += ws[g] * (float)gs;
         }
-        acc *= a.scale[n];
+        acc = a.scale[n] * (acc - a.zp[n] * w.wsum[m]);
       }
       out[(size_t)n * ldo + (m - m0)] = acc;
     }
@@ -199,10 +259,12 @@ using GemmF32Fn = void (*)(const uint8_t*, const float*, int, int, int, int, con
                            int, float*, int);
 static void X86Gemm(GemmI8Fn i8, GemmF32Fn f32, const Q4Matrix& w, int m0, int m1,
                     const Acts& a, float* out, int ldo) {
-  if (a.mode == ActMode::kI8)
+  if (a.mode == ActMode::kI8) {
     i8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.corr.data(), a.scale.data(), a.N, out, ldo);
-  else
+    ZeroPointFix(w, m0, m1, a, out, ldo);
+  } else {
     f32(w.q, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
+  }
 }
 #endif
 
@@ -215,10 +277,12 @@ void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ld
 #endif
 #if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
   if (a.isa == Isa::kNeon) {
-    if (a.mode == ActMode::kI8)
+    if (a.mode == ActMode::kI8) {
       neon::GemmI8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.scale.data(), a.N, out, ldo);
-    else
+      ZeroPointFix(w, m0, m1, a, out, ldo);
+    } else {
       neon::GemmF32(w.q, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
+    }
     return;
   }
 #endif

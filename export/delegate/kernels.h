@@ -36,9 +36,12 @@ struct Acts {
   Isa isa = Isa::kScalar;  // whose kernels read these rows (layout: see above)
   bool simd = false;       // isa != kScalar
   std::vector<float> f;       // fp32 mode
-  std::vector<int8_t> q;      // int8 mode: x ~= scale[n] * q
-  std::vector<int32_t> corr;  // simd int8: -8 * (sum of 8 x's) per lane, see .cc
-  std::vector<float> scale;   // [N] int8 mode
+  // int8 mode: XNNPACK's asymmetric per-row grid (mobilemoe_jax/quant/grid.py,
+  // quantize_act_int8_asym), x ~= scale[n] * (q - zp[n]), q in [-128, 127].
+  std::vector<int8_t> q;
+  std::vector<int32_t> corr;  // simd int8: -8 * (sum of 8 q's) per lane, see .cc
+  std::vector<float> scale;   // [N] int8 mode: 1 / inv
+  std::vector<float> zp;      // [N] int8 mode: integer-valued zero point
 
   void Resize(int n, int k, ActMode m, Isa kernel_isa);
   // Prepares tokens [n0, n1): token n is row rows[n] (or n) of x, row stride
@@ -51,7 +54,13 @@ struct Q4Matrix {
   const uint8_t* q;  // [M, K/2]
   const float* s;    // [M, K/G]
   int M, K, G;
+  // [M] sum_k W[m,k] (see ZeroPointSums); int8 mode needs it for the zero point.
+  const float* wsum = nullptr;
 };
+
+// wsum[m] = sum_g S[m,g] * sum_{k in g} q[m,k]: the int8 kernels compute
+// sum_k W[m,k] q_k and subtract zp * wsum[m] to get sum_k W[m,k] (q_k - zp).
+void ZeroPointSums(const uint8_t* q, const float* s, int M, int K, int G, float* wsum);
 
 // out[n * ldo + (m - m0)] = (W x_n)[m] for m in [m0, m1), n in [0, a.N).
 void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo);

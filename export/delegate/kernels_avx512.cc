@@ -130,19 +130,30 @@ MM_DEFINE_X86_GEMMS(4)
 // Prepares one activation row for the kernels above (SIMD layout, see
 // kernels.h): q/f point at this token's slot in block 0, successive blocks
 // are kQuad*128 elements apart. Int8 mode also writes corr and the scale.
-static inline float AbsMax(const float* x, int K) {
-  __m512 m = _mm512_setzero_ps();
-  for (int k = 0; k < K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  return _mm512_reduce_max_ps(m);
+void MinMax(const float* x, int K, float* mn, float* mx) {
+  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+  for (int k = 0; k < K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    lo = _mm512_min_ps(lo, v);
+    hi = _mm512_max_ps(hi, v);
+  }
+  *mn = _mm512_reduce_min_ps(lo);
+  *mx = _mm512_reduce_max_ps(hi);
 }
 
-void PrepRowI8(const float* x, int K, int8_t* q, int32_t* corr, float* scale) {
-  const float amax = AbsMax(x, K);
-  *scale = amax / 127.f;
-  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+// q = clip(rint(x * inv) + zp, -128, 127) (inv, zp from kernels.cc).
+void PrepRowI8(const float* x, int K, float inv_s, float zp_s, int8_t* q, int32_t* corr) {
+  const __m512 inv = _mm512_set1_ps(inv_s), zp = _mm512_set1_ps(zp_s);
+  const __m512 lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
   const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i io = _mm512_add_epi32(ie, _mm512_set1_epi32(1));
-  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  // rint(v) + zp, clamped in fp32: max/min_ps return their second operand
+  // when the first is NaN, so NaN becomes -128 as in the scalar path.
+  auto quant = [&](__m512 v) {
+    v = _mm512_add_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, inv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+  };
   alignas(64) int32_t pair[16];
   for (int b = 0; b < K / 128; ++b) {
     int8_t* qb = q + (size_t)b * kQuad * 128;
@@ -150,12 +161,8 @@ void PrepRowI8(const float* x, int K, int8_t* q, int32_t* corr, float* scale) {
     for (int c = 0; c < 4; ++c) {  // 32 k's -> 16 evens + 16 odds
       const float* xc = x + b * 128 + c * 32;
       const __m512 a = _mm512_loadu_ps(xc), a2 = _mm512_loadu_ps(xc + 16);
-      // cvtps rounds half to even (MXCSR default), like numpy.rint; NaN
-      // becomes INT_MIN and is clamped like the scalar path.
-      __m512i e = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, ie, a2), inv));
-      __m512i o = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, io, a2), inv));
-      e = _mm512_min_epi32(_mm512_max_epi32(e, lo), hi);
-      o = _mm512_min_epi32(_mm512_max_epi32(o, lo), hi);
+      const __m512i e = quant(_mm512_permutex2var_ps(a, ie, a2));
+      const __m512i o = quant(_mm512_permutex2var_ps(a, io, a2));
       _mm_storeu_si128((__m128i*)(qb + c * 16), _mm512_cvtepi32_epi8(e));
       _mm_storeu_si128((__m128i*)(qb + 64 + c * 16), _mm512_cvtepi32_epi8(o));
       // corr lane 4c+t sums k = 32c + 8t .. +7, i.e. pairs 4t .. 4t+3.

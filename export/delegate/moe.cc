@@ -70,6 +70,25 @@ void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
   }
 }
 
+void MoeBlock::PrepareWeightSums(const MoeConfig& c, const MoeWeights& w) {
+  const void* key[4] = {w.gate_up_q, w.down_q, w.shared_gate_up_q, w.shared_down_q};
+  if (std::equal(key, key + 4, wsum_key_) && !wsum_.empty()) return;
+  const int E = c.num_experts, D = c.d_model, F = c.d_expert, Fs = c.d_shared, G = c.group_size;
+  wsum_.assign((size_t)E * (2 * F + D) + (Fs > 0 ? 2 * Fs + D : 0), 0.f);
+  float* p = wsum_.data();
+  for (int e = 0; e < E; ++e, p += 2 * F)
+    ZeroPointSums(w.gate_up_q + (size_t)e * 2 * F * (D / 2),
+                  w.gate_up_s + (size_t)e * 2 * F * (D / G), 2 * F, D, G, p);
+  for (int e = 0; e < E; ++e, p += D)
+    ZeroPointSums(w.down_q + (size_t)e * D * (F / 2), w.down_s + (size_t)e * D * (F / G), D, F,
+                  G, p);
+  if (Fs > 0) {
+    ZeroPointSums(w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, G, p);
+    ZeroPointSums(w.shared_down_q, w.shared_down_s, D, Fs, G, p + 2 * Fs);
+  }
+  std::copy(key, key + 4, wsum_key_);
+}
+
 void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
                    int T, float* y, ThreadPool* pool, const RunOptions& opt) {
   const int E = c.num_experts, D = c.d_model, F = c.d_expert, G = c.group_size;
@@ -78,6 +97,10 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   if (T == 0) return;
 
   const Isa isa = KernelIsa(opt.cap);
+  if (opt.mode == ActMode::kI8) PrepareWeightSums(c, w);
+  const float* ws_gu = wsum_.data();
+  const float* ws_dn = ws_gu + (size_t)E * 2 * F;
+  const float* ws_shared = ws_dn + (size_t)E * D;
   Route(c, w, x, T, pool, isa);
 
   // Jobs: every expert with at least one token, then the shared expert.
@@ -103,6 +126,10 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
                  w.gate_up_s + (size_t)e * 2 * F * (D / G), 2 * F, D, G};
     j.down = {w.down_q + (size_t)e * D * (F / 2),
               w.down_s + (size_t)e * D * (F / G), D, F, G};
+    if (opt.mode == ActMode::kI8) {
+      j.gate_up.wsum = ws_gu + (size_t)e * 2 * F;
+      j.down.wsum = ws_dn + (size_t)e * D;
+    }
     add_job(j);
   }
   if (c.d_shared > 0) {
@@ -117,6 +144,10 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     j.weights = ones_.data();
     j.gate_up = {w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, G};
     j.down = {w.shared_down_q, w.shared_down_s, D, Fs, G};
+    if (opt.mode == ActMode::kI8) {
+      j.gate_up.wsum = ws_shared;
+      j.down.wsum = ws_shared + 2 * Fs;
+    }
     add_job(j);
   }
   const int nj = (int)jobs_.size();

@@ -62,6 +62,12 @@ class MoeBlock {
   void Route(const MoeConfig& c, const MoeWeights& w, const float* x, int T,
              ThreadPool* pool, Isa isa);
 
+  // Per weight row: sum_k W[m,k] for the int8 zero point (kernels.h). Weights
+  // are constant tensors, so computed once per weight set.
+  void PrepareWeightSums(const MoeConfig& c, const MoeWeights& w);
+  std::vector<float> wsum_;  // [E*2F | E*D | 2Fs | D]
+  const void* wsum_key_[4] = {nullptr, nullptr, nullptr, nullptr};
+
   std::vector<float> logits_;               // [T, E]
   std::vector<std::vector<int>> tok_;       // per expert: token ids
   std::vector<std::vector<float>> wt_;      // per expert: combine weights
