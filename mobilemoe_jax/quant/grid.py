@@ -24,10 +24,11 @@ row (= token) at a time, on one of two int8 grids:
     zp = round_half_even(clip(-128 - rmin * inv, -128, 127))      (XNNPACK's "nudged" form)
     q = clip(round_half_even(x * inv) + zp, -128, 127),  x ~= (q - zp) / inv
   Bit-exact with the kernel's integers (fp32 arithmetic as here): 51,200 probed values per
-  weight type (INT4 block-32, INT4 channel-wise, INT8) once; the test checks 7,680.
-- 'int8_dynamic_sym': symmetric, q = round_half_even(x * 127 / amax) in [-127, 127]: our
-  delegate's int8 mode (MobileMoeBlock experts), and TFLite's builtin kernels without
-  XNNPACK for channel-wise weights (FC option asymmetric_quantize_inputs = False).
+  weight type (INT4 block-32, INT4 channel-wise, INT8) once; the test checks 7,680. Our
+  delegate's int8 mode (MobileMoeBlock experts) uses this grid too.
+- 'int8_dynamic_sym': symmetric, q = round_half_even(x * 127 / amax) in [-127, 127]: TFLite's
+  builtin kernels without XNNPACK for channel-wise weights (FC option
+  asymmetric_quantize_inputs = False).
 """
 from typing import NamedTuple
 
@@ -149,8 +150,8 @@ def fake_quant(w, scheme='int4_g32', in_axis: int = -1):
 
 def quantize_act_int8(x):
   """Dynamic per-token int8: x [..., D] -> (q int8, scale [..., 1]).
-  Multiplies by 127/amax as the delegate's kernel does (bit-exact with it); all-zero rows
-  get scale 0 and q 0."""
+  Multiplies by 127/amax (the builtin kernels' symmetric form); all-zero rows get scale 0
+  and q 0."""
   xp = _xp(x)
   x = x.astype(xp.float32)
   amax = xp.max(xp.abs(x), axis=-1, keepdims=True)
