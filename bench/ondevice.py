@@ -701,7 +701,7 @@ def main():
   res = {
       "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "threads": THREADS, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-                  "note": "shared dev box: other jobs ran concurrently; medians, see p10 too"},
+                  "note": "load averages at start/end show whether other jobs shared the box; medians, see p10 too"},
       "block": o,
       "decode_stack_layers": L,
       "dram_read_gbps": bw,
