@@ -125,6 +125,13 @@ def extract(w, scheme, scale=None):
   return q, stored
 
 
+def straight_through(x, fq):
+  """Exactly fq forward (fq + 0); gradient wrt x is the identity, none through the rounding
+  or the range that produced fq. For dynamic grids (activations, KV cache), whose range
+  always covers x, so nothing is clipped."""
+  return jax.lax.stop_gradient(fq) + (x - jax.lax.stop_gradient(x))
+
+
 # ---------------------------------------------------------------- int8 KV cache (grid.KV_CACHE)
 
 def fake_quant_kv(x, quant):
@@ -132,8 +139,7 @@ def fake_quant_kv(x, quant):
   one scale per token and head; straight-through gradient. Identity without quant.kv_cache."""
   if quant is None or quant.get('kv_cache') is None:
     return x
-  # Value: exactly the grid value (fq + 0). Gradient: identity (none through round or amax).
-  return jax.lax.stop_gradient(grid.fake_quant_act_int8(x)) + (x - jax.lax.stop_gradient(x))
+  return straight_through(x, grid.fake_quant_act_int8(x))
 
 
 def kv_cache_entries(k, v, quant) -> dict:
