@@ -21,6 +21,10 @@ fit; `model.moe.capacity_factor` 1.25 for MoE models):
                                                shape, eager, autocast bf16, fused AdamW
   s_dense_ffn   what-if: every FFN a dense SwiGLU of the active width (XLA attention)
   s_cudnn_batch16_1gpu  cuDNN attention, per-GPU batch 16
+  s_chunked_ce_1gpu     mobilemoe_s as configured (attention 'auto') with the chunked
+                        cross-entropy (train.loss_chunk_len 512, train/loss.py); in its process,
+                        after it and on its state (EXTRAS): s_cudnn_attn_1gpu again (full
+                        logits), chunks of 256 and 1024, capacity factor 1.0, batch 16 and 32
   attention_check  cuDNN vs XLA attention in the model's layer against an fp32 reference
                    (packed rows, padding, global and windowed), and each alone timed
 Each run is a subprocess (CUDA_VISIBLE_DEVICES picks its GPUs), so one-GPU runs go side by
@@ -83,7 +87,7 @@ WARMUP = args.warmup if args.warmup is not None else (1 if SMALL else 3)
 STEPS = args.steps or (3 if SMALL else 10)
 
 # name: (preset, n_gpus, variant). Variant None = the preset with the benchmark's settings;
-# the others are in VARIANTS (model-config overrides, a per-GPU batch).
+# the others are in VARIANTS (model-config overrides, a per-GPU batch, train-config overrides).
 JOBS = {
     'tiny_1gpu': ('tiny', 1, None),
     'mobilemoe_s_1gpu': ('mobilemoe_s', 1, 'xla'),
@@ -94,26 +98,47 @@ JOBS = {
     's_dense_ffn_1gpu': ('mobilemoe_s', 1, 'dense_ffn'),
     's_cudnn_attn_1gpu': ('mobilemoe_s', 1, 'cudnn'),
     's_cudnn_batch16_1gpu': ('mobilemoe_s', 1, 'cudnn_batch16'),
+    's_chunked_ce_1gpu': ('mobilemoe_s', 1, 'chunked'),
+    's_chunked_ce256_1gpu': ('mobilemoe_s', 1, 'chunked256'),
+    's_chunked_ce1024_1gpu': ('mobilemoe_s', 1, 'chunked1024'),
+    's_chunked_ce_batch16_1gpu': ('mobilemoe_s', 1, 'chunked_batch16'),
+    's_chunked_ce_cf1_1gpu': ('mobilemoe_s', 1, 'chunked_cf1'),
+    's_chunked_ce_batch32_1gpu': ('mobilemoe_s', 1, 'chunked_batch32'),
     'attention_check': (None, 1, 'attention_check'),
 }
 CUDNN = {'attention_impl': 'cudnn'}
-VARIANTS = {   # name: (model-config overrides, per-GPU batch or None)
-    'xla': ({'attention_impl': 'xla'}, None),
-    'dense_ffn': ({'attention_impl': 'xla'}, None),   # and see model_cfg
-    'cudnn': (CUDNN, None),
-    'cudnn_batch16': (CUDNN, 16),
+UNCHUNKED = {'loss_chunk_len': 0}     # the cross-entropy over full [B, T, V] logits
+AUTO = {'attention_impl': 'auto'}    # cuDNN on a GPU with bf16 compute, as configured
+CHUNK = 512
+VARIANTS = {   # name: (model-config overrides, per-GPU batch or None, train-config overrides)
+    'xla': ({'attention_impl': 'xla'}, None, UNCHUNKED),
+    'dense_ffn': ({'attention_impl': 'xla'}, None, UNCHUNKED),   # and see model_cfg
+    'cudnn': (CUDNN, None, UNCHUNKED),
+    'cudnn_batch16': (CUDNN, 16, UNCHUNKED),
+    'chunked': (AUTO, None, {'loss_chunk_len': CHUNK}),   # train/loss.py
+    'chunked256': (AUTO, None, {'loss_chunk_len': 256}),
+    'chunked1024': (AUTO, None, {'loss_chunk_len': 1024}),
+    'chunked_batch16': (AUTO, 16, {'loss_chunk_len': CHUNK}),
+    'chunked_batch32': (AUTO, 32, {'loss_chunk_len': CHUNK}),
+    'chunked_cf1': (dict(AUTO, **{'moe.capacity_factor': 1.0}), None, {'loss_chunk_len': CHUNK}),
 }
+# Further runs measured inside a job's process after its own, on its state: the state's
+# shapes do not depend on them, so the initial state (most of a job's minutes on the device)
+# is built once, and their steps compile in threads alongside the job's own step.
+EXTRAS = {'s_chunked_ce_1gpu': ['s_cudnn_attn_1gpu', 's_chunked_ce256_1gpu', 's_chunked_ce1024_1gpu',
+                                's_chunked_ce_cf1_1gpu', 's_chunked_ce_batch16_1gpu',
+                                's_chunked_ce_batch32_1gpu']}
 # Phases run one after another, each with a time limit (s); inside a phase, lanes run side by
 # side on their own GPUs and the jobs of one lane one after another.
 PLAN = [
     (240, [([0], ['mobilemoe_s_1gpu']), ([1], ['torch_peer_s_1gpu']),
            ([2], ['tiny_1gpu', 's_dense_ffn_1gpu']), ([3], ['mobilellm_pro_1gpu'])]),
     (150, [([0, 1, 2, 3], ['mobilemoe_s_ep4'])]),
-    (150, [([0, 1], ['mobilemoe_s_ep2']), ([2], ['s_cudnn_attn_1gpu'])]),
+    (150, [([0, 1], ['mobilemoe_s_ep2']), ([2], ['s_cudnn_attn_1gpu']), ([3], ['s_chunked_ce_1gpu'])]),
 ]
 # On a one-GPU machine every selected one-GPU job runs in turn, in this order.
-SERIAL = ['attention_check', 'mobilemoe_s_1gpu', 'mobilellm_pro_1gpu', 's_cudnn_batch16_1gpu',
-          's_cudnn_attn_1gpu', 'tiny_1gpu', 's_dense_ffn_1gpu', 'torch_peer_s_1gpu']
+SERIAL = ['attention_check', 's_chunked_ce_1gpu', 'mobilemoe_s_1gpu', 'mobilellm_pro_1gpu',
+          's_cudnn_batch16_1gpu', 's_cudnn_attn_1gpu', 'tiny_1gpu', 's_dense_ffn_1gpu', 'torch_peer_s_1gpu']
 
 
 # --------------------------------------------------------------------------- model configs
@@ -186,106 +211,222 @@ def _say(name, msg):
   print(f'[{name} +{time.time() - T_START:.1f}s] {msg}', flush=True)
 
 
-def run_jax(name, preset, n_dev, variant):
-  _imports()
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
+def _setup(preset, variant, n_dev, per_dev, remat, devices):
+  """(model config, experiment config, mesh) of one run."""
+  import jax  # noqa: F401
   from configs.stages.common import train_config
   from mobilemoe_jax import sharding
   from mobilemoe_jax.config import experiment, mesh_config
-  from mobilemoe_jax.scaling import accounting
+  cfg_model = model_cfg(preset, variant)
+  cfg_model.remat = remat
+  train_overrides = VARIANTS[variant][2] if variant in VARIANTS else {}
+  config = experiment(cfg_model, mesh=mesh_config(data=1, expert=n_dev),
+                      train=train_config('bench', small=False, batch_size=per_dev * n_dev,
+                                         seq_len=SEQ, steps=100_000, **train_overrides))
+  return cfg_model, config, sharding.make_mesh(config.mesh, devices)
+
+
+def _per_gpu(variant):
+  return VARIANTS[variant][1] if variant in VARIANTS and VARIANTS[variant][1] else BATCH
+
+
+def _step_and_batch(config, mesh):
+  """The jitted train step (as train_and_evaluate jits it), the abstract state, its
+  shardings and a random batch (one document per row, no padding); under `mesh`."""
+  import jax
+  import numpy as np
+  from mobilemoe_jax import sharding
   from mobilemoe_jax.train import optim, trainer
+  t = config.train
+  tx, lr = optim.make_optimizer(t)
+  init_state = trainer.make_init_fn(config, tx)
+  abstract = jax.eval_shape(init_state)
+  state_sh = sharding.state_shardings(abstract, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  step = jax.jit(trainer.make_train_step(config, tx, lr), in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, None), donate_argnums=0)
+  B = t.batch_size
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, config.model.vocab_size, (B, SEQ + 1), dtype=np.int32)
+  host = {'inputs': ids[:, :-1], 'targets': ids[:, 1:],
+          'positions': np.broadcast_to(np.arange(SEQ, dtype=np.int32), (B, SEQ)).copy(),
+          'segment_ids': np.ones((B, SEQ), np.int32),
+          'loss_mask': np.ones((B, SEQ), np.float32)}
+  batch = {k: jax.device_put(v, batch_sh) for k, v in host.items()}
+  return step, init_state, abstract, state_sh, batch
+
+
+def _need(compiled):
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return (mem.argument_size_in_bytes + mem.output_size_in_bytes
+          + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+
+
+def _time_steps(name, compiled, state, batch):
+  """WARMUP + STEPS steps, each ended by block_until_ready: (state, step times, metrics)."""
+  import jax
+  times, metrics = [], None
+  for i in range(WARMUP + STEPS):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= WARMUP:
+      times.append(time.perf_counter() - t0)
+    else:
+      _say(name, f'warm-up step {i + 1}: {time.perf_counter() - t0:.3f} s')
+  _say(name, f'timed {STEPS} steps, median {statistics.median(times):.4f} s')
+  return state, times, jax.device_get(metrics)
+
+
+def _maybe_profile(name, compiled, state, batch):
+  """(state, profile of 2 more steps) if --profile names the run, else (state, None)."""
+  if name not in args.profile.split(','):
+    return state, None
+  state, profile = profile_steps(compiled, state, batch, 2)
+  _say(name, f'profiled: {profile.get("gpu_ms_per_step")} GPU ms per step')
+  return state, profile
+
+
+def _result(name, preset, variant, n_dev, per_dev, remat, cfg_model, config, times, m, **extra):
+  from mobilemoe_jax.scaling import accounting
+  flops_tok = accounting.train_flops_per_token(cfg_model, SEQ)
+  counts = accounting.count(cfg_model)
+  B = config.train.batch_size
+  med = statistics.median(times)
+  tok_s = B * SEQ / med
+  n_assign = B * SEQ * cfg_model.moe.top_k * max(
+      0, cfg_model.n_layers - cfg_model.moe.first_dense) if cfg_model.moe.n_experts else 0
+  return dict({
+      'name': name, 'impl': 'jax', 'preset': preset, 'variant': variant, 'n_gpus': n_dev,
+      'batch_per_gpu': per_dev, 'seq_len': SEQ, 'remat': remat,
+      'tokens_per_step': B * SEQ, 'step_s_median': med, 'step_s_all': times,
+      'tokens_per_s': tok_s, 'tokens_per_s_per_gpu': tok_s / n_dev,
+      'train_flops_per_token': flops_tok,
+      'mfu': tok_s * flops_tok / (PEAK * n_dev),
+      'total_params': counts.total_params, 'active_params': counts.active_params,
+      'loss_last': float(m['loss']), 'dropped_frac': (float(m['dropped']) / n_assign) if n_assign else 0.0,
+      'capacity_factor': cfg_model.moe.capacity_factor if cfg_model.moe.n_experts else None,
+      'stubbed_modules': STUBBED, 'attention_impl': cfg_model.attention_impl,
+      'loss_chunk_len': config.train.loss_chunk_len,
+  }, **extra)
+
+
+def emit(res):
+  """One run's result, read by the orchestrator (a job prints one per run it measured)."""
+  print('RESULT ' + json.dumps(res), flush=True)
+
+
+def run_jax(name, preset, n_dev, variant):
+  """The job's own run, then its EXTRAS on the same state; emits each run's result."""
+  _imports()
+  import threading
+  import jax
+  from mobilemoe_jax.moe import dispatch
 
   _say(name, f'imported; {len(jax.devices())} devices')
   devices = jax.devices()[:n_dev]
   assert len(devices) == n_dev, f'need {n_dev} devices, have {len(jax.devices())}'
   mem_limit = (devices[0].memory_stats() or {}).get('bytes_limit')
-  cfg_model = model_cfg(preset, variant)
-  flops_tok = accounting.train_flops_per_token(cfg_model, SEQ)
-  counts = accounting.count(cfg_model)
-  per_gpu = VARIANTS[variant][1] if variant in VARIANTS and VARIANTS[variant][1] else BATCH
+  per_gpu = _per_gpu(variant)
   attempts = [(per_gpu, False), (per_gpu, True), (per_gpu // 2, False)]
   errors = []
   for per_dev, remat in attempts:
-    cfg_model.remat = remat
-    config = experiment(cfg_model, mesh=mesh_config(data=1, expert=n_dev),
-                        train=train_config('bench', small=False, batch_size=per_dev * n_dev,
-                                           seq_len=SEQ, steps=100_000))
-    mesh = sharding.make_mesh(config.mesh, devices)
+    cfg_model, config, mesh = _setup(preset, variant, n_dev, per_dev, remat, devices)
     try:
       with jax.set_mesh(mesh):
-        t = config.train
-        tx, lr = optim.make_optimizer(t)
-        init_state = trainer.make_init_fn(config, tx)
-        abstract = jax.eval_shape(init_state)
-        state_sh = sharding.state_shardings(abstract, mesh)
-        batch_sh = sharding.batch_sharding(mesh)
-        step = jax.jit(trainer.make_train_step(config, tx, lr), in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, None), donate_argnums=0)
-        B = t.batch_size
-        rng = np.random.default_rng(0)
-        ids = rng.integers(0, cfg_model.vocab_size, (B, SEQ + 1), dtype=np.int32)
-        host = {'inputs': ids[:, :-1], 'targets': ids[:, 1:],
-                'positions': np.broadcast_to(np.arange(SEQ, dtype=np.int32), (B, SEQ)).copy(),
-                'segment_ids': np.ones((B, SEQ), np.int32),
-                'loss_mask': np.ones((B, SEQ), np.float32)}
-        batch = {k: jax.device_put(v, batch_sh) for k, v in host.items()}
+        step, init_state, abstract, state_sh, batch = _step_and_batch(config, mesh)
         _say(name, f'lowering (batch {per_dev}/device, remat {remat})')
         # The initial state is built in a thread while the step compiles (both take minutes
-        # at full size on the device; XLA releases the GIL while compiling).
-        init_out = {}
+        # at full size on the device; XLA releases the GIL while compiling), and so are the
+        # steps of the job's extras.
+        init_out, extra_out = {}, {}
 
         def build():
           t_init = time.time()
           try:   # the key is an argument, as in train_and_evaluate (no constant folding)
             init_out['state'] = jax.block_until_ready(
-                jax.jit(init_state, out_shardings=state_sh)(jax.random.key(t.seed)))
+                jax.jit(init_state, out_shardings=state_sh)(jax.random.key(config.train.seed)))
           except Exception as e:  # noqa: BLE001
             init_out['error'] = e
           init_out['seconds'] = time.time() - t_init
-        import threading
-        init_thread = threading.Thread(target=build)
-        init_thread.start()
+
+        def compile_extra(x_name):
+          t0 = time.time()
+          try:
+            x_variant = JOBS[x_name][2]
+            x_per_dev = _per_gpu(x_variant)
+            x_cfg, x_config, x_mesh = _setup(preset, x_variant, n_dev, x_per_dev, remat, devices)
+            with jax.set_mesh(x_mesh):
+              x_step, _, x_abstract, _, x_batch = _step_and_batch(x_config, x_mesh)
+              x_compiled = x_step.lower(x_abstract, x_batch).compile()
+            extra_out[x_name] = (x_variant, x_per_dev, x_cfg, x_config, x_compiled, x_batch,
+                                 time.time() - t0)
+          except Exception as e:  # noqa: BLE001
+            extra_out[x_name] = f'{type(e).__name__}: {str(e)[:300]}'
+
+        threads = [threading.Thread(target=build)] + [
+            threading.Thread(target=compile_extra, args=(x,)) for x in EXTRAS.get(name, [])]
+        for th in threads:
+          th.start()
         t0 = time.time()
         try:
           compiled = step.lower(abstract, batch).compile()
           compile_s = time.time() - t0
         finally:
-          init_thread.join()
+          threads[0].join()
         _say(name, f'step compiled in {compile_s:.1f} s; state built alongside in '
                    f'{init_out.get("seconds", 0):.1f} s')
         if 'error' in init_out:
           raise init_out['error']
-        mem = compiled.memory_analysis()
-        need = None
-        if mem is not None:
-          need = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-          if mem_limit and need > 0.97 * mem_limit:
-            raise MemoryError(f'compiled step needs {need / 2**30:.1f} GiB per device '
-                              f'> limit {mem_limit / 2**30:.1f} GiB')
-        from mobilemoe_jax.moe import dispatch
+        need = _need(compiled)
+        if need and mem_limit and need > 0.97 * mem_limit:
+          raise MemoryError(f'compiled step needs {need / 2**30:.1f} GiB per device '
+                            f'> limit {mem_limit / 2**30:.1f} GiB')
         ep_path = bool(cfg_model.moe.n_experts) and dispatch.can_expert_parallel(
-            B * SEQ, cfg_model.moe.n_experts)
+            config.train.batch_size * SEQ, cfg_model.moe.n_experts)
         state = init_out.pop('state')
-        times, metrics = [], None
-        for i in range(WARMUP + STEPS):
-          t0 = time.perf_counter()
-          state, metrics = compiled(state, batch)
-          jax.block_until_ready((state, metrics))
-          if i >= WARMUP:
-            times.append(time.perf_counter() - t0)
-          else:
-            _say(name, f'warm-up step {i + 1}: {time.perf_counter() - t0:.3f} s')
-        _say(name, f'timed {STEPS} steps, median {statistics.median(times):.4f} s')
-        m = jax.device_get(metrics)
+        state, times, m = _time_steps(name, compiled, state, batch)
         peak_mem = max((d.memory_stats() or {}).get('peak_bytes_in_use', 0) for d in devices)
-        profile = None
-        if name in args.profile.split(','):
-          state, profile = profile_steps(compiled, state, batch, 2)
-          _say(name, f'profiled: {profile.get("gpu_ms_per_step")} GPU ms per step')
-        del state, metrics, compiled
+        state, profile = _maybe_profile(name, compiled, state, batch)
+        del compiled
+        emit(_result(
+            name, preset, variant, n_dev, per_dev, remat, cfg_model, config, times, m,
+            compile_s=compile_s, init_s=init_out.get('seconds'), compiled_bytes_per_device=need,
+            peak_bytes_in_use=peak_mem, device_kind=devices[0].device_kind,
+            failed_attempts=errors, expert_parallel_path=ep_path, profile=profile))
+        for th in threads[1:]:
+          th.join()
+        for x_name in EXTRAS.get(name, []):   # in turn, on the state the last one left
+          out = extra_out.pop(x_name)
+          if isinstance(out, str):
+            emit({'name': x_name, 'error': [out], 'measured_in': name})
+            continue
+          x_variant, x_per_dev, x_cfg, x_config, x_compiled, x_batch, x_compile_s = out
+          del out
+          x_need = _need(x_compiled)
+          if x_need and mem_limit and x_need > 0.97 * mem_limit:
+            emit({'name': x_name, 'measured_in': name, 'error': [
+                f'compiled step needs {x_need / 2**30:.1f} GiB per device > limit']})
+            continue
+          try:
+            state, x_times, x_m = _time_steps(x_name, x_compiled, state, x_batch)
+          except Exception as e:  # noqa: BLE001
+            emit({'name': x_name, 'measured_in': name,
+                  'error': [f'{type(e).__name__}: {str(e)[:300]}']})
+            continue
+          state, x_profile = _maybe_profile(x_name, x_compiled, state, x_batch)
+          del x_compiled
+          emit(_result(
+              x_name, preset, x_variant, n_dev, x_per_dev, remat, x_cfg, x_config, x_times, x_m,
+              compile_s=x_compile_s, compiled_bytes_per_device=x_need, peak_bytes_in_use=None,
+              device_kind=devices[0].device_kind, measured_in=name, profile=x_profile,
+              note=f'measured in the process of {name}, after it, on its state (initial '
+                   'state built once); compiled alongside; peak memory not separable: see '
+                   'compiled_bytes_per_device'))
+        del state
+        return
     except Exception as e:  # noqa: BLE001  out of memory: try the next setting
       msg = f'{type(e).__name__}: {str(e)[:300]}'
       oom = isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower()
@@ -296,27 +437,7 @@ def run_jax(name, preset, n_dev, variant):
       if not oom:
         break
       continue
-    med = statistics.median(times)
-    tok_s = B * SEQ / med
-    n_assign = B * SEQ * cfg_model.moe.top_k * max(
-        0, cfg_model.n_layers - cfg_model.moe.first_dense) if cfg_model.moe.n_experts else 0
-    return {
-        'name': name, 'impl': 'jax', 'preset': preset, 'variant': variant, 'n_gpus': n_dev,
-        'batch_per_gpu': per_dev, 'seq_len': SEQ, 'remat': remat,
-        'tokens_per_step': B * SEQ, 'step_s_median': med, 'step_s_all': times,
-        'tokens_per_s': tok_s, 'tokens_per_s_per_gpu': tok_s / n_dev,
-        'train_flops_per_token': flops_tok,
-        'mfu': tok_s * flops_tok / (PEAK * n_dev),
-        'total_params': counts.total_params, 'active_params': counts.active_params,
-        'compile_s': compile_s, 'init_s': init_out.get('seconds'), 'compiled_bytes_per_device': need, 'peak_bytes_in_use': peak_mem,
-        'loss_last': float(m['loss']), 'dropped_frac': (float(m['dropped']) / n_assign) if n_assign else 0.0,
-        'capacity_factor': cfg_model.moe.capacity_factor if cfg_model.moe.n_experts else None,
-        'device_kind': devices[0].device_kind, 'failed_attempts': errors,
-        'stubbed_modules': STUBBED, 'expert_parallel_path': ep_path,
-        'attention_impl': cfg_model.attention_impl, 
-        'profile': profile,
-    }
-  return {'name': name, 'error': errors, 'stubbed_modules': STUBBED}
+  emit({'name': name, 'error': errors, 'stubbed_modules': STUBBED})
 
 
 def profile_steps(compiled, state, batch, n_steps):
@@ -536,12 +657,11 @@ def run_torch(name, preset):
 def worker(name):
   preset, n_dev, variant = JOBS[name]
   if variant == 'torch':
-    res = run_torch(name, preset)
+    emit(run_torch(name, preset))
   elif variant == 'attention_check':
-    res = run_attention_check(name)
+    emit(run_attention_check(name))
   else:
-    res = run_jax(name, preset, n_dev, variant)
-  print('RESULT ' + json.dumps(res), flush=True)
+    run_jax(name, preset, n_dev, variant)
 
 
 # ----------------------------------------------------------------------------- orchestrator
@@ -596,20 +716,21 @@ def finish(name, proc, t_start, logf, deadline):
     proc.kill()
     out, _ = proc.communicate()
     out += f'\n[{name}] killed at its phase\'s time limit after {time.time() - t_start:.0f} s'
-  res = None
+  found = {}   # run name: result (a job's own run and its EXTRAS)
   for line in out.splitlines():
     if line.startswith('RESULT '):
-      res = json.loads(line[7:])
+      r = json.loads(line[7:])
+      found[r['name']] = r
   tail = '\n'.join(l for l in out.splitlines() if not l.startswith('RESULT '))[-3000:]
   text = f'===== {name} ({time.time() - t_start:.0f} s, rc {proc.returncode})\n{tail}\n'
   print(text, flush=True)
   if logf:
     logf.write(text)
     logf.flush()
-  if res is None:
-    res = {'name': name, 'error': [f'no result (rc {proc.returncode}): {tail[-800:]}']}
-  res['wall_s'] = time.time() - t_start
-  return res
+  if name not in found:
+    found[name] = {'name': name, 'error': [f'no result (rc {proc.returncode}): {tail[-800:]}']}
+  found[name]['wall_s'] = time.time() - t_start
+  return found
 
 
 def summarize(runs):
@@ -678,13 +799,13 @@ def orchestrate():
     if cpu:  # two cores: one job at a time
       for gpus, names in procs:
         for n in names:
-          result['runs'][n] = finish(n, launch(n, gpus, cpu), time.time(), logf, deadline)
+          result['runs'].update(finish(n, launch(n, gpus, cpu), time.time(), logf, deadline))
     else:   # lanes side by side, jobs inside a lane in turn
       import threading
 
       def lane(gpus, names):
         for n in names:
-          result['runs'][n] = finish(n, launch(n, gpus, cpu), time.time(), logf, deadline)
+          result['runs'].update(finish(n, launch(n, gpus, cpu), time.time(), logf, deadline))
       threads = [threading.Thread(target=lane, args=lp) for lp in procs]
       for th in threads:
         th.start()

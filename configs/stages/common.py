@@ -67,6 +67,9 @@ def train_config(stage: str, small: bool, **overrides) -> ml_collections.ConfigD
   t.init_from = ''                # previous stage's checkpoints dir (or a step dir); '' = scratch
   t.restore_optimizer = False     # with init_from: also take its optimizer state
   t.progress = True               # tqdm progress bar
+  t.loss_chunk_len = 0            # cross-entropy over this many positions (of every row) at a
+                                  # time, never all [B, T, V] logits (train/loss.py); 0 = off.
+                                  # Ignored (unchunked) with distill_weight: the KL needs them all
   t.distill_weight = 0.0          # QAT: weight of KL(float teacher || fake-quant model); 0 = off
   t.distill_temperature = 1.0
   t.update(overrides)

@@ -45,8 +45,14 @@ class Transformer(nnx.Module):
     if self.head is not None:
       add_quant_scale(self, 'head', cfg.quant)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None, *,
+               return_hidden=False):
     """tokens: [B, T] int. Returns (logits [B, T, V] fp32, stats, new_cache).
+
+    return_hidden=True returns ((hidden [B, T, D], head [D, V]), stats, new_cache) instead of
+    logits: the LM head's two operands as `head_operands` makes them, so that
+    `logits(hidden, head)` is the logits; the trainer's chunked cross-entropy uses them to
+    never hold all [B, T, V] logits at once.
 
     Training passes packed rows with positions/segment_ids (see data/); decoding passes
     a cache from `init_cache` and positions are the cache slots.
@@ -76,13 +82,16 @@ class Transformer(nnx.Module):
         new_layers.append({n: a for n, a in layer_cache.items() if n != 'end'})
       if stats is not None:
         moe_stats.append(stats)
-    x = self.final_norm(x)
-    head = table.T if self.head is None else kernel(self, 'head', self.cfg.quant, dt)
-    logits = (act(x, self.cfg.quant) @ head).astype(jnp.float32)
-    logits = constrain(logits, ('batch', 'length', 'vocab'))
+    operands = self.head_operands(self.final_norm(x), table)
     new_cache = None if cache is None else {'layers': new_layers, 'end': cache['end'] + t}
-    return logits, summarize(moe_stats), new_cache
+    return (operands if return_hidden else logits(*operands)), summarize(moe_stats), new_cache
 
+  def head_operands(self, x, table):
+    """The LM head's inputs: the final-normed hidden states on the activation grid
+    (model.quant.activations; identity otherwise) and the head [D, V] in the compute dtype
+    (the tied table, already fake-quantized under QAT, or the untied `head`)."""
+    head = table.T if self.head is None else kernel(self, 'head', self.cfg.quant, table.dtype)
+    return act(x, self.cfg.quant), head
 
   def table(self, dtype):
     """The embedding table [V, D]; under QAT on its own grid, groups along D (the input
@@ -91,6 +100,12 @@ class Transformer(nnx.Module):
     if q.weights is None:
       return self.embed[...].astype(dtype)
     return qat.fake_quant(self.embed[...].T, q.embedding).T.astype(dtype)
+
+
+def logits(x, head):
+  """The LM head: [..., D] @ [D, V] in the compute dtype, returned as fp32 [..., V]."""
+  out = (x @ head).astype(jnp.float32)
+  return constrain(out, ('batch', 'length', 'vocab')) if out.ndim == 3 else out
 
 
 def summarize(moe_stats):

@@ -16,7 +16,8 @@ State is a plain pytree, so jit, Orbax and optax all see the same thing:
 
   teacher   the float params QAT distils from (only with train.distill_weight > 0)
 
-Loss = masked CE (mean over loss_mask tokens of the global batch)
+Loss = masked CE (mean over loss_mask tokens of the global batch; with train.loss_chunk_len
+       computed a chunk of positions at a time, train/loss.py)
      + moe.aux_loss_coef * aux + moe.z_loss_coef * z  (summed over MoE layers)
      + train.distill_weight * KL(teacher || model)  (QAT only; mean over loss_mask tokens).
 """
@@ -42,6 +43,7 @@ from mobilemoe_jax.model.layers import QuantScale
 from mobilemoe_jax.quant import qat
 from mobilemoe_jax.scaling import accounting
 from mobilemoe_jax.train import checkpoint as ckpt_lib
+from mobilemoe_jax.train import loss as loss_lib
 from mobilemoe_jax.train import metrics as metrics_lib
 from mobilemoe_jax.train import optim, paths
 
@@ -239,6 +241,9 @@ def make_train_step(config, tx, lr_schedule):
   t, moe = config.train, config.model.moe
   graphdef = model_graphdef(config)
   micro = t.batch_size // t.grad_accum
+  # Chunked cross-entropy (train.loss_chunk_len). Self-distillation's KL needs the student's
+  # full logits, so with train.distill_weight the loss stays unchunked.
+  chunk_len = 0 if t.distill_weight else t.loss_chunk_len
   if t.distill_weight:  # the same model without fake quantization
     float_config = config.copy_and_resolve_references()
     float_config.model.quant.weights = None
@@ -261,11 +266,16 @@ def make_train_step(config, tx, lr_schedule):
     """One micro-batch [b, T]. Returns (objective, (ce_sum, stats)); the objective is
     scaled so the gradients of all micro-batches add up to the full batch's gradient."""
     model = nnx.merge(graphdef, params, rest)
-    logits, stats, _ = model(batch['inputs'], positions=batch['positions'],
-                             segment_ids=batch['segment_ids'])                       # [b, T, V]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])   # [b, T]
+    inputs = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
     # loss_mask is 0 on padding and (SFT) on prompt tokens: they carry no gradient.
-    ce_sum = jnp.sum(ce * batch['loss_mask'])
+    if chunk_len:   # the head's logits a chunk of positions at a time (train/loss.py)
+      (hidden, head), stats, _ = model(batch['inputs'], **inputs, return_hidden=True)
+      ce_sum = loss_lib.chunked_cross_entropy(hidden, head, batch['targets'],
+                                              batch['loss_mask'], chunk_len)
+    else:
+      logits, stats, _ = model(batch['inputs'], **inputs)                            # [b, T, V]
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])  # [b, T]
+      ce_sum = jnp.sum(ce * batch['loss_mask'])
     objective = ce_sum / n_tokens + (moe.aux_loss_coef * stats['aux_loss']
                                      + moe.z_loss_coef * stats['z_loss']) / t.grad_accum
     # QAT: fake quantization happens in the layers (config.model.quant); here, optionally,
@@ -351,6 +361,7 @@ def _check_config(config):
       f'exceeds model.max_seq_len={config.model.max_seq_len}')
   req(t.checkpoint_every >= 1 and t.log_every >= 1, 'train.checkpoint_every',
       'checkpoint_every and log_every must be >= 1')
+  req(t.loss_chunk_len >= 0, 'train.loss_chunk_len', f'must be >= 0 (0 = off), got {t.loss_chunk_len}')
   req(t.distill_weight >= 0 and t.distill_temperature > 0, 'train.distill_weight',
       'distill_weight must be >= 0 and distill_temperature > 0')
   req(not t.distill_weight or config.model.quant.weights is not None, 'train.distill_weight',
