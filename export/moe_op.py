@@ -3,7 +3,8 @@
 Inputs and flexbuffer options follow export/delegate's contract (delegate.cc CheckNode):
   x [N, D] f32, router_w [E, D] f32, router_bias [E] f32 (zeros without an expert bias),
   gate_up_q [E, 2F, D/2] int8 bytes (rows: F gate then F up; int4 two per byte, low nibble
-  first) + gate_up_s [E, 2F, D/G] f32, down_q [E, D, F/2] + down_s [E, D, F/G],
+  first) + gate_up_s [E, 2F, D/G] f32, down_q [E, D, F/2] + down_s [E, D, F/G] (group_size
+  0: channel-wise, the scales [..., 1]),
   and for the fused shared expert (hidden Fs = n_shared * d_shared) the same two pairs
   without the E axis. Options: num_experts, top_k, d_model, d_expert, d_shared,
   group_size, score_func, norm_topk_prob, routed_scale, act='silu'.
@@ -29,7 +30,8 @@ WEIGHT_SLOTS = ('router_w', 'router_bias', 'gate_up_q', 'gate_up_s', 'down_q', '
 
 
 def pack(w, group_size):
-  """w [..., out, in] f32 -> (packed uint8 [..., out, in/2], scales f32 [..., out, in/G])."""
+  """w [..., out, in] f32 -> (packed uint8 [..., out, in/2], scales f32 [..., out, in/G]).
+  group_size 0: channel-wise (grid.Scheme(4, 0), 'int4_channel'), scales [..., out, 1]."""
   q, s = grid.quantize(np.asarray(w, np.float32), grid.Scheme(4, group_size))
   return grid.pack_int4(q), s.astype(np.float32)
 
@@ -61,7 +63,7 @@ def moe_tensors(moe, group_size: int):
   d = moe.router.weight.shape[1]
   fs = m['n_shared'] * m['d_shared'] if moe.shared is not None else 0
   for name, dim in (('d_model', d), ('d_expert', f), ('d_shared', fs)):
-    if dim % group_size:
+    if group_size and dim % group_size:   # 0: channel-wise, any input length
       raise ValueError(f'delegate MoE lowering: group_size {group_size} does not divide '
                        f'{name}={dim}')
   np_ = lambda t: t.detach().float().numpy()
@@ -86,6 +88,8 @@ class MoeBlockOp(torch.nn.Module):
   """Holds one layer's packed weights as buffers (they become the op's constant inputs)."""
 
   def __init__(self, moe, group_size: int = 32):
+    """group_size: 32 (the op's block-32 format) or another block size; 0 packs the experts
+    channel-wise (one fp32 scale per output row, like the dense FCs' int4_channel)."""
     super().__init__()
     weights, self.options = moe_tensors(moe, group_size)
     self.slots = [k for k in WEIGHT_SLOTS if k in weights]

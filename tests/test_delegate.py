@@ -30,6 +30,25 @@ def test_quantize_int4_roundtrip():
   packed, s = dl.quantize_int4(w, 32)
   err = np.abs(dl.dequantize_int4(packed, s, 32) - w).max()
   assert err <= np.abs(w).max() / 7 / 2 + 1e-6
+  # group_size 0: channel-wise, one scale per row (the row's max |w| / 7)
+  packed, s = dl.quantize_int4(w, 0)
+  assert s.shape == (4, 1)
+  np.testing.assert_allclose(s[:, 0], np.abs(w).max(-1) / 7, rtol=1e-6)
+  err = np.abs(dl.dequantize_int4(packed, s, 0) - w).max(-1)
+  assert np.all(err <= s[:, 0] / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("group_size", [32, 0])
+def test_exporter_packing_matches_delegate_format(group_size):
+  # export/moe_op.pack (quant.grid) writes what the delegate and its reference read:
+  # [..., out, in/2] bytes and [..., out, in/G] scales ([..., out, 1] channel-wise)
+  from export import moe_op
+  w = np.random.default_rng(2).standard_normal((3, 16, 256)).astype(np.float32)
+  packed, s = moe_op.pack(w, group_size)
+  assert packed.shape == (3, 16, 128) and s.shape == (3, 16, 256 // (group_size or 256))
+  deq = dl.dequantize_int4(packed, s, group_size)
+  np.testing.assert_array_equal(deq, moe_op.unpack(packed, s))
+  assert np.abs(deq - w).max() <= np.abs(w).max() / 7 / 2 + 1e-6
 
 
 @pytest.mark.parametrize("case", [
@@ -38,9 +57,14 @@ def test_quantize_int4_roundtrip():
     (8, 2, 256, 128, 128, 32, 5, {}),
     (16, 4, 384, 256, 128, 64, 33, dict(score_func="sigmoid")),
     (8, 1, 256, 128, 0, 128, 7, dict(norm_topk_prob=False, routed_scale=2.5)),
+    # group_size 0: channel-wise experts (one scale per row; SIMD: integer sums over K)
+    (8, 2, 256, 128, 128, 0, 5, {}),
+    (16, 4, 384, 256, 128, 0, 33, dict(score_func="sigmoid")),
+    (6, 2, 768, 512, 512, 0, 1, {}),
     # scalar fallback shapes: not multiples of 128, small groups
     (6, 3, 96, 64, 32, 16, 4, {}),
     (4, 4, 64, 48, 0, 8, 9, dict(score_func="sigmoid", norm_topk_prob=False)),
+    (6, 3, 96, 70, 38, 0, 4, {}),
 ])
 @pytest.mark.parametrize("kernel", ["auto", "avx2", "scalar"])
 def test_matches_reference(case, kernel):
@@ -167,6 +191,8 @@ def test_every_node_claimed_and_builtins_run(chain):
     (dict(score_func="sparsemax"), "unsupported score_func"),
     (dict(top_k=9), "top_k must be in [1, num_experts]"),
     (dict(group_size=48), "multiples of group_size"),
+    (dict(group_size=3), "group_size must be 0 (channel-wise) or even"),
+    (dict(group_size=0), "gate_up_s: expected float32 [8,256,1]"),  # block-32 scales
     (dict(d_model=512), "x must be float32 [..., d_model=512]"),
     (dict(d_expert=64), "gate_up_q: expected packed int4"),
     (dict(num_experts=None), "missing option 'num_experts'"),

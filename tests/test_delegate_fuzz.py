@@ -19,16 +19,18 @@ PATTERNS = ("random", "collapsed", "ties", "saturated", "zero_tokens")
 
 def draw_case(seed):
   rng = np.random.default_rng(1000 + seed)
-  G = int(rng.choice([8, 16, 32, 64, 128]))
+  G = int(rng.choice([8, 16, 32, 64, 128, 0]))  # 0: channel-wise
   simd = rng.random() < 0.5  # half the cases on SIMD-friendly shapes
   mult = lambda lo, hi: int(rng.integers(lo, hi + 1))
   if simd:
     D = 128 * mult(1, 3) if G <= 128 else G
     F = 128 * mult(1, 2)
   else:
-    D, F = G * mult(1, 6), G * mult(1, 4)
+    g = G or 2 * mult(1, 24)  # channel-wise: any even lengths
+    D, F = g * mult(1, 6), g * mult(1, 4)
   E = mult(1, 24)
-  o = opts(E=E, k=mult(1, min(E, 8)), D=D, F=F, Fs=G * mult(0, 3) if rng.random() < 0.5 else 0,
+  o = opts(E=E, k=mult(1, min(E, 8)), D=D, F=F,
+           Fs=(G or 32) * mult(0, 3) if rng.random() < 0.5 else 0,
            G=G, score_func=str(rng.choice(["softmax", "sigmoid"])),
            norm_topk_prob=bool(rng.random() < 0.5), routed_scale=float(rng.uniform(0.5, 3)))
   return rng, o, mult(1, 40), PATTERNS[seed % len(PATTERNS)]

@@ -49,10 +49,16 @@ def unpack_int4(packed: np.ndarray, n: int | None = None) -> np.ndarray:
   return q
 
 
+def _group(group_size: int, k: int) -> int:
+  """The op's group_size for an input length k: 0 means channel-wise (one group of k)."""
+  return group_size or k
+
+
 def quantize_int4(w: np.ndarray, group_size: int):
-  """Symmetric group-wise INT4: w [..., K] -> (packed uint8 [..., K/2], scales [..., K/G])."""
+  """Symmetric group-wise INT4: w [..., K] -> (packed uint8 [..., K/2], scales [..., K/G]);
+  group_size 0: channel-wise, scales [..., 1]."""
   w = np.asarray(w, np.float32)
-  g = w.reshape(*w.shape[:-1], -1, group_size)
+  g = w.reshape(*w.shape[:-1], -1, _group(group_size, w.shape[-1]))
   s = np.abs(g).max(-1) / 7.0
   s = np.where(s == 0, 1.0, s).astype(np.float32)
   q = np.clip(np.rint(g / s[..., None]), -8, 7).astype(np.int8)
@@ -60,9 +66,10 @@ def quantize_int4(w: np.ndarray, group_size: int):
 
 
 def dequantize_int4(packed, scales, group_size):
-  """Inverse of quantize_int4: W[o, i] = q[o, i] * s[o, i // G] (float32)."""
+  """Inverse of quantize_int4: W[o, i] = q[o, i] * s[o, i // G] (float32; G = K when
+  group_size is 0, channel-wise)."""
   q = unpack_int4(packed).astype(np.float32)
-  return q * np.repeat(scales, group_size, axis=-1)
+  return q * np.repeat(scales, _group(group_size, q.shape[-1]), axis=-1)
 
 
 # ----------------------------------------------------------------------------
@@ -107,6 +114,7 @@ def reference_moe(x, weights: dict, options: dict, activations: str = "fp32"):
   """Numpy reference of MobileMoeBlock. x [..., D] -> y [..., D] (float32).
 
   weights: dict with the names in WEIGHT_NAMES (shared ones optional).
+  options["group_size"] 0 means channel-wise weights (one scale per row).
   activations="int8" mimics the delegate's per-row dynamic int8 rounding of
   the expert inputs (x and the SwiGLU hidden), so int8 mode can be compared
   with a tight tolerance too.
@@ -138,12 +146,13 @@ def reference_moe(x, weights: dict, options: dict, activations: str = "fp32"):
 
 def random_moe_weights(rng, num_experts, d_model, d_expert, d_shared=0, group_size=32,
                        router_scale=1.0):
-  """Random INT4 weights with the op's layouts (for tests and benchmarks)."""
+  """Random INT4 weights with the op's layouts (for tests and benchmarks); group_size 0:
+  channel-wise scales [..., rows, 1]."""
   E, D, F, Fs, G = num_experts, d_model, d_expert, d_shared, group_size
 
   def q4(shape_lead, rows, k):
     q = rng.integers(-8, 8, size=(*shape_lead, rows, k), dtype=np.int8)
-    s = (rng.random((*shape_lead, rows, k // G)) * 0.5 + 0.5) / np.sqrt(k * 10)
+    s = (rng.random((*shape_lead, rows, k // _group(G, k))) * 0.5 + 0.5) / np.sqrt(k * 10)
     return pack_int4(q), s.astype(np.float32)
 
   w = {"router_w": (rng.standard_normal((E, D)) * router_scale / np.sqrt(D)).astype(np.float32),

@@ -120,9 +120,10 @@ bool ParseConfig(const void* data, int size, mm::MoeConfig* c, std::string* why)
             Fs = c->d_shared, G = c->group_size;
   if (E < 1) { *why = "num_experts must be >= 1"; return false; }
   if (k < 1 || k > E) { *why = "top_k must be in [1, num_experts]"; return false; }
-  if (G < 2 || G % 2) { *why = "group_size must be even and >= 2"; return false; }
-  if (D < 1 || F < 1 || D % G || F % G || Fs % G) {
-    *why = "d_model, d_expert, d_shared must be positive multiples of group_size "
+  // group_size 0: channel-wise, one scale per weight row (the group is the whole row).
+  if (G != 0 && (G < 2 || G % 2)) { *why = "group_size must be 0 (channel-wise) or even and >= 2"; return false; }
+  if (D < 1 || F < 1 || D % 2 || F % 2 || Fs % 2 || (G && (D % G || F % G || Fs % G))) {
+    *why = "d_model, d_expert, d_shared must be positive (even) multiples of group_size "
            "(got D=" + std::to_string(D) + " F=" + std::to_string(F) + " Fs=" +
            std::to_string(Fs) + " G=" + std::to_string(G) + ")";
     return false;
@@ -178,8 +179,9 @@ bool CheckNode(TfLiteContext* ctx, const TfLiteNode* node, mm::MoeConfig* c,
       return false;
     }
   }
-  const int E = c->num_experts, D = c->d_model, F = c->d_expert,
-            Fs = c->d_shared, G = c->group_size;
+  const int E = c->num_experts, D = c->d_model, F = c->d_expert, Fs = c->d_shared;
+  // Scales per row: K / G groups, or 1 when channel-wise (G = 0).
+  auto ng = [&](int K) { return c->group_size ? K / c->group_size : 1; };
   for (int s : {kX, kRouterW, kGateUpQ, kGateUpS, kDownQ, kDownS})
     if (idx(s) < 0) { *why = "required input " + std::to_string(s) + " is absent"; return false; }
   const TfLiteTensor* T = ctx->tensors;
@@ -195,9 +197,9 @@ bool CheckNode(TfLiteContext* ctx, const TfLiteNode* node, mm::MoeConfig* c,
   if (!CheckF32(T[idx(kRouterW)], {E, D}, "router_w", why)) return false;
   if (idx(kRouterB) >= 0 && !CheckF32(T[idx(kRouterB)], {E}, "router_bias", why)) return false;
   if (!CheckQ4(T[idx(kGateUpQ)], E, 2 * F, D, "gate_up_q", why) ||
-      !CheckF32(T[idx(kGateUpS)], {E, 2 * F, D / G}, "gate_up_s", why) ||
+      !CheckF32(T[idx(kGateUpS)], {E, 2 * F, ng(D)}, "gate_up_s", why) ||
       !CheckQ4(T[idx(kDownQ)], E, D, F, "down_q", why) ||
-      !CheckF32(T[idx(kDownS)], {E, D, F / G}, "down_s", why))
+      !CheckF32(T[idx(kDownS)], {E, D, ng(F)}, "down_s", why))
     return false;
   bool any_shared = false;
   for (int s = kSharedGateUpQ; s <= kSharedDownS; ++s) any_shared |= idx(s) >= 0;
@@ -206,9 +208,9 @@ bool CheckNode(TfLiteContext* ctx, const TfLiteNode* node, mm::MoeConfig* c,
     for (int s = kSharedGateUpQ; s <= kSharedDownS; ++s)
       if (idx(s) < 0) { *why = "d_shared>0 but shared input " + std::to_string(s) + " is absent"; return false; }
     if (!CheckQ4(T[idx(kSharedGateUpQ)], 0, 2 * Fs, D, "shared_gate_up_q", why) ||
-        !CheckF32(T[idx(kSharedGateUpS)], {2 * Fs, D / G}, "shared_gate_up_s", why) ||
+        !CheckF32(T[idx(kSharedGateUpS)], {2 * Fs, ng(D)}, "shared_gate_up_s", why) ||
         !CheckQ4(T[idx(kSharedDownQ)], 0, D, Fs, "shared_down_q", why) ||
-        !CheckF32(T[idx(kSharedDownS)], {D, Fs / G}, "shared_down_s", why))
+        !CheckF32(T[idx(kSharedDownS)], {D, ng(Fs)}, "shared_down_s", why))
       return false;
   }
   // Weights must be constants: the kernels read them in place every call.

@@ -1,5 +1,6 @@
 // Self-check of the SIMD kernels against the scalar ones, without LiteRT:
-// random INT4 matrices and activations, every (K, G, N, M, mode) combination,
+// random INT4 matrices and activations, every (K, G, N, M, mode) combination
+// (G == K: channel-wise, one scale per row),
 // for each SIMD family this CPU runs (AVX-512 and AVX2 on x86, NEON on arm64).
 // Used by tests/test_delegate_kernels.py (natively, and arm64 under qemu).
 //   g++ -std=c++17 -O2 [-DMM_HAVE_...] kernel_check.cc kernels.cc [simd .cc ...] && ./a.out
@@ -16,9 +17,10 @@ static int Check(Isa isa) {
   std::mt19937 rng(0);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   int checks = 0;
-  for (int K : {128, 256, 768}) {
-    for (int G : {32, 64, 128, 256}) {
-      if (K % G) continue;
+  for (int K : {128, 256, 384, 768}) {
+    for (int G : {32, 64, 128, 256, 0}) {  // 0: channel-wise (G = K)
+      if (G == 0) G = K;
+      else if (K % G || G == K) continue;
       for (int N : {1, 3, 4, 9})
       for (int M : {13, 37}) {  // row tiles plus tail rows
         std::vector<uint8_t> q((size_t)M * K / 2);

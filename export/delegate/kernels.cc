@@ -11,8 +11,8 @@
 // Entry points of the x86 kernel files, each in its own namespace.
 #define MM_X86_KERNELS                                                        \
   void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1, \
-              const int8_t* xq, const int32_t* corr, const float* xs, int N,  \
-              float* out, int ldo);                                           \
+              const int8_t* xq, const int32_t* corr, const int32_t* csum,     \
+              const float* xs, int N, float* out, int ldo);                   \
   void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1, \
                const float* xf, int N, float* out, int ldo);                  \
   float Dot(const float* a, const float* b, int n);                           \
@@ -80,8 +80,8 @@ const char* IsaName(Isa isa) {
 
 bool SimdShapeOk(int K, int G) {
   // 128-k blocks; groups of a power of two >= 32 so a 16-lane chunk never
-  // straddles two scales.
-  return K % 128 == 0 && G >= 32 && (G & (G - 1)) == 0 && K % G == 0;
+  // straddles two scales, or channel-wise (G == K: one scale per row).
+  return K % 128 == 0 && (G == K || (G >= 32 && (G & (G - 1)) == 0 && K % G == 0));
 }
 
 void Acts::Resize(int n, int k, ActMode m, Isa kernel_isa) {
@@ -97,7 +97,10 @@ void Acts::Resize(int n, int k, ActMode m, Isa kernel_isa) {
     q.resize(rows * K);
     scale.resize(N);
     zp.resize(N);
-    if (simd) corr.resize(rows * (K / 8));
+    if (simd) {
+      corr.resize(rows * (K / 8));
+      csum.resize(rows);
+    }
   }
 }
 
@@ -151,8 +154,12 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
         avx512::MinMax(xr, K, &mn, &mx);
         AsymParams(mn, mx, &inv, &zp[n]);
         scale[n] = 1.f / inv;
-        avx512::PrepRowI8(xr, K, inv, zp[n], q.data() + slot,
-                          corr.data() + (size_t)(n / 4) * 4 * (K / 8) + (n % 4) * 16);
+        int32_t* c = corr.data() + (size_t)(n / 4) * 4 * (K / 8) + (n % 4) * 16;
+        avx512::PrepRowI8(xr, K, inv, zp[n], q.data() + slot, c);
+        int32_t cs = 0;
+        for (int b = 0; b < K / 128; ++b)
+          for (int l = 0; l < 16; ++l) cs += c[(size_t)b * 4 * 16 + l];
+        csum[n] = cs;
       }
       continue;
     }
@@ -180,11 +187,14 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
     // dpbusd lane j of a block sums k = 8j..8j+7 of that block; the kernel adds
     // 8 to every weight (unsigned operand) and this removes 8 * sum(x) again.
     int32_t* c = corr.data() + (size_t)(n / 4) * 4 * (K / 8) + (n % 4) * 16;
+    int32_t cs = 0;
     for (int l = 0; l < K / 8; ++l) {
       int32_t s = 0;
       for (int k = 8 * l; k < 8 * l + 8; ++k) s += dst[k];
       c[(size_t)(l / 16) * 4 * 16 + l % 16] = -8 * s;
+      cs += -8 * s;
     }
+    csum[n] = cs;
   }
 }
 
@@ -254,13 +264,14 @@ static void ScalarGemm(const Q4Matrix& w, int m0, int m1, const Acts& a,
 #if defined(__x86_64__)
 // The x86 families share one signature (int8 path with the corr lanes).
 using GemmI8Fn = void (*)(const uint8_t*, const float*, int, int, int, int, const int8_t*,
-                          const int32_t*, const float*, int, float*, int);
+                          const int32_t*, const int32_t*, const float*, int, float*, int);
 using GemmF32Fn = void (*)(const uint8_t*, const float*, int, int, int, int, const float*,
                            int, float*, int);
 static void X86Gemm(GemmI8Fn i8, GemmF32Fn f32, const Q4Matrix& w, int m0, int m1,
                     const Acts& a, float* out, int ldo) {
   if (a.mode == ActMode::kI8) {
-    i8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.corr.data(), a.scale.data(), a.N, out, ldo);
+    i8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.corr.data(), a.csum.data(), a.scale.data(),
+       a.N, out, ldo);
     ZeroPointFix(w, m0, m1, a, out, ldo);
   } else {
     f32(w.q, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);

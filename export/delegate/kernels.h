@@ -40,6 +40,7 @@ struct Acts {
   // quantize_act_int8_asym), x ~= scale[n] * (q - zp[n]), q in [-128, 127].
   std::vector<int8_t> q;
   std::vector<int32_t> corr;  // simd int8: -8 * (sum of 8 q's) per lane, see .cc
+  std::vector<int32_t> csum;  // simd int8: [N] -8 * (sum of the row's q's), channel-wise kernels
   std::vector<float> scale;   // [N] int8 mode: 1 / inv
   std::vector<float> zp;      // [N] int8 mode: integer-valued zero point
 
@@ -53,7 +54,7 @@ struct Acts {
 struct Q4Matrix {
   const uint8_t* q;  // [M, K/2]
   const float* s;    // [M, K/G]
-  int M, K, G;
+  int M, K, G;       // G == K: channel-wise (one scale per row; integer sums over all of K)
   // [M] sum_k W[m,k] (see ZeroPointSums); int8 mode needs it for the zero point.
   const float* wsum = nullptr;
 };

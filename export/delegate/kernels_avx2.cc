@@ -88,6 +88,44 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = xs[n] * Hsum(acc[r][n]);
 }
 
+// Channel-wise int8 (G == K): as kernels_avx512.cc TileI8C, integer sums over
+// all of K and one convert per row and token.
+template <int R, int NT>
+static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const int8_t* xq,
+                    const int32_t* csum, const float* xs, float* out, int ldo) {
+  __m256i acc[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) acc[r][n] = _mm256_setzero_si256();
+  const __m256i lo_mask = _mm256_set1_epi8(0x0F);
+  const __m256i flip = _mm256_set1_epi8((char)0x88);
+  for (int b = 0; b < nb; ++b) {
+    const int8_t* xb = xq + (size_t)b * kQuad * 128;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
+      _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wrow + 32 * h)), flip);
+        const __m256i lo = _mm256_and_si256(v, lo_mask);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo_mask);
+        for (int n = 0; n < NT; ++n) {
+          const int8_t* x = xb + n * 128 + 32 * h;
+          // (q+8) * x pairs <= 2 * 15 * 128: no int16 saturation (see DotU8S8).
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)x)),
+                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(x + 64))));
+          acc[r][n] = _mm256_add_epi32(acc[r][n], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) {
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(acc[r][n]), _mm256_extracti128_si256(acc[r][n], 1));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+      out[n * ldo + r] = xs[n] * ws[r] * (float)(_mm_cvtsi128_si32(t) + csum[n]);
+    }
+}
+
 // Fp32 activations: 8 packed bytes (16 k's, one group as G >= 32) at a time,
 // nibbles -> int8 -> fp32 times the group scale, FMA with the even / odd x's.
 template <int R, int NT>
@@ -125,7 +163,7 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
 
 // Same contract as the AVX-512 ones. Two rows per tile: 16 ymm registers
 // hold 2 x 4 accumulators plus the unpacked weights.
-MM_DEFINE_X86_GEMMS(2)
+MM_DEFINE_X86_GEMMS(2, 2)
 
 float Dot(const float* a, const float* b, int n) { return DotVec<8>(a, b, n); }
 

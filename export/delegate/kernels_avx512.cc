@@ -35,7 +35,10 @@ static inline float Hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // Activation tiles are "quad-interleaved": for each group of 4 tokens the
 // layout is [block][4 tokens][128 k's] (kQuad = 4), so the tile needs a single pointer.
-constexpr int kPrefetchRows = 8;  // software prefetch distance, in weight rows
+#ifndef MM_PF_ROWS
+#define MM_PF_ROWS 8
+#endif
+constexpr int kPrefetchRows = MM_PF_ROWS;  // software prefetch distance, in weight rows
 
 // Int8 activations: R weight rows x NT tokens (NT <= 4), whole K.
 // Weights: (nibble ^ 8) = q + 8 in [0, 15] is the unsigned operand of dpbusd;
@@ -73,6 +76,49 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
   }
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = xs[n] * Hsum(acc[r][n]);
+}
+
+// Channel-wise int8 (G == K, one scale per row): the int32 dot products are
+// exact over all of K, so they are summed as integers and converted once per
+// row and token; csum[n] = -8 * sum(x_n) removes the +8 of (nibble ^ 8). The
+// tokens' activations are loaded once per block for all R rows. With one or
+// two tokens each (row, token) gets two accumulators (low / high nibbles) so
+// the dpbusd chains stay independent.
+template <int R, int NT>
+static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const int8_t* xq,
+                    const int32_t* csum, const float* xs, float* out, int ldo) {
+  constexpr int A = NT <= 2 ? 2 : 1;
+  __m512i acc[R][NT][A];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n)
+      for (int a = 0; a < A; ++a) acc[r][n][a] = _mm512_setzero_si512();
+  const __m512i lo_mask = _mm512_set1_epi8(0x0F);
+  const __m512i flip = _mm512_set1_epi8((char)0x88);
+  for (int b = 0; b < nb; ++b) {
+    const int8_t* xb = xq + (size_t)b * kQuad * 128;
+    __m512i xl[NT], xh[NT];
+    for (int n = 0; n < NT; ++n) {
+      xl[n] = _mm512_loadu_si512(xb + n * 128);
+      xh[n] = _mm512_loadu_si512(xb + n * 128 + 64);
+    }
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
+      _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wrow), flip);
+      const __m512i lo = _mm512_and_si512(v, lo_mask);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
+      for (int n = 0; n < NT; ++n) {
+        acc[r][n][0] = _mm512_dpbusd_epi32(acc[r][n][0], lo, xl[n]);
+        acc[r][n][A - 1] = _mm512_dpbusd_epi32(acc[r][n][A - 1], hi, xh[n]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) {
+      __m512i t = acc[r][n][0];
+      if (A == 2) t = _mm512_add_epi32(t, acc[r][n][A - 1]);
+      out[n * ldo + r] = xs[n] * ws[r] * (float)(_mm512_reduce_add_epi32(t) + csum[n]);
+    }
 }
 
 // Signed nibble -> int8 lookup, for the fp32 path.
@@ -125,7 +171,7 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
 
 // out[n * ldo + (m - m0)] for rows [m0, m1) and N quad-interleaved tokens;
 // 4-row tiles (32 zmm registers).
-MM_DEFINE_X86_GEMMS(4)
+MM_DEFINE_X86_GEMMS(4, 4)
 
 // Prepares one activation row for the kernels above (SIMD layout, see
 // kernels.h): q/f point at this token's slot in block 0, successive blocks

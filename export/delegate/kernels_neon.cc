@@ -45,6 +45,33 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = xs[n] * vaddvq_f32(acc[r][n]);
 }
 
+// Channel-wise int8 (G == K, one scale per row): sdot sums are exact, so they
+// are kept as int32 over all of K and converted once per row and token.
+template <int R, int NT>
+static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const int8_t* xq,
+                    const float* xs, float* out, int ldo) {
+  int32x4_t acc[R][NT];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) acc[r][n] = vdupq_n_s32(0);
+  for (int b = 0; b < nb; ++b) {
+    const int8_t* xb = xq + (size_t)b * kQuad * 128;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* w = wq + (size_t)r * ldw + b * 64;
+      for (int c = 0; c < 4; ++c) {
+        const int8x16_t v = vreinterpretq_s8_u8(vld1q_u8(w + 16 * c));
+        const int8x16_t lo = vshrq_n_s8(vshlq_n_s8(v, 4), 4);
+        const int8x16_t hi = vshrq_n_s8(v, 4);
+        for (int n = 0; n < NT; ++n) {
+          const int8_t* x = xb + n * 128 + 16 * c;
+          acc[r][n] = vdotq_s32(vdotq_s32(acc[r][n], lo, vld1q_s8(x)), hi, vld1q_s8(x + 64));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NT; ++n) out[n * ldo + r] = xs[n] * ws[r] * (float)vaddvq_s32(acc[r][n]);
+}
+
 // Fp32 activations: widen the nibbles to fp32, scale, FMA.
 template <int R, int NT>
 static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb, int G,
@@ -81,6 +108,14 @@ void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
             const int8_t* xq, const float* xs, int N,
             float* out, int ldo) {
   const int ldw = K / 2, lds = K / G, nb = K / 128;
+  if (G == K) {  // channel-wise
+    ForEachTile<4>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {
+      TileI8C<decltype(r)::value, decltype(nt)::value>(
+          q + (size_t)m * ldw, ldw, s + m, nb, xq + (size_t)n0 * K, xs + n0,
+          out + (size_t)n0 * ldo + (m - m0), ldo);
+    });
+    return;
+  }
   ForEachTile<4>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {
     TileI8<decltype(r)::value, decltype(nt)::value>(
         q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G, xq + (size_t)n0 * K, xs + n0,

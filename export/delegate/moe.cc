@@ -8,6 +8,17 @@
 #include <cmath>
 #include <cstring>
 
+#ifdef MM_PROFILE
+#include <chrono>
+namespace mm { double g_phase_ms[8]; }
+#define MM_TICK(i) do { auto _n = std::chrono::steady_clock::now(); \
+  mm::g_phase_ms[i] += std::chrono::duration<double, std::milli>(_n - _t).count(); _t = _n; } while (0)
+#define MM_TICK0() auto _t = std::chrono::steady_clock::now()
+#else
+#define MM_TICK(i) ((void)0)
+#define MM_TICK0() ((void)0)
+#endif
+
 namespace mm {
 
 namespace {
@@ -73,35 +84,41 @@ void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
 void MoeBlock::PrepareWeightSums(const MoeConfig& c, const MoeWeights& w) {
   const void* key[4] = {w.gate_up_q, w.down_q, w.shared_gate_up_q, w.shared_down_q};
   if (std::equal(key, key + 4, wsum_key_) && !wsum_.empty()) return;
-  const int E = c.num_experts, D = c.d_model, F = c.d_expert, Fs = c.d_shared, G = c.group_size;
+  const int E = c.num_experts, D = c.d_model, F = c.d_expert, Fs = c.d_shared;
+  const int Gd = c.group_size ? c.group_size : D, Gf = c.group_size ? c.group_size : F;
+  const int Gs = c.group_size ? c.group_size : Fs;
   wsum_.assign((size_t)E * (2 * F + D) + (Fs > 0 ? 2 * Fs + D : 0), 0.f);
   float* p = wsum_.data();
   for (int e = 0; e < E; ++e, p += 2 * F)
     ZeroPointSums(w.gate_up_q + (size_t)e * 2 * F * (D / 2),
-                  w.gate_up_s + (size_t)e * 2 * F * (D / G), 2 * F, D, G, p);
+                  w.gate_up_s + (size_t)e * 2 * F * (D / Gd), 2 * F, D, Gd, p);
   for (int e = 0; e < E; ++e, p += D)
-    ZeroPointSums(w.down_q + (size_t)e * D * (F / 2), w.down_s + (size_t)e * D * (F / G), D, F,
-                  G, p);
+    ZeroPointSums(w.down_q + (size_t)e * D * (F / 2), w.down_s + (size_t)e * D * (F / Gf), D, F,
+                  Gf, p);
   if (Fs > 0) {
-    ZeroPointSums(w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, G, p);
-    ZeroPointSums(w.shared_down_q, w.shared_down_s, D, Fs, G, p + 2 * Fs);
+    ZeroPointSums(w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, Gd, p);
+    ZeroPointSums(w.shared_down_q, w.shared_down_s, D, Fs, Gs, p + 2 * Fs);
   }
   std::copy(key, key + 4, wsum_key_);
 }
 
 void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
                    int T, float* y, ThreadPool* pool, const RunOptions& opt) {
-  const int E = c.num_experts, D = c.d_model, F = c.d_expert, G = c.group_size;
+  const int E = c.num_experts, D = c.d_model, F = c.d_expert;
+  // Group size per matrix: its input length when channel-wise (group_size 0).
+  const int Gd = c.group_size ? c.group_size : D, Gf = c.group_size ? c.group_size : F;
   const int nthreads = pool->size();
   std::fill(y, y + (size_t)T * D, 0.f);
   if (T == 0) return;
 
+  MM_TICK0();
   const Isa isa = KernelIsa(opt.cap);
   if (opt.mode == ActMode::kI8) PrepareWeightSums(c, w);
   const float* ws_gu = wsum_.data();
   const float* ws_dn = ws_gu + (size_t)E * 2 * F;
   const float* ws_shared = ws_dn + (size_t)E * D;
   Route(c, w, x, T, pool, isa);
+  MM_TICK(0);
 
   // Jobs: every expert with at least one token, then the shared expert.
   jobs_.clear();
@@ -123,9 +140,9 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     j.tokens = tok_[e].data();
     j.weights = wt_[e].data();
     j.gate_up = {w.gate_up_q + (size_t)e * 2 * F * (D / 2),
-                 w.gate_up_s + (size_t)e * 2 * F * (D / G), 2 * F, D, G};
+                 w.gate_up_s + (size_t)e * 2 * F * (D / Gd), 2 * F, D, Gd};
     j.down = {w.down_q + (size_t)e * D * (F / 2),
-              w.down_s + (size_t)e * D * (F / G), D, F, G};
+              w.down_s + (size_t)e * D * (F / Gf), D, F, Gf};
     if (opt.mode == ActMode::kI8) {
       j.gate_up.wsum = ws_gu + (size_t)e * 2 * F;
       j.down.wsum = ws_dn + (size_t)e * D;
@@ -142,8 +159,8 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     j.n = T;
     j.tokens = all_tokens_.data();
     j.weights = ones_.data();
-    j.gate_up = {w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, G};
-    j.down = {w.shared_down_q, w.shared_down_s, D, Fs, G};
+    j.gate_up = {w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, Gd};
+    j.down = {w.shared_down_q, w.shared_down_s, D, Fs, c.group_size ? c.group_size : Fs};
     if (opt.mode == ActMode::kI8) {
       j.gate_up.wsum = ws_shared;
       j.down.wsum = ws_shared + 2 * Fs;
@@ -153,7 +170,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   const int nj = (int)jobs_.size();
 
   // Phase 0: each job's tokens, prepared (gathered, quantised) for its kernel.
-  const Isa x_isa = SimdShapeOk(D, G) ? isa : Isa::kScalar;
+  const Isa x_isa = SimdShapeOk(D, Gd) ? isa : Isa::kScalar;
   if ((int)x_acts_.size() < nj) x_acts_.resize(nj);  // never shrink: keep buffers
   if ((int)h_acts_.size() < nj) h_acts_.resize(nj);
   std::vector<int> first_item(nj + 1, 0);
@@ -174,6 +191,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     x_acts_[j].PrepareRows(x, D, jobs_[j].tokens, n0, std::min(jobs_[j].n, n0 + 16));
   });
 
+  MM_TICK(1);
   // Phase 1: gu_out[j] [n, 2F] = x[tokens] @ gate_up^T, split by row tiles.
   gu_out_.resize(gu_total);
   for (int j = 0; j < nj; ++j)
@@ -186,12 +204,13 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     Q4Gemm(jb.gate_up, m0, m1, x_acts_[j], gu_out_.data() + jb.gu_off + m0, 2 * jb.F);
   });
 
+  MM_TICK(2);
   // Phase 2: h = silu(gate) * up, then prepare h for the down kernels; work
   // items are quads of tokens so no two threads write the same quad.
   h_.resize(h_total);
   for (int j = 0; j < nj; ++j) {
     const Job& jb = jobs_[j];
-    h_acts_[j].Resize(jb.n, jb.F, opt.mode, SimdShapeOk(jb.F, G) ? isa : Isa::kScalar);
+    h_acts_[j].Resize(jb.n, jb.F, opt.mode, SimdShapeOk(jb.F, jb.down.G) ? isa : Isa::kScalar);
     first_item[j + 1] = first_item[j] + (jb.n + 3) / 4;
   }
   cheap->Run(first_item[nj], [&](int item, int) {
@@ -206,6 +225,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     h_acts_[j].PrepareRows(h, jb.F, nullptr, n0, n1);
   });
 
+  MM_TICK(3);
   // Phase 3: y[tokens, rows] += weight * (h @ down^T)[rows]. Work items own
   // disjoint output rows and loop over all jobs, so no two threads write the
   // same y element.
@@ -225,6 +245,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
       }
     }
   });
+  MM_TICK(4);
 }
 
 }  // namespace mm

@@ -43,12 +43,22 @@ inline void ForEachTile(int m0, int m1, int N, Tile tile) {
 }
 
 // The x86 files' GemmI8 / GemmF32 (declared in kernels.cc): their own TileI8,
-// TileF32 and ScaleMap over ForEachTile with R-row tiles.
-#define MM_DEFINE_X86_GEMMS(R)                                                      \
+// TileF32 and ScaleMap over ForEachTile with R-row tiles; channel-wise int8
+// (G == K) runs TileI8C (int32 sums over all of K, one convert per row and
+// token) over RC-row tiles.
+#define MM_DEFINE_X86_GEMMS(R, RC)                                                  \
   void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,      \
-              const int8_t* xq, const int32_t* corr, const float* xs, int N,       \
-              float* out, int ldo) {                                               \
+              const int8_t* xq, const int32_t* corr, const int32_t* csum,          \
+              const float* xs, int N, float* out, int ldo) {                       \
     const int ldw = K / 2, lds = K / G, nb = K / 128;                              \
+    if (G == K) {                                                                  \
+      ForEachTile<RC>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {             \
+        TileI8C<decltype(r)::value, decltype(nt)::value>(                          \
+            q + (size_t)m * ldw, ldw, s + m, nb, xq + (size_t)n0 * K, csum + n0,   \
+            xs + n0, out + (size_t)n0 * ldo + (m - m0), ldo);                      \
+      });                                                                          \
+      return;                                                                      \
+    }                                                                              \
     const ScaleMap sm(G);                                                          \
     ForEachTile<R>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {                \
       TileI8<decltype(r)::value, decltype(nt)::value>(                             \

@@ -1,0 +1,90 @@
+// Timing harness for MoeBlock::Run outside LiteRT (not part of the .so):
+// MobileMoE-S's block (D=768, 64 experts of 512, top-4, shared 512) with
+// random INT4 weights, NB different weight sets so decode streams from DRAM.
+//   g++ -std=c++17 -O3 -DMM_HAVE_AVX512 -DMM_HAVE_AVX2 bench_block.cc moe.cc kernels.cc \
+//       kernels_avx512.o kernels_avx2.o -pthread    (see tests/ or `make bench`)
+//   ./bench_block T [iters] [threads] [group_size (0: channel-wise)] [kernel auto/avx2/scalar] [weight sets, 8]
+// Prints the median and 10th percentile wall time per block and the CPU time.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <random>
+#include <vector>
+
+#include "moe.h"
+
+using namespace mm;
+#ifdef MM_PROFILE
+namespace mm { extern double g_phase_ms[8]; }
+#endif
+
+int main(int argc, char** argv) {
+  const int T = argc > 1 ? atoi(argv[1]) : 1;
+  const int iters = argc > 2 ? atoi(argv[2]) : 200;
+  const int threads = argc > 3 ? atoi(argv[3]) : 2;
+  const int G = argc > 4 ? atoi(argv[4]) : 32;
+  const char* kern = argc > 5 ? argv[5] : "auto";
+  const int NB = argc > 6 ? atoi(argv[6]) : 8;
+  MoeConfig c;
+  c.num_experts = 64; c.top_k = 4; c.d_model = 768; c.d_expert = 512; c.d_shared = 512;
+  c.group_size = G;
+  const int E = 64, D = 768, F = 512, Fs = 512;
+  auto ng = [&](int K) { return G ? K / G : 1; };
+  std::mt19937 rng(0);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  struct W { std::vector<uint8_t> gq, dq, sgq, sdq; std::vector<float> r, rb, gs, ds, sgs, sds; };
+  std::vector<W> ws(NB);
+  std::vector<MoeWeights> mw(NB);
+  for (int b = 0; b < NB; ++b) {
+    W& w = ws[b];
+    auto q4 = [&](std::vector<uint8_t>& q, std::vector<float>& s, size_t rows, int K) {
+      q.resize(rows * K / 2);
+      for (auto& v : q) v = (uint8_t)rng();
+      s.resize(rows * ng(K));
+      for (auto& v : s) v = (0.5f + (rng() % 1000) / 2000.f) / std::sqrt(K * 10.f);
+    };
+    w.r.resize((size_t)E * D);
+    for (auto& v : w.r) v = nd(rng) / std::sqrt((float)D);
+    w.rb.assign(E, 0.f);
+    q4(w.gq, w.gs, (size_t)E * 2 * F, D);
+    q4(w.dq, w.ds, (size_t)E * D, F);
+    q4(w.sgq, w.sgs, 2 * Fs, D);
+    q4(w.sdq, w.sds, D, Fs);
+    mw[b] = {w.r.data(), w.rb.data(), w.gq.data(), w.gs.data(), w.dq.data(), w.ds.data(),
+             w.sgq.data(), w.sgs.data(), w.sdq.data(), w.sds.data()};
+  }
+  const int NX = T == 1 ? 64 : 2;
+  std::vector<std::vector<float>> xs(NX, std::vector<float>((size_t)T * D));
+  for (auto& x : xs) for (auto& v : x) v = nd(rng);
+  std::vector<float> y((size_t)T * D);
+  ThreadPool pool(threads);
+  std::vector<MoeBlock> blocks(NB);
+  RunOptions opt;
+  opt.cap = !strcmp(kern, "avx2") ? IsaCap::kAvx2 : !strcmp(kern, "scalar") ? IsaCap::kScalar : IsaCap::kAuto;
+  for (int b = 0; b < NB; ++b) blocks[b].Run(c, mw[b], xs[0].data(), T, y.data(), &pool, opt);
+#ifdef MM_PROFILE
+  for (double& v : g_phase_ms) v = 0;
+#endif
+  std::vector<double> t;
+  timespec c0, c1;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int b = 0; b < NB; ++b)
+      blocks[b].Run(c, mw[b], xs[(i * NB + b) % NX].data(), T, y.data(), &pool, opt);
+    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / NB);
+  }
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+  std::sort(t.begin(), t.end());
+  const double cpu = ((c1.tv_sec - c0.tv_sec) * 1e3 + (c1.tv_nsec - c0.tv_nsec) * 1e-6) / iters / NB;
+  printf("T=%d G=%d threads=%d %s: median %.4f ms  p10 %.4f ms  cpu %.4f ms/block  (%d x %d blocks)\n",
+         T, G, threads, IsaName(KernelIsa(opt.cap)), t[t.size() / 2], t[t.size() / 10], cpu, iters, NB);
+#ifdef MM_PROFILE
+  const char* names[5] = {"route", "prep x", "gate/up", "silu+prep h", "down+combine"};
+  for (int i = 0; i < 5; ++i) printf("  %-13s %.4f ms/block\n", names[i], g_phase_ms[i] / iters / NB);
+#endif
+  return 0;
+}
