@@ -1,11 +1,15 @@
 """PyTorch MobileMoE -> LiteRT `.tflite` with `prefill_<T>` and `decode` signatures.
 
-The layout follows litert-torch's generative examples: token ids [1, T] int32, input_pos
-[T] int32, and an external KV cache (`kv_cache_k_<i>` / `kv_cache_v_<i>`, [1, S, K, Dh]
-f32) passed in and returned updated. Logits are [1, T, V] f32, or with
-prefill_logits='last' [1, 1, V] for the token at the prefill's extra input `last_index` [1]
-int32 (its index in the padded chunk): what an app samples from, without the T x V lm_head
-and logits copy (at V=202k and T=512 more MACs than a MoE model's whole body).
+Inputs: token ids [1, T] int32, input_pos [T] int32 and the external KV cache
+(`kv_cache_k_<i>` [1, K, S, Dh] and `kv_cache_v_<i>` [1, K, Dh, S] f32; decode's S is the
+cache length, prefill_<T>'s the kv_len - T slots it can see), which the graph only reads.
+Outputs: the new tokens' rows `new_k_<i>` / `new_v_<i>` [1, T, K, Dh] f32, written into the
+cache by the caller (export.runner keeps the cache in the decode signature's own input
+buffers and writes them there: a decode step copies no cache), and logits [1, T, V] f32,
+or with prefill_logits='last' [1, 1, V] for the token at the prefill's extra input
+`last_index` [1] int32 (its index in the padded chunk): what an app samples from, without
+the T x V lm_head and logits copy (at V=202k and T=512 more MACs than a MoE model's whole
+body).
 
 Quantization is done by ai-edge-quantizer on the fp32 flatbuffer (the same library that
 litert-torch's quant_config calls, and it also offers INT4 channel-wise, which litert-torch's
@@ -35,7 +39,8 @@ EMBEDDING_SCHEMES = {'int8': 'int8_channel', 'int4': 'int4_channel', 'int4_g32':
 
 
 class Exportable(torch.nn.Module):
-  """Named inputs/outputs for the signatures."""
+  """Named inputs/outputs for the signatures: the cache comes in (`kv_cache_{k,v}_<i>`,
+  read only), the new tokens' rows go out (`new_{k,v}_<i>`) with the logits."""
 
   def __init__(self, model):
     super().__init__()
@@ -47,13 +52,23 @@ class Exportable(torch.nn.Module):
     logits, new = self.model(tokens, input_pos, cache, last_index)
     out = {'logits': logits}
     for i, (k, v) in enumerate(new):
-      out[f'kv_cache_k_{i}'], out[f'kv_cache_v_{i}'] = k, v
+      out[f'new_k_{i}'], out[f'new_v_{i}'] = k, v
     return out
 
 
-def empty_kv(cfg: dict, kv_len: int) -> dict:
-  shape = (1, kv_len, cfg['n_kv_heads'], cfg['head_dim'])
-  return {f'{c}_{i}': torch.zeros(shape) for i in range(cfg['n_layers']) for c in 'kv'}
+def empty_kv(cfg: dict, slots: int) -> dict:
+  """The cache inputs of a signature with `slots` past slots (torch_model's layouts:
+  k [1, K, slots, Dh], v [1, K, Dh, slots])."""
+  k = (1, cfg['n_kv_heads'], slots, cfg['head_dim'])
+  v = (1, cfg['n_kv_heads'], cfg['head_dim'], slots)
+  return {f'{c}_{i}': torch.zeros(k if c == 'k' else v)
+          for i in range(cfg['n_layers']) for c in 'kv'}
+
+
+def past_slots(kv_len: int, t: int) -> int:
+  """Cache slots a prefill_<t> signature reads: a chunk starts at pos <= kv_len - t, so no
+  later slot is ever visible to it (at least 1: a tensor needs a size)."""
+  return max(kv_len - t, 1)
 
 
 def convert_fp32(model, out_path: str, prefill_lens=(32, 128), kv_len: int = 0, log=print,
@@ -74,16 +89,17 @@ def _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits):
     raise ValueError(f'kv_len={kv_len} must be <= max_seq_len={cfg["max_seq_len"]} and >= '
                      f'every prefill length {tuple(prefill_lens)}')
   mod = Exportable(model).eval()
-  kv = empty_kv(cfg, kv_len)
   conv = None
   for t in prefill_lens:
     kw = dict(tokens=torch.zeros((1, t), dtype=torch.int32),
-              input_pos=torch.arange(t, dtype=torch.int32), kv_cache=kv)
+              input_pos=torch.arange(t, dtype=torch.int32),
+              kv_cache=empty_kv(cfg, past_slots(kv_len, t)))
     if prefill_logits == 'last':
       kw['last_index'] = torch.tensor([t - 1], dtype=torch.int32)
     conv = (litert_torch if conv is None else conv).signature(f'prefill_{t}', mod, sample_kwargs=kw)
+  # decode's cache inputs hold all kv_len slots: the runner keeps the cache in them.
   kw = dict(tokens=torch.zeros((1, 1), dtype=torch.int32),
-            input_pos=torch.zeros((1,), dtype=torch.int32), kv_cache=kv)
+            input_pos=torch.zeros((1,), dtype=torch.int32), kv_cache=empty_kv(cfg, kv_len))
   conv = conv.signature('decode', mod, sample_kwargs=kw)
   t0 = time.time()
   log(f'[export] tracing and lowering {len(prefill_lens) + 1} signatures with litert-torch...')

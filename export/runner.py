@@ -9,7 +9,30 @@ import re
 import numpy as np
 
 
+class _Signature:
+  """One signature's subgraph: its input/output tensor indices and numpy views of its
+  cache inputs (the interpreter's own buffers)."""
+
+  def __init__(self, interp, key):
+    w = interp._interpreter                  # the pybind wrapper: subgraph-aware calls
+    d = interp._get_full_signature_list()[key]
+    self.sg = w.GetSubgraphIndexFromSignature(key)
+    self.inputs, self.outputs = d['inputs'], d['outputs']
+    w.AllocateTensors(self.sg)               # shapes are static: the arena is planned once
+    # Graph inputs keep their arena slot for the subgraph's lifetime and no op writes them,
+    # so values written here persist across invocations (tests/test_export_litert.py).
+    self.cache = {n: w.tensor(w, i, self.sg) for n, i in self.inputs.items()
+                  if n.startswith('kv_cache_')}
+    for v in self.cache.values():
+      v.fill(0)                              # never uninitialized memory (0 * NaN = NaN)
+
+
 class LiteRTLM:
+  """Prefill/decode over the external KV cache. The cache lives in the decode signature's
+  input buffers (zero copy: numpy views of them); each call writes the rows a signature
+  returns (`new_{k,v}_<i>`) into it, so a decode step copies no cache. A prefill
+  signature has its own input buffers: the filled slots are copied into them per call."""
+
   def __init__(self, path: str, num_threads: int = 2, delegate=None):
     from ai_edge_litert.interpreter import Interpreter
     kw = {'experimental_delegates': [delegate]} if delegate is not None else {}
@@ -18,31 +41,67 @@ class LiteRTLM:
     self.prefill_lens = sorted(int(m.group(1)) for s in sigs if (m := re.fullmatch(r'prefill_(\d+)', s)))
     if 'decode' not in sigs or not self.prefill_lens:
       raise ValueError(f'{path}: expected prefill_<T> and decode signatures, found {sorted(sigs)}')
-    self.runners = {s: self.interp.get_signature_runner(s) for s in sigs}
-    details = self.runners['decode'].get_input_details()
-    self.kv_names = sorted(n for n in details if n.startswith('kv_cache_'))
-    self.kv_shape = details[self.kv_names[0]]['shape']
-    self.kv_len = int(self.kv_shape[1])
+    self.runners = {s: self.interp.get_signature_runner(s) for s in sigs}   # (details)
+    self._w = self.interp._interpreter
+    self._sigs = {s: _Signature(self.interp, s) for s in sigs}
+    dec = self._sigs['decode']
+    self.kv_names = sorted(dec.cache)
+    if any(f'new_{n[len("kv_cache_"):]}' not in dec.outputs for n in self.kv_names):
+      raise ValueError(f'{path}: decode returns no new_k_<i>/new_v_<i> rows (a .tflite from '
+                       'before the in-place KV cache: re-export it)')
+    self.kv_len = int(dec.cache[self.kv_names[0]].shape[2])
     # 'last': the prefill signatures take `last_index` and return that token's logits only
     # (export --prefill-logits last); 'all': logits for every position.
-    ins = self.runners[f'prefill_{self.prefill_lens[0]}'].get_input_details()
+    ins = self._sigs[f'prefill_{self.prefill_lens[0]}'].inputs
     self.prefill_logits = 'last' if 'last_index' in ins else 'all'
     self.reset()
 
+  @property
+  def kv(self) -> dict:
+    """The cache {input name: view of the decode signature's buffer}: k [1, K, S, Dh],
+    v [1, K, Dh, S]; slots < pos are filled. Copy it to keep it; assigning a dict of
+    arrays copies them in (with pos, to go back to a saved context)."""
+    return self._sigs['decode'].cache
+
+  @kv.setter
+  def kv(self, values: dict):
+    for n, v in self._sigs['decode'].cache.items():
+      v[...] = values[n]
+
   def reset(self):
-    self.kv = {n: np.zeros(self.kv_shape, np.float32) for n in self.kv_names}
+    for v in self.kv.values():
+      v.fill(0)
     self.pos = 0
 
-  def _run(self, sig, tokens, pos, **extra):
-    out = self.runners[sig](tokens=tokens.astype(np.int32), input_pos=pos.astype(np.int32),
-                            **self.kv, **extra)
-    self.kv = {n: out[n] for n in self.kv_names}
-    return out['logits'][0]
+  def _run(self, sig, tokens, pos, n_new, **extra):
+    """Runs signature `sig` on tokens at positions pos..., writes its first n_new rows of
+    K/V into the cache at pos[0] and returns the logits [T or 1, V] (a copy)."""
+    s, w = self._sigs[sig], self._w
+    p0 = int(pos[0])
+    w.SetTensor(s.inputs['tokens'], tokens.astype(np.int32), s.sg)
+    w.SetTensor(s.inputs['input_pos'], pos.astype(np.int32), s.sg)
+    for n, v in extra.items():
+      w.SetTensor(s.inputs[n], v, s.sg)
+    cache = self.kv
+    if s.cache is not cache and p0:             # a prefill's own buffers: the filled slots
+      for n, dst in s.cache.items():
+        if n.startswith('kv_cache_k'):
+          dst[:, :, :p0] = cache[n][:, :, :p0]
+        else:
+          dst[..., :p0] = cache[n][..., :p0]
+    w.Invoke(s.sg)
+    for n, dst in cache.items():
+      rows = w.GetTensor(s.outputs['new_' + n[len('kv_cache_'):]], s.sg)[0, :n_new]   # [n, K, Dh]
+      if n.startswith('kv_cache_k'):
+        dst[0, :, p0:p0 + n_new] = rows.transpose(1, 0, 2)
+      else:
+        dst[0, :, :, p0:p0 + n_new] = rows.transpose(1, 2, 0)
+    return w.GetTensor(s.outputs['logits'], s.sg)[0]
 
   def prefill(self, ids) -> np.ndarray:
     """Feeds ids (in chunks of the prefill lengths) after what is cached; returns their
-    logits [len(ids), V]. A padded chunk's extra slots hold junk that later tokens
-    overwrite and that the causal mask hides until then."""
+    logits [len(ids), V]. A padded chunk's extra tokens are computed but not written to
+    the cache (and the causal mask keeps them from the real ones)."""
     if self.prefill_logits != 'all':
       raise ValueError('this .tflite was exported with --prefill-logits last: its prefill '
                        'returns only the last token\'s logits; use prefill_last(), or export '
@@ -74,7 +133,7 @@ class LiteRTLM:
       tokens = np.zeros((1, t), np.int32)
       tokens[0, :n] = chunk
       extra = {'last_index': np.array([n - 1], np.int32)} if self.prefill_logits == 'last' else {}
-      logits = self._run(f'prefill_{t}', tokens, np.arange(self.pos, self.pos + t), **extra)
+      logits = self._run(f'prefill_{t}', tokens, np.arange(self.pos, self.pos + t), n, **extra)
       out.append(logits if extra else logits[:n])
       self.pos += n
     return out
@@ -82,7 +141,7 @@ class LiteRTLM:
   def decode(self, token) -> np.ndarray:
     if self.pos >= self.kv_len:
       raise ValueError(f'KV cache full ({self.kv_len})')
-    logits = self._run('decode', np.array([[token]]), np.array([self.pos]))[0]
+    logits = self._run('decode', np.array([[token]]), np.array([self.pos]), 1)[0]
     self.pos += 1
     return logits
 

@@ -82,7 +82,53 @@ def test_fp32_equals_torch_and_cache_equals_full_forward(small, fp32_path, jax_l
     np.testing.assert_allclose(run(fp32_path, n_prompt), want, atol=1e-4, rtol=0)
   model, _ = flatbuf.load(fp32_path)
   assert sorted(flatbuf.signatures(model)) == ['decode', 'prefill_32', 'prefill_8']
-  assert 'DYNAMIC_UPDATE_SLICE' in flatbuf.op_names(model)     # the in-place KV write
+  # The graph never writes the cache (the runner writes the returned rows in place).
+  assert 'DYNAMIC_UPDATE_SLICE' not in flatbuf.op_names(model)
+
+
+def test_signatures_return_only_the_new_rows(small, fp32_path):
+  """Each signature outputs the logits and its T tokens' K/V [1, T, K, Dh] per layer, no
+  cache; decode's cache inputs hold all KV_LEN slots, a prefill_<T>'s the KV_LEN - T it
+  can see."""
+  c = small.cfg
+  k, dh, n = c['n_kv_heads'], c['head_dim'], c['n_layers']
+  lm = LiteRTLM(fp32_path)
+  for sig, t in (('decode', 1), ('prefill_8', 8), ('prefill_32', 32)):
+    outs = {name: list(d['shape']) for name, d in lm.runners[sig].get_output_details().items()}
+    assert outs == {'logits': [1, t, c['vocab_size']],
+                    **{f'new_{kv}_{i}': [1, t, k, dh] for i in range(n) for kv in 'kv'}}
+    ins = {name: list(d['shape']) for name, d in lm.runners[sig].get_input_details().items()}
+    slots = KV_LEN if sig == 'decode' else KV_LEN - t
+    assert ins == {'tokens': [1, t], 'input_pos': [t],
+                   **{f'kv_cache_k_{i}': [1, k, slots, dh] for i in range(n)},
+                   **{f'kv_cache_v_{i}': [1, k, dh, slots] for i in range(n)}}
+
+
+def test_runner_cache_holds_the_rows_in_place(small, fp32_path):
+  """After a prefill (two chunks) and decode steps, the runner's cache (the decode
+  signature's own input buffers) holds exactly PyTorch's K/V rows at slots < pos: the
+  writes persist across invocations of every signature; later slots are untouched zeros.
+  A saved cache assigned back restores the context (what the lm_eval backend does)."""
+  lm = LiteRTLM(fp32_path)
+  lm.prefill(TOK[:40])                            # prefill_32 + a padded prefill_8
+  for t in TOK[40:50]:
+    lm.decode(t)
+  assert lm.pos == 50
+  with torch.no_grad():
+    _, new = small(torch.from_numpy(TOK[None, :50]).long(), torch.arange(50, dtype=torch.int32),
+                   small.empty_cache(1, 1))
+  want = small.empty_cache(1, KV_LEN)
+  for layer, kv in zip(want, new):
+    tm.write_cache(layer, kv, 0)
+  for i, (k, v) in enumerate(want):
+    for name, ref in ((f'kv_cache_k_{i}', k), (f'kv_cache_v_{i}', v)):
+      np.testing.assert_allclose(lm.kv[name], ref.numpy(), atol=1e-5, rtol=0)
+      assert not lm.kv[name][..., 50:, :].any() if 'k_' in name else not lm.kv[name][..., 50:].any()
+  saved, logits = {n: v.copy() for n, v in lm.kv.items()}, lm.decode(TOK[50])
+  lm.reset()
+  assert not any(v.any() for v in lm.kv.values())
+  lm.kv, lm.pos = saved, 50
+  np.testing.assert_array_equal(lm.decode(TOK[50]), logits)
 
 
 @pytest.mark.parametrize('quant,emb', [('int4_g32', 'auto'), ('int4_channel', 'int8')])

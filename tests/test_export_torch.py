@@ -68,11 +68,18 @@ def test_kv_cache_prefill_decode_equals_full_forward(kv_cache):
   tok = torch.from_numpy(TOKENS)
   with torch.no_grad():
     full = pt(tok)
-    cache = pt.empty_cache(2, 96)
-    out, cache = pt(tok[:, :70], torch.arange(70, dtype=torch.int32), cache)
+    # Stale junk past the fill must not leak in (the runner's cache slots beyond pos).
+    cache = [tuple(torch.full_like(c, 1e3) for c in kv) for kv in pt.empty_cache(2, 96)]
+    out, new = pt(tok[:, :70], torch.arange(70, dtype=torch.int32), cache)
+    assert [tuple(c.shape) for c in new[0]] == [(2, 70, cfg.n_kv_heads, cfg.head_dim)] * 2
     steps = [out]
+    for layer, kv in zip(cache, new):
+      tm.write_cache(layer, kv, 0)
     for i in range(70, 90):
-      o, cache = pt(tok[:, i:i + 1], torch.tensor([i], dtype=torch.int32), cache)
+      o, new = pt(tok[:, i:i + 1], torch.tensor([i], dtype=torch.int32), cache)
+      assert [tuple(c.shape) for c in new[0]] == [(2, 1, cfg.n_kv_heads, cfg.head_dim)] * 2
+      for layer, kv in zip(cache, new):
+        tm.write_cache(layer, kv, i)
       steps.append(o)
   # int8: one token's K computed in another matmul shape can differ in the last ulp and
   # round to the neighbouring integer, a whole grid step: hence the looser tolerance.
