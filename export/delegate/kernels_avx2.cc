@@ -12,7 +12,7 @@
 namespace mm {
 namespace avx2 {
 
-constexpr int kPrefetchRows = 8;  // software prefetch distance, in weight rows
+constexpr int kPrefetchRows = 16;  // software prefetch distance, in weight rows
 
 // sum over each lane's 4 bytes of u[i] * s[i] (u unsigned, s signed), added to acc.
 // (AVX-VNNI's vpdpbusd would do this in one instruction; not used yet, so the

@@ -36,7 +36,7 @@ static inline float Hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 // Activation tiles are "quad-interleaved": for each group of 4 tokens the
 // layout is [block][4 tokens][128 k's] (kQuad = 4), so the tile needs a single pointer.
 #ifndef MM_PF_ROWS
-#define MM_PF_ROWS 8
+#define MM_PF_ROWS 16
 #endif
 constexpr int kPrefetchRows = MM_PF_ROWS;  // software prefetch distance, in weight rows
 
@@ -57,7 +57,7 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
     const int32_t* cb = corr + (size_t)b * kQuad * 16;
     for (int r = 0; r < R; ++r) {
       const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
-      // Rows 8 ahead (two 4-row tiles): weights stream from DRAM and the
+      // Rows 16 ahead (four 4-row tiles): weights stream from DRAM and the
       // hardware prefetcher alone leaves the VNNI units waiting.
       _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
       if (b == 0) _mm_prefetch((const char*)(ws + (size_t)(r + kPrefetchRows) * lds), _MM_HINT_T0);

@@ -22,8 +22,18 @@ namespace mm { double g_phase_ms[8]; }
 namespace mm {
 
 namespace {
-constexpr int kRowTile1 = 64;  // gate/up rows per work item
-constexpr int kRowTile3 = 32;  // down rows per work item
+constexpr int kRowTile1 = 64;  // gate/up rows per work item (prefill)
+constexpr int kRowTile3 = 32;  // down rows per work item (prefill)
+#ifndef MM_DECODE_SPLIT
+#define MM_DECODE_SPLIT 2
+#endif
+// Decode-sized steps (T < 8) are weight streaming: each thread gets a few long
+// contiguous runs of rows (rows / (split * threads), multiples of 16) instead of
+// many short ones, so the prefetchers run ahead within one stream.
+int DecodeTile(int rows, int threads, int tile) {
+  const int per = (rows + MM_DECODE_SPLIT * threads - 1) / (MM_DECODE_SPLIT * threads);
+  return std::max(tile, (per + 15) / 16 * 16);
+}
 }  // namespace
 
 void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
@@ -194,13 +204,16 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   MM_TICK(1);
   // Phase 1: gu_out[j] [n, 2F] = x[tokens] @ gate_up^T, split by row tiles.
   gu_out_.resize(gu_total);
+  std::vector<int> tile1(nj);
   for (int j = 0; j < nj; ++j)
-    first_item[j + 1] = first_item[j] + (2 * jobs_[j].F + kRowTile1 - 1) / kRowTile1;
+    tile1[j] = T < 8 ? DecodeTile(2 * jobs_[j].F, nthreads, kRowTile1) : kRowTile1;
+  for (int j = 0; j < nj; ++j)
+    first_item[j + 1] = first_item[j] + (2 * jobs_[j].F + tile1[j] - 1) / tile1[j];
   pool->Run(first_item[nj], [&](int item, int) {
     const int j = job_of(item);
     const Job& jb = jobs_[j];
-    const int m0 = (item - first_item[j]) * kRowTile1;
-    const int m1 = std::min(2 * jb.F, m0 + kRowTile1);
+    const int m0 = (item - first_item[j]) * tile1[j];
+    const int m1 = std::min(2 * jb.F, m0 + tile1[j]);
     Q4Gemm(jb.gate_up, m0, m1, x_acts_[j], gu_out_.data() + jb.gu_off + m0, 2 * jb.F);
   });
 
@@ -230,17 +243,18 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   // disjoint output rows and loop over all jobs, so no two threads write the
   // same y element.
   tmp_.resize(nthreads);
-  for (auto& t : tmp_) t.resize((size_t)T * kRowTile3);
-  pool->Run((D + kRowTile3 - 1) / kRowTile3, [&](int item, int tid) {
-    const int m0 = item * kRowTile3, m1 = std::min(D, m0 + kRowTile3);
+  const int tile3 = T < 8 ? DecodeTile(D, nthreads, kRowTile3) : kRowTile3;
+  for (auto& t : tmp_) t.resize((size_t)T * tile3);
+  pool->Run((D + tile3 - 1) / tile3, [&](int item, int tid) {
+    const int m0 = item * tile3, m1 = std::min(D, m0 + tile3);
     float* tmp = tmp_[tid].data();
     for (int j = 0; j < nj; ++j) {
       const Job& jb = jobs_[j];
-      Q4Gemm(jb.down, m0, m1, h_acts_[j], tmp, kRowTile3);
+      Q4Gemm(jb.down, m0, m1, h_acts_[j], tmp, tile3);
       for (int n = 0; n < jb.n; ++n) {
         float* yr = y + (size_t)jb.tokens[n] * D;
         const float wn = jb.weights[n];
-        const float* tr = tmp + (size_t)n * kRowTile3;
+        const float* tr = tmp + (size_t)n * tile3;
         for (int m = m0; m < m1; ++m) yr[m] += wn * tr[m - m0];
       }
     }

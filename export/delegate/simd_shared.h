@@ -42,6 +42,16 @@ inline void ForEachTile(int m0, int m1, int N, Tile tile) {
   }
 }
 
+// Prefetches the first rows of a GEMM call (bytes [0, n) of each of `rows` rows
+// ldw apart): the tiles prefetch kPrefetchRows ahead of themselves, so without
+// this the first rows of every call (one expert's rows for one work item) would
+// wait for DRAM with nothing in flight.
+inline void PrefetchHead(const void* p, size_t ldw, int rows, size_t n) {
+  const char* c = (const char*)p;
+  for (int r = 0; r < rows; ++r)
+    for (size_t i = 0; i < n; i += 64) __builtin_prefetch(c + r * ldw + i, 0, 3);
+}
+
 // The x86 files' GemmI8 / GemmF32 (declared in kernels.cc): their own TileI8,
 // TileF32 and ScaleMap over ForEachTile with R-row tiles; channel-wise int8
 // (G == K) runs TileI8C (int32 sums over all of K, one convert per row and
@@ -51,6 +61,9 @@ inline void ForEachTile(int m0, int m1, int N, Tile tile) {
               const int8_t* xq, const int32_t* corr, const int32_t* csum,          \
               const float* xs, int N, float* out, int ldo) {                       \
     const int ldw = K / 2, lds = K / G, nb = K / 128;                              \
+    const int head = m1 - m0 < kPrefetchRows ? m1 - m0 : kPrefetchRows;            \
+    PrefetchHead(q + (size_t)m0 * ldw, ldw, head, ldw);                            \
+    PrefetchHead(s + (size_t)m0 * lds, 0, 1, (size_t)head * lds * 4);              \
     if (G == K) {                                                                  \
       ForEachTile<RC>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {             \
         TileI8C<decltype(r)::value, decltype(nt)::value>(                          \
