@@ -5,10 +5,14 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
   python bench/ondevice.py --quick         # smaller run without whole models, a smoke test
   python bench/ondevice.py --whole_only    # just the whole-model rows
   python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # your own files
+  python bench/ondevice.py --experts channel   # whole MobileMoE-S with channel-wise experts
 
 Rows (MobileMoE-S block shape: D=768, 64 experts of 512, top-4, one shared 512,
 INT4 group 32, random weights):
-  (a) delegate      MobileMoeBlock run by export/delegate (int8 activations)
+  (a) delegate      MobileMoeBlock run by export/delegate (int8 activations),
+                    experts INT4 block-32 with fp32 group scales (the exporter's default)
+  (a') delegate_cw  the same op with channel-wise experts (group_size 0: one fp32 scale
+                    per output row, like the dense FCs' INT4 channel-wise)
   (b) all-experts   the portable lowering: every expert as INT4 FULLY_CONNECTED
                     (gate/up of all experts fused in one FC, down in one FC),
                     hidden masked by the top-k routing weights (XNNPACK, qc4w)
@@ -21,7 +25,8 @@ Whole models: MobileMoE-S (configs/mobilemoe_s.py, MoE blocks lowered to MobileM
 for the delegate) and MobileLLM-Pro (configs/mobilellm_pro.py), random weights, exported
 by export/ (litert-torch + ai-edge-quantizer) with prefill_128 / prefill_512 / decode
 signatures and a 1024-slot external KV cache, every FC INT4 channel-wise (XNNPACK's
-fastest INT4 path; MobileMoE-S's experts are block-32 inside the op). Prefill returns
+fastest INT4 path; MobileMoE-S's experts are block-32 inside the op, or channel-wise with
+--experts channel, cached as a separate file). Prefill returns
 the last prompt token's logits only (export --prefill-logits last, what a phone app
 samples from): the final norm + lm_head over the 202k vocabulary run for one row, not
 for all T (at T=512 that layer alone would be ~79 GMAC and ~414 MB of logits). The files are
@@ -226,8 +231,18 @@ def add_delegate_block(g, x, T, rng, o, name):
   return tb.add_moe_block(g, x, [T, o["d_model"]], w, o, name=name)
 
 
-BUILDERS = {"delegate": add_delegate_block, "all_experts": add_allexperts_block,
-            "upstream_moe": add_upstream_moe_block}
+def add_delegate_block_cw(g, x, T, rng, o, name):
+  """(a'): one MobileMoeBlock node with channel-wise experts (group_size 0)."""
+  return add_delegate_block(g, x, T, rng, dict(o, group_size=0), name)
+
+
+BUILDERS = {"delegate": add_delegate_block, "delegate_cw": add_delegate_block_cw,
+            "all_experts": add_allexperts_block, "upstream_moe": add_upstream_moe_block,
+            # (a) run by another build of the delegate (--baseline_lib): before/after
+            "delegate_base": add_delegate_block}
+# Models whose MobileMoeBlock nodes need the delegate loaded.
+DELEGATE_METHODS = ("delegate", "delegate_cw", "moe_s_ffn", "moe_s_ffn_cw")
+BASELINE_ENV = "MOBILEMOE_BASELINE_LIB"
 
 # FFN-only proxies of the whole models (attention, embeddings, lm_head left
 # out: they are the same kind of work in both models). MobileMoE-S: layer 0
@@ -236,6 +251,7 @@ BUILDERS = {"delegate": add_delegate_block, "all_experts": add_allexperts_block,
 # and block-32 (the scheme MobileMoE's export and experts use).
 STACKS = {
     "moe_s_ffn": dict(d_model=768, layers=[("dense", 2048)] + [("moe", None)] * 15),
+    "moe_s_ffn_cw": dict(d_model=768, layers=[("dense", 2048)] + [("moe_cw", None)] * 15),
     "pro_ffn": dict(d_model=1280, layers=[("dense", 6144)] * 30),
     "pro_ffn_b32": dict(d_model=1280, layers=[("dense_b32", 6144)] * 30),
 }
@@ -259,6 +275,8 @@ def stack_model(method, L, o, seed=0):
       m = _swiglu_shared(g, h, 1, rng, d_ff, D, f"l{i}", weight=_int4_block32)
     elif kind == "moe":
       m = add_delegate_block(g, h, 1, rng, o, f"l{i}")
+    elif kind == "moe_cw":
+      m = add_delegate_block_cw(g, h, 1, rng, o, f"l{i}")
     else:
       m = BUILDERS[kind](g, h, 1, rng, o, f"l{i}")
     h = tb.add(g, h, m, [1, D], f"l{i}/res")
@@ -290,7 +308,10 @@ def build(method, L, path):
 
 def _load(method, path, T, D):
   from ai_edge_litert.interpreter import Interpreter
-  d = dl.load(num_threads=THREADS) if method in ("delegate", "moe_s_ffn") else None
+  d = dl.load(num_threads=THREADS) if method in DELEGATE_METHODS else None
+  if method == "delegate_base":
+    from ai_edge_litert.interpreter import load_delegate
+    d = load_delegate(os.environ[BASELINE_ENV], {"num_threads": THREADS})
   it = Interpreter(model_path=path, experimental_delegates=[d] if d else [],
                    num_threads=THREADS)
   idx = it.get_input_details()[0]["index"]
@@ -420,11 +441,13 @@ def dram_read_bandwidth(threads=THREADS, gib=1.0):
 
 
 def active_bytes_per_token(o):
-  """INT4 weight + fp32 scale bytes one token reads in one MoE block (+ fp32 router)."""
+  """INT4 weight + fp32 scale bytes one token reads in one MoE block (+ fp32 router);
+  group_size 0 (channel-wise): one scale per row."""
   D, F, Fs, k, G, E = (o[n] for n in ("d_model", "d_expert", "d_shared", "top_k",
                                       "group_size", "num_experts"))
-  per_weight = 0.5 + 4.0 / G
-  return (k * 3 * F * D + 3 * Fs * D) * per_weight + E * D * 4
+  # bytes of an [rows, K] INT4 matrix with its scales
+  mat = lambda rows, K: rows * (K / 2 + 4 * (K // G if G else 1))
+  return k * (mat(2 * F, D) + mat(D, F)) + mat(2 * Fs, D) + mat(D, Fs) + E * D * 4
 
 
 # ----------------------------------------------------------------------------
@@ -437,6 +460,8 @@ WHOLE = {
     "dense": dict(config="configs/mobilellm_pro.py", quant="int4_channel", moe="portable",
                   prefill_logits="last"),
 }
+# --experts channel: MobileMoE-S with channel-wise experts in its MobileMoeBlock ops.
+WHOLE_MOE_CW = dict(WHOLE["moe"], expert_group_size=0)
 WHOLE_PREFILL = (128, 512)
 WHOLE_KV_LEN = 1024
 WHOLE_DIR = os.path.join(REPO, "runs", "ondevice_models")
@@ -456,7 +481,8 @@ def exporter_version():
 
 def whole_spec(name):
   """Everything that shapes a cached whole model (its .json must match)."""
-  return dict(WHOLE[name], prefill=list(WHOLE_PREFILL), kv_len=WHOLE_KV_LEN,
+  base = WHOLE_MOE_CW if name == "moe_cw" else WHOLE[name]
+  return dict(base, prefill=list(WHOLE_PREFILL), kv_len=WHOLE_KV_LEN,
               exporter=exporter_version())
 
 
@@ -475,7 +501,7 @@ def export_whole(name, path):
     # Pack the experts for the MobileMoeBlock op now and drop their fp32 copies (~5 GB
     # for MobileMoE-S; with them the conversion ran out of memory on a 24 GB box). The
     # op only reads its packed buffers; export's own set_moe_lowering call is then a no-op.
-    model.set_moe_lowering("delegate")
+    model.set_moe_lowering("delegate", group_size=spec.get("expert_group_size", 32))
     for b in model.blocks:
       if isinstance(b.ffn, torch_model.MoE):
         b.ffn.gate_up = b.ffn.down = b.ffn.shared = None
@@ -493,22 +519,25 @@ def export_whole(name, path):
   print(json.dumps(meta))
 
 
-def whole_models():
+def whole_models(experts="block32"):
   """{name: (path, meta)}, exporting what is missing or stale (one child per model, so
-  the ~15 GB the Pro conversion needs is returned before anything is timed)."""
+  the ~15 GB the Pro conversion needs is returned before anything is timed).
+  experts="channel": the MobileMoE-S file with channel-wise experts (moe_cw.tflite)."""
   os.makedirs(WHOLE_DIR, exist_ok=True)
   out = {}
-  for name, spec in WHOLE.items():
-    path = os.path.join(WHOLE_DIR, f"{name}.tflite")
+  for name in WHOLE:
+    file = "moe_cw" if (name == "moe" and experts == "channel") else name
+    spec = whole_spec(file)
+    path = os.path.join(WHOLE_DIR, f"{file}.tflite")
     meta = None
     if os.path.exists(path) and os.path.exists(path + ".json"):
       with open(path + ".json") as f:
         meta = json.load(f)
-      if any(meta.get(k) != v for k, v in whole_spec(name).items()):
+      if any(meta.get(k) != v for k, v in spec.items()):
         meta = None
     if meta is None:
-      print(f"exporting the whole {name} model ({spec['config']}) to {path} ...", flush=True)
-      meta = dict(run_child("--export", name, path), cached=False)
+      print(f"exporting the whole {file} model ({spec['config']}) to {path} ...", flush=True)
+      meta = dict(run_child("--export", file, path), cached=False)
     else:
       meta["cached"] = True
     out[name] = (path, meta)
@@ -594,7 +623,7 @@ def whole_rows(a):
     models = {"moe": (a.moe_model, {"given": a.moe_model}),
               "dense": (a.dense_model, {"given": a.dense_model})}
   else:
-    models = whole_models()
+    models = whole_models(a.experts)
   t0 = time.time()
   w = whole_model_rows(models["moe"][0], models["dense"][0])
   w["models"] = {n: meta for n, (_, meta) in models.items()}
@@ -605,9 +634,13 @@ def whole_rows(a):
 
 def markdown_table(res) -> str:
   """The bench/README.md table for a results dict."""
-  names = {"delegate": "(a) MobileMoeBlock delegate", "all_experts": "(b) all experts, INT4 FCs",
+  names = {"delegate_base": "(a0) MobileMoeBlock, baseline build (--baseline_lib), block-32",
+           "delegate": "(a) MobileMoeBlock delegate, experts block-32",
+           "delegate_cw": "(a') MobileMoeBlock delegate, experts channel-wise",
+           "all_experts": "(b) all experts, INT4 FCs",
            "upstream_moe": "(c) upstream `moe` op (int8, gelu)",
-           "moe_s_ffn": "MobileMoE-S FFN stack (16 layers)",
+           "moe_s_ffn": "MobileMoE-S FFN stack (16 layers, experts block-32)",
+           "moe_s_ffn_cw": "MobileMoE-S FFN stack (16 layers, experts channel-wise)",
            "pro_ffn": "MobileLLM-Pro FFN stack (30 layers, INT4 channel-wise)",
            "pro_ffn_b32": "MobileLLM-Pro FFN stack (30 layers, INT4 block-32)"}
   lines = ["| config | per | decode T=1 ms | prefill 128 ms | prefill 512 ms | peak RSS MB |",
@@ -623,9 +656,14 @@ def markdown_table(res) -> str:
   lines.append(f"| bandwidth limit: {res['active_bytes_per_token_per_block'] / 1e6:.2f} MB active "
                f"/ {res['dram_read_gbps']:.1f} GB/s | block | {res['decode_limit_ms_per_block']:.3g} "
                f"| | | |")
+  if res.get("decode_limit_ms_per_block_cw"):
+    lines.append(f"| bandwidth limit, channel-wise experts: "
+                 f"{res['active_bytes_per_token_per_block_cw'] / 1e6:.2f} MB active | block | "
+                 f"{res['decode_limit_ms_per_block_cw']:.3g} | | | |")
   raw = res.get("whole_model_raw_ms")
   if raw:
-    for n, label in (("moe", "MobileMoE-S whole model (delegate)"),
+    experts = "channel-wise" if res.get("whole_moe_experts") == "channel" else "block-32"
+    for n, label in (("moe", f"MobileMoE-S whole model (delegate, experts {experts})"),
                      ("dense", "MobileLLM-Pro whole model")):
       cell = lambda k: f"{raw[f'{n}_{k}_ms']:.4g}" if f"{n}_{k}_ms" in raw else "-"
       rss = raw.get(f"{n}_peak_rss_mb")
@@ -645,6 +683,11 @@ def main():
   ap.add_argument("--export", nargs=2, metavar=("NAME", "PATH"))
   ap.add_argument("--whole_only", action="store_true", help="only the whole-model rows")
   ap.add_argument("--quick", action="store_true", help="fewer layers/iterations (smoke test)")
+  ap.add_argument("--experts", choices=("block32", "channel"), default="block32",
+                  help="format of the whole MobileMoE-S model's experts (exported and cached "
+                       "separately); the block and FFN-stack rows always show both")
+  ap.add_argument("--baseline_lib", help="another build of libmobilemoe_delegate.so: adds "
+                  "row (a0), the block-32 block run by it, timed with the others (before/after)")
   ap.add_argument("--moe_model")
   ap.add_argument("--dense_model")
   ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "ondevice.json"))
@@ -679,9 +722,12 @@ def main():
   print(f"DRAM read bandwidth ({THREADS} threads): {bw:.1f} GB/s", flush=True)
   rows = []
   tmp = tempfile.mkdtemp()
-  groups = [("delegate", "all_experts", "upstream_moe")]
+  groups = [("delegate", "delegate_cw", "all_experts", "upstream_moe")]
+  if a.baseline_lib:
+    os.environ[BASELINE_ENV] = os.path.abspath(a.baseline_lib)   # read by the children
+    groups[0] = ("delegate_base",) + groups[0]
   if not a.quick:
-    groups.append(("moe_s_ffn", "pro_ffn", "pro_ffn_b32"))
+    groups.append(("moe_s_ffn", "moe_s_ffn_cw", "pro_ffn", "pro_ffn_b32"))
   for group in groups:
     for r in measure(group, L, Ts, budget, tmp):
       rows.append(r)
@@ -695,6 +741,8 @@ def main():
 
   ratio = lambda num, den: (num / den) if (num and den) else None
   limit_ms = active_bytes_per_token(o) / (bw * 1e9) * 1e3
+  o_cw = dict(o, group_size=0)
+  limit_cw_ms = active_bytes_per_token(o_cw) / (bw * 1e9) * 1e3
   dec = ms("delegate", 1)
   # --quick skips the whole models unless files are given (the export takes minutes)
   whole = whole_rows(a) if (not a.quick or a.moe_model) else None
@@ -709,6 +757,16 @@ def main():
       "decode_limit_ms_per_block": limit_ms,
       "rows": rows,
       "decode_fraction_of_bandwidth_limit": ratio(limit_ms, dec),
+      # (a') channel-wise experts: fewer bytes (no group scales), its own limit
+      "active_bytes_per_token_per_block_cw": active_bytes_per_token(o_cw),
+      "decode_limit_ms_per_block_cw": limit_cw_ms,
+      "decode_fraction_of_bandwidth_limit_cw": ratio(limit_cw_ms, ms("delegate_cw", 1)),
+      "delegate_cw_vs_block32_decode": ratio(dec, ms("delegate_cw", 1)),
+      "baseline_lib": a.baseline_lib,
+      "delegate_vs_baseline_decode": ratio(ms("delegate_base", 1), dec),
+      "delegate_vs_baseline_prefill128": ratio(ms("delegate_base", 128), ms("delegate", 128)),
+      "delegate_cw_vs_block32_prefill128": ratio(ms("delegate", 128), ms("delegate_cw", 128)),
+      "delegate_cw_vs_block32_prefill512": ratio(ms("delegate", 512), ms("delegate_cw", 512)),
       "delegate_vs_upstream_moe": ratio(ms("upstream_moe", 1), dec),
       "delegate_vs_upstream_moe_prefill128": ratio(ms("upstream_moe", 128), ms("delegate", 128)),
       "delegate_vs_all_experts_decode": ratio(ms("all_experts", 1), dec),
@@ -716,6 +774,9 @@ def main():
       "delegate_vs_all_experts_prefill512": ratio(ms("all_experts", 512), ms("delegate", 512)),
       # FFN-only proxies of MobileMoE-S vs MobileLLM-Pro (not whole models).
       "ffn_stack_decode_speedup_vs_dense": ratio(ms("pro_ffn", 1), ms("moe_s_ffn", 1)),
+      "ffn_stack_cw_decode_speedup_vs_dense": ratio(ms("pro_ffn", 1), ms("moe_s_ffn_cw", 1)),
+      "ffn_stack_cw_prefill128_speedup_vs_dense": ratio(ms("pro_ffn", 128), ms("moe_s_ffn_cw", 128)),
+      "ffn_stack_cw_prefill512_speedup_vs_dense": ratio(ms("pro_ffn", 512), ms("moe_s_ffn_cw", 512)),
       "ffn_stack_prefill128_speedup_vs_dense": ratio(ms("pro_ffn", 128), ms("moe_s_ffn", 128)),
       "ffn_stack_prefill512_speedup_vs_dense": ratio(ms("pro_ffn", 512), ms("moe_s_ffn", 512)),
       "ffn_stack_decode_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 1), ms("moe_s_ffn", 1)),
@@ -726,6 +787,7 @@ def main():
       "prefill128_speedup_vs_dense": whole and whole["prefill128"],
       "prefill512_speedup_vs_dense": whole and whole["prefill512"],
       "whole_model_raw_ms": whole and whole["raw"],
+      "whole_moe_experts": whole and ("given file" if a.moe_model else a.experts),
       "whole_models": whole and whole["models"],
       "wall_s": time.time() - t_start,
   }

@@ -22,8 +22,12 @@ namespace mm { double g_phase_ms[8]; }
 namespace mm {
 
 namespace {
-constexpr int kRowTile1 = 64;  // gate/up rows per work item (prefill)
-constexpr int kRowTile3 = 32;  // down rows per work item (prefill)
+#ifndef MM_TILE1
+#define MM_TILE1 64
+#define MM_TILE3 32
+#endif
+constexpr int kRowTile1 = MM_TILE1;  // gate/up rows per work item (prefill)
+constexpr int kRowTile3 = MM_TILE3;  // down rows per work item (prefill)
 #ifndef MM_DECODE_SPLIT
 #define MM_DECODE_SPLIT 2
 #endif
