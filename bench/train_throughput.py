@@ -12,7 +12,7 @@ fit; `model.moe.capacity_factor` 1.25 for MoE models):
   tiny, mobilellm_pro                          one GPU each, the preset's attention_impl
                                                ('auto': cuDNN on a GPU)
   s_cudnn_attn_1gpu                            mobilemoe_s with cuDNN attention (= its default on
-                                               a GPU): the headline run
+                                               a GPU) and the full-logits cross-entropy
   mobilemoe_s_1gpu                             mobilemoe_s with XLA attention (the default
                                                before model.attention_impl existed)
   mobilemoe_s expert-parallel on 2 and 4 GPUs  mesh expert=n, per-GPU batch fixed (weak
@@ -21,10 +21,11 @@ fit; `model.moe.capacity_factor` 1.25 for MoE models):
                                                shape, eager, autocast bf16, fused AdamW
   s_dense_ffn   what-if: every FFN a dense SwiGLU of the active width (XLA attention)
   s_cudnn_batch16_1gpu  cuDNN attention, per-GPU batch 16
-  s_chunked_ce_1gpu     mobilemoe_s as configured (attention 'auto') with the chunked
-                        cross-entropy (train.loss_chunk_len 512, train/loss.py); in its process,
+  s_chunked_ce_1gpu     mobilemoe_s as configured (attention 'auto', chunked cross-entropy:
+                        train.loss_chunk_len 512, train/loss.py): the headline run; in its process,
                         after it and on its state (EXTRAS): s_cudnn_attn_1gpu again (full
-                        logits), chunks of 256 and 1024, capacity factor 1.0, batch 16 and 32
+                        logits), chunks of 256 and 1024, capacity factor 1.0, batch 16 and 32,
+                        batch 32 with capacity factor 1.0
   attention_check  cuDNN vs XLA attention in the model's layer against an fp32 reference
                    (packed rows, padding, global and windowed), and each alone timed
 Each run is a subprocess (CUDA_VISIBLE_DEVICES picks its GPUs), so one-GPU runs go side by
@@ -104,6 +105,7 @@ JOBS = {
     's_chunked_ce_batch16_1gpu': ('mobilemoe_s', 1, 'chunked_batch16'),
     's_chunked_ce_cf1_1gpu': ('mobilemoe_s', 1, 'chunked_cf1'),
     's_chunked_ce_batch32_1gpu': ('mobilemoe_s', 1, 'chunked_batch32'),
+    's_chunked_ce_batch32_cf1_1gpu': ('mobilemoe_s', 1, 'chunked_batch32_cf1'),
     'attention_check': (None, 1, 'attention_check'),
 }
 CUDNN = {'attention_impl': 'cudnn'}
@@ -121,13 +123,14 @@ VARIANTS = {   # name: (model-config overrides, per-GPU batch or None, train-con
     'chunked_batch16': (AUTO, 16, {'loss_chunk_len': CHUNK}),
     'chunked_batch32': (AUTO, 32, {'loss_chunk_len': CHUNK}),
     'chunked_cf1': (dict(AUTO, **{'moe.capacity_factor': 1.0}), None, {'loss_chunk_len': CHUNK}),
+    'chunked_batch32_cf1': (dict(AUTO, **{'moe.capacity_factor': 1.0}), 32, {'loss_chunk_len': CHUNK}),
 }
 # Further runs measured inside a job's process after its own, on its state: the state's
 # shapes do not depend on them, so the initial state (most of a job's minutes on the device)
 # is built once, and their steps compile in threads alongside the job's own step.
 EXTRAS = {'s_chunked_ce_1gpu': ['s_cudnn_attn_1gpu', 's_chunked_ce256_1gpu', 's_chunked_ce1024_1gpu',
                                 's_chunked_ce_cf1_1gpu', 's_chunked_ce_batch16_1gpu',
-                                's_chunked_ce_batch32_1gpu']}
+                                's_chunked_ce_batch32_1gpu', 's_chunked_ce_batch32_cf1_1gpu']}
 # Phases run one after another, each with a time limit (s); inside a phase, lanes run side by
 # side on their own GPUs and the jobs of one lane one after another.
 PLAN = [
@@ -374,8 +377,9 @@ def run_jax(name, preset, n_dev, variant):
         try:
           compiled = step.lower(abstract, batch).compile()
           compile_s = time.time() - t0
-        finally:
-          threads[0].join()
+        finally:   # nothing else may run on the GPU (compiles autotune there) while timing
+          for th in threads:
+            th.join()
         _say(name, f'step compiled in {compile_s:.1f} s; state built alongside in '
                    f'{init_out.get("seconds", 0):.1f} s')
         if 'error' in init_out:
@@ -396,8 +400,6 @@ def run_jax(name, preset, n_dev, variant):
             compile_s=compile_s, init_s=init_out.get('seconds'), compiled_bytes_per_device=need,
             peak_bytes_in_use=peak_mem, device_kind=devices[0].device_kind,
             failed_attempts=errors, expert_parallel_path=ep_path, profile=profile))
-        for th in threads[1:]:
-          th.join()
         for x_name in EXTRAS.get(name, []):   # in turn, on the state the last one left
           out = extra_out.pop(x_name)
           if isinstance(out, str):
@@ -734,13 +736,16 @@ def finish(name, proc, t_start, logf, deadline):
 
 
 def summarize(runs):
-  """Headline: MobileMoE-S as configured (attention_impl 'auto' = cuDNN on a GPU, the run
-  s_cudnn_attn_1gpu). Weak scaling compares the expert-parallel runs with mobilemoe_s_1gpu,
+  """Headline: MobileMoE-S as configured (attention_impl 'auto' = cuDNN on a GPU, chunked
+  cross-entropy: the run s_chunked_ce_1gpu; s_cudnn_attn_1gpu, its full-logits loss, before
+  train.loss_chunk_len existed). Weak scaling compares the expert-parallel runs with mobilemoe_s_1gpu,
   which has the same settings (XLA attention, as when the EP runs were measured)."""
   ok = lambda k: k in runs and 'error' not in runs[k]
   s = {}
-  if ok('s_cudnn_attn_1gpu'):
-    head = runs['s_cudnn_attn_1gpu']
+  headline = next((k for k in ('s_chunked_ce_1gpu', 's_cudnn_attn_1gpu') if ok(k)), None)
+  if headline:
+    head = runs[headline]
+    s['headline_run'] = headline
     s['mfu_mobilemoe_s_1gpu'] = head['mfu']
     s['tokens_per_s_mobilemoe_s_1gpu'] = head['tokens_per_s']
     if ok('torch_peer_s_1gpu'):
