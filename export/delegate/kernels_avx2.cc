@@ -38,6 +38,7 @@ struct ScaleMap {
   int G;
   explicit ScaleMap(int g) : G(g) {
     alignas(32) int32_t lanes[2][8], m[8];
+    MM_UNROLL
     for (int h = 0; h < 2; ++h)
       for (int j = 0; j < 8; ++j) lanes[h][j] = g >= 128 ? 0 : (8 * (8 * h + j)) / g;
     const int n = g >= 128 ? 1 : 128 / g;  // groups per block
@@ -58,22 +59,27 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
                    const ScaleMap& sm, const int8_t* xq, const int32_t* corr,
                    const float* xs, float* out, int ldo) {
   __m256 acc[R][NT];
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) acc[r][n] = _mm256_setzero_ps();
   const __m256i lo_mask = _mm256_set1_epi8(0x0F);
   const __m256i flip = _mm256_set1_epi8((char)0x88);
   for (int b = 0; b < nb; ++b) {
     const int8_t* xb = xq + (size_t)b * kQuad * 128;
     const int32_t* cb = corr + (size_t)b * kQuad * 16;
+    MM_UNROLL
     for (int r = 0; r < R; ++r) {
       const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
       _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
       const __m256 s4 = sm.Load(ws + (size_t)r * lds, b);
+      MM_UNROLL
       for (int h = 0; h < 2; ++h) {
         const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wrow + 32 * h)), flip);
         const __m256i lo = _mm256_and_si256(v, lo_mask);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo_mask);
         const __m256 sc = _mm256_permutevar8x32_ps(s4, sm.idx[h]);
+        MM_UNROLL
         for (int n = 0; n < NT; ++n) {
           const int8_t* x = xb + n * 128 + 32 * h;
           __m256i t = _mm256_loadu_si256((const __m256i*)(cb + n * 16 + 8 * h));
@@ -84,7 +90,9 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
       }
     }
   }
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = xs[n] * Hsum(acc[r][n]);
 }
 
@@ -94,19 +102,24 @@ template <int R, int NT>
 static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const int8_t* xq,
                     const int32_t* csum, const float* xs, float* out, int ldo) {
   __m256i acc[R][NT];
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) acc[r][n] = _mm256_setzero_si256();
   const __m256i lo_mask = _mm256_set1_epi8(0x0F);
   const __m256i flip = _mm256_set1_epi8((char)0x88);
   for (int b = 0; b < nb; ++b) {
     const int8_t* xb = xq + (size_t)b * kQuad * 128;
+    MM_UNROLL
     for (int r = 0; r < R; ++r) {
       const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
       _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      MM_UNROLL
       for (int h = 0; h < 2; ++h) {
         const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wrow + 32 * h)), flip);
         const __m256i lo = _mm256_and_si256(v, lo_mask);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo_mask);
+        MM_UNROLL
         for (int n = 0; n < NT; ++n) {
           const int8_t* x = xb + n * 128 + 32 * h;
           // (q+8) * x pairs <= 2 * 15 * 128: no int16 saturation (see DotU8S8).
@@ -117,7 +130,9 @@ static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const i
       }
     }
   }
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) {
       __m128i t = _mm_add_epi32(_mm256_castsi256_si128(acc[r][n]), _mm256_extracti128_si256(acc[r][n], 1));
       t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
@@ -132,16 +147,20 @@ template <int R, int NT>
 static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
                     int G, const float* xf, float* out, int ldo) {
   __m256 acc[R][NT];
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) acc[r][n] = _mm256_setzero_ps();
   const __m128i lo_mask = _mm_set1_epi8(0x0F);
   const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
   for (int b = 0; b < nb; ++b) {
     const float* xb = xf + (size_t)b * kQuad * 128;
+    MM_UNROLL
     for (int r = 0; r < R; ++r) {
       const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
       _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
       const float* srow = ws + (size_t)r * lds;
+      MM_UNROLL
       for (int c = 0; c < 8; ++c) {  // bytes 8c .. 8c+7
         const __m128i v = _mm_loadl_epi64((const __m128i*)(wrow + 8 * c));
         const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(v, lo_mask));
@@ -149,6 +168,7 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
         const __m256 sc = _mm256_set1_ps(srow[(b * 128 + 16 * c) / G]);
         const __m256 we = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), sc);
         const __m256 wo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), sc);
+        MM_UNROLL
         for (int n = 0; n < NT; ++n) {
           const float* x = xb + n * 128 + 8 * c;
           acc[r][n] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x), acc[r][n]);
@@ -157,7 +177,9 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
       }
     }
   }
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = Hsum(acc[r][n]);
 }
 

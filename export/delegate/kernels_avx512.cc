@@ -48,13 +48,16 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
                    const ScaleMap& sm, const int8_t* xq, const int32_t* corr,
                    const float* xs, float* out, int ldo) {
   __m512 acc[R][NT];
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_setzero_ps();
   const __m512i lo_mask = _mm512_set1_epi8(0x0F);
   const __m512i flip = _mm512_set1_epi8((char)0x88);
   for (int b = 0; b < nb; ++b) {
     const int8_t* xb = xq + (size_t)b * kQuad * 128;
     const int32_t* cb = corr + (size_t)b * kQuad * 16;
+    MM_UNROLL
     for (int r = 0; r < R; ++r) {
       const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
       // Rows 16 ahead (four 4-row tiles): weights stream from DRAM and the
@@ -66,6 +69,7 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
       const __m512i lo = _mm512_and_si512(v, lo_mask);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
       const __m512 sc = sm.At(ws + (size_t)r * lds, b);
+      MM_UNROLL
       for (int n = 0; n < NT; ++n) {
         __m512i t = _mm512_loadu_si512(cb + n * 16);
         t = _mm512_dpbusd_epi32(t, lo, _mm512_loadu_si512(xb + n * 128));
@@ -74,7 +78,9 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
       }
     }
   }
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = xs[n] * Hsum(acc[r][n]);
 }
 
@@ -89,31 +95,39 @@ static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const i
                     const int32_t* csum, const float* xs, float* out, int ldo) {
   constexpr int A = NT <= 2 ? 2 : 1;
   __m512i acc[R][NT][A];
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n)
+      MM_UNROLL
       for (int a = 0; a < A; ++a) acc[r][n][a] = _mm512_setzero_si512();
   const __m512i lo_mask = _mm512_set1_epi8(0x0F);
   const __m512i flip = _mm512_set1_epi8((char)0x88);
   for (int b = 0; b < nb; ++b) {
     const int8_t* xb = xq + (size_t)b * kQuad * 128;
     __m512i xl[NT], xh[NT];
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) {
       xl[n] = _mm512_loadu_si512(xb + n * 128);
       xh[n] = _mm512_loadu_si512(xb + n * 128 + 64);
     }
+    MM_UNROLL
     for (int r = 0; r < R; ++r) {
       const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
       _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
       const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wrow), flip);
       const __m512i lo = _mm512_and_si512(v, lo_mask);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
+      MM_UNROLL
       for (int n = 0; n < NT; ++n) {
         acc[r][n][0] = _mm512_dpbusd_epi32(acc[r][n][0], lo, xl[n]);
         acc[r][n][A - 1] = _mm512_dpbusd_epi32(acc[r][n][A - 1], hi, xh[n]);
       }
     }
   }
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) {
       __m512i t = acc[r][n][0];
       if (A == 2) t = _mm512_add_epi32(t, acc[r][n][A - 1]);
@@ -133,12 +147,15 @@ template <int R, int NT>
 static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
                     int G, const float* xf, float* out, int ldo) {
   __m512 acc[R][NT];
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) acc[r][n] = _mm512_setzero_ps();
   const __m512i lo_mask = _mm512_set1_epi8(0x0F);
   const __m512i lut = NibbleLut();
   for (int b = 0; b < nb; ++b) {
     const float* xb = xf + (size_t)b * kQuad * 128;
+    MM_UNROLL
     for (int r = 0; r < R; ++r) {
       const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
       _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
@@ -165,7 +182,9 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
 #undef MM_CHUNK
     }
   }
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = Hsum(acc[r][n]);
 }
 
@@ -204,6 +223,7 @@ void PrepRowI8(const float* x, int K, float inv_s, float zp_s, int8_t* q, int32_
   for (int b = 0; b < K / 128; ++b) {
     int8_t* qb = q + (size_t)b * kQuad * 128;
     int32_t* cb = corr + (size_t)b * kQuad * 16;
+    MM_UNROLL
     for (int c = 0; c < 4; ++c) {  // 32 k's -> 16 evens + 16 odds
       const float* xc = x + b * 128 + c * 32;
       const __m512 a = _mm512_loadu_ps(xc), a2 = _mm512_loadu_ps(xc + 16);
@@ -224,6 +244,7 @@ void PrepRowF32(const float* x, int K, float* f) {
   const __m512i io = _mm512_add_epi32(ie, _mm512_set1_epi32(1));
   for (int b = 0; b < K / 128; ++b) {
     float* fb = f + (size_t)b * kQuad * 128;
+    MM_UNROLL
     for (int c = 0; c < 4; ++c) {
       const float* xc = x + b * 128 + c * 32;
       const __m512 a = _mm512_loadu_ps(xc), a2 = _mm512_loadu_ps(xc + 16);

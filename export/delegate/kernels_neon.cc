@@ -20,18 +20,23 @@ template <int R, int NT>
 static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb, int G,
                    const int8_t* xq, const float* xs, float* out, int ldo) {
   float32x4_t acc[R][NT];
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) acc[r][n] = vdupq_n_f32(0.f);
   for (int b = 0; b < nb; ++b) {
     const int8_t* xb = xq + (size_t)b * kQuad * 128;
+    MM_UNROLL
     for (int r = 0; r < R; ++r) {
       const uint8_t* w = wq + (size_t)r * ldw + b * 64;
       const float* srow = ws + (size_t)r * lds;
+      MM_UNROLL
       for (int c = 0; c < 4; ++c) {
         const int8x16_t v = vreinterpretq_s8_u8(vld1q_u8(w + 16 * c));
         const int8x16_t lo = vshrq_n_s8(vshlq_n_s8(v, 4), 4);  // sign-extend low nibble
         const int8x16_t hi = vshrq_n_s8(v, 4);                 // arithmetic: high nibble
         const float sc = srow[(b * 128 + 32 * c) / G];
+        MM_UNROLL
         for (int n = 0; n < NT; ++n) {
           const int8_t* x = xb + n * 128 + 16 * c;
           int32x4_t t = vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8(x));
@@ -41,7 +46,9 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
       }
     }
   }
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = xs[n] * vaddvq_f32(acc[r][n]);
 }
 
@@ -51,16 +58,21 @@ template <int R, int NT>
 static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const int8_t* xq,
                     const float* xs, float* out, int ldo) {
   int32x4_t acc[R][NT];
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) acc[r][n] = vdupq_n_s32(0);
   for (int b = 0; b < nb; ++b) {
     const int8_t* xb = xq + (size_t)b * kQuad * 128;
+    MM_UNROLL
     for (int r = 0; r < R; ++r) {
       const uint8_t* w = wq + (size_t)r * ldw + b * 64;
+      MM_UNROLL
       for (int c = 0; c < 4; ++c) {
         const int8x16_t v = vreinterpretq_s8_u8(vld1q_u8(w + 16 * c));
         const int8x16_t lo = vshrq_n_s8(vshlq_n_s8(v, 4), 4);
         const int8x16_t hi = vshrq_n_s8(v, 4);
+        MM_UNROLL
         for (int n = 0; n < NT; ++n) {
           const int8_t* x = xb + n * 128 + 16 * c;
           acc[r][n] = vdotq_s32(vdotq_s32(acc[r][n], lo, vld1q_s8(x)), hi, vld1q_s8(x + 64));
@@ -68,7 +80,9 @@ static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const i
       }
     }
   }
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = xs[n] * ws[r] * (float)vaddvq_s32(acc[r][n]);
 }
 
@@ -77,22 +91,29 @@ template <int R, int NT>
 static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb, int G,
                     const float* xf, float* out, int ldo) {
   float32x4_t acc[R][NT];
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) acc[r][n] = vdupq_n_f32(0.f);
   for (int b = 0; b < nb; ++b) {
     const float* xb = xf + (size_t)b * kQuad * 128;
+    MM_UNROLL
     for (int r = 0; r < R; ++r) {
       const uint8_t* w = wq + (size_t)r * ldw + b * 64;
       const float* srow = ws + (size_t)r * lds;
+      MM_UNROLL
       for (int c = 0; c < 4; ++c) {
         const int8x16_t v = vreinterpretq_s8_u8(vld1q_u8(w + 16 * c));
         const int8x16_t half[2] = {vshrq_n_s8(vshlq_n_s8(v, 4), 4), vshrq_n_s8(v, 4)};
         const float sc = srow[(b * 128 + 32 * c) / G];
+        MM_UNROLL
         for (int h = 0; h < 2; ++h) {  // h=0: even k's, h=1: odd k's (+64 in x)
           const int16x8_t w16[2] = {vmovl_s8(vget_low_s8(half[h])), vmovl_s8(vget_high_s8(half[h]))};
+          MM_UNROLL
           for (int q = 0; q < 4; ++q) {
             const int16x4_t w4 = q % 2 ? vget_high_s16(w16[q / 2]) : vget_low_s16(w16[q / 2]);
             const float32x4_t wf = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(w4)), sc);
+            MM_UNROLL
             for (int n = 0; n < NT; ++n)
               acc[r][n] = vfmaq_f32(acc[r][n], wf, vld1q_f32(xb + n * 128 + h * 64 + 16 * c + 4 * q));
           }
@@ -100,7 +121,9 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
       }
     }
   }
+  MM_UNROLL
   for (int r = 0; r < R; ++r)
+    MM_UNROLL
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = vaddvq_f32(acc[r][n]);
 }
 

@@ -14,6 +14,11 @@ namespace {
 
 constexpr int kQuad = 4;  // tokens per activation quad (kernels.h)
 
+// Fully unrolls the tiles' row / token loops: the accumulators are arrays
+// indexed by them, and a loop GCC leaves rolled keeps them on the stack (a
+// store and a load per dpbusd pair) instead of in registers.
+#define MM_UNROLL _Pragma("GCC unroll 16")
+
 template <int V>
 struct Int {
   static constexpr int value = V;
