@@ -4,6 +4,7 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
   python bench/ondevice.py                 # everything (exports the whole models once)
   python bench/ondevice.py --quick         # smaller run without whole models, a smoke test
   python bench/ondevice.py --whole_only    # just the whole-model rows
+  python bench/ondevice.py --blocks_only [--baseline_lib old.so]   # just the block rows
   python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # your own files
   python bench/ondevice.py --experts channel   # whole MobileMoE-S with channel-wise experts
 
@@ -683,6 +684,8 @@ def main():
   ap.add_argument("--export", nargs=2, metavar=("NAME", "PATH"))
   ap.add_argument("--whole_only", action="store_true", help="only the whole-model rows")
   ap.add_argument("--quick", action="store_true", help="fewer layers/iterations (smoke test)")
+  ap.add_argument("--blocks_only", action="store_true",
+                  help="only the block rows (a0/a/a'/b/c), full size: no FFN stacks, no whole models")
   ap.add_argument("--experts", choices=("block32", "channel"), default="block32",
                   help="format of the whole MobileMoE-S model's experts (exported and cached "
                        "separately); the block and FFN-stack rows always show both")
@@ -726,7 +729,7 @@ def main():
   if a.baseline_lib:
     os.environ[BASELINE_ENV] = os.path.abspath(a.baseline_lib)   # read by the children
     groups[0] = ("delegate_base",) + groups[0]
-  if not a.quick:
+  if not (a.quick or a.blocks_only):
     groups.append(("moe_s_ffn", "moe_s_ffn_cw", "pro_ffn", "pro_ffn_b32"))
   for group in groups:
     for r in measure(group, L, Ts, budget, tmp):
@@ -745,7 +748,7 @@ def main():
   limit_cw_ms = active_bytes_per_token(o_cw) / (bw * 1e9) * 1e3
   dec = ms("delegate", 1)
   # --quick skips the whole models unless files are given (the export takes minutes)
-  whole = whole_rows(a) if (not a.quick or a.moe_model) else None
+  whole = whole_rows(a) if (not (a.quick or a.blocks_only) or a.moe_model) else None
   res = {
       "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "threads": THREADS, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
