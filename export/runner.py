@@ -50,6 +50,12 @@ class LiteRTLM:
       raise ValueError(f'{path}: decode returns no new_k_<i>/new_v_<i> rows (a .tflite from '
                        'before the in-place KV cache: re-export it)')
     self.kv_len = int(dec.cache[self.kv_names[0]].shape[2])
+    self._cache = dec.cache
+    # Per signature and layer: (its new_k/new_v output indices, the cache's k and v [K, ., .]).
+    layers = sorted({n.rsplit('_', 1)[1] for n in self.kv_names}, key=int)
+    self._rows = {key: [((sg.outputs[f'new_k_{i}'], sg.outputs[f'new_v_{i}']),
+                         dec.cache[f'kv_cache_k_{i}'][0], dec.cache[f'kv_cache_v_{i}'][0])
+                        for i in layers] for key, sg in self._sigs.items()}
     # 'last': the prefill signatures take `last_index` and return that token's logits only
     # (export --prefill-logits last); 'all': logits for every position.
     ins = self._sigs[f'prefill_{self.prefill_lens[0]}'].inputs
@@ -61,11 +67,11 @@ class LiteRTLM:
     """The cache {input name: view of the decode signature's buffer}: k [1, K, S, Dh],
     v [1, K, Dh, S]; slots < pos are filled. Copy it to keep it; assigning a dict of
     arrays copies them in (with pos, to go back to a saved context)."""
-    return self._sigs['decode'].cache
+    return self._cache
 
   @kv.setter
   def kv(self, values: dict):
-    for n, v in self._sigs['decode'].cache.items():
+    for n, v in self._cache.items():
       v[...] = values[n]
 
   def reset(self):
@@ -82,20 +88,18 @@ class LiteRTLM:
     w.SetTensor(s.inputs['input_pos'], pos.astype(np.int32), s.sg)
     for n, v in extra.items():
       w.SetTensor(s.inputs[n], v, s.sg)
-    cache = self.kv
-    if s.cache is not cache and p0:             # a prefill's own buffers: the filled slots
+    if sig != 'decode' and p0:                  # a prefill's own buffers: the filled slots
       for n, dst in s.cache.items():
+        src = self._cache[n]
         if n.startswith('kv_cache_k'):
-          dst[:, :, :p0] = cache[n][:, :, :p0]
+          dst[:, :, :p0] = src[:, :, :p0]
         else:
-          dst[..., :p0] = cache[n][..., :p0]
+          dst[..., :p0] = src[..., :p0]
     w.Invoke(s.sg)
-    for n, dst in cache.items():
-      rows = w.GetTensor(s.outputs['new_' + n[len('kv_cache_'):]], s.sg)[0, :n_new]   # [n, K, Dh]
-      if n.startswith('kv_cache_k'):
-        dst[0, :, p0:p0 + n_new] = rows.transpose(1, 0, 2)
-      else:
-        dst[0, :, :, p0:p0 + n_new] = rows.transpose(1, 2, 0)
+    end = p0 + n_new
+    for out, k_dst, v_dst in self._rows[sig]:
+      k_dst[:, p0:end] = w.GetTensor(out[0], s.sg)[0, :n_new].transpose(1, 0, 2)   # [n, K, Dh]
+      v_dst[:, :, p0:end] = w.GetTensor(out[1], s.sg)[0, :n_new].transpose(1, 2, 0)
     return w.GetTensor(s.outputs['logits'], s.sg)[0]
 
   def prefill(self, ids) -> np.ndarray:

@@ -11,7 +11,8 @@ this backend relies on:
   runner.prefill(ids) -> [n, V]  append ids to the cache; logits after each of them
                                  (a file exported with --prefill-logits all, the default)
   runner.decode(id)   -> [V]     append one id; the next-token logits
-  runner.kv / runner.pos         the cache and its fill (copied to reuse a shared context)
+  runner.kv / runner.pos         the cache (views) and its fill (copied to reuse a shared
+                                 context; assigning a dict of arrays copies them back in)
   runner.kv_len                  cache length = the longest sequence it can score
 
 Multiple-choice requests repeat one context for every choice; the context is prefilled once
@@ -67,7 +68,7 @@ class TFLiteLM(TokenLM):
       if ctx != cached_ctx:
         r.reset()
         first = r.prefill(ctx)[-1]                     # predicts cont[0]
-        # Copies: the interpreter may reuse its output buffers on the next call.
+        # Copies: r.kv are views of the interpreter's cache buffers, written by every call.
         saved = ({n: v.copy() for n, v in r.kv.items()}, r.pos, first)
         cached_ctx = ctx
       else:
