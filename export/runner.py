@@ -67,7 +67,7 @@ class LiteRTLM:
     """The cache {input name: view of the decode signature's buffer}: k [1, K, S, Dh],
     v [1, K, Dh, S]; slots < pos are filled. Copy it to keep it; assigning a dict of
     arrays copies them in (with pos, to go back to a saved context)."""
-    return self._cache
+    return dict(self._cache)
 
   @kv.setter
   def kv(self, values: dict):
