@@ -24,8 +24,8 @@ fit; `model.moe.capacity_factor` 1.25 for MoE models):
   s_chunked_ce_1gpu     mobilemoe_s as configured (attention 'auto', chunked cross-entropy:
                         train.loss_chunk_len 512, train/loss.py): the headline run; in its process,
                         after it and on its state (EXTRAS): s_cudnn_attn_1gpu again (full
-                        logits), chunks of 256 and 1024, capacity factor 1.0, batch 16 and 32,
-                        batch 32 with capacity factor 1.0
+                        logits), chunks of 256 and 1024, capacity factor 1.0, batch 16, 32
+                        and 48, batch 32 and 48 with capacity factor 1.0
   attention_check  cuDNN vs XLA attention in the model's layer against an fp32 reference
                    (packed rows, padding, global and windowed), and each alone timed
 Each run is a subprocess (CUDA_VISIBLE_DEVICES picks its GPUs), so one-GPU runs go side by
@@ -106,6 +106,8 @@ JOBS = {
     's_chunked_ce_cf1_1gpu': ('mobilemoe_s', 1, 'chunked_cf1'),
     's_chunked_ce_batch32_1gpu': ('mobilemoe_s', 1, 'chunked_batch32'),
     's_chunked_ce_batch32_cf1_1gpu': ('mobilemoe_s', 1, 'chunked_batch32_cf1'),
+    's_chunked_ce_batch48_1gpu': ('mobilemoe_s', 1, 'chunked_batch48'),
+    's_chunked_ce_batch48_cf1_1gpu': ('mobilemoe_s', 1, 'chunked_batch48_cf1'),
     'attention_check': (None, 1, 'attention_check'),
 }
 CUDNN = {'attention_impl': 'cudnn'}
@@ -124,13 +126,16 @@ VARIANTS = {   # name: (model-config overrides, per-GPU batch or None, train-con
     'chunked_batch32': (AUTO, 32, {'loss_chunk_len': CHUNK}),
     'chunked_cf1': (dict(AUTO, **{'moe.capacity_factor': 1.0}), None, {'loss_chunk_len': CHUNK}),
     'chunked_batch32_cf1': (dict(AUTO, **{'moe.capacity_factor': 1.0}), 32, {'loss_chunk_len': CHUNK}),
+    'chunked_batch48': (AUTO, 48, {'loss_chunk_len': CHUNK}),
+    'chunked_batch48_cf1': (dict(AUTO, **{'moe.capacity_factor': 1.0}), 48, {'loss_chunk_len': CHUNK}),
 }
 # Further runs measured inside a job's process after its own, on its state: the state's
 # shapes do not depend on them, so the initial state (most of a job's minutes on the device)
 # is built once, and their steps compile in threads alongside the job's own step.
 EXTRAS = {'s_chunked_ce_1gpu': ['s_cudnn_attn_1gpu', 's_chunked_ce256_1gpu', 's_chunked_ce1024_1gpu',
                                 's_chunked_ce_cf1_1gpu', 's_chunked_ce_batch16_1gpu',
-                                's_chunked_ce_batch32_1gpu', 's_chunked_ce_batch32_cf1_1gpu']}
+                                's_chunked_ce_batch32_1gpu', 's_chunked_ce_batch32_cf1_1gpu',
+                                's_chunked_ce_batch48_1gpu', 's_chunked_ce_batch48_cf1_1gpu']}
 # Phases run one after another, each with a time limit (s); inside a phase, lanes run side by
 # side on their own GPUs and the jobs of one lane one after another.
 PLAN = [

@@ -69,7 +69,7 @@ def train_config(stage: str, small: bool, **overrides) -> ml_collections.ConfigD
   t.progress = True               # tqdm progress bar
   # Cross-entropy over this many positions (of every row) at a time, never all [B, T, V]
   # logits (train/loss.py); 0 = off. On by default for the full-size presets: on an H200,
-  # MobileMoE-S at 8 x 2048 took 98.8 ms per step instead of 101.0 and 31.8 instead of 46.6 GiB
+  # MobileMoE-S at 8 x 2048 took 97.2 ms per step instead of 99.4 and 31.8 instead of 46.6 GiB
   # (bench/README.md). The CPU demo presets keep the full-logits loss. Ignored (unchunked)
   # with distill_weight: the KL needs the student's full logits.
   t.loss_chunk_len = 0 if small else 512
