@@ -3,7 +3,8 @@
 // random INT4 weights, NB different weight sets so decode streams from DRAM.
 //   g++ -std=c++17 -O3 -DMM_HAVE_AVX512 -DMM_HAVE_AVX2 bench_block.cc moe.cc kernels.cc \
 //       kernels_avx512.o kernels_avx2.o -pthread    (see tests/ or `make bench`)
-//   ./bench_block T [iters] [threads] [group_size (0: channel-wise)] [kernel auto/avx2/scalar] [weight sets, 8]
+//   ./bench_block T [iters] [threads] [group_size (0: channel-wise)] [kernel auto/avx2/scalar]
+//                 [weight sets, 8] [busy us between blocks, 0]
 // Prints the median and 10th percentile wall time per block and the CPU time.
 #include <algorithm>
 #include <chrono>
@@ -28,6 +29,9 @@ int main(int argc, char** argv) {
   const int G = argc > 4 ? atoi(argv[4]) : 32;
   const char* kern = argc > 5 ? argv[5] : "auto";
   const int NB = argc > 6 ? atoi(argv[6]) : 8;
+  // Busy time between blocks (not timed), standing in for a layer's other ops:
+  // long enough and the pool's workers go to sleep between blocks.
+  const int gap_us = argc > 7 ? atoi(argv[7]) : 0;
   MoeConfig c;
   c.num_experts = 64; c.top_k = 4; c.d_model = 768; c.d_expert = 512; c.d_shared = 512;
   c.group_size = G;
@@ -71,15 +75,25 @@ int main(int argc, char** argv) {
   std::vector<double> t;
   timespec c0, c1;
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+  double cpu_gap_ms = 0;
   for (int i = 0; i < iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int b = 0; b < NB; ++b)
+    double ms = 0;
+    for (int b = 0; b < NB; ++b) {
+      if (gap_us > 0) {
+        const auto g0 = std::chrono::steady_clock::now();
+        while (std::chrono::steady_clock::now() - g0 < std::chrono::microseconds(gap_us)) {}
+        cpu_gap_ms += gap_us * 1e-3;
+      }
+      const auto t0 = std::chrono::steady_clock::now();
       blocks[b].Run(c, mw[b], xs[(i * NB + b) % NX].data(), T, y.data(), &pool, opt);
-    t.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / NB);
+      ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    }
+    t.push_back(ms / NB);
   }
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
   std::sort(t.begin(), t.end());
-  const double cpu = ((c1.tv_sec - c0.tv_sec) * 1e3 + (c1.tv_nsec - c0.tv_nsec) * 1e-6) / iters / NB;
+  const double cpu =
+      ((c1.tv_sec - c0.tv_sec) * 1e3 + (c1.tv_nsec - c0.tv_nsec) * 1e-6 - cpu_gap_ms) / iters / NB;
   printf("T=%d G=%d threads=%d %s: median %.4f ms  p10 %.4f ms  cpu %.4f ms/block  (%d x %d blocks)\n",
          T, G, threads, IsaName(KernelIsa(opt.cap)), t[t.size() / 2], t[t.size() / 10], cpu, iters, NB);
 #ifdef MM_PROFILE

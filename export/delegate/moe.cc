@@ -126,6 +126,10 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   if (T == 0) return;
 
   MM_TICK0();
+  // Between two MoE nodes the model's other ops run (for ~1 ms per layer in a
+  // decode step): by now the pool's workers are asleep. Wake them while this
+  // thread routes, so they spin by the time the experts' GEMMs start.
+  if (T < 8) pool->Wake();
   const Isa isa = KernelIsa(opt.cap);
   if (opt.mode == ActMode::kI8) PrepareWeightSums(c, w);
   const float* ws_gu = wsum_.data();
