@@ -36,15 +36,18 @@ inline void DispatchTokens(Tile& tile, int nt, int m, int n0) {
 
 // Calls tile(Int<rows>, Int<tokens>, m, n0) over rows [m0, m1) in tiles of R
 // rows (single rows at the end) and N tokens in quads (the last one 1..4):
-// weights are unpacked once per tile, activations reused across its rows.
+// activations are reused across a tile's rows. Row tiles are the outer loop, so
+// a tile's weight rows come from DRAM / L2 once and stay in L1 for all the quads
+// (quads outer re-read each work item's rows per quad: ~5-8% slower prefill).
 template <int R, class Tile>
 inline void ForEachTile(int m0, int m1, int N, Tile tile) {
-  for (int n0 = 0; n0 < N; n0 += kQuad) {
-    const int nt = N - n0 < kQuad ? N - n0 : kQuad;
-    int m = m0;
-    for (; m + R <= m1; m += R) DispatchTokens<R>(tile, nt, m, n0);
-    for (; m < m1; ++m) DispatchTokens<1>(tile, nt, m, n0);
-  }
+  int m = m0;
+  for (; m + R <= m1; m += R)
+    for (int n0 = 0; n0 < N; n0 += kQuad)
+      DispatchTokens<R>(tile, N - n0 < kQuad ? N - n0 : kQuad, m, n0);
+  for (; m < m1; ++m)
+    for (int n0 = 0; n0 < N; n0 += kQuad)
+      DispatchTokens<1>(tile, N - n0 < kQuad ? N - n0 : kQuad, m, n0);
 }
 
 // Prefetches the first rows of a GEMM call (bytes [0, n) of each of `rows` rows
