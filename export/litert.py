@@ -166,9 +166,11 @@ def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='por
            prefill_lens=(32, 128), kv_len=0, prefill_logits='all', log=print):
   """torch model -> out_path. Returns the report dict (see report()).
   prefill_logits: 'all' (every position: scoring needs them) or 'last' (see the module doc)."""
-  if moe == 'delegate' and quant not in ('int4_g32',) and model.cfg['moe']['n_experts']:
-    log('[export] note: the MobileMoeBlock op always holds block-32 INT4 experts')
-  model.set_moe_lowering(moe)
+  # The MobileMoeBlock op holds INT4 experts on the file's grid: channel-wise (group_size 0)
+  # for int4_channel, block-32 otherwise (int8/fp32 files still get INT4 experts).
+  if moe == 'delegate' and quant not in ('int4_g32', 'int4_channel') and model.cfg['moe']['n_experts']:
+    log(f'[export] note: the MobileMoeBlock op holds INT4 block-32 experts, not {quant}')
+  model.set_moe_lowering(moe, group_size=0 if quant == 'int4_channel' else 32)
   with tempfile.TemporaryDirectory() as tmp:
     fp32 = os.path.join(tmp, 'fp32.tflite')
     convert_fp32(model, fp32, prefill_lens, kv_len, log, prefill_logits)

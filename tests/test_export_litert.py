@@ -360,3 +360,34 @@ def test_prefill_logits_last_verify_and_eval(small, last_fp32_path):
   from mobilemoe_jax.eval.tflite_lm import TFLiteLM
   with pytest.raises(ValueError, match='--prefill-logits all'):
     TFLiteLM(tokenizer=object(), runner=LiteRTLM(last_fp32_path))
+
+
+def test_int4_channel_delegate_export_holds_channelwise_experts(small, tmp_path):
+  """--quant int4_channel --moe delegate: the MobileMoeBlock op's experts are on the file's
+  grid too (group_size 0, one scale per row), and with int8 activations the delegate
+  computes what the portable int4_channel file computes with XNNPACK's FCs."""
+  paths = {moe: str(tmp_path / f'{moe}.tflite') for moe in ('delegate', 'portable')}
+  try:
+    for moe, path in paths.items():
+      litert.export(small, path, quant='int4_channel', embedding='int8', moe=moe,
+                    prefill_lens=(8, 32), kv_len=KV_LEN, log=lambda _: None)
+  finally:
+    small.set_moe_lowering('portable')
+  (opts, ws), = moe_op.read_ops(paths['delegate'])
+  assert opts['group_size'] == 0
+  moe = small.blocks[1].ffn
+  e, f, d = small.cfg['moe']['n_experts'], small.cfg['moe']['d_expert'], small.cfg['d_model']
+  assert ws['gate_up_s'].shape == (e, 2 * f, 1) and ws['down_s'].shape == (e, d, 1)
+  down = np.stack([l.weight.detach().numpy() for l in moe.down])
+  q, s = grid.quantize(down, grid.Scheme(4, 0))
+  np.testing.assert_array_equal(moe_op.unpack(ws['down_q'], ws['down_s']), q * s)
+  export_delegate = pytest.importorskip('export.delegate')
+  try:
+    dlg = export_delegate.load(activations='int8')
+  except Exception as e:   # no compiler on this machine
+    pytest.skip(f'delegate library unavailable: {e}')
+  got = run(paths['delegate'], delegate=dlg)
+  assert export_delegate.stats(dlg)['claimed'] >= 1 and export_delegate.stats(dlg)['refused'] == 0
+  want = run(paths['portable'])
+  print('max |dlogit|', np.abs(got - want).max(), np.abs(want).max())
+  np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
