@@ -15,7 +15,7 @@ struct MoeConfig {
   int d_model = 0;   // D
   int d_expert = 0;  // F
   int d_shared = 0;  // Fs (0: no shared expert)
-  int group_size = 0;
+  int group_size = 0;  // 0: channel-wise (one scale per row, G = the row length)
   bool softmax = true;  // else sigmoid
   bool norm_topk_prob = false;
   float routed_scale = 1.f;
@@ -25,7 +25,7 @@ struct MoeWeights {
   const float* router_w = nullptr;     // [E, D]
   const float* router_b = nullptr;     // [E] or null
   const uint8_t* gate_up_q = nullptr;  // [E, 2F, D/2]
-  const float* gate_up_s = nullptr;    // [E, 2F, D/G]
+  const float* gate_up_s = nullptr;    // [E, 2F, D/G] ([E, 2F, 1] channel-wise)
   const uint8_t* down_q = nullptr;     // [E, D, F/2]
   const float* down_s = nullptr;       // [E, D, F/G]
   const uint8_t* shared_gate_up_q = nullptr;  // [2Fs, D/2] or null
