@@ -6,7 +6,7 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
   python bench/ondevice.py --whole_only    # just the whole-model rows
   python bench/ondevice.py --blocks_only [--baseline_lib old.so]   # just the block rows
   python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # your own files
-  python bench/ondevice.py --experts channel   # whole MobileMoE-S with channel-wise experts
+  python bench/ondevice.py --whole_only --experts block32   # whole MobileMoE-S, block-32 experts
 
 Rows (MobileMoE-S block shape: D=768, 64 experts of 512, top-4, one shared 512,
 INT4 group 32, random weights):
@@ -25,9 +25,10 @@ weights (> L3) stream from DRAM as on a phone; each step feeds a new random toke
 Whole models: MobileMoE-S (configs/mobilemoe_s.py, MoE blocks lowered to MobileMoeBlock
 for the delegate) and MobileLLM-Pro (configs/mobilellm_pro.py), random weights, exported
 by export/ (litert-torch + ai-edge-quantizer) with prefill_128 / prefill_512 / decode
-signatures and a 1024-slot external KV cache, every FC INT4 channel-wise (XNNPACK's
-fastest INT4 path; MobileMoE-S's experts are block-32 inside the op, or channel-wise with
---experts channel, cached as a separate file). Prefill returns
+signatures and a 1024-slot external KV cache, every weight INT4 channel-wise (XNNPACK's
+fastest INT4 path; MobileMoE-S's experts inside the op too, as `export --quant
+int4_channel --moe delegate` writes them; --experts block32: block-32 experts instead, the
+op's other format, cached as a separate file). Prefill returns
 the last prompt token's logits only (export --prefill-logits last, what a phone app
 samples from): the final norm + lm_head over the 202k vocabulary run for one row, not
 for all T (at T=512 that layer alone would be ~79 GMAC and ~414 MB of logits). The files are
@@ -461,7 +462,8 @@ WHOLE = {
     "dense": dict(config="configs/mobilellm_pro.py", quant="int4_channel", moe="portable",
                   prefill_logits="last"),
 }
-# --experts channel: MobileMoE-S with channel-wise experts in its MobileMoeBlock ops.
+# Experts inside the MobileMoeBlock ops: channel-wise (group 0) like every other weight of
+# these files, as the exporter writes int4_channel; --experts block32: block-32 experts.
 WHOLE_MOE_CW = dict(WHOLE["moe"], expert_group_size=0)
 WHOLE_PREFILL = (128, 512)
 WHOLE_KV_LEN = 1024
@@ -520,7 +522,7 @@ def export_whole(name, path):
   print(json.dumps(meta))
 
 
-def whole_models(experts="block32"):
+def whole_models(experts="channel"):
   """{name: (path, meta)}, exporting what is missing or stale (one child per model, so
   the ~15 GB the Pro conversion needs is returned before anything is timed).
   experts="channel": the MobileMoE-S file with channel-wise experts (moe_cw.tflite)."""
@@ -686,7 +688,7 @@ def main():
   ap.add_argument("--quick", action="store_true", help="fewer layers/iterations (smoke test)")
   ap.add_argument("--blocks_only", action="store_true",
                   help="only the block rows (a0/a/a'/b/c), full size: no FFN stacks, no whole models")
-  ap.add_argument("--experts", choices=("block32", "channel"), default="block32",
+  ap.add_argument("--experts", choices=("block32", "channel"), default="channel",
                   help="format of the whole MobileMoE-S model's experts (exported and cached "
                        "separately); the block and FFN-stack rows always show both")
   ap.add_argument("--baseline_lib", help="another build of libmobilemoe_delegate.so: adds "
