@@ -466,6 +466,7 @@ WHOLE = {
 # these files, as the exporter writes int4_channel; --experts block32: block-32 experts.
 WHOLE_MOE_CW = dict(WHOLE["moe"], expert_group_size=0)
 WHOLE_PREFILL = (128, 512)
+DEFAULT_OUT = os.path.join(REPO, "bench", "results", "ondevice.json")
 WHOLE_KV_LEN = 1024
 WHOLE_DIR = os.path.join(REPO, "runs", "ondevice_models")
 # A change to these files re-exports the cached models.
@@ -695,7 +696,7 @@ def main():
                   "row (a0), the block-32 block run by it, timed with the others (before/after)")
   ap.add_argument("--moe_model")
   ap.add_argument("--dense_model")
-  ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "ondevice.json"))
+  ap.add_argument("--out", default=DEFAULT_OUT)
   a = ap.parse_args()
   if a.table:
     with open(a.out) as f:
@@ -714,8 +715,13 @@ def main():
     return whole_rss(a.whole_rss)
   if a.export:
     return export_whole(*a.export)
-  if a.whole_only:
-    return print(json.dumps(whole_rows(a), indent=1))
+  if a.whole_only:   # written only to an --out given explicitly (not the full run's JSON)
+    w = dict(whole_rows(a), experts=a.experts, load_avg=os.getloadavg(),
+             date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if a.out != DEFAULT_OUT:
+      with open(a.out, "w") as f:
+        json.dump(w, f, indent=1)
+    return print(json.dumps(w, indent=1))
 
   t_start = time.time()
   load0 = os.getloadavg()
