@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 
 #ifdef MM_PROFILE
 #include <chrono>
@@ -98,24 +99,56 @@ void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
   }
 }
 
-void MoeBlock::PrepareWeightSums(const MoeConfig& c, const MoeWeights& w) {
+void MoeBlock::PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, ThreadPool* pool,
+                                 Isa isa) {
   const void* key[4] = {w.gate_up_q, w.down_q, w.shared_gate_up_q, w.shared_down_q};
   if (std::equal(key, key + 4, wsum_key_) && !wsum_.empty()) return;
   const int E = c.num_experts, D = c.d_model, F = c.d_expert, Fs = c.d_shared;
   const int Gd = c.group_size ? c.group_size : D, Gf = c.group_size ? c.group_size : F;
   const int Gs = c.group_size ? c.group_size : Fs;
-  wsum_.assign((size_t)E * (2 * F + D) + (Fs > 0 ? 2 * Fs + D : 0), 0.f);
-  float* p = wsum_.data();
-  for (int e = 0; e < E; ++e, p += 2 * F)
-    ZeroPointSums(w.gate_up_q + (size_t)e * 2 * F * (D / 2),
-                  w.gate_up_s + (size_t)e * 2 * F * (D / Gd), 2 * F, D, Gd, p);
-  for (int e = 0; e < E; ++e, p += D)
-    ZeroPointSums(w.down_q + (size_t)e * D * (F / 2), w.down_s + (size_t)e * D * (F / Gf), D, F,
-                  Gf, p);
+  // Every matrix of the block (all experts: any may be routed to later) and where its
+  // sums go in wsum_ [E*2F | E*D | 2Fs | D].
+  std::vector<Q4Matrix> mats;
+  std::vector<size_t> off;
+  size_t n = 0;
+  auto add = [&](Q4Matrix m) { mats.push_back(m); off.push_back(n); n += m.M; };
+  for (int e = 0; e < E; ++e)
+    add({w.gate_up_q + (size_t)e * 2 * F * (D / 2), w.gate_up_s + (size_t)e * 2 * F * (D / Gd),
+         2 * F, D, Gd});
+  for (int e = 0; e < E; ++e)
+    add({w.down_q + (size_t)e * D * (F / 2), w.down_s + (size_t)e * D * (F / Gf), D, F, Gf});
   if (Fs > 0) {
-    ZeroPointSums(w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, Gd, p);
-    ZeroPointSums(w.shared_down_q, w.shared_down_s, D, Fs, Gs, p + 2 * Fs);
+    add({w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, Gd});
+    add({w.shared_down_q, w.shared_down_s, D, Fs, Gs});
   }
+  wsum_.assign(n, 0.f);
+  // sum_k W[m,k] = W @ ones: the fp32 GEMV kernels on a row of ones, at DRAM speed
+  // (the scalar nibble loop, ZeroPointSums, took ~1 s per signature at MobileMoE-S's
+  // size on the first call). Same sums up to fp32 rounding order.
+  auto ones_for = [&](int K, int G) {
+    auto a = std::make_unique<Acts>();
+    a->Resize(1, K, ActMode::kF32, SimdShapeOk(K, G) ? isa : Isa::kScalar);
+    std::vector<float> one(K, 1.f);
+    a->PrepareRows(one.data(), K, nullptr, 0, 1);
+    return a;
+  };
+  std::vector<std::unique_ptr<Acts>> ones;
+  std::vector<const Acts*> ones_of;
+  for (const Q4Matrix& m : mats) {
+    const Acts* found = nullptr;
+    for (const auto& a : ones)
+      if (a->K == m.K && a->isa == (SimdShapeOk(m.K, m.G) ? isa : Isa::kScalar)) found = a.get();
+    if (!found) { ones.push_back(ones_for(m.K, m.G)); found = ones.back().get(); }
+    ones_of.push_back(found);
+  }
+  constexpr int kRows = 256;
+  std::vector<int> first(mats.size() + 1, 0);
+  for (size_t i = 0; i < mats.size(); ++i) first[i + 1] = first[i] + (mats[i].M + kRows - 1) / kRows;
+  pool->Run(first.back(), [&](int item, int) {
+    const size_t i = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
+    const int m0 = (item - first[i]) * kRows, m1 = std::min(mats[i].M, m0 + kRows);
+    Q4Gemm(mats[i], m0, m1, *ones_of[i], wsum_.data() + off[i] + m0, mats[i].M);
+  });
   std::copy(key, key + 4, wsum_key_);
 }
 
@@ -134,7 +167,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   // thread routes, so they spin by the time the experts' GEMMs start.
   if (T < 8) pool->Wake();
   const Isa isa = KernelIsa(opt.cap);
-  if (opt.mode == ActMode::kI8) PrepareWeightSums(c, w);
+  if (opt.mode == ActMode::kI8) PrepareWeightSums(c, w, pool, isa);
   const float* ws_gu = wsum_.data();
   const float* ws_dn = ws_gu + (size_t)E * 2 * F;
   const float* ws_shared = ws_dn + (size_t)E * D;

@@ -63,8 +63,8 @@ class MoeBlock {
              ThreadPool* pool, Isa isa);
 
   // Per weight row: sum_k W[m,k] for the int8 zero point (kernels.h). Weights
-  // are constant tensors, so computed once per weight set.
-  void PrepareWeightSums(const MoeConfig& c, const MoeWeights& w);
+  // are constant tensors, so computed once per weight set, on the pool.
+  void PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, ThreadPool* pool, Isa isa);
   std::vector<float> wsum_;  // [E*2F | E*D | 2Fs | D]
   const void* wsum_key_[4] = {nullptr, nullptr, nullptr, nullptr};
 
