@@ -14,7 +14,15 @@ class _Signature:
   cache inputs (the interpreter's own buffers)."""
 
   def __init__(self, interp, key):
-    w = interp._interpreter                  # the pybind wrapper: subgraph-aware calls
+    # The pybind wrapper's subgraph-aware calls (ai-edge-litert 2.3's private API: the public
+    # SignatureRunner copies every input, the whole cache, per call).
+    w = getattr(interp, '_interpreter', None)
+    need = ('GetSubgraphIndexFromSignature', 'AllocateTensors', 'tensor', 'SetTensor',
+            'GetTensor', 'Invoke')
+    if w is None or not all(hasattr(w, n) for n in need) or not hasattr(interp, '_get_full_signature_list'):
+      import ai_edge_litert
+      raise RuntimeError('export.runner needs the interpreter wrapper calls of ai-edge-litert '
+                         f'2.3 ({", ".join(need)}); this is {getattr(ai_edge_litert, "__version__", "?")}')
     d = interp._get_full_signature_list()[key]
     self.sg = w.GetSubgraphIndexFromSignature(key)
     self.inputs, self.outputs = d['inputs'], d['outputs']
