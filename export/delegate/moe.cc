@@ -99,46 +99,64 @@ void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
   }
 }
 
+// Expert e's packed gate/up [2F, D] and down [D, F] matrices; e == num_experts
+// is the shared expert. Their wsum pointers index `wsum` (laid out as wsum_:
+// [E*2F | E*D | 2Fs | D]; null: not set).
+static void ExpertMatrices(const MoeConfig& c, const MoeWeights& w, int e, const float* wsum,
+                           Q4Matrix* gu, Q4Matrix* dn) {
+  const int E = c.num_experts, D = c.d_model;
+  const bool shared = e == E;
+  const int F = shared ? c.d_shared : c.d_expert;
+  // Group size per matrix: its input length when channel-wise (group_size 0).
+  const int Gd = c.group_size ? c.group_size : D, Gf = c.group_size ? c.group_size : F;
+  if (shared) {
+    *gu = {w.shared_gate_up_q, w.shared_gate_up_s, 2 * F, D, Gd};
+    *dn = {w.shared_down_q, w.shared_down_s, D, F, Gf};
+  } else {
+    *gu = {w.gate_up_q + (size_t)e * 2 * F * (D / 2), w.gate_up_s + (size_t)e * 2 * F * (D / Gd),
+           2 * F, D, Gd};
+    *dn = {w.down_q + (size_t)e * D * (F / 2), w.down_s + (size_t)e * D * (F / Gf), D, F, Gf};
+  }
+  if (wsum) {
+    const size_t routed = (size_t)E * (2 * c.d_expert + D);
+    gu->wsum = wsum + (shared ? routed : (size_t)e * 2 * F);
+    dn->wsum = wsum + (shared ? routed + 2 * F : (size_t)E * 2 * F + (size_t)e * D);
+  }
+}
+
 void MoeBlock::PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, ThreadPool* pool,
                                  Isa isa) {
   const void* key[4] = {w.gate_up_q, w.down_q, w.shared_gate_up_q, w.shared_down_q};
   if (std::equal(key, key + 4, wsum_key_) && !wsum_.empty()) return;
   const int E = c.num_experts, D = c.d_model, F = c.d_expert, Fs = c.d_shared;
-  const int Gd = c.group_size ? c.group_size : D, Gf = c.group_size ? c.group_size : F;
-  const int Gs = c.group_size ? c.group_size : Fs;
-  // Every matrix of the block (all experts: any may be routed to later) and where its
-  // sums go in wsum_ [E*2F | E*D | 2Fs | D].
+  wsum_.assign((size_t)E * (2 * F + D) + (Fs > 0 ? 2 * Fs + D : 0), 0.f);
+  // Every matrix of the block (all experts: any may be routed to later), each
+  // with its place in wsum_.
   std::vector<Q4Matrix> mats;
-  std::vector<size_t> off;
-  size_t n = 0;
-  auto add = [&](Q4Matrix m) { mats.push_back(m); off.push_back(n); n += m.M; };
-  for (int e = 0; e < E; ++e)
-    add({w.gate_up_q + (size_t)e * 2 * F * (D / 2), w.gate_up_s + (size_t)e * 2 * F * (D / Gd),
-         2 * F, D, Gd});
-  for (int e = 0; e < E; ++e)
-    add({w.down_q + (size_t)e * D * (F / 2), w.down_s + (size_t)e * D * (F / Gf), D, F, Gf});
-  if (Fs > 0) {
-    add({w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, Gd});
-    add({w.shared_down_q, w.shared_down_s, D, Fs, Gs});
+  for (int e = 0; e < E + (Fs > 0); ++e) {
+    Q4Matrix gu, dn;
+    ExpertMatrices(c, w, e, wsum_.data(), &gu, &dn);
+    mats.push_back(gu);
+    mats.push_back(dn);
   }
-  wsum_.assign(n, 0.f);
   // sum_k W[m,k] = W @ ones: the fp32 GEMV kernels on a row of ones, at DRAM speed
   // (the scalar nibble loop, ZeroPointSums, took ~1 s per signature at MobileMoE-S's
-  // size on the first call). Same sums up to fp32 rounding order.
-  auto ones_for = [&](int K, int G) {
-    auto a = std::make_unique<Acts>();
-    a->Resize(1, K, ActMode::kF32, SimdShapeOk(K, G) ? isa : Isa::kScalar);
-    std::vector<float> one(K, 1.f);
-    a->PrepareRows(one.data(), K, nullptr, 0, 1);
-    return a;
-  };
+  // size on the first call). Same sums up to fp32 rounding order. One row of ones
+  // per input length and kernel layout.
   std::vector<std::unique_ptr<Acts>> ones;
   std::vector<const Acts*> ones_of;
   for (const Q4Matrix& m : mats) {
+    const Isa a_isa = SimdShapeOk(m.K, m.G) ? isa : Isa::kScalar;
     const Acts* found = nullptr;
     for (const auto& a : ones)
-      if (a->K == m.K && a->isa == (SimdShapeOk(m.K, m.G) ? isa : Isa::kScalar)) found = a.get();
-    if (!found) { ones.push_back(ones_for(m.K, m.G)); found = ones.back().get(); }
+      if (a->K == m.K && a->isa == a_isa) found = a.get();
+    if (!found) {
+      ones.push_back(std::make_unique<Acts>());
+      ones.back()->Resize(1, m.K, ActMode::kF32, a_isa);
+      const std::vector<float> one(m.K, 1.f);
+      ones.back()->PrepareRows(one.data(), m.K, nullptr, 0, 1);
+      found = ones.back().get();
+    }
     ones_of.push_back(found);
   }
   constexpr int kRows = 256;
@@ -147,16 +165,19 @@ void MoeBlock::PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, Thread
   pool->Run(first.back(), [&](int item, int) {
     const size_t i = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
     const int m0 = (item - first[i]) * kRows, m1 = std::min(mats[i].M, m0 + kRows);
-    Q4Gemm(mats[i], m0, m1, *ones_of[i], wsum_.data() + off[i] + m0, mats[i].M);
+    float* out = wsum_.data() + (mats[i].wsum - wsum_.data());
+    Q4Matrix m = mats[i];
+    m.wsum = nullptr;   // fp32 mode reads no sums; these calls are what computes them
+    Q4Gemm(m, m0, m1, *ones_of[i], out + m0, m.M);
   });
   std::copy(key, key + 4, wsum_key_);
 }
 
 void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
                    int T, float* y, ThreadPool* pool, const RunOptions& opt) {
-  const int E = c.num_experts, D = c.d_model, F = c.d_expert;
-  // Group size per matrix: its input length when channel-wise (group_size 0).
-  const int Gd = c.group_size ? c.group_size : D, Gf = c.group_size ? c.group_size : F;
+  const int E = c.num_experts, D = c.d_model;
+  // The block input's group size: D when channel-wise (group_size 0).
+  const int Gd = c.group_size ? c.group_size : D;
   const int nthreads = pool->size();
   std::fill(y, y + (size_t)T * D, 0.f);
   if (T == 0) return;
@@ -168,9 +189,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   if (T < 8) pool->Wake();
   const Isa isa = KernelIsa(opt.cap);
   if (opt.mode == ActMode::kI8) PrepareWeightSums(c, w, pool, isa);
-  const float* ws_gu = wsum_.data();
-  const float* ws_dn = ws_gu + (size_t)E * 2 * F;
-  const float* ws_shared = ws_dn + (size_t)E * D;
+  const float* wsum = opt.mode == ActMode::kI8 ? wsum_.data() : nullptr;
   Route(c, w, x, T, pool, isa);
   MM_TICK(0);
 
@@ -189,18 +208,11 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     if (tok_[e].empty()) continue;
     active_.push_back(e);
     Job j;
-    j.F = F;
+    j.F = c.d_expert;
     j.n = (int)tok_[e].size();
     j.tokens = tok_[e].data();
     j.weights = wt_[e].data();
-    j.gate_up = {w.gate_up_q + (size_t)e * 2 * F * (D / 2),
-                 w.gate_up_s + (size_t)e * 2 * F * (D / Gd), 2 * F, D, Gd};
-    j.down = {w.down_q + (size_t)e * D * (F / 2),
-              w.down_s + (size_t)e * D * (F / Gf), D, F, Gf};
-    if (opt.mode == ActMode::kI8) {
-      j.gate_up.wsum = ws_gu + (size_t)e * 2 * F;
-      j.down.wsum = ws_dn + (size_t)e * D;
-    }
+    ExpertMatrices(c, w, e, wsum, &j.gate_up, &j.down);
     add_job(j);
   }
   if (c.d_shared > 0) {
@@ -213,12 +225,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     j.n = T;
     j.tokens = all_tokens_.data();
     j.weights = ones_.data();
-    j.gate_up = {w.shared_gate_up_q, w.shared_gate_up_s, 2 * Fs, D, Gd};
-    j.down = {w.shared_down_q, w.shared_down_s, D, Fs, c.group_size ? c.group_size : Fs};
-    if (opt.mode == ActMode::kI8) {
-      j.gate_up.wsum = ws_shared;
-      j.down.wsum = ws_shared + 2 * Fs;
-    }
+    ExpertMatrices(c, w, E, wsum, &j.gate_up, &j.down);
     add_job(j);
   }
   const int nj = (int)jobs_.size();
