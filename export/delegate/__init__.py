@@ -1,7 +1,7 @@
 """MobileMoE LiteRT delegate: build, load, and the numpy reference of its op.
 
-The C++ sources in this folder implement the `MobileMoeBlock` custom op (see
-README.md for the contract). `library_path()` compiles them on first use, so a
+The C++ sources in this folder implement the `MobileMoeBlock` and `MobileKvAttention`
+custom ops (see README.md for the contracts). `library_path()` compiles them on first use, so a
 fresh clone needs only g++.
 """
 
@@ -16,7 +16,7 @@ import threading
 import numpy as np
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ("abi.h", "flexbuf.h", "kernels.h", "kernels.cc", "kernels_avx512.cc", "kernels_avx2.cc",
+_SOURCES = ("abi.h", "attention.h", "attention.cc", "flexbuf.h", "kernels.h", "kernels.cc", "kernels_avx512.cc", "kernels_avx2.cc",
             "kernels_neon.cc",
             "moe.h", "moe.cc", "simd_shared.h", "threadpool.h", "delegate.cc", "Makefile")
 _LIB = {"release": "libmobilemoe_delegate.so", "asan": "libmobilemoe_delegate_asan.so"}
@@ -142,6 +142,30 @@ def reference_moe(x, weights: dict, options: dict, activations: str = "fp32"):
     y += ffn(x, weights["shared_gate_up_q"], weights["shared_gate_up_s"],
              weights["shared_down_q"], weights["shared_down_s"])
   return y.astype(np.float32).reshape(shape)
+
+
+def reference_kv_attention(q, k_new, v_new, k_cache, v_cache, pos, options: dict):
+  """The MobileKvAttention op in numpy (fp64): q [1,T,H,Dh], k_new / v_new [1,T,K,Dh],
+  k_cache [1,K,P,Dh], v_cache [1,K,Dh,P], pos [T] -> y [1,T,H*Dh]. Token t (position
+  p_t) sees cache slots s < pos[0] with p_t - s < window (0: no window) and the new
+  tokens j with 0 <= p_t - pos[j] < window; query head h reads kv head h // (H/K)."""
+  H, K, W = options["num_heads"], options["num_kv_heads"], options["window"]
+  T, Dh, P = q.shape[1], q.shape[3], k_cache.shape[2]
+  rep, y = H // K, np.zeros((1, T, H * Dh))
+  for t in range(T):
+    p = int(pos[t])
+    d_past = p - np.arange(min(int(pos[0]), P))
+    d_new = p - np.asarray(pos[:T])
+    see_past = d_past < W if W else np.ones(len(d_past), bool)
+    see_new = (d_new >= 0) & ((d_new < W) if W else True)
+    for h in range(H):
+      g = h // rep
+      keys = np.concatenate([k_cache[0, g, :len(d_past)][see_past], k_new[0, :, g][see_new]])
+      vals = np.concatenate([v_cache[0, g, :, :len(d_past)].T[see_past], v_new[0, :, g][see_new]])
+      s = keys.astype(np.float64) @ q[0, t, h] * options["scale"]
+      w = np.exp(s - s.max())
+      y[0, t, h * Dh:(h + 1) * Dh] = (w / w.sum()) @ vals
+  return y
 
 
 def random_moe_weights(rng, num_experts, d_model, d_expert, d_shared=0, group_size=32,

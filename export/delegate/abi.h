@@ -20,6 +20,7 @@ enum { kLiteOk = 0, kLiteError = 1 };
 // TfLiteType values we care about.
 enum {
   kLiteFloat32 = 1,
+  kLiteInt32 = 2,
   kLiteUInt8 = 3,
   kLiteInt8 = 9,
   kLiteInt4 = 18,

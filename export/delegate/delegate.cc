@@ -1,6 +1,7 @@
 // LiteRT external delegate that claims MobileMoeBlock custom-op nodes and runs
-// them with the sparse INT4 kernels in moe.cc. Loaded from Python with
-// ai_edge_litert.interpreter.load_delegate(path, options).
+// them with the sparse INT4 kernels in moe.cc, and MobileKvAttention nodes
+// (decode attention over the filled KV-cache slots, attention.cc). Loaded from
+// Python with ai_edge_litert.interpreter.load_delegate(path, options).
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
@@ -12,12 +13,15 @@
 #include <vector>
 
 #include "abi.h"
+#include "attention.h"
 #include "flexbuf.h"
 #include "moe.h"
 
 namespace {
 
 constexpr const char* kOpName = "MobileMoeBlock";
+constexpr const char* kAttentionOpName = "MobileKvAttention";
+constexpr int kMaxAttentionTokens = 64;  // attention.cc's per-item list of new tokens
 
 struct Options {
   int num_threads = 0;  // 0: the interpreter's recommended thread count
@@ -222,14 +226,106 @@ bool CheckNode(TfLiteContext* ctx, const TfLiteNode* node, mm::MoeConfig* c,
   return true;
 }
 
+// MobileKvAttention: q [1,T,H,Dh], k_new / v_new [1,T,K,Dh], k_cache [1,K,P,Dh],
+// v_cache [1,K,Dh,P], input_pos [T] int32 -> y [1,T,H*Dh] (README.md).
+enum { kQ = 0, kKNew, kVNew, kKCache, kVCache, kPos };
+
+bool CheckAttentionNode(TfLiteContext* ctx, const TfLiteNode* node,
+                        mm::KvAttentionConfig* c, std::string* why) {
+  const void* data = node->custom_initial_data;
+  const int size = node->custom_initial_data_size;
+  if (!data || size <= 0) { *why = "no custom_options"; return false; }
+  flexbuf::MapReader m((const uint8_t*)data, (size_t)size);
+  if (!m.ok()) { *why = "custom_options is not a flexbuffer map"; return false; }
+  flexbuf::Value v;
+  for (auto [key, out] : {std::pair<const char*, int*>{"num_heads", &c->num_heads},
+                          {"num_kv_heads", &c->num_kv_heads}, {"head_dim", &c->head_dim},
+                          {"window", &c->window}}) {
+    if (!m.Find(key, &v) || (v.type != flexbuf::kInt && v.type != flexbuf::kUInt) ||
+        v.i < 0 || v.i > (1 << 24)) {
+      *why = std::string("option '") + key + "' missing or not a non-negative int";
+      return false;
+    }
+    *out = (int)v.i;
+  }
+  if (!m.Find("scale", &v) || (v.type != flexbuf::kFloat && v.type != flexbuf::kInt)) {
+    *why = "option 'scale' missing or not a number";
+    return false;
+  }
+  c->scale = v.type == flexbuf::kFloat ? (float)v.f : (float)v.i;
+  const int H = c->num_heads, K = c->num_kv_heads, Dh = c->head_dim;
+  if (H < 1 || K < 1 || Dh < 1 || H % K) {
+    *why = "num_heads must be a positive multiple of num_kv_heads, head_dim positive";
+    return false;
+  }
+  const TfLiteIntArray* in = node->inputs;
+  if (!in || in->size != 6 || !node->outputs || node->outputs->size != 1) {
+    *why = "expected 6 inputs and 1 output";
+    return false;
+  }
+  for (int s = 0; s < 6; ++s)
+    if (in->data[s] < 0 || in->data[s] >= (int)ctx->tensors_size) {
+      *why = "bad or absent input " + std::to_string(s);
+      return false;
+    }
+  const int out = node->outputs->data[0];
+  if (out < 0 || out >= (int)ctx->tensors_size) { *why = "bad output index"; return false; }
+  const TfLiteTensor* t = ctx->tensors;
+  const TfLiteTensor& q = t[in->data[kQ]];
+  if (q.type != kLiteFloat32 || !q.dims || q.dims->size != 4 || q.dims->data[0] != 1) {
+    *why = "q must be float32 [1, T, H, Dh], got " + Dims(q.dims);
+    return false;
+  }
+  const int T = q.dims->data[1];
+  const TfLiteTensor& kc = t[in->data[kKCache]];
+  const int P = kc.dims && kc.dims->size == 4 ? kc.dims->data[2] : -1;
+  if (T < 1 || T > kMaxAttentionTokens) {
+    *why = "T = " + std::to_string(T) + " tokens: the op runs 1.." +
+           std::to_string(kMaxAttentionTokens) + " (decode); prefill stays portable";
+    return false;
+  }
+  if (!CheckF32(q, {1, T, H, Dh}, "q", why) ||
+      !CheckF32(t[in->data[kKNew]], {1, T, K, Dh}, "k_new", why) ||
+      !CheckF32(t[in->data[kVNew]], {1, T, K, Dh}, "v_new", why) ||
+      !CheckF32(kc, {1, K, std::max(P, 1), Dh}, "k_cache", why) ||
+      !CheckF32(t[in->data[kVCache]], {1, K, Dh, std::max(P, 1)}, "v_cache", why))
+    return false;
+  const TfLiteTensor& pos = t[in->data[kPos]];
+  if (pos.type != kLiteInt32 || !ShapeIs(pos, {T})) {
+    *why = "input_pos must be int32 [T=" + std::to_string(T) + "], got type " +
+           std::to_string(pos.type) + " shape " + Dims(pos.dims);
+    return false;
+  }
+  if (t[out].type != kLiteFloat32) { *why = "output must be float32"; return false; }
+  return true;
+}
+
 // ---- The delegate kernel: one per partition of claimed nodes. ----
 
 struct Op {
+  bool attention = false;  // MobileKvAttention, else MobileMoeBlock
   mm::MoeConfig cfg;
+  mm::KvAttentionConfig acfg;
   std::vector<int> inputs;  // tensor index per slot (-1: absent)
   int output = -1;
   mm::MoeBlock block;
+  mm::KvAttention attn;
 };
+
+// Which of our ops a node is (nullptr: not ours).
+const char* OurOp(const TfLiteRegistration* reg) {
+  if (reg->builtin_code != kLiteBuiltinCustom || !reg->custom_name) return nullptr;
+  for (const char* name : {kOpName, kAttentionOpName})
+    if (strcmp(reg->custom_name, name) == 0) return name;
+  return nullptr;
+}
+
+bool CheckOurNode(TfLiteContext* ctx, const TfLiteNode* node, const char* name, Op* op,
+                  std::string* why) {
+  op->attention = name == kAttentionOpName;
+  return op->attention ? CheckAttentionNode(ctx, node, &op->acfg, why)
+                       : CheckNode(ctx, node, &op->cfg, why);
+}
 
 struct Kernel {
   MoeDelegate* del = nullptr;
@@ -258,13 +354,22 @@ void* KernelInit(TfLiteContext* ctx, const char* buffer, size_t) {
     ctx->GetNodeAndRegistration(ctx, params->nodes_to_replace->data[i], &node, &reg);
     auto op = std::make_unique<Op>();
     std::string why;
-    if (!CheckNode(ctx, node, &op->cfg, &why)) {  // cannot happen: checked in Prepare
+    const char* name = OurOp(reg);
+    if (!name || !CheckOurNode(ctx, node, name, op.get(), &why)) {  // checked in Prepare
       ctx->ReportError(ctx, "MobileMoE delegate: node became invalid: %s", why.c_str());
       delete k;
       return nullptr;
     }
     op->inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
     op->inputs.resize(11, -1);
+    for (int t : op->inputs)
+      if (op->attention && t >= 0 && std::find(k->internal.begin(), k->internal.end(), t) !=
+                                         k->internal.end()) {
+        // Our ops never feed attention directly (projections lie between).
+        ctx->ReportError(ctx, "MobileMoE delegate: attention input made inside the partition");
+        delete k;
+        return nullptr;
+      }
     op->output = node->outputs->data[0];
     if (std::find(outs.begin(), outs.end(), op->output) == outs.end()) {
       k->internal.push_back(op->output);
@@ -282,16 +387,21 @@ TfLiteStatus KernelPrepare(TfLiteContext* ctx, TfLiteNode* node) {
   auto* k = static_cast<Kernel*>(node->user_data);
   if (!k) return kLiteError;
   for (auto& op : k->ops) {
-    // x's shape: from the runtime, or from our own record if internal.
+    // The output's shape: x's (MoE), from the runtime or our own record if
+    // internal; [1, T, H * Dh] (attention).
     std::vector<int> dims;
-    const int xs = k->InternalSlot(op->inputs[kX]);
-    if (xs >= 0) {
+    const int xs = op->attention ? -1 : k->InternalSlot(op->inputs[kX]);
+    if (op->attention) {
+      const TfLiteIntArray* q = ctx->tensors[op->inputs[kQ]].dims;
+      if (!q || q->size != 4) return kLiteError;
+      dims = {1, q->data[1], op->acfg.num_heads * op->acfg.head_dim};
+    } else if (xs >= 0) {
       dims = k->internal_dims[xs];
     } else {
       const TfLiteIntArray* d = ctx->tensors[op->inputs[kX]].dims;
       dims.assign(d->data, d->data + d->size);
     }
-    if (dims.empty() || dims.back() != op->cfg.d_model) {
+    if (!op->attention && (dims.empty() || dims.back() != op->cfg.d_model)) {
       ctx->ReportError(ctx, "MobileMoE delegate: x last dim must be %d", op->cfg.d_model);
       return kLiteError;
     }
@@ -317,6 +427,34 @@ TfLiteStatus KernelPrepare(TfLiteContext* ctx, TfLiteNode* node) {
   return kLiteOk;
 }
 
+TfLiteStatus RunAttention(TfLiteContext* ctx, Kernel* k, Op* op, mm::ThreadPool* pool) {
+  auto f32 = [&](int slot) { return (const float*)ctx->tensors[op->inputs[slot]].data; };
+  const TfLiteTensor& q = ctx->tensors[op->inputs[kQ]];
+  const TfLiteTensor& pos = ctx->tensors[op->inputs[kPos]];
+  const int T = q.dims->data[1], P = ctx->tensors[op->inputs[kKCache]].dims->data[2];
+  const auto* p = (const int32_t*)pos.data;
+  if (!p || !f32(kQ) || !f32(kKNew) || !f32(kVNew) || !f32(kKCache) || !f32(kVCache))
+    return kLiteError;
+  for (int t = 0; t < T; ++t)
+    if (p[t] < 0 || p[t] != p[0] + t) {
+      ctx->ReportError(ctx, "MobileKvAttention: input_pos must be contiguous and >= 0");
+      return kLiteError;
+    }
+  float* y;
+  const int ys = k->InternalSlot(op->output);
+  const size_t numel = (size_t)T * op->acfg.num_heads * op->acfg.head_dim;
+  if (ys >= 0) {
+    y = k->internal_buf[ys].data();
+  } else {
+    TfLiteTensor& yt = ctx->tensors[op->output];
+    if (yt.bytes != numel * sizeof(float) || !yt.data) return kLiteError;
+    y = (float*)yt.data;
+  }
+  op->attn.Run(op->acfg, f32(kQ), f32(kKNew), f32(kVNew), f32(kKCache), f32(kVCache), P, p,
+               T, y, pool, mm::KernelIsa(k->del->opts.kernel));
+  return kLiteOk;
+}
+
 TfLiteStatus KernelInvoke(TfLiteContext* ctx, TfLiteNode* node) {
   auto* k = static_cast<Kernel*>(node->user_data);
   MoeDelegate* del = k->del;
@@ -330,6 +468,10 @@ TfLiteStatus KernelInvoke(TfLiteContext* ctx, TfLiteNode* node) {
       const int t = op->inputs[slot];
       return t < 0 ? nullptr : ctx->tensors[t].data;
     };
+    if (op->attention) {
+      if (RunAttention(ctx, k, op.get(), pool) != kLiteOk) return kLiteError;
+      continue;
+    }
     const float* x;
     size_t numel;
     const int xs = k->InternalSlot(op->inputs[kX]);
@@ -383,16 +525,15 @@ TfLiteStatus DelegatePrepare(TfLiteContext* ctx, TfLiteDelegate* d) {
     TfLiteNode* node;
     TfLiteRegistration* reg;
     if (ctx->GetNodeAndRegistration(ctx, plan->data[i], &node, &reg) != kLiteOk) continue;
-    if (reg->builtin_code != kLiteBuiltinCustom || !reg->custom_name ||
-        strcmp(reg->custom_name, kOpName) != 0)
-      continue;
-    mm::MoeConfig cfg;
+    const char* name = OurOp(reg);
+    if (!name) continue;
+    Op op;
     std::string why;
-    if (CheckNode(ctx, node, &cfg, &why)) {
+    if (CheckOurNode(ctx, node, name, &op, &why)) {
       nodes.push_back(plan->data[i]);
     } else {
       // The interpreter then reports an unresolved custom op; this says why.
-      std::string msg = "MobileMoE delegate: not claiming " + std::string(kOpName) +
+      std::string msg = "MobileMoE delegate: not claiming " + std::string(name) +
                         " node " + std::to_string(plan->data[i]) + ": " + why;
       ctx->ReportError(ctx, "%s\n", msg.c_str());
       fprintf(stderr, "%s\n", msg.c_str());
@@ -416,7 +557,8 @@ TfLiteStatus DelegatePrepare(TfLiteContext* ctx, TfLiteDelegate* d) {
   free(arr);
   if (st == kLiteOk) del->claimed += (int)nodes.size();
   if (del->opts.verbose)
-    fprintf(stderr, "MobileMoE delegate: claimed %zu %s node(s)\n", nodes.size(), kOpName);
+    fprintf(stderr, "MobileMoE delegate: claimed %zu node(s) (%s, %s)\n", nodes.size(), kOpName,
+            kAttentionOpName);
   return st;
 }
 

@@ -153,3 +153,22 @@ def moe_block_model(weights: dict, options: dict, x_shape, **kw) -> bytes:
   y = add_moe_block(g, x, x_shape, weights, options, **kw)
   g.inputs, g.outputs = [x], [y]
   return g.build()
+
+
+# ----------------------------------------------------------------------------
+# MobileKvAttention.
+
+ATTENTION_OP_NAME = "MobileKvAttention"
+
+
+def kv_attention_model(H, K, Dh, T, P, options: dict, pos_type=np.int32) -> bytes:
+  """A model whose only op is one MobileKvAttention; inputs q, k_new, v_new, k_cache,
+  v_cache, input_pos (in that order), output y [1, T, H*Dh]."""
+  g = GraphBuilder()
+  shapes = [("q", [1, T, H, Dh]), ("k_new", [1, T, K, Dh]), ("v_new", [1, T, K, Dh]),
+            ("k_cache", [1, K, P, Dh]), ("v_cache", [1, K, Dh, P])]
+  ins = [g.tensor(n, s) for n, s in shapes] + [g.tensor("input_pos", [T], pos_type)]
+  y = g.tensor("y", [1, T, H * Dh])
+  g.custom_op(ATTENTION_OP_NAME, ins, [y], moe_options_bytes(options))
+  g.inputs, g.outputs = ins, [y]
+  return g.build()

@@ -1,0 +1,63 @@
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace mm {
+
+void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k_new,
+                      const float* v_new, const float* k_cache, const float* v_cache,
+                      int P, const int32_t* pos, int T, float* y, ThreadPool* pool,
+                      Isa isa) {
+  const int H = c.num_heads, K = c.num_kv_heads, Dh = c.head_dim, rep = H / K;
+  const int past_end = std::max(0, std::min(pos[0], P));  // slots [0, past_end) hold tokens
+  // Small steps (a short context) run on the caller: waking the pool costs more.
+  const double work = (double)(past_end + T) * T * H * Dh;
+  ThreadPool* run_on = (pool && work >= 65536) ? pool : nullptr;
+  const int threads = run_on ? run_on->size() : 1;
+  if ((int)scores_.size() < threads) scores_.resize(threads);
+
+  // One item per (token, kv head): its query heads share every key and value row read.
+  auto item = [&](int i, int tid) {
+    const int t = i / K, g = i % K, p = pos[t];
+    const int lo = std::min(past_end, c.window ? std::max(0, p - c.window + 1) : 0);
+    const int n_past = past_end - lo;
+    int news[64], n_new = 0;  // the new tokens this one sees (T <= 64: checked at claim)
+    for (int j = 0; j < T; ++j) {
+      const int d = p - pos[j];
+      if (d >= 0 && (!c.window || d < c.window)) news[n_new++] = j;
+    }
+    const int n = n_past + n_new;
+    std::vector<float>& sc = scores_[tid];
+    if ((int)sc.size() < rep * n) sc.resize(rep * n);
+    for (int r = 0; r < rep; ++r) {
+      const float* qr = q + ((size_t)t * H + g * rep + r) * Dh;
+      float* s = sc.data() + (size_t)r * n;
+      for (int k = 0; k < n_past; ++k)
+        s[k] = Dot(qr, k_cache + ((size_t)g * P + lo + k) * Dh, Dh, isa) * c.scale;
+      for (int k = 0; k < n_new; ++k)
+        s[n_past + k] = Dot(qr, k_new + ((size_t)news[k] * K + g) * Dh, Dh, isa) * c.scale;
+      float mx = s[0];
+      for (int k = 1; k < n; ++k) mx = std::max(mx, s[k]);
+      float sum = 0.f;
+      for (int k = 0; k < n; ++k) sum += (s[k] = std::exp(s[k] - mx));
+      const float inv = 1.f / sum;
+      for (int k = 0; k < n; ++k) s[k] *= inv;
+      float* out = y + ((size_t)t * H + g * rep + r) * Dh;
+      for (int d = 0; d < Dh; ++d) {
+        // v_cache rows are one head dim over all slots: contiguous in the slot.
+        float acc = n_past ? Dot(s, v_cache + ((size_t)g * Dh + d) * P + lo, n_past, isa) : 0.f;
+        for (int k = 0; k < n_new; ++k)
+          acc += s[n_past + k] * v_new[((size_t)news[k] * K + g) * Dh + d];
+        out[d] = acc;
+      }
+    }
+  };
+  if (run_on) {
+    run_on->Run(T * K, item);
+  } else {
+    for (int i = 0; i < T * K; ++i) item(i, 0);
+  }
+}
+
+}  // namespace mm
