@@ -2,6 +2,7 @@
 
   python -m export --checkpoint runs/tiny/checkpoints --out model.tflite
   python -m export --checkpoint torch_dir --out model.tflite --quant int4_channel --moe delegate
+  python -m export --checkpoint torch_dir --out model.tflite --moe delegate --attention delegate
   python -m export --random-init configs/tiny.py:moe --out /tmp/tiny.tflite   # smoke test
 
 Prints progress and a report: file size, the fraction of weight bytes stored as INT4 (read
@@ -16,21 +17,21 @@ import time
 import numpy as np
 
 
-def verify(model, path, quant: str, embedding: str, moe: str, tokenizer=None,
-           n_greedy: int = 16) -> dict:
+def verify(model, path, quant: str, embedding: str, tokenizer=None, n_greedy: int = 16) -> dict:
   """Runs the .tflite (prefill + decode) against PyTorch computing what the .tflite should:
   weights on our grid (litert.fake_quant) and, for integer weights, each FC input on the
   int8 grid LiteRT quantizes it to at run time (grid.fake_quant_act, 'int8_dynamic').
   Prompts: text (runner.PROMPTS) when a tokenizer is given, else random token ids (not text:
   a trained model's top logits are near-ties there, so greedy agreement means little).
   Reports max logit error and argmax agreement over prompt + continuation, greedy tokens
-  agreeing per prompt (with the logit margins where they part), and with --moe delegate
-  the delegate's claimed/refused counts (its experts run with fp32 activations here)."""
+  agreeing per prompt (with the logit margins where they part), and for a file with the
+  delegate's ops (--moe / --attention delegate) its claimed/refused counts (its experts run
+  with fp32 activations here)."""
   import torch
   from export import litert
-  from export.runner import PROMPTS, LiteRTLM, greedy_agreement
+  from export.runner import PROMPTS, LiteRTLM, greedy_agreement, needs_delegate
   dlg = None
-  if moe == 'delegate' and model.cfg['moe']['n_experts']:
+  if needs_delegate(path):
     from export import delegate
     dlg = delegate.load(activations='fp32')
   lm = LiteRTLM(path, delegate=dlg)
@@ -125,6 +126,9 @@ def main(argv=None):
                   help="auto: the --quant scheme (a tied embedding is then stored once); "
                        "int4 = INT4 channel-wise")
   ap.add_argument('--moe', default='portable', choices=('portable', 'delegate'))
+  ap.add_argument('--attention', default='portable', choices=('portable', 'delegate'),
+                  help="delegate: decode's attention as MobileKvAttention ops (export/delegate "
+                       "reads only the filled cache slots); prefill keeps the builtin matmuls")
   ap.add_argument('--prefill', default='32,128', help='comma-separated prefill lengths')
   ap.add_argument('--prefill-logits', default='all', choices=('all', 'last'),
                   help="what prefill returns: 'all' positions (scoring, eval) or the 'last' "
@@ -166,12 +170,12 @@ def main(argv=None):
   if a.embedding == 'auto' and qat.get('weights'):
     a.embedding = {'int4_g32': 'int4_g32', 'int4_channel': 'int4', 'int8_channel': 'int8'}.get(
         qat.get('embedding'), 'auto')
-  print(f'[export] weights {a.quant}, embedding {a.embedding}, MoE {a.moe}, '
-        f'prefill logits {a.prefill_logits}', flush=True)
+  print(f'[export] weights {a.quant}, embedding {a.embedding}, MoE {a.moe}, attention '
+        f'{a.attention}, prefill logits {a.prefill_logits}', flush=True)
   prefill = tuple(int(x) for x in a.prefill.split(','))
   rep = litert.export(model, a.out, quant=a.quant, embedding=a.embedding, moe=a.moe,
-                      prefill_lens=prefill, kv_len=a.kv_len, prefill_logits=a.prefill_logits,
-                      log=lambda m: print(m, flush=True))
+                      attention=a.attention, prefill_lens=prefill, kv_len=a.kv_len,
+                      prefill_logits=a.prefill_logits, log=lambda m: print(m, flush=True))
   rep['float_fc_weights'] = len(litert.check_router(a.out))
   if not a.no_verify:
     print('[export] verifying against PyTorch (prefill + decode)...', flush=True)
@@ -180,7 +184,7 @@ def main(argv=None):
       tok = load_tokenizer(a.tokenizer)
     else:
       tok = checkpoint_tokenizer(a.checkpoint) if a.checkpoint else None
-    rep['verify'] = verify(model, a.out, a.quant, a.embedding, a.moe, tok)
+    rep['verify'] = verify(model, a.out, a.quant, a.embedding, tok)
   if a.litertlm:
     if not a.tokenizer:
       ap.error('--litertlm needs --tokenizer')

@@ -80,28 +80,48 @@ def weight_bytes_by_type(model, raw) -> dict:
   return out
 
 
+def _str(b) -> str:
+  return b.decode() if isinstance(b, bytes) else b
+
+
 def signatures(model) -> dict:
   """{signature key: ([input names], [output names])}."""
   out = {}
   for s in model.signatureDefs or []:
-    key = s.signatureKey.decode() if isinstance(s.signatureKey, bytes) else s.signatureKey
+    key = _str(s.signatureKey)
     names = lambda ts: [x.name.decode() if isinstance(x.name, bytes) else x.name for x in ts or []]
     out[key] = (names(s.inputs), names(s.outputs))
   return out
 
 
-def op_names(model) -> list:
-  """Operator names (builtin or custom) used by the model, sorted."""
-  names = set()
+def _code_names(model) -> list:
+  """The name (builtin, or a custom op's code) of each entry of model.operatorCodes."""
   ops = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith('_')}
+  out = []
   for oc in model.operatorCodes:
     code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
     if code == schema.BuiltinOperator.CUSTOM:
-      c = oc.customCode
-      names.add(c.decode() if isinstance(c, bytes) else c)
+      out.append(_str(oc.customCode))
     else:
-      names.add(ops.get(code, str(code)))
-  return sorted(names)
+      out.append(ops.get(code, str(code)))
+  return out
+
+
+def op_names(model) -> list:
+  """Operator names (builtin or custom) used by the model, sorted."""
+  return sorted(set(_code_names(model)))
+
+
+def signature_op_counts(model) -> dict:
+  """{signature key: {operator name: nodes in its subgraph}}."""
+  names = _code_names(model)
+  out = {}
+  for s in model.signatureDefs or []:
+    key = _str(s.signatureKey)
+    counts = out.setdefault(key, {})
+    for op in model.subgraphs[s.subgraphIndex].operators or []:
+      counts[names[op.opcodeIndex]] = counts.get(names[op.opcodeIndex], 0) + 1
+  return out
 
 
 def quantized_constants(model):

@@ -163,14 +163,19 @@ def quantize(fp32_path: str, out_path: str, quant: str, embedding: str, cfg: dic
 
 
 def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='portable',
-           prefill_lens=(32, 128), kv_len=0, prefill_logits='all', log=print):
+           attention='portable', prefill_lens=(32, 128), kv_len=0, prefill_logits='all',
+           log=print):
   """torch model -> out_path. Returns the report dict (see report()).
+  moe / attention: 'portable' (stock builtins) or 'delegate' (MobileMoeBlock /
+  MobileKvAttention custom ops, in decode only for attention: the file then needs
+  export/delegate loaded, runner.needs_delegate).
   prefill_logits: 'all' (every position: scoring needs them) or 'last' (see the module doc)."""
   # The MobileMoeBlock op holds INT4 experts on the file's grid: channel-wise (group_size 0)
   # for int4_channel, block-32 otherwise (int8/fp32 files still get INT4 experts).
   if moe == 'delegate' and quant not in ('int4_g32', 'int4_channel') and model.cfg['moe']['n_experts']:
     log(f'[export] note: the MobileMoeBlock op holds INT4 block-32 experts, not {quant}')
   model.set_moe_lowering(moe, group_size=0 if quant == 'int4_channel' else 32)
+  model.set_attention_lowering(attention)
   with tempfile.TemporaryDirectory() as tmp:
     fp32 = os.path.join(tmp, 'fp32.tflite')
     convert_fp32(model, fp32, prefill_lens, kv_len, log, prefill_logits)

@@ -132,28 +132,32 @@ def _(x, weights, options):
   return torch.empty_like(x)
 
 
-def _register_lowering():
+def lower_to_custom(torch_op, custom_code: str):
+  """Registers a litert-torch lowering of torch_op to `tfl.custom` with that custom code.
+  The op's last argument is its options as JSON (stored as the flexbuffer map); its tensor
+  arguments (a list counts as its tensors in order) become the node's inputs, in order."""
   from litert_converter.mlir import ir
   from export import keep_jax_x64
   with keep_jax_x64():   # importing the lowerings turns on jax_enable_x64 process-wide
     from litert_torch.backend import lowerings
     from litert_torch.backend.lowerings import utils as lowering_utils
 
-  @lowerings.lower(torch.ops.mobilemoe.moe_block)
-  def _lower(lctx, x, weights, options):
+  @lowerings.lower(torch_op)
+  def _lower(lctx, *args):
+    *tensors, options = args
     data = options_bytes(json.loads(options))
     op = ir.Operation.create(
         'tfl.custom',
         results=lowering_utils.node_meta_to_ir_types(lctx.node),
-        operands=[x, *weights],
+        operands=[t for a in tensors for t in (a if isinstance(a, (list, tuple)) else [a])],
         attributes={
-            'custom_code': ir.StringAttr.get(OP_NAME),
+            'custom_code': ir.StringAttr.get(custom_code),
             'custom_option': ir.Attribute.parse(f'#tfl<const_bytes: "0x{data.hex()}">'),
         })
     return op.results[0]
 
 
-_register_lowering()
+lower_to_custom(torch.ops.mobilemoe.moe_block, OP_NAME)
 
 
 # ---- reading the op back from a flatbuffer ----------------------------------------------

@@ -8,6 +8,33 @@ import re
 
 import numpy as np
 
+# Custom ops that only export/delegate runs: moe_op.OP_NAME (--moe delegate) and
+# attention_op.OP_NAME (--attention delegate). Names here so that running a file does not
+# import the exporter's torch modules (tests/test_attention_op.py checks they agree).
+DELEGATE_OPS = ('MobileMoeBlock', 'MobileKvAttention')
+
+
+def delegate_ops(path_or_bytes) -> list:
+  """The custom ops of a .tflite that need export/delegate loaded (DELEGATE_OPS), sorted;
+  empty for a file the stock runtime runs."""
+  import mmap
+  from ai_edge_litert import schema_py_generated as schema
+  if isinstance(path_or_bytes, (bytes, bytearray)):
+    return _delegate_ops(schema.Model.GetRootAs(path_or_bytes, 0))
+  with open(path_or_bytes, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    return _delegate_ops(schema.Model.GetRootAs(buf, 0))   # reads the operator codes only
+
+
+def _delegate_ops(model) -> list:
+  codes = {model.OperatorCodes(i).CustomCode() for i in range(model.OperatorCodesLength())}
+  return [n for n in DELEGATE_OPS if n.encode() in codes]
+
+
+def needs_delegate(path_or_bytes) -> bool:
+  """True if the file has MobileMoeBlock or MobileKvAttention nodes: run it with
+  LiteRTLM(path, delegate=export.delegate.load())."""
+  return bool(delegate_ops(path_or_bytes))
+
 
 class _Signature:
   """One signature's subgraph: its input/output tensor indices and numpy views of its
@@ -43,6 +70,10 @@ class LiteRTLM:
 
   def __init__(self, path: str, num_threads: int = 2, delegate=None):
     from ai_edge_litert.interpreter import Interpreter
+    if delegate is None and needs_delegate(path):
+      raise ValueError(f'{path} has {", ".join(delegate_ops(path))} custom ops, which only '
+                       'export/delegate runs: pass delegate=export.delegate.load() '
+                       '(python -m export.runner --delegate)')
     kw = {'experimental_delegates': [delegate]} if delegate is not None else {}
     self.interp = Interpreter(model_path=path, num_threads=num_threads, **kw)
     sigs = self.interp.get_signature_list()
@@ -223,7 +254,9 @@ def main(argv=None):
   ap.add_argument('--top-k', type=int, default=0)
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--threads', type=int, default=2)
-  ap.add_argument('--delegate', action='store_true', help='load the MobileMoeBlock delegate')
+  ap.add_argument('--delegate', action='store_true',
+                  help='load export/delegate (files with MobileMoeBlock / MobileKvAttention '
+                       'ops need it; loaded for them anyway)')
   a = ap.parse_args(argv)
   tok = None
   if a.tokenizer:
@@ -235,7 +268,7 @@ def main(argv=None):
   else:
     ap.error('give --tokenizer and --prompt, or --ids')
   dlg = None
-  if a.delegate:
+  if a.delegate or needs_delegate(a.model):
     from export import delegate
     dlg = delegate.load()
   lm = LiteRTLM(a.model, a.threads, dlg)

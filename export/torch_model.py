@@ -12,6 +12,8 @@ writes them in place), and the routed experts either as
               one FC [E*2F, D] for all gate/up rows, one FC [D, F] per expert for down), or
   'delegate': the whole routed + shared block as one `MobileMoeBlock` custom op whose packed
               INT4 weights follow export/delegate's contract (see moe_op.py).
+Attention is builtin matmuls, or with set_attention_lowering('delegate') one
+`MobileKvAttention` custom op per layer for decode-sized calls with a cache (attention_op.py).
 """
 import json
 import math
@@ -114,6 +116,9 @@ class Attention(nn.Module):
     self.k = nn.Linear(d, kv * dh, bias=False)
     self.v = nn.Linear(d, kv * dh, bias=False)
     self.o = nn.Linear(h * dh, d, bias=False)
+    # 'portable' (builtin matmuls) or 'delegate': a decode-sized call with a cache computes
+    # y with one MobileKvAttention custom op (attention_op.py, MobileMoE.set_attention_lowering).
+    self.lowering = 'portable'
 
   def forward(self, x, pos, cos, sin, cache=None):
     """x [B, T, D]; pos [T] int positions (contiguous); cache None (attention among the T
@@ -127,6 +132,12 @@ class Attention(nn.Module):
     v = self.v(x).view(b, t, self.kv, self.dh)
     if self.kv_int8:   # the values an int8 cache returns; the cache tensors themselves stay f32
       k, v = int8_qdq(k), int8_qdq(v)
+    if self.lowering == 'delegate' and cache is not None and b == 1:
+      from export import attention_op
+      if t <= attention_op.MAX_TOKENS:   # decode; prefill chunks keep the matmuls below
+        opts = json.dumps(attention_op.options(self.h, self.kv, self.dh, self.window))
+        y = attention_op.kv_attention(q, k, v, cache[0], cache[1], pos.to(torch.int32), opts)
+        return self.o(y), (k, v)
     rep = self.h // self.kv                      # query head i reads kv head i // rep
     # Query heads grouped per KV head, rows (head in group, token): [B, K, rep*T, Dh]; no
     # repeated copy of the cache (in LiteRT that copy was a BROADCAST_TO of it per layer).
@@ -285,6 +296,18 @@ class MobileMoE(nn.Module):
         b.ffn.lowering = lowering
         if lowering == 'delegate':
           b.ffn.op = moe_op.MoeBlockOp(b.ffn, group_size)
+    return self
+
+  def set_attention_lowering(self, lowering: str):
+    """'portable' or 'delegate': the latter computes attention over a cache with the
+    MobileKvAttention custom op (attention_op.py) for batch 1 and at most
+    attention_op.MAX_TOKENS tokens (the decode signature); prefill keeps the matmuls."""
+    if lowering not in ('portable', 'delegate'):
+      raise ValueError(f"unknown attention lowering {lowering!r}: 'portable' or 'delegate'")
+    if lowering == 'delegate':
+      from export import attention_op  # noqa: F401  (registers the op and its lowering)
+    for b in self.blocks:
+      b.attn.lowering = lowering
     return self
 
 

@@ -93,7 +93,7 @@ def test_export_cli_verify_uses_text_prompts(trained):
   threads = torch.get_num_threads()
   torch.set_num_threads(1)     # a model this small runs 10x slower on 2 busy cores with 2
   try:
-    rep = verify(torch_copy, path, 'int4_g32', 'auto', 'portable', found)
+    rep = verify(torch_copy, path, 'int4_g32', 'auto', found)
   finally:
     torch.set_num_threads(threads)
   assert rep['prompts'].endswith('text prompts (export.runner.PROMPTS)')

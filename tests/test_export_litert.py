@@ -66,6 +66,15 @@ def torch_logits(model):
     return model(torch.from_numpy(TOK[None]).long())[0].numpy()
 
 
+def load_delegate(activations):
+  """(the export.delegate module, a loaded delegate), or a skip without a compiler."""
+  export_delegate = pytest.importorskip('export.delegate')
+  try:
+    return export_delegate, export_delegate.load(activations=activations)
+  except Exception as e:   # no compiler on this machine
+    pytest.skip(f'delegate library unavailable: {e}')
+
+
 def run(path, n_prompt=70, delegate=None):
   """Prefill (chunks of 32 and a padded 8) then decode the rest."""
   lm = LiteRTLM(path, delegate=delegate)
@@ -274,11 +283,7 @@ def test_delegate_op_structure(small, delegate_dir):
 
 
 def test_delegate_runs_the_op(small, delegate_dir):
-  export_delegate = pytest.importorskip('export.delegate')
-  try:
-    dlg = export_delegate.load(activations='fp32')
-  except Exception as e:   # no compiler on this machine
-    pytest.skip(f'delegate library unavailable: {e}')
+  export_delegate, dlg = load_delegate('fp32')
   got = run(delegate_dir, delegate=dlg)
   st = export_delegate.stats(dlg)
   assert st['claimed'] >= 1 and st['refused'] == 0 and st['invokes'] > 0
@@ -352,7 +357,7 @@ def test_prefill_logits_last_verify_and_eval(small, last_fp32_path):
   """The CLI's verification runs on a 'last' file; the lm_eval backend refuses one (scoring
   needs every position) with an error naming the option."""
   from export.__main__ import verify
-  r = verify(small, last_fp32_path, 'fp32', 'fp32', 'portable', n_greedy=8)
+  r = verify(small, last_fp32_path, 'fp32', 'fp32', n_greedy=8)
   assert r['max_abs_logit_err'] < 1e-4 * r['logit_scale'] and r['argmax_agree'] == 1.0
   with pytest.raises(ValueError, match='unknown prefill_logits'):
     litert.convert_fp32(small, 'x.tflite', prefill_logits='first')
@@ -381,13 +386,64 @@ def test_int4_channel_delegate_export_holds_channelwise_experts(small, tmp_path)
   down = np.stack([l.weight.detach().numpy() for l in moe.down])
   q, s = grid.quantize(down, grid.Scheme(4, 0))
   np.testing.assert_array_equal(moe_op.unpack(ws['down_q'], ws['down_s']), q * s)
-  export_delegate = pytest.importorskip('export.delegate')
-  try:
-    dlg = export_delegate.load(activations='int8')
-  except Exception as e:   # no compiler on this machine
-    pytest.skip(f'delegate library unavailable: {e}')
+  export_delegate, dlg = load_delegate('int8')
   got = run(paths['delegate'], delegate=dlg)
   assert export_delegate.stats(dlg)['claimed'] >= 1 and export_delegate.stats(dlg)['refused'] == 0
   want = run(paths['portable'])
   print('max |dlogit|', np.abs(got - want).max(), np.abs(want).max())
   np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+
+
+@pytest.fixture(scope='module')
+def attention_path(small, tmp_path_factory):
+  """attention='delegate': decode's attention as MobileKvAttention ops; prefill_32 (more
+  than attention_op.MAX_TOKENS tokens) keeps the builtin matmuls."""
+  path = str(tmp_path_factory.mktemp('attention') / 'attention_delegate.tflite')
+  try:
+    litert.export(small, path, quant='fp32', embedding='fp32', attention='delegate',
+                  prefill_lens=(32,), kv_len=KV_LEN, log=lambda _: None)
+  finally:
+    small.set_attention_lowering('portable')
+  return path
+
+
+def test_attention_delegate_op_only_in_decode(small, attention_path, fp32_path):
+  from flatbuffers import flexbuffers
+  from export import attention_op
+  from export.runner import delegate_ops, needs_delegate
+  model, _ = flatbuf.load(attention_path)
+  counts = flatbuf.signature_op_counts(model)
+  n = small.cfg['n_layers']
+  assert counts['decode'].get('MobileKvAttention') == n
+  assert 'MobileKvAttention' not in counts['prefill_32']
+  assert counts['prefill_32'].get('BATCH_MATMUL') == flatbuf.signature_op_counts(
+      flatbuf.load(fp32_path)[0])['prefill_32']['BATCH_MATMUL']
+  # Options per layer: layer 0 windowed (64), layer 1 global.
+  code = next(i for i, oc in enumerate(model.operatorCodes) if oc.customCode == b'MobileKvAttention')
+  opts = [flexbuffers.Loads(bytes(bytearray(op.customOptions)))
+          for sg in model.subgraphs for op in sg.operators if op.opcodeIndex == code]
+  c = small.cfg
+  assert opts == [attention_op.options(c['n_heads'], c['n_kv_heads'], c['head_dim'],
+                                       tm.layer_window(c, i)) for i in range(n)]
+  assert [tm.layer_window(c, i) for i in range(n)] == [64, 0]
+  assert delegate_ops(attention_path) == ['MobileKvAttention'] and needs_delegate(attention_path)
+  assert not needs_delegate(fp32_path)
+  with pytest.raises(ValueError, match='MobileKvAttention custom ops, which only export/delegate'):
+    LiteRTLM(attention_path)
+
+
+def test_attention_delegate_runs_the_op(small, attention_path, fp32_path):
+  """The delegate claims every MobileKvAttention node and gives the portable file's logits:
+  prefill (portable attention) + decode, and decode from position 0 over the window."""
+  export_delegate, dlg = load_delegate('fp32')
+  lm = LiteRTLM(attention_path, delegate=dlg)
+  st = export_delegate.stats(dlg)
+  assert st['claimed'] == small.cfg['n_layers'] and st['refused'] == 0, st
+  got = np.concatenate([lm.prefill(TOK[:70])] + [lm.decode(t)[None] for t in TOK[70:]])
+  want = run(fp32_path)
+  print('max |dlogit|', np.abs(got - want).max(), np.abs(want).max())
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  lm.reset()
+  got = np.stack([lm.decode(t) for t in TOK])              # every position through the op
+  np.testing.assert_allclose(got, torch_logits(small), atol=1e-4, rtol=0)
+  assert export_delegate.stats(dlg)['invokes'] > 0
