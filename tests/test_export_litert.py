@@ -240,13 +240,13 @@ def test_bad_quant_is_refused(small):
 
 @pytest.fixture(scope='module')
 def delegate_dir(small, tmp_path_factory):
-  """The CLI on a saved PyTorch dir with --moe delegate."""
+  """The CLI on a saved PyTorch dir with --moe delegate --attention delegate."""
   from export import __main__ as cli
   d = tmp_path_factory.mktemp('cli')
   tm.save(small, str(d / 'torch'))
   out = str(d / 'moe_delegate.tflite')
   cli.main(['--checkpoint', str(d / 'torch'), '--out', out, '--quant', 'fp32', '--embedding', 'fp32', '--moe', 'delegate',
-            '--prefill', '8,32', '--kv-len', str(KV_LEN), '--no-verify'])
+            '--attention', 'delegate', '--prefill', '8,32', '--kv-len', str(KV_LEN), '--no-verify'])
   small.set_moe_lowering('portable')
   return out
 
@@ -255,6 +255,11 @@ def test_delegate_op_structure(small, delegate_dir):
   model, _ = flatbuf.load(delegate_dir)
   assert 'MobileMoeBlock' in flatbuf.op_names(model)
   assert 'TOPK_V2' not in flatbuf.op_names(model)        # routing lives inside the op
+  # --attention delegate: decode's attention, and prefill_8's (8 <= attention_op.MAX_TOKENS
+  # tokens); prefill_32 keeps the matmuls.
+  counts = flatbuf.signature_op_counts(model)
+  assert {k: c.get('MobileKvAttention', 0) for k, c in counts.items()} == {
+      'decode': 2, 'prefill_8': 2, 'prefill_32': 0}
   ops = moe_op.read_ops(delegate_dir)
   assert len(ops) == 1                                     # one MoE layer (per signature)
   opts, ws = ops[0]
@@ -286,7 +291,8 @@ def test_delegate_runs_the_op(small, delegate_dir):
   export_delegate, dlg = load_delegate('fp32')
   got = run(delegate_dir, delegate=dlg)
   st = export_delegate.stats(dlg)
-  assert st['claimed'] >= 1 and st['refused'] == 0 and st['invokes'] > 0
+  # Every custom node of every signature: the MoE layer's 3, the attention's 2 + 2.
+  assert st['claimed'] == 7 and st['refused'] == 0 and st['invokes'] > 0, st
   small.set_moe_lowering('delegate')
   try:
     ref = torch_logits(small)           # the op's dequantized reference inside PyTorch
@@ -370,14 +376,16 @@ def test_prefill_logits_last_verify_and_eval(small, last_fp32_path):
 def test_int4_channel_delegate_export_holds_channelwise_experts(small, tmp_path):
   """--quant int4_channel --moe delegate: the MobileMoeBlock op's experts are on the file's
   grid too (group_size 0, one scale per row), and with int8 activations the delegate
-  computes what the portable int4_channel file computes with XNNPACK's FCs."""
+  computes what the portable int4_channel file computes with XNNPACK's FCs (that file also
+  with --attention delegate: the quantizer passes MobileKvAttention through)."""
   paths = {moe: str(tmp_path / f'{moe}.tflite') for moe in ('delegate', 'portable')}
   try:
-    for moe, path in paths.items():
-      litert.export(small, path, quant='int4_channel', embedding='int8', moe=moe,
+    for moe, path in paths.items():   # the delegate file: decode's attention as its op too
+      litert.export(small, path, quant='int4_channel', embedding='int8', moe=moe, attention=moe,
                     prefill_lens=(8, 32), kv_len=KV_LEN, log=lambda _: None)
   finally:
     small.set_moe_lowering('portable')
+    small.set_attention_lowering('portable')
   (opts, ws), = moe_op.read_ops(paths['delegate'])
   assert opts['group_size'] == 0
   moe = small.blocks[1].ffn

@@ -43,9 +43,9 @@ class TFLiteLM(TokenLM):
     if runner is None:
       if path is None:
         raise ValueError('TFLiteLM needs path=model.tflite (or a runner)')
-      from export.runner import LiteRTLM
+      from export.runner import LiteRTLM, needs_delegate
       dlg = None
-      if delegate:
+      if delegate or needs_delegate(str(path)):   # MobileMoeBlock / MobileKvAttention ops
         from export import delegate as delegate_lib
         dlg = delegate_lib.load()
       runner = LiteRTLM(str(path), int(num_threads), dlg)
