@@ -38,8 +38,10 @@ def test_delegate_under_asan_ubsan():
              MOBILEMOE_FUZZ_CASES="10",
              ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
              UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
-  tests = ["tests/test_delegate_fuzz.py", "tests/test_delegate.py", "tests/test_delegate_attention.py"]
-  select = "fuzz or matches_reference or claimed or refused or garbage or resize or sanitized"
+  tests = ["tests/test_delegate_fuzz.py", "tests/test_delegate.py", "tests/test_delegate_attention.py",
+           "tests/test_delegate_fc.py"]
+  select = ("fuzz or matches_reference or matches_xnnpack or claimed or refused or garbage or "
+            "resize or sanitized")
   r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p",
                       "no:cacheprovider", *tests, "-k", select],
                      cwd=_REPO, env=env, capture_output=True, text=True, timeout=600)

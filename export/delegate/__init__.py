@@ -16,7 +16,7 @@ import threading
 import numpy as np
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ("abi.h", "attention.h", "attention.cc", "flexbuf.h", "kernels.h", "kernels.cc", "kernels_avx512.cc", "kernels_avx2.cc",
+_SOURCES = ("abi.h", "attention.h", "attention.cc", "fc.h", "fc.cc", "flexbuf.h", "kernels.h", "kernels.cc", "kernels_avx512.cc", "kernels_avx2.cc",
             "kernels_neon.cc",
             "moe.h", "moe.cc", "simd_shared.h", "threadpool.h", "delegate.cc", "Makefile")
 _LIB = {"release": "libmobilemoe_delegate.so", "asan": "libmobilemoe_delegate_asan.so"}
@@ -217,7 +217,7 @@ def library_path(variant: str = "release") -> str:
 
 
 def load(num_threads: int | None = None, activations: str = "int8", kernel: str = "auto",
-         variant: str | None = None, verbose: bool = False):
+         variant: str | None = None, verbose: bool = False, fully_connected: bool = False):
   """Returns ai_edge_litert.interpreter.load_delegate(...) for this delegate.
 
   num_threads: None -> the interpreter's thread count. activations: "int8"
@@ -226,10 +226,13 @@ def load(num_threads: int | None = None, activations: str = "int8", kernel: str 
   "scalar" (portable C++).
   variant: "release" or "asan"; None reads $MOBILEMOE_DELEGATE_VARIANT so the
   sanitizer run can reuse the ordinary tests unchanged.
+  fully_connected: also claim INT4 channel-wise FULLY_CONNECTED nodes (no bias, no fused
+  activation): a decode step's GEMVs then share the delegate's thread pool (README.md).
   """
   from ai_edge_litert.interpreter import load_delegate
   variant = variant or os.environ.get("MOBILEMOE_DELEGATE_VARIANT", "release")
-  opts = {"activations": activations, "kernel": kernel, "verbose": int(verbose)}
+  opts = {"activations": activations, "kernel": kernel, "verbose": int(verbose),
+          "fully_connected": int(fully_connected)}
   if num_threads is not None:
     opts["num_threads"] = num_threads
   return load_delegate(library_path(variant), opts)

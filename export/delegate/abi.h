@@ -29,8 +29,11 @@ enum {
 // Allocation type of constants (weights mapped from the model file).
 enum { kLiteMmapRo = 1 };
 
-// BuiltinOperator_CUSTOM in the schema.
-enum { kLiteBuiltinCustom = 32 };
+// BuiltinOperator codes in the schema.
+enum { kLiteBuiltinFullyConnected = 9, kLiteBuiltinCustom = 32 };
+
+// TfLiteQuantization.type of per-channel (affine) quantization.
+enum { kLiteAffineQuantization = 1 };
 
 struct TfLiteIntArray {
   int size;
@@ -39,7 +42,27 @@ struct TfLiteIntArray {
 
 struct TfLiteQuantization {
   int type;
-  void* params;
+  void* params;  // kLiteAffineQuantization: TfLiteAffineQuantization*
+};
+
+struct TfLiteFloatArray {
+  int size;
+  float data[];
+};
+
+struct TfLiteAffineQuantization {
+  TfLiteFloatArray* scale;
+  TfLiteIntArray* zero_point;
+  int32_t quantized_dimension;
+};
+
+// TfLiteNode.builtin_data of FULLY_CONNECTED.
+struct TfLiteFullyConnectedParams {
+  int activation;  // TfLiteFusedActivation: 0 = none
+  int weights_format;
+  bool keep_num_dims;
+  bool asymmetric_quantize_inputs;
+  int quantized_bias_type;
 };
 
 struct TfLiteTensor {
@@ -159,5 +182,8 @@ static_assert(offsetof(TfLiteContext, ReplaceNodeSubsetsWithDelegateKernels) ==
                   64, "ctx.Replace");
 static_assert(offsetof(TfLiteContext, recommended_num_threads) == 72, "thr");
 static_assert(sizeof(TfLiteDelegateParams) == 32, "TfLiteDelegateParams");
+static_assert(offsetof(TfLiteFloatArray, data) == 4, "TfLiteFloatArray.data");
+static_assert(offsetof(TfLiteAffineQuantization, quantized_dimension) == 16, "affine.dim");
+static_assert(sizeof(TfLiteFullyConnectedParams) == 16, "TfLiteFullyConnectedParams");
 static_assert(offsetof(TfLiteDelegate, flags) == 40, "delegate.flags");
 static_assert(sizeof(TfLiteDelegate) == 56, "TfLiteDelegate size");

@@ -1,6 +1,7 @@
 // LiteRT external delegate that claims MobileMoeBlock custom-op nodes and runs
 // them with the sparse INT4 kernels in moe.cc, and MobileKvAttention nodes
-// (decode attention over the filled KV-cache slots, attention.cc). Loaded from
+// (decode attention over the filled KV-cache slots, attention.cc), and with the
+// `fully_connected` option INT4 channel-wise FULLY_CONNECTED nodes (fc.cc). Loaded from
 // Python with ai_edge_litert.interpreter.load_delegate(path, options).
 #include <algorithm>
 #include <cstdarg>
@@ -14,6 +15,7 @@
 
 #include "abi.h"
 #include "attention.h"
+#include "fc.h"
 #include "flexbuf.h"
 #include "moe.h"
 
@@ -22,12 +24,14 @@ namespace {
 constexpr const char* kOpName = "MobileMoeBlock";
 constexpr const char* kAttentionOpName = "MobileKvAttention";
 constexpr int kMaxAttentionTokens = 64;  // attention.cc's per-item list of new tokens
+constexpr const char* kFcName = "FULLY_CONNECTED";
 
 struct Options {
   int num_threads = 0;  // 0: the interpreter's recommended thread count
   mm::ActMode mode = mm::ActMode::kI8;
   mm::IsaCap kernel = mm::IsaCap::kAuto;
   bool verbose = false;
+  bool fully_connected = false;  // also claim INT4 channel-wise FULLY_CONNECTED nodes
 };
 
 struct MoeDelegate {
@@ -300,12 +304,59 @@ bool CheckAttentionNode(TfLiteContext* ctx, const TfLiteNode* node,
   return true;
 }
 
+// FULLY_CONNECTED (with the fully_connected option): x f32 [..., K], weights a
+// constant INT4 [M, K] with one scale per row and zero points 0 (int4_channel),
+// no bias, no fused activation, y f32 [..., M].
+bool CheckFcNode(TfLiteContext* ctx, const TfLiteNode* node, mm::Q4Matrix* w,
+                 std::string* why) {
+  const TfLiteIntArray* in = node->inputs;
+  if (!in || in->size < 2 || in->size > 3 || !node->outputs || node->outputs->size != 1) {
+    *why = "expected 2-3 inputs and 1 output";
+    return false;
+  }
+  for (int s = 0; s < in->size; ++s)
+    if (in->data[s] < -1 || in->data[s] >= (int)ctx->tensors_size || (s < 2 && in->data[s] < 0)) {
+      *why = "bad tensor index";
+      return false;
+    }
+  if (in->size == 3 && in->data[2] >= 0) { *why = "has a bias"; return false; }
+  const auto* p = (const TfLiteFullyConnectedParams*)node->builtin_data;
+  if (!p || p->activation != 0) { *why = "fused activation"; return false; }
+  const TfLiteTensor& wt = ctx->tensors[in->data[1]];
+  if (wt.type != kLiteInt4 || !wt.dims || wt.dims->size != 2 || wt.allocation_type != kLiteMmapRo) {
+    *why = "weights are not a constant INT4 [M, K] tensor";
+    return false;
+  }
+  const int M = wt.dims->data[0], K = wt.dims->data[1];
+  const auto* aq = (const TfLiteAffineQuantization*)wt.quantization.params;
+  if (wt.quantization.type != kLiteAffineQuantization || !aq || !aq->scale ||
+      aq->scale->size != M || aq->quantized_dimension != 0 || K % 2 ||
+      wt.bytes != (size_t)M * (K / 2)) {
+    *why = "INT4 weights are not channel-wise (one scale per output row)";
+    return false;
+  }
+  for (int i = 0; aq->zero_point && i < aq->zero_point->size; ++i)
+    if (aq->zero_point->data[i] != 0) { *why = "non-zero weight zero point"; return false; }
+  const TfLiteTensor& x = ctx->tensors[in->data[0]];
+  const TfLiteTensor& y = ctx->tensors[node->outputs->data[0]];
+  if (x.type != kLiteFloat32 || !x.dims || x.dims->size < 1 || x.dims->data[x.dims->size - 1] != K ||
+      y.type != kLiteFloat32 || !y.dims || y.dims->size < 1 || y.dims->data[y.dims->size - 1] != M) {
+    *why = "x / y must be float32 [..., K] / [..., M]";
+    return false;
+  }
+  *w = {(const uint8_t*)wt.data, aq->scale->data, M, K, K};
+  return true;
+}
+
 // ---- The delegate kernel: one per partition of claimed nodes. ----
 
 struct Op {
-  bool attention = false;  // MobileKvAttention, else MobileMoeBlock
+  const char* kind = kOpName;  // kOpName, kAttentionOpName or kFcName
+  bool attention = false;      // kind == kAttentionOpName
   mm::MoeConfig cfg;
   mm::KvAttentionConfig acfg;
+  mm::Q4Matrix fcw{};
+  mm::Int4Fc fc;
   std::vector<int> inputs;  // tensor index per slot (-1: absent)
   int output = -1;
   mm::MoeBlock block;
@@ -313,7 +364,8 @@ struct Op {
 };
 
 // Which of our ops a node is (nullptr: not ours).
-const char* OurOp(const TfLiteRegistration* reg) {
+const char* OurOp(const TfLiteRegistration* reg, const Options& o) {
+  if (o.fully_connected && reg->builtin_code == kLiteBuiltinFullyConnected) return kFcName;
   if (reg->builtin_code != kLiteBuiltinCustom || !reg->custom_name) return nullptr;
   for (const char* name : {kOpName, kAttentionOpName})
     if (strcmp(reg->custom_name, name) == 0) return name;
@@ -322,7 +374,9 @@ const char* OurOp(const TfLiteRegistration* reg) {
 
 bool CheckOurNode(TfLiteContext* ctx, const TfLiteNode* node, const char* name, Op* op,
                   std::string* why) {
+  op->kind = name;
   op->attention = name == kAttentionOpName;
+  if (name == kFcName) return CheckFcNode(ctx, node, &op->fcw, why);
   return op->attention ? CheckAttentionNode(ctx, node, &op->acfg, why)
                        : CheckNode(ctx, node, &op->cfg, why);
 }
@@ -340,6 +394,25 @@ struct Kernel {
     for (size_t i = 0; i < internal.size(); ++i) if (internal[i] == tensor) return (int)i;
     return -1;
   }
+
+  // An f32 input's data and element count: our buffer if internal, else the runtime's.
+  const float* Input(TfLiteContext* ctx, int tensor, size_t* numel) const {
+    const int i = InternalSlot(tensor);
+    if (i >= 0) {
+      *numel = internal_buf[i].size();
+      return internal_buf[i].data();
+    }
+    *numel = ctx->tensors[tensor].bytes / sizeof(float);
+    return (const float*)ctx->tensors[tensor].data;
+  }
+
+  // An f32 output's data if it holds `numel` elements (null otherwise).
+  float* Output(TfLiteContext* ctx, int tensor, size_t numel) {
+    const int i = InternalSlot(tensor);
+    if (i >= 0) return internal_buf[i].size() == numel ? internal_buf[i].data() : nullptr;
+    TfLiteTensor& t = ctx->tensors[tensor];
+    return t.bytes == numel * sizeof(float) ? (float*)t.data : nullptr;
+  }
 };
 
 void* KernelInit(TfLiteContext* ctx, const char* buffer, size_t) {
@@ -354,7 +427,7 @@ void* KernelInit(TfLiteContext* ctx, const char* buffer, size_t) {
     ctx->GetNodeAndRegistration(ctx, params->nodes_to_replace->data[i], &node, &reg);
     auto op = std::make_unique<Op>();
     std::string why;
-    const char* name = OurOp(reg);
+    const char* name = OurOp(reg, k->del->opts);
     if (!name || !CheckOurNode(ctx, node, name, op.get(), &why)) {  // checked in Prepare
       ctx->ReportError(ctx, "MobileMoE delegate: node became invalid: %s", why.c_str());
       delete k;
@@ -387,9 +460,10 @@ TfLiteStatus KernelPrepare(TfLiteContext* ctx, TfLiteNode* node) {
   auto* k = static_cast<Kernel*>(node->user_data);
   if (!k) return kLiteError;
   for (auto& op : k->ops) {
-    // The output's shape: x's (MoE), from the runtime or our own record if
-    // internal; [1, T, H * Dh] (attention).
+    // The output's shape: x's (MoE; FC with the last dim M), from the runtime or
+    // our own record if internal; [1, T, H * Dh] (attention).
     std::vector<int> dims;
+    const bool fc = op->kind == kFcName;
     const int xs = op->attention ? -1 : k->InternalSlot(op->inputs[kX]);
     if (op->attention) {
       const TfLiteIntArray* q = ctx->tensors[op->inputs[kQ]].dims;
@@ -401,10 +475,13 @@ TfLiteStatus KernelPrepare(TfLiteContext* ctx, TfLiteNode* node) {
       const TfLiteIntArray* d = ctx->tensors[op->inputs[kX]].dims;
       dims.assign(d->data, d->data + d->size);
     }
-    if (!op->attention && (dims.empty() || dims.back() != op->cfg.d_model)) {
-      ctx->ReportError(ctx, "MobileMoE delegate: x last dim must be %d", op->cfg.d_model);
+    const int want_last = fc ? op->fcw.K : op->cfg.d_model;
+    if (!op->attention && (dims.empty() || dims.back() != want_last)) {
+      ctx->ReportError(ctx, "MobileMoE delegate: %s input's last dim must be %d", op->kind,
+                       want_last);
       return kLiteError;
     }
+    if (fc) dims.back() = op->fcw.M;
     size_t numel = 1;
     for (int d : dims) numel *= (size_t)std::max(d, 0);
     const int ys = k->InternalSlot(op->output);
@@ -414,6 +491,7 @@ TfLiteStatus KernelPrepare(TfLiteContext* ctx, TfLiteNode* node) {
       continue;
     }
     TfLiteTensor* y = &ctx->tensors[op->output];
+    if (fc && y->bytes == numel * sizeof(float)) continue;  // [N, M] without keep_num_dims
     bool same = y->dims && y->dims->size == (int)dims.size();
     for (size_t i = 0; same && i < dims.size(); ++i) same = y->dims->data[i] == dims[i];
     if (!same) {
@@ -440,18 +518,21 @@ TfLiteStatus RunAttention(TfLiteContext* ctx, Kernel* k, Op* op, mm::ThreadPool*
       ctx->ReportError(ctx, "MobileKvAttention: input_pos must be contiguous and >= 0");
       return kLiteError;
     }
-  float* y;
-  const int ys = k->InternalSlot(op->output);
-  const size_t numel = (size_t)T * op->acfg.num_heads * op->acfg.head_dim;
-  if (ys >= 0) {
-    y = k->internal_buf[ys].data();
-  } else {
-    TfLiteTensor& yt = ctx->tensors[op->output];
-    if (yt.bytes != numel * sizeof(float) || !yt.data) return kLiteError;
-    y = (float*)yt.data;
-  }
+  float* y = k->Output(ctx, op->output, (size_t)T * op->acfg.num_heads * op->acfg.head_dim);
+  if (!y) return kLiteError;
   op->attn.Run(op->acfg, f32(kQ), f32(kKNew), f32(kVNew), f32(kKCache), f32(kVCache), P, p,
                T, y, pool, mm::KernelIsa(k->del->opts.kernel));
+  return kLiteOk;
+}
+
+TfLiteStatus RunFc(TfLiteContext* ctx, Kernel* k, Op* op, mm::ThreadPool* pool) {
+  size_t numel;
+  const float* x = k->Input(ctx, op->inputs[kX], &numel);
+  const int K = op->fcw.K, M = op->fcw.M;
+  const size_t N = numel / K;
+  float* y = k->Output(ctx, op->output, N * M);
+  if (!x || !y || numel % K) return kLiteError;
+  op->fc.Run(op->fcw, x, (int)N, y, pool, k->del->opts.mode, mm::KernelIsa(k->del->opts.kernel));
   return kLiteOk;
 }
 
@@ -472,28 +553,16 @@ TfLiteStatus KernelInvoke(TfLiteContext* ctx, TfLiteNode* node) {
       if (RunAttention(ctx, k, op.get(), pool) != kLiteOk) return kLiteError;
       continue;
     }
-    const float* x;
-    size_t numel;
-    const int xs = k->InternalSlot(op->inputs[kX]);
-    if (xs >= 0) {
-      x = k->internal_buf[xs].data();
-      numel = k->internal_buf[xs].size();
-    } else {
-      const TfLiteTensor& xt = ctx->tensors[op->inputs[kX]];
-      x = (const float*)xt.data;
-      numel = xt.bytes / sizeof(float);
+    if (op->kind == kFcName) {
+      if (RunFc(ctx, k, op.get(), pool) != kLiteOk) return kLiteError;
+      continue;
     }
-    float* y;
-    const int ys = k->InternalSlot(op->output);
-    if (ys >= 0) {
-      y = k->internal_buf[ys].data();
-    } else {
-      TfLiteTensor& yt = ctx->tensors[op->output];
-      if (yt.bytes != numel * sizeof(float)) {
-        ctx->ReportError(ctx, "MobileMoE delegate: output size mismatch");
-        return kLiteError;
-      }
-      y = (float*)yt.data;
+    size_t numel;
+    const float* x = k->Input(ctx, op->inputs[kX], &numel);
+    float* y = k->Output(ctx, op->output, numel);
+    if (!y && numel) {
+      ctx->ReportError(ctx, "MobileMoE delegate: output size mismatch");
+      return kLiteError;
     }
     const int D = op->cfg.d_model;
     if ((!x && numel) || (!y && numel) || numel % D) return kLiteError;
@@ -525,7 +594,7 @@ TfLiteStatus DelegatePrepare(TfLiteContext* ctx, TfLiteDelegate* d) {
     TfLiteNode* node;
     TfLiteRegistration* reg;
     if (ctx->GetNodeAndRegistration(ctx, plan->data[i], &node, &reg) != kLiteOk) continue;
-    const char* name = OurOp(reg);
+    const char* name = OurOp(reg, del->opts);
     if (!name) continue;
     Op op;
     std::string why;
@@ -582,8 +651,12 @@ bool ParseOptions(const char* const* keys, const char* const* values, int n,
       else { *err = "kernel must be 'auto', 'avx2' or 'scalar'"; return false; }
     } else if (k == "verbose") {
       o->verbose = v == "1" || v == "true";
+    } else if (k == "fully_connected") {
+      if (v != "0" && v != "1") { *err = "fully_connected must be 0 or 1"; return false; }
+      o->fully_connected = v == "1";
     } else {
-      *err = "unknown option '" + k + "' (num_threads, activations, kernel, verbose)";
+      *err = "unknown option '" + k + "' (num_threads, activations, kernel, verbose, "
+             "fully_connected)";
       return false;
     }
   }
