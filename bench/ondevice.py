@@ -7,6 +7,7 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
   python bench/ondevice.py --blocks_only [--baseline_lib old.so]   # just the block rows
   python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # your own files
   python bench/ondevice.py --whole_only --experts block32   # whole MobileMoE-S, block-32 experts
+  python bench/ondevice.py --whole_only --attention portable  # attention as builtin ops (both)
 
 Rows (MobileMoE-S block shape: D=768, 64 experts of 512, top-4, one shared 512,
 INT4 group 32, random weights):
@@ -28,7 +29,10 @@ by export/ (litert-torch + ai-edge-quantizer) with prefill_128 / prefill_512 / d
 signatures and a 1024-slot external KV cache, every weight INT4 channel-wise (XNNPACK's
 fastest INT4 path; MobileMoE-S's experts inside the op too, as `export --quant
 int4_channel --moe delegate` writes them; --experts block32: block-32 experts instead, the
-op's other format, cached as a separate file). Prefill returns
+op's other format, cached as a separate file). Both models' decode signatures run
+attention as the delegate's MobileKvAttention op (export --attention delegate: it reads
+the cache slots that hold tokens, not all 1024; --attention portable: builtin ops over
+the whole cache, XNNPACK's BATCH_MATMULs). Prefill returns
 the last prompt token's logits only (export --prefill-logits last, what a phone app
 samples from): the final norm + lm_head over the 202k vocabulary run for one row, not
 for all T (at T=512 that layer alone would be ~79 GMAC and ~414 MB of logits). The files are
@@ -58,6 +62,7 @@ sys.path.insert(0, REPO)
 from ai_edge_litert import schema_py_generated as schema  # noqa: E402
 from export import delegate as dl  # noqa: E402
 from export.delegate import tflite_builder as tb  # noqa: E402
+from export.runner import needs_delegate  # noqa: E402
 
 S = schema.BuiltinOperator
 O = schema.BuiltinOptions
@@ -468,10 +473,11 @@ WHOLE_MOE_CW = dict(WHOLE["moe"], expert_group_size=0)
 WHOLE_PREFILL = (128, 512)
 DEFAULT_OUT = os.path.join(REPO, "bench", "results", "ondevice.json")
 WHOLE_KV_LEN = 1024
+DECODE_PROMPT, DECODE_STEPS = 32, 128   # decode: 128 tokens after a 32-token prompt
 WHOLE_DIR = os.path.join(REPO, "runs", "ondevice_models")
 # A change to these files re-exports the cached models.
 EXPORTER_FILES = ("export/torch_model.py", "export/litert.py", "export/moe_op.py",
-                  "export/flatbuf.py")
+                  "export/attention_op.py", "export/flatbuf.py")
 
 
 def exporter_version():
@@ -483,11 +489,14 @@ def exporter_version():
   return h.hexdigest()[:16]
 
 
-def whole_spec(name):
-  """Everything that shapes a cached whole model (its .json must match)."""
+def whole_spec(file):
+  """Everything that shapes a cached whole model (its .json must match). file: 'moe',
+  'moe_cw' or 'dense', with '_pa' appended for the portable attention (else both
+  models' decode attention is the delegate's MobileKvAttention: --attention delegate)."""
+  name = file[:-3] if file.endswith("_pa") else file
   base = WHOLE_MOE_CW if name == "moe_cw" else WHOLE[name]
-  return dict(base, prefill=list(WHOLE_PREFILL), kv_len=WHOLE_KV_LEN,
-              exporter=exporter_version())
+  return dict(base, attention="portable" if file.endswith("_pa") else "delegate",
+              prefill=list(WHOLE_PREFILL), kv_len=WHOLE_KV_LEN, exporter=exporter_version())
 
 
 def export_whole(name, path):
@@ -511,6 +520,7 @@ def export_whole(name, path):
         b.ffn.gate_up = b.ffn.down = b.ffn.shared = None
     model.set_moe_lowering = lambda *args, **kw: model
   rep = litert.export(model, path + ".tmp", quant=spec["quant"], moe=spec["moe"],
+                      attention=spec["attention"],
                       prefill_lens=WHOLE_PREFILL, kv_len=WHOLE_KV_LEN,
                       prefill_logits=spec["prefill_logits"], log=lambda m: print(m, file=sys.stderr, flush=True))
   os.replace(path + ".tmp", path)
@@ -523,14 +533,16 @@ def export_whole(name, path):
   print(json.dumps(meta))
 
 
-def whole_models(experts="channel"):
+def whole_models(experts="channel", attention="delegate"):
   """{name: (path, meta)}, exporting what is missing or stale (one child per model, so
   the ~15 GB the Pro conversion needs is returned before anything is timed).
-  experts="channel": the MobileMoE-S file with channel-wise experts (moe_cw.tflite)."""
+  experts="channel": the MobileMoE-S file with channel-wise experts (moe_cw.tflite).
+  attention="portable": both models' attention as builtin ops (files *_pa.tflite)."""
   os.makedirs(WHOLE_DIR, exist_ok=True)
   out = {}
   for name in WHOLE:
     file = "moe_cw" if (name == "moe" and experts == "channel") else name
+    file += "_pa" if attention == "portable" else ""
     spec = whole_spec(file)
     path = os.path.join(WHOLE_DIR, f"{file}.tflite")
     meta = None
@@ -552,26 +564,33 @@ def whole_model_race(moe_path, dense_path, budget_s):
   """Child process: exported MobileMoE-S and dense models (export/runner.py
   signatures) timed in one window, alternating. Prefill P tokens from an empty
   cache (chunked by the model's prefill signatures) up to the logits after the last
-  token (all a 'last' file returns); decode = one token after a 32-token prompt."""
+  token (all a 'last' file returns); decode = the median step of 128 tokens generated after
+  a 32-token prompt (context 32..159); decode_long = of 128 tokens at context 896..1023.
+  Decode runs in two arrangements per model: `<name>` (one interpreter, XNNPACK with
+  THREADS threads, the delegate for the custom ops) and `<name>_fc` (LiteRTLM's
+  decode_delegate: XNNPACK on 1 thread, every INT4 FC on the delegate's pool too)."""
   from export.runner import LiteRTLM
+  delegate = lambda **kw: dl.load(num_threads=THREADS, **kw)
   lms = {}
   for name, path in (("moe", moe_path), ("dense", dense_path)):
-    with open(path, "rb") as f:
-      uses_op = tb.OP_NAME.encode() in f.read()
-    d = dl.load(num_threads=THREADS) if uses_op else None
-    lms[name] = (LiteRTLM(path, num_threads=THREADS, delegate=d), d)
-    if d is not None:
-      s = dl.stats(d)
-      assert s["claimed"] > 0 and s["refused"] == 0, s
+    d = delegate() if needs_delegate(path) else None
+    lms[name] = LiteRTLM(path, num_threads=THREADS, delegate=d)
+    dec = delegate(fully_connected=True)
+    lms[f"{name}_fc"] = LiteRTLM(path, num_threads=THREADS, delegate=delegate(), decode_delegate=dec)
+    for x in (d, dec):
+      if x is not None:
+        s = dl.stats(x)
+        assert s["claimed"] > 0 and s["refused"] == 0, s
   rng = np.random.default_rng(0)
   out = {}
-  for P in (128, 512):
-    if any(P > lm.kv_len for lm, _ in lms.values()):
+  for P in (128, 512):   # prefill runs on the first interpreter: the same in both arrangements
+    if any(P > lm.kv_len for lm in lms.values()):
       continue
-    times = {n: [] for n in lms}
+    times = {n: [] for n in ("moe", "dense")}
     t_end = time.perf_counter() + budget_s
     while min(map(len, times.values())) < 3 or time.perf_counter() < t_end:
-      for n, (lm, _) in lms.items():
+      for n in times:
+        lm = lms[n]
         lm.reset()
         ids = rng.integers(0, 1000, P)
         t0 = time.perf_counter()
@@ -579,30 +598,32 @@ def whole_model_race(moe_path, dense_path, budget_s):
         times[n].append(time.perf_counter() - t0)
     for n, t in times.items():
       out[f"{n}_prefill{P}_ms"] = float(np.median(t) * 1e3)
-  times = {n: [] for n in lms}
-  for n, (lm, _) in lms.items():
-    lm.reset()
-    lm.prefill_last(rng.integers(0, 1000, 32))
-  t_end = time.perf_counter() + budget_s
-  while min(map(len, times.values())) < 10 or time.perf_counter() < t_end:
-    for n, (lm, _) in lms.items():
-      if lm.pos >= lm.kv_len:
+  # Decode: 128 tokens generated after a prompt (steps at context 32..159, the usual
+  # short-context number), and 128 more at the end of the cache (context 896..1023):
+  # attention that reads only the filled slots costs more as the context grows.
+  for key, prompt in (("decode", DECODE_PROMPT), ("decode_long", WHOLE_KV_LEN - DECODE_STEPS)):
+    times = {n: [] for n in lms}
+    t_end = time.perf_counter() + budget_s
+    while min(map(len, times.values())) < 2 * DECODE_STEPS or time.perf_counter() < t_end:
+      for n, lm in lms.items():
         lm.reset()
-        lm.prefill_last(rng.integers(0, 1000, 32))
-      t0 = time.perf_counter()
-      lm.decode(int(rng.integers(0, 1000)))
-      times[n].append(time.perf_counter() - t0)
-  for n, t in times.items():
-    out[f"{n}_decode_ms"] = float(np.median(t) * 1e3)
+        lm.prefill_last(rng.integers(0, 1000, prompt))
+        for _ in range(DECODE_STEPS):
+          t0 = time.perf_counter()
+          lm.decode(int(rng.integers(0, 1000)))
+          times[n].append(time.perf_counter() - t0)
+    for n, t in times.items():
+      out[f"{n}_{key}_ms"] = float(np.median(t) * 1e3)
   print(json.dumps(out))
 
 
-def whole_rss(path):
-  """Child process: peak RSS of one whole model loaded, prefilling 128 and decoding."""
+def whole_rss(path, fc="plain"):
+  """Child process: peak RSS of one whole model loaded, prefilling 128 and decoding;
+  fc="fc": with LiteRTLM's decode_delegate (a second interpreter for decode)."""
   from export.runner import LiteRTLM
-  with open(path, "rb") as f:
-    uses_op = tb.OP_NAME.encode() in f.read()
-  lm = LiteRTLM(path, num_threads=THREADS, delegate=dl.load(num_threads=THREADS) if uses_op else None)
+  dec = dl.load(num_threads=THREADS, fully_connected=True) if fc == "fc" else None
+  lm = LiteRTLM(path, num_threads=THREADS, decode_delegate=dec,
+                delegate=dl.load(num_threads=THREADS) if needs_delegate(path) else None)
   lm.prefill_last(np.arange(128) % 1000)
   lm.decode(1)
   print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
@@ -612,10 +633,18 @@ def whole_model_rows(moe_path, dense_path, budget_s=20):
   """Speedups of an exported MobileMoE model over a dense one."""
   r = run_child("--whole", moe_path, dense_path, budget_s)
   for name, path in (("moe", moe_path), ("dense", dense_path)):
-    r[f"{name}_peak_rss_mb"] = run_child("--whole_rss", path)["peak_rss_mb"]
+    r[f"{name}_peak_rss_mb"] = run_child("--whole_rss", path, "plain")["peak_rss_mb"]
+    r[f"{name}_fc_peak_rss_mb"] = run_child("--whole_rss", path, "fc")["peak_rss_mb"]
+  # Each model in its faster decode arrangement (raw has both): the ratio of the bests.
+  for n in ("moe", "dense"):
+    for k in ("decode", "decode_long"):
+      if f"{n}_{k}_ms" in r:
+        plain, fc = r[f"{n}_{k}_ms"], r[f"{n}_fc_{k}_ms"]
+        r[f"{n}_{k}_best_ms"], r[f"{n}_{k}_best"] = min(plain, fc), ("fc" if fc < plain else "plain")
   ratio = lambda k: (r.get(f"dense_{k}_ms") / r[f"moe_{k}_ms"]) if f"moe_{k}_ms" in r else None
-  return {"raw": r, "decode": ratio("decode"), "prefill128": ratio("prefill128"),
-          "prefill512": ratio("prefill512")}
+  return {"raw": r, "decode": ratio("decode_best"), "decode_long": ratio("decode_long_best"),
+          "decode_plain": ratio("decode"), "decode_long_plain": ratio("decode_long"),
+          "prefill128": ratio("prefill128"), "prefill512": ratio("prefill512")}
 
 
 def whole_rows(a):
@@ -627,7 +656,7 @@ def whole_rows(a):
     models = {"moe": (a.moe_model, {"given": a.moe_model}),
               "dense": (a.dense_model, {"given": a.dense_model})}
   else:
-    models = whole_models(a.experts)
+    models = whole_models(a.experts, a.attention)
   t0 = time.time()
   w = whole_model_rows(models["moe"][0], models["dense"][0])
   w["models"] = {n: meta for n, (_, meta) in models.items()}
@@ -667,11 +696,16 @@ def markdown_table(res) -> str:
   raw = res.get("whole_model_raw_ms")
   if raw:
     experts = "channel-wise" if res.get("whole_moe_experts") == "channel" else "block-32"
-    for n, label in (("moe", f"MobileMoE-S whole model (delegate, experts {experts})"),
-                     ("dense", "MobileLLM-Pro whole model")):
+    attn = "" if res.get("whole_attention") == "portable" else ", MobileKvAttention"
+    for n, label in (("moe", f"MobileMoE-S whole model (delegate, experts {experts}{attn})"),
+                     ("moe_fc", "MobileMoE-S, decode_delegate (every INT4 FC on the delegate)"),
+                     ("dense", "MobileLLM-Pro whole model"),
+                     ("dense_fc", "MobileLLM-Pro, decode_delegate (every INT4 FC on the delegate)")):
       cell = lambda k: f"{raw[f'{n}_{k}_ms']:.4g}" if f"{n}_{k}_ms" in raw else "-"
       rss = raw.get(f"{n}_peak_rss_mb")
-      lines.append(f"| {label} | model | {cell('decode')} | {cell('prefill128')} | "
+      dec = cell('decode') + (f" (context 896+: {cell('decode_long')})"
+                              if f"{n}_decode_long_ms" in raw else "")
+      lines.append(f"| {label} | model | {dec} | {cell('prefill128')} | "
                    f"{cell('prefill512')} | {f'{rss:.0f}' if rss else '-'} |")
   return "\n".join(lines)
 
@@ -683,7 +717,7 @@ def main():
   ap.add_argument("--race", nargs=5, metavar=("METHODS", "PATHS", "DS", "TS", "BUDGET_S"))
   ap.add_argument("--rss", nargs=4, metavar=("METHOD", "PATH", "D", "TS"))
   ap.add_argument("--whole", nargs=3, metavar=("MOE_PATH", "DENSE_PATH", "BUDGET_S"))
-  ap.add_argument("--whole_rss", metavar="PATH")
+  ap.add_argument("--whole_rss", nargs=2, metavar=("PATH", "plain|fc"))
   ap.add_argument("--export", nargs=2, metavar=("NAME", "PATH"))
   ap.add_argument("--whole_only", action="store_true", help="only the whole-model rows")
   ap.add_argument("--quick", action="store_true", help="fewer layers/iterations (smoke test)")
@@ -692,6 +726,9 @@ def main():
   ap.add_argument("--experts", choices=("block32", "channel"), default="channel",
                   help="format of the whole MobileMoE-S model's experts (exported and cached "
                        "separately); the block and FFN-stack rows always show both")
+  ap.add_argument("--attention", choices=("delegate", "portable"), default="delegate",
+                  help="both whole models' decode attention: the delegate's MobileKvAttention "
+                       "(reads the filled cache slots only) or builtin ops over the whole cache")
   ap.add_argument("--baseline_lib", help="another build of libmobilemoe_delegate.so: adds "
                   "row (a0), the block-32 block run by it, timed with the others (before/after)")
   ap.add_argument("--moe_model")
@@ -712,11 +749,11 @@ def main():
   if a.whole:
     return whole_model_race(a.whole[0], a.whole[1], float(a.whole[2]))
   if a.whole_rss:
-    return whole_rss(a.whole_rss)
+    return whole_rss(*a.whole_rss)
   if a.export:
     return export_whole(*a.export)
   if a.whole_only:   # written only to an --out given explicitly (not the full run's JSON)
-    w = dict(whole_rows(a), experts=a.experts, load_avg=os.getloadavg(),
+    w = dict(whole_rows(a), experts=a.experts, attention=a.attention, load_avg=os.getloadavg(),
              date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if a.out != DEFAULT_OUT:
       with open(a.out, "w") as f:
@@ -795,10 +832,15 @@ def main():
       "ffn_stack_prefill512_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 512), ms("moe_s_ffn", 512)),
       # Whole MobileMoE-S vs MobileLLM-Pro .tflite models (null: not measured, --quick).
       "decode_speedup_vs_dense": whole and whole["decode"],
+      "decode_long_context_speedup_vs_dense": whole and whole["decode_long"],
+      # Both models with one interpreter each (no decode_delegate), for comparison.
+      "decode_speedup_vs_dense_plain": whole and whole["decode_plain"],
+      "decode_long_context_speedup_vs_dense_plain": whole and whole["decode_long_plain"],
       "prefill128_speedup_vs_dense": whole and whole["prefill128"],
       "prefill512_speedup_vs_dense": whole and whole["prefill512"],
       "whole_model_raw_ms": whole and whole["raw"],
       "whole_moe_experts": whole and ("given file" if a.moe_model else a.experts),
+      "whole_attention": whole and ("given file" if a.moe_model else a.attention),
       "whole_models": whole and whole["models"],
       "wall_s": time.time() - t_start,
   }

@@ -51,6 +51,7 @@ class _Signature:
       raise RuntimeError('export.runner needs the interpreter wrapper calls of ai-edge-litert '
                          f'2.3 ({", ".join(need)}); this is {getattr(ai_edge_litert, "__version__", "?")}')
     d = interp._get_full_signature_list()[key]
+    self.w = w
     self.sg = w.GetSubgraphIndexFromSignature(key)
     self.inputs, self.outputs = d['inputs'], d['outputs']
     w.AllocateTensors(self.sg)               # shapes are static: the arena is planned once
@@ -66,9 +67,15 @@ class LiteRTLM:
   """Prefill/decode over the external KV cache. The cache lives in the decode signature's
   input buffers (zero copy: numpy views of them); each call writes the rows a signature
   returns (`new_{k,v}_<i>`) into it, so a decode step copies no cache. A prefill
-  signature has its own input buffers: the filled slots are copied into them per call."""
+  signature has its own input buffers: the filled slots are copied into them per call.
 
-  def __init__(self, path: str, num_threads: int = 2, delegate=None):
+  decode_delegate: run the decode signature on a second interpreter of the same file, with
+  XNNPACK on one thread and this delegate (export.delegate.load(fully_connected=True))
+  running every heavy op of the step on its own pool: on 2 cores that saves the hand-offs
+  between two thread pools in every layer (export/delegate/README.md, "Threads"). Prefill,
+  matmul-bound, stays on the first interpreter with num_threads XNNPACK threads."""
+
+  def __init__(self, path: str, num_threads: int = 2, delegate=None, decode_delegate=None):
     from ai_edge_litert.interpreter import Interpreter
     if delegate is None and needs_delegate(path):
       raise ValueError(f'{path} has {", ".join(delegate_ops(path))} custom ops, which only '
@@ -76,13 +83,17 @@ class LiteRTLM:
                        '(python -m export.runner --delegate)')
     kw = {'experimental_delegates': [delegate]} if delegate is not None else {}
     self.interp = Interpreter(model_path=path, num_threads=num_threads, **kw)
+    self.decode_interp = self.interp
+    if decode_delegate is not None:
+      self.decode_interp = Interpreter(model_path=path, num_threads=1,
+                                       experimental_delegates=[decode_delegate])
     sigs = self.interp.get_signature_list()
     self.prefill_lens = sorted(int(m.group(1)) for s in sigs if (m := re.fullmatch(r'prefill_(\d+)', s)))
     if 'decode' not in sigs or not self.prefill_lens:
       raise ValueError(f'{path}: expected prefill_<T> and decode signatures, found {sorted(sigs)}')
     self.runners = {s: self.interp.get_signature_runner(s) for s in sigs}   # (details)
-    self._w = self.interp._interpreter
-    self._sigs = {s: _Signature(self.interp, s) for s in sigs}
+    self._sigs = {s: _Signature(self.decode_interp if s == 'decode' else self.interp, s)
+                  for s in sigs}
     dec = self._sigs['decode']
     self.kv_names = sorted(dec.cache)
     if any(f'new_{n[len("kv_cache_"):]}' not in dec.outputs for n in self.kv_names):
@@ -121,7 +132,8 @@ class LiteRTLM:
   def _run(self, sig, tokens, pos, n_new, **extra):
     """Runs signature `sig` on tokens at positions pos..., writes its first n_new rows of
     K/V into the cache at pos[0] and returns the logits [T or 1, V] (a copy)."""
-    s, w = self._sigs[sig], self._w
+    s = self._sigs[sig]
+    w = s.w
     p0 = int(pos[0])
     w.SetTensor(s.inputs['tokens'], tokens.astype(np.int32), s.sg)
     w.SetTensor(s.inputs['input_pos'], pos.astype(np.int32), s.sg)
@@ -257,6 +269,9 @@ def main(argv=None):
   ap.add_argument('--delegate', action='store_true',
                   help='load export/delegate (files with MobileMoeBlock / MobileKvAttention '
                        'ops need it; loaded for them anyway)')
+  ap.add_argument('--decode-fc', action='store_true',
+                  help='decode on a second interpreter: XNNPACK on 1 thread, every INT4 FC on '
+                       "the delegate's pool (LiteRTLM decode_delegate; int4_channel files)")
   a = ap.parse_args(argv)
   tok = None
   if a.tokenizer:
@@ -271,7 +286,11 @@ def main(argv=None):
   if a.delegate or needs_delegate(a.model):
     from export import delegate
     dlg = delegate.load()
-  lm = LiteRTLM(a.model, a.threads, dlg)
+  dec = None
+  if a.decode_fc:
+    from export import delegate
+    dec = delegate.load(num_threads=a.threads, fully_connected=True)
+  lm = LiteRTLM(a.model, a.threads, dlg, decode_delegate=dec)
   out = lm.generate(ids, a.max_new, a.temperature, a.top_k, a.seed, tok.eos_id if tok else None)
   print(tok.decode(out) if tok else out)
 

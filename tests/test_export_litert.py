@@ -75,9 +75,9 @@ def load_delegate(activations):
     pytest.skip(f'delegate library unavailable: {e}')
 
 
-def run(path, n_prompt=70, delegate=None):
+def run(path, n_prompt=70, delegate=None, decode_delegate=None):
   """Prefill (chunks of 32 and a padded 8) then decode the rest."""
-  lm = LiteRTLM(path, delegate=delegate)
+  lm = LiteRTLM(path, delegate=delegate, decode_delegate=decode_delegate)
   out = [lm.prefill(TOK[:n_prompt])]
   out += [lm.decode(t)[None] for t in TOK[n_prompt:]]
   return np.concatenate(out)
@@ -400,6 +400,16 @@ def test_int4_channel_delegate_export_holds_channelwise_experts(small, tmp_path)
   want = run(paths['portable'])
   print('max |dlogit|', np.abs(got - want).max(), np.abs(want).max())
   np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+  # Decode on its own interpreter with every INT4 FC on the delegate's pool too
+  # (fully_connected): the same int8 grid as XNNPACK's FCs, so the same logits; every FC
+  # of the decode signature is claimed, and the prefill interpreter's cache rows carry over.
+  dec = export_delegate.load(activations='int8', fully_connected=True)
+  split = run(paths['delegate'], delegate=export_delegate.load(activations='int8'),
+              decode_delegate=dec)
+  s = export_delegate.stats(dec)
+  fcs = flatbuf.signature_op_counts(flatbuf.load(paths['delegate'])[0])['decode']['FULLY_CONNECTED']
+  assert s['refused'] == 0 and s['claimed'] >= fcs, (s, fcs)
+  np.testing.assert_allclose(split, got, atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope='module')
