@@ -75,8 +75,9 @@ def format_table(rows: list[dict]) -> str:
 
 def ship(workdir: str, checkpoint: str, tokenizer_path: str) -> dict:
   """The on-device end of the recipe: exports `checkpoint` to an INT4 `.tflite` whose MoE
-  blocks are MobileMoeBlock ops, generates a few tokens with LiteRT + our delegate, and
-  scores the JAX model on the bundled local eval task."""
+  blocks are MobileMoeBlock ops and whose decode attention is MobileKvAttention ops,
+  generates a few tokens with LiteRT + our delegate, and scores the JAX model on the
+  bundled local eval task."""
   from export import delegate
   from export.__main__ import main as export_main
   from export.runner import LiteRTLM
@@ -85,7 +86,7 @@ def ship(workdir: str, checkpoint: str, tokenizer_path: str) -> dict:
 
   path = os.path.join(workdir, 'model.tflite')
   export_main(['--checkpoint', checkpoint, '--out', path, '--moe', 'delegate',
-               '--prefill', '32', '--kv-len', '128'])
+               '--attention', 'delegate', '--prefill', '32', '--kv-len', '128'])
   model, tok = load_checkpoint(checkpoint, tokenizer_path)
   dlg = delegate.load()
   lm = LiteRTLM(path, delegate=dlg)
@@ -93,7 +94,8 @@ def ship(workdir: str, checkpoint: str, tokenizer_path: str) -> dict:
   ids = lm.generate([tok.bos_id] + tok.encode(prompt), 24, temperature=0.7, top_k=40, seed=0,
                     eos_id=tok.eos_id)
   claimed = delegate.stats(dlg)['claimed']
-  print(f'\n[.tflite + MobileMoE delegate, {claimed} MoE blocks claimed] {prompt}{tok.decode(ids)}')
+  print(f'\n[.tflite + MobileMoE delegate, {claimed} MobileMoeBlock / MobileKvAttention nodes '
+        f'claimed] {prompt}{tok.decode(ids)}')
   local_eval = run_local_eval(model, tok, out_dir=os.path.join(workdir, 'eval'))
   print(f"[local eval] {local_eval['task']}: acc {local_eval['acc']:.3f}, "
         f"acc_norm {local_eval['acc_norm']:.3f} (chance {local_eval['chance']:.3f}, "
