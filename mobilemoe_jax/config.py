@@ -15,6 +15,7 @@ class ConfigError(ValueError):
 
 
 ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+CUDNN_MASKS = ('auto', 'bias', 'bias_nograd', 'causal')   # model.attention_mask
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -42,6 +43,15 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   # cache always uses xla. On an H200 cuDNN halved MobileMoE-S's train step and matched XLA's
   # numerics (bench/README.md, training throughput).
   c.attention_impl = 'auto'
+  # cuDNN attention only: how documents/padding are kept apart (model/layers.py,
+  # cudnn_attention): 'bias' (the mask as a bias, with its gradient), 'bias_nograd' (the same
+  # bias, no gradient for it), 'causal' (flags only: exact only for rows of one document
+  # without padding), 'auto' ('causal' when every row of the batch is one document, checked
+  # at run time, else 'bias_nograd'). All but 'causal' are exact for any rows.
+  c.attention_mask = 'auto'
+  # SwiGLU FFNs (dense, shared and routed experts): gate and up in one matmul (the input read
+  # once, one input-gradient matmul); the same math as two (moe/dispatch.py, swiglu_hidden).
+  c.fuse_gate_up = True
 
   c.moe = ml_collections.ConfigDict()
   c.moe.n_experts = 0           # routed experts per MoE layer; 0 turns the MoE off (dense model)
@@ -132,6 +142,8 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f'must divide n_heads={model.n_heads}, got {model.n_kv_heads}')
   _require(model.head_dim % 2 == 0, 'model.head_dim', 'must be even for RoPE')
   _require(model.sliding_window >= 0, 'model.sliding_window', 'must be >= 0')
+  _require(model.get('attention_mask', 'bias') in CUDNN_MASKS, 'model.attention_mask',
+           f'unknown mask mode {model.get("attention_mask")!r}; known: {CUDNN_MASKS}')
   _require(model.get('attention_impl', 'auto') in ATTENTION_IMPLS, 'model.attention_impl',
            f'unknown attention kernel {model.get("attention_impl")!r}; known: {ATTENTION_IMPLS}')
   _require(model.dtype in ('bfloat16', 'float32', 'float16'), 'model.dtype',

@@ -31,3 +31,107 @@ def test_unknown_attention_impl_is_refused():
   cfg.attention_impl = 'flash'
   with pytest.raises(config_lib.ConfigError, match='model.attention_impl.*flash'):
     config_lib.validate(cfg)
+
+
+# ------------------------------------------------- cuDNN attention's mask modes (on CPU)
+
+
+def _fake_cudnn(monkeypatch, calls):
+  """jax.nn.dot_product_attention's cuDNN path as XLA attention (runs on CPU); records at
+  run time which call ran and, when traced, whether cuDNN would compute the bias gradient."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  xla = jax.nn.dot_product_attention
+
+  def fake(q, k, v, mask=None, is_causal=False, implementation=None, local_window_size=None):
+    assert is_causal and implementation == 'cudnn'
+    kind = 'causal' if mask is None else (
+        'bias' if cudnn.should_export_dbias(None, None, None) else 'bias_nograd')
+    jax.debug.callback(lambda: calls.append(kind))     # at run time, not when traced
+    if mask is None:   # what the flags alone mean: causal (and windowed) over the whole row
+      t = q.shape[1]
+      i = jnp.arange(t)
+      mask = (i[None, :] <= i[:, None])
+      if local_window_size is not None:
+        mask &= (i[:, None] - i[None, :]) <= local_window_size[0]
+      mask = mask[None, None]
+    return xla(q, k, v, mask=mask)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', fake)
+
+
+def _xla_attention(q, k, v, mask):
+  """Grouped-query softmax attention, written out (the reference)."""
+  g = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, g, 2), jnp.repeat(v, g, 2)
+  s = jnp.einsum('bthd,bshd->bhts', q, k) / q.shape[-1] ** 0.5
+  s = jnp.where(mask, s, -jnp.inf)
+  p = jax.nn.softmax(s, -1)
+  p = jnp.where(jnp.isnan(p), 0.0, p)
+  return jnp.einsum('bhts,bshd->bthd', p, v)
+
+
+@pytest.mark.parametrize('window', [0, 6])
+def test_cudnn_attention_mask_modes(monkeypatch, window):
+  """model.attention_mask with a fake cuDNN: 'auto' runs the flags-only call when every row
+  is one document and the bias (no gradient) otherwise; 'bias'/'bias_nograd' always the
+  bias, with/without its gradient; each equals XLA's masked attention on real tokens, and
+  'causal' equals it on single-document rows only."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  from mobilemoe_jax.model import layers
+  calls = []
+  _fake_cudnn(monkeypatch, calls)
+  rng = np.random.default_rng(1)
+  b, t = 3, 24
+  packed = np.array([[1] * 10 + [2] * 14, [1] * 24, [1] * 5 + [2] * 5 + [3] * 6 + [0] * 8], np.int32)
+  single = np.ones((b, t), np.int32)
+  q = jnp.asarray(rng.normal(size=(b, t, 4, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, t, 2, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, t, 2, 8)), jnp.float32)
+  for seg, want_auto in ((packed, 'bias_nograd'), (single, 'causal')):
+    pos = np.zeros_like(seg)
+    for r in range(b):
+      for d in set(seg[r]) - {0}:
+        pos[r, seg[r] == d] = np.arange((seg[r] == d).sum())
+    mask = layers.attention_mask(jnp.asarray(pos), jnp.asarray(pos), jnp.asarray(seg),
+                                 jnp.asarray(seg), window)
+    want = np.asarray(_xla_attention(q, k, v, mask))
+    real = (seg > 0)[..., None, None]
+    for how, path in (('auto', want_auto), ('bias', 'bias'), ('bias_nograd', 'bias_nograd'),
+                      ('causal', 'causal')):
+      calls.clear()
+      got = jax.jit(lambda q, k, v, mask, seg: layers.cudnn_attention(q, k, v, mask, seg, window, how))(
+          q, k, v, mask, jnp.asarray(seg))
+      got = np.asarray(jax.block_until_ready(got))
+      assert calls == [path], (how, calls)
+      if how == 'causal' and seg is packed:
+        assert not np.allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-3)
+        continue
+      np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-5, atol=1e-5)
+  assert cudnn.should_export_dbias(None, None, None), 'the hook is restored after the call'
+
+
+def test_unknown_attention_mask_is_refused():
+  cfg = tiny.get_config().model
+  cfg.attention_mask = 'packed'
+  with pytest.raises(config_lib.ConfigError, match='model.attention_mask.*packed'):
+    config_lib.validate(cfg)
+
+
+def test_step_config_picks_the_mask_on_the_host(monkeypatch):
+  """trainer.step_config: with attention_mask 'auto' on cuDNN (faked here) and one process,
+  a batch of one-document rows gets the flags-only step and a packed/padded batch the bias
+  step; other modes, and XLA attention, keep the config as it is."""
+  from mobilemoe_jax.model import layers
+  from mobilemoe_jax.train import trainer
+  from mobilemoe_jax.config import experiment
+  config = experiment(tiny.get_config().model)
+  config.model.attention_mask = 'auto'
+  single = np.ones((2, 8), np.int32)
+  packed = np.array([[1] * 5 + [2] * 3, [1] * 6 + [0] * 2], np.int32)
+  assert trainer.step_config(config, single) is config          # CPU: XLA attention
+  monkeypatch.setattr(layers, 'attention_kernel', lambda cfg: 'cudnn')
+  assert trainer.step_config(config, single).model.attention_mask == 'causal'
+  assert trainer.step_config(config, packed).model.attention_mask == 'bias_nograd'
+  assert config.model.attention_mask == 'auto'                    # the original is untouched
+  config.model.attention_mask = 'bias'
+  assert trainer.step_config(config, single) is config

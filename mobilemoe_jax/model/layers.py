@@ -4,11 +4,14 @@ Parameters are stored in `param_dtype` (fp32) and cast to the compute dtype at u
 Every parameter carries logical axis names (`axes=`) that sharding/ maps to the mesh.
 """
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mobilemoe_jax import config as config_lib
+from mobilemoe_jax.moe.dispatch import swiglu_hidden
 from mobilemoe_jax.quant import grid, qat
 from mobilemoe_jax.sharding import constrain
 
@@ -108,7 +111,8 @@ class Attention(nnx.Module):
     self.o = param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
     self.window, self.theta = window, cfg.rope_theta
     self.dtype = jnp.dtype(cfg.dtype)
-    self.attention_impl = cfg.get('attention_impl', 'auto')   # configs saved before the field
+    self.cudnn_mask = cfg.get('attention_mask', 'bias')   # configs saved before the field
+    self.kernel = attention_kernel(cfg)
     self.quant = cfg.quant
     for name in ('q', 'k', 'v'):
       add_quant_scale(self, name, cfg.quant)
@@ -142,17 +146,73 @@ class Attention(nnx.Module):
                             jnp.ones_like(slots), self.window)
       k, v = k.astype(dt), v.astype(dt)
     q = constrain(q, ('batch', 'length', 'heads', 'head_dim'))
-    impl = self.attention_impl
-    if impl == 'auto':
-      impl = 'cudnn' if jax.default_backend() == 'gpu' and dt in (jnp.bfloat16, jnp.float16) else 'xla'
-    if impl == 'cudnn' and cache is None:
-      # cuDNN flash attention: no [T, S] scores in memory. The mask (documents, padding,
-      # window) enters as a bias; the causal and window flags only let it skip hidden tiles.
-      y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation='cudnn',
-                                       local_window_size=(self.window - 1, 0) if self.window else None)
+    if self.kernel == 'cudnn' and cache is None:
+      y = cudnn_attention(q, k, v, mask, segment_ids, self.window, self.cudnn_mask)
     else:
       y = jax.nn.dot_product_attention(q, k, v, mask=mask)                    # [B, T, H, Dh]
     return jnp.einsum('bthk,hkd->btd', act(y, qc, n_in=2), kernel(self, 'o', qc, dt, n_in=2)), cache
+
+
+_DBIAS_LOCK = threading.Lock()
+
+
+def attention_kernel(cfg) -> str:
+  """'cudnn' or 'xla': model.attention_impl with 'auto' resolved (cuDNN on a GPU with a 16-bit
+  compute dtype). Decoding with a KV cache uses XLA's either way."""
+  impl = cfg.get('attention_impl', 'auto')   # configs saved before the field
+  if impl == 'auto':
+    gpu = jax.default_backend() == 'gpu'
+    return 'cudnn' if gpu and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16) else 'xla'
+  return impl
+
+
+def _cudnn_biased(q, k, v, mask, sliding, bias_grad: bool):
+  """cuDNN attention with `mask` as an additive bias (large negative where hidden), plus the
+  causal/window flags (they let it skip hidden tiles). JAX's wrapper always has cuDNN compute
+  the bias's gradient ([B, 1, T, S] in every layer's backward pass) through its module-level
+  `should_export_dbias`; with bias_grad=False that hook answers False while this call is
+  traced (under a lock: the benchmark traces steps in threads), so the gradient, which
+  nothing uses (the mask is no parameter), is not computed."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  call = lambda: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                              implementation='cudnn', local_window_size=sliding)
+  if bias_grad or not hasattr(cudnn, 'should_export_dbias'):
+    return call()
+  with _DBIAS_LOCK:
+    hook = cudnn.should_export_dbias
+    cudnn.should_export_dbias = lambda *a, **kw: False
+    try:
+      return call()
+    finally:
+      cudnn.should_export_dbias = hook
+
+
+def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto'):
+  """cuDNN flash attention (GPU, 16-bit): no [T, S] scores in memory. Causal, inside
+  `window` (0 = global), within each document of a packed row (model.attention_mask):
+
+  - 'bias': the documents/padding/window mask as a bias, whose gradient cuDNN computes too
+    (JAX's public call; the only mode before call 8 of bench/train_throughput.py).
+  - 'bias_nograd': the same bias without its gradient (the same outputs and input gradients).
+  - 'causal': the causal/window flags only, no mask: exact only when every row is one
+    document without padding (segment ids are ignored).
+  - 'auto': 'causal' when every row of the batch is one document without padding (checked
+    at run time with lax.cond), else 'bias_nograd'. Exact for any rows.
+  """
+  sliding = (window - 1, 0) if window else None
+  if how not in config_lib.CUDNN_MASKS:
+    raise ValueError(f'unknown model.attention_mask {how!r}; known: {config_lib.CUDNN_MASKS}')
+  if how in ('bias', 'bias_nograd'):
+    return _cudnn_biased(q, k, v, mask, sliding, how == 'bias')
+
+  def causal(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn',
+                                        local_window_size=sliding)
+  if how == 'causal':
+    return causal(q, k, v)
+  single = jnp.all(segment_ids == 1)      # one document (id 1) filling every row
+  return jax.lax.cond(single, causal, lambda q, k, v: _cudnn_biased(q, k, v, mask, sliding, False),
+                      q, k, v)
 
 
 class MLP(nnx.Module):
@@ -165,12 +225,14 @@ class MLP(nnx.Module):
     self.down = param(rngs, (hidden, d), ('mlp', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
     self.dtype = jnp.dtype(cfg.dtype)
     self.quant = cfg.quant
+    self.fuse_gate_up = cfg.get('fuse_gate_up', True)
     for name in ('gate', 'up', 'down'):
       add_quant_scale(self, name, cfg.quant)
 
   def __call__(self, x):
     dt, qc = self.dtype, self.quant
     x = act(x, qc)
-    h = jax.nn.silu(x @ kernel(self, 'gate', qc, dt)) * (x @ kernel(self, 'up', qc, dt))
+    h = swiglu_hidden(x, kernel(self, 'gate', qc, dt), kernel(self, 'up', qc, dt), '...d,df->...f',
+                      self.fuse_gate_up)
     h = constrain(h, ('batch', 'length', 'mlp'))
     return act(h, qc) @ kernel(self, 'down', qc, dt)

@@ -95,9 +95,19 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
     state_sharding = sharding.state_shardings(abstract_state, mesh)
 
     # ------------------------------------------------------------------- update step
-    train_step = make_train_step(config, tx, lr_schedule)
-    train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, None), donate_argnums=0)
+    # One jitted step per attention mask mode the batches need (step_config): with
+    # model.attention_mask 'auto' on cuDNN and one process, a batch of one-document rows and a
+    # packed batch get different steps, each compiled when first needed.
+    steps = {}
+
+    def train_step(state, host_batch):
+      step_cfg = step_config(config, host_batch['segment_ids'])
+      key = step_cfg.model.get('attention_mask')
+      if key not in steps:
+        steps[key] = jax.jit(make_train_step(step_cfg, tx, lr_schedule),
+                             in_shardings=(state_sharding, batch_sharding),
+                             out_shardings=(state_sharding, None), donate_argnums=0)
+      return steps[key](state, to_global(host_batch))
 
     @functools.partial(jax.jit, in_shardings=(state_sharding, batch_sharding))
     def eval_step(state, batch):
@@ -165,7 +175,7 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
     preempted = False
     with preempt:
       while step < t.steps:
-        state, m = train_step(state, to_global(next(train_iter)))
+        state, m = train_step(state, next(train_iter))
         step += 1
         pending.append(m)
         if step_callback is not None:
@@ -234,6 +244,28 @@ def make_init_fn(config, tx):
     return state
 
   return init_state
+
+
+def step_config(config, segment_ids):
+  """The config of the train step for a batch with these (host, numpy) segment ids.
+
+  With model.attention_mask 'auto' where attention runs on cuDNN, and one process, the
+  choice 'auto' would make on the device (lax.cond in every layer: flags only when every row
+  is one document, else the bias) is made here on the host: 'causal' for a batch whose rows
+  are each one document without padding, 'bias_nograd' otherwise. The same attention; the
+  step then has no conditional, whose backward pass made every layer write a [B, 1, T, T]
+  placeholder for the branch not taken (bench/README.md, training throughput). With several
+  processes each sees only its rows, so the device keeps the choice. Else `config` itself.
+  """
+  from mobilemoe_jax.model.layers import attention_kernel
+  m = config.model
+  if (m.get('attention_mask', 'bias') != 'auto' or attention_kernel(m) != 'cudnn'
+      or jax.process_count() != 1):
+    return config
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    out.model.attention_mask = 'causal' if np.all(np.asarray(segment_ids) == 1) else 'bias_nograd'
+  return out
 
 
 def make_train_step(config, tx, lr_schedule):
