@@ -200,3 +200,24 @@ def test_gradient_accumulation_matches_one_batch(data_dir):
     out.append((float(m['loss']), float(m['grad_norm']), state['params']['embed'].value))
   np.testing.assert_allclose(out[0][:2], out[1][:2], rtol=1e-5)
   np.testing.assert_allclose(out[0][2], out[1][2], rtol=1e-5, atol=1e-7)
+
+
+def test_adam_mu_dtype(data_dir):
+  """train.adam_mu_dtype='bfloat16' stores the first moment in bf16 (the second stays fp32);
+  one step's update stays close to the fp32 one (it only rounds the moment)."""
+  batch = next(iter(pipeline.make_dataset(make_config(data_dir).data.train, seq_len=32,
+                                          batch_size=8, seed=0)))
+  out = {}
+  for mu in ('', 'bfloat16'):
+    config = make_config(data_dir, **{'train.adam_mu_dtype': mu, 'train.warmup_steps': 0})
+    tx, lr = optim.make_optimizer(config.train)
+    state = jax.jit(trainer.make_init_fn(config, tx))()
+    adam = state['opt'][1][0]
+    dtypes = {str(a.dtype) for a in jax.tree.leaves(adam.mu)}
+    assert dtypes == {mu or 'float32'}, dtypes
+    assert {str(a.dtype) for a in jax.tree.leaves(adam.nu)} == {'float32'}
+    before = np.asarray(state['params']['embed'].value)
+    state, _ = jax.jit(trainer.make_train_step(config, tx, lr))(state, batch)
+    out[mu] = np.asarray(state['params']['embed'].value) - before
+  assert np.abs(out['']).max() > 0
+  np.testing.assert_allclose(out['bfloat16'], out[''], rtol=2e-2, atol=1e-3 * np.abs(out['']).max())

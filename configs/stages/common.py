@@ -57,6 +57,7 @@ def train_config(stage: str, small: bool, **overrides) -> ml_collections.ConfigD
   t.b2 = 0.95
   t.eps = 1e-8
   t.clip_norm = 1.0               # global-norm clipping; 0 = off
+  t.adam_mu_dtype = ''            # AdamW first-moment dtype; '' = fp32 like the params (optim.py)
   t.on_nonfinite = 'stop'         # 'stop': fail with the last good checkpoint | 'skip'
   t.log_every = 25 if small else 100
   t.eval_every = 100 if small else 2000

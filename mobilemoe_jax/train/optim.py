@@ -40,11 +40,18 @@ def decay_mask(params):
 
 
 def make_optimizer(train) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Global-norm clipping, then AdamW. Returns (tx, lr schedule) so the loop can log the LR."""
+  """Global-norm clipping, then AdamW. Returns (tx, lr schedule) so the loop can log the LR.
+
+  train.adam_mu_dtype ('' = the params' dtype, fp32) stores AdamW's first moment in another
+  dtype, e.g. 'bfloat16' as MaxText's `mu_dtype`: 2 fewer bytes read and written per
+  parameter and step. It changes the update's rounding (the moment is rounded each step), so
+  it is off unless asked for; the second moment stays in the params' dtype.
+  """
   lr = schedule(train)
   tx = optax.chain(
       optax.clip_by_global_norm(train.clip_norm) if train.clip_norm else optax.identity(),
       optax.adamw(lr, b1=train.b1, b2=train.b2, eps=train.eps,
-                  weight_decay=train.weight_decay, mask=decay_mask),
+                  weight_decay=train.weight_decay, mask=decay_mask,
+                  mu_dtype=train.get('adam_mu_dtype') or None),
   )
   return tx, lr
