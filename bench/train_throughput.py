@@ -27,7 +27,15 @@ fit; `model.moe.capacity_factor` 1.25 for MoE models):
                         logits), chunks of 256 and 1024, capacity factor 1.0, batch 16, 32
                         and 48, batch 32 and 48 with capacity factor 1.0
   attention_check  cuDNN vs XLA attention in the model's layer against an fp32 reference
-                   (packed rows, padding, global and windowed), and each alone timed
+                   (packed rows, padding, global and windowed; each model.attention_mask
+                   mode), and each alone timed
+  since call 8: s_call7_code_1gpu (call 7's code paths: attention_mask 'bias', two gate/up
+                matmuls) carries the extras (EXTRAS, or --extras): the as-configured step
+                (attention_mask 'auto' resolved on the host by trainer.step_config, fused
+                gate/up), each change switched off, batch 32/48, and the preset's global batch
+                256 x 2048 as accumulated micro-batches (s_accum256_*)
+  s_cudnn_ep2, s_cudnn_ep4, s_cudnn_1gpu_ref  expert parallel as configured (cuDNN attention,
+                chunked loss) and its one-GPU reference on the same machine
 Each run is a subprocess (CUDA_VISIBLE_DEVICES picks its GPUs), so one-GPU runs go side by
 side on different GPUs of a 4-GPU machine; on a one-GPU machine the selected runs go in turn.
 Timing: compile first (not timed), `--warmup` steps, then `--steps` steps each ended by
@@ -66,6 +74,8 @@ p.add_argument('--only', default=None, help='comma-separated run names')
 p.add_argument('--batch', type=int, default=None, help='rows per GPU (default 8, small 2)')
 p.add_argument('--warmup', type=int, default=None)
 p.add_argument('--steps', type=int, default=None)
+p.add_argument('--pipelined', type=int, default=None,
+               help='steps timed back to back after the synced ones (default 5, small 2; 0 = none)')
 p.add_argument('--time-scale', type=float, default=1.0, help='multiplies every phase\'s time limit')
 p.add_argument('--deadline-s', type=float, default=1e9,
                help='stop every run this many seconds after the start (results so far are kept)')
@@ -75,6 +85,11 @@ p.add_argument('--n-devices', type=int, default=1, help=argparse.SUPPRESS)
 p.add_argument('--table-from', default=None, help='print the markdown table of a results JSON')
 p.add_argument('--profile', default='',
                help='comma-separated JAX runs to trace for 2 steps after timing (per-op/kernel summary)')
+p.add_argument('--extras', default=None,
+               help='comma-separated runs to measure in the job\'s process after it (default: EXTRAS; '
+                    'e.g. the lists EXTRAS_CALL10 etc. to repeat a call)')
+p.add_argument('--hlo-dir', default=None,
+               help='write the optimized HLO of each --profile run there (<run>.hlo.txt.gz)')
 p.add_argument('--job-limit-s', type=float, default=240, help='per-job time limit on a one-GPU machine')
 p.add_argument('--merge-into', default=None,
                help='update this results JSON: runs measured now replace theirs, others are kept')
@@ -86,6 +101,7 @@ SEQ = SEQ_SMALL if SMALL else SEQ_FULL
 BATCH = args.batch or (2 if SMALL else 8)
 WARMUP = args.warmup if args.warmup is not None else (1 if SMALL else 3)
 STEPS = args.steps or (3 if SMALL else 10)
+PIPELINED = args.pipelined if args.pipelined is not None else (2 if SMALL else 5)
 
 # name: (preset, n_gpus, variant). Variant None = the preset with the benchmark's settings;
 # the others are in VARIANTS (model-config overrides, a per-GPU batch, train-config overrides).
@@ -109,6 +125,28 @@ JOBS = {
     's_chunked_ce_batch48_1gpu': ('mobilemoe_s', 1, 'chunked_batch48'),
     's_chunked_ce_batch48_cf1_1gpu': ('mobilemoe_s', 1, 'chunked_batch48_cf1'),
     'attention_check': (None, 1, 'attention_check'),
+    # Since call 9 the preset's defaults include model.attention_mask 'auto' and
+    # model.fuse_gate_up (call 8: cuDNN's packed layout, dropped); these runs switch them off.
+    's_call7_code_1gpu': ('mobilemoe_s', 1, 'call7'),
+    's_call7_code_batch48_1gpu': ('mobilemoe_s', 1, 'call7_batch48'),
+    's_bias_attn_1gpu': ('mobilemoe_s', 1, 'bias_attn'),
+    's_bias_nograd_1gpu': ('mobilemoe_s', 1, 'bias_nograd'),
+    's_causal_attn_1gpu': ('mobilemoe_s', 1, 'causal_attn'),
+    's_unfused_1gpu': ('mobilemoe_s', 1, 'unfused'),
+    's_unfused_batch48_1gpu': ('mobilemoe_s', 1, 'unfused_batch48'),
+    's_causal_batch48_1gpu': ('mobilemoe_s', 1, 'causal_batch48'),
+    's_accum256_micro64_1gpu': ('mobilemoe_s', 1, 'accum256_micro64'),
+    's_accum256_causal_1gpu': ('mobilemoe_s', 1, 'accum256_causal'),
+    's_accum256_unfused_1gpu': ('mobilemoe_s', 1, 'accum256_unfused'),
+    's_mu_bf16_1gpu': ('mobilemoe_s', 1, 'mu_bf16'),
+    's_call7_code_batch32_1gpu': ('mobilemoe_s', 1, 'call7_batch32'),
+    's_accum256_1gpu': ('mobilemoe_s', 1, 'accum256'),
+    's_accum256_mu_bf16_1gpu': ('mobilemoe_s', 1, 'accum256_mu_bf16'),
+    # Expert parallel as configured (cuDNN attention, chunked loss) and its one-GPU reference
+    # on the same machine (weak scaling: per-GPU batch fixed).
+    's_cudnn_1gpu_ref': ('mobilemoe_s', 1, 'chunked'),
+    's_cudnn_ep2': ('mobilemoe_s', 2, 'chunked'),
+    's_cudnn_ep4': ('mobilemoe_s', 4, 'chunked'),
 }
 CUDNN = {'attention_impl': 'cudnn'}
 UNCHUNKED = {'loss_chunk_len': 0}     # the cross-entropy over full [B, T, V] logits
@@ -128,14 +166,49 @@ VARIANTS = {   # name: (model-config overrides, per-GPU batch or None, train-con
     'chunked_batch32_cf1': (dict(AUTO, **{'moe.capacity_factor': 1.0}), 32, {'loss_chunk_len': CHUNK}),
     'chunked_batch48': (AUTO, 48, {'loss_chunk_len': CHUNK}),
     'chunked_batch48_cf1': (dict(AUTO, **{'moe.capacity_factor': 1.0}), 48, {'loss_chunk_len': CHUNK}),
+    'call7': (dict(AUTO, attention_mask='bias', fuse_gate_up=False), None, {'loss_chunk_len': CHUNK}),
+    'call7_batch48': (dict(AUTO, attention_mask='bias', fuse_gate_up=False), 48, {'loss_chunk_len': CHUNK}),
+    'bias_attn': (dict(AUTO, attention_mask='bias'), None, {'loss_chunk_len': CHUNK}),
+    'bias_nograd': (dict(AUTO, attention_mask='bias_nograd'), None, {'loss_chunk_len': CHUNK}),
+    'causal_attn': (dict(AUTO, attention_mask='causal'), None, {'loss_chunk_len': CHUNK}),
+    'unfused': (dict(AUTO, fuse_gate_up=False), None, {'loss_chunk_len': CHUNK}),
+    'unfused_batch48': (dict(AUTO, fuse_gate_up=False), 48, {'loss_chunk_len': CHUNK}),
+    'causal_batch48': (dict(AUTO, attention_mask='causal'), 48, {'loss_chunk_len': CHUNK}),
+    'accum256_micro64': (AUTO, 256, {'loss_chunk_len': CHUNK, 'grad_accum': 4}),
+    'accum256_causal': (dict(AUTO, attention_mask='causal'), 256, {'loss_chunk_len': CHUNK, 'grad_accum': 8}),
+    'accum256_unfused': (dict(AUTO, fuse_gate_up=False), 256, {'loss_chunk_len': CHUNK, 'grad_accum': 8}),
+    'mu_bf16': (AUTO, None, {'loss_chunk_len': CHUNK, 'adam_mu_dtype': 'bfloat16'}),
+    'call7_batch32': (dict(AUTO, attention_mask='bias', fuse_gate_up=False), 32, {'loss_chunk_len': CHUNK}),
+    # The preset's global batch (train.batch_size 256 x 2048) on one GPU: 8 micro-batches of
+    # 32 rows accumulated per optimizer step (train.grad_accum).
+    'accum256': (AUTO, 256, {'loss_chunk_len': CHUNK, 'grad_accum': 8}),
+    'accum256_mu_bf16': (AUTO, 256, {'loss_chunk_len': CHUNK, 'grad_accum': 8,
+                                     'adam_mu_dtype': 'bfloat16'}),
 }
 # Further runs measured inside a job's process after its own, on its state: the state's
 # shapes do not depend on them, so the initial state (most of a job's minutes on the device)
 # is built once, and their steps compile in threads alongside the job's own step.
-EXTRAS = {'s_chunked_ce_1gpu': ['s_cudnn_attn_1gpu', 's_chunked_ce256_1gpu', 's_chunked_ce1024_1gpu',
-                                's_chunked_ce_cf1_1gpu', 's_chunked_ce_batch16_1gpu',
-                                's_chunked_ce_batch32_1gpu', 's_chunked_ce_batch32_cf1_1gpu',
-                                's_chunked_ce_batch48_1gpu', 's_chunked_ce_batch48_cf1_1gpu']}
+# Calls 5-7 ran these as extras of the job s_chunked_ce_1gpu. Since call 8 the job
+# s_call7_code_1gpu (call 7's code paths: the step known to compile) carries the extras, the
+# new defaults among them, so that a step that fails to build costs only its own row.
+EXTRAS_CALL7 = ['s_cudnn_attn_1gpu', 's_chunked_ce256_1gpu', 's_chunked_ce1024_1gpu',
+                's_chunked_ce_cf1_1gpu', 's_chunked_ce_batch16_1gpu', 's_chunked_ce_batch32_1gpu',
+                's_chunked_ce_batch32_cf1_1gpu', 's_chunked_ce_batch48_1gpu',
+                's_chunked_ce_batch48_cf1_1gpu']
+EXTRAS_CALL8 = ['s_chunked_ce_1gpu', 's_bias_attn_1gpu', 's_unfused_1gpu', 's_mu_bf16_1gpu',
+                's_chunked_ce_batch32_1gpu', 's_call7_code_batch32_1gpu', 's_chunked_ce_batch48_1gpu',
+                's_accum256_1gpu', 's_accum256_mu_bf16_1gpu']
+EXTRAS_CALL9 = ['s_chunked_ce_1gpu', 's_bias_nograd_1gpu', 's_causal_attn_1gpu', 's_unfused_1gpu',
+                's_chunked_ce_batch32_1gpu', 's_chunked_ce_batch48_1gpu', 's_call7_code_batch48_1gpu',
+                's_accum256_1gpu']
+EXTRAS_CALL10 = ['s_chunked_ce_1gpu', 's_causal_attn_1gpu', 's_chunked_ce_batch48_1gpu',
+                 's_causal_batch48_1gpu', 's_unfused_batch48_1gpu', 's_accum256_1gpu',
+                 's_accum256_causal_1gpu', 's_accum256_micro64_1gpu']
+# Since call 11, 'auto' is resolved on the host (trainer.step_config): the as-configured runs
+# below train these one-document rows with the flags-only attention, as train_and_evaluate would.
+EXTRAS = {'s_call7_code_1gpu': ['s_chunked_ce_1gpu', 's_unfused_1gpu', 's_bias_nograd_1gpu',
+                                's_chunked_ce_batch32_1gpu', 's_chunked_ce_batch48_1gpu',
+                                's_unfused_batch48_1gpu', 's_accum256_1gpu', 's_accum256_unfused_1gpu']}
 # Phases run one after another, each with a time limit (s); inside a phase, lanes run side by
 # side on their own GPUs and the jobs of one lane one after another.
 PLAN = [
@@ -143,9 +216,13 @@ PLAN = [
            ([2], ['tiny_1gpu', 's_dense_ffn_1gpu']), ([3], ['mobilellm_pro_1gpu'])]),
     (150, [([0, 1, 2, 3], ['mobilemoe_s_ep4'])]),
     (150, [([0, 1], ['mobilemoe_s_ep2']), ([2], ['s_cudnn_attn_1gpu']), ([3], ['s_chunked_ce_1gpu'])]),
+    # since call 8: the one-GPU extras job and its reference beside it, then expert parallel
+    (480, [([0], ['s_call7_code_1gpu']), ([1], ['attention_check', 's_cudnn_1gpu_ref'])]),
+    (240, [([0, 1, 2, 3], ['s_cudnn_ep4'])]),
+    (240, [([0, 1], ['s_cudnn_ep2']), ([2], ['s_cudnn_1gpu_ref'])]),
 ]
 # On a one-GPU machine every selected one-GPU job runs in turn, in this order.
-SERIAL = ['attention_check', 's_chunked_ce_1gpu', 'mobilemoe_s_1gpu', 'mobilellm_pro_1gpu',
+SERIAL = ['attention_check', 's_call7_code_1gpu', 's_chunked_ce_1gpu', 'mobilemoe_s_1gpu', 'mobilellm_pro_1gpu',
           's_cudnn_batch16_1gpu', 's_cudnn_attn_1gpu', 'tiny_1gpu', 's_dense_ffn_1gpu', 'torch_peer_s_1gpu']
 
 
@@ -153,6 +230,7 @@ SERIAL = ['attention_check', 's_chunked_ce_1gpu', 'mobilemoe_s_1gpu', 'mobilellm
 
 
 STUBBED = []   # modules replaced by inert stand-ins in this process
+STEP_MASK = {}  # id(config): the attention mask mode of the step jitted for it
 
 
 def _stub(mod: str):
@@ -234,6 +312,13 @@ def _setup(preset, variant, n_dev, per_dev, remat, devices):
   return cfg_model, config, sharding.make_mesh(config.mesh, devices)
 
 
+def _extras(name):
+  """The runs measured in the job's process after its own (--extras, else EXTRAS)."""
+  if args.extras is not None:
+    return [x for x in args.extras.split(',') if x] if name in EXTRAS else []
+  return EXTRAS.get(name, [])
+
+
 def _per_gpu(variant):
   return VARIANTS[variant][1] if variant in VARIANTS and VARIANTS[variant][1] else BATCH
 
@@ -251,8 +336,6 @@ def _step_and_batch(config, mesh):
   abstract = jax.eval_shape(init_state)
   state_sh = sharding.state_shardings(abstract, mesh)
   batch_sh = sharding.batch_sharding(mesh)
-  step = jax.jit(trainer.make_train_step(config, tx, lr), in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, None), donate_argnums=0)
   B = t.batch_size
   rng = np.random.default_rng(0)
   ids = rng.integers(0, config.model.vocab_size, (B, SEQ + 1), dtype=np.int32)
@@ -260,8 +343,20 @@ def _step_and_batch(config, mesh):
           'positions': np.broadcast_to(np.arange(SEQ, dtype=np.int32), (B, SEQ)).copy(),
           'segment_ids': np.ones((B, SEQ), np.int32),
           'loss_mask': np.ones((B, SEQ), np.float32)}
+  # The step train_and_evaluate jits for this batch (trainer.step_config: with
+  # model.attention_mask 'auto' on cuDNN, one-document rows get the flags-only attention).
+  step_cfg = trainer.step_config(config, host['segment_ids'])
+  STEP_MASK[id(config)] = step_cfg.model.get('attention_mask')
+  step = jax.jit(trainer.make_train_step(step_cfg, tx, lr), in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, None), donate_argnums=0)
   batch = {k: jax.device_put(v, batch_sh) for k, v in host.items()}
   return step, init_state, abstract, state_sh, batch
+
+
+def _cast_like(state, abstract):
+  """`state` with each leaf in the dtype of `abstract`'s (unchanged leaves are not copied)."""
+  import jax
+  return jax.tree.map(lambda a, s: a if a.dtype == s.dtype else a.astype(s.dtype), state, abstract)
 
 
 def _need(compiled):
@@ -273,7 +368,9 @@ def _need(compiled):
 
 
 def _time_steps(name, compiled, state, batch):
-  """WARMUP + STEPS steps, each ended by block_until_ready: (state, step times, metrics)."""
+  """WARMUP + STEPS steps, each ended by block_until_ready, then PIPELINED steps enqueued
+  back to back (as the train loop runs them: no sync per step) and synced once:
+  (state, step times, metrics, mean step time of the back-to-back steps)."""
   import jax
   times, metrics = [], None
   for i in range(WARMUP + STEPS):
@@ -285,13 +382,26 @@ def _time_steps(name, compiled, state, batch):
     else:
       _say(name, f'warm-up step {i + 1}: {time.perf_counter() - t0:.3f} s')
   _say(name, f'timed {STEPS} steps, median {statistics.median(times):.4f} s')
-  return state, times, jax.device_get(metrics)
+  pipelined = None
+  if PIPELINED:
+    t0 = time.perf_counter()
+    for _ in range(PIPELINED):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    pipelined = (time.perf_counter() - t0) / PIPELINED
+    _say(name, f'{PIPELINED} steps back to back: {pipelined:.4f} s per step')
+  return state, times, jax.device_get(metrics), pipelined
 
 
 def _maybe_profile(name, compiled, state, batch):
   """(state, profile of 2 more steps) if --profile names the run, else (state, None)."""
   if name not in args.profile.split(','):
     return state, None
+  if args.hlo_dir:   # to tell which HLO fusion each kernel of the profile runs
+    import gzip
+    os.makedirs(args.hlo_dir, exist_ok=True)
+    with gzip.open(os.path.join(args.hlo_dir, f'{name}.hlo.txt.gz'), 'wt') as f:
+      f.write(compiled.as_text())
   state, profile = profile_steps(compiled, state, batch, 2)
   _say(name, f'profiled: {profile.get("gpu_ms_per_step")} GPU ms per step')
   return state, profile
@@ -304,6 +414,10 @@ def _result(name, preset, variant, n_dev, per_dev, remat, cfg_model, config, tim
   B = config.train.batch_size
   med = statistics.median(times)
   tok_s = B * SEQ / med
+  pipe = extra.get('step_s_pipelined')
+  if pipe:
+    extra = dict(extra, tokens_per_s_pipelined=B * SEQ / pipe,
+                 mfu_pipelined=B * SEQ / pipe * flops_tok / (PEAK * n_dev))
   n_assign = B * SEQ * cfg_model.moe.top_k * max(
       0, cfg_model.n_layers - cfg_model.moe.first_dense) if cfg_model.moe.n_experts else 0
   return dict({
@@ -318,6 +432,10 @@ def _result(name, preset, variant, n_dev, per_dev, remat, cfg_model, config, tim
       'capacity_factor': cfg_model.moe.capacity_factor if cfg_model.moe.n_experts else None,
       'stubbed_modules': STUBBED, 'attention_impl': cfg_model.attention_impl,
       'loss_chunk_len': config.train.loss_chunk_len,
+      'attention_mask': cfg_model.get('attention_mask'),
+      'attention_mask_step': STEP_MASK.get(id(config)),
+      'fuse_gate_up': cfg_model.get('fuse_gate_up'), 'grad_accum': config.train.grad_accum,
+      'adam_mu_dtype': config.train.get('adam_mu_dtype') or 'float32',
   }, **extra)
 
 
@@ -370,12 +488,12 @@ def run_jax(name, preset, n_dev, variant):
               x_step, _, x_abstract, _, x_batch = _step_and_batch(x_config, x_mesh)
               x_compiled = x_step.lower(x_abstract, x_batch).compile()
             extra_out[x_name] = (x_variant, x_per_dev, x_cfg, x_config, x_compiled, x_batch,
-                                 time.time() - t0)
+                                 time.time() - t0, x_abstract)
           except Exception as e:  # noqa: BLE001
             extra_out[x_name] = f'{type(e).__name__}: {str(e)[:300]}'
 
         threads = [threading.Thread(target=build)] + [
-            threading.Thread(target=compile_extra, args=(x,)) for x in EXTRAS.get(name, [])]
+            threading.Thread(target=compile_extra, args=(x,)) for x in _extras(name)]
         for th in threads:
           th.start()
         t0 = time.time()
@@ -396,38 +514,44 @@ def run_jax(name, preset, n_dev, variant):
         ep_path = bool(cfg_model.moe.n_experts) and dispatch.can_expert_parallel(
             config.train.batch_size * SEQ, cfg_model.moe.n_experts)
         state = init_out.pop('state')
-        state, times, m = _time_steps(name, compiled, state, batch)
+        state, times, m, pipe = _time_steps(name, compiled, state, batch)
         peak_mem = max((d.memory_stats() or {}).get('peak_bytes_in_use', 0) for d in devices)
         state, profile = _maybe_profile(name, compiled, state, batch)
         del compiled
         emit(_result(
             name, preset, variant, n_dev, per_dev, remat, cfg_model, config, times, m,
             compile_s=compile_s, init_s=init_out.get('seconds'), compiled_bytes_per_device=need,
+            step_s_pipelined=pipe,
             peak_bytes_in_use=peak_mem, device_kind=devices[0].device_kind,
             failed_attempts=errors, expert_parallel_path=ep_path, profile=profile))
-        for x_name in EXTRAS.get(name, []):   # in turn, on the state the last one left
+        for x_name in _extras(name):   # in turn, on the state the last one left
           out = extra_out.pop(x_name)
           if isinstance(out, str):
             emit({'name': x_name, 'error': [out], 'measured_in': name})
             continue
-          x_variant, x_per_dev, x_cfg, x_config, x_compiled, x_batch, x_compile_s = out
+          x_variant, x_per_dev, x_cfg, x_config, x_compiled, x_batch, x_compile_s, x_abstract = out
           del out
+          # An extra may keep part of the state in other dtypes (train.adam_mu_dtype): it runs
+          # on the state cast to its own, and the state is cast back after it.
+          state = _cast_like(state, x_abstract)
           x_need = _need(x_compiled)
           if x_need and mem_limit and x_need > 0.97 * mem_limit:
             emit({'name': x_name, 'measured_in': name, 'error': [
                 f'compiled step needs {x_need / 2**30:.1f} GiB per device > limit']})
             continue
           try:
-            state, x_times, x_m = _time_steps(x_name, x_compiled, state, x_batch)
+            state, x_times, x_m, x_pipe = _time_steps(x_name, x_compiled, state, x_batch)
           except Exception as e:  # noqa: BLE001
             emit({'name': x_name, 'measured_in': name,
                   'error': [f'{type(e).__name__}: {str(e)[:300]}']})
             continue
           state, x_profile = _maybe_profile(x_name, x_compiled, state, x_batch)
+          state = _cast_like(state, abstract)
           del x_compiled
           emit(_result(
               x_name, preset, x_variant, n_dev, x_per_dev, remat, x_cfg, x_config, x_times, x_m,
               compile_s=x_compile_s, compiled_bytes_per_device=x_need, peak_bytes_in_use=None,
+              step_s_pipelined=x_pipe,
               device_kind=devices[0].device_kind, measured_in=name, profile=x_profile,
               note=f'measured in the process of {name}, after it, on its state (initial '
                    'state built once); compiled alongside; peak memory not separable: see '
@@ -470,11 +594,13 @@ def profile_steps(compiled, state, batch, n_steps):
   threads = {(e['pid'], e['tid']): e['args']['name'] for e in events
              if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
   kernels = defaultdict(lambda: [0.0, 0])   # name: [ms per step, calls]
+  args_of = {}   # name: the trace's args of its first event (the HLO op it runs, when given)
   for e in events:
     if (e.get('ph') == 'X' and 'GPU' in procs.get(e['pid'], '')
         and threads.get((e['pid'], e['tid']), '').startswith('Stream')):
       kernels[e['name']][0] += e.get('dur', 0) / 1e3 / n_steps
       kernels[e['name']][1] += 1
+      args_of.setdefault(e['name'], {k: str(v)[:1500] for k, v in (e.get('args') or {}).items()})
 
   def kind(name):
     text = name.lower()
@@ -496,7 +622,8 @@ def profile_steps(compiled, state, batch, n_steps):
       'steps': n_steps,
       'gpu_ms_per_step': round(sum(v[0] for v in kernels.values()), 2),
       'kernel_ms_by_kind': {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-      'top_kernels': [{'name': k, 'ms': round(v[0], 3), 'calls': v[1] // n_steps} for k, v in
+      'top_kernels': [{'name': k, 'ms': round(v[0], 3), 'calls': v[1] // n_steps,
+                       'args': args_of.get(k, {})} for k, v in
                       sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]],
   }
 
@@ -526,9 +653,16 @@ def run_attention_check(name):
   out = {}
   for window in (0, 512):
     res = {}
-    for impl, dtype in (('xla', 'float32'), ('xla', 'bfloat16'), ('cudnn', 'bfloat16')):
+    # cudnn: the mask as a bias with its gradient (model.attention_mask 'bias', JAX's public
+    # call); cudnn_nograd: the bias without its gradient; cudnn_auto: 'auto', which on these
+    # packed rows takes the 'bias_nograd' branch at run time (lax.cond).
+    for key, impl, dtype, how in (('xla_float32', 'xla', 'float32', 'bias'),
+                                  ('xla_bfloat16', 'xla', 'bfloat16', 'bias'),
+                                  ('cudnn_bfloat16', 'cudnn', 'bfloat16', 'bias'),
+                                  ('cudnn_nograd_bfloat16', 'cudnn', 'bfloat16', 'bias_nograd'),
+                                  ('cudnn_auto_bfloat16', 'cudnn', 'bfloat16', 'auto')):
       cfg = PRESETS['mobilemoe_s']().model
-      cfg.update(dict(attention_impl=impl, dtype=dtype))
+      cfg.update(dict(attention_impl=impl, dtype=dtype, attention_mask=how))
       layer = layers.Attention(cfg, window, nnx.Rngs(0))
 
       def loss(x):
@@ -537,9 +671,11 @@ def run_attention_check(name):
       try:
         (_, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
       except Exception as e:  # noqa: BLE001
-        res[f'{impl}_{dtype}'] = f'{type(e).__name__}: {str(e)[:300]}'
+        res[key] = f'{type(e).__name__}: {str(e)[:300]}'
         continue
-      res[f'{impl}_{dtype}'] = (np.asarray(y) * (seg > 0)[..., None], np.asarray(g))
+      # real tokens only: padding queries differ between the paths (and carry no loss), and
+      # so do the gradients that reach padding positions.
+      res[key] = (np.asarray(y) * (seg > 0)[..., None], np.asarray(g) * (seg > 0)[..., None])
     ref_y, ref_g = res['xla_float32']
     err = lambda a, r: float(np.abs(a - r).max() / np.abs(r).max())
     out[f'window_{window}'] = {
@@ -559,6 +695,8 @@ def run_attention_check(name):
     mask = layers.attention_mask(p8, p8, s8, s8, window)
     lw = (window - 1, 0) if window else None
     calls = {
+        'cudnn_mask_nograd': lambda q, k, v: layers.cudnn_attention(q, k, v, mask, s8, window, 'bias_nograd'),
+        'cudnn_auto': lambda q, k, v: layers.cudnn_attention(q, k, v, mask, s8, window, 'auto'),
         'xla_mask': lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask),
         'cudnn_mask': lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=True, implementation='cudnn', local_window_size=lw),
@@ -699,7 +837,7 @@ def gpu_info():
 def launch(name, gpus, cpu):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   argv = [sys.executable, os.path.abspath(__file__), f'--worker={name}',
-          f'--batch={BATCH}', f'--warmup={WARMUP}', f'--steps={STEPS}']
+          f'--batch={BATCH}', f'--warmup={WARMUP}', f'--steps={STEPS}', f'--pipelined={PIPELINED}']
   if args.platform:
     argv.append(f'--platform={args.platform}')
   if SMALL:
@@ -708,6 +846,10 @@ def launch(name, gpus, cpu):
     argv.append('--stub-grain')
   if args.profile:
     argv.append(f'--profile={args.profile}')
+  if args.hlo_dir:
+    argv.append(f'--hlo-dir={args.hlo_dir}')
+  if args.extras is not None:
+    argv.append(f'--extras={args.extras}')
   if cpu:
     env['XLA_FLAGS'] = env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   else:
@@ -741,26 +883,43 @@ def finish(name, proc, t_start, logf, deadline):
 
 
 def summarize(runs):
-  """Headline: MobileMoE-S as configured (attention_impl 'auto' = cuDNN on a GPU, chunked
-  cross-entropy: the run s_chunked_ce_1gpu; s_cudnn_attn_1gpu, its full-logits loss, before
-  train.loss_chunk_len existed). Weak scaling compares the expert-parallel runs with mobilemoe_s_1gpu,
-  which has the same settings (XLA attention, as when the EP runs were measured)."""
+  """Headline MFU: MobileMoE-S as configured, model and training settings both: the preset's
+  global batch of 256 x 2048 on one GPU as 8 accumulated micro-batches of 32. That is the run
+  s_accum256_1gpu where it was measured with 'auto' resolved on the host (attention_mask_step
+  'causal' for these one-document rows: the step train_and_evaluate runs, since call 11), else
+  s_accum256_causal_1gpu (the same step, asked for by name, call 10); where neither exists,
+  the 8 x 2048 step. MFU is from the median of the synced steps. The peer ratio compares
+  equal batches (8 x 2048): s_chunked_ce_1gpu measured the same way, else s_causal_attn_1gpu,
+  else s_chunked_ce_1gpu (before call 11) / s_cudnn_attn_1gpu (before train.loss_chunk_len).
+  Weak scaling: s_cudnn_ep{2,4} against s_cudnn_1gpu_ref (cuDNN attention, measured on the
+  same machine) where measured, else mobilemoe_s_ep{2,4} against mobilemoe_s_1gpu (XLA
+  attention, as when those were measured)."""
   ok = lambda k: k in runs and 'error' not in runs[k]
   s = {}
-  headline = next((k for k in ('s_chunked_ce_1gpu', 's_cudnn_attn_1gpu') if ok(k)), None)
+  host = lambda k: ok(k) and runs[k].get('attention_mask_step') == 'causal'
+  headline = next((k for k in ('s_accum256_1gpu', 's_accum256_causal_1gpu', 's_chunked_ce_1gpu',
+                               's_causal_attn_1gpu', 's_cudnn_attn_1gpu')
+                   if (host(k) if k in ('s_accum256_1gpu', 's_chunked_ce_1gpu') else ok(k))), None)
   if headline:
     head = runs[headline]
     s['headline_run'] = headline
     s['mfu_mobilemoe_s_1gpu'] = head['mfu']
     s['tokens_per_s_mobilemoe_s_1gpu'] = head['tokens_per_s']
-    if ok('torch_peer_s_1gpu'):
-      s['speedup_vs_torch_peer'] = head['tokens_per_s'] / runs['torch_peer_s_1gpu']['tokens_per_s']
-  if ok('mobilemoe_s_1gpu'):
-    base = runs['mobilemoe_s_1gpu']
-    for n in (2, 4):
-      k = f'mobilemoe_s_ep{n}'
-      if ok(k) and runs[k]['batch_per_gpu'] == base['batch_per_gpu']:
-        s[f'weak_scaling_efficiency_{n}gpu'] = runs[k]['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']
+  same_batch = ('s_chunked_ce_1gpu' if host('s_chunked_ce_1gpu') else
+                next((k for k in ('s_causal_attn_1gpu', 's_chunked_ce_1gpu', 's_cudnn_attn_1gpu')
+                      if ok(k)), None))
+  if same_batch and ok('torch_peer_s_1gpu'):
+    s['speedup_vs_torch_peer'] = runs[same_batch]['tokens_per_s'] / runs['torch_peer_s_1gpu']['tokens_per_s']
+    s['speedup_vs_torch_peer_runs'] = [same_batch, 'torch_peer_s_1gpu']
+  for n in (2, 4):
+    for ep, ref in ((f's_cudnn_ep{n}', 's_cudnn_1gpu_ref'), (f'mobilemoe_s_ep{n}', 'mobilemoe_s_1gpu')):
+      if ok(ep) and ok(ref) and runs[ep]['batch_per_gpu'] == runs[ref]['batch_per_gpu']:
+        s[f'weak_scaling_efficiency_{n}gpu'] = runs[ep]['tokens_per_s_per_gpu'] / runs[ref]['tokens_per_s_per_gpu']
+        s[f'weak_scaling_efficiency_{n}gpu_runs'] = [ep, ref]
+        break
+  if ok('mobilemoe_s_ep4') and ok('mobilemoe_s_1gpu'):
+    s['weak_scaling_efficiency_4gpu_xla_attention'] = (
+        runs['mobilemoe_s_ep4']['tokens_per_s_per_gpu'] / runs['mobilemoe_s_1gpu']['tokens_per_s_per_gpu'])
   if ok('mobilemoe_s_1gpu'):
     s['mfu_mobilemoe_s_1gpu_xla_attention'] = runs['mobilemoe_s_1gpu']['mfu']
   for k in runs:
@@ -802,8 +961,8 @@ def orchestrate():
       if not names:
         continue
       if not cpu and max(gpus) >= n_gpu:
-        for n in names:
-          result['runs'][n] = {'name': n, 'error': [f'needs GPUs {gpus}, have {n_gpu}']}
+        for n in names:   # (a run measured in an earlier phase of this call is kept)
+          result['runs'].setdefault(n, {'name': n, 'error': [f'needs GPUs {gpus}, have {n_gpu}']})
         continue
       procs.append((gpus, names))
     if cpu:  # two cores: one job at a time
