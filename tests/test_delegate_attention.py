@@ -90,3 +90,13 @@ def test_kv_attention_refused_with_reason(change, needle):
   s = dl.stats(d)
   assert s["claimed"] == 0 and s["refused"] == 1
   assert "MobileKvAttention" in s["messages"] and needle in s["messages"], s["messages"]
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "scalar"])
+def test_kv_attention_matches_reference_other_kernels(kernel):
+  # The AVX2 and portable DotRows (the default case above runs the best the CPU has).
+  H, K, Dh, T, P, pos0, window = 20, 4, 64, 2, 256, 200, 64
+  o = attn_opts(H, K, Dh, window)
+  feeds = inputs(np.random.default_rng(7), H, K, Dh, T, P, pos0)
+  y = run(tb.kv_attention_model(H, K, Dh, T, P, o), feeds, dl.load(num_threads=2, kernel=kernel))
+  assert_close(y, dl.reference_kv_attention(*feeds, o), 1e-5)

@@ -30,26 +30,35 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
     const int n = n_past + n_new;
     std::vector<float>& sc = scores_[tid];
     if ((int)sc.size() < rep * n) sc.resize(rep * n);
+    const float* qg = q + ((size_t)t * H + g * rep) * Dh;   // the group's rep query rows
+    float* yg = y + ((size_t)t * H + g * rep) * Dh;
+    // Scores [rep, n]: the past slots, then the new tokens this one sees.
+    DotRows(qg, rep, Dh, k_cache + ((size_t)g * P + lo) * Dh, n_past, Dh, Dh, c.scale,
+            sc.data(), n, isa);
+    for (int k = 0; k < n_new; ++k)
+      DotRows(qg, rep, Dh, k_new + ((size_t)news[k] * K + g) * Dh, 1, Dh, Dh, c.scale,
+              sc.data() + n_past + k, n, isa);
     for (int r = 0; r < rep; ++r) {
-      const float* qr = q + ((size_t)t * H + g * rep + r) * Dh;
       float* s = sc.data() + (size_t)r * n;
-      for (int k = 0; k < n_past; ++k)
-        s[k] = Dot(qr, k_cache + ((size_t)g * P + lo + k) * Dh, Dh, isa) * c.scale;
-      for (int k = 0; k < n_new; ++k)
-        s[n_past + k] = Dot(qr, k_new + ((size_t)news[k] * K + g) * Dh, Dh, isa) * c.scale;
       float mx = s[0];
       for (int k = 1; k < n; ++k) mx = std::max(mx, s[k]);
       float sum = 0.f;
       for (int k = 0; k < n; ++k) sum += (s[k] = std::exp(s[k] - mx));
       const float inv = 1.f / sum;
       for (int k = 0; k < n; ++k) s[k] *= inv;
-      float* out = y + ((size_t)t * H + g * rep + r) * Dh;
-      for (int d = 0; d < Dh; ++d) {
-        // v_cache rows are one head dim over all slots: contiguous in the slot.
-        float acc = n_past ? Dot(s, v_cache + ((size_t)g * Dh + d) * P + lo, n_past, isa) : 0.f;
-        for (int k = 0; k < n_new; ++k)
-          acc += s[n_past + k] * v_new[((size_t)news[k] * K + g) * Dh + d];
-        out[d] = acc;
+    }
+    // y [rep, Dh]: v_cache rows are one head dim over all slots (contiguous in the slot).
+    if (n_past) {
+      DotRows(sc.data(), rep, n, v_cache + (size_t)g * Dh * P + lo, Dh, P, n_past, 1.f, yg, Dh,
+              isa);
+    } else {
+      for (int i = 0; i < rep * Dh; ++i) yg[i] = 0.f;
+    }
+    for (int r = 0; r < rep; ++r) {
+      const float* p_new = sc.data() + (size_t)r * n + n_past;
+      for (int k = 0; k < n_new; ++k) {
+        const float* vr = v_new + ((size_t)news[k] * K + g) * Dh;
+        for (int d = 0; d < Dh; ++d) yg[(size_t)r * Dh + d] += p_new[k] * vr[d];
       }
     }
   };

@@ -16,6 +16,8 @@
   void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1, \
                const float* xf, int N, float* out, int ldo);                  \
   float Dot(const float* a, const float* b, int n);                           \
+  void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, \
+               int len, float scale, float* out, int ldo);                    \
   void SiluMul(const float* g, const float* u, float* h, int n);
 namespace mm {
 #if defined(MM_HAVE_AVX512)
@@ -313,6 +315,19 @@ float Dot(const float* a, const float* b, int n, Isa isa) {
     for (int j = 0; j < 4; ++j) s[j] += a[i + j] * b[i + j];
   for (; i < n; ++i) s[0] += a[i] * b[i];
   return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, int len,
+             float scale, float* out, int ldo, Isa isa) {
+#if defined(__x86_64__) && defined(MM_HAVE_AVX512)
+  if (isa == Isa::kAvx512) return avx512::DotRows(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
+#endif
+#if defined(__x86_64__) && defined(MM_HAVE_AVX2)
+  if (isa == Isa::kAvx2) return avx2::DotRows(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
+#endif
+  for (int r = 0; r < rep; ++r)
+    for (int i = 0; i < n; ++i)
+      out[(size_t)r * ldo + i] = Dot(q + (size_t)r * ldq, rows + (size_t)i * ldr, len, isa) * scale;
 }
 
 void SiluMul(const float* g, const float* u, float* h, int n, Isa isa) {

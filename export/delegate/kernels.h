@@ -70,6 +70,11 @@ void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ld
 
 float Dot(const float* a, const float* b, int n, Isa isa);
 
+// out[r * ldo + i] = scale * (q_r . row_i) for r < rep, i < n (q_r = q + r * ldq,
+// row_i = rows + i * ldr, both of length len): attention scores and values.
+void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, int len,
+             float scale, float* out, int ldo, Isa isa);
+
 // h[i] = silu(g[i]) * u[i]
 void SiluMul(const float* g, const float* u, float* h, int n, Isa isa);
 

@@ -189,6 +189,11 @@ MM_DEFINE_X86_GEMMS(2, 2)
 
 float Dot(const float* a, const float* b, int n) { return DotVec<8>(a, b, n); }
 
+void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, int len,
+             float scale, float* out, int ldo) {
+  DotRowsVec<8>(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
+}
+
 void SiluMul(const float* g, const float* u, float* h, int n) { SiluMulVec<8>(g, u, h, n); }
 
 }  // namespace avx2

@@ -299,6 +299,11 @@ void PrepRowF32(const float* x, int K, float* f) {
 
 float Dot(const float* a, const float* b, int n) { return DotVec<16>(a, b, n); }
 
+void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, int len,
+             float scale, float* out, int ldo) {
+  DotRowsVec<16>(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
+}
+
 void SiluMul(const float* g, const float* u, float* h, int n) { SiluMulVec<16>(g, u, h, n); }
 
 }  // namespace avx512

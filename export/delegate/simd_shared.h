@@ -148,6 +148,41 @@ inline float DotVec(const float* a, const float* b, int n) {
   return sum;
 }
 
+// out[r * ldo + i] = scale * sum_k q[r * ldq + k] * rows[i * ldr + k] for r < rep, i < n:
+// the attention's scores (rows = keys) and values (rows = one head dim over the slots).
+// Each row is loaded once for up to 8 query rows.
+template <int W>
+inline void DotRowsVec(const float* q, int rep, int ldq, const float* rows, int n, int ldr,
+                       int len, float scale, float* out, int ldo) {
+  using F = typename Vec<W>::F;
+  for (int r0 = 0; r0 < rep; r0 += 8) {
+    const int nr = rep - r0 < 8 ? rep - r0 : 8;
+    const float* qb = q + (size_t)r0 * ldq;
+    for (int i = 0; i < n; ++i) {
+      const float* row = rows + (size_t)i * ldr;
+      F acc[8] = {};
+      int k = 0;
+      for (; k + W <= len; k += W) {
+        F x;
+        std::memcpy(&x, row + k, sizeof(F));
+        MM_UNROLL for (int r = 0; r < 8; ++r) {
+          if (r < nr) {
+            F y;
+            std::memcpy(&y, qb + (size_t)r * ldq + k, sizeof(F));
+            acc[r] += x * y;
+          }
+        }
+      }
+      for (int r = 0; r < nr; ++r) {
+        float sum = 0.f;
+        for (int j = 0; j < W; ++j) sum += acc[r][j];
+        for (int kk = k; kk < len; ++kk) sum += qb[(size_t)r * ldq + kk] * row[kk];
+        out[(size_t)(r0 + r) * ldo + i] = sum * scale;
+      }
+    }
+  }
+}
+
 // h[i] = silu(g[i]) * u[i], W floats at a time.
 template <int W>
 inline void SiluMulVec(const float* g, const float* u, float* h, int n) {
