@@ -185,6 +185,12 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
 
 // Same contract as the AVX-512 ones. Two rows per tile: 16 ymm registers
 // hold 2 x 4 accumulators plus the unpacked weights.
+// No separate one-token tiles here: TileI8C handles decode too.
+static int DecodeRowsC(const uint8_t*, int, const float*, int, const int8_t*, const int32_t*,
+                       const float*, int m0, int, float*) {
+  return m0;
+}
+
 MM_DEFINE_X86_GEMMS(2, 2)
 
 float Dot(const float* a, const float* b, int n) { return DotVec<8>(a, b, n); }

@@ -231,6 +231,46 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = Hsum(acc[r][n]);
 }
 
+// One token, channel-wise (decode): 16 weight rows per tile, one int32
+// accumulator each, their 16 sums reduced together (Reduce16) and scaled and
+// stored as one vector, instead of a horizontal reduction and scalar store per
+// row. Sums are converted to fp32 before the reduction: exact while
+// |sum| < 2^24 (K * 8 * 128 < 2^24 for K <= 16384; larger K rounds at 2^-24).
+static int DecodeRowsC(const uint8_t* q, int ldw, const float* s, int nb, const int8_t* xq,
+                       const int32_t* csum, const float* xs, int m0, int m1, float* out) {
+  const __m512i lo_mask = _mm512_set1_epi8(0x0F);
+  const __m512i flip = _mm512_set1_epi8((char)0x88);
+  const __m512 scale_x = _mm512_set1_ps(xs[0]);
+  const __m512 fix = _mm512_set1_ps((float)csum[0]);
+  int m = m0;
+  for (; m + 16 <= m1; m += 16) {
+    const uint8_t* wq = q + (size_t)m * ldw;
+    __m512i acc[16];
+    MM_UNROLL
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_si512();
+    for (int b = 0; b < nb; ++b) {
+      const __m512i xl = _mm512_loadu_si512(xq + (size_t)b * kQuad * 128);
+      const __m512i xh = _mm512_loadu_si512(xq + (size_t)b * kQuad * 128 + 64);
+      MM_UNROLL
+      for (int r = 0; r < 16; ++r) {
+        const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
+        _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+        const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wrow), flip);
+        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(v, lo_mask), xl);
+        acc[r] = _mm512_dpbusd_epi32(
+            acc[r], _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask), xh);
+      }
+    }
+    __m512 f[16];
+    MM_UNROLL
+    for (int r = 0; r < 16; ++r) f[r] = _mm512_cvtepi32_ps(acc[r]);
+    const __m512 sums = _mm512_add_ps(Reduce16(f), fix);
+    _mm512_storeu_ps(out + (m - m0),
+                     _mm512_mul_ps(_mm512_mul_ps(sums, scale_x), _mm512_loadu_ps(s + m)));
+  }
+  return m;
+}
+
 // out[n * ldo + (m - m0)] for rows [m0, m1) and N quad-interleaved tokens;
 // 4-row tiles (32 zmm registers).
 MM_DEFINE_X86_GEMMS(4, 4)

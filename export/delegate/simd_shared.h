@@ -63,7 +63,7 @@ inline void PrefetchHead(const void* p, size_t ldw, int rows, size_t n) {
 // The x86 files' GemmI8 / GemmF32 (declared in kernels.cc): their own TileI8,
 // TileF32 and ScaleMap over ForEachTile with R-row tiles; channel-wise int8
 // (G == K) runs TileI8C (int32 sums over all of K, one convert per row and
-// token) over RC-row tiles.
+// token) over RC-row tiles, after the file's DecodeRowsC (one token: rows it did).
 #define MM_DEFINE_X86_GEMMS(R, RC)                                                  \
   void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,      \
               const int8_t* xq, const int32_t* corr, const int32_t* csum,          \
@@ -73,7 +73,10 @@ inline void PrefetchHead(const void* p, size_t ldw, int rows, size_t n) {
     PrefetchHead(q + (size_t)m0 * ldw, ldw, head, ldw);                            \
     PrefetchHead(s + (size_t)m0 * lds, 0, 1, (size_t)head * lds * 4);              \
     if (G == K) {                                                                  \
-      ForEachTile<RC>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {             \
+      /* one token: the file's own 16-row decode tiles first (or none) */          \
+      const int m_done = N == 1 ? DecodeRowsC(q, ldw, s, nb, xq, csum, xs, m0, m1, out) \
+                                : m0;                                              \
+      ForEachTile<RC>(m_done, m1, N, [&](auto r, auto nt, int m, int n0) {         \
         TileI8C<decltype(r)::value, decltype(nt)::value>(                          \
             q + (size_t)m * ldw, ldw, s + m, nb, xq + (size_t)n0 * K, csum + n0,   \
             xs + n0, out + (size_t)n0 * ldo + (m - m0), ldo);                      \
