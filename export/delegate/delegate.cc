@@ -352,7 +352,7 @@ bool CheckFcNode(TfLiteContext* ctx, const TfLiteNode* node, mm::Q4Matrix* w,
 
 struct Op {
   const char* kind = kOpName;  // kOpName, kAttentionOpName or kFcName
-  bool attention = false;      // kind == kAttentionOpName
+  bool attention() const { return kind == kAttentionOpName; }
   mm::MoeConfig cfg;
   mm::KvAttentionConfig acfg;
   mm::Q4Matrix fcw{};
@@ -375,10 +375,9 @@ const char* OurOp(const TfLiteRegistration* reg, const Options& o) {
 bool CheckOurNode(TfLiteContext* ctx, const TfLiteNode* node, const char* name, Op* op,
                   std::string* why) {
   op->kind = name;
-  op->attention = name == kAttentionOpName;
   if (name == kFcName) return CheckFcNode(ctx, node, &op->fcw, why);
-  return op->attention ? CheckAttentionNode(ctx, node, &op->acfg, why)
-                       : CheckNode(ctx, node, &op->cfg, why);
+  return name == kAttentionOpName ? CheckAttentionNode(ctx, node, &op->acfg, why)
+                                  : CheckNode(ctx, node, &op->cfg, why);
 }
 
 struct Kernel {
@@ -436,8 +435,7 @@ void* KernelInit(TfLiteContext* ctx, const char* buffer, size_t) {
     op->inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
     op->inputs.resize(11, -1);
     for (int t : op->inputs)
-      if (op->attention && t >= 0 && std::find(k->internal.begin(), k->internal.end(), t) !=
-                                         k->internal.end()) {
+      if (op->attention() && t >= 0 && k->InternalSlot(t) >= 0) {
         // Our ops never feed attention directly (projections lie between).
         ctx->ReportError(ctx, "MobileMoE delegate: attention input made inside the partition");
         delete k;
@@ -464,8 +462,8 @@ TfLiteStatus KernelPrepare(TfLiteContext* ctx, TfLiteNode* node) {
     // our own record if internal; [1, T, H * Dh] (attention).
     std::vector<int> dims;
     const bool fc = op->kind == kFcName;
-    const int xs = op->attention ? -1 : k->InternalSlot(op->inputs[kX]);
-    if (op->attention) {
+    const int xs = op->attention() ? -1 : k->InternalSlot(op->inputs[kX]);
+    if (op->attention()) {
       const TfLiteIntArray* q = ctx->tensors[op->inputs[kQ]].dims;
       if (!q || q->size != 4) return kLiteError;
       dims = {1, q->data[1], op->acfg.num_heads * op->acfg.head_dim};
@@ -476,7 +474,7 @@ TfLiteStatus KernelPrepare(TfLiteContext* ctx, TfLiteNode* node) {
       dims.assign(d->data, d->data + d->size);
     }
     const int want_last = fc ? op->fcw.K : op->cfg.d_model;
-    if (!op->attention && (dims.empty() || dims.back() != want_last)) {
+    if (!op->attention() && (dims.empty() || dims.back() != want_last)) {
       ctx->ReportError(ctx, "MobileMoE delegate: %s input's last dim must be %d", op->kind,
                        want_last);
       return kLiteError;
@@ -549,7 +547,7 @@ TfLiteStatus KernelInvoke(TfLiteContext* ctx, TfLiteNode* node) {
       const int t = op->inputs[slot];
       return t < 0 ? nullptr : ctx->tensors[t].data;
     };
-    if (op->attention) {
+    if (op->attention()) {
       if (RunAttention(ctx, k, op.get(), pool) != kLiteOk) return kLiteError;
       continue;
     }
