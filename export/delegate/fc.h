@@ -22,7 +22,7 @@ class Int4Fc {
  private:
   std::vector<float> wsum_;  // [M] sum_k W[m,k] for the int8 zero point, computed once
   const void* wsum_key_ = nullptr;
-  Acts acts_, ones_;
+  Acts acts_;
 };
 
 }  // namespace mm

@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
+
+#include "threadpool.h"
 
 #if defined(__x86_64__)
 // Entry points of the x86 kernel files, each in its own namespace.
@@ -300,6 +303,36 @@ void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ld
   }
 #endif
   ScalarGemm(w, m0, m1, a, out, ldo);
+}
+
+void WeightRowSums(const Q4Matrix* mats, float* const* outs, int n, ThreadPool* pool, Isa isa) {
+  // One row of ones per input length and kernel layout.
+  std::vector<std::unique_ptr<Acts>> ones;
+  std::vector<const Acts*> ones_of;
+  for (int i = 0; i < n; ++i) {
+    const Isa a_isa = SimdShapeOk(mats[i].K, mats[i].G) ? isa : Isa::kScalar;
+    const Acts* found = nullptr;
+    for (const auto& a : ones)
+      if (a->K == mats[i].K && a->isa == a_isa) found = a.get();
+    if (!found) {
+      ones.push_back(std::make_unique<Acts>());
+      ones.back()->Resize(1, mats[i].K, ActMode::kF32, a_isa);
+      const std::vector<float> one(mats[i].K, 1.f);
+      ones.back()->PrepareRows(one.data(), mats[i].K, nullptr, 0, 1);
+      found = ones.back().get();
+    }
+    ones_of.push_back(found);
+  }
+  constexpr int kRows = 256;
+  std::vector<int> first(n + 1, 0);
+  for (int i = 0; i < n; ++i) first[i + 1] = first[i] + (mats[i].M + kRows - 1) / kRows;
+  pool->Run(first.back(), [&](int item, int) {
+    const int i = int(std::upper_bound(first.begin(), first.end(), item) - first.begin()) - 1;
+    const int m0 = (item - first[i]) * kRows, m1 = std::min(mats[i].M, m0 + kRows);
+    Q4Matrix m = mats[i];
+    m.wsum = nullptr;   // fp32 mode reads no sums; these calls are what computes them
+    Q4Gemm(m, m0, m1, *ones_of[i], outs[i] + m0, m.M);
+  });
 }
 
 float Dot(const float* a, const float* b, int n, Isa isa) {

@@ -65,6 +65,14 @@ struct Q4Matrix {
 // kernels on a row of ones (MobileMoE-S first decode call: 1.08 -> 0.06 s).
 void ZeroPointSums(const uint8_t* q, const float* s, int M, int K, int G, float* wsum);
 
+class ThreadPool;
+
+// outs[i][m] = sum_k W_i[m,k] for every row of each of the n matrices (what
+// ZeroPointSums computes), on the pool: the fp32 GEMV kernels on a row of ones,
+// at DRAM speed (the scalar nibble loop took ~1 s per signature at MobileMoE-S's
+// size on the first call). The same sums up to fp32 rounding order.
+void WeightRowSums(const Q4Matrix* mats, float* const* outs, int n, ThreadPool* pool, Isa isa);
+
 // out[n * ldo + (m - m0)] = (W x_n)[m] for m in [m0, m1), n in [0, a.N).
 void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo);
 

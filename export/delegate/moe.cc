@@ -139,37 +139,9 @@ void MoeBlock::PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, Thread
     mats.push_back(gu);
     mats.push_back(dn);
   }
-  // sum_k W[m,k] = W @ ones: the fp32 GEMV kernels on a row of ones, at DRAM speed
-  // (the scalar nibble loop, ZeroPointSums, took ~1 s per signature at MobileMoE-S's
-  // size on the first call). Same sums up to fp32 rounding order. One row of ones
-  // per input length and kernel layout.
-  std::vector<std::unique_ptr<Acts>> ones;
-  std::vector<const Acts*> ones_of;
-  for (const Q4Matrix& m : mats) {
-    const Isa a_isa = SimdShapeOk(m.K, m.G) ? isa : Isa::kScalar;
-    const Acts* found = nullptr;
-    for (const auto& a : ones)
-      if (a->K == m.K && a->isa == a_isa) found = a.get();
-    if (!found) {
-      ones.push_back(std::make_unique<Acts>());
-      ones.back()->Resize(1, m.K, ActMode::kF32, a_isa);
-      const std::vector<float> one(m.K, 1.f);
-      ones.back()->PrepareRows(one.data(), m.K, nullptr, 0, 1);
-      found = ones.back().get();
-    }
-    ones_of.push_back(found);
-  }
-  constexpr int kRows = 256;
-  std::vector<int> first(mats.size() + 1, 0);
-  for (size_t i = 0; i < mats.size(); ++i) first[i + 1] = first[i] + (mats[i].M + kRows - 1) / kRows;
-  pool->Run(first.back(), [&](int item, int) {
-    const size_t i = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
-    const int m0 = (item - first[i]) * kRows, m1 = std::min(mats[i].M, m0 + kRows);
-    float* out = wsum_.data() + (mats[i].wsum - wsum_.data());
-    Q4Matrix m = mats[i];
-    m.wsum = nullptr;   // fp32 mode reads no sums; these calls are what computes them
-    Q4Gemm(m, m0, m1, *ones_of[i], out + m0, m.M);
-  });
+  std::vector<float*> outs;
+  for (const Q4Matrix& m : mats) outs.push_back(wsum_.data() + (m.wsum - wsum_.data()));
+  WeightRowSums(mats.data(), outs.data(), (int)mats.size(), pool, isa);
   std::copy(key, key + 4, wsum_key_);
 }
 
