@@ -86,17 +86,6 @@ def _op(g, code, ins, out_shape, name, opt_type=0, opt=None, dtype=np.float32):
   return y
 
 
-def _int4_channelwise(g, name, rng, rows, cols):
-  """Random INT4 weight [rows, cols] with per-row scales (XNNPACK qc4w FC)."""
-  q = rng.integers(-8, 8, size=(rows, cols), dtype=np.int8)
-  s = (rng.random(rows) * 0.5 + 0.5).astype(np.float32) / np.sqrt(cols * 10)
-  qp = schema.QuantizationParametersT()
-  qp.scale, qp.zeroPoint, qp.quantizedDimension = s.tolist(), [0] * rows, 0
-  t = g.tensor(name, [rows, cols], tensor_type=schema.TensorType.INT4, data=dl.pack_int4(q),
-               quantization=qp)
-  return t, q.astype(np.float32) * s[:, None]
-
-
 def _int4_block32(g, name, rng, rows, cols):
   """Random INT4 weight [rows, cols], block-32 fp16 scales (as ai-edge-quantizer
   writes them): the same scheme MobileMoE's export uses for every FC."""
@@ -120,7 +109,7 @@ def _fc(g, x, w, out_shape, name):
 def _swiglu_shared(g, x, T, rng, Fs, D, name, weight=None):
   """SwiGLU as two INT4 FCs (shared expert, dense FFN): down(silu(gate x) * up x).
   weight: the INT4 weight maker (default channel-wise)."""
-  weight = weight or _int4_channelwise
+  weight = weight or tb.int4_channelwise
   wgu, _ = weight(g, f"{name}/gu", rng, 2 * Fs, D)
   wd, _ = weight(g, f"{name}/d", rng, D, Fs)
   gu = _fc(g, x, wgu, [T, 2 * Fs], f"{name}/gu_out")
@@ -182,8 +171,8 @@ def add_allexperts_block(g, x, T, rng, o, name):
   den = _reduce(g, S.SUM, sw, [T, 1], f"{name}/den")
   rw = _op(g, S.DIV, [sw, den], [T, E], f"{name}/rw", O.DivOptions, schema.DivOptionsT())
   # rows: gate of every expert (E*F), then up of every expert (E*F)
-  wgu, _ = _int4_channelwise(g, f"{name}/gu_all", rng, 2 * E * F, D)
-  wd, _ = _int4_channelwise(g, f"{name}/d_all", rng, D, E * F)
+  wgu, _ = tb.int4_channelwise(g, f"{name}/gu_all", rng, 2 * E * F, D)
+  wd, _ = tb.int4_channelwise(g, f"{name}/d_all", rng, D, E * F)
   gu = _fc(g, x, wgu, [T, 2 * E * F], f"{name}/gu")
   gs, us = g.tensor(f"{name}/g", [T, E * F]), g.tensor(f"{name}/u", [T, E * F])
   so = schema.SplitOptionsT()

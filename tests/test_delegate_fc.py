@@ -10,32 +10,17 @@ from export import delegate as dl
 from export.delegate import tflite_builder as tb
 
 
-def int4_channelwise(g, name, rng, rows, cols):
-  q = rng.integers(-8, 8, size=(rows, cols), dtype=np.int8)
-  s = ((rng.random(rows) * 0.5 + 0.5) / np.sqrt(cols * 10)).astype(np.float32)
-  qp = schema.QuantizationParametersT()
-  qp.scale, qp.zeroPoint, qp.quantizedDimension = s.tolist(), [0] * rows, 0
-  t = g.tensor(name, [rows, cols], tensor_type=schema.TensorType.INT4, data=dl.pack_int4(q),
-               quantization=qp)
-  return t, q.astype(np.float32) * s[:, None]
-
-
 def fc_chain(rng, N, dims, bias=False, relu=False):
   """x [1, N, dims[0]] -> FC -> ... -> [1, N, dims[-1]]; returns (model, fp32 weights)."""
   g = tb.GraphBuilder()
   x = y = g.tensor("x", [1, N, dims[0]])
   ws = []
   for i, (k, m) in enumerate(zip(dims, dims[1:])):
-    w, wf = int4_channelwise(g, f"w{i}", rng, m, k)
+    w, wf = tb.int4_channelwise(g, f"w{i}", rng, m, k)
     ws.append(wf)
     b = g.const(f"b{i}", np.zeros(m, np.float32)) if bias else -1
-    opts = schema.FullyConnectedOptionsT()
-    opts.keepNumDims = True
-    opts.fusedActivationFunction = schema.ActivationFunctionType.RELU if relu else 0
-    y_new = g.tensor(f"y{i}", [1, N, m])
-    g.op(schema.BuiltinOperator.FULLY_CONNECTED, [y, w, b], [y_new],
-         schema.BuiltinOptions.FullyConnectedOptions, opts)
-    y = y_new
+    act = schema.ActivationFunctionType.RELU if relu else schema.ActivationFunctionType.NONE
+    y = tb.fully_connected(g, y, w, [1, N, m], f"y{i}", bias=b, activation=act)
   g.inputs, g.outputs = [x], [y]
   return g.build(), ws
 

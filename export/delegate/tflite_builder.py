@@ -93,13 +93,28 @@ class GraphBuilder:
 # ----------------------------------------------------------------------------
 # Builtin-op helpers.
 
-def fully_connected(g: GraphBuilder, x: int, w: int, out_shape, name, bias=-1) -> int:
+def fully_connected(g: GraphBuilder, x: int, w: int, out_shape, name, bias=-1,
+                    activation=schema.ActivationFunctionType.NONE) -> int:
   opts = schema.FullyConnectedOptionsT()
   opts.keepNumDims = True
+  opts.fusedActivationFunction = activation
   y = g.tensor(name, out_shape)
   g.op(schema.BuiltinOperator.FULLY_CONNECTED, [x, w, bias], [y],
        schema.BuiltinOptions.FullyConnectedOptions, opts)
   return y
+
+
+def int4_channelwise(g: GraphBuilder, name, rng, rows, cols):
+  """A random INT4 weight [rows, cols] with one scale per row (what ai-edge-quantizer writes
+  for int4_channel: XNNPACK's qc4w FC). Returns (tensor, its fp32 values)."""
+  from export.delegate import pack_int4
+  q = rng.integers(-8, 8, size=(rows, cols), dtype=np.int8)
+  s = (rng.random(rows) * 0.5 + 0.5).astype(np.float32) / np.sqrt(cols * 10)
+  qp = schema.QuantizationParametersT()
+  qp.scale, qp.zeroPoint, qp.quantizedDimension = s.tolist(), [0] * rows, 0
+  t = g.tensor(name, [rows, cols], tensor_type=schema.TensorType.INT4, data=pack_int4(q),
+               quantization=qp)
+  return t, q.astype(np.float32) * s[:, None]
 
 
 def add(g: GraphBuilder, a: int, b: int, shape, name) -> int:
