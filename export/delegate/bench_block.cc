@@ -4,7 +4,7 @@
 //   g++ -std=c++17 -O3 -DMM_HAVE_AVX512 -DMM_HAVE_AVX2 bench_block.cc moe.cc kernels.cc \
 //       kernels_avx512.o kernels_avx2.o -pthread    (see tests/ or `make bench`)
 //   ./bench_block T [iters] [threads] [group_size (0: channel-wise)] [kernel auto/avx2/scalar]
-//                 [weight sets, 8] [busy us between blocks, 0]
+//                 [weight sets, 8] [busy us between blocks, 0] [weight_tiles, 0 or 16]
 // Prints the median and 10th percentile wall time per block and the CPU time.
 #include <algorithm>
 #include <chrono>
@@ -32,9 +32,11 @@ int main(int argc, char** argv) {
   // Busy time between blocks (not timed), standing in for a layer's other ops:
   // long enough and the pool's workers go to sleep between blocks.
   const int gap_us = argc > 7 ? atoi(argv[7]) : 0;
+  const int tiles = argc > 8 ? atoi(argv[8]) : 0;
   MoeConfig c;
   c.num_experts = 64; c.top_k = 4; c.d_model = 768; c.d_expert = 512; c.d_shared = 512;
   c.group_size = G;
+  c.weight_tiles = tiles;
   const int E = 64, D = 768, F = 512, Fs = 512;
   auto ng = [&](int K) { return G ? K / G : 1; };
   std::mt19937 rng(0);
@@ -57,6 +59,15 @@ int main(int argc, char** argv) {
     q4(w.dq, w.ds, (size_t)E * D, F);
     q4(w.sgq, w.sgs, 2 * Fs, D);
     q4(w.sdq, w.sds, D, Fs);
+    if (tiles) {  // the same weights in 16-row tiles, matrix by matrix
+      auto tile = [&](std::vector<uint8_t>& q, int n, int M, int K) {
+        std::vector<uint8_t> t(q.size());
+        for (int e = 0; e < n; ++e)
+          TileRows(q.data() + (size_t)e * M * (K / 2), M, K, t.data() + (size_t)e * M * (K / 2));
+        q.swap(t);
+      };
+      tile(w.gq, E, 2 * F, D); tile(w.dq, E, D, F); tile(w.sgq, 1, 2 * Fs, D); tile(w.sdq, 1, D, Fs);
+    }
     mw[b] = {w.r.data(), w.rb.data(), w.gq.data(), w.gs.data(), w.dq.data(), w.ds.data(),
              w.sgq.data(), w.sgs.data(), w.sdq.data(), w.sds.data()};
   }
@@ -94,8 +105,8 @@ int main(int argc, char** argv) {
   std::sort(t.begin(), t.end());
   const double cpu =
       ((c1.tv_sec - c0.tv_sec) * 1e3 + (c1.tv_nsec - c0.tv_nsec) * 1e-6 - cpu_gap_ms) / iters / NB;
-  printf("T=%d G=%d threads=%d %s: median %.4f ms  p10 %.4f ms  cpu %.4f ms/block  (%d x %d blocks)\n",
-         T, G, threads, IsaName(KernelIsa(opt.cap)), t[t.size() / 2], t[t.size() / 10], cpu, iters, NB);
+  printf("T=%d G=%d tiles=%d threads=%d %s: median %.4f ms  p10 %.4f ms  cpu %.4f ms/block  (%d x %d blocks)\n",
+         T, G, tiles, threads, IsaName(KernelIsa(opt.cap)), t[t.size() / 2], t[t.size() / 10], cpu, iters, NB);
 #ifdef MM_PROFILE
   const char* names[5] = {"route", "prep x", "gate/up", "silu+prep h", "down+combine"};
   for (int i = 0; i < 5; ++i) printf("  %-13s %.4f ms/block\n", names[i], g_phase_ms[i] / iters / NB);

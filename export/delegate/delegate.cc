@@ -99,7 +99,8 @@ bool ParseConfig(const void* data, int size, mm::MoeConfig* c, std::string* why)
       !get_int("d_model", &c->d_model, true) ||
       !get_int("d_expert", &c->d_expert, true) ||
       !get_int("group_size", &c->group_size, true) ||
-      !get_int("d_shared", &c->d_shared, false))
+      !get_int("d_shared", &c->d_shared, false) ||
+      !get_int("weight_tiles", &c->weight_tiles, false))
     return false;
   if (m.Find("score_func", &v)) {
     if (v.type != flexbuf::kString || (v.s != "softmax" && v.s != "sigmoid")) {
@@ -134,6 +135,18 @@ bool ParseConfig(const void* data, int size, mm::MoeConfig* c, std::string* why)
     *why = "d_model, d_expert, d_shared must be positive (even) multiples of group_size "
            "(got D=" + std::to_string(D) + " F=" + std::to_string(F) + " Fs=" +
            std::to_string(Fs) + " G=" + std::to_string(G) + ")";
+    return false;
+  }
+  // weight_tiles 16: every matrix [rows, K] in 16-row tiles (moe_op.py tile_rows).
+  if (c->weight_tiles != 0 && c->weight_tiles != mm::kTileRows) {
+    *why = "weight_tiles must be 0 (rows) or 16, got " + std::to_string(c->weight_tiles);
+    return false;
+  }
+  if (c->weight_tiles && !(mm::TilesOk(2 * F, D) && mm::TilesOk(D, F) &&
+                           (Fs == 0 || (mm::TilesOk(2 * Fs, D) && mm::TilesOk(D, Fs))))) {
+    *why = "weight_tiles 16 needs d_model, d_expert and d_shared to be multiples of 128 "
+           "(got D=" + std::to_string(D) + " F=" + std::to_string(F) + " Fs=" +
+           std::to_string(Fs) + ")";
     return false;
   }
   return true;

@@ -1,6 +1,7 @@
 // Self-check of the SIMD kernels against the scalar ones, without LiteRT:
 // random INT4 matrices and activations, every (K, G, N, M, mode) combination
-// (G == K: channel-wise, one scale per row),
+// (G == K: channel-wise, one scale per row), and the 16-row tiled layout
+// against the row layout (M % 16 == 0: whole matrix, from row 16, from row 5),
 // for each SIMD family this CPU runs (AVX-512 and AVX2 on x86, NEON on arm64).
 // Used by tests/test_delegate_kernels.py (natively, and arm64 under qemu).
 //   g++ -std=c++17 -O2 [-DMM_HAVE_...] kernel_check.cc kernels.cc [simd .cc ...] && ./a.out
@@ -22,7 +23,7 @@ static int Check(Isa isa) {
       if (G == 0) G = K;
       else if (K % G || G == K) continue;
       for (int N : {1, 3, 4, 9})
-      for (int M : {13, 37}) {  // row tiles plus tail rows
+      for (int M : {13, 37, 48}) {  // row tiles plus tail rows; 48: also tiled
         std::vector<uint8_t> q((size_t)M * K / 2);
         for (auto& b : q) b = (uint8_t)rng();
         std::vector<float> s((size_t)M * K / G), x((size_t)N * K);
@@ -42,17 +43,35 @@ static int Check(Isa isa) {
           std::vector<float> a((size_t)N * M), b((size_t)N * M);
           Q4Gemm(w, 0, M, simd, a.data(), M);
           Q4Gemm(w, 0, M, plain, b.data(), M);
-          float err = 0, scale = 0;
-          for (size_t i = 0; i < a.size(); ++i) {
-            err = std::fmax(err, std::fabs(a[i] - b[i]));
-            scale = std::fmax(scale, std::fabs(b[i]));
+          auto same = [&](const std::vector<float>& got, int m0, const char* what) {
+            float err = 0, scale = 0;
+            for (int n = 0; n < N; ++n)
+              for (int m = m0; m < M; ++m) {
+                const float g = got[(size_t)n * M + m - m0], want = b[(size_t)n * M + m];
+                err = std::fmax(err, std::fabs(g - want));
+                scale = std::fmax(scale, std::fabs(want));
+              }
+            if (!(err <= 1e-5f * scale + 1e-6f))
+              printf("MISMATCH %s %s K=%d G=%d N=%d M=%d m0=%d mode=%d err=%g scale=%g\n",
+                     IsaName(isa), what, K, G, N, M, m0, (int)mode, err, scale);
+            ++checks;
+            return err <= 1e-5f * scale + 1e-6f;
+          };
+          if (!same(a, 0, "rows")) return -1;
+          if (TilesOk(M, K)) {
+            std::vector<uint8_t> tq(q.size());
+            TileRows(q.data(), M, K, tq.data());
+            Q4Matrix t = w;
+            t.q = tq.data();
+            t.tiles = kTileRows;
+            for (int m0 : {0, 16, 5}) {  // 5: not a tile start (the scalar fallback)
+              std::vector<float> c((size_t)N * M);
+              Q4Gemm(t, m0, M, simd, c.data(), M);
+              if (!same(c, m0, "tiles")) return -1;
+              Q4Gemm(t, m0, M, plain, c.data(), M);
+              if (!same(c, m0, "tiles, scalar")) return -1;
+            }
           }
-          if (!(err <= 1e-5f * scale + 1e-6f)) {
-            printf("MISMATCH %s K=%d G=%d N=%d M=%d mode=%d err=%g scale=%g\n", IsaName(isa),
-                   K, G, N, M, (int)mode, err, scale);
-            return -1;
-          }
-          ++checks;
         }
       }
     }

@@ -13,11 +13,11 @@
 #if defined(__x86_64__)
 // Entry points of the x86 kernel files, each in its own namespace.
 #define MM_X86_KERNELS                                                        \
-  void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1, \
-              const int8_t* xq, const int32_t* corr, const int32_t* csum,     \
+  void GemmI8(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, \
+              int m1, const int8_t* xq, const int32_t* corr, const int32_t* csum, \
               const float* xs, int N, float* out, int ldo);                   \
-  void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1, \
-               const float* xf, int N, float* out, int ldo);                  \
+  void GemmF32(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, \
+               int m1, const float* xf, int N, float* out, int ldo);          \
   float Dot(const float* a, const float* b, int n);                           \
   void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, \
                int len, float scale, float* out, int ldo);                    \
@@ -44,9 +44,9 @@ MM_X86_KERNELS
 #include <sys/auxv.h>
 namespace mm {
 namespace neon {
-void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
+void GemmI8(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, int m1,
             const int8_t* xq, const float* xs, int N, float* out, int ldo);
-void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
+void GemmF32(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, int m1,
              const float* xf, int N, float* out, int ldo);
 }  // namespace neon
 }  // namespace mm
@@ -231,9 +231,17 @@ static void ZeroPointFix(const Q4Matrix& w, int m0, int m1, const Acts& a, float
   }
 }
 
-// Scalar reference kernels on the plain layout (any K, any even G).
-static inline int Nibble(const uint8_t* row, int k) {
-  const int v = (row[k >> 1] >> ((k & 1) * 4)) & 0xF;
+void TileRows(const uint8_t* rows, int M, int K, uint8_t* tiled) {
+  const Q4Matrix t{tiled, nullptr, M, K, K, nullptr, kTileRows};
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < K / 128; ++b)
+      std::memcpy(const_cast<uint8_t*>(WeightByte(t, m, b * 128)),
+                  rows + (size_t)m * (K / 2) + b * 64, 64);
+}
+
+// Scalar reference kernels (any K, any even G; either layout).
+static inline int Nibble(const Q4Matrix& w, int m, int k) {
+  const int v = (*WeightByte(w, m, k) >> ((k & 1) * 4)) & 0xF;
   return v >= 8 ? v - 16 : v;
 }
 
@@ -242,21 +250,20 @@ static void ScalarGemm(const Q4Matrix& w, int m0, int m1, const Acts& a,
   const int K = w.K, G = w.G, ng = K / G;
   for (int n = 0; n < a.N; ++n) {
     for (int m = m0; m < m1; ++m) {
-      const uint8_t* wq = w.q + (size_t)m * (K / 2);
       const float* ws = w.s + (size_t)m * ng;
       float acc = 0.f;
       if (a.mode == ActMode::kF32) {
         const float* x = a.f.data() + (size_t)n * K;
         for (int g = 0; g < ng; ++g) {
           float gs = 0.f;
-          for (int k = g * G; k < (g + 1) * G; ++k) gs += Nibble(wq, k) * x[k];
+          for (int k = g * G; k < (g + 1) * G; ++k) gs += Nibble(w, m, k) * x[k];
           acc += ws[g] * gs;
         }
       } else {
         const int8_t* x = a.q.data() + (size_t)n * K;
         for (int g = 0; g < ng; ++g) {
           int32_t gs = 0;
-          for (int k = g * G; k < (g + 1) * G; ++k) gs += Nibble(wq, k) * x[k];
+          for (int k = g * G; k < (g + 1) * G; ++k) gs += Nibble(w, m, k) * x[k];
           acc += ws[g] * (float)gs;
         }
         acc = a.scale[n] * (acc - a.zp[n] * w.wsum[m]);
@@ -268,23 +275,24 @@ static void ScalarGemm(const Q4Matrix& w, int m0, int m1, const Acts& a,
 
 #if defined(__x86_64__)
 // The x86 families share one signature (int8 path with the corr lanes).
-using GemmI8Fn = void (*)(const uint8_t*, const float*, int, int, int, int, const int8_t*,
-                          const int32_t*, const int32_t*, const float*, int, float*, int);
-using GemmF32Fn = void (*)(const uint8_t*, const float*, int, int, int, int, const float*,
-                           int, float*, int);
+using GemmI8Fn = void (*)(const uint8_t*, int, const float*, int, int, int, int,
+                          const int8_t*, const int32_t*, const int32_t*, const float*, int,
+                          float*, int);
+using GemmF32Fn = void (*)(const uint8_t*, int, const float*, int, int, int, int,
+                           const float*, int, float*, int);
 static void X86Gemm(GemmI8Fn i8, GemmF32Fn f32, const Q4Matrix& w, int m0, int m1,
                     const Acts& a, float* out, int ldo) {
   if (a.mode == ActMode::kI8) {
-    i8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.corr.data(), a.csum.data(), a.scale.data(),
+    i8(w.q, w.tiles, w.s, w.K, w.G, m0, m1, a.q.data(), a.corr.data(), a.csum.data(), a.scale.data(),
        a.N, out, ldo);
     ZeroPointFix(w, m0, m1, a, out, ldo);
   } else {
-    f32(w.q, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
+    f32(w.q, w.tiles, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
   }
 }
 #endif
 
-void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo) {
+static void GemmRows(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo) {
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
   if (a.isa == Isa::kAvx512) return X86Gemm(avx512::GemmI8, avx512::GemmF32, w, m0, m1, a, out, ldo);
 #endif
@@ -294,15 +302,23 @@ void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ld
 #if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
   if (a.isa == Isa::kNeon) {
     if (a.mode == ActMode::kI8) {
-      neon::GemmI8(w.q, w.s, w.K, w.G, m0, m1, a.q.data(), a.scale.data(), a.N, out, ldo);
+      neon::GemmI8(w.q, w.tiles, w.s, w.K, w.G, m0, m1, a.q.data(), a.scale.data(), a.N, out, ldo);
       ZeroPointFix(w, m0, m1, a, out, ldo);
     } else {
-      neon::GemmF32(w.q, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
+      neon::GemmF32(w.q, w.tiles, w.s, w.K, w.G, m0, m1, a.f.data(), a.N, out, ldo);
     }
     return;
   }
 #endif
   ScalarGemm(w, m0, m1, a, out, ldo);
+}
+
+void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo) {
+  // Tiles: the SIMD row tiles (4, 2 or 16 rows from m0) must not straddle two,
+  // so rows before the first tile start go one by one (one-row calls).
+  const int head = w.tiles && m0 % kTileRows ? std::min(m1, (m0 / kTileRows + 1) * kTileRows) : m0;
+  for (int m = m0; m < head; ++m) GemmRows(w, m, m + 1, a, out + (m - m0), ldo);
+  if (head < m1) GemmRows(w, head, m1, a, out + (head - m0), ldo);
 }
 
 void WeightRowSums(const Q4Matrix* mats, float* const* outs, int n, ThreadPool* pool, Isa isa) {

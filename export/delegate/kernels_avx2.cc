@@ -55,7 +55,7 @@ struct ScaleMap {
 // Int8 activations: R weight rows x NT tokens (NT <= 4), whole K; see
 // kernels_avx512.cc TileI8 for the (nibble ^ 8) / corr scheme.
 template <int R, int NT>
-static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
+static void TileI8(const uint8_t* wq, const WStride& st, const float* ws, int lds, int nb,
                    const ScaleMap& sm, const int8_t* xq, const int32_t* corr,
                    const float* xs, float* out, int ldo) {
   __m256 acc[R][NT];
@@ -70,8 +70,8 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
     const int32_t* cb = corr + (size_t)b * kQuad * 16;
     MM_UNROLL
     for (int r = 0; r < R; ++r) {
-      const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
-      _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      const uint8_t* wrow = wq + r * st.row + b * st.block;
+      _mm_prefetch((const char*)(wrow + st.ahead), _MM_HINT_T0);
       const __m256 s4 = sm.Load(ws + (size_t)r * lds, b);
       MM_UNROLL
       for (int h = 0; h < 2; ++h) {
@@ -99,7 +99,7 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
 // Channel-wise int8 (G == K): as kernels_avx512.cc TileI8C, integer sums over
 // all of K and one convert per row and token.
 template <int R, int NT>
-static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const int8_t* xq,
+static void TileI8C(const uint8_t* wq, const WStride& st, const float* ws, int nb, const int8_t* xq,
                     const int32_t* csum, const float* xs, float* out, int ldo) {
   __m256i acc[R][NT];
   MM_UNROLL
@@ -112,8 +112,8 @@ static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const i
     const int8_t* xb = xq + (size_t)b * kQuad * 128;
     MM_UNROLL
     for (int r = 0; r < R; ++r) {
-      const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
-      _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      const uint8_t* wrow = wq + r * st.row + b * st.block;
+      _mm_prefetch((const char*)(wrow + st.ahead), _MM_HINT_T0);
       MM_UNROLL
       for (int h = 0; h < 2; ++h) {
         const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wrow + 32 * h)), flip);
@@ -144,7 +144,7 @@ static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const i
 // Fp32 activations: 8 packed bytes (16 k's, one group as G >= 32) at a time,
 // nibbles -> int8 -> fp32 times the group scale, FMA with the even / odd x's.
 template <int R, int NT>
-static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
+static void TileF32(const uint8_t* wq, const WStride& st, const float* ws, int lds, int nb,
                     int G, const float* xf, float* out, int ldo) {
   __m256 acc[R][NT];
   MM_UNROLL
@@ -157,8 +157,8 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
     const float* xb = xf + (size_t)b * kQuad * 128;
     MM_UNROLL
     for (int r = 0; r < R; ++r) {
-      const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
-      _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      const uint8_t* wrow = wq + r * st.row + b * st.block;
+      _mm_prefetch((const char*)(wrow + st.ahead), _MM_HINT_T0);
       const float* srow = ws + (size_t)r * lds;
       MM_UNROLL
       for (int c = 0; c < 8; ++c) {  // bytes 8c .. 8c+7
@@ -186,7 +186,7 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
 // Same contract as the AVX-512 ones. Two rows per tile: 16 ymm registers
 // hold 2 x 4 accumulators plus the unpacked weights.
 // No separate one-token tiles here: TileI8C handles decode too.
-static int DecodeRowsC(const uint8_t*, int, const float*, int, const int8_t*, const int32_t*,
+static int DecodeRowsC(const uint8_t*, int, int, const float*, int, const int8_t*, const int32_t*,
                        const float*, int m0, int, float*) {
   return m0;
 }

@@ -77,7 +77,7 @@ constexpr int kPrefetchRows = MM_PF_ROWS;  // software prefetch distance, in wei
 // Weights: (nibble ^ 8) = q + 8 in [0, 15] is the unsigned operand of dpbusd;
 // corr holds -8 * sum(x) per lane so the int32 result is exactly sum(q * x).
 template <int R, int NT>
-static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
+static void TileI8(const uint8_t* wq, const WStride& st, const float* ws, int lds, int nb,
                    const ScaleMap& sm, const int8_t* xq, const int32_t* corr,
                    const float* xs, float* out, int ldo) {
   __m512 acc[R][NT];
@@ -92,10 +92,10 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
     const int32_t* cb = corr + (size_t)b * kQuad * 16;
     MM_UNROLL
     for (int r = 0; r < R; ++r) {
-      const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
+      const uint8_t* wrow = wq + r * st.row + b * st.block;
       // Rows 16 ahead (four 4-row tiles): weights stream from DRAM and the
       // hardware prefetcher alone leaves the VNNI units waiting.
-      _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      _mm_prefetch((const char*)(wrow + st.ahead), _MM_HINT_T0);
       if (b == 0) _mm_prefetch((const char*)(ws + (size_t)(r + kPrefetchRows) * lds), _MM_HINT_T0);
       __m512i v = _mm512_loadu_si512(wrow);
       v = _mm512_xor_si512(v, flip);
@@ -134,7 +134,7 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
 // two tokens each (row, token) gets two accumulators (low / high nibbles) so
 // the dpbusd chains stay independent.
 template <int R, int NT>
-static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const int8_t* xq,
+static void TileI8C(const uint8_t* wq, const WStride& st, const float* ws, int nb, const int8_t* xq,
                     const int32_t* csum, const float* xs, float* out, int ldo) {
   constexpr int A = NT <= 2 ? 2 : 1;
   __m512i acc[R][NT][A];
@@ -156,8 +156,8 @@ static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const i
     }
     MM_UNROLL
     for (int r = 0; r < R; ++r) {
-      const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
-      _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      const uint8_t* wrow = wq + r * st.row + b * st.block;
+      _mm_prefetch((const char*)(wrow + st.ahead), _MM_HINT_T0);
       const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wrow), flip);
       const __m512i lo = _mm512_and_si512(v, lo_mask);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo_mask);
@@ -187,7 +187,7 @@ static inline __m512i NibbleLut() {
 // Fp32 activations: dequantise 16 weights at a time to fp32 and FMA.
 // Requires G % 32 == 0 so each 16-lane chunk (32 k's) is in one group.
 template <int R, int NT>
-static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
+static void TileF32(const uint8_t* wq, const WStride& st, const float* ws, int lds, int nb,
                     int G, const float* xf, float* out, int ldo) {
   __m512 acc[R][NT];
   MM_UNROLL
@@ -200,8 +200,8 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
     const float* xb = xf + (size_t)b * kQuad * 128;
     MM_UNROLL
     for (int r = 0; r < R; ++r) {
-      const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
-      _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+      const uint8_t* wrow = wq + r * st.row + b * st.block;
+      _mm_prefetch((const char*)(wrow + st.ahead), _MM_HINT_T0);
       if (b == 0) _mm_prefetch((const char*)(ws + (size_t)(r + kPrefetchRows) * lds), _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(wrow);
       const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, lo_mask));
@@ -236,15 +236,17 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
 // stored as one vector, instead of a horizontal reduction and scalar store per
 // row. Sums are converted to fp32 before the reduction: exact while
 // |sum| < 2^24 (K * 8 * 128 < 2^24 for K <= 16384; larger K rounds at 2^-24).
-static int DecodeRowsC(const uint8_t* q, int ldw, const float* s, int nb, const int8_t* xq,
+static int DecodeRowsC(const uint8_t* q, int tiles, int ldw, const float* s, int nb, const int8_t* xq,
                        const int32_t* csum, const float* xs, int m0, int m1, float* out) {
   const __m512i lo_mask = _mm512_set1_epi8(0x0F);
   const __m512i flip = _mm512_set1_epi8((char)0x88);
   const __m512 scale_x = _mm512_set1_ps(xs[0]);
   const __m512 fix = _mm512_set1_ps((float)csum[0]);
+  const WStride st = Strides(ldw, tiles, kPrefetchRows);
   int m = m0;
+  if (tiles && m0 % 16) return m0;  // tiles: 16 rows must be one tile
   for (; m + 16 <= m1; m += 16) {
-    const uint8_t* wq = q + (size_t)m * ldw;
+    const uint8_t* wq = RowPtr(q, m, ldw, tiles);
     __m512i acc[16];
     MM_UNROLL
     for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_si512();
@@ -253,8 +255,8 @@ static int DecodeRowsC(const uint8_t* q, int ldw, const float* s, int nb, const 
       const __m512i xh = _mm512_loadu_si512(xq + (size_t)b * kQuad * 128 + 64);
       MM_UNROLL
       for (int r = 0; r < 16; ++r) {
-        const uint8_t* wrow = wq + (size_t)r * ldw + b * 64;
-        _mm_prefetch((const char*)(wrow + (size_t)kPrefetchRows * ldw), _MM_HINT_T0);
+        const uint8_t* wrow = wq + r * st.row + b * st.block;
+        _mm_prefetch((const char*)(wrow + st.ahead), _MM_HINT_T0);
         const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(wrow), flip);
         acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(v, lo_mask), xl);
         acc[r] = _mm512_dpbusd_epi32(

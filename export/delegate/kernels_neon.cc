@@ -17,7 +17,7 @@ namespace neon {
 // weight vector covers 32 consecutive k's (16 even in the low nibbles, 16 odd
 // in the high ones), all in one scale group because G % 32 == 0.
 template <int R, int NT>
-static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb, int G,
+static void TileI8(const uint8_t* wq, const WStride& st, const float* ws, int lds, int nb, int G,
                    const int8_t* xq, const float* xs, float* out, int ldo) {
   float32x4_t acc[R][NT];
   MM_UNROLL
@@ -28,7 +28,7 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
     const int8_t* xb = xq + (size_t)b * kQuad * 128;
     MM_UNROLL
     for (int r = 0; r < R; ++r) {
-      const uint8_t* w = wq + (size_t)r * ldw + b * 64;
+      const uint8_t* w = wq + r * st.row + b * st.block;
       const float* srow = ws + (size_t)r * lds;
       MM_UNROLL
       for (int c = 0; c < 4; ++c) {
@@ -55,7 +55,7 @@ static void TileI8(const uint8_t* wq, int ldw, const float* ws, int lds, int nb,
 // Channel-wise int8 (G == K, one scale per row): sdot sums are exact, so they
 // are kept as int32 over all of K and converted once per row and token.
 template <int R, int NT>
-static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const int8_t* xq,
+static void TileI8C(const uint8_t* wq, const WStride& st, const float* ws, int nb, const int8_t* xq,
                     const float* xs, float* out, int ldo) {
   int32x4_t acc[R][NT];
   MM_UNROLL
@@ -66,7 +66,7 @@ static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const i
     const int8_t* xb = xq + (size_t)b * kQuad * 128;
     MM_UNROLL
     for (int r = 0; r < R; ++r) {
-      const uint8_t* w = wq + (size_t)r * ldw + b * 64;
+      const uint8_t* w = wq + r * st.row + b * st.block;
       MM_UNROLL
       for (int c = 0; c < 4; ++c) {
         const int8x16_t v = vreinterpretq_s8_u8(vld1q_u8(w + 16 * c));
@@ -88,7 +88,7 @@ static void TileI8C(const uint8_t* wq, int ldw, const float* ws, int nb, const i
 
 // Fp32 activations: widen the nibbles to fp32, scale, FMA.
 template <int R, int NT>
-static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb, int G,
+static void TileF32(const uint8_t* wq, const WStride& st, const float* ws, int lds, int nb, int G,
                     const float* xf, float* out, int ldo) {
   float32x4_t acc[R][NT];
   MM_UNROLL
@@ -99,7 +99,7 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
     const float* xb = xf + (size_t)b * kQuad * 128;
     MM_UNROLL
     for (int r = 0; r < R; ++r) {
-      const uint8_t* w = wq + (size_t)r * ldw + b * 64;
+      const uint8_t* w = wq + r * st.row + b * st.block;
       const float* srow = ws + (size_t)r * lds;
       MM_UNROLL
       for (int c = 0; c < 4; ++c) {
@@ -127,31 +127,33 @@ static void TileF32(const uint8_t* wq, int ldw, const float* ws, int lds, int nb
     for (int n = 0; n < NT; ++n) out[n * ldo + r] = vaddvq_f32(acc[r][n]);
 }
 
-void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
+void GemmI8(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, int m1,
             const int8_t* xq, const float* xs, int N,
             float* out, int ldo) {
   const int ldw = K / 2, lds = K / G, nb = K / 128;
+  const WStride st = Strides(ldw, tiles, 0);
   if (G == K) {  // channel-wise
     ForEachTile<4>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {
       TileI8C<decltype(r)::value, decltype(nt)::value>(
-          q + (size_t)m * ldw, ldw, s + m, nb, xq + (size_t)n0 * K, xs + n0,
+          RowPtr(q, m, ldw, tiles), st, s + m, nb, xq + (size_t)n0 * K, xs + n0,
           out + (size_t)n0 * ldo + (m - m0), ldo);
     });
     return;
   }
   ForEachTile<4>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {
     TileI8<decltype(r)::value, decltype(nt)::value>(
-        q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G, xq + (size_t)n0 * K, xs + n0,
+        RowPtr(q, m, ldw, tiles), st, s + (size_t)m * lds, lds, nb, G, xq + (size_t)n0 * K, xs + n0,
         out + (size_t)n0 * ldo + (m - m0), ldo);
   });
 }
 
-void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,
+void GemmF32(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, int m1,
              const float* xf, int N, float* out, int ldo) {
   const int ldw = K / 2, lds = K / G, nb = K / 128;
+  const WStride st = Strides(ldw, tiles, 0);
   ForEachTile<4>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {
     TileF32<decltype(r)::value, decltype(nt)::value>(
-        q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G, xf + (size_t)n0 * K,
+        RowPtr(q, m, ldw, tiles), st, s + (size_t)m * lds, lds, nb, G, xf + (size_t)n0 * K,
         out + (size_t)n0 * ldo + (m - m0), ldo);
   });
 }

@@ -116,6 +116,7 @@ static void ExpertMatrices(const MoeConfig& c, const MoeWeights& w, int e, const
            2 * F, D, Gd};
     *dn = {w.down_q + (size_t)e * D * (F / 2), w.down_s + (size_t)e * D * (F / Gf), D, F, Gf};
   }
+  gu->tiles = dn->tiles = c.weight_tiles;
   if (wsum) {
     const size_t routed = (size_t)E * (2 * c.d_expert + D);
     gu->wsum = wsum + (shared ? routed : (size_t)e * 2 * F);

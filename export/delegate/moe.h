@@ -19,6 +19,7 @@ struct MoeConfig {
   bool softmax = true;  // else sigmoid
   bool norm_topk_prob = false;
   float routed_scale = 1.f;
+  int weight_tiles = 0;  // the INT4 matrices' layout: 0 rows, 16 tiles (Q4Matrix::tiles)
 };
 
 struct MoeWeights {

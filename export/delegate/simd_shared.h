@@ -14,6 +14,22 @@ namespace {
 
 constexpr int kQuad = 4;  // tokens per activation quad (kernels.h)
 
+// Where a weight row's 64-byte blocks (128 k's each) lie: the file's row layout
+// (rows K/2 bytes apart) or 16-row tiles (kernels.h, Q4Matrix::tiles): a tile
+// is [K/128 blocks][16 rows][64 bytes], one sequential stream. `ahead` is the
+// software prefetch distance in bytes: the same rows of a later tile in both.
+struct WStride {
+  size_t row, block, ahead;
+};
+inline WStride Strides(int ldw, int tiles, int prefetch_rows) {
+  const size_t ahead = (size_t)prefetch_rows * ldw;
+  return tiles ? WStride{64, 1024, ahead} : WStride{(size_t)ldw, 64, ahead};
+}
+// Row m's first block (tiles: m's tile must hold the tile kernel's R rows).
+inline const uint8_t* RowPtr(const uint8_t* q, int m, int ldw, int tiles) {
+  return tiles ? q + (size_t)(m / 16) * 16 * ldw + (size_t)(m % 16) * 64 : q + (size_t)m * ldw;
+}
+
 // Fully unrolls the tiles' row / token loops: the accumulators are arrays
 // indexed by them, and a loop GCC leaves rolled keeps them on the stack (a
 // store and a load per dpbusd pair) instead of in registers.
@@ -65,20 +81,21 @@ inline void PrefetchHead(const void* p, size_t ldw, int rows, size_t n) {
 // (G == K) runs TileI8C (int32 sums over all of K, one convert per row and
 // token) over RC-row tiles, after the file's DecodeRowsC (one token: rows it did).
 #define MM_DEFINE_X86_GEMMS(R, RC)                                                  \
-  void GemmI8(const uint8_t* q, const float* s, int K, int G, int m0, int m1,      \
-              const int8_t* xq, const int32_t* corr, const int32_t* csum,          \
+  void GemmI8(const uint8_t* q, int tiles, const float* s, int K, int G, int m0,   \
+              int m1, const int8_t* xq, const int32_t* corr, const int32_t* csum,  \
               const float* xs, int N, float* out, int ldo) {                       \
     const int ldw = K / 2, lds = K / G, nb = K / 128;                              \
+    const WStride st = Strides(ldw, tiles, kPrefetchRows);                         \
     const int head = m1 - m0 < kPrefetchRows ? m1 - m0 : kPrefetchRows;            \
-    PrefetchHead(q + (size_t)m0 * ldw, ldw, head, ldw);                            \
+    PrefetchHead(RowPtr(q, m0, ldw, tiles), ldw, head, ldw);                       \
     PrefetchHead(s + (size_t)m0 * lds, 0, 1, (size_t)head * lds * 4);              \
     if (G == K) {                                                                  \
       /* one token: the file's own 16-row decode tiles first (or none) */          \
-      const int m_done = N == 1 ? DecodeRowsC(q, ldw, s, nb, xq, csum, xs, m0, m1, out) \
+      const int m_done = N == 1 ? DecodeRowsC(q, tiles, ldw, s, nb, xq, csum, xs, m0, m1, out) \
                                 : m0;                                              \
       ForEachTile<RC>(m_done, m1, N, [&](auto r, auto nt, int m, int n0) {         \
         TileI8C<decltype(r)::value, decltype(nt)::value>(                          \
-            q + (size_t)m * ldw, ldw, s + m, nb, xq + (size_t)n0 * K, csum + n0,   \
+            RowPtr(q, m, ldw, tiles), st, s + m, nb, xq + (size_t)n0 * K, csum + n0, \
             xs + n0, out + (size_t)n0 * ldo + (m - m0), ldo);                      \
       });                                                                          \
       return;                                                                      \
@@ -86,17 +103,18 @@ inline void PrefetchHead(const void* p, size_t ldw, int rows, size_t n) {
     const ScaleMap sm(G);                                                          \
     ForEachTile<R>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {                \
       TileI8<decltype(r)::value, decltype(nt)::value>(                             \
-          q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, sm,              \
+          RowPtr(q, m, ldw, tiles), st, s + (size_t)m * lds, lds, nb, sm,          \
           xq + (size_t)n0 * K, corr + (size_t)n0 * (K / 8), xs + n0,               \
           out + (size_t)n0 * ldo + (m - m0), ldo);                                 \
     });                                                                            \
   }                                                                                \
-  void GemmF32(const uint8_t* q, const float* s, int K, int G, int m0, int m1,     \
-               const float* xf, int N, float* out, int ldo) {                      \
+  void GemmF32(const uint8_t* q, int tiles, const float* s, int K, int G, int m0,  \
+               int m1, const float* xf, int N, float* out, int ldo) {              \
     const int ldw = K / 2, lds = K / G, nb = K / 128;                              \
+    const WStride st = Strides(ldw, tiles, kPrefetchRows);                         \
     ForEachTile<R>(m0, m1, N, [&](auto r, auto nt, int m, int n0) {                \
       TileF32<decltype(r)::value, decltype(nt)::value>(                            \
-          q + (size_t)m * ldw, ldw, s + (size_t)m * lds, lds, nb, G,               \
+          RowPtr(q, m, ldw, tiles), st, s + (size_t)m * lds, lds, nb, G,           \
           xf + (size_t)n0 * K, out + (size_t)n0 * ldo + (m - m0), ldo);            \
     });                                                                            \
   }
