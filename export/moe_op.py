@@ -7,7 +7,18 @@ Inputs and flexbuffer options follow export/delegate's contract (delegate.cc Che
   0: channel-wise, the scales [..., 1]),
   and for the fused shared expert (hidden Fs = n_shared * d_shared) the same two pairs
   without the E axis. Options: num_experts, top_k, d_model, d_expert, d_shared,
-  group_size, score_func, norm_topk_prob, routed_scale, act='silu'.
+  group_size, score_func, norm_topk_prob, routed_scale, act='silu', weight_tiles.
+
+weight_tiles (int, always written; absent reads as 0): the byte layout of the four INT4 `_q`
+inputs. 0: row layout as above. 16: "16-row tiled", what the delegate's one-token GEMV
+streams fastest: each matrix [M rows, K inputs] (K = D for gate/up, F or Fs for down; every
+expert's on its own, E outermost) is M/16 tiles, each one sequential run of K/128 blocks of
+[16 rows][64 bytes]: row-layout byte (m, j), j < K/2, lies at
+(m // 16) * 16 * (K/2) + (j // 64) * 1024 + (m % 16) * 64 + j % 64
+(tile_rows / untile_rows). It needs M % 16 == 0 and K % 128 == 0 for all four matrices.
+Scales keep their row layout. MoeBlockOp / moe_tensors tile by default ('auto') whenever the
+block's shapes allow it, else write rows; 0 / 16 force one (16 on shapes that cannot tile:
+ValueError).
 
 The integers and scales come from quant.grid (block-wise, G=group_size), i.e. the grid the
 rest of the exported model uses; a QAT checkpoint's own integers and scales (learned ones
@@ -22,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from flatbuffers import flexbuffers
 
+# The tiled layout's one definition (numpy only; tile_rows is re-exported from here).
+from export.delegate.tflite_builder import (  # noqa: F401
+    WEIGHT_TILES, tile_rows, tile_weights, tiles_problem, untile_rows)
 from mobilemoe_jax.quant import grid
 
 OP_NAME = 'MobileMoeBlock'
@@ -57,8 +71,18 @@ def options_bytes(options: dict) -> bytes:
   return bytes(flexbuffers.Dumps(options))
 
 
-def moe_tensors(moe, group_size: int):
-  """(numpy weights by slot name, options) of an export.torch_model.MoE module."""
+def resolve_weight_tiles(weights: dict, weight_tiles='auto') -> int:
+  """The weight_tiles option for a block's packed weights (row layout): 'auto' (or None) is
+  16 when all four `_q` matrices can tile, else 0; 0 and 16 are kept as they are (tile_weights
+  then refuses 16 on shapes that cannot tile, and other values)."""
+  if weight_tiles is None or weight_tiles == 'auto':
+    return 0 if tiles_problem(weights) else WEIGHT_TILES
+  return weight_tiles
+
+
+def moe_tensors(moe, group_size: int, weight_tiles='auto'):
+  """(numpy weights by slot name, options) of an export.torch_model.MoE module, the `_q`
+  slots in the layout of options['weight_tiles'] (resolve_weight_tiles)."""
   m, e, f = moe.m, moe.e, moe.f
   d = moe.router.weight.shape[1]
   fs = m['n_shared'] * m['d_shared'] if moe.shared is not None else 0
@@ -77,21 +101,23 @@ def moe_tensors(moe, group_size: int):
     w['shared_gate_up_q'], w['shared_gate_up_s'] = pack_modules([sh.gate, sh.up], group_size,
                                                                 np.concatenate)
     w['shared_down_q'], w['shared_down_s'] = pack_modules([sh.down], group_size, lambda a: a[0])
+  tiles = resolve_weight_tiles(w, weight_tiles)
   options = {'num_experts': e, 'top_k': m['top_k'], 'd_model': d, 'd_expert': f,
              'd_shared': fs, 'group_size': group_size, 'score_func': m['score_func'],
              'norm_topk_prob': bool(m['norm_topk_prob']),
-             'routed_scale': float(m['routed_scale']), 'act': 'silu'}
-  return w, options
+             'routed_scale': float(m['routed_scale']), 'act': 'silu', 'weight_tiles': tiles}
+  return tile_weights(w, tiles), options
 
 
 class MoeBlockOp(torch.nn.Module):
   """Holds one layer's packed weights as buffers (they become the op's constant inputs)."""
 
-  def __init__(self, moe, group_size: int = 32):
+  def __init__(self, moe, group_size: int = 32, weight_tiles='auto'):
     """group_size: 32 (the op's block-32 format) or another block size; 0 packs the experts
-    channel-wise (one fp32 scale per output row, like the dense FCs' int4_channel)."""
+    channel-wise (one fp32 scale per output row, like the dense FCs' int4_channel).
+    weight_tiles: 'auto' (16-row tiled when the shapes allow it, else rows), 0 or 16."""
     super().__init__()
-    weights, self.options = moe_tensors(moe, group_size)
+    weights, self.options = moe_tensors(moe, group_size, weight_tiles)
     self.slots = [k for k in WEIGHT_SLOTS if k in weights]
     for k in self.slots:
       # Packed bytes travel as int8: MLIR constants must be signless (the delegate reads
@@ -109,7 +135,9 @@ def moe_block(x: torch.Tensor, weights: list[torch.Tensor], options: str) -> tor
   from export.torch_model import route
   o = json.loads(options)
   w = dict(zip(WEIGHT_SLOTS, weights))
-  deq = lambda q, s: torch.from_numpy(unpack(q.numpy().view(np.uint8), s.numpy()))
+  tiles = o.get('weight_tiles', 0)
+  rows = lambda q: untile_rows(q, tiles) if tiles else q
+  deq = lambda q, s: torch.from_numpy(unpack(rows(q.numpy().view(np.uint8)), s.numpy()))
 
   def ffn(xin, gu, dn):
     g, u = (xin @ gu.T).chunk(2, -1)
@@ -164,7 +192,9 @@ lower_to_custom(torch.ops.mobilemoe.moe_block, OP_NAME)
 
 def read_ops(path_or_bytes):
   """[(options dict, {slot: numpy array})] for every MobileMoeBlock node (first subgraph
-  that has them; signatures share the constants)."""
+  that has them; signatures share the constants). The `_q` arrays come back as uint8 in row
+  layout whatever the file stores (tiled ones are untiled); the options are the file's, so
+  options.get('weight_tiles', 0) says how the file holds them."""
   from export import flatbuf
   model, raw = flatbuf.load(path_or_bytes)
   codes = [i for i, oc in enumerate(model.operatorCodes)
@@ -179,7 +209,9 @@ def read_ops(path_or_bytes):
           if t >= 0:
             v = flatbuf.tensor_value(model, raw, sg.tensors[t])
             ws[slot] = v.view(np.uint8) if slot.endswith('_q') else v
-        found.append((opts, ws))
+        tiles = opts.get('weight_tiles', 0)
+        found.append((opts, {k: untile_rows(v, tiles) if tiles and k.endswith('_q') else v
+                             for k, v in ws.items()}))
     if found:
       return found
   return found

@@ -286,8 +286,9 @@ class MobileMoE(nn.Module):
     v = (batch, self.cfg['n_kv_heads'], self.cfg['head_dim'], max_len)
     return [(torch.zeros(k), torch.zeros(v)) for _ in self.blocks]
 
-  def set_moe_lowering(self, lowering: str, group_size: int = 32):
-    """'portable' or 'delegate' (the latter packs INT4 weights for the custom op)."""
+  def set_moe_lowering(self, lowering: str, group_size: int = 32, weight_tiles='auto'):
+    """'portable' or 'delegate' (the latter packs INT4 weights for the custom op; weight_tiles:
+    moe_op.MoeBlockOp's, by default 16-row tiled where the shapes allow it)."""
     if lowering not in ('portable', 'delegate'):
       raise ValueError(f"unknown MoE lowering {lowering!r}: 'portable' or 'delegate'")
     from export import moe_op
@@ -295,7 +296,7 @@ class MobileMoE(nn.Module):
       if isinstance(b.ffn, MoE):
         b.ffn.lowering = lowering
         if lowering == 'delegate':
-          b.ffn.op = moe_op.MoeBlockOp(b.ffn, group_size)
+          b.ffn.op = moe_op.MoeBlockOp(b.ffn, group_size, weight_tiles)
     return self
 
   def set_attention_lowering(self, lowering: str):

@@ -127,19 +127,87 @@ def add(g: GraphBuilder, a: int, b: int, shape, name) -> int:
 # ----------------------------------------------------------------------------
 # MobileMoeBlock.
 
+# The op's "16-row tiled" INT4 weight layout (option weight_tiles=16; README.md, "The op
+# contract"): a matrix of M rows and K inputs (K/2 bytes a row) is stored as M/16 tiles, each
+# one sequential stream of K/128 blocks of [16 rows][64 bytes]: row-layout byte (m, j) goes
+# to (m // 16) * 16 * (K/2) + (j // 64) * 1024 + (m % 16) * 64 + j % 64. Leading axes (the
+# experts) stay outermost; scales keep their row layout.
+WEIGHT_TILES = 16     # the tiled layout's rows per tile (the option's only non-zero value)
+TILE_BYTES = 64       # bytes of one row inside a tile block: 128 INT4 inputs
+Q_SLOTS = ("gate_up_q", "down_q", "shared_gate_up_q", "shared_down_q")
+
+
+def _tile_shape(shape, tile):
+  """(M, K/2) of a [..., M, K/2] byte matrix that tiles by `tile` rows, else ValueError."""
+  if len(shape) < 2 or shape[-2] % tile or shape[-1] % TILE_BYTES:
+    raise ValueError(f"{tile}-row tiled INT4 layout needs bytes [..., M, K/2] with "
+                     f"M % {tile} == 0 and K % {2 * TILE_BYTES} == 0; got shape "
+                     f"{tuple(shape)}")
+  return shape[-2], shape[-1]
+
+
+def tile_rows(q, tile=WEIGHT_TILES):
+  """Packed INT4 bytes [..., M, K/2] in row layout -> the same shape in the tiled layout."""
+  q = np.asarray(q)
+  m, kb = _tile_shape(q.shape, tile)
+  t = q.reshape(*q.shape[:-2], m // tile, tile, kb // TILE_BYTES, TILE_BYTES)
+  return np.ascontiguousarray(t.swapaxes(-3, -2)).reshape(q.shape)
+
+
+def untile_rows(q, tile=WEIGHT_TILES):
+  """Inverse of tile_rows: tiled bytes [..., M, K/2] -> row layout."""
+  q = np.asarray(q)
+  m, kb = _tile_shape(q.shape, tile)
+  t = q.reshape(*q.shape[:-2], m // tile, kb // TILE_BYTES, tile, TILE_BYTES)
+  return np.ascontiguousarray(t.swapaxes(-3, -2)).reshape(q.shape)
+
+
+def tiles_problem(weights: dict, tile=WEIGHT_TILES):
+  """Why a block's packed weights (row layout, by slot name; absent shared slots skipped)
+  cannot be tiled, or None when all of them can."""
+  for k in Q_SLOTS:
+    if weights.get(k) is not None:
+      try:
+        _tile_shape(np.shape(weights[k]), tile)
+      except ValueError as e:
+        return f"{k}: {e}"
+  return None
+
+
+def tile_weights(weights: dict, weight_tiles: int) -> dict:
+  """The weights (row layout) as the op stores them for the option weight_tiles (0: as
+  they are; 16: the `_q` slots tiled, ValueError naming the slot if one cannot be)."""
+  if weight_tiles not in (0, WEIGHT_TILES):
+    raise ValueError(f"weight_tiles must be 0 (rows) or {WEIGHT_TILES} (tiled), "
+                     f"got {weight_tiles!r}")
+  if not weight_tiles:
+    return dict(weights)
+  why = tiles_problem(weights, weight_tiles)
+  if why:
+    raise ValueError(f"weight_tiles={weight_tiles}: {why}")
+  return {k: tile_rows(v, weight_tiles) if k in Q_SLOTS and v is not None else v
+          for k, v in weights.items()}
+
+
 def moe_options_bytes(options: dict) -> bytes:
   """The op's custom_options: a flexbuffer map (ints, floats, bools, strings)."""
   return bytes(flexbuffers.Dumps(dict(options)))
 
 
 def add_moe_block(g: GraphBuilder, x: int, x_shape, weights: dict, options: dict,
-                  name="moe", int4_type=False, drop_inputs=()) -> int:
+                  name="moe", int4_type=False, drop_inputs=(), weight_tiles=0) -> int:
   """Appends a MobileMoeBlock node reading x; returns its output tensor.
 
+  weights: packed INT4 `_q` slots in row layout. weight_tiles=16 stores them tiled and
+  sets the option (tile_weights); 0 leaves both as they are (options may still carry a
+  weight_tiles of their own, for negative tests).
   int4_type: store the packed weights as TensorType.INT4 with logical shapes
   instead of uint8 bytes (the delegate accepts both).
   drop_inputs: slot numbers to pass as -1 (absent), for negative tests.
   """
+  if weight_tiles:
+    weights = tile_weights(weights, weight_tiles)
+    options = dict(options, weight_tiles=weight_tiles)
   def q4(key):
     packed = weights[key]
     if not int4_type:
@@ -162,7 +230,8 @@ def add_moe_block(g: GraphBuilder, x: int, x_shape, weights: dict, options: dict
 
 
 def moe_block_model(weights: dict, options: dict, x_shape, **kw) -> bytes:
-  """A model whose only op is one MobileMoeBlock: x -> y."""
+  """A model whose only op is one MobileMoeBlock: x -> y (kw: add_moe_block's, e.g.
+  weight_tiles=16)."""
   g = GraphBuilder()
   x = g.tensor("x", x_shape)
   y = add_moe_block(g, x, x_shape, weights, options, **kw)
