@@ -12,7 +12,8 @@ from ai_edge_litert.interpreter import Interpreter
 
 from export import delegate as dl
 from export.delegate import tflite_builder as tb
-from test_delegate_util import assert_close, assert_rel_l2, opts, run, tokens, weights
+from test_delegate_util import (assert_close, assert_rel_l2, graph_with_builtins, opts, run,
+                                tokens, weights)
 
 
 def test_pack_int4_convention():
@@ -148,34 +149,11 @@ def test_ties_pick_lower_index():
   assert_close(y, dl.reference_moe(x, w, o), 1e-5)
 
 
-def _graph_with_builtins(rng, o, chain: bool):
-  """x -> FC -> h -> MoE -> (+h) -> MoE -> (+) -> y, or MoE -> MoE directly."""
-  D = o["d_model"]
-  g = tb.GraphBuilder()
-  x = g.tensor("x", [4, D])
-  w_in = (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
-  h = tb.fully_connected(g, x, g.const("w_in", w_in), [4, D], "h")
-  w1, w2 = weights(rng, o), weights(rng, o)
-  m1 = tb.add_moe_block(g, h, [4, D], w1, o, name="moe1")
-  r1 = m1 if chain else tb.add(g, h, m1, [4, D], "r1")
-  m2 = tb.add_moe_block(g, r1, [4, D], w2, o, name="moe2")
-  y = tb.add(g, r1, m2, [4, D], "y")
-  g.inputs, g.outputs = [x], [y]
-
-  def reference(xv):
-    hv = xv @ w_in.T
-    m1v = dl.reference_moe(hv, w1, o)
-    r1v = m1v if chain else hv + m1v
-    return r1v + dl.reference_moe(r1v, w2, o)
-
-  return g.build(), reference
-
-
 @pytest.mark.parametrize("chain", [False, True])
 def test_every_node_claimed_and_builtins_run(chain):
   rng = np.random.default_rng(8)
   o = opts(Fs=128)
-  model, reference = _graph_with_builtins(rng, o, chain)
+  model, reference = graph_with_builtins(rng, o, chain)
   x = rng.standard_normal((4, 256)).astype(np.float32)
   d = dl.load(activations="fp32")
   (y,), it = run(model, x, d)

@@ -4,6 +4,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from export import delegate as dl
+from export.delegate import tflite_builder as tb
 
 
 def opts(E=8, k=2, D=256, F=128, Fs=0, G=32, **kw):
@@ -52,3 +53,27 @@ def assert_rel_l2(y, ref, rel):
   flip moves single elements but not the whole."""
   err = float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
   assert err <= rel, f"relative L2 error {err:.3g} > {rel}"
+
+
+def graph_with_builtins(rng, o, chain: bool, weight_tiles=(0, 0)):
+  """x -> FC -> h -> MoE -> (+h) -> MoE -> (+) -> y, or MoE -> MoE directly: (model,
+  reference function). weight_tiles: the two MoE nodes' (tflite_builder.add_moe_block)."""
+  D = o["d_model"]
+  g = tb.GraphBuilder()
+  x = g.tensor("x", [4, D])
+  w_in = (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+  h = tb.fully_connected(g, x, g.const("w_in", w_in), [4, D], "h")
+  w1, w2 = weights(rng, o), weights(rng, o)
+  m1 = tb.add_moe_block(g, h, [4, D], w1, o, name="moe1", weight_tiles=weight_tiles[0])
+  r1 = m1 if chain else tb.add(g, h, m1, [4, D], "r1")
+  m2 = tb.add_moe_block(g, r1, [4, D], w2, o, name="moe2", weight_tiles=weight_tiles[1])
+  y = tb.add(g, r1, m2, [4, D], "y")
+  g.inputs, g.outputs = [x], [y]
+
+  def reference(xv):
+    hv = xv @ w_in.T
+    m1v = dl.reference_moe(hv, w1, o)
+    r1v = m1v if chain else hv + m1v
+    return r1v + dl.reference_moe(r1v, w2, o)
+
+  return g.build(), reference
