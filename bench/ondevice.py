@@ -15,6 +15,8 @@ INT4 group 32, random weights):
                     experts INT4 block-32 with fp32 group scales (the exporter's default)
   (a') delegate_cw  the same op with channel-wise experts (group_size 0: one fp32 scale
                     per output row, like the dense FCs' INT4 channel-wise)
+  (a'') delegate_cwt  channel-wise experts in 16-row tiles (weight_tiles=16, what the
+                    exporter writes when the shapes allow: one sequential stream per tile)
   (b) all-experts   the portable lowering: every expert as INT4 FULLY_CONNECTED
                     (gate/up of all experts fused in one FC, down in one FC),
                     hidden masked by the top-k routing weights (XNNPACK, qc4w)
@@ -220,11 +222,11 @@ def add_upstream_moe_block(g, x, T, rng, o, name):
   return y
 
 
-def add_delegate_block(g, x, T, rng, o, name):
+def add_delegate_block(g, x, T, rng, o, name, weight_tiles=0):
   """(a): one MobileMoeBlock node."""
   w = dl.random_moe_weights(rng, o["num_experts"], o["d_model"], o["d_expert"],
                             o["d_shared"], o["group_size"])
-  return tb.add_moe_block(g, x, [T, o["d_model"]], w, o, name=name)
+  return tb.add_moe_block(g, x, [T, o["d_model"]], w, o, name=name, weight_tiles=weight_tiles)
 
 
 def add_delegate_block_cw(g, x, T, rng, o, name):
@@ -232,12 +234,19 @@ def add_delegate_block_cw(g, x, T, rng, o, name):
   return add_delegate_block(g, x, T, rng, dict(o, group_size=0), name)
 
 
+def add_delegate_block_cwt(g, x, T, rng, o, name):
+  """(a''): channel-wise experts stored in 16-row tiles (weight_tiles=16)."""
+  return add_delegate_block(g, x, T, rng, dict(o, group_size=0), name, weight_tiles=16)
+
+
 BUILDERS = {"delegate": add_delegate_block, "delegate_cw": add_delegate_block_cw,
+            "delegate_cwt": add_delegate_block_cwt,
             "all_experts": add_allexperts_block, "upstream_moe": add_upstream_moe_block,
             # (a) run by another build of the delegate (--baseline_lib): before/after
             "delegate_base": add_delegate_block}
 # Models whose MobileMoeBlock nodes need the delegate loaded.
-DELEGATE_METHODS = ("delegate", "delegate_cw", "moe_s_ffn", "moe_s_ffn_cw")
+DELEGATE_METHODS = ("delegate", "delegate_cw", "delegate_cwt", "moe_s_ffn", "moe_s_ffn_cw",
+                    "moe_s_ffn_cwt")
 BASELINE_ENV = "MOBILEMOE_BASELINE_LIB"
 
 # FFN-only proxies of the whole models (attention, embeddings, lm_head left
@@ -248,6 +257,7 @@ BASELINE_ENV = "MOBILEMOE_BASELINE_LIB"
 STACKS = {
     "moe_s_ffn": dict(d_model=768, layers=[("dense", 2048)] + [("moe", None)] * 15),
     "moe_s_ffn_cw": dict(d_model=768, layers=[("dense", 2048)] + [("moe_cw", None)] * 15),
+    "moe_s_ffn_cwt": dict(d_model=768, layers=[("dense", 2048)] + [("delegate_cwt", None)] * 15),
     "pro_ffn": dict(d_model=1280, layers=[("dense", 6144)] * 30),
     "pro_ffn_b32": dict(d_model=1280, layers=[("dense_b32", 6144)] * 30),
 }
@@ -508,6 +518,8 @@ def export_whole(name, path):
       if isinstance(b.ffn, torch_model.MoE):
         b.ffn.gate_up = b.ffn.down = b.ffn.shared = None
     model.set_moe_lowering = lambda *args, **kw: model
+    ops = [b.ffn.op for b in model.blocks if isinstance(b.ffn, torch_model.MoE)]
+    spec_tiles = sorted({op.options["weight_tiles"] for op in ops})
   rep = litert.export(model, path + ".tmp", quant=spec["quant"], moe=spec["moe"],
                       attention=spec["attention"],
                       prefill_lens=WHOLE_PREFILL, kv_len=WHOLE_KV_LEN,
@@ -516,7 +528,8 @@ def export_whole(name, path):
   meta = dict(spec, export_s=time.time() - t0,
               file_bytes=rep["file_bytes"], params=params,
               signatures=rep["signatures"], file_prefill_logits=rep["prefill_logits"],
-              peak_rss_mb=peak_rss_mb())
+              peak_rss_mb=peak_rss_mb(),
+              expert_weight_tiles=spec_tiles if spec["moe"] == "delegate" else None)
   with open(path + ".json", "w") as f:
     json.dump(meta, f, indent=1)
   print(json.dumps(meta))
@@ -659,10 +672,12 @@ def markdown_table(res) -> str:
   names = {"delegate_base": "(a0) MobileMoeBlock, baseline build (--baseline_lib), block-32",
            "delegate": "(a) MobileMoeBlock delegate, experts block-32",
            "delegate_cw": "(a') MobileMoeBlock delegate, experts channel-wise",
+           "delegate_cwt": "(a'') MobileMoeBlock delegate, experts channel-wise, 16-row tiles",
            "all_experts": "(b) all experts, INT4 FCs",
            "upstream_moe": "(c) upstream `moe` op (int8, gelu)",
            "moe_s_ffn": "MobileMoE-S FFN stack (16 layers, experts block-32)",
            "moe_s_ffn_cw": "MobileMoE-S FFN stack (16 layers, experts channel-wise)",
+           "moe_s_ffn_cwt": "MobileMoE-S FFN stack (16 layers, experts channel-wise, tiles)",
            "pro_ffn": "MobileLLM-Pro FFN stack (30 layers, INT4 channel-wise)",
            "pro_ffn_b32": "MobileLLM-Pro FFN stack (30 layers, INT4 block-32)"}
   lines = ["| config | per | decode T=1 ms | prefill 128 ms | prefill 512 ms | peak RSS MB |",
@@ -685,6 +700,8 @@ def markdown_table(res) -> str:
   raw = res.get("whole_model_raw_ms")
   if raw:
     experts = "channel-wise" if res.get("whole_moe_experts") == "channel" else "block-32"
+    if ((res.get("whole_models") or {}).get("moe") or {}).get("expert_weight_tiles") == [16]:
+      experts += " in 16-row tiles"
     attn = "" if res.get("whole_attention") == "portable" else ", MobileKvAttention"
     for n, label in (("moe", f"MobileMoE-S whole model (delegate, experts {experts}{attn})"),
                      ("moe_fc", "MobileMoE-S, decode_delegate (every INT4 FC on the delegate)"),
@@ -759,12 +776,12 @@ def main():
   print(f"DRAM read bandwidth ({THREADS} threads): {bw:.1f} GB/s", flush=True)
   rows = []
   tmp = tempfile.mkdtemp()
-  groups = [("delegate", "delegate_cw", "all_experts", "upstream_moe")]
+  groups = [("delegate", "delegate_cw", "delegate_cwt", "all_experts", "upstream_moe")]
   if a.baseline_lib:
     os.environ[BASELINE_ENV] = os.path.abspath(a.baseline_lib)   # read by the children
     groups[0] = ("delegate_base",) + groups[0]
   if not (a.quick or a.blocks_only):
-    groups.append(("moe_s_ffn", "moe_s_ffn_cw", "pro_ffn", "pro_ffn_b32"))
+    groups.append(("moe_s_ffn", "moe_s_ffn_cw", "moe_s_ffn_cwt", "pro_ffn", "pro_ffn_b32"))
   for group in groups:
     for r in measure(group, L, Ts, budget, tmp):
       rows.append(r)
@@ -799,6 +816,12 @@ def main():
       "decode_limit_ms_per_block_cw": limit_cw_ms,
       "decode_fraction_of_bandwidth_limit_cw": ratio(limit_cw_ms, ms("delegate_cw", 1)),
       "delegate_cw_vs_block32_decode": ratio(dec, ms("delegate_cw", 1)),
+      # (a'') the same channel-wise experts in 16-row tiles: same bytes, another order
+      "decode_fraction_of_bandwidth_limit_cwt": ratio(limit_cw_ms, ms("delegate_cwt", 1)),
+      "delegate_cwt_vs_cw_decode": ratio(ms("delegate_cw", 1), ms("delegate_cwt", 1)),
+      "delegate_cwt_vs_cw_prefill128": ratio(ms("delegate_cw", 128), ms("delegate_cwt", 128)),
+      "delegate_cwt_vs_cw_prefill512": ratio(ms("delegate_cw", 512), ms("delegate_cwt", 512)),
+      "ffn_stack_cwt_decode_speedup_vs_dense": ratio(ms("pro_ffn", 1), ms("moe_s_ffn_cwt", 1)),
       "baseline_lib": a.baseline_lib,
       "delegate_vs_baseline_decode": ratio(ms("delegate_base", 1), dec),
       "delegate_vs_baseline_prefill128": ratio(ms("delegate_base", 128), ms("delegate", 128)),

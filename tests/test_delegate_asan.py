@@ -39,7 +39,7 @@ def test_delegate_under_asan_ubsan():
              ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
              UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
   tests = ["tests/test_delegate_fuzz.py", "tests/test_delegate.py", "tests/test_delegate_attention.py",
-           "tests/test_delegate_fc.py"]
+           "tests/test_delegate_fc.py", "tests/test_delegate_tiles.py"]
   select = ("fuzz or matches_reference or matches_xnnpack or claimed or refused or garbage or "
             "resize or sanitized")
   r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p",
