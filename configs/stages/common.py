@@ -74,6 +74,11 @@ def train_config(stage: str, small: bool, **overrides) -> ml_collections.ConfigD
   # (bench/README.md). The CPU demo presets keep the full-logits loss. Ignored (unchunked)
   # with distill_weight: the KL needs the student's full logits.
   t.loss_chunk_len = 0 if small else 512
+  # With loss_chunk_len: each chunk's exponentials in one pass (the gradient from the softmax
+  # numerators and their sum, train/loss.py); False: logsumexp, then the softmax again. Same
+  # math; on an H200, MobileMoE-S at 256 x 2048 (8 x 32 accumulated) took 2260.5 ms per step
+  # instead of 2340.6 (bench/README.md, call 13).
+  t.loss_exp_once = True
   t.distill_weight = 0.0          # QAT: weight of KL(float teacher || fake-quant model); 0 = off
   t.distill_temperature = 1.0
   t.update(overrides)
