@@ -34,6 +34,10 @@ fit; `model.moe.capacity_factor` 1.25 for MoE models):
                 (attention_mask 'auto' resolved on the host by trainer.step_config, fused
                 gate/up), each change switched off, batch 32/48, and the preset's global batch
                 256 x 2048 as accumulated micro-batches (s_accum256_*)
+  since call 12: the extras pair each as-configured run (8, 48, 256 x 2048) with the same
+                step on the previous loss (s_*twopass*: train.loss_exp_once off), and the
+                256 x 2048 step with loss chunks of 1024; s_call7_code_1gpu runs the current
+                loss (its rows record loss_exp_once)
   s_cudnn_ep2, s_cudnn_ep4, s_cudnn_1gpu_ref  expert parallel as configured (cuDNN attention,
                 chunked loss) and its one-GPU reference on the same machine
 Each run is a subprocess (CUDA_VISIBLE_DEVICES picks its GPUs), so one-GPU runs go side by
@@ -142,6 +146,12 @@ JOBS = {
     's_call7_code_batch32_1gpu': ('mobilemoe_s', 1, 'call7_batch32'),
     's_accum256_1gpu': ('mobilemoe_s', 1, 'accum256'),
     's_accum256_mu_bf16_1gpu': ('mobilemoe_s', 1, 'accum256_mu_bf16'),
+    # Since call 12 train.loss_exp_once (default on: one exp pass per loss chunk); these runs
+    # switch it off (the logsumexp + softmax-gradient passes), or change the chunk length.
+    's_twopass_1gpu': ('mobilemoe_s', 1, 'twopass'),
+    's_twopass_batch48_1gpu': ('mobilemoe_s', 1, 'twopass_batch48'),
+    's_accum256_twopass_1gpu': ('mobilemoe_s', 1, 'accum256_twopass'),
+    's_accum256_chunk1024_1gpu': ('mobilemoe_s', 1, 'accum256_chunk1024'),
     # Expert parallel as configured (cuDNN attention, chunked loss) and its one-GPU reference
     # on the same machine (weak scaling: per-GPU batch fixed).
     's_cudnn_1gpu_ref': ('mobilemoe_s', 1, 'chunked'),
@@ -184,6 +194,10 @@ VARIANTS = {   # name: (model-config overrides, per-GPU batch or None, train-con
     'accum256': (AUTO, 256, {'loss_chunk_len': CHUNK, 'grad_accum': 8}),
     'accum256_mu_bf16': (AUTO, 256, {'loss_chunk_len': CHUNK, 'grad_accum': 8,
                                      'adam_mu_dtype': 'bfloat16'}),
+    'twopass': (AUTO, None, {'loss_chunk_len': CHUNK, 'loss_exp_once': False}),
+    'twopass_batch48': (AUTO, 48, {'loss_chunk_len': CHUNK, 'loss_exp_once': False}),
+    'accum256_twopass': (AUTO, 256, {'loss_chunk_len': CHUNK, 'grad_accum': 8, 'loss_exp_once': False}),
+    'accum256_chunk1024': (AUTO, 256, {'loss_chunk_len': 1024, 'grad_accum': 8}),
 }
 # Further runs measured inside a job's process after its own, on its state: the state's
 # shapes do not depend on them, so the initial state (most of a job's minutes on the device)
@@ -206,9 +220,14 @@ EXTRAS_CALL10 = ['s_chunked_ce_1gpu', 's_causal_attn_1gpu', 's_chunked_ce_batch4
                  's_accum256_causal_1gpu', 's_accum256_micro64_1gpu']
 # Since call 11, 'auto' is resolved on the host (trainer.step_config): the as-configured runs
 # below train these one-document rows with the flags-only attention, as train_and_evaluate would.
-EXTRAS = {'s_call7_code_1gpu': ['s_chunked_ce_1gpu', 's_unfused_1gpu', 's_bias_nograd_1gpu',
-                                's_chunked_ce_batch32_1gpu', 's_chunked_ce_batch48_1gpu',
-                                's_unfused_batch48_1gpu', 's_accum256_1gpu', 's_accum256_unfused_1gpu']}
+EXTRAS_CALL11 = ['s_chunked_ce_1gpu', 's_unfused_1gpu', 's_bias_nograd_1gpu',
+                 's_chunked_ce_batch32_1gpu', 's_chunked_ce_batch48_1gpu',
+                 's_unfused_batch48_1gpu', 's_accum256_1gpu', 's_accum256_unfused_1gpu']
+# Since call 12 the loss computes each chunk's exponentials once (train.loss_exp_once): each
+# as-configured run next to the same step with the previous loss (s_*twopass*), old first.
+EXTRAS = {'s_call7_code_1gpu': ['s_twopass_1gpu', 's_chunked_ce_1gpu', 's_twopass_batch48_1gpu',
+                                's_chunked_ce_batch48_1gpu', 's_accum256_twopass_1gpu',
+                                's_accum256_1gpu', 's_accum256_chunk1024_1gpu']}
 # Phases run one after another, each with a time limit (s); inside a phase, lanes run side by
 # side on their own GPUs and the jobs of one lane one after another.
 PLAN = [
@@ -432,6 +451,7 @@ def _result(name, preset, variant, n_dev, per_dev, remat, cfg_model, config, tim
       'capacity_factor': cfg_model.moe.capacity_factor if cfg_model.moe.n_experts else None,
       'stubbed_modules': STUBBED, 'attention_impl': cfg_model.attention_impl,
       'loss_chunk_len': config.train.loss_chunk_len,
+      'loss_exp_once': bool(config.train.get('loss_exp_once', False)) if config.train.loss_chunk_len else None,
       'attention_mask': cfg_model.get('attention_mask'),
       'attention_mask_step': STEP_MASK.get(id(config)),
       'fuse_gate_up': cfg_model.get('fuse_gate_up'), 'grad_accum': config.train.grad_accum,
