@@ -473,6 +473,7 @@ WHOLE_PREFILL = (128, 512)
 DEFAULT_OUT = os.path.join(REPO, "bench", "results", "ondevice.json")
 WHOLE_KV_LEN = 1024
 DECODE_PROMPT, DECODE_STEPS = 32, 128   # decode: 128 tokens after a 32-token prompt
+DECODE_ROUNDS = 6   # at least this many rounds of DECODE_STEPS per arrangement
 WHOLE_DIR = os.path.join(REPO, "runs", "ondevice_models")
 # A change to these files re-exports the cached models.
 EXPORTER_FILES = ("export/torch_model.py", "export/litert.py", "export/moe_op.py",
@@ -603,19 +604,26 @@ def whole_model_race(moe_path, dense_path, budget_s):
   # Decode: 128 tokens generated after a prompt (steps at context 32..159, the usual
   # short-context number), and 128 more at the end of the cache (context 896..1023):
   # attention that reads only the filled slots costs more as the context grows.
+  # Each round runs every arrangement once, back to back; the per-round medians pair the
+  # models within seconds of each other (whole_model_rows: the spread of the ratio).
   for key, prompt in (("decode", DECODE_PROMPT), ("decode_long", WHOLE_KV_LEN - DECODE_STEPS)):
     times = {n: [] for n in lms}
+    rounds = {n: [] for n in lms}
     t_end = time.perf_counter() + budget_s
-    while min(map(len, times.values())) < 2 * DECODE_STEPS or time.perf_counter() < t_end:
+    while min(map(len, rounds.values())) < DECODE_ROUNDS or time.perf_counter() < t_end:
       for n, lm in lms.items():
         lm.reset()
         lm.prefill_last(rng.integers(0, 1000, prompt))
+        t = []
         for _ in range(DECODE_STEPS):
           t0 = time.perf_counter()
           lm.decode(int(rng.integers(0, 1000)))
-          times[n].append(time.perf_counter() - t0)
+          t.append(time.perf_counter() - t0)
+        times[n] += t
+        rounds[n].append(float(np.median(t) * 1e3))
     for n, t in times.items():
       out[f"{n}_{key}_ms"] = float(np.median(t) * 1e3)
+      out[f"{n}_{key}_rounds_ms"] = rounds[n]
   print(json.dumps(out))
 
 
@@ -644,7 +652,20 @@ def whole_model_rows(moe_path, dense_path, budget_s=20):
         plain, fc = r[f"{n}_{k}_ms"], r[f"{n}_fc_{k}_ms"]
         r[f"{n}_{k}_best_ms"], r[f"{n}_{k}_best"] = min(plain, fc), ("fc" if fc < plain else "plain")
   ratio = lambda k: (r.get(f"dense_{k}_ms") / r[f"moe_{k}_ms"]) if f"moe_{k}_ms" in r else None
+
+  def rounds(n, k):   # model n's per-round medians in its faster arrangement
+    return r[f"{n}_{k}_rounds_ms" if r[f"{n}_{k}_best"] == "plain" else f"{n}_fc_{k}_rounds_ms"]
+
+  def paired(k):
+    """[min, median, max] over the rounds (run back to back) of the two models' ratio:
+    the ratio's spread inside this run."""
+    if f"moe_{k}_best" not in r:
+      return None
+    pairs = [d / m for d, m in zip(rounds("dense", k), rounds("moe", k))]
+    return [min(pairs), float(np.median(pairs)), max(pairs)]
+
   return {"raw": r, "decode": ratio("decode_best"), "decode_long": ratio("decode_long_best"),
+          "decode_paired": paired("decode"), "decode_long_paired": paired("decode_long"),
           "decode_plain": ratio("decode"), "decode_long_plain": ratio("decode_long"),
           "prefill128": ratio("prefill128"), "prefill512": ratio("prefill512")}
 
@@ -845,6 +866,9 @@ def main():
       # Whole MobileMoE-S vs MobileLLM-Pro .tflite models (null: not measured, --quick).
       "decode_speedup_vs_dense": whole and whole["decode"],
       "decode_long_context_speedup_vs_dense": whole and whole["decode_long"],
+      # [min, median, max] over the rounds of the ratio of the two models' round medians
+      "decode_speedup_vs_dense_rounds": whole and whole["decode_paired"],
+      "decode_long_context_speedup_vs_dense_rounds": whole and whole["decode_long_paired"],
       # Both models with one interpreter each (no decode_delegate), for comparison.
       "decode_speedup_vs_dense_plain": whole and whole["decode_plain"],
       "decode_long_context_speedup_vs_dense_plain": whole and whole["decode_long_plain"],
