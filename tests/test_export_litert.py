@@ -413,6 +413,48 @@ def test_int4_channel_delegate_export_holds_channelwise_experts(small, tmp_path)
   np.testing.assert_allclose(split, got, atol=1e-4, rtol=0)
 
 
+def test_tiled_experts_export_runs_like_the_portable_file(tmp_path):
+  """Experts whose shapes tile (d_model, d_expert, d_shared multiples of 128): the exporter
+  stores the op's INT4 matrices in 16-row tiles (weight_tiles 16, export/moe_op.py), read_ops
+  gives back the row layout (the weights' own integers), and the delegate running that file
+  computes what the portable int4_channel file computes with XNNPACK's FCs, prefill and
+  decode, with and without its fully_connected option."""
+  cfg, m = make('moe', d_expert=128, d_shared=128)
+  model = tm.from_flax(m, cfg)
+  paths = {moe: str(tmp_path / f'{moe}.tflite') for moe in ('delegate', 'portable')}
+  try:
+    for moe, path in paths.items():
+      litert.export(model, path, quant='int4_channel', embedding='int8', moe=moe,
+                    prefill_lens=(8, 32), kv_len=KV_LEN, log=lambda _: None)
+  finally:
+    model.set_moe_lowering('portable')
+  ops = moe_op.read_ops(paths['delegate'])
+  assert len(ops) == cfg.n_layers - cfg.moe.first_dense
+  for (opts, ws), b in zip(ops, [b for b in model.blocks if isinstance(b.ffn, tm.MoE)]):
+    assert opts['weight_tiles'] == 16 and opts['group_size'] == 0
+    down = np.stack([l.weight.detach().numpy() for l in b.ffn.down])
+    q, s = grid.quantize(down, grid.Scheme(4, 0))
+    np.testing.assert_array_equal(moe_op.unpack(ws['down_q'], ws['down_s']), q * s)
+  # The file itself holds the tiles: its raw down_q bytes are read_ops' rows, tiled.
+  from export.delegate import tflite_builder as tb
+  raw = flatbuf.load(paths['delegate'])
+  sg = raw[0].subgraphs[0]
+  code = next(i for i, oc in enumerate(raw[0].operatorCodes) if oc.customCode == b'MobileMoeBlock')
+  op = next(o for o in sg.operators if o.opcodeIndex == code)
+  down_raw = flatbuf.tensor_value(raw[0], raw[1], sg.tensors[list(op.inputs)[5]]).view(np.uint8)
+  np.testing.assert_array_equal(down_raw, tb.tile_rows(ops[0][1]['down_q']))
+  export_delegate, dlg = load_delegate('int8')
+  got = run(paths['delegate'], delegate=dlg)
+  st = export_delegate.stats(dlg)
+  assert st['claimed'] >= 1 and st['refused'] == 0, st
+  want = run(paths['portable'])
+  print('max |dlogit|', np.abs(got - want).max(), np.abs(want).max())
+  np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+  split = run(paths['delegate'], delegate=export_delegate.load(activations='int8'),
+              decode_delegate=export_delegate.load(activations='int8', fully_connected=True))
+  np.testing.assert_allclose(split, got, atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope='module')
 def attention_path(small, tmp_path_factory):
   """attention='delegate': decode's attention as MobileKvAttention ops; prefill_32 (more
