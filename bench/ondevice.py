@@ -5,6 +5,7 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
   python bench/ondevice.py --quick         # smaller run without whole models, a smoke test
   python bench/ondevice.py --whole_only    # just the whole-model rows
   python bench/ondevice.py --blocks_only [--baseline_lib old.so]   # just the block rows
+  python bench/ondevice.py --block32_stacks  # also the block-32 FFN stacks (both models)
   python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # your own files
   python bench/ondevice.py --whole_only --experts block32   # whole MobileMoE-S, block-32 experts
   python bench/ondevice.py --whole_only --attention portable  # attention as builtin ops (both)
@@ -748,6 +749,8 @@ def main():
   ap.add_argument("--export", nargs=2, metavar=("NAME", "PATH"))
   ap.add_argument("--whole_only", action="store_true", help="only the whole-model rows")
   ap.add_argument("--quick", action="store_true", help="fewer layers/iterations (smoke test)")
+  ap.add_argument("--block32_stacks", action="store_true",
+                  help="also time the FFN stacks with block-32 weights (MobileMoE-S experts, Pro FCs)")
   ap.add_argument("--blocks_only", action="store_true",
                   help="only the block rows (a0/a/a'/b/c), full size: no FFN stacks, no whole models")
   ap.add_argument("--experts", choices=("block32", "channel"), default="channel",
@@ -802,7 +805,10 @@ def main():
     os.environ[BASELINE_ENV] = os.path.abspath(a.baseline_lib)   # read by the children
     groups[0] = ("delegate_base",) + groups[0]
   if not (a.quick or a.blocks_only):
-    groups.append(("moe_s_ffn", "moe_s_ffn_cw", "moe_s_ffn_cwt", "pro_ffn", "pro_ffn_b32"))
+    # The block-32 stacks only on request: building and timing them kept a first run (which
+    # also exports the whole models, ~4 min) over 15 minutes.
+    groups.append(("moe_s_ffn_cw", "moe_s_ffn_cwt", "pro_ffn") +
+                  (("moe_s_ffn", "pro_ffn_b32") if a.block32_stacks else ()))
   for group in groups:
     for r in measure(group, L, Ts, budget, tmp):
       rows.append(r)
