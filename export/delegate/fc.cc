@@ -14,23 +14,24 @@ void Int4Fc::Run(const Q4Matrix& w_in, const float* x, int N, float* y, ThreadPo
   const int threads = pool->size();
   const int rows = N < 8 ? std::max(256, (w.M / (2 * threads) + 15) / 16 * 16) : 256;
   const int items = (w.M + rows - 1) / rows;
-  if (a_isa != Isa::kScalar && TilesOk(w.M, w.K)) {
-    if (tiled_key_ != w.q) {   // once per weight tensor
+  const bool tile = a_isa != Isa::kScalar && TilesOk(w.M, w.K);
+  const bool fresh = key_ != w_in.q;   // a new weight tensor: once per node (constant)
+  key_ = w_in.q;
+  if (tile) {
+    if (fresh) {
       tiled_.resize((size_t)w.M * (w.K / 2));
       pool->Run((w.M + 4095) / 4096, [&](int i, int) {
         const int m0 = i * 4096, m1 = std::min(w.M, m0 + 4096);
         TileRows(w.q + (size_t)m0 * (w.K / 2), m1 - m0, w.K, tiled_.data() + (size_t)m0 * (w.K / 2));
       });
-      tiled_key_ = w.q;
     }
     w.q = tiled_.data();
     w.tiles = kTileRows;
   }
-  if (mode == ActMode::kI8 && wsum_key_ != w_in.q) {   // once per weight tensor
+  if (mode == ActMode::kI8 && fresh) {
     wsum_.assign(w.M, 0.f);
     float* out = wsum_.data();
     WeightRowSums(&w, &out, 1, pool, isa);
-    wsum_key_ = w_in.q;
   }
   w.wsum = mode == ActMode::kI8 ? wsum_.data() : nullptr;
   acts_.Resize(N, w.K, mode, a_isa);

@@ -20,13 +20,13 @@ class Int4Fc {
            ActMode mode, Isa isa);
 
  private:
-  std::vector<float> wsum_;  // [M] sum_k W[m,k] for the int8 zero point, computed once
-  const void* wsum_key_ = nullptr;
-  // The weight in 16-row tiles (Q4Matrix::tiles), copied once from the file's
-  // rows: decode streams each tile sequentially. XNNPACK keeps a repacked copy
-  // of every FC it runs too; this one replaces it for the FCs we claim.
+  // Both built once per weight tensor (key_: the tensor's data in the file):
+  std::vector<float> wsum_;  // [M] sum_k W[m,k] for the int8 zero point
+  // The weight in 16-row tiles (Q4Matrix::tiles), copied from the file's rows:
+  // decode streams each tile sequentially. XNNPACK keeps a repacked copy of
+  // every FC it runs too; this one replaces it for the FCs we claim.
   std::vector<uint8_t> tiled_;
-  const void* tiled_key_ = nullptr;
+  const void* key_ = nullptr;
   Acts acts_;
 };
 

@@ -64,7 +64,7 @@ static int Check(Isa isa) {
             Q4Matrix t = w;
             t.q = tq.data();
             t.tiles = kTileRows;
-            for (int m0 : {0, 16, 5}) {  // 5: not a tile start (the scalar fallback)
+            for (int m0 : {0, 16, 5}) {  // 5: not a tile start (rows 5..15 one by one)
               std::vector<float> c((size_t)N * M);
               Q4Gemm(t, m0, M, simd, c.data(), M);
               if (!same(c, m0, "tiles")) return -1;

@@ -243,8 +243,7 @@ static int DecodeRowsC(const uint8_t* q, int tiles, int ldw, const float* s, int
   const __m512 scale_x = _mm512_set1_ps(xs[0]);
   const __m512 fix = _mm512_set1_ps((float)csum[0]);
   const WStride st = Strides(ldw, tiles, kPrefetchRows);
-  int m = m0;
-  if (tiles && m0 % 16) return m0;  // tiles: 16 rows must be one tile
+  int m = m0;  // tiles: Q4Gemm starts tiled calls at a tile's first row
   for (; m + 16 <= m1; m += 16) {
     const uint8_t* wq = RowPtr(q, m, ldw, tiles);
     __m512i acc[16];
