@@ -32,7 +32,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mobilemoe_jax.data import pipeline  # noqa: E402
-from mobilemoe_jax.eval.loading import load_checkpoint  # noqa: E402
+from mobilemoe_jax.train.loading import load_checkpoint  # noqa: E402
 from mobilemoe_jax.model import Transformer  # noqa: E402
 from mobilemoe_jax.model.layers import QuantScale  # noqa: E402
 from mobilemoe_jax.quant import grid  # noqa: E402
@@ -96,8 +96,8 @@ def main():
   a = ap.parse_args()
 
   start = time.time()
-  sft, _ = load_checkpoint(os.path.join(a.workdir, 'sft', 'checkpoints'))
-  qat, _ = load_checkpoint(os.path.join(a.workdir, 'qat', 'checkpoints'))
+  sft = load_checkpoint(os.path.join(a.workdir, 'sft', 'checkpoints')).model
+  qat = load_checkpoint(os.path.join(a.workdir, 'qat', 'checkpoints')).model
   scheme = qat.cfg.quant.weights
   if scheme is None:
     raise SystemExit(f'{a.workdir}/qat was not trained with fake quantization (model.quant.weights)')
@@ -106,7 +106,7 @@ def main():
   lsq_dir = os.path.join(a.workdir, a.lsq, 'checkpoints')
   drift = None
   if os.path.isdir(lsq_dir):
-    lsq, _ = load_checkpoint(lsq_dir)
+    lsq = load_checkpoint(lsq_dir).model
     models.update({f'QAT {scheme}, learned scales (LSQ)': lsq,
                    'LSQ weights, float forward': with_quant(lsq, None)})
     drift = scale_drift(lsq)

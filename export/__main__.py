@@ -101,13 +101,11 @@ def checkpoint_tokenizer(path: str):
   """The tokenizer an Orbax training checkpoint was trained with (its meta config), or None
   (a PyTorch dir, or the file is not there)."""
   from mobilemoe_jax.data.tokenizer import load_tokenizer
-  from mobilemoe_jax.train import checkpoint as ckpt_lib
+  from mobilemoe_jax.train import loading
   try:
-    directory, step = ckpt_lib.resolve(path)
-    meta = json.loads((directory / str(step) / 'meta' / 'metadata').read_text())
-  except (ImportError, OSError, ValueError, ckpt_lib.CheckpointError):
+    tok = loading.tokenizer_path(loading.read_config(path))
+  except (OSError, ValueError, loading.ckpt_lib.CheckpointError):
     return None
-  tok = meta.get('config', {}).get('data', {}).get('train', {}).get('tokenizer')
   return load_tokenizer(tok) if tok and os.path.isfile(tok) else None
 
 

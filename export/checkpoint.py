@@ -26,43 +26,14 @@ def load_any(checkpoint: str, config: str | None = None):
 
 def load_config(spec: str):
   """'configs/tiny.py:moe' -> the ConfigDict its get_config returns."""
-  import importlib.util
-  path, _, arg = spec.partition(':')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'--config {spec}: {path} does not exist')
-  spec_ = importlib.util.spec_from_file_location('_export_config', path)
-  mod = importlib.util.module_from_spec(spec_)
-  spec_.loader.exec_module(mod)
-  return mod.get_config(arg) if arg else mod.get_config()
+  from mobilemoe_jax.config import load_file
+  return load_file(spec)
 
 
 def from_orbax(path: str, config: str | None = None):
-  """Params (+ the expert-bias state) of a training checkpoint -> MobileMoE."""
-  import jax
-  import ml_collections
-  from flax import nnx
-  from mobilemoe_jax.model import Transformer
-  try:
-    from mobilemoe_jax.train import checkpoint as ckpt_lib
-  except ImportError as e:
-    raise FileNotFoundError(f'{path} has no config.json, and reading Orbax training checkpoints '
-                            f'needs mobilemoe_jax.train ({e})') from e
-  directory, step = ckpt_lib.resolve(path)
-  if config:
-    cfg = load_config(config)
-  else:
-    import orbax.checkpoint as ocp
-    meta = ocp.CheckpointManager(directory, item_handlers={'meta': ocp.JsonCheckpointHandler()}) \
-        .restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    cfg = ml_collections.ConfigDict({'model': meta['config']['model']})
-  # Fields added to the schema after the checkpoint was written take their defaults.
-  from mobilemoe_jax import config as config_lib
-  model_cfg = config_lib.model_config()
-  model_cfg.update(cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else cfg.model)
-  abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  target = {'params': params, 'rest': rest}
-  shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
-  loaded, _, _ = ckpt_lib.load_for_init(path, target, shardings, ('params', 'rest'))
-  model = nnx.merge(graphdef, loaded['params'], loaded['rest'])
-  return torch_model.from_flax(model, model_cfg)
+  """Params (+ the expert-bias state) of a training checkpoint -> MobileMoE; with `config`,
+  the model is built from that config (its shapes must match the checkpoint's)."""
+  from mobilemoe_jax.train.loading import load_checkpoint
+  model_cfg = load_config(config).model if config else None
+  loaded = load_checkpoint(path, model_config=model_cfg, need_tokenizer=False)
+  return torch_model.from_flax(loaded.model, loaded.config.model)

@@ -5,6 +5,8 @@ overrides fields, so the schema lives in one place. Configs are locked: a typo i
 a field name fails when it is set (`--config.model.d_modle=...` is refused by
 ml_collections), and `validate()` checks the values before any array is built.
 """
+import importlib.util
+import os
 from contextlib import nullcontext as _nullcontext
 
 import ml_collections
@@ -206,3 +208,20 @@ def validate_mesh(mesh: ml_collections.ConfigDict, n_devices: int) -> dict:
   _require(fixed * (axes[free[0]] if free else 1) == n_devices, 'mesh',
            f'axes {axes} multiply to {fixed}, but there are {n_devices} devices')
   return axes
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """'configs/tiny.py:moe' -> what that file's get_config('moe') returns.
+
+  Config files are read by path, as `--config=` does, never imported by name: the library
+  sits below the configs/ tree. A relative path is taken from the working directory, else
+  from the project root (where configs/ lives)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config {spec!r}: {path} does not exist')
+  module_spec = importlib.util.spec_from_file_location('_config_file', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

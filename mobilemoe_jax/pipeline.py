@@ -81,13 +81,13 @@ def ship(workdir: str, checkpoint: str, tokenizer_path: str) -> dict:
   from export import delegate
   from export.__main__ import main as export_main
   from export.runner import LiteRTLM
-  from mobilemoe_jax.eval.loading import load_checkpoint
+  from mobilemoe_jax.train.loading import load_checkpoint
   from mobilemoe_jax.eval.run import run_local_eval
 
   path = os.path.join(workdir, 'model.tflite')
   export_main(['--checkpoint', checkpoint, '--out', path, '--moe', 'delegate',
                '--attention', 'delegate', '--prefill', '32', '--kv-len', '128'])
-  model, tok = load_checkpoint(checkpoint, tokenizer_path)
+  model, _, tok = load_checkpoint(checkpoint, tokenizer_path)
   dlg = delegate.load()
   lm = LiteRTLM(path, delegate=dlg)
   prompt = 'Return the number of'

@@ -9,7 +9,7 @@ from lm_eval.api.instance import Instance
 
 from mobilemoe_jax.eval import run, tasks
 from mobilemoe_jax.eval.jax_lm import JaxLM
-from mobilemoe_jax.eval.tflite_lm import TFLiteLM
+from export.tflite_lm import TFLiteLM
 from test_eval_util import EVAL_DATA, make_tokenizer, tiny_model
 
 pytest.importorskip('litert_torch')

@@ -36,14 +36,14 @@ def held_out_prompts(data_dir, tok, n=12, n_tokens=10):
 def trained(data_dir, tmp_path_factory):
   from configs.stages import pretrain
   from export import litert, torch_model
-  from mobilemoe_jax.eval.loading import load_checkpoint
+  from mobilemoe_jax.train.loading import load_checkpoint
   from mobilemoe_jax.train import train_and_evaluate
   workdir = str(tmp_path_factory.mktemp('qat'))
   config = pretrain.get_config(f'tiny,data_dir={data_dir}')
   config.update_from_flattened_dict(OVERRIDES)
   config.lock()
   train_and_evaluate(config, workdir)
-  model, tok = load_checkpoint(os.path.join(workdir, 'checkpoints'))
+  model, _, tok = load_checkpoint(os.path.join(workdir, 'checkpoints'))
   path = os.path.join(workdir, 'int4.tflite')
   torch_copy = torch_model.from_flax(model, model.cfg)
   litert.export(torch_copy, path, quant='int4_g32', prefill_lens=(32,), kv_len=64,

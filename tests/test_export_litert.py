@@ -369,7 +369,7 @@ def test_prefill_logits_last_verify_and_eval(small, last_fp32_path):
   with pytest.raises(ValueError, match='unknown prefill_logits'):
     litert.convert_fp32(small, 'x.tflite', prefill_logits='first')
   pytest.importorskip('lm_eval')
-  from mobilemoe_jax.eval.tflite_lm import TFLiteLM
+  from export.tflite_lm import TFLiteLM
   with pytest.raises(ValueError, match='--prefill-logits all'):
     TFLiteLM(tokenizer=object(), runner=LiteRTLM(last_fp32_path))
 

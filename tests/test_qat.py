@@ -145,7 +145,7 @@ def test_lsq_qat_trains_from_a_float_checkpoint(tmp_path):
   the loaded weights (not the random init) and trains them."""
   from configs.stages import qat as qat_stage
   from mobilemoe_jax.data import build
-  from mobilemoe_jax.eval.loading import load_checkpoint
+  from mobilemoe_jax.train.loading import load_checkpoint
   from mobilemoe_jax.train import train_and_evaluate
   from tests.test_train import make_config
   data_dir = str(tmp_path / 'data')
@@ -159,8 +159,8 @@ def test_lsq_qat_trains_from_a_float_checkpoint(tmp_path):
       'train.init_from': str(tmp_path / 'float' / 'checkpoints')})
   summary = train_and_evaluate(config, str(tmp_path / 'lsq'))
   assert np.isfinite(summary['loss_end'])
-  loaded, _ = load_checkpoint(float_run['checkpoint'])
-  lsq, _ = load_checkpoint(summary['checkpoint'])
+  loaded = load_checkpoint(float_run['checkpoint']).model
+  lsq = load_checkpoint(summary['checkpoint']).model
   flat = lambda m: {p: np.array(v[...]) for p, v in nnx.to_flat_state(nnx.state(m, QuantScale))}
   random_init = Transformer(config.model, rngs=nnx.Rngs(0))
   init = flat(random_init)

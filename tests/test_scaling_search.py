@@ -25,7 +25,7 @@ def tiny_search(**budget):
 
 @pytest.fixture(scope='module')
 def s_result():
-  return search.search(S_BUDGETS, device=DEV)
+  return search.search(S_BUDGETS, mobilemoe_s.get_config().model, device=DEV)
 
 
 def test_every_candidate_is_within_every_budget(s_result):

@@ -38,18 +38,21 @@ def make_lm(suite):
   """The backend named by the flags, ready for lm_eval."""
   batch = _BATCH.value or suite.batch_size
   if _BACKEND.value == 'tflite':
-    from mobilemoe_jax.eval.tflite_lm import TFLiteLM
+    from export.tflite_lm import TFLiteLM
     if not _TOKENIZER.value:
       raise app.UsageError('--backend=tflite needs --tokenizer (a .tflite has no tokenizer)')
     return TFLiteLM(_CHECKPOINT.value, _TOKENIZER.value, max_gen_toks=suite.max_gen_toks)
-  from mobilemoe_jax.eval import loading
+  from flax import nnx
+
   from mobilemoe_jax.eval.jax_lm import JaxLM
+  from mobilemoe_jax.model import Transformer
+  from mobilemoe_jax.train.loading import load_checkpoint
   if _CHECKPOINT.value == 'random':
     if _MODEL_CONFIG.value is None or not _TOKENIZER.value:
       raise app.UsageError('--checkpoint=random needs --model_config and --tokenizer')
-    model, tok = loading.random_model(_MODEL_CONFIG.value), _TOKENIZER.value
+    model, tok = Transformer(_MODEL_CONFIG.value.model, rngs=nnx.Rngs(0)), _TOKENIZER.value
   else:
-    model, tok = loading.load_checkpoint(_CHECKPOINT.value, _TOKENIZER.value)
+    model, _, tok = load_checkpoint(_CHECKPOINT.value, _TOKENIZER.value)
   return JaxLM(model, tok, batch_size=batch, max_gen_toks=suite.max_gen_toks)
 
 

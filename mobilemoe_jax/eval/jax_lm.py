@@ -51,8 +51,8 @@ class JaxLM(TokenLM):
     if model is None:
       if checkpoint is None:
         raise ValueError('JaxLM needs an in-memory model + tokenizer, or checkpoint=PATH')
-      from mobilemoe_jax.eval.loading import load_checkpoint
-      model, loaded_tok = load_checkpoint(checkpoint)
+      from mobilemoe_jax.train.loading import load_checkpoint
+      model, _, loaded_tok = load_checkpoint(checkpoint)
       tokenizer = tokenizer or loaded_tok
     if tokenizer is None:
       raise ValueError('JaxLM needs a tokenizer (mobilemoe_jax.data.tokenizer.load_tokenizer)')

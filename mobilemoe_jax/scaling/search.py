@@ -147,17 +147,14 @@ def _pareto(cands, key):
   return out
 
 
-def search(budgets: Budgets, family=None, space: Space = Space(),
+def search(budgets: Budgets, family, space: Space = Space(),
            params: law.LawParams = law.REFERENCE,
            device: accounting.DeviceModel | None = None) -> Result:
-  """All shapes of `family` (a model config; default MobileMoE-S's) in `space` within
+  """All shapes of `family` (a model config, e.g. MobileMoE-S's) in `space` within
   `budgets`, ranked by the law with `params`. Ties in predicted loss go to the shape with
   the lower decode latency, then the smaller model."""
   budgets.check()
   device = device or accounting.load_device()
-  if family is None:
-    from configs import mobilemoe_s
-    family = mobilemoe_s.get_config().model
   base = _namespace(config_lib.validate(family))
   found, n_eval = [], 0
   for (d, heads, hd, d_ff, ex), layers in _shapes(base, space):

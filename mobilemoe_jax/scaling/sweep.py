@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from mobilemoe_jax import config as config_lib
 from mobilemoe_jax.scaling import law
 
 STAGE = 'configs/stages/pretrain.py'
@@ -127,8 +128,7 @@ GRIDS = {'tiny': _tiny_grid, 'seeds': _seed_grid, 'h200': _h200_grid,
 
 def build_config(family: str, overrides: dict, data_dir: str | None = None):
   """The stage config a run trains, with `overrides` ({'model.d_model': 64, ...}) applied."""
-  from configs.stages import pretrain
-  cfg = pretrain.get_config(_arg(family, data_dir))
+  cfg = config_lib.load_file(f'{STAGE}:{_arg(family, data_dir)}')
   for path, value in overrides.items():
     *parents, leaf = path.split('.')
     node = cfg

@@ -1,0 +1,80 @@
+"""The one way to read a training checkpoint back: (model, config, tokenizer).
+
+Eval, export, the pipeline and the benchmarks all load through `load_checkpoint`. A training
+checkpoint (Orbax, `<workdir>/checkpoints[/<step>]`) carries its config in the `meta` item,
+so the model is rebuilt from it and only `params` + `rest` are read (no optimizer state, no
+data iterator). The tokenizer is the one the stage trained with (`config.data.train.tokenizer`)
+unless a path is given.
+"""
+import os
+from typing import NamedTuple
+
+import ml_collections
+
+from mobilemoe_jax import config as config_lib
+from mobilemoe_jax.train import checkpoint as ckpt_lib
+
+
+class Loaded(NamedTuple):
+  model: object                          # mobilemoe_jax.model.Transformer
+  config: ml_collections.ConfigDict      # the experiment config saved with the checkpoint
+  tokenizer: object                      # mobilemoe_jax.data.tokenizer.Tokenizer, or None
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+  """The experiment config a checkpoint was saved with. Its model section starts from today's
+  schema, so checkpoints written before a field existed still load (with the default)."""
+  import orbax.checkpoint as ocp
+  directory, step = ckpt_lib.resolve(path)
+  try:
+    meta = ocp.CheckpointManager(directory, item_handlers={'meta': ocp.JsonCheckpointHandler()}) \
+        .restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  except Exception as e:  # Orbax/JSON errors: say which checkpoint and what
+    raise ckpt_lib.CheckpointError(f'checkpoint {directory / str(step)}: cannot read its config '
+                                   f'(meta item): {type(e).__name__}: {e}') from e
+  cfg = ml_collections.ConfigDict(meta['config'])
+  model = config_lib.model_config()
+  model.update(meta['config']['model'])
+  cfg.model = model
+  return cfg
+
+
+def tokenizer_path(cfg: ml_collections.ConfigDict) -> str | None:
+  """The tokenizer file a checkpoint's stage trained with, if the config names one."""
+  return cfg.get('data', {}).get('train', {}).get('tokenizer') or None
+
+
+def load_checkpoint(path: str, tokenizer: str | None = None, *, model_config=None,
+                    need_tokenizer: bool = True) -> Loaded:
+  """`<workdir>/checkpoints` (latest step) or `<workdir>/checkpoints/<step>` -> Loaded.
+
+  tokenizer: a path overriding the checkpoint's own. model_config: build the model from this
+  config instead of the saved one (its parameter shapes must match the checkpoint's). With
+  need_tokenizer=False a missing tokenizer file gives `tokenizer=None` instead of an error."""
+  import jax
+  from flax import nnx
+
+  from mobilemoe_jax.data.tokenizer import load_tokenizer
+  from mobilemoe_jax.model import Transformer
+
+  cfg = read_config(path)
+  if model_config is not None:
+    cfg.model = config_lib.model_config()
+    cfg.model.update(model_config.to_dict() if hasattr(model_config, 'to_dict') else model_config)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  target = {'params': params, 'rest': rest}
+  # Read onto one device; callers place the model on their mesh afterwards.
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = jax.tree.map(lambda _: one, target)
+  loaded, _, _ = ckpt_lib.load_for_init(path, target, shardings, ('params', 'rest'))
+  model = nnx.merge(graphdef, loaded['params'], loaded['rest'])
+  tok_path = tokenizer or tokenizer_path(cfg)
+  if tok_path and os.path.isfile(tok_path):
+    tok = load_tokenizer(tok_path)
+  elif need_tokenizer:
+    raise FileNotFoundError(f'tokenizer {tok_path!r} (from the checkpoint config) not found; '
+                            'pass --tokenizer=PATH')
+  else:
+    tok = None
+  return Loaded(model, cfg, tok)
