@@ -14,7 +14,7 @@ seen. With Orbax, the iterator is one more item of the checkpoint (one JSON file
 
 Config schema (an ml_collections.ConfigDict or a plain dict; unknown keys are errors):
 
-  tokenizer: str            # SentencePiece .model or HF tokenizer.json, local path
+  tokenizer: str            # SentencePiece .model, HF tokenizer.json or a dir with one, local
   sources: list of dicts, each one of
     {kind: "array_record", path: str | list[str], weight: 1.0}
         # files, globs or directories of ArrayRecord files; records are UTF-8 JSON {"text": ...}
