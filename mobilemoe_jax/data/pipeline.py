@@ -37,7 +37,10 @@ Each batch is a dict of numpy arrays, B = batch_size, T = seq_len:
 How documents become rows: a document of n tokens (<bos> ... <eos>, or a chat) is shifted
 into inputs = ids[:-1], targets = ids[1:] BEFORE packing, so a target is never taken from a
 neighbouring document; every target is a real token of its own document (the last one is
-<eos>). A document longer than T is cut into T-token pieces, each its own segment with
+<eos>, or a chat's last end-of-turn piece). A chat is laid out by the tokenizer's chat template
+(tokenizer.py: the bundled `<|user|>...<|end|>` pieces, or the released MobileMoE's
+`<|header_start|>role<|header_end|>\\n\\n...<|eot|>` for its Llama-3 tokenizer) and trained on
+assistant content plus the piece that ends each assistant turn. A document longer than T is cut into T-token pieces, each its own segment with
 positions from 0. Pieces are packed first-fit into rows (grain.experimental.
 FirstFitPackIterDataset), each source separately, so a row holds one source only.
 
