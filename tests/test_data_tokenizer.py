@@ -98,8 +98,11 @@ def test_a_jinja_template_the_native_one_does_not_match_is_refused(llama3_tokeni
                                                             "message['content'] | trim")
   (tmp_path / 'tokenizer_config.json').write_text(json.dumps(config))
   tok = tokenizer_lib.load_tokenizer(str(tmp_path))
+  for _ in range(2):   # and again: a failed check does not let the next call through
+    with pytest.raises(ValueError, match='tokenizer_config.json.*chat_template'):
+      tok.encode_chat(CONVERSATIONS[0])
   with pytest.raises(ValueError, match='tokenizer_config.json.*chat_template'):
-    tok.encode_chat(CONVERSATIONS[0])
+    tok.chat_prompt(CONVERSATIONS[0])
   # Chosen by name, the template is the caller's decision.
   named = tokenizer_lib.load_tokenizer(str(tmp_path), chat_template='bundled')
   ids, mask = named.encode_chat(CONVERSATIONS[1])

@@ -91,7 +91,7 @@ class Tokenizer:
     self._end = self.piece_ids(self.template.end)
     stops = [eos_id, *(self._end if len(self._end) == 1 else []), *extra_stop_ids]
     self.stop_ids = tuple(dict.fromkeys(int(i) for i in stops))  # eos first, each once
-    self._jinja = jinja_template            # checked against the native template once
+    self._jinja = jinja_template            # checked against the native template, then None
     self.files = files or {}                # name -> path of the files it was read from
 
   def piece_ids(self, piece: str) -> list[int]:
@@ -129,6 +129,19 @@ class Tokenizer:
     loss_mask[i] is the weight of predicting ids[i] (the pipeline shifts both by one).
     """
     self._check_jinja()
+    ids, mask = self._conversation(messages)
+    if self.template.close_with_eos:
+      ids.append(self.eos_id)
+      mask.append(0.0)  # the closing end piece already teaches the model to stop
+    return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
+
+  def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+    """Ids that ask the model for the next assistant turn: the conversation + the assistant
+    header. Generation stops at any of `stop_ids`."""
+    self._check_jinja()
+    return self._conversation(messages)[0] + self._header_ids("assistant")
+
+  def _conversation(self, messages: Sequence[dict]) -> tuple[list[int], list[float]]:
     ids, mask = [self.bos_id], [0.0]
     for i, message in enumerate(messages):
       role, content = message.get("role"), message.get("content")
@@ -141,18 +154,7 @@ class Tokenizer:
       turn, n_header = self._message(role, content)
       ids += turn
       mask += [0.0] * n_header + [weight] * (len(turn) - n_header)
-    if self.template.close_with_eos:
-      ids.append(self.eos_id)
-      mask.append(0.0)  # the closing end piece already teaches the model to stop
-    return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
-
-  def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
-    """Ids that ask the model for the next assistant turn: the conversation + the assistant
-    header. Generation stops at any of `stop_ids`."""
-    ids, _ = self.encode_chat(messages)
-    if self.template.close_with_eos:
-      ids = ids[:-1]
-    return [*ids.tolist(), *self._header_ids("assistant")]
+    return ids, mask
 
   def _header_ids(self, role: str) -> list[int]:
     header = self.template.header.format(role=role)
@@ -174,24 +176,28 @@ class Tokenizer:
     return ids + self._end, n
 
   def _check_jinja(self):
-    """The native template must give the ids of the snapshot's own Jinja template (once)."""
+    """The native template must give the ids of the snapshot's own Jinja template; checked
+    on the first chat encoding, and again on every one while it fails."""
     if self._jinja is None:
       return
-    source, self._jinja = self._jinja, None
+    where = self.files.get("tokenizer_config.json", self.path)
     probe = [{"role": "system", "content": "Be brief."},
              {"role": "user", "content": "Name one JVM language."},
              {"role": "assistant", "content": "Kotlin."},
              {"role": "user", "content": " Another one?\n"}]
     specials = {"bos_token": self._backend.id_to_token(self.bos_id),
                 "eos_token": self._backend.id_to_token(self.eos_id)}
-    want = self.encode(render_jinja(source, probe, add_generation_prompt=True, **specials))
-    got = self.chat_prompt(probe)
+    try:
+      want = self.encode(render_jinja(self._jinja, probe, add_generation_prompt=True, **specials))
+    except Exception as e:  # jinja2 raises many types (syntax, undefined, raise_exception)
+      raise ValueError(f"{where}: its chat_template does not render a conversation: {e!r}") from None
+    got = self._conversation(probe)[0] + self._header_ids("assistant")
     if got != want:
-      where = self.files.get("tokenizer_config.json", self.path)
       raise ValueError(
           f"{where}: its chat_template renders a conversation to ids {want} but the native "
           f"{self.template.name!r} template gives {got}; SFT masks need the native template, "
           f"so it must match (or pass another chat_template to load_tokenizer)")
+    self._jinja = None  # checked: the same ids
 
 
 def render_jinja(source: str, messages: Sequence[dict], add_generation_prompt: bool,
