@@ -145,3 +145,23 @@ def test_unconvertible_sentencepiece_is_refused(tmp_path):
                                  vocab_size=60, model_type='bpe', minloglevel=2)
   with pytest.raises(ValueError, match='bpe.model.*model_type'):
     tokenizer_lib.spm_to_tokenizer_json(path)
+
+
+def test_sft_rows_through_the_pipeline(tok, llama3_tokenizer_dir, tmp_path):
+  """A snapshot directory as the data config's tokenizer: packed SFT rows train exactly on
+  each assistant answer and its <|eot|>."""
+  from mobilemoe_jax.data import pipeline
+  answers = ['Kotlin.', 'Scala, and also Clojure.', '\nGroovy\n']
+  path = tmp_path / 'chat.jsonl'
+  path.write_text(''.join(json.dumps({'messages': [
+      {'role': 'user', 'content': f'Name JVM language {i}.'},
+      {'role': 'assistant', 'content': a}]}) + '\n' for i, a in enumerate(answers)))
+  config = {'tokenizer': llama3_tokenizer_dir, 'shuffle': False, 'num_epochs': 1,
+            'sources': [{'kind': 'jsonl_chat', 'path': str(path)}]}
+  batch = next(iter(pipeline.make_dataset(config, seq_len=128, batch_size=1, seed=0,
+                                          process_index=0, process_count=1)))
+  seg, targets, mask = batch['segment_ids'][0], batch['targets'][0], batch['loss_mask'][0]
+  got = [targets[(seg == s) & (mask == 1)].tolist() for s in np.unique(seg[seg > 0])]
+  want = [tok.encode_chat(json.loads(line)['messages']) for line in path.read_text().splitlines()]
+  assert got == [ids[mask == 1].tolist() for ids, mask in want]
+  assert [g[-1] for g in got] == [EOT] * 3 and tok.decode(got[0][:-1]) == 'Kotlin.'
