@@ -142,7 +142,8 @@ def save(model: torch_model.MobileMoE, out_dir: str, tokenizer):
   tokenizer: the one the model was trained with, a `Tokenizer` or a path for load_tokenizer.
   """
   hf_model = to_hf(model)
-  tok = tokenizer if isinstance(tokenizer, tokenizer_lib.Tokenizer) else tokenizer_lib.load_tokenizer(tokenizer)
+  tok = (tokenizer if isinstance(tokenizer, tokenizer_lib.Tokenizer)
+         else tokenizer_lib.load_tokenizer(tokenizer))
   if tok.vocab_size > model.cfg['vocab_size']:
     raise ValueError(f'tokenizer {tok.path} has {tok.vocab_size} ids but the model only '
                      f'{model.cfg["vocab_size"]} embedding rows')

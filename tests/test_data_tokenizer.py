@@ -50,8 +50,9 @@ def test_pinned_example_structure(tok):
   128008, 128005, assistant, 128006, \\n\\n (content ids are our synthetic vocabulary's)."""
   got = tok.chat_prompt(CONVERSATIONS[0])
   e = tok.encode
-  assert got == [BOS, HEADER_START, *e('user'), HEADER_END, *e('\n\n'), *e('Name one JVM language.'),
-                 EOT, HEADER_START, *e('assistant'), HEADER_END, *e('\n\n')]
+  assert got == [BOS, HEADER_START, *e('user'), HEADER_END, *e('\n\n'),
+                 *e('Name one JVM language.'), EOT,
+                 HEADER_START, *e('assistant'), HEADER_END, *e('\n\n')]
 
 
 def test_native_template_equals_the_jinja_rendering(tok, llama3_tokenizer_dir):
@@ -122,7 +123,8 @@ def test_sentencepiece_converts_to_the_same_ids(tmp_path):
   rnd = random.Random(0)
   texts = ['Return the  directory,\n\tindented — with ünïcode and ✓ symbols.', '', ' ', ' lead',
            'trail  ', '\n\n  x', 'def f(x):\n    return x**2  # 日本']
-  texts += [''.join(rnd.choice('ab cd\n\té✓日 .,') for _ in range(rnd.randint(0, 30))) for _ in range(200)]
+  texts += [''.join(rnd.choice('ab cd\n\té✓日 .,') for _ in range(rnd.randint(0, 30)))
+            for _ in range(200)]
   for text in texts:
     want = spm_tok.encode(text)
     assert converted.encode(text, add_special_tokens=False).ids == want, repr(text)

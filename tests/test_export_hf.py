@@ -103,7 +103,8 @@ def test_auto_tokenizer_and_generate_work_on_our_dir(tmp_path, tok):
   model = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
   prompt = torch.tensor([[tok.bos_id] + tok.encode('Return the number of')])
   with torch.no_grad():
-    free = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)[0, prompt.shape[1]:]
+    free = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    free = free[0, prompt.shape[1]:]
     first = int(free[0])
     assert first not in stops and len(free) == 6
     head = model.lm_head.weight.detach().clone()
@@ -120,7 +121,8 @@ def test_snapshot_tokenizer_files_are_copied_unchanged(tmp_path, llama3_tokenize
   ids = tokenizer_lib.write_tokenizer_files(llama3_tokenizer_dir, out)
   assert ids == {'bos_token_id': 128000, 'eos_token_id': [128001, 128008], 'pad_token_id': 0}
   for name in ('tokenizer.json', 'tokenizer_config.json'):
-    assert filecmp.cmp(os.path.join(llama3_tokenizer_dir, name), os.path.join(out, name), shallow=False)
+    assert filecmp.cmp(os.path.join(llama3_tokenizer_dir, name), os.path.join(out, name),
+                       shallow=False)
   ours = tokenizer_lib.load_tokenizer(out)
   at = transformers.AutoTokenizer.from_pretrained(out)
   text = 'Hello, MobileMoE! Name one JVM language.'

@@ -40,9 +40,10 @@ neighbouring document; every target is a real token of its own document (the las
 <eos>, or a chat's last end-of-turn piece). A chat is laid out by the tokenizer's chat template
 (tokenizer.py: the bundled `<|user|>...<|end|>` pieces, or the released MobileMoE's
 `<|header_start|>role<|header_end|>\\n\\n...<|eot|>` for its Llama-3 tokenizer) and trained on
-assistant content plus the piece that ends each assistant turn. A document longer than T is cut into T-token pieces, each its own segment with
-positions from 0. Pieces are packed first-fit into rows (grain.experimental.
-FirstFitPackIterDataset), each source separately, so a row holds one source only.
+assistant content plus the piece that ends each assistant turn. A document longer than T is
+cut into T-token pieces, each its own segment with positions from 0. Pieces are packed
+first-fit into rows (grain.experimental.FirstFitPackIterDataset), each source separately, so a
+row holds one source only.
 
 Mixture: sources are mixed row by row with grain's IterDataset.mix, which interleaves
 deterministically in the given proportions (exact, not sampled), so weights are fractions

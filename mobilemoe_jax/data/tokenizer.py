@@ -60,8 +60,9 @@ class ChatTemplate:
     """The same template as a HF `chat_template` (Jinja), for tokenizer_config.json."""
     before, after = self.header.split("{role}")
     q = lambda text: json.dumps(text)  # a JSON string literal is a valid Jinja literal
+    message = f"{q(before)} + message['role'] + {q(after)} + message['content'] + {q(self.end)}"
     return ("{{- bos_token }}{%- for message in messages %}"
-            f"{{{{- {q(before)} + message['role'] + {q(after)} + message['content'] + {q(self.end)} }}}}"
+            f"{{{{- {message} }}}}"
             "{%- endfor %}{%- if add_generation_prompt %}"
             f"{{{{- {q(self.header.format(role='assistant'))} }}}}{{%- endif %}}")
 
@@ -190,7 +191,8 @@ class Tokenizer:
     try:
       want = self.encode(render_jinja(self._jinja, probe, add_generation_prompt=True, **specials))
     except Exception as e:  # jinja2 raises many types (syntax, undefined, raise_exception)
-      raise ValueError(f"{where}: its chat_template does not render a conversation: {e!r}") from None
+      raise ValueError(f"{where}: its chat_template does not render a conversation: {e!r}"
+                       ) from None
     got = self._conversation(probe)[0] + self._header_ids("assistant")
     if got != want:
       raise ValueError(
@@ -279,7 +281,8 @@ def _load_hf(path: str, chat_template: str | None) -> Tokenizer:
   except Exception as e:  # the library raises a bare Exception on malformed JSON
     raise ValueError(f"not a HF tokenizer.json: {path!r} ({e})") from None
   directory = os.path.dirname(path)
-  files = {n: os.path.join(directory, n) for n in (*TOKENIZER_FILES, "config.json", "generation_config.json")
+  names = (*TOKENIZER_FILES, "config.json", "generation_config.json")
+  files = {n: os.path.join(directory, n) for n in names
            if os.path.isfile(os.path.join(directory, n))}
   files["tokenizer.json"] = path
   config = _read_json(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
@@ -290,9 +293,11 @@ def _load_hf(path: str, chat_template: str | None) -> Tokenizer:
     if text is not None:
       tid = tok.token_to_id(text)
       if tid is None:
-        raise ValueError(f"{files['tokenizer_config.json']}: {name}_token {text!r} is not in {path!r}")
+        raise ValueError(f"{files['tokenizer_config.json']}: {name}_token {text!r} is not in "
+                         f"{path!r}")
       return tid
-    return next((tok.token_to_id(c) for c in _HF_CANDIDATES[name] if tok.token_to_id(c) is not None), None)
+    found = [tok.token_to_id(c) for c in _HF_CANDIDATES[name] if tok.token_to_id(c) is not None]
+    return found[0] if found else None
 
   ids = {name: token_id(name) for name in _HF_CANDIDATES}
   if ids["eos"] is None:
@@ -334,13 +339,14 @@ def spm_to_tokenizer_json(model_path: str) -> str:
   with open(model_path, "rb") as f:
     proto.ParseFromString(f.read())
   norm, trainer = proto.normalizer_spec, proto.trainer_spec
-  got = dict(model_type=trainer.model_type, normalization=norm.name, charsmap=bool(norm.precompiled_charsmap),
-             add_dummy_prefix=norm.add_dummy_prefix, escape_whitespaces=norm.escape_whitespaces,
+  got = dict(model_type=trainer.model_type, normalization=norm.name,
+             charsmap=bool(norm.precompiled_charsmap), add_dummy_prefix=norm.add_dummy_prefix,
+             escape_whitespaces=norm.escape_whitespaces,
              remove_extra_whitespaces=norm.remove_extra_whitespaces,
              split_by_whitespace=trainer.split_by_whitespace, byte_fallback=trainer.byte_fallback)
-  want = dict(model_type=trainer.UNIGRAM, normalization="identity", charsmap=False, add_dummy_prefix=True,
-              escape_whitespaces=True, remove_extra_whitespaces=False, split_by_whitespace=True,
-              byte_fallback=True)
+  want = dict(model_type=trainer.UNIGRAM, normalization="identity", charsmap=False,
+              add_dummy_prefix=True, escape_whitespaces=True, remove_extra_whitespaces=False,
+              split_by_whitespace=True, byte_fallback=True)
   wrong = {k: v for k, v in got.items() if v != want[k]}
   if wrong:
     raise ValueError(f"{model_path}: cannot convert this SentencePiece model exactly: {wrong} "
@@ -349,10 +355,12 @@ def spm_to_tokenizer_json(model_path: str) -> str:
   tok = tokenizers.Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces],
                                             unk_id=trainer.unk_id, byte_fallback=True))
   # Normalising after the special tokens are split gives each segment its dummy prefix.
-  tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
-  tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                   decoders.Strip(" ", 1, 0)])
+  tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                         normalizers.Replace(" ", "▁")])
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never",
+                                                split=True)
+  tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                   decoders.Fuse(), decoders.Strip(" ", 1, 0)])
   tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces
                           if p.type in (kinds.CONTROL, kinds.UNKNOWN, kinds.USER_DEFINED)])
   bos = proto.pieces[trainer.bos_id].piece
@@ -417,7 +425,7 @@ def train_llama3_style_bpe(texts: Iterable[str], out_dir: str, vocab_size: int =
   post-processor, and the mobilemoe chat template. Writes tokenizer.json and
   tokenizer_config.json into out_dir; returns out_dir."""
   import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, trainers
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -428,25 +436,22 @@ def train_llama3_style_bpe(texts: Iterable[str], out_dir: str, vocab_size: int =
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(texts, trainer)
   spec = json.loads(tok.to_str())
-  # tokenizers numbers added tokens after the model vocabulary (ids in the file are not kept),
-  # so unreachable fillers (no merge produces them) take the ids up to 128000, as in Llama-3.
+  # tokenizers numbers added tokens after the model vocabulary, so unreachable fillers (no
+  # merge produces them) take the ids up to 128000, as in Llama-3.
   vocab = spec["model"]["vocab"]
   vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), LLAMA3_BASE_VOCAB)})
-  reserved = iter(range(LLAMA3_VOCAB))
-  names = {i: LLAMA3_SPECIALS.get(i) or f"<|reserved_special_token_{next(reserved)}|>"
-           for i in range(LLAMA3_BASE_VOCAB, LLAMA3_VOCAB)}
-  spec["added_tokens"] = [dict(id=i, content=c, single_word=False, lstrip=False, rstrip=False,
-                               normalized=False, special=True) for i, c in names.items()]
+  tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
+  reserved = (f"<|reserved_special_token_{k}|>" for k in range(LLAMA3_VOCAB))
+  tok.add_special_tokens([
+      tokenizers.AddedToken(LLAMA3_SPECIALS.get(i) or next(reserved), special=True, normalized=False)
+      for i in range(LLAMA3_BASE_VOCAB, LLAMA3_VOCAB)])
   bos = LLAMA3_SPECIALS[128000]
-  spec["post_processor"] = {"type": "Sequence", "processors": [
-      {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
-      {"type": "TemplateProcessing",
-       "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-       "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-       "special_tokens": {bos: {"id": bos, "ids": [128000], "tokens": [bos]}}}]}
+  tok.post_processor = processors.Sequence([
+      processors.ByteLevel(trim_offsets=False),
+      processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                    special_tokens=[(bos, 128000)])])
   os.makedirs(out_dir, exist_ok=True)
-  tokenizers.Tokenizer.from_str(json.dumps(spec)).save(os.path.join(out_dir, "tokenizer.json"))
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos,
             "eos_token": LLAMA3_SPECIALS[128001], "clean_up_tokenization_spaces": False,
             "model_max_length": 8192, "chat_template": CHAT_TEMPLATES["mobilemoe"].jinja()}
