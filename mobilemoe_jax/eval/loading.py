@@ -38,7 +38,7 @@ def load_checkpoint(path: str, tokenizer: str | None = None):
   loaded, _, _ = ckpt_lib.load_for_init(path, target, shardings, ('params', 'rest'))
   model = nnx.merge(graphdef, loaded['params'], loaded['rest'])
   tok_path = tokenizer or cfg.data.train.tokenizer
-  if not os.path.isfile(tok_path):
+  if not os.path.exists(tok_path):   # a file, or a snapshot dir with tokenizer.json
     raise FileNotFoundError(f'tokenizer {tok_path!r} (from the checkpoint config) not found; '
                             'pass --tokenizer=PATH')
   return model, load_tokenizer(tok_path)
