@@ -106,7 +106,7 @@ def checkpoint_tokenizer(path: str):
     tok = loading.tokenizer_path(loading.read_config(path))
   except (OSError, ValueError, loading.ckpt_lib.CheckpointError):
     return None
-  return load_tokenizer(tok) if tok and os.path.isfile(tok) else None
+  return load_tokenizer(tok) if tok and os.path.exists(tok) else None
 
 
 def main(argv=None):
@@ -136,11 +136,19 @@ def main(argv=None):
   ap.add_argument('--hf-out', help='also write a Hugging Face transformers dir here')
   ap.add_argument('--no-verify', action='store_true')
   ap.add_argument('--litertlm', metavar='DIR', help='also bundle a .litertlm here (needs --tokenizer)')
-  ap.add_argument('--tokenizer', help='SentencePiece .model (or tokenizer.json): text prompts for '
-                  "the verification (default: an Orbax checkpoint's own) and --litertlm")
+  ap.add_argument('--tokenizer', help='SentencePiece .model (or tokenizer.json / a dir with one): '
+                  "text prompts for the verification, --hf-out's tokenizer files (default: an "
+                  "Orbax checkpoint's own) and --litertlm")
   a = ap.parse_args(argv)
 
   from export import checkpoint, litert, torch_model
+  if a.tokenizer:
+    from mobilemoe_jax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(a.tokenizer)
+  else:
+    tok = checkpoint_tokenizer(a.checkpoint) if a.checkpoint else None
+  if a.hf_out and tok is None:
+    ap.error('--hf-out needs --tokenizer (the checkpoint does not name one)')
   t0 = time.time()
   print('[export] loading weights...', flush=True)
   if a.random_init:
@@ -158,7 +166,7 @@ def main(argv=None):
     print(f'[export] PyTorch dir: {a.torch_out}')
   if a.hf_out:
     from export import hf
-    hf.save(model, a.hf_out)
+    hf.save(model, a.hf_out, tok)
     print(f'[export] Hugging Face dir: {a.hf_out}')
   # A QAT checkpoint was trained on one grid: export on that grid unless told otherwise.
   qat = model.cfg.get('quant') or {}
@@ -177,11 +185,6 @@ def main(argv=None):
   rep['float_fc_weights'] = len(litert.check_router(a.out))
   if not a.no_verify:
     print('[export] verifying against PyTorch (prefill + decode)...', flush=True)
-    if a.tokenizer:
-      from mobilemoe_jax.data.tokenizer import load_tokenizer
-      tok = load_tokenizer(a.tokenizer)
-    else:
-      tok = checkpoint_tokenizer(a.checkpoint) if a.checkpoint else None
     rep['verify'] = verify(model, a.out, a.quant, a.embedding, tok)
   if a.litertlm:
     if not a.tokenizer:

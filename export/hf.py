@@ -15,6 +15,10 @@ Which configs map exactly:
   are DeepSeek-V3 routing, but transformers' DeepseekV3 uses MLA attention, which cannot
   express GQA exactly; Qwen2/3-MoE and OLMoE route with softmax only and no bias/scale.
 HF -> ours is implemented for the dense case (import_dense).
+
+Every directory carries its tokenizer (mobilemoe_jax.data.tokenizer.write_tokenizer_files:
+tokenizer.json, tokenizer_config.json with the chat template, special_tokens_map.json) and
+bos/eos/pad ids in config.json and generation_config.json.
 """
 import os
 
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from export import torch_model
+from mobilemoe_jax.data import tokenizer as tokenizer_lib
 
 
 class Unsupported(ValueError):
@@ -129,10 +134,25 @@ def to_hf(model: torch_model.MobileMoE):
   return hf_model
 
 
-def save(model: torch_model.MobileMoE, out_dir: str):
-  """A directory that AutoModelForCausalLM.from_pretrained(out_dir) loads natively."""
+def save(model: torch_model.MobileMoE, out_dir: str, tokenizer):
+  """A directory that AutoModelForCausalLM.from_pretrained(out_dir) loads natively, with the
+  tokenizer files AutoTokenizer reads and the bos/eos/pad ids in config.json and
+  generation_config.json, so `generate` stops at the model's stop tokens.
+
+  tokenizer: the one the model was trained with, a `Tokenizer` or a path for load_tokenizer.
+  """
+  hf_model = to_hf(model)
+  tok = (tokenizer if isinstance(tokenizer, tokenizer_lib.Tokenizer)
+         else tokenizer_lib.load_tokenizer(tokenizer))
+  if tok.vocab_size > model.cfg['vocab_size']:
+    raise ValueError(f'tokenizer {tok.path} has {tok.vocab_size} ids but the model only '
+                     f'{model.cfg["vocab_size"]} embedding rows')
   os.makedirs(out_dir, exist_ok=True)
-  to_hf(model).save_pretrained(out_dir)
+  ids = tokenizer_lib.write_tokenizer_files(tok, out_dir, model_max_length=model.cfg['max_seq_len'])
+  for name, value in ids.items():
+    setattr(hf_model.config, name, value)
+    setattr(hf_model.generation_config, name, value)
+  hf_model.save_pretrained(out_dir)
   return out_dir
 
 

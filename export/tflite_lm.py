@@ -90,7 +90,7 @@ class TFLiteLM(TokenLM):
       ids = []
       for _ in range(max_new):
         tok = sample(logits, self.rng, temperature)
-        if tok == self.tok.eos_id:
+        if tok in self.tok.stop_ids:
           break
         ids.append(tok)
         if should_stop(ids) or r.pos >= r.kv_len:

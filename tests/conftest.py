@@ -18,3 +18,24 @@ def _jax_stays_32_bit():
   yield
   import jax
   jax.config.update('jax_enable_x64', False)
+
+
+# Text a synthetic Llama-3-style tokenizer learns its merges from (ids below 1000).
+LLAMA3_TRAIN_TEXTS = [
+    'Name one JVM language. Kotlin, Scala and Clojure run on the JVM.',
+    'Hello, MobileMoE! The user asks; the assistant answers.',
+    'Three newlines\n\n\nmerge into one token,\n\n\nso a header\'s "\\n\\n" can merge with content.',
+]
+
+
+@pytest.fixture(scope='session')
+def llama3_tokenizer_dir(tmp_path_factory):
+  """A directory laid out like a released MobileMoE snapshot's tokenizer files
+  (tokenizer.json + tokenizer_config.json with the Jinja chat template): a small byte-level BPE
+  with the Llama-3 pre-tokenizer and the special tokens at their real ids."""
+  import inspect
+  import json
+  import os as os_mod
+  from mobilemoe_jax.data import tokenizer as tokenizer_lib
+  texts = [inspect.getdoc(m) for m in (json, os_mod, inspect)] + LLAMA3_TRAIN_TEXTS * 4
+  return tokenizer_lib.train_llama3_style_bpe(texts, str(tmp_path_factory.mktemp('llama3_tok')))

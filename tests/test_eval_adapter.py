@@ -105,11 +105,10 @@ def _gen(lm, prompt, until, max_gen_toks):
 def test_generate_until_is_greedy_and_stops_at_stop_strings(lm1, ref, tok):
   prompt = 'Return the number of items in a'
   free = _gen(lm1, prompt, [], 24)
-  # Greedy decoding equals the foundation's KV-cache generate(), up to an <eos> if one comes.
+  # Greedy decoding equals the foundation's KV-cache generate(), up to a stop id if one comes.
   ids = np.asarray(generate(ref, np.asarray([[tok.bos_id] + tok.encode(prompt)]), 24))[0]
   ref = [int(i) for i in ids]
-  if tok.eos_id in ref:
-    ref = ref[:ref.index(tok.eos_id)]
+  ref = ref[:min([ref.index(s) for s in tok.stop_ids if s in ref], default=len(ref))]
   assert free == tok.decode(ref)
   assert len(free) >= 6, f'need some text to cut: {free!r}'
   stop = free[3:5]

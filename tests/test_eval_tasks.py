@@ -27,15 +27,43 @@ def empty_hf_cache(tmp_path, monkeypatch):
   return tmp_path / 'hf'
 
 
-def test_suite_has_14_tasks_known_to_lm_eval():
+@pytest.fixture(scope='module')
+def task_manager():
   from lm_eval.tasks import TaskManager
+  return TaskManager()   # indexes the installed lm_eval's task YAMLs (a few seconds)
+
+
+def _dataset_paths(manager, name: str) -> set[str]:
+  """The HF dataset repos lm_eval's task (or group / tag, through its members) reads,
+  from the installed YAMLs with their `include`s resolved."""
+  from lm_eval import utils
+  entry = manager.task_index[name]
+  if entry['type'] == 'tag':
+    members = entry['task']
+  else:
+    config = utils.load_yaml_config(entry['yaml_path'], mode='simple')
+    if entry['type'] == 'task':
+      return {config['dataset_path']}
+    members = config['task']
+  return set().union(*(_dataset_paths(manager, m) for m in members))
+
+
+def test_suite_repos_are_what_lm_eval_reads(task_manager):
+  """The repos pre-populated for each task are exactly the dataset_path(s) of its YAML(s)."""
+  read = {t['name']: _dataset_paths(task_manager, t['name']) for t in suite_lib.get_config().tasks}
+  assert read['mmlu'] == {'cais/mmlu'} and read['social_iqa'] == {'allenai/social_i_qa'}
+  for t in suite_lib.get_config().tasks:
+    assert set(t['repos']) == read[t['name']], t['name']
+
+
+def test_suite_has_14_tasks_known_to_lm_eval(task_manager):
   cfg = suite_lib.get_config()
   names = [t['name'] for t in cfg.tasks]
   assert len(names) == 14 == len(set(names))
   for required in ('arc_easy', 'arc_challenge', 'boolq', 'piqa', 'social_iqa', 'hellaswag',
                    'openbookqa', 'winogrande', 'mmlu', 'gsm8k', 'hendrycks_math500'):
     assert required in names
-  known = set(TaskManager().all_tasks)
+  known = set(task_manager.all_tasks)
   assert not [n for n in names if n not in known]
   for t in cfg.tasks:
     assert t['shots'] >= 0 and ',' in t['metric'] and t['repos']

@@ -32,7 +32,7 @@ TASKS = [
     _task('arc_challenge', 0, 'acc_norm,none', ['allenai/ai2_arc'], 'loglikelihood'),
     _task('boolq', 0, 'acc,none', ['aps/super_glue'], 'loglikelihood'),
     _task('piqa', 0, 'acc_norm,none', ['baber/piqa'], 'loglikelihood'),
-    _task('social_iqa', 0, 'acc,none', ['lighteval/siqa'], 'loglikelihood'),
+    _task('social_iqa', 0, 'acc,none', ['allenai/social_i_qa'], 'loglikelihood'),
     _task('hellaswag', 0, 'acc_norm,none', ['Rowan/hellaswag'], 'loglikelihood'),
     _task('openbookqa', 0, 'acc_norm,none', ['allenai/openbookqa'], 'loglikelihood'),
     _task('winogrande', 0, 'acc,none', ['allenai/winogrande'], 'loglikelihood'),

@@ -14,7 +14,7 @@ seen. With Orbax, the iterator is one more item of the checkpoint (one JSON file
 
 Config schema (an ml_collections.ConfigDict or a plain dict; unknown keys are errors):
 
-  tokenizer: str            # SentencePiece .model or HF tokenizer.json, local path
+  tokenizer: str            # SentencePiece .model, HF tokenizer.json or a dir with one, local
   sources: list of dicts, each one of
     {kind: "array_record", path: str | list[str], weight: 1.0}
         # files, globs or directories of ArrayRecord files; records are UTF-8 JSON {"text": ...}
@@ -37,9 +37,13 @@ Each batch is a dict of numpy arrays, B = batch_size, T = seq_len:
 How documents become rows: a document of n tokens (<bos> ... <eos>, or a chat) is shifted
 into inputs = ids[:-1], targets = ids[1:] BEFORE packing, so a target is never taken from a
 neighbouring document; every target is a real token of its own document (the last one is
-<eos>). A document longer than T is cut into T-token pieces, each its own segment with
-positions from 0. Pieces are packed first-fit into rows (grain.experimental.
-FirstFitPackIterDataset), each source separately, so a row holds one source only.
+<eos>, or a chat's last end-of-turn piece). A chat is laid out by the tokenizer's chat template
+(tokenizer.py: the bundled `<|user|>...<|end|>` pieces, or the released MobileMoE's
+`<|header_start|>role<|header_end|>\\n\\n...<|eot|>` for its Llama-3 tokenizer) and trained on
+assistant content plus the piece that ends each assistant turn. A document longer than T is
+cut into T-token pieces, each its own segment with positions from 0. Pieces are packed
+first-fit into rows (grain.experimental.FirstFitPackIterDataset), each source separately, so a
+row holds one source only.
 
 Mixture: sources are mixed row by row with grain's IterDataset.mix, which interleaves
 deterministically in the given proportions (exact, not sampled), so weights are fractions

@@ -50,7 +50,7 @@ class TokenLM(TemplateLM):
                     should_stop: Callable[[list[int]], bool],
                     temperature: float) -> list[list[int]]:
     """Decodes up to `max_new` tokens per prompt; a row ends when should_stop(ids) is true
-    or at <eos> (not included)."""
+    or at one of the tokenizer's stop ids (<eos>, the end of a chat turn; not included)."""
 
   # -- lm_eval's TemplateLM interface ------------------------------------------------------------
   @property

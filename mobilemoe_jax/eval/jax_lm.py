@@ -136,7 +136,7 @@ class JaxLM(TokenLM):
         for r, i in enumerate(chunk):
           if done[r]:
             continue
-          if host[r] == self.tok.eos_id:
+          if host[r] in self.tok.stop_ids:
             done[r] = True
             continue
           out[i].append(int(host[r]))

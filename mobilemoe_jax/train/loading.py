@@ -70,7 +70,7 @@ def load_checkpoint(path: str, tokenizer: str | None = None, *, model_config=Non
   loaded, _, _ = ckpt_lib.load_for_init(path, target, shardings, ('params', 'rest'))
   model = nnx.merge(graphdef, loaded['params'], loaded['rest'])
   tok_path = tokenizer or tokenizer_path(cfg)
-  if tok_path and os.path.isfile(tok_path):
+  if tok_path and os.path.exists(tok_path):   # a file, or a snapshot dir with tokenizer.json
     tok = load_tokenizer(tok_path)
   elif need_tokenizer:
     raise FileNotFoundError(f'tokenizer {tok_path!r} (from the checkpoint config) not found; '
