@@ -275,8 +275,8 @@ def table(results):
     lines.append(f"\n{name}: N={s['tokens']} D={s['d_model']} E={s['experts']} k={s['top_k']} "
                  f"F={s['d_expert']}  (max/mean expert load "
                  f"{rec['routing']['capacity_factor_no_drop']:.2f}); "
-                 f"{run['device'] if run['backend'] != 'cpu' else run['machine']['cpu']}, "
-                 f"jax {run['versions'].get('jax')}, {run['date']}, commit {run['commit']}\n")
+                 f"{run['device'] if run['backend'] != 'cpu' else run['machine']['cpu'] or 'CPU model not recorded'}, "
+                 f"jax {run['versions'].get('jax')}, {run['date']}, commit {run['commit'] or 'not recorded'}\n")
     lines.append('| candidate | fwd ms | fwd TFLOP/s | fwd x fastest | fwd+bwd ms | fwd+bwd TFLOP/s '
                  '| fwd+bwd x fastest | max rel err |')
     lines.append('|---|---|---|---|---|---|---|---|')

@@ -513,10 +513,10 @@ EXPORTER_FILES = ("export/torch_model.py", "export/litert.py", "export/moe_op.py
                   "export/attention_op.py", "export/flatbuf.py")
 
 
-def exporter_version():
+def files_version(files):
   import hashlib
   h = hashlib.sha256()
-  for f in EXPORTER_FILES:
+  for f in files:
     with open(os.path.join(REPO, f), "rb") as fh:
       h.update(fh.read())
   return h.hexdigest()[:16]
@@ -529,7 +529,9 @@ def whole_spec(file):
   name = file[:-3] if file.endswith("_pa") else file
   base = WHOLE_MOE_CW if name == "moe_cw" else WHOLE[name]
   return dict(base, attention="portable" if file.endswith("_pa") else "delegate",
-              prefill=list(WHOLE_PREFILL), kv_len=WHOLE_KV_LEN, exporter=exporter_version())
+              prefill=list(WHOLE_PREFILL), kv_len=WHOLE_KV_LEN,
+              exporter=files_version(EXPORTER_FILES),
+              preset=files_version(["configs/mobilemoe_s.py", "configs/mobilellm_pro.py"]))
 
 
 def export_whole(name, path):

@@ -548,6 +548,19 @@ def write(found, names, a):
   return results
 
 
+def workload_table():
+  """WORKLOADS as markdown (bench/README.md); * = in HEADLINE."""
+  lines = ['| workload | preset | rows x seq / device | devices | rows | overrides | impl | machine | '
+           'vs | what |', '|---|---|---|---|---|---|---|---|---|---|']
+  for n, w in WORKLOADS.items():
+    shape = f'{w.batch} x {w.seq}' + (f' ({w.grad_accum} micro)' if w.grad_accum > 1 else '')
+    over = ', '.join(f'{k}={v}' for k, v in {**w.model, **w.train}.items()) or '-'
+    lines.append(f"| {n}{' *' if n in HEADLINE else ''} | {w.preset} | {shape} | {w.devices} | "
+                 f"{'packed' if w.packed else 'one document'} | {over} | {w.impl} | {w.machine} | "
+                 f"{w.vs or '-'} | {w.what} |")
+  return '\n'.join(lines)
+
+
 def table(results):
   """The markdown table of a results file (bench/README.md)."""
   lines = ['| workload | rows x seq / device | devices | step ms | tokens/s/device | MFU | '
@@ -557,7 +570,7 @@ def table(results):
     shape = f"{w['batch']} x {w['seq']}" + (f" ({w['grad_accum']} micro)" if w['grad_accum'] > 1 else '') \
         + (' packed' if w['packed'] else '')
     where = r.get('device_kind') if w['machine'] == 'gpu' else run['machine']['cpu']
-    when = f"{run['date'][:10]}, {run.get('commit') or '?'}"
+    when = f"{run['date'][:10]}, {run.get('commit') or 'not recorded'}"
     if 'result' not in r:
       lines.append(f"| {n} | {shape} | {w['devices']} | failed: {r['error'][:120]} | | | | {where} | {when} |")
       continue
@@ -589,9 +602,7 @@ def main():
     names = a.worker.split(',')
     return (run_transformers if WORKLOADS[names[0]].impl == 'transformers' else run_jax)(names, a)
   if a.list:
-    for n, w in WORKLOADS.items():
-      print(f"{n:24s} {'*' if n in HEADLINE else ' '} {w.what}")
-    return None
+    return print(workload_table())
   if a.table:
     with open(a.out) as f:
       return print(table(json.load(f)))
