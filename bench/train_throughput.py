@@ -53,7 +53,7 @@ class Workload:
   packed: bool = False        # several documents per row with segment ids; else one per row
   model: dict = dataclasses.field(default_factory=dict)   # model-config overrides (a.b keys)
   train: dict = dataclasses.field(default_factory=dict)   # train-config overrides
-  impl: str = 'jax'           # 'jax' | 'transformers' (the PyTorch peer)
+  impl: str = 'jax'           # a key of RUNNERS: 'jax' | 'transformers' (the PyTorch peer)
   machine: str = 'gpu'        # 'gpu' | 'cpu' (cpu: fake host devices)
   vs: str = ''                # workload measured in the same run; the row keeps the ratio
 
@@ -449,6 +449,10 @@ def run_transformers(names, a):
     del model, opt
 
 
+# impl: the worker that measures it (a peer such as torchtitan = a runner here + table rows).
+RUNNERS = {'jax': run_jax, 'transformers': run_transformers}
+
+
 def emit(res):
   """One workload's result, read by the orchestrator from the worker's output."""
   print('RESULT ' + json.dumps(res), flush=True)
@@ -600,7 +604,7 @@ def main():
   a = p.parse_args()
   if a.worker:
     names = a.worker.split(',')
-    return (run_transformers if WORKLOADS[names[0]].impl == 'transformers' else run_jax)(names, a)
+    return RUNNERS[WORKLOADS[names[0]].impl](names, a)
   if a.list:
     return print(workload_table())
   if a.table:
