@@ -18,3 +18,17 @@ def _jax_stays_32_bit():
   yield
   import jax
   jax.config.update('jax_enable_x64', False)
+
+
+@pytest.fixture
+def bench_script():
+  """bench_script('ondevice'): a bench/ script loaded as a module (bench/ is no package)."""
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, 'bench', f'{name}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+  return load

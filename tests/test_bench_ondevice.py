@@ -1,22 +1,9 @@
 """bench/ondevice.py's summaries: the comparisons of the block rows and the whole-model ratios."""
-import importlib.util
-import os
-
 import pytest
 
-pytest.importorskip('ai_edge_litert')
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _module():
-  spec = importlib.util.spec_from_file_location('ondevice', os.path.join(ROOT, 'bench', 'ondevice.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def test_block_summary_ratios_and_bandwidth_limit():
-  od = _module()
+def test_block_summary_ratios_and_bandwidth_limit(bench_script):
+  od = bench_script('ondevice')
   rows = [{'method': m, 'T': T, 'median_ms': ms} for m, T, ms in (
       ('delegate', 1, 0.1), ('delegate', 128, 2.0), ('upstream_moe', 1, 2.0),
       ('upstream_moe', 128, 20.0), ('delegate_cw', 1, 0.08))]
@@ -31,8 +18,8 @@ def test_block_summary_ratios_and_bandwidth_limit():
   assert s['bandwidth_limit']['delegate_cw']['active_bytes'] < lim['active_bytes']
 
 
-def test_whole_ratios_fastest_next_to_same_arrangement():
-  od = _module()
+def test_whole_ratios_fastest_next_to_same_arrangement(bench_script):
+  od = bench_script('ondevice')
   raw = {'moe_decode_ms': 5.0, 'moe_decode_rounds_ms': [5.0, 5.2], 'moe_fc_decode_ms': 4.0,
          'moe_fc_decode_rounds_ms': [4.0, 4.1], 'dense_decode_ms': 12.0,
          'dense_decode_rounds_ms': [12.0, 12.3], 'dense_fc_decode_ms': 14.0,

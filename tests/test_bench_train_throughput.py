@@ -1,5 +1,4 @@
 """bench/train_throughput.py: the packed-row batches and one workload end to end on CPU."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,15 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'bench', 'train_throughput.py')
 
 
-def _module():
-  spec = importlib.util.spec_from_file_location('train_throughput', SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def test_packed_rows_layout():
-  tt = _module()
+def test_packed_rows_layout(bench_script):
+  tt = bench_script('train_throughput')
   b = tt.packed_rows(np.random.default_rng(0), 16, 256, 1000)
   assert set(b) == {'inputs', 'targets', 'segment_ids', 'positions', 'loss_mask'}
   assert all(v.shape == (16, 256) for v in b.values())
@@ -40,8 +32,8 @@ def test_packed_rows_layout():
     np.testing.assert_array_equal(b['loss_mask'][r], real.astype(np.float32))
 
 
-def test_every_vs_names_a_workload_of_the_same_machine_kind():
-  tt = _module()
+def test_every_vs_names_a_workload_of_the_same_machine_kind(bench_script):
+  tt = bench_script('train_throughput')
   for name, w in tt.WORKLOADS.items():
     if w.vs:
       assert w.vs in tt.WORKLOADS, name
