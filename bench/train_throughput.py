@@ -73,7 +73,7 @@ WORKLOADS = {
     's_b8_dropless_packed': Workload(
         'MobileMoE-S, 8 x 2048 packed rows, dropless experts (capacity_factor 0)', 'mobilemoe_s',
         8, packed=True, model={'moe.capacity_factor': 0.0}, vs='s_b8_packed'),
-    's_b48': Workload('MobileMoE-S, 48 x 2048 per step (the largest one-step batch measured)',
+    's_b48': Workload('MobileMoE-S, 48 x 2048 per step, no accumulation, one document per row',
                       'mobilemoe_s', 48),
     's_dense_ffn_b8': Workload(
         'what-if: MobileMoE-S with every FFN a dense SwiGLU of the active width (no routing)',
