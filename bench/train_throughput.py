@@ -91,6 +91,9 @@ WORKLOADS = {
                          'tiny', 4, seq=128, machine='cpu'),
     'tiny_cpu_packed': Workload('tiny preset on CPU, 4 x 128 packed rows', 'tiny', 4, seq=128,
                                 packed=True, machine='cpu', vs='tiny_cpu'),
+    'peer_transformers_tiny_cpu': Workload(
+        'the transformers peer at the tiny preset on CPU, 4 x 128 (code-path check)', 'tiny', 4,
+        seq=128, impl='transformers', machine='cpu', vs='tiny_cpu'),
     'tiny_cpu_ep2': Workload('tiny preset on 2 fake CPU devices, expert parallel, 4 x 128 each',
                              'tiny', 4, seq=128, devices=2, machine='cpu', vs='tiny_cpu'),
 }
@@ -256,8 +259,9 @@ def run_jax(names, a):
   for name in names:
     w = WORKLOADS[name]
     devices = jax.devices()[:w.devices]
-    if len(devices) != w.devices:
-      emit({'workload': name, 'error': f'needs {w.devices} devices, have {len(jax.devices())}'})
+    if len(devices) != w.devices or (w.machine == 'gpu') != (devices[0].platform == 'gpu'):
+      emit({'workload': name, 'error': f'needs {w.devices} {w.machine} devices, have '
+                                       f'{len(jax.devices())} {jax.devices()[0].platform}'})
       continue
     try:
       cfg_model, config, mesh = _config(w, devices)
@@ -393,7 +397,10 @@ def run_transformers(names, a):
   for name in names:
     w = WORKLOADS[name]
     c = model_cfg(w)
-    dev = 'cuda' if torch.cuda.is_available() and w.machine == 'gpu' else 'cpu'
+    dev = 'cuda' if w.machine == 'gpu' else 'cpu'
+    if dev == 'cuda' and not torch.cuda.is_available():
+      emit({'workload': name, 'error': 'needs a CUDA GPU, torch sees none'})
+      continue
     kw = dict(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
               num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
               num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
