@@ -11,28 +11,31 @@ Useful FLOPs are those of the routed experts only: 6*N*k*D*F forward (three matm
 2*N*k*D*F), x3 for forward+backward; TFLOP/s = useful FLOPs / time, so it is comparable
 across candidates whatever work they waste.
 
-  python bench/moe_dispatch.py                      # full shapes on the default backend (GPU)
-  python bench/moe_dispatch.py --platform=cpu --small
+Results: bench/results/moe_dispatch.json, one record per shape (the newest run of it, with
+its command, date, commit and machine); a run replaces the shapes it measured.
+
+  python bench/moe_dispatch.py                      # the GPU shapes on the default backend
+  python bench/moe_dispatch.py --platform=cpu       # the CPU shapes
+  python bench/moe_dispatch.py --table              # the results as markdown
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
 p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
 p.add_argument('--platform', default=None, help='JAX_PLATFORMS to use (cpu, cuda, ...)')
-p.add_argument('--small', action='store_true', help='small shapes (CPU)')
-p.add_argument('--out', default=None, help='JSON path (default bench/results/moe_dispatch[_cpu].json)')
+p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
+                                          'moe_dispatch.json'), help='results JSON (%(default)s)')
 p.add_argument('--only', default=None, help='comma-separated candidate names')
-p.add_argument('--shapes', default=None, help='comma-separated shape names')
+p.add_argument('--shapes', default=None,
+               help='comma-separated shape names (default: those of the backend\'s kind)')
 p.add_argument('--deadline-s', type=float, default=1e9,
                help='skip remaining work after this many seconds (results so far are kept)')
 p.add_argument('--min-round-s', type=float, default=0.05, help='time per timed round')
 p.add_argument('--rounds', type=int, default=5)
-p.add_argument('--table-from', default=None, help='print the table of a results JSON and exit')
+p.add_argument('--table', action='store_true', help='print the table of --out and exit')
 args = p.parse_args()
 if args.platform:
   os.environ['JAX_PLATFORMS'] = args.platform
@@ -42,21 +45,21 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from bench import runinfo  # noqa: E402
 from mobilemoe_jax.moe import dispatch, routing  # noqa: E402
 
 T0 = time.time()
 BACKEND = jax.default_backend()
 
-# name: (tokens N, d_model D, experts E, top-k, expert hidden F) -- one MoE layer per device
-FULL = {
-    'S (mobilemoe_s)': (16384, 768, 64, 4, 512),
-    'S-like E32': (16384, 1024, 32, 4, 512),
-    'M (mobilemoe_m)': (32768, 1024, 64, 8, 512),
-    'L (mobilemoe_l)': (32768, 1280, 72, 6, 640),
-}
-SMALL = {
-    'tiny': (4096, 128, 8, 2, 64),
-    'small E32': (2048, 384, 32, 4, 256),
+# name: ((tokens N, d_model D, experts E, top-k, expert hidden F), kind of machine) -- one
+# MoE layer per device; N is a training micro-batch's tokens (8 x 2048, 16 x 2048).
+SHAPES = {
+    'S (mobilemoe_s)': ((16384, 768, 64, 4, 512), 'gpu'),
+    'S-like E32': ((16384, 1024, 32, 4, 512), 'gpu'),
+    'M (mobilemoe_m)': ((32768, 1024, 64, 8, 512), 'gpu'),
+    'L (mobilemoe_l)': ((32768, 1280, 72, 6, 640), 'gpu'),
+    'tiny': ((4096, 128, 8, 2, 64), 'cpu'),
+    'small E32': ((2048, 384, 32, 4, 256), 'cpu'),
 }
 GSHARD_GROUP = 1024
 
@@ -192,7 +195,7 @@ def rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def run_shape(name, shape, results):
+def run_shape(name, shape, run):
   n, d, e, k, f = shape
   x, w, experts, gate, up, down, ct = problem(*shape)
   ex = np.asarray(experts)
@@ -207,9 +210,7 @@ def run_shape(name, shape, results):
                           capacity_factor_no_drop=cf_exact, gshard_group=GSHARD_GROUP,
                           gshard_group_capacity=int(group_load)),
              useful_gflop_fwd=useful / 1e9, useful_gflop_fwd_bwd=3 * useful / 1e9,
-             candidates={})
-  results['shapes'][name] = rec
-  results['tokamax_version'] = results.get('tokamax_version') or tk_version
+             candidates={}, run=dict(run, tokamax_version=tk_version))
 
   # float32 reference: the project's dense dispatch at full matmul precision
   with jax.default_matmul_precision('float32'):
@@ -260,6 +261,7 @@ def run_shape(name, shape, results):
       for c, t in times.items():
         rec['candidates'][c][f'{mode}_x_fastest'] = t / best
       rec[f'fastest_{mode}'] = min(times, key=times.get)
+  return rec
 
 
 def tf(v):
@@ -269,10 +271,12 @@ def tf(v):
 def table(results):
   lines = []
   for name, rec in results['shapes'].items():
-    s = rec['shape']
+    s, run = rec['shape'], rec['run']
     lines.append(f"\n{name}: N={s['tokens']} D={s['d_model']} E={s['experts']} k={s['top_k']} "
                  f"F={s['d_expert']}  (max/mean expert load "
-                 f"{rec['routing']['capacity_factor_no_drop']:.2f})\n")
+                 f"{rec['routing']['capacity_factor_no_drop']:.2f}); "
+                 f"{run['device'] if run['backend'] != 'cpu' else run['machine']['cpu'] or 'CPU model not recorded'}, "
+                 f"jax {run['versions'].get('jax')}, {run['date']}, commit {run['commit'] or 'not recorded'}\n")
     lines.append('| candidate | fwd ms | fwd TFLOP/s | fwd x fastest | fwd+bwd ms | fwd+bwd TFLOP/s '
                  '| fwd+bwd x fastest | max rel err |')
     lines.append('|---|---|---|---|---|---|---|---|')
@@ -290,49 +294,42 @@ def table(results):
   return '\n'.join(lines)
 
 
+METHOD = dict(
+    dtype='bfloat16 inputs and weights, float32 accumulation',
+    flops='useful = 6*N*k*D*F forward, x3 forward+backward (routed experts only)',
+    check='vs dense dispatch in float32 (matmul precision float32): relative L2 error of '
+          'y and of each gradient < 2e-2, and zero dropped tokens')
+
+
 def main():
   dev = jax.devices()[0]
-  import flax  # noqa: F401  (version only)
-  results = dict(
-      script='bench/moe_dispatch.py', argv=sys.argv[1:],
-      date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      backend=BACKEND, device=dev.device_kind, device_count=jax.device_count(),
-      versions=dict(python=platform.python_version(), jax=jax.__version__,
-                    jaxlib=jax.lib.__version__ if hasattr(jax.lib, '__version__') else None,
-                    numpy=np.__version__),
-      dtype='bfloat16 inputs and weights, float32 accumulation',
-      flops='useful = 6*N*k*D*F forward, x3 forward+backward (routed experts only)',
-      timing=f'median of {args.rounds} rounds of back-to-back calls (>= {args.min_round_s}s '
-             'each) after compile and one warm call; jit of forward, and of grad wrt x, '
-             'routing weights, gate, up, down',
-      check='vs dense dispatch in float32 (matmul precision float32): relative L2 error of '
-            'y and of each gradient < 2e-2, and zero dropped tokens',
-      shapes={})
+  kind = 'cpu' if BACKEND == 'cpu' else 'gpu'
+  run = dict(runinfo.run_record('bench/moe_dispatch.py', gpu=kind == 'gpu'), backend=BACKEND,
+             device=dev.device_kind,
+             timing=f'median of {args.rounds} rounds of back-to-back calls (>= {args.min_round_s}s '
+                    'each) after compile and one warm call; jit of forward, and of grad wrt x, '
+                    'routing weights, gate, up, down')
+  print(f"device: {dev.device_kind} ({BACKEND}), jax {jax.__version__}", flush=True)
+  names = args.shapes.split(',') if args.shapes else [n for n, (_, k) in SHAPES.items() if k == kind]
   try:
-    import jaxlib
-    results['versions']['jaxlib'] = jaxlib.__version__
-  except Exception:  # noqa: BLE001
-    pass
-  print(f"device: {results['device']} ({BACKEND}), jax {jax.__version__}", flush=True)
-  shapes = SMALL if args.small else FULL
-  if args.shapes:
-    shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(',')}
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
-                                 'moe_dispatch_cpu.json' if BACKEND == 'cpu' else 'moe_dispatch.json')
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  for name, shape in shapes.items():
+    with open(args.out) as fh:
+      results = json.load(fh)
+  except FileNotFoundError:
+    results = dict(benchmark='bench/moe_dispatch.py', method=METHOD, shapes={})
+  for name in names:
+    shape = SHAPES[name][0]
     print(f'{name}: {shape}', flush=True)
-    run_shape(name, shape, results)
-    results['elapsed_s'] = time.time() - T0
-    with open(out, 'w') as fh:
+    results['shapes'][name] = run_shape(name, shape, run)
+    results['shapes'] = {n: results['shapes'][n] for n in SHAPES if n in results['shapes']}
+    with open(args.out, 'w') as fh:
       json.dump(results, fh, indent=1)
-  print(table(results))
-  print(f'\nwrote {out} in {time.time() - T0:.0f}s')
+  print(table({'shapes': {n: results['shapes'][n] for n in names}}))
+  print(f'\nwrote {args.out} in {time.time() - T0:.0f}s')
 
 
 if __name__ == '__main__':
-  if args.table_from:
-    with open(args.table_from) as fh:
+  if args.table:
+    with open(args.out) as fh:
       print(table(json.load(fh)))
   else:
     main()

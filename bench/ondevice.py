@@ -10,8 +10,7 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
   python bench/ondevice.py --whole_only --experts block32   # whole MobileMoE-S, block-32 experts
   python bench/ondevice.py --whole_only --attention portable  # attention as builtin ops (both)
 
-Rows (MobileMoE-S block shape: D=768, 64 experts of 512, top-4, one shared 512,
-INT4 group 32, random weights):
+Rows (MobileMoE-S's MoE layer as configs/mobilemoe_s.py has it, random weights):
   (a) delegate      MobileMoeBlock run by export/delegate (int8 activations),
                     experts INT4 block-32 with fp32 group scales (the exporter's default)
   (a') delegate_cw  the same op with channel-wise experts (group_size 0: one fp32 scale
@@ -37,12 +36,15 @@ attention as the delegate's MobileKvAttention op (export --attention delegate: i
 the cache slots that hold tokens, not all 1024; --attention portable: builtin ops over
 the whole cache, XNNPACK's BATCH_MATMULs). Prefill returns
 the last prompt token's logits only (export --prefill-logits last, what a phone app
-samples from): the final norm + lm_head over the 202k vocabulary run for one row, not
-for all T (at T=512 that layer alone would be ~79 GMAC and ~414 MB of logits). The files are
+samples from): the final norm + lm_head over the vocabulary run for one row, not for
+all T. The files are
 cached in runs/ondevice_models/ (first export ~4 + ~5 min, ~15 GB RAM for Pro).
 Models are built in one child process and timed in another; the models of one
 comparison are timed in the same window with alternating invokes, so on a
 shared machine they see the same background load. Peak RSS: each model alone.
+Ratios: COMPARISONS (block and FFN-stack rows, candidate vs baseline at each T) and, for
+the whole models, each model's fastest decode arrangement next to the same arrangement on
+both sides, with each arrangement's peak RSS (whole_ratios).
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -66,13 +67,21 @@ from ai_edge_litert import schema_py_generated as schema  # noqa: E402
 from export import delegate as dl  # noqa: E402
 from export.delegate import tflite_builder as tb  # noqa: E402
 from export.runner import needs_delegate  # noqa: E402
+from bench import runinfo  # noqa: E402
 
 S = schema.BuiltinOperator
 O = schema.BuiltinOptions
 
-# MobileMoE-S MoE layer (configs/mobilemoe_s.py).
-BLOCK = dict(num_experts=64, top_k=4, d_model=768, d_expert=512, d_shared=512, group_size=32,
-             score_func="softmax", norm_topk_prob=True, routed_scale=1.0, act="silu")
+from configs import mobilellm_pro, mobilemoe_s  # noqa: E402
+
+S_MODEL = mobilemoe_s.get_config().model      # the block and stack shapes follow the presets
+PRO_MODEL = mobilellm_pro.get_config().model
+# MobileMoE-S's MoE layer as the delegate op's options (experts INT4 block-32 by default).
+BLOCK = dict(num_experts=S_MODEL.moe.n_experts, top_k=S_MODEL.moe.top_k, d_model=S_MODEL.d_model,
+             d_expert=S_MODEL.moe.d_expert, d_shared=S_MODEL.moe.n_shared * S_MODEL.moe.d_shared,
+             group_size=32, score_func=S_MODEL.moe.score_func,
+             norm_topk_prob=S_MODEL.moe.norm_topk_prob, routed_scale=S_MODEL.moe.routed_scale,
+             act="silu")
 THREADS = 2
 
 
@@ -255,13 +264,35 @@ BASELINE_ENV = "MOBILEMOE_BASELINE_LIB"
 # dense (d_ff 2048) + 15 MoE layers through the delegate; MobileLLM-Pro: 30
 # dense SwiGLU 1280 -> 6144 as INT4 FCs, channel-wise (XNNPACK's fastest INT4)
 # and block-32 (the scheme MobileMoE's export and experts use).
+def _s_ffn(moe_kind):
+  """MobileMoE-S's FFN layers: the first dense ones, then MoE blocks of `moe_kind`."""
+  n_dense = S_MODEL.moe.first_dense
+  return dict(d_model=S_MODEL.d_model, layers=[("dense", S_MODEL.d_ff)] * n_dense
+              + [(moe_kind, None)] * (S_MODEL.n_layers - n_dense))
+
+
 STACKS = {
-    "moe_s_ffn": dict(d_model=768, layers=[("dense", 2048)] + [("moe", None)] * 15),
-    "moe_s_ffn_cw": dict(d_model=768, layers=[("dense", 2048)] + [("moe_cw", None)] * 15),
-    "moe_s_ffn_cwt": dict(d_model=768, layers=[("dense", 2048)] + [("delegate_cwt", None)] * 15),
-    "pro_ffn": dict(d_model=1280, layers=[("dense", 6144)] * 30),
-    "pro_ffn_b32": dict(d_model=1280, layers=[("dense_b32", 6144)] * 30),
+    "moe_s_ffn": _s_ffn("moe"),
+    "moe_s_ffn_cw": _s_ffn("moe_cw"),
+    "moe_s_ffn_cwt": _s_ffn("delegate_cwt"),
+    "pro_ffn": dict(d_model=PRO_MODEL.d_model, layers=[("dense", PRO_MODEL.d_ff)] * PRO_MODEL.n_layers),
+    "pro_ffn_b32": dict(d_model=PRO_MODEL.d_model,
+                        layers=[("dense_b32", PRO_MODEL.d_ff)] * PRO_MODEL.n_layers),
 }
+# Candidates side by side: (candidate, baseline) -> baseline time / candidate time at each T
+# timed (> 1: the candidate is faster). Pairs whose rows a run did not time are left out.
+COMPARISONS = (
+    ("delegate", "upstream_moe"),      # our op vs XNNPACK's MoE kernel
+    ("delegate", "all_experts"),       # vs the portable all-experts lowering
+    ("delegate_cw", "delegate"),       # channel-wise vs block-32 experts
+    ("delegate_cwt", "delegate_cw"),   # 16-row tiles vs rows
+    ("delegate", "delegate_base"),     # this build vs --baseline_lib
+    ("moe_s_ffn_cwt", "pro_ffn"),      # FFN stacks, MobileMoE-S vs MobileLLM-Pro
+    ("moe_s_ffn_cw", "pro_ffn"),
+    ("moe_s_ffn", "pro_ffn_b32"),      # both block-32 (--block32_stacks)
+)
+# The bandwidth limit of the block rows: bytes one token reads / the measured DRAM rate.
+LIMITED = {"delegate": 32, "delegate_cw": 0, "delegate_cwt": 0}   # method: expert group size
 
 
 def stack_model(method, L, o, seed=0):
@@ -481,10 +512,10 @@ EXPORTER_FILES = ("export/torch_model.py", "export/litert.py", "export/moe_op.py
                   "export/attention_op.py", "export/flatbuf.py")
 
 
-def exporter_version():
+def files_version(files):
   import hashlib
   h = hashlib.sha256()
-  for f in EXPORTER_FILES:
+  for f in files:
     with open(os.path.join(REPO, f), "rb") as fh:
       h.update(fh.read())
   return h.hexdigest()[:16]
@@ -497,7 +528,9 @@ def whole_spec(file):
   name = file[:-3] if file.endswith("_pa") else file
   base = WHOLE_MOE_CW if name == "moe_cw" else WHOLE[name]
   return dict(base, attention="portable" if file.endswith("_pa") else "delegate",
-              prefill=list(WHOLE_PREFILL), kv_len=WHOLE_KV_LEN, exporter=exporter_version())
+              prefill=list(WHOLE_PREFILL), kv_len=WHOLE_KV_LEN,
+              exporter=files_version(EXPORTER_FILES),
+              preset=files_version(["configs/mobilemoe_s.py", "configs/mobilellm_pro.py"]))
 
 
 def export_whole(name, path):
@@ -640,35 +673,72 @@ def whole_rss(path, fc="plain"):
   print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
+ARRANGEMENTS = {"moe": "MobileMoE-S, one interpreter (XNNPACK + the delegate's MoE ops)",
+                "moe_fc": "MobileMoE-S, decode_delegate (every INT4 FC on the delegate)",
+                "dense": "MobileLLM-Pro, one interpreter (XNNPACK)",
+                "dense_fc": "MobileLLM-Pro, decode_delegate (every INT4 FC on the delegate)"}
+
+
+def whole_arrangements(raw):
+  """{arrangement: {decode_ms, decode_rounds_ms, decode_long_ms, ..., prefill128_ms (one
+  interpreter only: prefill runs there in both), peak_rss_mb}} from the timing child's keys
+  (`<arrangement>_<what>`)."""
+  out = {}
+  for name in ARRANGEMENTS:
+    keys = [k for k in raw if k.startswith(name + "_") and not (
+        "_fc" not in name and k.startswith(name + "_fc_"))]
+    out[name] = {k[len(name) + 1:]: raw[k] for k in keys}
+  return out
+
+
+def whole_ratios(arr):
+  """Dense time / MobileMoE-S time. Decode: each model in its fastest arrangement (with the
+  spread over rounds, which pair the models seconds apart) next to the ratio of the same
+  arrangement on both sides; prefill runs in one arrangement."""
+  out = {}
+  for key in ("decode", "decode_long"):
+    if f"{key}_ms" not in arr["moe"]:
+      continue
+    t = lambda n: arr[n][f"{key}_ms"]
+    best = {m: min((m, m + "_fc"), key=t) for m in ("moe", "dense")}
+    pairs = [d / m for d, m in zip(arr[best["dense"]][f"{key}_rounds_ms"],
+                                   arr[best["moe"]][f"{key}_rounds_ms"])]
+    out[key] = {"fastest": t(best["dense"]) / t(best["moe"]), "fastest_arrangements": best,
+                "fastest_rounds_min_median_max": [min(pairs), float(np.median(pairs)), max(pairs)],
+                "same_arrangement": {"one_interpreter": t("dense") / t("moe"),
+                                     "decode_delegate": t("dense_fc") / t("moe_fc")}}
+  for P in WHOLE_PREFILL:
+    if f"prefill{P}_ms" in arr["moe"]:
+      out[f"prefill{P}"] = arr["dense"][f"prefill{P}_ms"] / arr["moe"][f"prefill{P}_ms"]
+  return out
+
+
 def whole_model_rows(moe_path, dense_path, budget_s=20):
-  """Speedups of an exported MobileMoE model over a dense one."""
-  r = run_child("--whole", moe_path, dense_path, budget_s)
+  """An exported MobileMoE model against a dense one: every arrangement's times and peak
+  RSS, and the ratios (whole_ratios)."""
+  raw = run_child("--whole", moe_path, dense_path, budget_s)
   for name, path in (("moe", moe_path), ("dense", dense_path)):
-    r[f"{name}_peak_rss_mb"] = run_child("--whole_rss", path, "plain")["peak_rss_mb"]
-    r[f"{name}_fc_peak_rss_mb"] = run_child("--whole_rss", path, "fc")["peak_rss_mb"]
-  # Each model in its faster decode arrangement (raw has both): the ratio of the bests.
-  for n in ("moe", "dense"):
-    for k in ("decode", "decode_long"):
-      if f"{n}_{k}_ms" in r:
-        plain, fc = r[f"{n}_{k}_ms"], r[f"{n}_fc_{k}_ms"]
-        r[f"{n}_{k}_best_ms"], r[f"{n}_{k}_best"] = min(plain, fc), ("fc" if fc < plain else "plain")
-  ratio = lambda k: (r.get(f"dense_{k}_ms") / r[f"moe_{k}_ms"]) if f"moe_{k}_ms" in r else None
+    raw[f"{name}_peak_rss_mb"] = run_child("--whole_rss", path, "plain")["peak_rss_mb"]
+    raw[f"{name}_fc_peak_rss_mb"] = run_child("--whole_rss", path, "fc")["peak_rss_mb"]
+  arr = whole_arrangements(raw)
+  return {"arrangements": arr, "ratios": whole_ratios(arr)}
 
-  def rounds(n, k):   # model n's per-round medians in its faster arrangement
-    return r[f"{n}_{k}_rounds_ms" if r[f"{n}_{k}_best"] == "plain" else f"{n}_fc_{k}_rounds_ms"]
 
-  def paired(k):
-    """[min, median, max] over the rounds (run back to back) of the two models' ratio:
-    the ratio's spread inside this run."""
-    if f"moe_{k}_best" not in r:
-      return None
-    pairs = [d / m for d, m in zip(rounds("dense", k), rounds("moe", k))]
-    return [min(pairs), float(np.median(pairs)), max(pairs)]
-
-  return {"raw": r, "decode": ratio("decode_best"), "decode_long": ratio("decode_long_best"),
-          "decode_paired": paired("decode"), "decode_long_paired": paired("decode_long"),
-          "decode_plain": ratio("decode"), "decode_long_plain": ratio("decode_long"),
-          "prefill128": ratio("prefill128"), "prefill512": ratio("prefill512")}
+def block_summary(rows, o, bw):
+  """The block rows against their bandwidth limit, and the COMPARISONS' ratios."""
+  ms = {(r["method"], r["T"]): r["median_ms"] for r in rows}
+  limit = {}
+  for m, group in LIMITED.items():
+    b = active_bytes_per_token(dict(o, group_size=group))
+    if (m, 1) in ms:
+      lim_ms = b / (bw * 1e9) * 1e3
+      limit[m] = {"active_bytes": b, "limit_ms": lim_ms, "fraction": lim_ms / ms[(m, 1)]}
+  ratios = {}
+  for cand, base in COMPARISONS:
+    r = {str(T): ms[(base, T)] / ms[(cand, T)] for (m, T) in ms if m == cand and (base, T) in ms}
+    if r:
+      ratios[f"{cand}_vs_{base}"] = r
+  return {"bandwidth_limit": limit, "ratios": ratios}
 
 
 def whole_rows(a):
@@ -690,18 +760,19 @@ def whole_rows(a):
 
 
 def markdown_table(res) -> str:
-  """The bench/README.md table for a results dict."""
+  """The bench/README.md tables for a results dict: rows, whole models, ratios."""
+  n_s, n_pro = len(STACKS["moe_s_ffn"]["layers"]), len(STACKS["pro_ffn"]["layers"])
   names = {"delegate_base": "(a0) MobileMoeBlock, baseline build (--baseline_lib), block-32",
            "delegate": "(a) MobileMoeBlock delegate, experts block-32",
            "delegate_cw": "(a') MobileMoeBlock delegate, experts channel-wise",
            "delegate_cwt": "(a'') MobileMoeBlock delegate, experts channel-wise, 16-row tiles",
            "all_experts": "(b) all experts, INT4 FCs",
            "upstream_moe": "(c) upstream `moe` op (int8, gelu)",
-           "moe_s_ffn": "MobileMoE-S FFN stack (16 layers, experts block-32)",
-           "moe_s_ffn_cw": "MobileMoE-S FFN stack (16 layers, experts channel-wise)",
-           "moe_s_ffn_cwt": "MobileMoE-S FFN stack (16 layers, experts channel-wise, tiles)",
-           "pro_ffn": "MobileLLM-Pro FFN stack (30 layers, INT4 channel-wise)",
-           "pro_ffn_b32": "MobileLLM-Pro FFN stack (30 layers, INT4 block-32)"}
+           "moe_s_ffn": f"MobileMoE-S FFN stack ({n_s} layers, experts block-32)",
+           "moe_s_ffn_cw": f"MobileMoE-S FFN stack ({n_s} layers, experts channel-wise)",
+           "moe_s_ffn_cwt": f"MobileMoE-S FFN stack ({n_s} layers, experts channel-wise, tiles)",
+           "pro_ffn": f"MobileLLM-Pro FFN stack ({n_pro} layers, INT4 channel-wise)",
+           "pro_ffn_b32": f"MobileLLM-Pro FFN stack ({n_pro} layers, INT4 block-32)"}
   lines = ["| config | per | decode T=1 ms | prefill 128 ms | prefill 512 ms | peak RSS MB |",
            "|---|---|---|---|---|---|"]
   for m, label in names.items():
@@ -712,29 +783,37 @@ def markdown_table(res) -> str:
     any_r = next(iter(rs.values()))
     lines.append(f"| {label} | {any_r['per']} | {cell(1)} | {cell(128)} | {cell(512)} | "
                  f"{any_r['peak_rss_mb']:.0f} |")
-  lines.append(f"| bandwidth limit: {res['active_bytes_per_token_per_block'] / 1e6:.2f} MB active "
-               f"/ {res['dram_read_gbps']:.1f} GB/s | block | {res['decode_limit_ms_per_block']:.3g} "
-               f"| | | |")
-  if res.get("decode_limit_ms_per_block_cw"):
-    lines.append(f"| bandwidth limit, channel-wise experts: "
-                 f"{res['active_bytes_per_token_per_block_cw'] / 1e6:.2f} MB active | block | "
-                 f"{res['decode_limit_ms_per_block_cw']:.3g} | | | |")
-  raw = res.get("whole_model_raw_ms")
-  if raw:
-    experts = "channel-wise" if res.get("whole_moe_experts") == "channel" else "block-32"
-    if ((res.get("whole_models") or {}).get("moe") or {}).get("expert_weight_tiles") == [16]:
-      experts += " in 16-row tiles"
-    attn = "" if res.get("whole_attention") == "portable" else ", MobileKvAttention"
-    for n, label in (("moe", f"MobileMoE-S whole model (delegate, experts {experts}{attn})"),
-                     ("moe_fc", "MobileMoE-S, decode_delegate (every INT4 FC on the delegate)"),
-                     ("dense", "MobileLLM-Pro whole model"),
-                     ("dense_fc", "MobileLLM-Pro, decode_delegate (every INT4 FC on the delegate)")):
-      cell = lambda k: f"{raw[f'{n}_{k}_ms']:.4g}" if f"{n}_{k}_ms" in raw else "-"
-      rss = raw.get(f"{n}_peak_rss_mb")
-      dec = cell('decode') + (f" (context 896+: {cell('decode_long')})"
-                              if f"{n}_decode_long_ms" in raw else "")
-      lines.append(f"| {label} | model | {dec} | {cell('prefill128')} | "
-                   f"{cell('prefill512')} | {f'{rss:.0f}' if rss else '-'} |")
+  for m, lim in res["bandwidth_limit"].items():
+    lines.append(f"| bandwidth limit of {m}: {lim['active_bytes'] / 1e6:.2f} MB / "
+                 f"{res['dram_read_gbps']:.1f} GB/s | block | {lim['limit_ms']:.3g} "
+                 f"({lim['fraction']:.2f} of it reached) | | | |")
+  whole = res.get("whole")
+  if whole:
+    lines += ["", "| whole model, arrangement | decode ms (context 32..159) | decode ms (context "
+              "896..1023) | prefill 128 ms | prefill 512 ms | peak RSS MB |",
+              "|---|---|---|---|---|---|"]
+    for n, label in ARRANGEMENTS.items():
+      a = whole["arrangements"][n]
+      cell = lambda k: f"{a[k]:.4g}" if k in a else "-"
+      lines.append(f"| {label} | {cell('decode_ms')} | {cell('decode_long_ms')} | "
+                   f"{cell('prefill128_ms')} | {cell('prefill512_ms')} | {cell('peak_rss_mb')} |")
+  lines += ["", "| ratio (baseline time / candidate time) | value |", "|---|---|"]
+  if whole:
+    for key, label in (("decode", "decode, context 32..159"), ("decode_long", "decode, context 896..1023")):
+      r = whole["ratios"].get(key)
+      if r:
+        lo, med, hi = r["fastest_rounds_min_median_max"]
+        best = r["fastest_arrangements"]
+        same = r["same_arrangement"]
+        lines.append(f"| whole models, {label}: each model's fastest arrangement ({best['moe']} vs "
+                     f"{best['dense']}) | {r['fastest']:.2f}x (rounds {lo:.2f}-{hi:.2f}) |")
+        lines.append(f"| whole models, {label}: same arrangement, one interpreter / decode_delegate | "
+                     f"{same['one_interpreter']:.2f}x / {same['decode_delegate']:.2f}x |")
+    for P in WHOLE_PREFILL:
+      if f"prefill{P}" in whole["ratios"]:
+        lines.append(f"| whole models, prefill {P} | {whole['ratios'][f'prefill{P}']:.2f}x |")
+  for name, r in res["ratios"].items():
+    lines.append(f"| {name} (T=" + " / ".join(r) + ") | " + " / ".join(f"{v:.2f}x" for v in r.values()) + " |")
   return "\n".join(lines)
 
 
@@ -783,15 +862,14 @@ def main():
   if a.export:
     return export_whole(*a.export)
   if a.whole_only:   # written only to an --out given explicitly (not the full run's JSON)
-    w = dict(whole_rows(a), experts=a.experts, attention=a.attention, load_avg=os.getloadavg(),
-             date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    w = dict(runinfo.run_record("bench/ondevice.py", gpu=False), whole=whole_rows(a),
+             experts=a.experts, attention=a.attention)
     if a.out != DEFAULT_OUT:
       with open(a.out, "w") as f:
         json.dump(w, f, indent=1)
-    return print(json.dumps(w, indent=1))
+    return print(json.dumps(w["whole"]["ratios"], indent=1))
 
   t_start = time.time()
-  load0 = os.getloadavg()
   o = dict(BLOCK)
   L = 3 if a.quick else 8
   budget = 8 if a.quick else 20
@@ -814,82 +892,28 @@ def main():
       rows.append(r)
       print(json.dumps(r), flush=True)
 
-  def ms(method, T):
-    for r in rows:
-      if r["method"] == method and r["T"] == T:
-        return r["median_ms"]
-    return None
-
-  ratio = lambda num, den: (num / den) if (num and den) else None
-  limit_ms = active_bytes_per_token(o) / (bw * 1e9) * 1e3
-  o_cw = dict(o, group_size=0)
-  limit_cw_ms = active_bytes_per_token(o_cw) / (bw * 1e9) * 1e3
-  dec = ms("delegate", 1)
   # --quick skips the whole models unless files are given (the export takes minutes)
   whole = whole_rows(a) if (not (a.quick or a.blocks_only) or a.moe_model) else None
-  res = {
-      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                  "threads": THREADS, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-                  "note": "load averages at start/end show whether other jobs shared the box; medians, see p10 too"},
+  if whole:
+    whole.update(experts="given file" if a.moe_model else a.experts,
+                 attention="given file" if a.moe_model else a.attention)
+  res = dict(runinfo.run_record("bench/ondevice.py", gpu=False), **{
+      "threads": THREADS, "loadavg_end": os.getloadavg(),
       "block": o,
       "decode_stack_layers": L,
       "dram_read_gbps": bw,
+      # block-32 experts (mobilemoe_jax.scaling.accounting.load_device reads it with the rows)
       "active_bytes_per_token_per_block": active_bytes_per_token(o),
-      "decode_limit_ms_per_block": limit_ms,
       "rows": rows,
-      "decode_fraction_of_bandwidth_limit": ratio(limit_ms, dec),
-      # (a') channel-wise experts: fewer bytes (no group scales), its own limit
-      "active_bytes_per_token_per_block_cw": active_bytes_per_token(o_cw),
-      "decode_limit_ms_per_block_cw": limit_cw_ms,
-      "decode_fraction_of_bandwidth_limit_cw": ratio(limit_cw_ms, ms("delegate_cw", 1)),
-      "delegate_cw_vs_block32_decode": ratio(dec, ms("delegate_cw", 1)),
-      # (a'') the same channel-wise experts in 16-row tiles: same bytes, another order
-      "decode_fraction_of_bandwidth_limit_cwt": ratio(limit_cw_ms, ms("delegate_cwt", 1)),
-      "delegate_cwt_vs_cw_decode": ratio(ms("delegate_cw", 1), ms("delegate_cwt", 1)),
-      "delegate_cwt_vs_cw_prefill128": ratio(ms("delegate_cw", 128), ms("delegate_cwt", 128)),
-      "delegate_cwt_vs_cw_prefill512": ratio(ms("delegate_cw", 512), ms("delegate_cwt", 512)),
-      "ffn_stack_cwt_decode_speedup_vs_dense": ratio(ms("pro_ffn", 1), ms("moe_s_ffn_cwt", 1)),
+      **block_summary(rows, o, bw),
       "baseline_lib": a.baseline_lib,
-      "delegate_vs_baseline_decode": ratio(ms("delegate_base", 1), dec),
-      "delegate_vs_baseline_prefill128": ratio(ms("delegate_base", 128), ms("delegate", 128)),
-      "delegate_cw_vs_block32_prefill128": ratio(ms("delegate", 128), ms("delegate_cw", 128)),
-      "delegate_cw_vs_block32_prefill512": ratio(ms("delegate", 512), ms("delegate_cw", 512)),
-      "delegate_vs_upstream_moe": ratio(ms("upstream_moe", 1), dec),
-      "delegate_vs_upstream_moe_prefill128": ratio(ms("upstream_moe", 128), ms("delegate", 128)),
-      "delegate_vs_all_experts_decode": ratio(ms("all_experts", 1), dec),
-      "delegate_vs_all_experts_prefill128": ratio(ms("all_experts", 128), ms("delegate", 128)),
-      "delegate_vs_all_experts_prefill512": ratio(ms("all_experts", 512), ms("delegate", 512)),
-      # FFN-only proxies of MobileMoE-S vs MobileLLM-Pro (not whole models).
-      "ffn_stack_decode_speedup_vs_dense": ratio(ms("pro_ffn", 1), ms("moe_s_ffn", 1)),
-      "ffn_stack_cw_decode_speedup_vs_dense": ratio(ms("pro_ffn", 1), ms("moe_s_ffn_cw", 1)),
-      "ffn_stack_cw_prefill128_speedup_vs_dense": ratio(ms("pro_ffn", 128), ms("moe_s_ffn_cw", 128)),
-      "ffn_stack_cw_prefill512_speedup_vs_dense": ratio(ms("pro_ffn", 512), ms("moe_s_ffn_cw", 512)),
-      "ffn_stack_prefill128_speedup_vs_dense": ratio(ms("pro_ffn", 128), ms("moe_s_ffn", 128)),
-      "ffn_stack_prefill512_speedup_vs_dense": ratio(ms("pro_ffn", 512), ms("moe_s_ffn", 512)),
-      "ffn_stack_decode_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 1), ms("moe_s_ffn", 1)),
-      "ffn_stack_prefill128_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 128), ms("moe_s_ffn", 128)),
-      "ffn_stack_prefill512_speedup_vs_dense_block32": ratio(ms("pro_ffn_b32", 512), ms("moe_s_ffn", 512)),
-      # Whole MobileMoE-S vs MobileLLM-Pro .tflite models (null: not measured, --quick).
-      "decode_speedup_vs_dense": whole and whole["decode"],
-      "decode_long_context_speedup_vs_dense": whole and whole["decode_long"],
-      # [min, median, max] over the rounds of the ratio of the two models' round medians
-      "decode_speedup_vs_dense_rounds": whole and whole["decode_paired"],
-      "decode_long_context_speedup_vs_dense_rounds": whole and whole["decode_long_paired"],
-      # Both models with one interpreter each (no decode_delegate), for comparison.
-      "decode_speedup_vs_dense_plain": whole and whole["decode_plain"],
-      "decode_long_context_speedup_vs_dense_plain": whole and whole["decode_long_plain"],
-      "prefill128_speedup_vs_dense": whole and whole["prefill128"],
-      "prefill512_speedup_vs_dense": whole and whole["prefill512"],
-      "whole_model_raw_ms": whole and whole["raw"],
-      "whole_moe_experts": whole and ("given file" if a.moe_model else a.experts),
-      "whole_attention": whole and ("given file" if a.moe_model else a.attention),
-      "whole_models": whole and whole["models"],
+      "whole": whole,
       "wall_s": time.time() - t_start,
-  }
+  })
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, "w") as f:
     json.dump(res, f, indent=1)
-  print(json.dumps({k: v for k, v in res.items() if k not in ("rows", "block")}, indent=1))
+  print(markdown_table(res))
 
 
 if __name__ == "__main__":

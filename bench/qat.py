@@ -19,18 +19,17 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench import runinfo  # noqa: E402
 from mobilemoe_jax.data import pipeline  # noqa: E402
 from mobilemoe_jax.train.loading import load_checkpoint  # noqa: E402
 from mobilemoe_jax.model import Transformer  # noqa: E402
@@ -130,9 +129,8 @@ def main():
       'loss': rows, 'ppl': {n: {s: math.exp(v) for s, v in r.items()} for n, r in rows.items()},
       'quantization_gap': gaps,
       'lsq_scale_drift_from_max_abs': drift,
-      'command': 'python bench/qat.py ' + ' '.join(sys.argv[1:]),
-      'versions': {'jax': jax.__version__, 'python': platform.python_version()},
       'seconds': round(time.time() - start, 1),
+      **runinfo.run_record('bench/qat.py', gpu=False),   # command, date, commit, machine
   }
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, 'w') as f:

@@ -39,3 +39,17 @@ def llama3_tokenizer_dir(tmp_path_factory):
   from mobilemoe_jax.data import tokenizer as tokenizer_lib
   texts = [inspect.getdoc(m) for m in (json, os_mod, inspect)] + LLAMA3_TRAIN_TEXTS * 4
   return tokenizer_lib.train_llama3_style_bpe(texts, str(tmp_path_factory.mktemp('llama3_tok')))
+
+
+@pytest.fixture
+def bench_script():
+  """bench_script('ondevice'): a bench/ script loaded as a module (bench/ is no package)."""
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, 'bench', f'{name}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+  return load

@@ -1,5 +1,5 @@
 """model.attention_impl: validated, and 'auto' is XLA's attention off GPU (the cuDNN path is
-checked against XLA on the device: bench/train_throughput.py's attention_check)."""
+checked against XLA on the device: bench/attention_check.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

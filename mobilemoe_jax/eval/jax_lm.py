@@ -1,7 +1,7 @@
 """The lm_eval backend on a JAX (Flax NNX) model: batched, padded, jitted, data-parallel.
 
   lm = JaxLM(model, tokenizer, batch_size=16)          # in memory (the pipeline, tests)
-  lm = JaxLM(checkpoint='runs/x/ckpt')                 # from disk (see loading.py)
+  lm = JaxLM(checkpoint='runs/x/ckpt')                 # from disk (see train/loading.py)
   lm_eval ... --model mobilemoe-jax --model_args checkpoint=runs/x/ckpt,batch_size=16
 
 Shapes are bucketed (rows to `batch_size`, length to a multiple of `length_bucket`) so a whole

@@ -1,0 +1,120 @@
+"""cuDNN attention against XLA's in the model's Attention layer, on a GPU: errors and time.
+
+At MobileMoE-S's attention shape (12 query / 4 KV heads of 64, d_model 768), bf16, on
+packed rows (several documents, padding), a global and a windowed (512) layer: the largest
+differences of outputs (real tokens) and of input gradients from an fp32 XLA reference, for
+XLA in bf16 and cuDNN with each model.attention_mask mode; then the attention op alone,
+forward + backward, batch 8 x 2048, one document per row, timed per call.
+
+  python bench/attention_check.py      # a GPU -> bench/results/attention_check.json
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+sys.path.insert(0, ROOT)
+from bench import runinfo  # noqa: E402
+
+OUT = os.path.join(ROOT, 'bench', 'results', 'attention_check.json')
+
+
+def attention_check():
+  """cuDNN attention (model.attention_impl='cudnn') against XLA's in the model's Attention
+  layer at the S preset's shape: packed rows (several documents, padding), a global and a
+  windowed layer, bf16. Reports the largest differences of outputs (real tokens) and of
+  input gradients, next to bf16 XLA's own distance from an fp32 XLA reference."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from configs.stages.common import PRESETS
+  from mobilemoe_jax.model import layers
+  b, t = 4, 2048
+  seg = np.zeros((b, t), np.int32)
+  pos = np.zeros((b, t), np.int32)
+  for row, lengths in enumerate([[2048], [700, 900, 400], [1500, 500], [300, 300, 1000]]):
+    start = 0
+    for i, n in enumerate(lengths):   # the last row ends with 48 padding tokens
+      seg[row, start:start + n], pos[row, start:start + n] = i + 1, np.arange(n)
+      start += n
+  x = jax.random.normal(jax.random.key(0), (b, t, 768), jnp.float32)
+  w = jax.random.normal(jax.random.key(1), (b, t, 768), jnp.float32) * (seg > 0)[..., None]
+  out = {}
+  for window in (0, 512):
+    res = {}
+    # cudnn: the mask as a bias with its gradient (model.attention_mask 'bias', JAX's public
+    # call); cudnn_nograd: the bias without its gradient; cudnn_auto: 'auto', which on these
+    # packed rows takes the 'bias_nograd' branch at run time (lax.cond).
+    for key, impl, dtype, how in (('xla_float32', 'xla', 'float32', 'bias'),
+                                  ('xla_bfloat16', 'xla', 'bfloat16', 'bias'),
+                                  ('cudnn_bfloat16', 'cudnn', 'bfloat16', 'bias'),
+                                  ('cudnn_nograd_bfloat16', 'cudnn', 'bfloat16', 'bias_nograd'),
+                                  ('cudnn_auto_bfloat16', 'cudnn', 'bfloat16', 'auto')):
+      cfg = PRESETS['mobilemoe_s']().model
+      cfg.update(dict(attention_impl=impl, dtype=dtype, attention_mask=how))
+      layer = layers.Attention(cfg, window, nnx.Rngs(0))
+
+      def loss(x):
+        y, _ = layer(x.astype(dtype), jnp.asarray(pos), jnp.asarray(seg))
+        return jnp.sum(y.astype(jnp.float32) * w), y.astype(jnp.float32)
+      try:
+        (_, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+      except Exception as e:  # noqa: BLE001
+        res[key] = f'{type(e).__name__}: {str(e)[:300]}'
+        continue
+      # real tokens only: padding queries differ between the paths (and carry no loss), and
+      # so do the gradients that reach padding positions.
+      res[key] = (np.asarray(y) * (seg > 0)[..., None], np.asarray(g) * (seg > 0)[..., None])
+    ref_y, ref_g = res['xla_float32']
+    err = lambda a, r: float(np.abs(a - r).max() / np.abs(r).max())
+    out[f'window_{window}'] = {
+        f'{k}_vs_xla_float32': {'output_max_rel_err': err(v[0], ref_y), 'grad_max_rel_err': err(v[1], ref_g)}
+        if isinstance(v, tuple) else v for k, v in res.items() if k != 'xla_float32'}
+    print(f'window {window}: {out[f"window_{window}"]}')
+  # Time of the attention op alone (forward + backward, batch 8 x 2048, 12 heads / 4 KV heads
+  # of 64, bf16): XLA with the mask, cuDNN with the mask (as the model calls it), and cuDNN
+  # with only the causal/window flags (exact for one document per row only).
+  b8 = 8
+  q = jax.random.normal(jax.random.key(2), (b8, t, 12, 64), jnp.bfloat16)
+  kv = jax.random.normal(jax.random.key(3), (2, b8, t, 4, 64), jnp.bfloat16)
+  p8 = jnp.broadcast_to(jnp.arange(t), (b8, t))
+  s8 = jnp.ones((b8, t), jnp.int32)
+  timing = {}
+  for window in (0, 512):
+    mask = layers.attention_mask(p8, p8, s8, s8, window)
+    lw = (window - 1, 0) if window else None
+    calls = {
+        'cudnn_mask_nograd': lambda q, k, v: layers.cudnn_attention(q, k, v, mask, s8, window, 'bias_nograd'),
+        'cudnn_auto': lambda q, k, v: layers.cudnn_attention(q, k, v, mask, s8, window, 'auto'),
+        'xla_mask': lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask),
+        'cudnn_mask': lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, implementation='cudnn', local_window_size=lw),
+        'cudnn_flags_only': lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation='cudnn', local_window_size=lw)}
+    for impl, fn in calls.items():
+      step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+      try:
+        jax.block_until_ready(step(q, kv[0], kv[1]))
+      except Exception as e:  # noqa: BLE001
+        timing[f'window_{window}/{impl}'] = f'{type(e).__name__}: {str(e)[:300]}'
+        continue
+      ts = []
+      for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(q, kv[0], kv[1]))
+        ts.append(time.perf_counter() - t0)
+      timing[f'window_{window}/{impl}'] = round(1e3 * statistics.median(ts), 3)
+  print(f'attention fwd+bwd ms per layer: {timing}')
+  return {'errors_relative_to_max': out,
+          'rows': 'packed: [2048], [700, 900, 400], [1500, 500], [300, 300, 1000] + 48 padding',
+          'attention_fwd_bwd_ms_per_layer_batch8': timing}
+
+
+if __name__ == '__main__':
+  record = dict(runinfo.run_record('bench/attention_check.py', gpu=True), **attention_check())
+  with open(OUT, 'w') as f:
+    json.dump(record, f, indent=1)
+  print(f'wrote {OUT}')

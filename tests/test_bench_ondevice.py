@@ -1,0 +1,40 @@
+"""bench/ondevice.py's summaries: the comparisons of the block rows and the whole-model ratios."""
+import pytest
+
+
+def test_block_summary_ratios_and_bandwidth_limit(bench_script):
+  od = bench_script('ondevice')
+  rows = [{'method': m, 'T': T, 'median_ms': ms} for m, T, ms in (
+      ('delegate', 1, 0.1), ('delegate', 128, 2.0), ('upstream_moe', 1, 2.0),
+      ('upstream_moe', 128, 20.0), ('delegate_cw', 1, 0.08))]
+  s = od.block_summary(rows, dict(od.BLOCK), bw=50.0)
+  assert s['ratios']['delegate_vs_upstream_moe'] == pytest.approx({'1': 20.0, '128': 10.0})
+  assert s['ratios']['delegate_cw_vs_delegate'] == pytest.approx({'1': 1.25})
+  assert 'delegate_vs_all_experts' not in s['ratios']          # not timed: left out
+  lim = s['bandwidth_limit']['delegate']
+  assert lim['limit_ms'] == pytest.approx(od.active_bytes_per_token(od.BLOCK) / 50e9 * 1e3)
+  assert lim['fraction'] == pytest.approx(lim['limit_ms'] / 0.1)
+  # channel-wise experts read fewer scale bytes than block-32 ones
+  assert s['bandwidth_limit']['delegate_cw']['active_bytes'] < lim['active_bytes']
+
+
+def test_whole_ratios_fastest_next_to_same_arrangement(bench_script):
+  od = bench_script('ondevice')
+  raw = {'moe_decode_ms': 5.0, 'moe_decode_rounds_ms': [5.0, 5.2], 'moe_fc_decode_ms': 4.0,
+         'moe_fc_decode_rounds_ms': [4.0, 4.1], 'dense_decode_ms': 12.0,
+         'dense_decode_rounds_ms': [12.0, 12.3], 'dense_fc_decode_ms': 14.0,
+         'dense_fc_decode_rounds_ms': [14.0, 14.0], 'moe_prefill128_ms': 80.0,
+         'dense_prefill128_ms': 240.0, 'moe_peak_rss_mb': 1200, 'moe_fc_peak_rss_mb': 2000,
+         'dense_peak_rss_mb': 2400, 'dense_fc_peak_rss_mb': 3500}
+  arr = od.whole_arrangements(raw)
+  assert arr['moe'] == {'decode_ms': 5.0, 'decode_rounds_ms': [5.0, 5.2], 'prefill128_ms': 80.0,
+                        'peak_rss_mb': 1200}
+  assert arr['moe_fc']['peak_rss_mb'] == 2000
+  r = od.whole_ratios(arr)
+  assert r['decode']['fastest_arrangements'] == {'moe': 'moe_fc', 'dense': 'dense'}
+  assert r['decode']['fastest'] == pytest.approx(12.0 / 4.0)
+  assert r['decode']['fastest_rounds_min_median_max'] == pytest.approx([12.0 / 4.0, 3.0, 12.3 / 4.1])
+  assert r['decode']['same_arrangement'] == pytest.approx(
+      {'one_interpreter': 12.0 / 5.0, 'decode_delegate': 14.0 / 4.0})
+  assert r['prefill128'] == pytest.approx(3.0)
+  assert 'decode_long' not in r and 'prefill512' not in r
