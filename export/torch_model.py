@@ -5,8 +5,9 @@ Same math as mobilemoe_jax/model (fp32): RMSNorm, half-split RoPE, GQA with an o
 per-layer sliding window, SwiGLU, and the MoE block (fp32 router, softmax/sigmoid scores,
 top-k with an optional selection-only bias, norm_topk_prob, routed_scale, fused shared
 experts; always dropless: `moe.capacity_factor` is a training setting). Written for
-litert-torch: only ops that lower to plain LiteRT builtins, an external KV cache that the graph reads and never writes (it returns the new tokens' K/V; the caller
-writes them in place), and the routed experts either as
+litert-torch: only ops that lower to plain LiteRT builtins, an external KV cache that the
+graph reads and never writes (it returns the new tokens' K/V; the caller writes them in
+place), and the routed experts either as
 
   'portable': every expert computed as FCs and masked by its routing weight (stock LiteRT:
               one FC [E*2F, D] for all gate/up rows, one FC [D, F] per expert for down), or
