@@ -119,12 +119,12 @@ def is_moe_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
   """Whether layer `layer` has an MoE FFN (else the dense SwiGLU of width d_ff)."""
   m = model.moe
   return (m.n_experts > 0 and layer >= m.first_dense
-          and (layer + 1) % m.get('every', 1) == 0)   # configs saved before `every`: 1
+          and (layer + 1) % getattr(m, 'every', 1) == 0)   # configs saved before `every`: 1
 
 
 def is_rope_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
   """Whether layer `layer` applies RoPE (and QK-norm, when on): not a NoPE layer."""
-  return layer not in tuple(model.get('nope_layers', ()))
+  return layer not in tuple(getattr(model, 'nope_layers', ()))
 
 
 ROPE_SCALINGS = ('none', 'llama3')
