@@ -363,3 +363,17 @@ def test_bad_tensors_are_named():
   assert 'snap/model.safetensors' in msg and 'model.layers.1.feed_forward.expert_bias' in msg
   assert 'model.layers.0.self_attn.q_proj.weight: (63, 64) (expected (64, 64))' in msg
   assert 'unexpected' in msg and 'model.layers.0.feed_forward.gate_proj.weight' in msg
+
+
+@pytest.mark.parametrize('kw', [{}, {'n_layers': 4, 'moe.every': 2, 'tie_embeddings': False},
+                                {'moe.expert_bias': False, 'moe.first_dense': 1}])
+def test_accounting_equals_the_parameter_tree(kw):
+  from mobilemoe_jax.scaling import accounting
+  cfg = release_like(**kw)
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  from mobilemoe_jax.moe.layer import ExpertBias
+  state = nnx.state(model, nnx.Any(nnx.Param, ExpertBias))
+  tree = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(state))
+  assert accounting.count(cfg).total_params == tree
+  # and the release layout holds the same numbers
+  assert sum(math.prod(s) for s in layout.tensor_shapes(cfg).values()) == tree
