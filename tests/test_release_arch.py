@@ -280,9 +280,9 @@ def test_llama3_smooth_band_matches_the_reference_formula():
 
 
 def test_qk_norm_is_a_weightless_rms_per_head():
-  from mobilemoe_jax.model.layers import head_rms_norm
+  from mobilemoe_jax.model.layers import rms_normalize
   x = np.random.default_rng(0).standard_normal((2, 3, 4, 16)).astype(np.float32) * 3
-  y = np.asarray(head_rms_norm(jnp.asarray(x), 1e-5))
+  y = np.asarray(rms_normalize(jnp.asarray(x), 1e-5))
   np.testing.assert_allclose(np.mean(y * y, -1), 1.0, rtol=1e-4)
   np.testing.assert_allclose(y, x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-5), rtol=1e-5)
 
