@@ -377,3 +377,20 @@ def test_accounting_equals_the_parameter_tree(kw):
   assert accounting.count(cfg).total_params == tree
   # and the release layout holds the same numbers
   assert sum(math.prod(s) for s in layout.tensor_shapes(cfg).values()) == tree
+
+
+def test_released_s_forward_traces_at_full_size():
+  """MobileMoE-S itself (1.26B parameters) through the forward pass, abstractly (shapes only,
+  nothing materialised): every layer MoE, QK-norm, Llama 3 RoPE at head_dim 64."""
+  import jax
+  from configs import mobilemoe_s
+  cfg = mobilemoe_s.get_config().model
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+
+  def forward(state, tokens):
+    return nnx.merge(graphdef, state)(tokens)[:2]
+
+  logits, stats = jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, 16), jnp.int32))
+  assert logits.shape == (1, 16, 128_256)
+  assert stats['tokens_per_expert'].shape == (20, 60)       # 20 MoE layers of 60 experts
