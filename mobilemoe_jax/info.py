@@ -33,12 +33,14 @@ def describe(model, context: int, kv_bytes: int = 2) -> dict:
   }
 
 
+PRESET_FILES = {'mobilellm_pro': 'configs/mobilellm_pro.py', 'mobilemoe_s': 'configs/mobilemoe_s.py',
+                'mobilemoe_m': 'configs/mobilemoe_m.py', 'mobilemoe_l': 'configs/mobilemoe_l.py',
+                'tiny:dense': 'configs/tiny.py:dense', 'tiny': 'configs/tiny.py:moe'}
+
+
 def presets():
-  """name -> config of every preset in configs/ (tiny in both variants)."""
-  from configs import mobilellm_pro, mobilemoe_l, mobilemoe_m, mobilemoe_s, tiny
-  return {'mobilellm_pro': mobilellm_pro.get_config(), 'mobilemoe_s': mobilemoe_s.get_config(),
-          'mobilemoe_m': mobilemoe_m.get_config(), 'mobilemoe_l': mobilemoe_l.get_config(),
-          'tiny:dense': tiny.get_config('dense'), 'tiny': tiny.get_config('moe')}
+  """name -> config of every preset in configs/ (tiny in both variants), read by path."""
+  return {name: config_lib.load_file(spec) for name, spec in PRESET_FILES.items()}
 
 
 def main(argv):
