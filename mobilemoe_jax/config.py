@@ -5,6 +5,7 @@ overrides fields, so the schema lives in one place. Configs are locked: a typo i
 a field name fails when it is set (`--config.model.d_modle=...` is refused by
 ml_collections), and `validate()` checks the values before any array is built.
 """
+import difflib
 from contextlib import nullcontext as _nullcontext
 
 import ml_collections
@@ -120,6 +121,27 @@ def is_global_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
 def _require(ok: bool, field: str, why: str):
   if not ok:
     raise ConfigError(f'config field `{field}`: {why}')
+
+
+def field_names(config, prefix: str = '') -> list[str]:
+  """Every dotted field name of a (nested) config: 'train.lr', 'model.moe.top_k', ..."""
+  names = []
+  for key, value in config.items():
+    names.append(prefix + key)
+    if hasattr(value, 'items'):
+      names += field_names(value, f'{prefix}{key}.')
+  return names
+
+
+def unknown_field(config, field: str) -> str | None:
+  """None if `field` ('model.moe.top_k') exists in `config`, else a one-line message naming
+  it and the nearest known names."""
+  known = field_names(config)
+  if field in known:
+    return None
+  near = difflib.get_close_matches(field, known, n=3, cutoff=0.6)
+  return (f'unknown config field `{field}`'
+          + (f'; nearest: {", ".join(near)}' if near else '; no similar field'))
 
 
 def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
