@@ -99,6 +99,9 @@ def load_tokenizer(path: str) -> Tokenizer:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"tokenizer file not found: {path!r}")
+  from mobilemoe_jax.data import integrity
+
+  integrity.check_file(path)
   if path.endswith(".json"):
     return _load_hf(path)
   import sentencepiece as spm

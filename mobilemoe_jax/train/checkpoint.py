@@ -107,12 +107,12 @@ def verify(step_dir, step: int):
   for rel, want in files.items():
     path = step_dir / rel
     if not path.exists():
-      problems.append(f'{rel} missing')
+      problems.append(f'{path} missing')
     elif (size := path.stat().length) != want['size']:
-      problems.append(f'{rel} has {size} bytes, {want["size"]} were written'
+      problems.append(f'{path} has {size} bytes, {want["size"]} were written'
                       + (' (truncated)' if size < want['size'] else ''))
     elif _sha256(path) != want['sha256']:
-      problems.append(f'{rel} fails its sha256 check (contents changed)')
+      problems.append(f'{path} fails its sha256 check (contents changed)')
   if problems:
     more = f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''
     raise CheckpointCorrupt(f'{where} is incomplete/corrupt: {"; ".join(problems[:3])}{more}')
@@ -120,11 +120,13 @@ def verify(step_dir, step: int):
 
 # -------------------------------------------------------------------------------- config
 
-# Fields a resumed run may change without train.allow_config_change: how long to run and how
-# often to log, evaluate and save, none of which changes what a step computes.
+# Fields a resumed run may change without train.allow_config_change: how long to run, how
+# often to log, evaluate and save, where the stage started from (read only at step 0) and the
+# mesh (Orbax reshards on restore); none changes what a step computes.
 RUN_CONTROL = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
                'train.checkpoint_every', 'train.keep_checkpoints', 'train.async_checkpoints',
-               'train.progress', 'train.allow_config_change', 'train.checkpoint_fallback')
+               'train.progress', 'train.allow_config_change', 'train.checkpoint_fallback',
+               'train.init_from', 'train.restore_optimizer', 'mesh.')
 
 
 def _flatten(d, prefix=''):
@@ -143,7 +145,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   saved, current = _flatten(saved), _flatten(json.loads(json.dumps(current)))
   return [f'  {k}: {saved.get(k, "<absent>")!r} -> {current.get(k, "<absent>")!r}'
           for k in sorted(set(saved) | set(current))
-          if k not in RUN_CONTROL and saved.get(k, '<absent>') != current.get(k, '<absent>')]
+          if not k.startswith(RUN_CONTROL) and saved.get(k, '<absent>') != current.get(k, '<absent>')]
 
 
 def check_same_config(saved: dict, current: dict, where: str, allow: bool) -> list[str]:

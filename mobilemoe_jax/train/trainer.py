@@ -37,7 +37,6 @@ from tqdm import tqdm
 from mobilemoe_jax import config as config_lib
 from mobilemoe_jax import distributed, sharding
 from mobilemoe_jax.data import pipeline
-from mobilemoe_jax.data import tokenizer as tokenizer_lib
 from mobilemoe_jax.model import Transformer, moe_layers
 from mobilemoe_jax.model.layers import QuantScale
 from mobilemoe_jax.quant import qat
