@@ -124,12 +124,13 @@ def _require(ok: bool, field: str, why: str):
 
 
 def field_names(config, prefix: str = '') -> list[str]:
-  """Every dotted field name of a (nested) config: 'train.lr', 'model.moe.top_k', ..."""
+  """The dotted name of every leaf field of a (nested) config: 'train.lr', 'model.moe.top_k'."""
   names = []
   for key, value in config.items():
-    names.append(prefix + key)
     if hasattr(value, 'items'):
       names += field_names(value, f'{prefix}{key}.')
+    else:
+      names.append(prefix + key)
   return names
 
 
@@ -137,9 +138,12 @@ def unknown_field(config, field: str) -> str | None:
   """None if `field` ('model.moe.top_k') exists in `config`, else a one-line message naming
   it and the nearest known names."""
   known = field_names(config)
-  if field in known:
+  if field in known or any(k.startswith(field + '.') for k in known):   # a field or a section
     return None
-  near = difflib.get_close_matches(field, known, n=3, cutoff=0.6)
+  # Fields beside it first (a typo rarely changes the section), then anywhere.
+  section = field.rpartition('.')[0] + '.'
+  near = (difflib.get_close_matches(field, [k for k in known if k.startswith(section)], n=3, cutoff=0.6)
+          or difflib.get_close_matches(field, known, n=3, cutoff=0.6))
   return (f'unknown config field `{field}`'
           + (f'; nearest: {", ".join(near)}' if near else '; no similar field'))
 

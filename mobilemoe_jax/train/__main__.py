@@ -30,11 +30,15 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError) as e:
-    config = flags.FLAGS['config'].value
-    for arg in argv[1:]:
-      if config is not None and arg.startswith('--config.'):
-        msg = config_lib.unknown_field(config, arg[len('--config.'):].split('=', 1)[0])
-        if msg:
+    overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+    files = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')]
+    if overrides and files:
+      try:   # ml_collections applies overrides while it parses --config: load the file alone
+        config = flags.FLAGS['config'].parser.parse(files[-1])
+      except Exception:  # the file itself is bad: its own error below says so
+        config = None
+      for field in overrides if config is not None else ():
+        if msg := config_lib.unknown_field(config, field):
           _fail(2, msg)
     _fail(2, str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
 
