@@ -491,7 +491,8 @@ class _NonfiniteWatch:
       self.in_a_row += 1
       skipped, t = int(m['skipped']), self.t
       _log(f"{t.stage}: step {s}: non-finite loss ({float(m['loss'])}) or gradient "
-           f"(norm {float(m['grad_norm'])}); update skipped ({skipped} skipped in {s} steps)")
+           f"(norm {float(m['grad_norm'])}); update skipped ({skipped} skipped in {s} steps)"
+           + self._after_restore(s))
       if self.in_a_row > t.max_consecutive_skips or (
           skipped > t.max_consecutive_skips and skipped > t.max_skip_fraction * s):
         self.ckpt.wait()
@@ -500,6 +501,13 @@ class _NonfiniteWatch:
             f'non-finite loss or gradient, over the limits (train.max_consecutive_skips='
             f'{t.max_consecutive_skips}, train.max_skip_fraction={t.max_skip_fraction}); '
             f'stopped; {self._kept()}. Check the data and train.lr.')
+
+  def _after_restore(self, step) -> str:
+    if self.restored_step is None or step != self.restored_step + 1:
+      return ''
+    return (f'; the first step after resuming from {self.ckpt.path(self.restored_step)}: that '
+            'checkpoint is suspect (it passed its integrity check, so it was saved this way or '
+            'the batch at this data position is bad)')
 
   def _kept(self) -> str:
     self.ckpt.wait()
@@ -512,12 +520,9 @@ class _NonfiniteWatch:
     bad_m = next((m for m in host if not m['ok']), None)
     detail = '' if bad_m is None else (f" (loss={float(bad_m['loss'])}, "
                                        f"grad_norm={float(bad_m['grad_norm'])})")
-    if self.restored_step is not None and bad == self.restored_step + 1:
-      raise NonFiniteError(
-          f'{t.stage}: non-finite loss or gradient at step {bad}{detail}, the first step after '
-          f'resuming from {self.ckpt.path(self.restored_step)}: that checkpoint is suspect '
-          '(it passed its integrity check, so it was saved this way or the batch at this data '
-          'position is bad). Resume from an older checkpoint or check the data.')
+    if after := self._after_restore(bad):
+      raise NonFiniteError(f'{t.stage}: non-finite loss or gradient at step {bad}{detail}{after}. '
+                           'Resume from an older checkpoint or check the data.')
     raise NonFiniteError(
         f"{t.stage}: non-finite loss or gradient at step {bad}{detail}; stopped and "
         f"{self._kept()}. Lower train.lr or check the data, or set "
