@@ -13,8 +13,8 @@ and one file of our own:
           metadata). Orbax's zarr3 arrays carry a crc32c only on their shard index, and its
           API offers no chunk checksums, so a flipped byte in an array would load silently.
           The manifest is written after all data (on the primary process, after every process
-          has committed) and before Orbax renames the step into place, so a step directory
-          without it never finished.
+          has committed) and, with async saves, before Orbax renames the step into place (with
+          synchronous ones right after), so a step directory without it never finished.
 
 Restoring verifies the manifest first, then compares the saved tree with the one the config
 builds (a mismatch names the parameter path and both shapes instead of failing deep inside
@@ -245,11 +245,12 @@ class Checkpointer:
     """Orbax's post-finalization callback (primary process, every process has committed,
     the step not yet renamed into place): writes the manifest into the step directory."""
     step = self._saving
-    # Locally Orbax writes into `<step>.orbax-checkpoint-tmp-<time>` and renames it last; on
+    # Locally Orbax writes into `<step>.orbax-checkpoint-tmp...` and renames it last; on
     # object stores it writes the final directory directly.
     tmp = [d for d in self.directory.iterdir()
            if d.name.startswith(f'{step}{ocp.utils.TMP_DIR_SUFFIX}')]
-    write_manifest(tmp[0] if len(tmp) == 1 else self.directory / str(step), step)
+    newest = max(tmp, key=lambda d: d.stat().mtime) if tmp else self.directory / str(step)
+    write_manifest(newest, step)
 
   def restore(self, step: int, abstract_state, shardings, data_iter, *, config: dict,
               allow_config_change: bool):
