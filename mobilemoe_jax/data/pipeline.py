@@ -45,6 +45,10 @@ Mixture: sources are mixed row by row with grain's IterDataset.mix, which interl
 deterministically in the given proportions (exact, not sampled), so weights are fractions
 of rows (roughly of tokens). Each training stage passes its own sources and weights.
 
+Errors: a file that differs from the build's SHA256SUMS beside it fails when it is opened
+(integrity.py); a record that cannot be read or parsed raises DataError naming the file and
+record index (JSONL: line), never a bare Riegeli or UnicodeDecodeError.
+
 Sharding: documents of every source are split round-robin across processes
 (index % process_count == process_index) before shuffling, so processes read disjoint sets
 whose union is the whole source.
