@@ -5,6 +5,7 @@ overrides fields, so the schema lives in one place. Configs are locked: a typo i
 a field name fails when it is set (`--config.model.d_modle=...` is refused by
 ml_collections), and `validate()` checks the values before any array is built.
 """
+import difflib
 import importlib.util
 import os
 from contextlib import nullcontext as _nullcontext
@@ -147,6 +148,31 @@ def is_global_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
 def _require(ok: bool, field: str, why: str):
   if not ok:
     raise ConfigError(f'config field `{field}`: {why}')
+
+
+def field_names(config, prefix: str = '') -> list[str]:
+  """The dotted name of every leaf field of a (nested) config: 'train.lr', 'model.moe.top_k'."""
+  names = []
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      names += field_names(value, f'{prefix}{key}.')
+    else:
+      names.append(prefix + key)
+  return names
+
+
+def unknown_field(config, field: str) -> str | None:
+  """None if `field` ('model.moe.top_k') exists in `config`, else a one-line message naming
+  it and the nearest known names."""
+  known = field_names(config)
+  if field in known or any(k.startswith(field + '.') for k in known):   # a field or a section
+    return None
+  # Fields beside it first (a typo rarely changes the section), then anywhere.
+  section = field.rpartition('.')[0] + '.'
+  near = (difflib.get_close_matches(field, [k for k in known if k.startswith(section)], n=3, cutoff=0.6)
+          or difflib.get_close_matches(field, known, n=3, cutoff=0.6))
+  return (f'unknown config field `{field}`'
+          + (f'; nearest: {", ".join(near)}' if near else '; no similar field'))
 
 
 def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

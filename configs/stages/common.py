@@ -47,6 +47,7 @@ def is_small(preset: str) -> bool:
 
 
 def train_config(stage: str, small: bool, **overrides) -> ml_collections.ConfigDict:
+  """The `train` section; mobilemoe_jax/train/config_check.py holds the range of each field."""
   t = ml_collections.ConfigDict()
   t.stage = stage                 # name recorded in the checkpoint lineage
   t.seed = 0                      # model init, data order and the state's RNG key
@@ -66,12 +67,18 @@ def train_config(stage: str, small: bool, **overrides) -> ml_collections.ConfigD
   t.clip_norm = 1.0               # global-norm clipping; 0 = off
   t.adam_mu_dtype = ''            # AdamW first-moment dtype; '' = fp32 like the params (optim.py)
   t.on_nonfinite = 'stop'         # 'stop': fail with the last good checkpoint | 'skip'
+  # With 'skip': stop anyway after more than this many skipped steps in a row, or once more
+  # than max_consecutive_skips steps were skipped and they are over this share of all steps.
+  t.max_consecutive_skips = 5
+  t.max_skip_fraction = 0.1
   t.log_every = 25 if small else 100
   t.eval_every = 100 if small else 2000
   t.eval_batches = 8 if small else 64   # held-out batches per evaluation; 0 = none
   t.checkpoint_every = 100 if small else 1000
   t.keep_checkpoints = 2          # keep-last-K
   t.async_checkpoints = True      # save in the background while training continues
+  t.checkpoint_fallback = True    # resume from the newest checkpoint that verifies; False: stop
+  t.allow_config_change = False   # resume although the checkpoint's config differs (printed)
   t.init_from = ''                # previous stage's checkpoints dir (or a step dir); '' = scratch
   t.restore_optimizer = False     # with init_from: also take its optimizer state
   t.progress = True               # tqdm progress bar
