@@ -107,6 +107,56 @@ def mesh_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def train_config(stage: str, small: bool, **overrides) -> ml_collections.ConfigDict:
+  """The `train` section of a stage config (configs/stages/): every field with its default.
+  small: the CPU demo presets' short stages. mobilemoe_jax/train/config_check.py holds the
+  range of each field."""
+  t = ml_collections.ConfigDict()
+  t.stage = stage                 # name recorded in the checkpoint lineage
+  t.seed = 0                      # model init, data order and the state's RNG key
+  t.steps = 300 if small else 100_000
+  t.batch_size = 16 if small else 256   # global rows per step (split over processes)
+  t.seq_len = 128 if small else 2048
+  t.grad_accum = 1                # micro-batches per step (batch_size % grad_accum == 0)
+  t.lr = 3e-3 if small else 3e-4
+  t.schedule = 'wsd'              # 'wsd' | 'cosine' | 'constant'
+  t.warmup_steps = 30 if small else 2000
+  t.decay_fraction = 0.2          # wsd: share of post-warmup steps spent decaying
+  t.min_lr_ratio = 0.1            # final lr = lr * min_lr_ratio
+  t.weight_decay = 0.1            # AdamW, decoupled; never applied to 1-D params
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.clip_norm = 1.0               # global-norm clipping; 0 = off
+  t.adam_mu_dtype = ''            # AdamW first-moment dtype; '' = fp32 like the params (optim.py)
+  t.on_nonfinite = 'stop'         # 'stop': fail with the last good checkpoint | 'skip'
+  # With 'skip': stop anyway after more than this many skipped steps in a row, or once more
+  # than max_consecutive_skips steps were skipped and they are over this share of all steps.
+  t.max_consecutive_skips = 5
+  t.max_skip_fraction = 0.1
+  t.log_every = 25 if small else 100
+  t.eval_every = 100 if small else 2000
+  t.eval_batches = 8 if small else 64   # held-out batches per evaluation; 0 = none
+  t.checkpoint_every = 100 if small else 1000
+  t.keep_checkpoints = 2          # keep-last-K
+  t.async_checkpoints = True      # save in the background while training continues
+  t.checkpoint_fallback = True    # resume from the newest checkpoint that verifies; False: stop
+  t.allow_config_change = False   # resume although the checkpoint's config differs (printed)
+  t.init_from = ''                # previous stage's checkpoints dir (or a step dir); '' = scratch
+  t.restore_optimizer = False     # with init_from: also take its optimizer state
+  t.progress = True               # tqdm progress bar
+  # Cross-entropy over this many positions (of every row) at a time, never all [B, T, V]
+  # logits (train/loss.py); 0 = off. On for the full-size presets, whose [B, T, V] logits
+  # and their gradient would take tens of GB; the CPU demo presets keep the full-logits loss.
+  # Ignored (unchunked) with distill_weight: the KL needs the student's full logits.
+  t.loss_chunk_len = 0 if small else 512
+  t.distill_weight = 0.0          # QAT: weight of KL(float teacher || fake-quant model); 0 = off
+  t.distill_temperature = 1.0
+  t.update(overrides)
+  return t
+
+
+
 def experiment(model: ml_collections.ConfigDict, **sections) -> ml_collections.ConfigDict:
   """The top-level config a preset returns: the model, the mesh, and any other sections
   (train, data, ... added by the stage configs)."""

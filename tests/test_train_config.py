@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs.stages import common
+from mobilemoe_jax import config as config_lib
 from mobilemoe_jax.config import ConfigError
 from mobilemoe_jax.train import NonFiniteError, config_check, train_and_evaluate
 from test_train import _poison_step, data_dir, make_config  # noqa: F401  (data_dir is a fixture)
@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_train_field_has_a_rule():
-  assert set(common.train_config('x', small=True).keys()) == set(config_check.TRAIN_RULES)
+  assert set(config_lib.train_config('x', small=True).keys()) == set(config_check.TRAIN_RULES)
 
 
 @pytest.mark.parametrize('field, value', [

@@ -1,7 +1,7 @@
 """Checks a stage config before anything is built: every `train` field against its range,
 unknown `train` fields with the nearest known names, then the model config.
 
-The defaults and comments of the fields live in configs/stages/common.py (`train_config`);
+The defaults and comments of the fields live in mobilemoe_jax/config.py (`train_config`);
 this table says which values work. Each rule: (test, what the field must be).
 """
 import jax
@@ -71,7 +71,6 @@ TRAIN_RULES = {
     'restore_optimizer': _is(bool),
     'progress': _is(bool),
     'loss_chunk_len': _at_least(0),
-    'loss_exp_once': _is(bool),
     'distill_weight': _at_least(0, _NUM),
     'distill_temperature': _positive(),
 }

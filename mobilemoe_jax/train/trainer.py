@@ -312,8 +312,7 @@ def make_train_step(config, tx, lr_schedule):
     if chunk_len:   # the head's logits a chunk of positions at a time (train/loss.py)
       (hidden, head), stats, _ = model(batch['inputs'], **inputs, return_hidden=True)
       ce_sum = loss_lib.chunked_cross_entropy(hidden, head, batch['targets'],
-                                              batch['loss_mask'], chunk_len,
-                                              exp_once=t.get('loss_exp_once', True))
+                                              batch['loss_mask'], chunk_len)
     else:
       logits, stats, _ = model(batch['inputs'], **inputs)                            # [b, T, V]
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])  # [b, T]
