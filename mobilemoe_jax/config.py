@@ -50,8 +50,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.remat = False               # rematerialise each block in the backward pass
   # Attention kernel: 'xla' (scores materialised; any backend), 'cudnn' (fused flash attention,
   # GPU, 16-bit dtypes), 'auto' (cudnn on GPU with a 16-bit dtype, else xla). Decoding with a KV
-  # cache always uses xla. On an H200 cuDNN halved MobileMoE-S's train step and matched XLA's
-  # numerics (bench/README.md, training throughput).
+  # cache always uses xla. cuDNN keeps no [T, S] scores in memory (bench/attention_check.py
+  # compares the two).
   c.attention_impl = 'auto'
   # cuDNN attention only: how documents/padding are kept apart (model/layers.py,
   # cudnn_attention): 'bias' (the mask as a bias, with its gradient), 'bias_nograd' (the same

@@ -236,7 +236,7 @@ def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto'):
   `window` (0 = global), within each document of a packed row (model.attention_mask):
 
   - 'bias': the documents/padding/window mask as a bias, whose gradient cuDNN computes too
-    (JAX's public call; the only mode before call 8 of bench/train_throughput.py).
+    (JAX's public call).
   - 'bias_nograd': the same bias without its gradient (the same outputs and input gradients).
   - 'causal': the causal/window flags only, no mask: exact only when every row is one
     document without padding (segment ids are ignored).

@@ -263,7 +263,7 @@ def step_config(config, segment_ids):
   is one document, else the bias) is made here on the host: 'causal' for a batch whose rows
   are each one document without padding, 'bias_nograd' otherwise. The same attention; the
   step then has no conditional, whose backward pass made every layer write a [B, 1, T, T]
-  placeholder for the branch not taken (bench/README.md, training throughput). With several
+  placeholder for the branch not taken. With several
   processes each sees only its rows, so the device keeps the choice. Else `config` itself.
   """
   from mobilemoe_jax.model.layers import attention_kernel
