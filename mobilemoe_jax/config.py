@@ -30,6 +30,13 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.d_ff = 2048                 # hidden size of the dense SwiGLU FFN
   c.tie_embeddings = True
   c.rope_theta = 500_000.0
+  # RoPE frequency scaling (model/layers.py, rope_frequencies): 'none' | 'llama3' (Llama 3.1's
+  # rule: wavelengths above original_max_len / low_freq_factor are divided by `factor`, those
+  # below original_max_len / high_freq_factor kept, the band between interpolated).
+  c.rope_scaling = ml_collections.ConfigDict(dict(
+      kind='none', factor=16.0, original_max_len=8192, low_freq_factor=1.0, high_freq_factor=1.0))
+  c.nope_layers = ()            # layer indices without RoPE (and without QK-norm)
+  c.qk_norm = False             # weightless per-head RMS norm of q and k after RoPE (RoPE layers)
   c.norm_eps = 1e-5
   c.sliding_window = 0          # 0: every layer attends globally
   c.global_every = 1            # with a window: layer i is global iff (i + 1) % global_every == 0
@@ -60,6 +67,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.moe.n_shared = 0            # always-active shared experts
   c.moe.d_shared = 256          # hidden size of one shared expert
   c.moe.first_dense = 1         # the first layers keep a dense FFN (routing is unstable there)
+  c.moe.every = 1               # from first_dense on, layer i is MoE iff (i + 1) % every == 0
   c.moe.score_func = 'softmax'  # 'softmax' | 'sigmoid'
   c.moe.norm_topk_prob = True   # renormalise the k chosen weights to sum to 1
   c.moe.routed_scale = 1.0      # multiplies the routed output (DeepSeek's routed scaling factor)
@@ -115,7 +123,24 @@ def experiment(model: ml_collections.ConfigDict, **sections) -> ml_collections.C
 
 
 def is_moe_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
-  return model.moe.n_experts > 0 and layer >= model.moe.first_dense
+  """Whether layer `layer` has an MoE FFN (else the dense SwiGLU of width d_ff)."""
+  m = model.moe
+  return (m.n_experts > 0 and layer >= m.first_dense
+          and (layer + 1) % getattr(m, 'every', 1) == 0)   # configs saved before `every`: 1
+
+
+def is_rope_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
+  """Whether layer `layer` applies RoPE (and QK-norm, when on): not a NoPE layer."""
+  return layer not in tuple(getattr(model, 'nope_layers', ()))
+
+
+ROPE_SCALINGS = ('none', 'llama3')
+
+
+def rope_scaling(model: ml_collections.ConfigDict) -> dict:
+  """model.rope_scaling as a plain dict; configs saved before the field have none."""
+  scaling = model.get('rope_scaling')
+  return {'kind': 'none'} if scaling is None else dict(scaling)
 
 
 def is_global_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
@@ -149,6 +174,7 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f'must divide n_heads={model.n_heads}, got {model.n_kv_heads}')
   _require(model.head_dim % 2 == 0, 'model.head_dim', 'must be even for RoPE')
   _require(model.sliding_window >= 0, 'model.sliding_window', 'must be >= 0')
+  _validate_rope(model)
   _require(model.get('attention_mask', 'bias') in CUDNN_MASKS, 'model.attention_mask',
            f'unknown mask mode {model.get("attention_mask")!r}; known: {CUDNN_MASKS}')
   _require(model.get('attention_impl', 'auto') in ATTENTION_IMPLS, 'model.attention_impl',
@@ -191,12 +217,37 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.n_shared == 0 or m.d_shared > 0, 'model.moe.d_shared', 'must be positive')
     _require(0 <= m.first_dense <= model.n_layers, 'model.moe.first_dense',
              f'must be in [0, n_layers={model.n_layers}]')
+    _require(m.get('every', 1) >= 1, 'model.moe.every', f'must be >= 1, got {m.get("every")}')
     _require(m.score_func in ('softmax', 'sigmoid'), 'model.moe.score_func',
              f"must be 'softmax' or 'sigmoid', got {m.score_func!r}")
     _require(m.capacity_factor >= 0, 'model.moe.capacity_factor', 'must be >= 0')
     _require(m.dispatch in ('auto', 'dense', 'sorted', 'gather', 'ragged'), 'model.moe.dispatch',
              f'unknown dispatch {m.dispatch!r}')
   return model
+
+
+def _validate_rope(model: ml_collections.ConfigDict):
+  nope = model.get('nope_layers', ())
+  _require(isinstance(nope, (tuple, list)), 'model.nope_layers',
+           f'must be a tuple of layer indices, got {nope!r}')
+  for i in nope:
+    _require(isinstance(i, int) and 0 <= i < model.n_layers, 'model.nope_layers',
+             f'layer {i!r} is not in [0, n_layers={model.n_layers})')
+  _require(model.get('qk_norm', False) in (True, False), 'model.qk_norm',
+           f'must be a bool, got {model.get("qk_norm")!r}')
+  if model.get('rope_scaling') is None:
+    return
+  r = model.rope_scaling
+  for key in r.keys():
+    _require(key in model_config().rope_scaling, f'model.rope_scaling.{key}', 'unknown field')
+  _require(r.kind in ROPE_SCALINGS, 'model.rope_scaling.kind',
+           f'unknown scaling {r.kind!r}; known: {ROPE_SCALINGS}')
+  if r.kind == 'llama3':
+    _require(r.factor > 0, 'model.rope_scaling.factor', f'must be positive, got {r.factor}')
+    _require(r.original_max_len > 0, 'model.rope_scaling.original_max_len',
+             f'must be positive, got {r.original_max_len}')
+    _require(0 < r.low_freq_factor <= r.high_freq_factor, 'model.rope_scaling.low_freq_factor',
+             f'must be in (0, high_freq_factor={r.high_freq_factor}], got {r.low_freq_factor}')
 
 
 def validate_mesh(mesh: ml_collections.ConfigDict, n_devices: int) -> dict:

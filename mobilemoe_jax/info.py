@@ -33,13 +33,6 @@ def describe(model, context: int, kv_bytes: int = 2) -> dict:
   }
 
 
-def _human(v: int) -> str:
-  for unit, scale in (('T', 1e12), ('G', 1e9), ('M', 1e6), ('K', 1e3)):
-    if abs(v) >= scale:
-      return f'{v / scale:.3f}{unit}'
-  return str(v)
-
-
 def presets():
   """name -> config of every preset in configs/ (tiny in both variants)."""
   from configs import mobilellm_pro, mobilemoe_l, mobilemoe_m, mobilemoe_s, tiny
@@ -56,9 +49,13 @@ def main(argv):
   names = list(table)
   rows = list(next(iter(table.values())))
   width = max(map(len, rows))
-  print(' ' * width + ''.join(f'{n:>15}' for n in names))
+  # Exact integers with thousands separators: the counts are compared digit for digit with
+  # the released checkpoints' (configs/mobilemoe_s.py).
+  cells = {n: {r: f'{table[n][r]:,}' for r in rows} for n in names}
+  col = max(len(x) for n in names for x in [n, *cells[n].values()]) + 2
+  print(' ' * width + ''.join(f'{n:>{col}}' for n in names))
   for r in rows:
-    print(f'{r:<{width}}' + ''.join(f'{_human(table[n][r]):>15}' for n in names))
+    print(f'{r:<{width}}' + ''.join(f'{cells[n][r]:>{col}}' for n in names))
 
 
 if __name__ == '__main__':

@@ -7,6 +7,7 @@ from flax import nnx
 
 from configs import mobilellm_pro, mobilemoe_l, mobilemoe_m, mobilemoe_s, tiny
 from mobilemoe_jax.model import Transformer, generate, init_cache
+from mobilemoe_jax.moe.layer import ExpertBias
 from mobilemoe_jax.scaling import accounting
 
 
@@ -118,7 +119,7 @@ PRESETS = {'mobilellm_pro': mobilellm_pro.get_config(), 'mobilemoe_s': mobilemoe
 def test_param_count_equals_parameter_tree(name):
   cfg = PRESETS[name].model
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  params = nnx.state(abstract, nnx.Param)
+  params = nnx.state(abstract, nnx.Any(nnx.Param, ExpertBias))   # the bias is a real tensor
   tree_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
   counts = accounting.count(cfg)
   assert counts.total_params == tree_total

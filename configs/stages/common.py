@@ -7,6 +7,9 @@ Known keys: data_dir (where `python -m mobilemoe_jax.data.build` wrote the bundl
 import ml_collections
 
 from configs import mobilellm_pro, mobilemoe_l, mobilemoe_m, mobilemoe_s, tiny
+from configs.prerelease import mobilemoe_l as prerelease_l
+from configs.prerelease import mobilemoe_m as prerelease_m
+from configs.prerelease import mobilemoe_s as prerelease_s
 from mobilemoe_jax.config import experiment, mesh_config
 from mobilemoe_jax.data import pipeline
 
@@ -18,6 +21,10 @@ PRESETS = {
     'mobilemoe_m': mobilemoe_m.get_config,
     'mobilemoe_l': mobilemoe_l.get_config,
     'mobilellm_pro': mobilellm_pro.get_config,
+    # The shapes designed before the release (configs/prerelease/__init__.py says why kept).
+    'prerelease_s': prerelease_s.get_config,
+    'prerelease_m': prerelease_m.get_config,
+    'prerelease_l': prerelease_l.get_config,
 }
 
 

@@ -78,14 +78,52 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
-  """Rotary embedding, half-split convention. x: [B, T, H, Dh]; positions: [B, T]."""
+def rope_frequencies(head_dim: int, theta: float, scaling=None):
+  """[head_dim / 2] fp32 angular frequencies of the rotary pairs, with `scaling`
+  (model.rope_scaling as a dict; None or kind 'none': unscaled).
+
+  'llama3' (Llama 3.1's rule): a pair whose wavelength 2 pi / freq exceeds
+  original_max_len / low_freq_factor rotates `factor` times slower; one whose wavelength is
+  below original_max_len / high_freq_factor is kept; the band between interpolates smoothly.
+  With low == high (the released MobileMoE) the band is empty; it is skipped rather than
+  divided by high - low = 0, which would put NaN in the masked-out branch.
+  """
+  half = head_dim // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if scaling is None or scaling['kind'] == 'none':
+    return freq
+  if scaling['kind'] != 'llama3':
+    raise ValueError(f"model.rope_scaling.kind: unknown scaling {scaling['kind']!r}")
+  orig, low, high = scaling['original_max_len'], scaling['low_freq_factor'], scaling['high_freq_factor']
+  wavelength = 2 * math.pi / freq
+  scaled = jnp.where(wavelength > orig / low, freq / scaling['factor'], freq)
+  if high > low:
+    smooth = (orig / wavelength - low) / (high - low)
+    between = (wavelength >= orig / high) & (wavelength <= orig / low)
+    scaled = jnp.where(between, (1 - smooth) * freq / scaling['factor'] + smooth * freq, scaled)
+  return scaled
+
+
+def rope(x, positions, freq):
+  """Rotary embedding. x: [B, T, H, Dh]; positions: [B, T]; freq: [Dh/2] (rope_frequencies).
+
+  Half-split (rotate_half) convention: dims i and i + Dh/2 are rotated together by
+  positions * freq[i]. The released MobileMoE checkpoints rotate adjacent pairs (2i, 2i+1)
+  instead; the same function, with q/k rows permuted within each head. The importer applies
+  that permutation and the exporter undoes it (mobilemoe_jax/convert/layout.py), so the
+  model has one convention.
+  """
   half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)        # [Dh/2]
   angle = positions[..., None, None].astype(jnp.float32) * freq         # [B, T, 1, Dh/2]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def head_rms_norm(x, eps: float):
+  """QK-norm: x * rsqrt(mean(x^2) + eps) over head_dim, no weight. x: [B, T, H, Dh]."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int):
@@ -103,16 +141,20 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int):
 
 
 class Attention(nnx.Module):
-  """Grouped-query causal self-attention with RoPE and an optional sliding window."""
+  """Grouped-query causal self-attention with RoPE (unless `use_rope` is False: a NoPE
+  layer), optional QK-norm on RoPE layers and an optional sliding window."""
 
-  def __init__(self, cfg, window: int, rngs: nnx.Rngs):
+  def __init__(self, cfg, window: int, rngs: nnx.Rngs, use_rope: bool = True):
     d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
     self.q = param(rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), std, pd)
     self.k = param(rngs, (d, kv, dh), ('embed', 'kv_heads', 'head_dim'), std, pd)
     self.v = param(rngs, (d, kv, dh), ('embed', 'kv_heads', 'head_dim'), std, pd)
     self.o = param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
-    self.window, self.theta = window, cfg.rope_theta
+    self.window = window
+    self.use_rope, self.theta, self.rope_scaling = use_rope, cfg.rope_theta, config_lib.rope_scaling(cfg)
+    # QK-norm only where RoPE is applied (the release's NoPE layers have neither).
+    self.qk_norm_eps = cfg.norm_eps if use_rope and cfg.get('qk_norm', False) else None
     self.dtype = jnp.dtype(cfg.dtype)
     self.cudnn_mask = cfg.get('attention_mask', 'bias')   # configs saved before the field
     self.kernel = attention_kernel(cfg)
@@ -131,8 +173,11 @@ class Attention(nnx.Module):
     q = jnp.einsum('btd,dhk->bthk', xq, kernel(self, 'q', qc, dt))
     k = jnp.einsum('btd,dhk->bthk', xq, kernel(self, 'k', qc, dt))
     v = jnp.einsum('btd,dhk->bthk', xq, kernel(self, 'v', qc, dt))
-    q = rope(q, positions, self.theta)
-    k = rope(k, positions, self.theta)
+    if self.use_rope:
+      freq = rope_frequencies(q.shape[-1], self.theta, self.rope_scaling)
+      q, k = rope(q, positions, freq), rope(k, positions, freq)
+    if self.qk_norm_eps is not None:
+      q, k = head_rms_norm(q, self.qk_norm_eps), head_rms_norm(k, self.qk_norm_eps)
     if cache is None:
       k, v = qat.fake_quant_kv(k, qc), qat.fake_quant_kv(v, qc)   # as an int8 KV cache would
       mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)

@@ -150,13 +150,14 @@ def _pareto(cands, key):
 def search(budgets: Budgets, family=None, space: Space = Space(),
            params: law.LawParams = law.REFERENCE,
            device: accounting.DeviceModel | None = None) -> Result:
-  """All shapes of `family` (a model config; default MobileMoE-S's) in `space` within
+  """All shapes of `family` (a model config; default the pre-release MobileMoE-S design,
+  configs/prerelease/mobilemoe_s.py, whose search docs/scaling.md records) in `space` within
   `budgets`, ranked by the law with `params`. Ties in predicted loss go to the shape with
   the lower decode latency, then the smaller model."""
   budgets.check()
   device = device or accounting.load_device()
   if family is None:
-    from configs import mobilemoe_s
+    from configs.prerelease import mobilemoe_s
     family = mobilemoe_s.get_config().model
   base = _namespace(config_lib.validate(family))
   found, n_eval = [], 0
@@ -328,7 +329,7 @@ def main(argv=None):
   ap.add_argument('--decode_ms', type=float, default=None, help='modelled decode ms per token')
   ap.add_argument('--tokens', type=float, required=True, help='training tokens')
   ap.add_argument('--context', type=int, default=2048)
-  ap.add_argument('--family', default='mobilemoe_s',
+  ap.add_argument('--family', default='prerelease_s',
                   help='preset whose non-shape fields are kept (configs/stages/common.py names)')
   ap.add_argument('--law', default='', help='JSON of fitted law parameters (law.py --out); '
                   'default: law.REFERENCE')
