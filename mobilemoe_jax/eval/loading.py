@@ -14,8 +14,9 @@ from mobilemoe_jax import config as config_lib
 from mobilemoe_jax.model import Transformer
 
 
-def load_checkpoint(path: str, tokenizer: str | None = None):
-  """`<workdir>/checkpoints` (latest step) or `<workdir>/checkpoints/<step>` -> (model, tokenizer)."""
+def load_model(path: str):
+  """`<workdir>/checkpoints` (latest step) or `<workdir>/checkpoints/<step>` -> (model, meta):
+  the model its stored config builds, with its params and state (no optimizer, no data)."""
   import jax
   import orbax.checkpoint as ocp
 
@@ -24,19 +25,23 @@ def load_checkpoint(path: str, tokenizer: str | None = None):
   directory, step = ckpt_lib.resolve(path)
   meta = ocp.CheckpointManager(directory, item_handlers={'meta': ocp.JsonCheckpointHandler()}) \
       .restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-  cfg = ml_collections.ConfigDict(meta['config'])
   # Start from today's schema so checkpoints written before a field existed still load.
   model_cfg = config_lib.model_config()
   model_cfg.update(meta['config']['model'])
-  cfg.model = model_cfg
-  abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   target = {'params': params, 'rest': rest}
   # Read onto one device; JaxLM places the model on its mesh afterwards.
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: one, target)
   loaded, _, _ = ckpt_lib.load_for_init(path, target, shardings, ('params', 'rest'))
-  model = nnx.merge(graphdef, loaded['params'], loaded['rest'])
+  return nnx.merge(graphdef, loaded['params'], loaded['rest']), meta
+
+
+def load_checkpoint(path: str, tokenizer: str | None = None):
+  """`<workdir>/checkpoints` (latest step) or `<workdir>/checkpoints/<step>` -> (model, tokenizer)."""
+  model, meta = load_model(path)
+  cfg = ml_collections.ConfigDict(meta['config'])
   tok_path = tokenizer or cfg.data.train.tokenizer
   if not os.path.isfile(tok_path):
     raise FileNotFoundError(f'tokenizer {tok_path!r} (from the checkpoint config) not found; '

@@ -91,11 +91,13 @@ class Checkpointer:
     return str(self.directory / str(step))
 
   def save(self, step: int, state, data_iter, meta: dict):
-    """Starts an async save; the arrays are copied off the device before it returns."""
-    self.manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=pipeline.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave(meta)))
+    """Starts an async save; the arrays are copied off the device before it returns.
+    data_iter None writes no data item: a checkpoint to start a stage from, evaluate or
+    export (e.g. an imported one, mobilemoe_jax/convert), never to resume."""
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data_iter is not None:
+      items['data'] = pipeline.CheckpointSave(data_iter)
+    self.manager.save(step, force=True, args=ocp.args.Composite(**items))
 
   def restore(self, step: int, abstract_state, shardings, data_iter):
     """Full resume: (state, meta); `data_iter` is moved to the saved position in place."""
