@@ -1,17 +1,17 @@
-"""Synthetic released-MobileMoE snapshots and an independent numpy forward of them.
+"""Synthetic released-MobileMoE snapshots, and their weights read back independently.
 
-Written from shared/notes/mobilemoe_release.md alone (§1 config.json, §2 forward math, §3
-tensors and the INT4 packing contract), not from mobilemoe_jax/convert, so the importer is
-checked against the notes. `write_snapshot` writes config.json + model.safetensors of any
-(tiny) shape in exactly the released layout, with random integers and fp16 scales (QAT) or
-random bf16 weights (the Base/SFT hypothesis, §3.3). `numpy_forward` reads that file back
-with the safetensors library and computes logits in float64.
+Written from shared/notes/mobilemoe_release.md alone (§1 config.json, §3 tensors and the
+INT4 packing contract), not from mobilemoe_jax/convert, so the importer is checked against
+the notes. `write_snapshot` writes config.json + model.safetensors of any (tiny) shape in
+exactly the released layout, with random integers and fp16 scales (QAT) or random bf16
+weights (the Base/SFT hypothesis, §3.3). `dequantized` reads a snapshot back with the
+safetensors library into float64 release-layout weights, which the notes' numpy forward
+(tests/test_release_arch.py, reference_logits) runs on.
 
   from tests.release_snapshot import write_snapshot
   write_snapshot('/tmp/snap', layout='qat', **TINY)
 """
 import json
-import math
 import os
 
 import ml_dtypes
@@ -127,7 +127,7 @@ def write_snapshot(path: str, *, layout: str = 'qat', seed: int = 0, side_files:
   return cfg
 
 
-# ---- the forward of the notes (§2), in float64 --------------------------------------------
+# ---- reading back ---------------------------------------------------------------------------
 
 def dequantized(path: str) -> dict:
   """{float name: float64 array} of a snapshot: q * scale for packed tensors (§3.2)."""
@@ -146,89 +146,3 @@ def dequantized(path: str) -> dict:
     q = np.where(q >= 8, q - 16, q)
     out[name] = q * np.repeat(t[sname].astype(np.float64), 32, axis=-1)
   return out
-
-
-def _rms(x, w, eps):
-  return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
-
-
-def _inv_freq(c):
-  dh, r = c['head_dim'], c['rope_scaling']
-  inv = c['rope_theta'] ** (-np.arange(0, dh, 2) / dh)
-  orig, low, high, factor = (r['original_max_position_embeddings'], r['low_freq_factor'],
-                             r['high_freq_factor'], r['factor'])
-  out = []
-  for f in inv:
-    wavelen = 2 * math.pi / f
-    if wavelen < orig / high:
-      out.append(f)
-    elif wavelen > orig / low:
-      out.append(f / factor)
-    else:
-      smooth = (orig / wavelen - low) / (high - low)
-      out.append((1 - smooth) * f / factor + smooth * f)
-  return np.array(out)
-
-
-def _rope_adjacent(x, pos, inv):
-  """x [T, H, Dh]: pairs (2i, 2i+1) rotated by pos * inv[i] (§2.1)."""
-  ang = pos[:, None, None] * inv[None, None, :]
-  cos, sin = np.cos(ang), np.sin(ang)
-  a, b = x[..., 0::2], x[..., 1::2]
-  out = np.empty_like(x)
-  out[..., 0::2] = a * cos - b * sin
-  out[..., 1::2] = a * sin + b * cos
-  return out
-
-
-def _silu(x):
-  return x / (1 + np.exp(-x))
-
-
-def numpy_forward(path: str, tokens) -> np.ndarray:
-  """logits [T, V] float64 of one sequence, straight from the snapshot's files."""
-  with open(os.path.join(path, 'config.json')) as f:
-    c = json.load(f)
-  w = dequantized(path)
-  eps, h, kv, dh = c['rms_norm_eps'], c['num_attention_heads'], c['num_key_value_heads'], c['head_dim']
-  tokens = np.asarray(tokens)
-  t = len(tokens)
-  pos = np.arange(t, dtype=np.float64)
-  inv = _inv_freq(c)
-  x = w['model.embed_tokens.weight'][tokens]
-  causal = np.tril(np.ones((t, t), bool))
-  for n in range(c['num_hidden_layers']):
-    p = f'model.layers.{n}.'
-    a = _rms(x, w[p + 'input_layernorm.weight'], eps)
-    q = (a @ w[p + 'self_attn.q_proj.weight'].T).reshape(t, h, dh)
-    k = (a @ w[p + 'self_attn.k_proj.weight'].T).reshape(t, kv, dh)
-    v = (a @ w[p + 'self_attn.v_proj.weight'].T).reshape(t, kv, dh)
-    if c['no_rope_layers'][n] == 1:
-      q, k = _rope_adjacent(q, pos, inv), _rope_adjacent(k, pos, inv)
-      if c['use_qk_norm']:
-        q = q / np.sqrt((q * q).mean(-1, keepdims=True) + eps)
-        k = k / np.sqrt((k * k).mean(-1, keepdims=True) + eps)
-    k, v = np.repeat(k, h // kv, axis=1), np.repeat(v, h // kv, axis=1)   # head j -> kv j // (h/kv)
-    s = np.einsum('thd,shd->hts', q, k) / math.sqrt(dh)
-    s = np.where(causal[None], s, -np.inf)
-    s = np.exp(s - s.max(-1, keepdims=True))
-    s /= s.sum(-1, keepdims=True)
-    y = np.einsum('hts,shd->thd', s, v).reshape(t, h * dh)
-    x = x + y @ w[p + 'self_attn.o_proj.weight'].T
-    a = _rms(x, w[p + 'post_attention_layernorm.weight'], eps)
-    f = p + 'feed_forward.'
-    scores = 1 / (1 + np.exp(-(a @ w[f + 'router.weight'].T)))            # [T, E]
-    chosen = np.argsort(-(scores + w[f + 'expert_bias']), axis=-1, kind='stable')[:, :c['num_experts_per_tok']]
-    routed = np.zeros_like(x)
-    i_ = c['intermediate_size']
-    for r in range(t):
-      sel = scores[r, chosen[r]]
-      weights = sel / (sel.sum() + 1e-20) * c['routed_scaling_factor']
-      for e, wt in zip(chosen[r], weights):
-        gu = a[r] @ w[f + 'experts.gate_up_proj'][e]
-        routed[r] += wt * ((_silu(gu[:i_]) * gu[i_:]) @ w[f + 'experts.down_proj'][e])
-    sh = f + 'shared_expert.'
-    shared = (_silu(a @ w[sh + 'gate_proj.weight'].T) * (a @ w[sh + 'up_proj.weight'].T)) @ w[sh + 'down_proj.weight'].T
-    x = x + routed + shared
-  x = _rms(x, w['model.norm.weight'], eps)
-  return x @ w['model.embed_tokens.weight'].T

@@ -205,6 +205,9 @@ def release_tensors(model, layout_name: str) -> dict:
   from mobilemoe_jax.quant import extract
   cfg = model.cfg
   release.check_expressible(cfg)
+  why = _release_grid(cfg.quant) if layout_name == 'qat' else None
+  if why:
+    raise ValueError(f'cannot write the QAT layout: {why}')
   params = layout.from_model(model)
   out = {}
   if not cfg.moe.expert_bias:   # the release always has one; no bias is a zero bias
@@ -214,9 +217,6 @@ def release_tensors(model, layout_name: str) -> dict:
     for name, a in layout.to_release(params, cfg).items():
       out[name] = a.astype(np.float32 if name.endswith('router.weight') else ml_dtypes.bfloat16)
     return out
-  why = _release_grid(cfg.quant)
-  if why:
-    raise ValueError(f'cannot write the QAT layout: {why}')
   ints, fields = dict(params), dict(params)
   for path, e in extract.integer_weights(model).items():
     q, s, axis = np.asarray(e['q']), np.asarray(e['scales'], np.float32), e['axis']
