@@ -81,7 +81,10 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.quant = ml_collections.ConfigDict()
   c.quant.weights = ml_collections.config_dict.placeholder(str)  # None | 'int4_g32' | 'int4_channel' | 'int8_channel' | ...
   c.quant.embedding = 'int4_g32'  # grid of the embedding / tied head when weights is set
-  c.quant.learnable_scale = False  # LSQ-style trained scales (initialised from max-abs), embedding too
+  c.quant.learnable_scale = False  # LSQ-style trained scales (initialised from max-abs)
+  # With learnable_scale: the embedding's scales are learned too (an imported release
+  # checkpoint holds them; its integers are not recomputable from max-abs).
+  c.quant.learnable_embedding_scale = False
   # The grid's shape (quant/grid.py). 'in' groups every weight along its input axis (TFLite
   # FCs); 'out' groups the routed experts ([E, in, out]) along their output axis, as the
   # released MobileMoE checkpoints do (mobilemoe_jax/convert).

@@ -40,7 +40,8 @@ QUANTIZATION = {
 # Our quant config of a model on that grid: every linear and the embedding INT4 in groups of
 # 32, experts grouped along their output axis, the paper's scale rule, scales held as learned
 # (LSQ) parameters so the imported integers are kept exactly; router and activations float.
-QAT_QUANT = dict(weights='int4_g32', embedding='int4_g32', learnable_scale=True, router=False,
+QAT_QUANT = dict(weights='int4_g32', embedding='int4_g32', learnable_scale=True,
+                 learnable_embedding_scale=True, router=False,
                  expert_group_axis='out', scale_rule='release', activations=None)
 # Files of a snapshot carried through unchanged (tokenizer, generation defaults, remote code).
 SIDE_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',

@@ -193,8 +193,8 @@ def _import_entry(meta: dict) -> dict | None:
 
 def _release_grid(quant) -> str | None:
   """Why a QAT config's integers cannot be stored in the release format (None: they can)."""
-  want = {k: v for k, v in release.QAT_QUANT.items() if k not in ('learnable_scale', 'activations',
-                                                                   'scale_rule')}
+  want = {k: v for k, v in release.QAT_QUANT.items() if k not in (
+      'learnable_scale', 'learnable_embedding_scale', 'activations', 'scale_rule')}
   bad = [f'model.quant.{k}={quant.get(k)!r} (the format needs {v!r})' for k, v in want.items()
          if quant.get(k) != v]
   return '; '.join(bad) or None

@@ -46,7 +46,8 @@ class Transformer(nnx.Module):
         rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.init_std, pd)
     if self.head is not None:
       add_quant_scale(self, 'head', cfg.quant)
-    if cfg.quant.weights is not None and cfg.quant.learnable_scale:
+    if cfg.quant.weights is not None and cfg.quant.learnable_scale and \
+        cfg.quant.get('learnable_embedding_scale', False):
       # The table's learned scales [D/G, V], on the transposed table as `table` quantizes it.
       self.embed_scale = QuantScale(qat.init_scale(
           self.embed[...].T, cfg.quant.embedding, rule=qat.weight_grid(cfg.quant)['rule']), axes=None)
