@@ -19,6 +19,7 @@ from mobilemoe_jax.quant import grid
 from mobilemoe_jax.quant.extract import integer_weights
 from tests.release_snapshot import TINY, dequantized, pack_nibbles, write_snapshot
 from tests.test_release_arch import reference_logits
+from tests.test_train import data_dir  # noqa: F401  (a fixture: the bundled corpus, small)
 
 TOKENS = np.random.default_rng(3).integers(0, TINY['vocab'], 12)
 NO_LOG = lambda *a: None
@@ -332,3 +333,25 @@ def test_release_scale_rule_and_config_validation():
     cfg.quant[field] = value
     with pytest.raises(config_lib.ConfigError, match=f'model.quant.{field}'):
       config_lib.validate(cfg)
+
+
+def test_a_qat_stage_run_from_the_import_exports_the_same_bytes(data_dir, tmp_path):
+  """The trainer itself: a QAT stage (int8 activations, self-distillation) initialised from an
+  imported QAT snapshot, run one step at learning rate 0, exports the released file again,
+  byte for byte (every integer and scale, the expert biases, the header)."""
+  from configs.stages import qat as qat_stage
+  from mobilemoe_jax.train import train_and_evaluate
+  snap = str(tmp_path / 'snap')
+  write_snapshot(snap, **{**TINY, 'vocab': 512, 'layers': 1, 'nope': ()})   # the bundled vocabulary
+  snapshot.import_snapshot(snap, str(tmp_path / 'imp'), log=NO_LOG)
+  model, _ = load_model(str(tmp_path / 'imp' / 'checkpoints'))
+  config = qat_stage.get_config(f'tiny,data_dir={data_dir}')
+  config.model = model.cfg.copy_and_resolve_references()
+  config.model.quant.activations = 'int8_dynamic'
+  config.update_from_flattened_dict({
+      'train.init_from': str(tmp_path / 'imp' / 'checkpoints'), 'train.steps': 1, 'train.lr': 0.0,
+      'train.batch_size': 8, 'train.seq_len': 16, 'train.eval_batches': 0, 'train.progress': False,
+      'model.moe.bias_update_rate': 0.0})
+  train_and_evaluate(config, str(tmp_path / 'stage'))
+  snapshot.export_checkpoint(str(tmp_path / 'stage' / 'checkpoints'), str(tmp_path / 'out'), log=NO_LOG)
+  assert _bytes(str(tmp_path / 'out' / 'model.safetensors')) == _bytes(os.path.join(snap, 'model.safetensors'))
