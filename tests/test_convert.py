@@ -355,3 +355,25 @@ def test_a_qat_stage_run_from_the_import_exports_the_same_bytes(data_dir, tmp_pa
   train_and_evaluate(config, str(tmp_path / 'stage'))
   snapshot.export_checkpoint(str(tmp_path / 'stage' / 'checkpoints'), str(tmp_path / 'out'), log=NO_LOG)
   assert _bytes(str(tmp_path / 'out' / 'model.safetensors')) == _bytes(os.path.join(snap, 'model.safetensors'))
+
+
+def test_eval_scores_the_import_with_the_snapshots_tokenizer(tmp_path):
+  """The snapshot's tokenizer.json travels with the import, and eval's loader scores with it."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from mobilemoe_jax.eval.jax_lm import token_logprobs
+  from mobilemoe_jax.eval.loading import load_checkpoint
+  snap = str(tmp_path / 'snap')
+  write_snapshot(snap, **TINY)
+  words = ['<|begin_of_text|>', '<|end_of_text|>', '[UNK]'] + [chr(97 + i) for i in range(26)]
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='[UNK]'))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(os.path.join(snap, 'tokenizer.json'))
+  snapshot.import_snapshot(snap, str(tmp_path / 'imp'), log=NO_LOG)
+  assert _bytes(str(tmp_path / 'imp' / 'release' / 'tokenizer.json')) == _bytes(os.path.join(snap, 'tokenizer.json'))
+  model, tokenizer = load_checkpoint(str(tmp_path / 'imp' / 'checkpoints'))
+  ids = [tokenizer.bos_id] + tokenizer.encode('a b c d')
+  assert ids == [0, 3, 4, 5, 6]
+  logp, _ = token_logprobs(model, jnp.asarray([ids[:-1]]), jnp.asarray([ids[1:]]))
+  assert np.isfinite(np.asarray(logp)).all() and (np.asarray(logp) < 0).all()
+  snapshot.export_checkpoint(str(tmp_path / 'imp' / 'checkpoints'), str(tmp_path / 'out'), log=NO_LOG)
+  assert _bytes(str(tmp_path / 'out' / 'tokenizer.json')) == _bytes(os.path.join(snap, 'tokenizer.json'))

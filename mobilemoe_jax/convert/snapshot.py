@@ -151,6 +151,11 @@ def import_snapshot(snapshot: str, out: str, log=print) -> str:
   ckpt.close()
   log(f'[convert] {snapshot}: {layout_name} layout, {len(weights)} tensors -> {entry["checkpoint"]}; '
       f'side files: {copied or "none"}')
+  if layout_name == 'qat':   # a QAT stage must build the same grid to start from these params
+    log('[convert] a QAT stage continues from the released integers with --config.train.init_from='
+        f'{ckpt_dir} ' + ' '.join(f'--config.model.quant.{k}={v}' for k, v in release.QAT_QUANT.items()
+                                  if k in ('learnable_scale', 'learnable_embedding_scale',
+                                           'expert_group_axis', 'scale_rule')))
   return entry['checkpoint']
 
 
