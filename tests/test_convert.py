@@ -246,6 +246,13 @@ def _truncate(snap):
     f.write(data[:-10])
 
 
+def _hostile_header(snap):
+  header = json.dumps({'model.norm.weight': {'dtype': ['BF16'], 'shape': [64], 'data_offsets': [0, 128]}})
+  header = header.encode() + b' ' * (-len(header) % 8)
+  with open(os.path.join(snap, 'model.safetensors'), 'wb') as f:
+    f.write(len(header).to_bytes(8, 'little') + header + bytes(128))
+
+
 def _garbage_header(snap):
   with open(os.path.join(snap, 'model.safetensors'), 'wb') as f:
     f.write((40).to_bytes(8, 'little') + b'{"not json' + b' ' * 40)
@@ -278,6 +285,9 @@ BAD = {
                          r'experts\.down_scale: non-finite'),
     'truncated': (_truncate, r'tensor model\.\S+: data ends at byte \d+ but the file holds only'),
     'garbage header': (_garbage_header, r'model\.safetensors: the header is not valid JSON'),
+    'hostile header': (_hostile_header, r"tensor model\.norm\.weight: unknown dtype \['BF16'\]"),
+    'absurd size': (lambda s: _edit_config(s, lambda c: c.update(num_hidden_layers=10 ** 9)),
+                    r'`num_hidden_layers` = 1000000000 is out of range'),
     'quantization block without packed tensors': (
         lambda s: _edit_tensors(s, lambda t: [t.pop(n) for n in list(t) if n.endswith(('qweight', 'scale'))]),
         r'nothing is packed'),

@@ -24,6 +24,7 @@ from mobilemoe_jax.convert.safetensors_file import FormatError
 from mobilemoe_jax.quant import grid
 
 GROUP = 32
+MAX_LAYERS, MAX_DIM = 4096, 2 ** 24     # sanity bounds on config.json's sizes
 # config.json's `quantization` block of the QAT checkpoints, field for field (§1.2).
 QUANTIZATION = {
     'format': 'mobilemoe-int4-g32',
@@ -99,17 +100,19 @@ def model_config_from(cfg: dict, where: str = 'config.json'):
       'vocab_size', 'hidden_size', 'intermediate_size', 'intermediate_size_mlp',
       'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'num_local_experts',
       'num_experts_per_tok', 'max_position_embeddings')}
+  ints['head_dim'] = _field(cfg, 'head_dim', int, where,
+                            ints['hidden_size'] // max(ints['num_attention_heads'], 1))
   for k, v in ints.items():
-    if v <= 0:
-      raise FormatError(f'{where}: field `{k}` must be positive, got {v}')
-  n_layers = ints['num_hidden_layers']
-  head_dim = _field(cfg, 'head_dim', int, where, ints['hidden_size'] // ints['num_attention_heads'])
+    # Far above any real model; a hostile file's sizes fail here, before anything is allocated.
+    if not 0 < v <= (MAX_LAYERS if k == 'num_hidden_layers' else MAX_DIM):
+      raise FormatError(f'{where}: field `{k}` = {v} is out of range')
+  n_layers, head_dim = ints['num_hidden_layers'], ints['head_dim']
   step = _field(cfg, 'interleave_moe_layer_step', int, where, 1)
-  rope_flags = _field(cfg, 'no_rope_layers', list, where, [1] * n_layers)
+  rope_flags = _field(cfg, 'no_rope_layers', list, where, None) if 'no_rope_layers' in cfg else [1] * n_layers
   if len(rope_flags) != n_layers or any(f not in (0, 1) or isinstance(f, bool) for f in rope_flags):
     raise FormatError(f'{where}: field `no_rope_layers` must be {n_layers} flags of 0/1 '
                       f'(1 = RoPE), got {rope_flags!r}')
-  types = _field(cfg, 'layer_types', list, where, ['full_attention'] * n_layers)
+  types = _field(cfg, 'layer_types', list, where, None) if 'layer_types' in cfg else ['full_attention'] * n_layers
   if len(types) != n_layers or any(t != 'full_attention' for t in types):
     raise FormatError(f'{where}: field `layer_types`: only {n_layers} x "full_attention" is '
                       f'supported, got {types!r}')

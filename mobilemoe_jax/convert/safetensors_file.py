@@ -67,7 +67,7 @@ class File:
       where = f'{path}: tensor {name}'
       if not (isinstance(e, dict) and set(e) >= {'dtype', 'shape', 'data_offsets'}):
         raise FormatError(f'{where}: entry must have dtype, shape and data_offsets, got {e!r}')
-      if e['dtype'] not in DTYPES:
+      if not isinstance(e['dtype'], str) or e['dtype'] not in DTYPES:
         raise FormatError(f'{where}: unknown dtype {e["dtype"]!r}')
       shape, offs = e['shape'], e['data_offsets']
       if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
