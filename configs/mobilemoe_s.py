@@ -26,9 +26,11 @@ def released_model(*, d_model: int, n_layers: int, n_heads: int, d_expert: int, 
       max_seq_len=8192, qk_norm=True, sliding_window=0, nope_layers=())
   m.rope_scaling.update(dict(kind='llama3', factor=16.0, original_max_len=8192,
                              low_freq_factor=1.0, high_freq_factor=1.0))
+  # Balancing as the paper trained (notes §5, training recipe): the expert bias nudged from
+  # the load (aux-loss-free) and the router z-loss, no Switch loss.
   m.moe.update(dict(n_experts=60, top_k=4, d_expert=d_expert, n_shared=1, d_shared=d_shared,
                     first_dense=0, every=1, score_func='sigmoid', norm_topk_prob=True,
-                    routed_scale=2.5, expert_bias=True, capacity_factor=0.0))
+                    routed_scale=2.5, expert_bias=True, capacity_factor=0.0, aux_loss_coef=0.0))
   return m
 
 

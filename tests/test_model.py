@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from configs import mobilellm_pro, mobilemoe_l, mobilemoe_m, mobilemoe_s, tiny
+from configs.prerelease import mobilemoe_s as prerelease_s
 from mobilemoe_jax.model import Transformer, generate, init_cache
 from mobilemoe_jax.moe.layer import ExpertBias
 from mobilemoe_jax.scaling import accounting
@@ -112,7 +113,8 @@ def test_moe_stats_come_out(model):
 
 PRESETS = {'mobilellm_pro': mobilellm_pro.get_config(), 'mobilemoe_s': mobilemoe_s.get_config(),
            'mobilemoe_m': mobilemoe_m.get_config(), 'mobilemoe_l': mobilemoe_l.get_config(),
-           'tiny': tiny.get_config('moe'), 'tiny_dense': tiny.get_config('dense')}
+           'tiny': tiny.get_config('moe'), 'tiny_dense': tiny.get_config('dense'),
+           'prerelease_s': prerelease_s.get_config()}
 
 
 @pytest.mark.parametrize('name', list(PRESETS))

@@ -280,9 +280,9 @@ def test_llama3_smooth_band_matches_the_reference_formula():
 
 
 def test_qk_norm_is_a_weightless_rms_per_head():
-  from mobilemoe_jax.model.layers import head_rms_norm
+  from mobilemoe_jax.model.layers import rms_normalize
   x = np.random.default_rng(0).standard_normal((2, 3, 4, 16)).astype(np.float32) * 3
-  y = np.asarray(head_rms_norm(jnp.asarray(x), 1e-5))
+  y = np.asarray(rms_normalize(jnp.asarray(x), 1e-5))
   np.testing.assert_allclose(np.mean(y * y, -1), 1.0, rtol=1e-4)
   np.testing.assert_allclose(y, x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-5), rtol=1e-5)
 
@@ -363,3 +363,34 @@ def test_bad_tensors_are_named():
   assert 'snap/model.safetensors' in msg and 'model.layers.1.feed_forward.expert_bias' in msg
   assert 'model.layers.0.self_attn.q_proj.weight: (63, 64) (expected (64, 64))' in msg
   assert 'unexpected' in msg and 'model.layers.0.feed_forward.gate_proj.weight' in msg
+
+
+@pytest.mark.parametrize('kw', [{}, {'n_layers': 4, 'moe.every': 2, 'tie_embeddings': False},
+                                {'moe.expert_bias': False, 'moe.first_dense': 1}])
+def test_accounting_equals_the_parameter_tree(kw):
+  from mobilemoe_jax.scaling import accounting
+  cfg = release_like(**kw)
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  from mobilemoe_jax.moe.layer import ExpertBias
+  state = nnx.state(model, nnx.Any(nnx.Param, ExpertBias))
+  tree = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(state))
+  assert accounting.count(cfg).total_params == tree
+  # and the release layout holds the same numbers
+  assert sum(math.prod(s) for s in layout.tensor_shapes(cfg).values()) == tree
+
+
+def test_released_s_forward_traces_at_full_size():
+  """MobileMoE-S itself (1.26B parameters) through the forward pass, abstractly (shapes only,
+  nothing materialised): every layer MoE, QK-norm, Llama 3 RoPE at head_dim 64."""
+  import jax
+  from configs import mobilemoe_s
+  cfg = mobilemoe_s.get_config().model
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+
+  def forward(state, tokens):
+    return nnx.merge(graphdef, state)(tokens)[:2]
+
+  logits, stats = jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, 16), jnp.int32))
+  assert logits.shape == (1, 16, 128_256)
+  assert stats['tokens_per_expert'].shape == (20, 60)       # 20 MoE layers of 60 experts

@@ -72,10 +72,14 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
-    # Normalise in fp32: bf16 sums of squares lose too much precision.
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(x.dtype)
+    return (rms_normalize(x, self.eps) * self.scale[...]).astype(x.dtype)
+
+
+def rms_normalize(x, eps: float):
+  """x * rsqrt(mean(x^2) + eps) over the last axis, returned in fp32: bf16 sums of squares
+  lose too much precision. Without a weight it is QK-norm (per head, over head_dim)."""
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling=None):
@@ -118,12 +122,6 @@ def rope(x, positions, freq):
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
-
-
-def head_rms_norm(x, eps: float):
-  """QK-norm: x * rsqrt(mean(x^2) + eps) over head_dim, no weight. x: [B, T, H, Dh]."""
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int):
@@ -177,7 +175,8 @@ class Attention(nnx.Module):
       freq = rope_frequencies(q.shape[-1], self.theta, self.rope_scaling)
       q, k = rope(q, positions, freq), rope(k, positions, freq)
     if self.qk_norm_eps is not None:
-      q, k = head_rms_norm(q, self.qk_norm_eps), head_rms_norm(k, self.qk_norm_eps)
+      q = rms_normalize(q, self.qk_norm_eps).astype(q.dtype)        # [B, T, H, Dh]
+      k = rms_normalize(k, self.qk_norm_eps).astype(k.dtype)
     if cache is None:
       k, v = qat.fake_quant_kv(k, qc), qat.fake_quant_kv(v, qc)   # as an int8 KV cache would
       mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)
