@@ -320,6 +320,8 @@ def test_cli_reports_bad_input(qat, tmp_path, capsys):
   _edit_config(snap, lambda c: c['quantization'].update(qmin=-7))
   assert cli.main(['import', snap, str(tmp_path / 'out')]) == 1
   assert 'quantization.qmin' in capsys.readouterr().err
+  assert cli.main(['import', qat[0], os.path.dirname(qat[1])]) == 1    # never over an import
+  assert 'already exists' in capsys.readouterr().err
 
 
 def test_qat_export_refuses_a_grid_the_format_cannot_hold():

@@ -32,7 +32,7 @@ def main(argv=None):
       snapshot.import_snapshot(args.snapshot, args.out)
     else:
       snapshot.export_checkpoint(args.checkpoint, args.out, args.format)
-  except (FormatError, ValueError, FileNotFoundError) as e:
+  except (FormatError, ValueError, FileNotFoundError, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   return 0

@@ -37,7 +37,7 @@ IMPORT_STAGE = 'import'
 
 def read_snapshot(snapshot: str):
   """snapshot dir -> (model config, layout name, {float tensor name: fp32 array},
-  {float tensor name: fp32 group scales [..., K/32]} (QAT), safetensors metadata, config.json)."""
+  {float tensor name: fp32 group scales [..., K/32]} (QAT), safetensors metadata)."""
   cfg_path = os.path.join(snapshot, 'config.json')
   st_path = os.path.join(snapshot, 'model.safetensors')
   for p in (cfg_path, st_path):
@@ -62,7 +62,7 @@ def read_snapshot(snapshot: str):
       scales[name] = s
     else:
       weights[name] = file.read(name).astype(np.float32)
-  return model_cfg, layout_name, weights, scales, file.metadata, cfg_json
+  return model_cfg, layout_name, weights, scales, file.metadata
 
 
 def _check_inventory(file: File, spec: dict, layout_name: str, where: str):
@@ -119,12 +119,14 @@ def import_snapshot(snapshot: str, out: str, log=print) -> str:
   from mobilemoe_jax.model import Transformer
   from mobilemoe_jax.train import checkpoint as ckpt_lib
 
-  model_cfg, layout_name, weights, scales, metadata, cfg_json = read_snapshot(snapshot)
+  if os.path.exists(os.path.join(out, 'checkpoints')):
+    raise FileExistsError(f'{out}/checkpoints already exists: import into a new directory')
+  model_cfg, layout_name, weights, scales, metadata = read_snapshot(snapshot)
   ours = layout.to_ours(weights, model_cfg, snapshot)
   if scales:   # the same mapping moves each weight's scale field (groups repeated) along
     fields = {n: release.expand_groups(s, weights[n].shape[-1]) for n, s in scales.items()}
     ours_fields = layout.to_ours({**weights, **fields}, model_cfg, snapshot)
-    _warn_zero_scales(weights, scales, log)
+    _warn_zero_scales(scales, log)
   abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
   _, params, rest = nnx.split(abstract, nnx.Param, ...)
   values = dict(ours)
@@ -177,7 +179,7 @@ def _fill(abstract_state, values: dict, where: str):
   return nnx.from_flat_state(flat)
 
 
-def _warn_zero_scales(weights, scales, log):
+def _warn_zero_scales(scales, log):
   """A zero scale keeps the group's values (0) but not its integers: export writes 0s."""
   for name, s in scales.items():
     zero = s == 0
