@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -188,6 +189,24 @@ def test_qat_import_export_is_byte_identical(qat, tmp_path):
     assert json.load(f) == json.load(g)
   for name in ('tokenizer_config.json', 'generation_config.json'):
     assert _bytes(os.path.join(qat[0], name)) == _bytes(str(tmp_path / 'a' / name))
+
+
+def test_qat_checkpoint_exports_bf16_of_the_weights_it_computes_with(qat, tmp_path):
+  """bf16 of a QAT model = its dequantized integers, not its latent float weights (moved
+  here by 0.1%, as training moves them, without changing an integer)."""
+  from mobilemoe_jax.model.layers import QuantScale
+  model, _ = load_model(qat[1])
+  weights = nnx.state(model, nnx.All(nnx.Param, nnx.Not(QuantScale)))
+  nnx.update(model, jax.tree.map(lambda w: w * 1.001, weights))
+  got = snapshot.release_tensors(model, 'bf16')
+  want = dequantized(qat[0])
+  assert set(got) == set(want)
+  for name, a in want.items():
+    dtype = np.float32 if name.endswith('router.weight') else got['model.norm.weight'].dtype
+    if release.is_quantized(name):
+      np.testing.assert_array_equal(got[name], a.astype(np.float32).astype(dtype), err_msg=name)
+  snapshot.export_checkpoint(qat[1], str(tmp_path / 'out'), 'bf16', log=NO_LOG)
+  snapshot.import_snapshot(str(tmp_path / 'out'), str(tmp_path / 'back'), log=NO_LOG)
 
 
 def test_bf16_import_export_is_byte_identical(bf16, tmp_path):

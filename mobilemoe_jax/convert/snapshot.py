@@ -221,6 +221,8 @@ def release_tensors(model, layout_name: str) -> dict:
     out.update({f'model.layers.{i}.feed_forward.expert_bias': np.zeros(cfg.moe.n_experts, ml_dtypes.bfloat16)
                 for i in range(cfg.n_layers) if config_lib.is_moe_layer(cfg, i)})
   if layout_name == 'bf16':
+    if cfg.quant.weights is not None:   # the weights the QAT forward computes with
+      params.update({p: np.asarray(w) for p, w in extract.dequantized_state(model).items()})
     for name, a in layout.to_release(params, cfg).items():
       out[name] = a.astype(np.float32 if name.endswith('router.weight') else ml_dtypes.bfloat16)
     return out
@@ -264,10 +266,10 @@ def export_checkpoint(checkpoint: str, out_dir: str, fmt: str | None = None, log
   """An Orbax checkpoint -> a `mobilemoe` snapshot dir. fmt: 'qat' | 'bf16' | None (qat for
   a QAT checkpoint, else bf16). Returns out_dir."""
   from mobilemoe_jax.eval.loading import load_model
+  if fmt not in ('qat', 'bf16', None):
+    raise ValueError(f'--format {fmt!r}: choose qat or bf16')
   model, meta = load_model(checkpoint)
   fmt = fmt or ('qat' if model.cfg.quant.weights is not None else 'bf16')
-  if fmt not in ('qat', 'bf16'):
-    raise ValueError(f'--format {fmt!r}: choose qat or bf16')
   source = _import_entry(meta)
   base, metadata = None, {'format': 'pt'}
   if source:
