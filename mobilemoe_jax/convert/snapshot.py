@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 
-import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
@@ -114,7 +113,6 @@ def _scale_params(abstract_params, our_scales: dict, quant) -> dict:
 
 def import_snapshot(snapshot: str, out: str, log=print) -> str:
   """Writes `<out>/checkpoints/0` and `<out>/release/`; returns the checkpoint step dir."""
-  import jax
   from flax import nnx
   from mobilemoe_jax.model import Transformer
   from mobilemoe_jax.train import checkpoint as ckpt_lib
@@ -122,16 +120,16 @@ def import_snapshot(snapshot: str, out: str, log=print) -> str:
   if os.path.exists(os.path.join(out, 'checkpoints')):
     raise FileExistsError(f'{out}/checkpoints already exists: import into a new directory')
   model_cfg, layout_name, weights, scales, metadata = read_snapshot(snapshot)
-  ours = layout.to_ours(weights, model_cfg, snapshot)
-  if scales:   # the same mapping moves each weight's scale field (groups repeated) along
-    fields = {n: release.expand_groups(s, weights[n].shape[-1]) for n, s in scales.items()}
-    ours_fields = layout.to_ours({**weights, **fields}, model_cfg, snapshot)
-    _warn_zero_scales(scales, log)
   abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
   _, params, rest = nnx.split(abstract, nnx.Param, ...)
-  values = dict(ours)
-  if scales:
-    values.update(_scale_params(params, ours_fields, model_cfg.quant))
+  values = layout.to_ours(weights, model_cfg, snapshot)
+  if scales:   # the same mapping moves each weight's scale field (groups repeated) along
+    _warn_zero_scales(scales, log)
+    fields = {n: release.expand_groups(s, weights[n].shape[-1]) for n, s in scales.items()}
+    values.update(_scale_params(params, layout.to_ours({**weights, **fields}, model_cfg, snapshot),
+                                model_cfg.quant))
+    del fields
+  del weights
   state = {'params': _fill(params, values, snapshot), 'rest': _fill(rest, values, snapshot)}
   release_dir = os.path.join(out, 'release')
   os.makedirs(release_dir, exist_ok=True)
@@ -148,10 +146,10 @@ def import_snapshot(snapshot: str, out: str, log=print) -> str:
             'data': {'train': {'tokenizer': os.path.abspath(tokenizer) if os.path.isfile(tokenizer) else ''}}}
   meta = {'stage': IMPORT_STAGE, 'step': 0, 'lineage': [entry], 'config': config}
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=1, async_save=False)
-  ckpt.save(0, jax.tree.map(jnp.asarray, state), None, meta)
+  ckpt.save(0, state, None, meta)
   ckpt.wait()
   ckpt.close()
-  log(f'[convert] {snapshot}: {layout_name} layout, {len(weights)} tensors -> {entry["checkpoint"]}; '
+  log(f'[convert] {snapshot}: {layout_name} layout -> {entry["checkpoint"]}; '
       f'side files: {copied or "none"}')
   if layout_name == 'qat':   # a QAT stage must build the same grid to start from these params
     log('[convert] a QAT stage continues from the released integers with --config.train.init_from='
