@@ -408,3 +408,31 @@ def test_eval_scores_the_import_with_the_snapshots_tokenizer(tmp_path):
   assert np.isfinite(np.asarray(logp)).all() and (np.asarray(logp) < 0).all()
   snapshot.export_checkpoint(str(tmp_path / 'imp' / 'checkpoints'), str(tmp_path / 'out'), log=NO_LOG)
   assert _bytes(str(tmp_path / 'out' / 'tokenizer.json')) == _bytes(os.path.join(snap, 'tokenizer.json'))
+
+
+def test_our_own_model_round_trips_through_the_bf16_format(tmp_path):
+  """A model that never came from a snapshot (no config.json to start from): written with a
+  fresh config.json, it imports back to the same config and the bf16-rounded weights."""
+  from mobilemoe_jax.convert import layout
+  from tests.test_release_arch import release_like
+  cfg = release_like(nope_layers=(0,), **{'moe.every': 1})
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  out = tmp_path / 'snap'
+  out.mkdir()
+  save_file(snapshot.release_tensors(model, 'bf16'), str(out / 'model.safetensors'))
+  with open(out / 'config.json', 'w') as f:
+    json.dump(release.config_json(cfg), f)
+  back, layout_name, weights, _, _ = snapshot.read_snapshot(str(out))
+  assert layout_name == 'bf16'
+  for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'qk_norm',
+              'rope_theta', 'norm_eps', 'max_seq_len', 'tie_embeddings'):
+    assert back[key] == cfg[key], key
+  assert tuple(back.nope_layers) == (0,) and dict(back.rope_scaling) == dict(cfg.rope_scaling)
+  assert back.moe.to_dict() == {**cfg.moe.to_dict(), 'dispatch': back.moe.dispatch,
+                                'capacity_factor': back.moe.capacity_factor}
+  ours = layout.to_ours(weights, back)
+  for path, w in layout.from_model(model).items():
+    want = w.astype(np.float32) if path[-1] == 'router' else w.astype(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(ours[path], want, err_msg=str(path))
+  with pytest.raises(ValueError, match=r"score_func.*'softmax'"):
+    release.config_json(release_like(**{'moe.score_func': 'softmax'}))

@@ -154,10 +154,10 @@ def model_config_from(cfg: dict, where: str = 'config.json'):
     check_quantization(cfg['quantization'], where)
     m.quant.update(QAT_QUANT)
     layout_name = 'qat'
-  if ints['hidden_size'] % GROUP or ints['intermediate_size'] % GROUP or \
-     ints['intermediate_size_mlp'] % GROUP or (ints['num_attention_heads'] * head_dim) % GROUP:
-    raise FormatError(f'{where}: hidden_size, intermediate_size, intermediate_size_mlp and '
-                      f'num_attention_heads x head_dim must be multiples of {GROUP}')
+    if any(n % GROUP for n in (ints['hidden_size'], ints['intermediate_size'],
+                               ints['intermediate_size_mlp'], ints['num_attention_heads'] * head_dim)):
+      raise FormatError(f'{where}: hidden_size, intermediate_size, intermediate_size_mlp and '
+                        f'num_attention_heads x head_dim must be multiples of {GROUP} (INT4 groups)')
   try:
     config_lib.validate(m)
   except config_lib.ConfigError as e:
@@ -210,8 +210,8 @@ def check_expressible(model):
     bad.append('model.sliding_window: the release attends globally on every layer')
   if m.score_func != 'sigmoid':
     bad.append(f"model.moe.score_func: the release routes with sigmoid scores, not {m.score_func!r}")
-  if m.n_shared != 1 and m.n_shared * m.d_shared == 0:
-    bad.append('model.moe.n_shared: the release has one shared expert')
+  if m.n_shared == 0:
+    bad.append('model.moe.n_shared: the release has a shared expert')
   moe = [config_lib.is_moe_layer(model, i) for i in range(model.n_layers)]
   if any(moe[i] != ((i + 1) % m.every == 0) for i in range(model.n_layers)):
     bad.append('model.moe.first_dense: the release puts an MoE on layer i iff '
