@@ -422,7 +422,7 @@ def from_flax(model_or_state, model_cfg) -> MobileMoE:
     raise ConfigMismatch('a QAT config (quant.weights set) converts from the nnx model built '
                          'with that same quant config, not from a bare state or another config')
   params = {k: v for k, v in params.items() if not k.endswith('_scale')}   # learned scales
-  deq, ints, scales = {}, {}, {}
+  deq, ints, scales, off_grid = {}, {}, {}, set()
   for path, e in extract.integer_weights(model_or_state).items():
     name = '.'.join(map(str, path))
     q, s = np.asarray(e['q']), np.asarray(e['scales'], np.float32)
@@ -430,13 +430,21 @@ def from_flax(model_or_state, model_cfg) -> MobileMoE:
     def fold(a, e=e):   # [..., in, out] -> the parameter's own shape (a writable copy)
       return np.array(a.T if e.get('transposed') else a.reshape(e['shape']))
 
-    deq[name] = fold(grid.dequantize(q, s, in_axis=-2))
+    deq[name] = fold(grid.dequantize(q, s, in_axis=e['axis']))
     ints[name] = fold(q.astype(np.float32))
-    # Each group's scale repeated over its inputs, so the layout change below moves it along.
-    scales[name] = fold(np.repeat(s, q.shape[-2] // s.shape[-2], axis=-2))
+    # Each group's scale repeated over its members, so the layout change below moves it along.
+    scales[name] = fold(np.repeat(s, q.shape[e['axis']] // s.shape[e['axis']], axis=e['axis']))
+    if e['axis'] != -2:   # a routed expert weight: its torch names below
+      ffn = name.rsplit('.', 1)[0]
+      off_grid |= {f'{ffn}.gate_up.weight'} | {f'{ffn}.down.{j}.weight' for j in range(q.shape[0])}
   model.load_state_dict(convert_flax({**params, **deq}, cfg))
   ints, scales = convert_flax({**params, **ints}, cfg), convert_flax({**params, **scales}, cfg)
+  # Experts grouped along their output axis (the released MobileMoE's grid) have no TFLite
+  # block-wise form (FC groups run along the input): they keep their exact dequantized
+  # values here and no `grid`, so the .tflite requantizes them on its own grid.
   for name in grid_names(model):
+    if name in off_grid:
+      continue
     scheme = cfg['quant']['embedding'] if name == 'embed.weight' else cfg['quant']['weights']
     k = ints[name].shape[1]
     group = grid.get_scheme(scheme).group or k

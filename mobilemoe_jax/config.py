@@ -85,6 +85,16 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.quant.weights = ml_collections.config_dict.placeholder(str)  # None | 'int4_g32' | 'int4_channel' | 'int8_channel' | ...
   c.quant.embedding = 'int4_g32'  # grid of the embedding / tied head when weights is set
   c.quant.learnable_scale = False  # LSQ-style trained scales (initialised from max-abs)
+  # With learnable_scale: the embedding's scales are learned too (an imported release
+  # checkpoint holds them; its integers are not recomputable from max-abs).
+  c.quant.learnable_embedding_scale = False
+  # The grid's shape (quant/grid.py). 'in' groups every weight along its input axis (TFLite
+  # FCs); 'out' groups the routed experts ([E, in, out]) along their output axis, as the
+  # released MobileMoE checkpoints do (mobilemoe_jax/convert).
+  c.quant.expert_group_axis = 'in'
+  # 'tflite': scale = max/qmax, bf16 -> fp16 (ai-edge-quantizer's grid); 'release': the
+  # released MobileMoE's QAT rule, scale = fp16(2 max / (2^bits - 1)).
+  c.quant.scale_rule = 'tflite'
   c.quant.router = False        # the router stays float unless asked
   # The int8 grid the .tflite quantizes FC inputs to at run time (quant/grid.py), modelled
   # on every input of an integer-weight linear: None | 'int8_dynamic' | 'int8_dynamic_sym'
@@ -262,6 +272,11 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for f in ('weights', 'embedding'):
       _require(q[f] in grid.SCHEMES, f'model.quant.{f}',
                f'unknown scheme {q[f]!r}; known: {sorted(grid.SCHEMES)}')
+  _require(q.get('expert_group_axis', 'in') in ('in', 'out'), 'model.quant.expert_group_axis',
+           f"must be 'in' or 'out', got {q.get('expert_group_axis')!r}")
+  from mobilemoe_jax.quant import grid
+  _require(q.get('scale_rule', 'tflite') in grid.RULES, 'model.quant.scale_rule',
+           f'unknown scale rule {q.get("scale_rule")!r}; known: {grid.RULES}')
   if q.get('kv_cache') is not None:
     from mobilemoe_jax.quant import grid
     _require(q.kv_cache in grid.KV_CACHE, 'model.quant.kv_cache',

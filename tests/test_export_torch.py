@@ -249,3 +249,26 @@ def test_torch_equals_jax_with_the_released_attention_and_layer_pattern():
     last, _ = pt(tok[:, 80:81], torch.tensor([80], dtype=torch.int32), cache)
   np.testing.assert_allclose(out.numpy(), want[:, :80], atol=1e-4, rtol=0)
   np.testing.assert_allclose(last.numpy()[:, 0], want[:, 80], atol=1e-4, rtol=0)
+
+
+def test_release_grid_converts_with_its_experts_left_to_the_tflite_grid():
+  """The released MobileMoE's grid (experts grouped along their output axis, mobilemoe_jax/
+  convert): PyTorch computes with the exact dequantized weights (== JAX); every weight but
+  the routed experts carries its integers for the .tflite, whose block-wise FCs can only
+  group along inputs."""
+  import re
+  from mobilemoe_jax.quant import qat
+  cfg, float_model = make('moe')
+  cfg.quant.update(dict(weights='int4_g32', learnable_scale=True, learnable_embedding_scale=True,
+                        expert_group_axis='out', scale_rule='release'))
+  qm = Transformer(cfg, rngs=nnx.Rngs(0))
+  nnx.update(qm, nnx.state(float_model, nnx.Param))
+  qat.init_scales_from_weights(qm)
+  want = np.asarray(qm(jnp.asarray(TOKENS))[0])
+  pt = tm.from_flax(qm, cfg)
+  with torch.no_grad():
+    np.testing.assert_allclose(pt(torch.from_numpy(TOKENS)).numpy(), want, atol=1e-4, rtol=0)
+  routed = re.compile(r'\.ffn\.(gate_up|down\.\d+)\.weight$')
+  names = tm.grid_names(pt)
+  assert set(tm.grids(pt)) == {n for n in names if not routed.search(n)}
+  assert any(routed.search(n) for n in names) and 'embed.weight' in tm.grids(pt)

@@ -28,10 +28,12 @@ def _matrix_view(w, n_batch: int, n_in: int):
 
 
 def add_quant_scale(layer, name: str, quant, n_batch: int = 0, n_in: int = 1):
-  """With learnable scales on, gives `layer` a `<name>_scale` parameter (max-abs init)."""
+  """With learnable scales on, gives `layer` a `<name>_scale` parameter (max-abs init).
+  Batched matrices (n_batch > 0) are routed experts: qat.weight_grid says their group axis."""
   if quant.weights is not None and quant.learnable_scale:
     w = _matrix_view(getattr(layer, name)[...], n_batch, n_in)
-    setattr(layer, name + '_scale', QuantScale(qat.init_scale(w, quant.weights), axes=None))
+    scale = qat.init_scale(w, quant.weights, **qat.weight_grid(quant, expert=n_batch > 0))
+    setattr(layer, name + '_scale', QuantScale(scale, axes=None))
 
 
 def kernel(layer, name: str, quant, dtype, n_batch: int = 0, n_in: int = 1, scheme=None):
@@ -42,7 +44,8 @@ def kernel(layer, name: str, quant, dtype, n_batch: int = 0, n_in: int = 1, sche
     return w.astype(dtype)
   scale = getattr(layer, name + '_scale', None)
   q = qat.fake_quant(_matrix_view(w, n_batch, n_in), scheme or quant.weights,
-                     None if scale is None else scale[...])
+                     None if scale is None else scale[...],
+                     **qat.weight_grid(quant, expert=n_batch > 0))
   return q.reshape(w.shape).astype(dtype)
 
 

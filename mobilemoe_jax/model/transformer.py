@@ -6,7 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mobilemoe_jax import config as config_lib
-from mobilemoe_jax.model.layers import MLP, Attention, RMSNorm, act, add_quant_scale, kernel, param
+from mobilemoe_jax.model.layers import (MLP, Attention, QuantScale, RMSNorm, act, add_quant_scale,
+                                        kernel, param)
 from mobilemoe_jax.moe.layer import MoE
 from mobilemoe_jax.quant import qat
 from mobilemoe_jax.sharding import constrain
@@ -45,6 +46,11 @@ class Transformer(nnx.Module):
         rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.init_std, pd)
     if self.head is not None:
       add_quant_scale(self, 'head', cfg.quant)
+    if cfg.quant.weights is not None and cfg.quant.learnable_scale and \
+        cfg.quant.get('learnable_embedding_scale', False):
+      # The table's learned scales [D/G, V], on the transposed table as `table` quantizes it.
+      self.embed_scale = QuantScale(qat.init_scale(
+          self.embed[...].T, cfg.quant.embedding, rule=qat.weight_grid(cfg.quant)['rule']), axes=None)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None, *,
                return_hidden=False):
@@ -100,7 +106,9 @@ class Transformer(nnx.Module):
     q = self.cfg.quant
     if q.weights is None:
       return self.embed[...].astype(dtype)
-    return qat.fake_quant(self.embed[...].T, q.embedding).T.astype(dtype)
+    scale = getattr(self, 'embed_scale', None)
+    return qat.fake_quant(self.embed[...].T, q.embedding, None if scale is None else scale[...],
+                          **qat.weight_grid(q)).T.astype(dtype)
 
 
 def logits(x, head):

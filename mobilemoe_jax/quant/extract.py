@@ -33,8 +33,11 @@ def _layout(module, quant):
 
 
 def integer_weights(model: Transformer) -> dict:
-  """path tuple -> dict(q int8 [..., in, out], scales, shape, scheme).
-  The embedding is stored transposed ([D, V]: groups along D), as the tied head uses it."""
+  """path tuple -> dict(q int8 [..., in, out], scales, shape, scheme, axis).
+  `axis` is the axis of the [..., in, out] matrix the groups run along (qat.IN_AXIS, or
+  qat.OUT_AXIS for routed experts with model.quant.expert_group_axis='out'); scales have
+  q's shape with that axis shrunk to its groups. The embedding is stored transposed ([D, V]:
+  groups along D), as the tied head uses it."""
   quant = model.cfg.quant
   if quant.weights is None:
     raise ValueError('model.quant.weights is None: this model has no quantization grid '
@@ -48,11 +51,15 @@ def integer_weights(model: Transformer) -> dict:
       s = w.shape
       mat = w.reshape(*s[:n_batch], math.prod(s[n_batch:n_batch + n_in]), -1)
       scale = getattr(module, name + '_scale', None)
-      q, sc = qat.extract(mat, quant.weights, None if scale is None else scale[...])
-      out[tuple(path) + (name,)] = dict(q=q, scales=sc, shape=s, scheme=quant.weights)
-  q, sc = qat.extract(model.embed[...].T, quant.embedding)
+      g = qat.weight_grid(quant, expert=n_batch > 0)
+      q, sc = qat.extract(mat, quant.weights, None if scale is None else scale[...], **g)
+      out[tuple(path) + (name,)] = dict(q=q, scales=sc, shape=s, scheme=quant.weights,
+                                        axis=g['axis'])
+  scale = getattr(model, 'embed_scale', None)
+  q, sc = qat.extract(model.embed[...].T, quant.embedding, None if scale is None else scale[...],
+                      **qat.weight_grid(quant))
   out[('embed',)] = dict(q=q, scales=sc, shape=model.embed.shape, scheme=quant.embedding,
-                         transposed=True)
+                         axis=qat.IN_AXIS, transposed=True)
   return out
 
 
@@ -60,6 +67,6 @@ def dequantized_state(model: Transformer) -> dict:
   """path -> float32 weight rebuilt from the integers, in the parameter's own shape."""
   out = {}
   for path, e in integer_weights(model).items():
-    w = grid.dequantize(e['q'], e['scales'], in_axis=-2)
+    w = grid.dequantize(e['q'], e['scales'], in_axis=e['axis'])
     out[path] = (w.T if e.get('transposed') else w.reshape(e['shape'])).astype(jnp.float32)
   return out

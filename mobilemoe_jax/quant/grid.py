@@ -11,9 +11,18 @@ Weights: symmetric, no zero point, one scale per output channel and group of G i
 These rules are read from ai_edge_quantizer's `uniform_quantize_tensor.py` and checked
 against real flatbuffers in tests/test_quant_grid.py.
 
-Layout: `in_axis` names the input (reduction) dimension. TFLite FC weights are [out, in]
-(in_axis=-1, the default); our Flax kernels are [in, out] (in_axis=-2 or 0). Scales keep the
-weight's rank with the input axis shrunk to in/G groups (1 for channel-wise).
+Layout: `in_axis` names the axis the groups run along: the input (reduction) dimension for
+TFLite FCs, whose weights are [out, in] (in_axis=-1, the default); our Flax kernels are
+[in, out] (in_axis=-2 or 0). Scales keep the weight's rank with that axis shrunk to n/G
+groups (1 for channel-wise). The released MobileMoE's routed experts group along their
+OUTPUT axis instead (model.quant.expert_group_axis='out': in_axis=-1 on [in, out]).
+
+Scale rules (model.quant.scale_rule):
+- 'tflite' (above): max / qmax, block scales rounded through bf16 to fp16.
+- 'release': the released MobileMoE's QAT rule (arXiv 2605.27358, eq. 6):
+    scale = fp16(2 * max(max|w_group|, 1e-9) / (2^bits - 1))     (int4: 2 max / 15)
+  rounded straight to fp16 (the checkpoint's scale dtype), channel-wise scales included;
+  q = clip(round_half_even(w / scale), qmin, qmax) as above.
 
 Activations (measured, not assumed: tests/test_quant_grid.py runs one INT4/INT8 FC through
 ai-edge-litert 2.3 and inverts it): the .tflite's FCs quantize their input at run time, one
@@ -95,24 +104,38 @@ def _grouped(w, scheme: Scheme, in_axis: int):
   return w.reshape(*w.shape[:-1], k // g, g)
 
 
-def scales(w, scheme='int4_g32', in_axis: int = -1):
-  """float32 scales: the shape of w with the input axis replaced by its number of groups."""
+RULES = ('tflite', 'release')   # model.quant.scale_rule; see the module docstring
+
+
+def scales(w, scheme='int4_g32', in_axis: int = -1, rule: str = 'tflite'):
+  """float32 scales: the shape of w with the group axis replaced by its number of groups."""
   s = get_scheme(scheme)
   xp = _xp(w)
   g = _grouped(w.astype(xp.float32), s, in_axis)
-  amax = xp.max(xp.abs(g), axis=-1)
-  scale = _div(xp.maximum(amax, xp.float32(SCALE_FLOOR)), xp.float32(s.qmax))
-  if s.group:
-    scale = _to_bf16_fp16(scale)
-  return xp.moveaxis(scale, -1, in_axis)
+  amax = xp.maximum(xp.max(xp.abs(g), axis=-1), xp.float32(SCALE_FLOOR))
+  if rule == 'release':
+    scale = _div(amax * xp.float32(2), xp.float32(2 ** s.bits - 1))
+  else:
+    scale = _div(amax, xp.float32(s.qmax))
+  return xp.moveaxis(stored_scale(scale, s, rule), -1, in_axis)
 
 
-def _to_bf16_fp16(x):
-  if _xp(x) is np:
+def stored_scale(scale, scheme, rule: str = 'tflite'):
+  """A float32 scale rounded as the file stores it: 'tflite' block scales through bf16 to
+  fp16 (channel-wise ones stay fp32), 'release' scales to fp16."""
+  s = get_scheme(scheme)
+  if rule not in RULES:
+    raise ValueError(f'unknown scale rule {rule!r}; known: {RULES}')
+  if rule == 'tflite' and not s.group:
+    return scale
+  if _xp(scale) is np:
     import ml_dtypes
-    return x.astype(ml_dtypes.bfloat16).astype(np.float16).astype(np.float32)
+    x = scale.astype(np.float32)
+    x = x.astype(ml_dtypes.bfloat16) if rule == 'tflite' else x
+    return x.astype(np.float16).astype(np.float32)
   import jax.numpy as jnp
-  return x.astype(jnp.bfloat16).astype(jnp.float16).astype(jnp.float32)
+  x = scale.astype(jnp.bfloat16) if rule == 'tflite' else scale
+  return x.astype(jnp.float16).astype(jnp.float32)
 
 
 def _expand(scale, shape, in_axis: int):
@@ -122,12 +145,12 @@ def _expand(scale, shape, in_axis: int):
   return xp.repeat(scale, k // n, axis=in_axis)
 
 
-def quantize(w, scheme='int4_g32', in_axis: int = -1):
+def quantize(w, scheme='int4_g32', in_axis: int = -1, rule: str = 'tflite'):
   """w float -> (q int8 with values in [qmin, qmax], float32 scales)."""
   s = get_scheme(scheme)
   xp = _xp(w)
   w = w.astype(xp.float32)
-  scale = scales(w, s, in_axis)
+  scale = scales(w, s, in_axis, rule)
   full = _expand(scale, w.shape, in_axis)
   q = xp.clip(xp.round(_div(w, xp.where(full == 0, xp.float32(1), full))), s.qmin, s.qmax)
   # A block scale below fp16's range rounds to 0: ai-edge-quantizer then writes 0/0 cast to
@@ -142,10 +165,10 @@ def dequantize(q, scale, in_axis: int = -1):
   return q.astype(xp.float32) * _expand(scale, q.shape, in_axis)
 
 
-def fake_quant(w, scheme='int4_g32', in_axis: int = -1):
+def fake_quant(w, scheme='int4_g32', in_axis: int = -1, rule: str = 'tflite'):
   """dequantize(quantize(w)): the weight the exported model computes with. No STE here:
   QAT wraps this in its own straight-through estimator."""
-  return dequantize(*quantize(w, scheme, in_axis), in_axis)
+  return dequantize(*quantize(w, scheme, in_axis, rule), in_axis)
 
 
 def quantize_act_int8(x):

@@ -25,6 +25,16 @@ import jax.numpy as jnp
 from mobilemoe_jax.quant import grid
 
 IN_AXIS = -2
+OUT_AXIS = -1
+
+
+def weight_grid(quant, expert: bool = False) -> dict:
+  """How one weight's groups and scales are formed under `quant` (model.quant):
+  {'axis': the axis of its [..., in, out] matrix the groups run along, 'rule': the scale
+  rule}. Routed experts group along their output axis with quant.expert_group_axis='out'
+  (the released MobileMoE's grid); everything else along its input axis."""
+  out = expert and quant.get('expert_group_axis', 'in') == 'out'   # configs saved before it
+  return {'axis': OUT_AXIS if out else IN_AXIS, 'rule': quant.get('scale_rule', 'tflite')}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -33,7 +43,9 @@ def _ste(w, scale, qmin, qmax):
 
 
 def _ste_fwd(w, scale, qmin, qmax):
-  x = grid._div(w, scale)         # a true division, as the grid (and ai-edge-quantizer) does
+  # A true division, as the grid (and ai-edge-quantizer) does. A zero scale (an all-zero
+  # group of an imported checkpoint) dequantizes everything to 0, as grid.quantize does.
+  x = grid._div(w, jnp.where(scale == 0, 1.0, scale))
   return jnp.clip(jnp.round(x), qmin, qmax) * scale, x
 
 
@@ -49,22 +61,24 @@ def _ste_bwd(qmin, qmax, x, g):
 _ste.defvjp(_ste_fwd, _ste_bwd)
 
 
-def _expand(scale, k: int):
-  """[..., n_groups, out] -> [..., k, out]: each group scale repeated over its inputs."""
-  return jnp.repeat(scale, k // scale.shape[IN_AXIS], axis=IN_AXIS)
+def _expand(scale, k: int, axis: int = IN_AXIS):
+  """Group scales [..., n_groups along `axis`] -> k entries along it: each group's scale
+  repeated over its members."""
+  return jnp.repeat(scale, k // scale.shape[axis], axis=axis)
 
 
-def fake_quant(w, scheme, scale=None):
-  """w: [..., in, out] float. scale: learnable per-group scales [..., in/G, out] or None
-  (max-abs). Returns the fake-quantized weight (same dtype as w, values exactly
-  dequantize(extract(...)))."""
+def fake_quant(w, scheme, scale=None, axis: int = IN_AXIS, rule: str = 'tflite'):
+  """w: [..., in, out] float, groups along `axis` (IN_AXIS, or OUT_AXIS for the release's
+  experts). scale: learnable per-group scales (w's shape with `axis` shrunk to its groups)
+  or None (max-abs under `rule`). Returns the fake-quantized weight (same dtype as w,
+  values exactly dequantize(extract(...)))."""
   s = grid.get_scheme(scheme)
   w32 = w.astype(jnp.float32)
-  k = w.shape[IN_AXIS]
+  k = w.shape[axis]
   if scale is None:
-    # Reuse the grid's own scale (bf16/fp16 rounding included) so forward == exporter.
-    scale = jax.lax.stop_gradient(grid.scales(w32, s, IN_AXIS))
-    out = _ste(w32, _expand(scale, k), s.qmin, s.qmax)
+    # Reuse the grid's own scale (fp16 rounding included) so forward == exporter.
+    scale = jax.lax.stop_gradient(grid.scales(w32, s, axis, rule))
+    out = _ste(w32, _expand(scale, k, axis), s.qmin, s.qmax)
   else:
     group = s.group or k
     grad_scale = 1.0 / jnp.sqrt(group * s.qmax)
@@ -72,23 +86,20 @@ def fake_quant(w, scheme, scale=None):
     # exporter store, channel-wise fp32 included), the gradient that of `scale * grad_scale`.
     frozen = jax.lax.stop_gradient(scale)
     scaled = frozen + (scale - frozen) * grad_scale
-    out = _ste(w32, _expand(round_scale(scaled, s), k), s.qmin, s.qmax)
+    out = _ste(w32, _expand(round_scale(scaled, s, rule), k, axis), s.qmin, s.qmax)
   return out.astype(w.dtype)
 
 
-def round_scale(scale, scheme):
-  """The scale as stored on device: block scales go through bf16 then fp16 (as the grid),
-  with a straight-through gradient."""
-  s = grid.get_scheme(scheme)
-  if not s.group:
-    return scale
-  stored = scale.astype(jnp.bfloat16).astype(jnp.float16).astype(jnp.float32)
+def round_scale(scale, scheme, rule: str = 'tflite'):
+  """The scale as stored (grid.stored_scale: 'tflite' block scales through bf16 to fp16,
+  'release' scales to fp16), with a straight-through gradient."""
+  stored = grid.stored_scale(scale, scheme, rule)
   return scale + jax.lax.stop_gradient(stored - scale)
 
 
-def init_scale(w, scheme):
-  """Max-abs scales to start LSQ from: [..., in/G, out] float32."""
-  return grid.scales(jnp.asarray(w, jnp.float32), scheme, IN_AXIS)
+def init_scale(w, scheme, axis: int = IN_AXIS, rule: str = 'tflite'):
+  """Max-abs scales to start LSQ from: w's shape with `axis` shrunk to its groups, float32."""
+  return grid.scales(jnp.asarray(w, jnp.float32), scheme, axis, rule)
 
 
 def init_scales_from_weights(model):
@@ -96,33 +107,44 @@ def init_scales_from_weights(model):
   as a fresh LSQ init computes it (layers.add_quant_scale) but from weights loaded after
   construction, e.g. a float checkpoint. In place; returns the model.
 
-  A scale `<name>_scale` [batch..., in/G, out] sits beside its weight `<name>`
-  [batch..., in..., out...]; its shape gives the weight's matrix view."""
+  A scale `<name>_scale` sits beside its weight `<name>`; its shape gives the weight's
+  matrix view ([batch..., in, out] with the group axis shrunk). The embedding's scale
+  (`embed_scale`, [D/G, V]) belongs to the transposed table, groups along D."""
   from flax import nnx
   from mobilemoe_jax.model.layers import QuantScale   # layers imports this module
-  scheme = model.cfg.quant.weights
+  quant = model.cfg.quant
   for _, module in nnx.iter_graph(model):
     if not isinstance(module, nnx.Module):
       continue
     for name, scale in list(vars(module).items()):
-      if isinstance(scale, QuantScale):
-        w = getattr(module, name[:-len('_scale')])[...]
-        s = scale[...]
-        scale[...] = init_scale(w.reshape(*s.shape[:-2], -1, s.shape[-1]), scheme)
+      if not isinstance(scale, QuantScale):
+        continue
+      w = getattr(module, name[:-len('_scale')])[...]
+      s = scale[...]
+      if name == 'embed_scale':
+        scale[...] = init_scale(w.T, quant.embedding, IN_AXIS, weight_grid(quant)['rule'])
+        continue
+      g = weight_grid(quant, expert=s.ndim > 2)       # experts are the batched matrices
+      if g['axis'] == OUT_AXIS:
+        mat = w.reshape(*s.shape[:-1], -1)
+      else:
+        mat = w.reshape(*s.shape[:-2], -1, s.shape[-1])
+      scale[...] = init_scale(mat, quant.weights, **g)
   return model
 
 
-def extract(w, scheme, scale=None):
+def extract(w, scheme, scale=None, axis: int = IN_AXIS, rule: str = 'tflite'):
   """The integers and scales the fake-quant forward used: (q int8 [..., in, out], scales).
-  dequantize(q, scales, in_axis=-2) equals fake_quant(w, scheme, scale) exactly."""
+  dequantize(q, scales, in_axis=axis) equals fake_quant(w, scheme, scale, axis, rule)
+  exactly."""
   s = grid.get_scheme(scheme)
   w32 = jnp.asarray(w, jnp.float32)
   if scale is None:
-    return grid.quantize(w32, s, IN_AXIS)
-  stored = round_scale(jnp.asarray(scale, jnp.float32), s)
-  full = _expand(stored, w.shape[IN_AXIS])
-  q = jnp.clip(jnp.round(grid._div(w32, full)), s.qmin, s.qmax).astype(jnp.int8)
-  return q, stored
+    return grid.quantize(w32, s, axis, rule)
+  stored = round_scale(jnp.asarray(scale, jnp.float32), s, rule)
+  full = _expand(stored, w.shape[axis], axis)
+  q = jnp.clip(jnp.round(grid._div(w32, jnp.where(full == 0, 1.0, full))), s.qmin, s.qmax)
+  return jnp.where(full == 0, 0, q).astype(jnp.int8), stored
 
 
 def straight_through(x, fq):

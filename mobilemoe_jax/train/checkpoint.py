@@ -231,13 +231,15 @@ class Checkpointer:
     return str(self.directory / str(step))
 
   def save(self, step: int, state, data_iter, meta: dict):
-    """Starts an async save; the arrays are copied off the device before it returns."""
+    """Starts an async save; the arrays are copied off the device before it returns.
+    data_iter None writes no data item: a checkpoint to start a stage from, evaluate or
+    export (e.g. an imported one, mobilemoe_jax/convert), never to resume."""
     self.manager.wait_until_finished()   # _saving belongs to one save at a time
     self._saving = step
-    self.manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=pipeline.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave(meta)))
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data_iter is not None:
+      items['data'] = pipeline.CheckpointSave(data_iter)
+    self.manager.save(step, force=True, args=ocp.args.Composite(**items))
     if not self._async and jax.process_index() == 0:
       write_manifest(self.directory / str(step), step)   # the step is already in place
 

@@ -22,17 +22,22 @@ class Loaded(NamedTuple):
   tokenizer: object                      # mobilemoe_jax.data.tokenizer.Tokenizer, or None
 
 
-def read_config(path: str) -> ml_collections.ConfigDict:
-  """The experiment config a checkpoint was saved with. Its model section starts from today's
-  schema, so checkpoints written before a field existed still load (with the default)."""
+def read_meta(path: str) -> dict:
+  """The `meta` item saved with a checkpoint: its config, lineage, import record."""
   import orbax.checkpoint as ocp
   directory, step = ckpt_lib.resolve(path)
   try:
-    meta = ocp.CheckpointManager(directory, item_handlers={'meta': ocp.JsonCheckpointHandler()}) \
+    return ocp.CheckpointManager(directory, item_handlers={'meta': ocp.JsonCheckpointHandler()}) \
         .restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
   except Exception as e:  # Orbax/JSON errors: say which checkpoint and what
     raise ckpt_lib.CheckpointError(f'checkpoint {directory / str(step)}: cannot read its config '
                                    f'(meta item): {type(e).__name__}: {e}') from e
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+  """The experiment config a checkpoint was saved with. Its model section starts from today's
+  schema, so checkpoints written before a field existed still load (with the default)."""
+  meta = read_meta(path)
   cfg = ml_collections.ConfigDict(meta['config'])
   model = config_lib.model_config()
   model.update(meta['config']['model'])
