@@ -106,19 +106,19 @@ WORKLOADS = {
     'peer_torchtitan_rs_b8_packed': Workload(
         "torchtitan Qwen3-MoE built to the released MobileMoE-S's shape, compiled blocks, "
         'varlen attention; 8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True,
-        model=released_s(), impl='torchtitan', peer=TORCHTITAN_COMPILED, vs='rs_b8_packed'),
+        model=RELEASED_S, impl='torchtitan', peer=TORCHTITAN_COMPILED, vs='rs_b8_packed'),
     'peer_torchtitan_eager_rs_b8_packed': Workload(
         'the same torchtitan model eager (no torch.compile); 8 x 2048 packed rows', 'mobilemoe_s',
-        8, packed=True, model=released_s(), impl='torchtitan',
+        8, packed=True, model=RELEASED_S, impl='torchtitan',
         peer={'compile': False, 'attention': 'varlen'}, vs='rs_b8_packed'),
     'peer_torchtitan_flex_rs_b8_packed': Workload(
         'the same torchtitan model, compiled blocks, flex attention (its default); 8 x 2048 '
-        'packed rows', 'mobilemoe_s', 8, packed=True, model=released_s(), impl='torchtitan',
+        'packed rows', 'mobilemoe_s', 8, packed=True, model=RELEASED_S, impl='torchtitan',
         peer={'compile': True, 'attention': 'flex'}, vs='rs_b8_packed'),
     'peer_transformers_rs_b8': Workload(
         "transformers Qwen2-MoE built to the released MobileMoE-S's shape (softmax routing, "
         'gated shared expert: its model has no other); 8 x 2048, one document per row',
-        'mobilemoe_s', 8, model=released_s(), impl='transformers', vs='rs_b8'),
+        'mobilemoe_s', 8, model=RELEASED_S, impl='transformers', vs='rs_b8'),
     'tiny_gpu_torchtitan': Workload(
         'the torchtitan peer at the tiny preset on a GPU, 4 x 128 packed (code-path check)',
         'tiny', 4, seq=128, packed=True, impl='torchtitan', peer=TORCHTITAN_COMPILED),
@@ -836,7 +836,12 @@ def workload_table():
            'vs | what |', '|---|---|---|---|---|---|---|---|---|---|']
   for n, w in WORKLOADS.items():
     shape = f'{w.batch} x {w.seq}' + (f' ({w.grad_accum} micro)' if w.grad_accum > 1 else '')
-    over = ', '.join(f'{k}={v}' for k, v in {**w.model, **w.train}.items()) or '-'
+    model = dict(w.model)
+    released = all(model.get(k) == v for k, v in RELEASED_S.items())
+    if released:   # the released shape by name, then what the workload adds
+      model = {k: v for k, v in model.items() if k not in RELEASED_S}
+    over = ', '.join((['RELEASED_S'] if released else []) +
+                     [f'{k}={v}' for k, v in {**model, **w.train, **w.peer}.items()]) or '-'
     lines.append(f"| {n}{' *' if n in HEADLINE else ''} | {w.preset} | {shape} | {w.devices} | "
                  f"{'packed' if w.packed else 'one document'} | {over} | {w.impl} | {w.machine} | "
                  f"{w.vs or '-'} | {w.what} |")
