@@ -108,13 +108,9 @@ WORKLOADS = {
         'varlen attention; 8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True,
         model=RELEASED_S, impl='torchtitan', peer=TORCHTITAN_COMPILED, vs='rs_b8_packed'),
     'peer_torchtitan_eager_rs_b8_packed': Workload(
-        'the same torchtitan model eager (no torch.compile); 8 x 2048 packed rows', 'mobilemoe_s',
-        8, packed=True, model=RELEASED_S, impl='torchtitan',
-        peer={'compile': False, 'attention': 'varlen'}, vs='rs_b8_packed'),
-    'peer_torchtitan_flex_rs_b8_packed': Workload(
-        'the same torchtitan model, compiled blocks, flex attention (its default); 8 x 2048 '
-        'packed rows', 'mobilemoe_s', 8, packed=True, model=RELEASED_S, impl='torchtitan',
-        peer={'compile': True, 'attention': 'flex'}, vs='rs_b8_packed'),
+        "the same torchtitan model with its defaults: eager (no torch.compile), flex attention; "
+        '8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True, model=RELEASED_S,
+        impl='torchtitan', peer={'compile': False, 'attention': 'flex'}, vs='rs_b8_packed'),
     'peer_transformers_rs_b8': Workload(
         "transformers Qwen2-MoE built to the released MobileMoE-S's shape (softmax routing, "
         'gated shared expert: its model has no other); 8 x 2048, one document per row',
@@ -161,7 +157,8 @@ WORKLOADS = {
 # The headline rows: the released S on packed rows at the preset's batch (MFU) and at 8 x 2048
 # beside one-document rows and its dropless variant, and the peers at 8 x 2048. One H100/H200.
 HEADLINE = ('rs_b256_accum8_packed', 'rs_b8', 'rs_b8_packed', 'rs_b8_dropless_packed',
-            'peer_torchtitan_rs_b8_packed', 'peer_transformers_rs_b8')
+            'peer_torchtitan_rs_b8_packed', 'peer_torchtitan_eager_rs_b8_packed',
+            'peer_transformers_rs_b8')
 
 
 # --------------------------------------------------------------------------------- batches
@@ -601,6 +598,13 @@ def run_torchtitan(names, a):
   from torchtitan.components.optimizer.optimizer import register_moe_load_balancing_hook
   from torchtitan.config.configs import CompileConfig
   from torchtitan.distributed.compile import apply_compile
+  import torch.distributed.fsdp as torch_fsdp
+  shims = []
+  if not hasattr(torch_fsdp, 'DataParallelMeshDims'):
+    # torchtitan 0.3.0 is built against torch nightlies: its FSDP helper imports this name
+    # (torch > 2.11), which it uses only for a multi-dimensional SPMD mesh, never here.
+    torch_fsdp.DataParallelMeshDims = type('DataParallelMeshDims', (), {})
+    shims.append('torch.distributed.fsdp.DataParallelMeshDims (unused placeholder)')
   from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
   from mobilemoe_jax.scaling import accounting
   if not torch.cuda.is_available():
@@ -668,7 +672,7 @@ def run_torchtitan(names, a):
           'peak_flops_per_device': peak_flops, 'loss_last': float(loss.detach()),
           'process_peak_bytes_in_use': torch.cuda.max_memory_allocated(),
           'torch_params': sum(p.numel() for p in model.parameters()),
-          'peer': dict(w.peer), 'torch': torch.__version__},
+          'peer': dict(w.peer), 'torch': torch.__version__, 'shims': shims},
           'model': model_summary(c), 'device_kind': kind})
     except Exception as e:  # noqa: BLE001  a missing kernel, out of memory, ...
       import traceback
