@@ -590,6 +590,7 @@ def run_torchtitan(names, a):
   reduction, fp32 master weights), attention masks from per-document positions each step,
   sum cross-entropy / valid tokens, grad-norm clipping 1.0, fused AdamW, and its
   expert-bias update as an optimizer pre-step hook."""
+  _imports()
   import numpy as np
   import torch
   import torch.distributed as dist
