@@ -607,6 +607,24 @@ def run_torchtitan(names, a):
     torch_fsdp.DataParallelMeshDims = type('DataParallelMeshDims', (), {})
     shims.append('torch.distributed.fsdp.DataParallelMeshDims (unused placeholder)')
   from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+  import importlib.util
+  import inspect
+  from torch.nn.attention.flex_attention import create_block_mask
+  import torchtitan.models.common.attention as tt_attention
+  import torchtitan.tools.utils as tt_utils
+  if (tt_utils.get_cuda_flash_attention_impl() == 'FA3'
+      and importlib.util.find_spec('flash_attn_interface') is None):
+    # On Hopper its varlen attention asks for FlashAttention-3 (the flash_attn_interface
+    # package, built from source); without it, torch's built-in flash attention (FA2).
+    tt_utils.get_cuda_flash_attention_impl = lambda: None
+    shims.append('varlen attention on torch built-in flash attention (FA2): no FA3 installed')
+  if 'separate_full_blocks' not in inspect.signature(create_block_mask).parameters:
+    # torch 2.11's create_block_mask lacks this flag; True is its fixed behaviour.
+    def block_mask(*args, separate_full_blocks=True, **kw):
+      del separate_full_blocks
+      return create_block_mask(*args, **kw)
+    tt_attention._compiled_create_block_mask = torch.compile(block_mask)
+    shims.append('flex create_block_mask without separate_full_blocks (torch 2.11)')
   from mobilemoe_jax.scaling import accounting
   if not torch.cuda.is_available():
     for name in names:
