@@ -811,6 +811,15 @@ def write(found, names, a):
 # fastest peer row measured in the same run; weak scaling 1 -> 4 GPUs.
 SUMMARY = {'mfu': 'rs_b256_accum8_packed', 'ours': 'rs_b8_packed',
            'ours_dropless': 'rs_b8_dropless_packed', 'weak_scaling_4gpu': 'rs_ep4'}
+# Peers with no runner, and why (checked against PyPI and the device machines' image).
+PEERS_NOT_RUN = {
+    'maxtext': (
+        'maxtext 0.2.5 (PyPI) supports Python 3.12, but declares its GPU dependencies only in '
+        "its 'cuda12' extra (262 packages): CUDA 12 builds (jax-cuda12-plugin/pjrt, "
+        'transformer-engine-cu12 and transformer-engine-jax >= 2.19, nvidia-*-cu12 libraries) '
+        'beside the image\'s JAX 0.11.2 on CUDA 13 (jax-cuda13-plugin), plus tokamax, aqtp (its '
+        'MoE layer imports aqt), grain and google-cloud-*; the device machines have no internet '
+        'and a call carries at most 64 MiB of wheels. Not installed, not run.')}
 
 
 def summary(rows):
@@ -834,9 +843,13 @@ def summary(rows):
     out['speedup_vs_best_peer'] = rows[ours]['result']['tokens_per_s_per_device'] / peer_tps
     out['speedup_vs_best_peer_workloads'] = f'{ours} / {best}'
     dropless = SUMMARY['ours_dropless']
+    same_run = ok(dropless) and rows[dropless]['run']['date'] == rows[best]['run']['date']
     out['speedup_dropless_vs_best_peer'] = (
-        rows[dropless]['result']['tokens_per_s_per_device'] / peer_tps if ok(dropless)
-        and rows[dropless]['run']['date'] == rows[ours]['run']['date'] else None)
+        rows[dropless]['result']['tokens_per_s_per_device'] / peer_tps if same_run else None)
+    if not same_run:
+      out['speedup_dropless_vs_best_peer_reason'] = (
+          rows[dropless]['error'] if dropless in rows and 'error' in rows[dropless] else
+          f'{dropless} not measured in the same run as {best}')
     out['speedup_vs_best_peer_gpu'] = rows[ours]['device_kind']
   else:
     out['speedup_vs_best_peer'] = None
@@ -850,6 +863,7 @@ def summary(rows):
     out['weak_scaling_efficiency_4gpu_reason'] = (
         rows[ep]['error'] if ep in rows and 'error' in rows[ep] else
         f'{ep} not measured: it needs a machine with 4 GPUs')
+  out['peers_not_run'] = PEERS_NOT_RUN
   return out
 
 
@@ -879,10 +893,13 @@ def table(results):
     w, run = r['workload'], r['run']
     shape = f"{w['batch']} x {w['seq']}" + (f" ({w['grad_accum']} micro)" if w['grad_accum'] > 1 else '') \
         + (' packed' if w['packed'] else '')
-    where = r.get('device_kind') if w['machine'] == 'gpu' else run['machine']['cpu']
+    gpus = run['machine'].get('gpus') or ['-']
+    where = (r.get('device_kind') or gpus[0].split(',')[0]) if w['machine'] == 'gpu' \
+        else run['machine']['cpu']
     when = f"{run['date'][:10]}, {run.get('commit') or 'not recorded'}"
     if 'result' not in r:
-      lines.append(f"| {n} | {shape} | {w['devices']} | failed: {r['error'][:120]} | | | | {where} | {when} |")
+      error = ' '.join(r['error'].split())[:120].replace('|', '/')
+      lines.append(f"| {n} | {shape} | {w['devices']} | failed: {error} | | | | {where} | {when} |")
       continue
     x = r['result']
     mfu = f"{100 * x['mfu']:.1f}%" if x.get('mfu') else '-'
@@ -900,6 +917,8 @@ def main():
                  help="measure only the named workloads, not their `vs` (the rows keep no ratio)")
   p.add_argument('--list', action='store_true', help='print the workload table')
   p.add_argument('--table', action='store_true', help='print the results file as markdown')
+  p.add_argument('--summarize', action='store_true',
+                 help="recompute the results file's summary from its stored rows (no measuring)")
   p.add_argument('--out', default=RESULTS, help='results JSON (default %(default)s)')
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--steps', type=int, default=10)
@@ -913,9 +932,15 @@ def main():
     return RUNNERS[WORKLOADS[names[0]].impl](names, a)
   if a.list:
     return print(workload_table())
-  if a.table:
+  if a.table or a.summarize:
     with open(a.out) as f:
-      return print(table(json.load(f)))
+      results = json.load(f)
+    if a.table:
+      return print(table(results))
+    results['summary'] = summary(results['rows'])
+    with open(a.out, 'w') as f:
+      json.dump(results, f, indent=1)
+    return print(json.dumps(results['summary'], indent=1))
   if not (a.headline or a.workload):
     p.error('name --workload=... or --headline (--list shows the workloads)')
   names = select(a)
