@@ -266,9 +266,8 @@ def model_summary(cfg):
 
 def _config(w: Workload, devices):
   """(model config, experiment config, mesh) of a workload."""
-  from configs.stages.common import train_config
   from mobilemoe_jax import sharding
-  from mobilemoe_jax.config import experiment, mesh_config
+  from mobilemoe_jax.config import experiment, mesh_config, train_config
   cfg_model = model_cfg(w)
   config = experiment(cfg_model, mesh=mesh_config(data=1, expert=w.devices),
                       train=train_config('bench', small=w.machine == 'cpu',

@@ -1,16 +1,16 @@
-"""MobileMoE-L: 0.93B active / 5.31B total parameters.
+"""MobileMoE-L as released (facebook/MobileMoE-L-*): 921,685,120 active / 5,325,704,320 total.
 
-MobileLLM-Pro's width (d_model 1280, 20 heads) at 28 layers; 72 experts of 640 with
-top-6 plus one shared expert of 1280, first layer dense: about as many active
-parameters as the dense baseline, 5x the total.
+The S family (configs/mobilemoe_s.py) at d_model 1280, 32 layers, 20 query heads, 60 experts
+of 640 and a shared expert of 2560. Source: shared/notes/mobilemoe_release.md §1 (the
+L-Base model card and the paper's table).
 
   python -m mobilemoe_jax.info --config=configs/mobilemoe_l.py
+  python -m mobilemoe_jax.train --config=configs/stages/pretrain.py:mobilemoe_l --workdir=runs/l
 """
+from configs.mobilemoe_s import released_model
 from mobilemoe_jax.config import experiment
-from configs.mobilemoe_s import moe_model
 
 
 def get_config():
-  return experiment(moe_model(
-      d_model=1280, n_layers=28, n_heads=20, d_ff=6144,
-      moe=dict(n_experts=72, top_k=6, d_expert=640, n_shared=1, d_shared=1280)))
+  return experiment(released_model(d_model=1280, n_layers=32, n_heads=20, d_expert=640,
+                                   d_shared=2560))

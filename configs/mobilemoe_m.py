@@ -1,15 +1,17 @@
-"""MobileMoE-M: 0.61B active / 2.64B total parameters.
+"""MobileMoE-M as released (facebook/MobileMoE-M-*): 528,300,568 active / 2,818,390,552 total.
 
-d_model 1024 and 24 layers; 64 experts of 512 with top-8 plus one shared expert of 512
-(k/E = 1/8), first layer dense. Same vocabulary and attention layout as MobileLLM-Pro.
+The S family (configs/mobilemoe_s.py) at d_model 1024, 26 layers, 16 query heads, 60 experts
+of 512 and a shared expert of 2048. Source: shared/notes/mobilemoe_release.md §1; d_model,
+layers and heads from the paper's table, the expert widths inferred there and confirmed by
+the published parameter counts, which this config reproduces exactly.
 
   python -m mobilemoe_jax.info --config=configs/mobilemoe_m.py
+  python -m mobilemoe_jax.train --config=configs/stages/pretrain.py:mobilemoe_m --workdir=runs/m
 """
+from configs.mobilemoe_s import released_model
 from mobilemoe_jax.config import experiment
-from configs.mobilemoe_s import moe_model
 
 
 def get_config():
-  return experiment(moe_model(
-      d_model=1024, n_layers=24, n_heads=16, d_ff=4096,
-      moe=dict(n_experts=64, top_k=8, d_expert=512, n_shared=1, d_shared=512)))
+  return experiment(released_model(d_model=1024, n_layers=26, n_heads=16, d_expert=512,
+                                   d_shared=2048))

@@ -48,6 +48,16 @@ def hf_config(cfg: dict):
                 tie_word_embeddings=cfg['tie_embeddings'], hidden_act='silu',
                 rope_parameters={'rope_type': 'default', 'rope_theta': cfg['rope_theta']},
                 dtype='float32')
+  # Attention features no native transformers class computes (the released MobileMoE has
+  # all three: export it with `python -m mobilemoe_jax.convert export` instead).
+  unsupported = [why for on, why in (
+      (cfg.get('qk_norm'), 'qk_norm (a weightless QK RMS norm)'),
+      (cfg.get('nope_layers'), f"nope_layers={list(cfg.get('nope_layers') or ())}"),
+      ((cfg.get('rope_scaling') or {}).get('kind', 'none') != 'none',
+       f"rope_scaling={(cfg.get('rope_scaling') or {}).get('kind')!r}")) if on]
+  if unsupported:
+    raise Unsupported('no native transformers class computes this attention exactly: '
+                      + '; '.join(unsupported))
   windowed = bool(cfg['sliding_window']) and 'sliding_attention' in _layer_types(cfg)
   sliding = dict(use_sliding_window=True, sliding_window=cfg['sliding_window'],
                  max_window_layers=cfg['n_layers'], layer_types=_layer_types(cfg)) if windowed else {}
@@ -64,15 +74,13 @@ def hf_config(cfg: dict):
                'class uses MLA attention, not GQA)')
   if m['routed_scale'] != 1.0:
     why.append(f"routed_scale={m['routed_scale']} (no routed scaling in Qwen2-MoE)")
-  if m['capacity_factor'] > 0:
-    why.append('capacity_factor > 0 (token dropping)')
   if why:
     raise Unsupported('no native transformers class computes this MoE exactly: ' + '; '.join(why))
   return transformers.Qwen2MoeConfig(
       intermediate_size=cfg['d_ff'], moe_intermediate_size=m['d_expert'],
       shared_expert_intermediate_size=max(m['n_shared'] * m['d_shared'], 1),
       num_experts=m['n_experts'], num_experts_per_tok=m['top_k'],
-      norm_topk_prob=m['norm_topk_prob'], decoder_sparse_step=1,
+      norm_topk_prob=m['norm_topk_prob'], decoder_sparse_step=m.get('every', 1),
       mlp_only_layers=list(range(m['first_dense'])), qkv_bias=False,
       output_router_logits=False, **sliding, **common)
 

@@ -1,12 +1,13 @@
 """The MobileMoE decoder in PyTorch (dense and MoE), the Flax -> PyTorch weight converter,
 and the safetensors + config.json format.
 
-Same math as mobilemoe_jax/model (fp32): RMSNorm, half-split RoPE, GQA with an optional
-per-layer sliding window, SwiGLU, and the MoE block (fp32 router, softmax/sigmoid scores,
-top-k with an optional selection-only bias, norm_topk_prob, routed_scale, fused shared
-experts). Written for litert-torch: only ops that lower to plain LiteRT builtins, an external
-KV cache that the graph reads and never writes (it returns the new tokens' K/V; the caller
-writes them in place), and the routed experts either as
+Same math as mobilemoe_jax/model (fp32): RMSNorm, half-split RoPE (llama3-scaled frequencies,
+NoPE layers), weightless QK-norm, GQA with an optional per-layer sliding window, SwiGLU,
+and the MoE block (fp32 router, softmax/sigmoid scores, top-k with an optional
+selection-only bias, norm_topk_prob, routed_scale, fused shared experts; always dropless:
+`moe.capacity_factor` is a training setting). Written for litert-torch: only ops that lower
+to plain LiteRT builtins, an external KV cache that the graph reads and never writes (it
+returns the new tokens' K/V; the caller writes them in place), and the routed experts either as
 
   'portable': every expert computed as FCs and masked by its routing weight (stock LiteRT:
               one FC [E*2F, D] for all gate/up rows, one FC [D, F] per expert for down), or
@@ -68,11 +69,12 @@ class RMSNorm(nn.Module):
     return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float):
-  """cos/sin [max_len, Dh/2] in fp32 (computed in fp64: only the final rounding differs
-  from JAX's on-the-fly fp32 angles, ~1e-7)."""
-  half = head_dim // 2
-  freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling=None):
+  """cos/sin [max_len, Dh/2] in fp32 for the model's rotary frequencies (model/layers.py
+  rope_frequencies, incl. model.rope_scaling; angles in fp64: only the final rounding
+  differs from JAX's on-the-fly fp32 angles, ~1e-7)."""
+  from mobilemoe_jax.model.layers import rope_frequencies
+  freq = np.asarray(rope_frequencies(head_dim, theta, scaling), np.float64)
   angle = np.arange(max_len, dtype=np.float64)[:, None] * freq
   return (torch.tensor(np.cos(angle), dtype=torch.float32),
           torch.tensor(np.sin(angle), dtype=torch.float32))
@@ -97,6 +99,11 @@ def write_cache(cache, new, pos0: int, n: int = None):
   return cache
 
 
+def head_rms_norm(x, eps: float):
+  """QK-norm (model/layers.py head_rms_norm): x * rsqrt(mean(x^2) + eps) over Dh, no weight."""
+  return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
 def int8_qdq(x):
   """x [..., Dh] through the int8 KV-cache grid and back (quant.grid.quantize_act_int8:
   symmetric, one scale per token and head), with the same fp32 operations."""
@@ -107,10 +114,13 @@ def int8_qdq(x):
 
 
 class Attention(nn.Module):
-  def __init__(self, cfg, window):
+  def __init__(self, cfg, window, use_rope: bool = True):
     super().__init__()
     d, h, kv, dh = cfg['d_model'], cfg['n_heads'], cfg['n_kv_heads'], cfg['head_dim']
     self.h, self.kv, self.dh, self.window = h, kv, dh, window
+    # A NoPE layer has neither RoPE nor QK-norm (config.is_rope_layer).
+    self.use_rope = use_rope
+    self.qk_norm_eps = cfg['norm_eps'] if use_rope and cfg.get('qk_norm') else None
     self.kv_int8 = (cfg.get('quant') or {}).get('kv_cache') == 'int8'
     self.q = nn.Linear(d, h * dh, bias=False)
     self.k = nn.Linear(d, kv * dh, bias=False)
@@ -127,8 +137,12 @@ class Attention(nn.Module):
     the T tokens [B, T, K, Dh]): the graph never rewrites the cache, its caller writes
     those rows in place (write_cache, export.runner)."""
     b, t, _ = x.shape
-    q = apply_rope(self.q(x).view(b, t, self.h, self.dh), cos, sin)
-    k = apply_rope(self.k(x).view(b, t, self.kv, self.dh), cos, sin)
+    q = self.q(x).view(b, t, self.h, self.dh)
+    k = self.k(x).view(b, t, self.kv, self.dh)
+    if self.use_rope:
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if self.qk_norm_eps is not None:
+      q, k = head_rms_norm(q, self.qk_norm_eps), head_rms_norm(k, self.qk_norm_eps)
     v = self.v(x).view(b, t, self.kv, self.dh)
     if self.kv_int8:   # the values an int8 cache returns; the cache tensors themselves stay f32
       k, v = int8_qdq(k), int8_qdq(v)
@@ -232,7 +246,8 @@ class Block(nn.Module):
   def __init__(self, cfg, layer):
     super().__init__()
     self.attn_norm = RMSNorm(cfg['d_model'], cfg['norm_eps'])
-    self.attn = Attention(cfg, layer_window(cfg, layer))
+    self.attn = Attention(cfg, layer_window(cfg, layer),
+                          config_lib.is_rope_layer(ml_collections.ConfigDict(cfg), layer))
     self.ffn_norm = RMSNorm(cfg['d_model'], cfg['norm_eps'])
     self.ffn = MoE(cfg) if is_moe_layer(cfg, layer) else MLP(cfg['d_model'], cfg['d_ff'])
 
@@ -252,7 +267,8 @@ class MobileMoE(nn.Module):
     self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg['n_layers'])])
     self.final_norm = RMSNorm(cfg['d_model'], cfg['norm_eps'])
     self.head = None if cfg['tie_embeddings'] else nn.Linear(cfg['d_model'], cfg['vocab_size'], bias=False)
-    cos, sin = rope_tables(cfg['head_dim'], cfg['max_seq_len'], cfg['rope_theta'])
+    cos, sin = rope_tables(cfg['head_dim'], cfg['max_seq_len'], cfg['rope_theta'],
+                           config_lib.rope_scaling(ml_collections.ConfigDict(cfg)))
     self.register_buffer('rope_cos', cos, persistent=False)
     self.register_buffer('rope_sin', sin, persistent=False)
 

@@ -5,6 +5,7 @@ overrides fields, so the schema lives in one place. Configs are locked: a typo i
 a field name fails when it is set (`--config.model.d_modle=...` is refused by
 ml_collections), and `validate()` checks the values before any array is built.
 """
+import difflib
 import importlib.util
 import os
 from contextlib import nullcontext as _nullcontext
@@ -32,6 +33,13 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.d_ff = 2048                 # hidden size of the dense SwiGLU FFN
   c.tie_embeddings = True
   c.rope_theta = 500_000.0
+  # RoPE frequency scaling (model/layers.py, rope_frequencies): 'none' | 'llama3' (Llama 3.1's
+  # rule: wavelengths above original_max_len / low_freq_factor are divided by `factor`, those
+  # below original_max_len / high_freq_factor kept, the band between interpolated).
+  c.rope_scaling = ml_collections.ConfigDict(dict(
+      kind='none', factor=16.0, original_max_len=8192, low_freq_factor=1.0, high_freq_factor=1.0))
+  c.nope_layers = ()            # layer indices without RoPE (and without QK-norm)
+  c.qk_norm = False             # weightless per-head RMS norm of q and k after RoPE (RoPE layers)
   c.norm_eps = 1e-5
   c.sliding_window = 0          # 0: every layer attends globally
   c.global_every = 1            # with a window: layer i is global iff (i + 1) % global_every == 0
@@ -42,8 +50,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.remat = False               # rematerialise each block in the backward pass
   # Attention kernel: 'xla' (scores materialised; any backend), 'cudnn' (fused flash attention,
   # GPU, 16-bit dtypes), 'auto' (cudnn on GPU with a 16-bit dtype, else xla). Decoding with a KV
-  # cache always uses xla. On an H200 cuDNN halved MobileMoE-S's train step and matched XLA's
-  # numerics (bench/README.md, training throughput).
+  # cache always uses xla. cuDNN keeps no [T, S] scores in memory (bench/attention_check.py
+  # compares the two).
   c.attention_impl = 'auto'
   # cuDNN attention only: how documents/padding are kept apart (model/layers.py,
   # cudnn_attention): 'bias' (the mask as a bias, with its gradient), 'bias_nograd' (the same
@@ -62,6 +70,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.moe.n_shared = 0            # always-active shared experts
   c.moe.d_shared = 256          # hidden size of one shared expert
   c.moe.first_dense = 1         # the first layers keep a dense FFN (routing is unstable there)
+  c.moe.every = 1               # from first_dense on, layer i is MoE iff (i + 1) % every == 0
   c.moe.score_func = 'softmax'  # 'softmax' | 'sigmoid'
   c.moe.norm_topk_prob = True   # renormalise the k chosen weights to sum to 1
   c.moe.routed_scale = 1.0      # multiplies the routed output (DeepSeek's routed scaling factor)
@@ -98,6 +107,56 @@ def mesh_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+def train_config(stage: str, small: bool, **overrides) -> ml_collections.ConfigDict:
+  """The `train` section of a stage config (configs/stages/): every field with its default.
+  small: the CPU demo presets' short stages. mobilemoe_jax/train/config_check.py holds the
+  range of each field."""
+  t = ml_collections.ConfigDict()
+  t.stage = stage                 # name recorded in the checkpoint lineage
+  t.seed = 0                      # model init, data order and the state's RNG key
+  t.steps = 300 if small else 100_000
+  t.batch_size = 16 if small else 256   # global rows per step (split over processes)
+  t.seq_len = 128 if small else 2048
+  t.grad_accum = 1                # micro-batches per step (batch_size % grad_accum == 0)
+  t.lr = 3e-3 if small else 3e-4
+  t.schedule = 'wsd'              # 'wsd' | 'cosine' | 'constant'
+  t.warmup_steps = 30 if small else 2000
+  t.decay_fraction = 0.2          # wsd: share of post-warmup steps spent decaying
+  t.min_lr_ratio = 0.1            # final lr = lr * min_lr_ratio
+  t.weight_decay = 0.1            # AdamW, decoupled; never applied to 1-D params
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.clip_norm = 1.0               # global-norm clipping; 0 = off
+  t.adam_mu_dtype = ''            # AdamW first-moment dtype; '' = fp32 like the params (optim.py)
+  t.on_nonfinite = 'stop'         # 'stop': fail with the last good checkpoint | 'skip'
+  # With 'skip': stop anyway after more than this many skipped steps in a row, or once more
+  # than max_consecutive_skips steps were skipped and they are over this share of all steps.
+  t.max_consecutive_skips = 5
+  t.max_skip_fraction = 0.1
+  t.log_every = 25 if small else 100
+  t.eval_every = 100 if small else 2000
+  t.eval_batches = 8 if small else 64   # held-out batches per evaluation; 0 = none
+  t.checkpoint_every = 100 if small else 1000
+  t.keep_checkpoints = 2          # keep-last-K
+  t.async_checkpoints = True      # save in the background while training continues
+  t.checkpoint_fallback = True    # resume from the newest checkpoint that verifies; False: stop
+  t.allow_config_change = False   # resume although the checkpoint's config differs (printed)
+  t.init_from = ''                # previous stage's checkpoints dir (or a step dir); '' = scratch
+  t.restore_optimizer = False     # with init_from: also take its optimizer state
+  t.progress = True               # tqdm progress bar
+  # Cross-entropy over this many positions (of every row) at a time, never all [B, T, V]
+  # logits (train/loss.py); 0 = off. On for the full-size presets, whose [B, T, V] logits
+  # and their gradient would take tens of GB; the CPU demo presets keep the full-logits loss.
+  # Ignored (unchunked) with distill_weight: the KL needs the student's full logits.
+  t.loss_chunk_len = 0 if small else 512
+  t.distill_weight = 0.0          # QAT: weight of KL(float teacher || fake-quant model); 0 = off
+  t.distill_temperature = 1.0
+  t.update(overrides)
+  return t
+
+
+
 def experiment(model: ml_collections.ConfigDict, **sections) -> ml_collections.ConfigDict:
   """The top-level config a preset returns: the model, the mesh, and any other sections
   (train, data, ... added by the stage configs)."""
@@ -110,7 +169,24 @@ def experiment(model: ml_collections.ConfigDict, **sections) -> ml_collections.C
 
 
 def is_moe_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
-  return model.moe.n_experts > 0 and layer >= model.moe.first_dense
+  """Whether layer `layer` has an MoE FFN (else the dense SwiGLU of width d_ff)."""
+  m = model.moe
+  return (m.n_experts > 0 and layer >= m.first_dense
+          and (layer + 1) % getattr(m, 'every', 1) == 0)   # configs saved before `every`: 1
+
+
+def is_rope_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
+  """Whether layer `layer` applies RoPE (and QK-norm, when on): not a NoPE layer."""
+  return layer not in tuple(getattr(model, 'nope_layers', ()))
+
+
+ROPE_SCALINGS = ('none', 'llama3')
+
+
+def rope_scaling(model: ml_collections.ConfigDict) -> dict:
+  """model.rope_scaling as a plain dict; configs saved before the field have none."""
+  scaling = model.get('rope_scaling')
+  return {'kind': 'none'} if scaling is None else dict(scaling)
 
 
 def is_global_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
@@ -122,6 +198,31 @@ def is_global_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
 def _require(ok: bool, field: str, why: str):
   if not ok:
     raise ConfigError(f'config field `{field}`: {why}')
+
+
+def field_names(config, prefix: str = '') -> list[str]:
+  """The dotted name of every leaf field of a (nested) config: 'train.lr', 'model.moe.top_k'."""
+  names = []
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      names += field_names(value, f'{prefix}{key}.')
+    else:
+      names.append(prefix + key)
+  return names
+
+
+def unknown_field(config, field: str) -> str | None:
+  """None if `field` ('model.moe.top_k') exists in `config`, else a one-line message naming
+  it and the nearest known names."""
+  known = field_names(config)
+  if field in known or any(k.startswith(field + '.') for k in known):   # a field or a section
+    return None
+  # Fields beside it first (a typo rarely changes the section), then anywhere.
+  section = field.rpartition('.')[0] + '.'
+  near = (difflib.get_close_matches(field, [k for k in known if k.startswith(section)], n=3, cutoff=0.6)
+          or difflib.get_close_matches(field, known, n=3, cutoff=0.6))
+  return (f'unknown config field `{field}`'
+          + (f'; nearest: {", ".join(near)}' if near else '; no similar field'))
 
 
 def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -144,6 +245,7 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f'must divide n_heads={model.n_heads}, got {model.n_kv_heads}')
   _require(model.head_dim % 2 == 0, 'model.head_dim', 'must be even for RoPE')
   _require(model.sliding_window >= 0, 'model.sliding_window', 'must be >= 0')
+  _validate_rope(model)
   _require(model.get('attention_mask', 'bias') in CUDNN_MASKS, 'model.attention_mask',
            f'unknown mask mode {model.get("attention_mask")!r}; known: {CUDNN_MASKS}')
   _require(model.get('attention_impl', 'auto') in ATTENTION_IMPLS, 'model.attention_impl',
@@ -181,12 +283,37 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.n_shared == 0 or m.d_shared > 0, 'model.moe.d_shared', 'must be positive')
     _require(0 <= m.first_dense <= model.n_layers, 'model.moe.first_dense',
              f'must be in [0, n_layers={model.n_layers}]')
+    _require(m.get('every', 1) >= 1, 'model.moe.every', f'must be >= 1, got {m.get("every")}')
     _require(m.score_func in ('softmax', 'sigmoid'), 'model.moe.score_func',
              f"must be 'softmax' or 'sigmoid', got {m.score_func!r}")
     _require(m.capacity_factor >= 0, 'model.moe.capacity_factor', 'must be >= 0')
     _require(m.dispatch in ('auto', 'dense', 'sorted', 'gather', 'ragged'), 'model.moe.dispatch',
              f'unknown dispatch {m.dispatch!r}')
   return model
+
+
+def _validate_rope(model: ml_collections.ConfigDict):
+  nope = model.get('nope_layers', ())
+  _require(isinstance(nope, (tuple, list)), 'model.nope_layers',
+           f'must be a tuple of layer indices, got {nope!r}')
+  for i in nope:
+    _require(isinstance(i, int) and 0 <= i < model.n_layers, 'model.nope_layers',
+             f'layer {i!r} is not in [0, n_layers={model.n_layers})')
+  _require(model.get('qk_norm', False) in (True, False), 'model.qk_norm',
+           f'must be a bool, got {model.get("qk_norm")!r}')
+  if model.get('rope_scaling') is None:
+    return
+  r = model.rope_scaling
+  for key in r.keys():
+    _require(key in model_config().rope_scaling, f'model.rope_scaling.{key}', 'unknown field')
+  _require(r.kind in ROPE_SCALINGS, 'model.rope_scaling.kind',
+           f'unknown scaling {r.kind!r}; known: {ROPE_SCALINGS}')
+  if r.kind == 'llama3':
+    _require(r.factor > 0, 'model.rope_scaling.factor', f'must be positive, got {r.factor}')
+    _require(r.original_max_len > 0, 'model.rope_scaling.original_max_len',
+             f'must be positive, got {r.original_max_len}')
+    _require(0 < r.low_freq_factor <= r.high_freq_factor, 'model.rope_scaling.low_freq_factor',
+             f'must be in (0, high_freq_factor={r.high_freq_factor}], got {r.low_freq_factor}')
 
 
 def validate_mesh(mesh: ml_collections.ConfigDict, n_devices: int) -> dict:

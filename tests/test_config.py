@@ -58,3 +58,40 @@ def test_cli_prints_the_accounting():
   run = subprocess.run([sys.executable, '-m', 'mobilemoe_jax.info', '--config=configs/tiny.py'],
                        capture_output=True, text=True, check=True)
   assert 'active params' in run.stdout and 'INT4 weight bytes' in run.stdout
+
+
+@pytest.mark.parametrize('section, key, value, field', [
+    ('moe', 'every', 0, 'model.moe.every'),
+    ('', 'nope_layers', (1, 4), 'model.nope_layers'),            # tiny has 4 layers: 0..3
+    ('', 'nope_layers', 2, 'model.nope_layers'),                 # not a tuple
+    ('', 'qk_norm', 'yes', 'model.qk_norm'),
+    ('rope_scaling', 'kind', 'yarn', 'model.rope_scaling.kind'),
+    ('rope_scaling', 'factor', 0.0, 'model.rope_scaling.factor'),
+    ('rope_scaling', 'low_freq_factor', 8.0, 'model.rope_scaling.low_freq_factor'),  # > high
+])
+def test_release_architecture_fields_are_checked(section, key, value, field):
+  c = model()
+  target = c[section] if section else c
+  if not isinstance(value, type(target[key])):
+    c.unlock()                                   # ConfigDict keeps a field's type: replace it
+    del target[key]
+  target[key] = value
+  if section == 'rope_scaling':
+    c.rope_scaling.kind = 'llama3' if key != 'kind' else value
+  with pytest.raises(ConfigError, match=field.replace('.', r'\.')):
+    validate(c)
+
+
+def test_configs_saved_before_the_release_fields_still_build():
+  """A config without qk_norm / rope_scaling / nope_layers / moe.every (an older checkpoint's)
+  builds the model it always did."""
+  c = model().to_dict()
+  for key in ('qk_norm', 'rope_scaling', 'nope_layers'):
+    del c[key]
+  del c['moe']['every']
+  import ml_collections
+  old = Transformer(ml_collections.ConfigDict(c), rngs=nnx.Rngs(0))
+  new = Transformer(model(), rngs=nnx.Rngs(0))
+  import jax.numpy as jnp
+  x = jnp.arange(12)[None] % 50
+  assert (old(x)[0] == new(x)[0]).all()

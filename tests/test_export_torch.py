@@ -218,3 +218,34 @@ def test_litert_torch_does_not_change_jax_precision(tmp_path):
   litert.convert_fp32(torch_model, str(tmp_path / 'm.tflite'), prefill_lens=(4,), kv_len=8,
                       log=lambda _: None)
   assert not jax.config.jax_enable_x64
+
+
+def test_torch_equals_jax_with_the_released_attention_and_layer_pattern():
+  """QK-norm, llama3-scaled RoPE frequencies, a NoPE layer and MoE on every other layer (the
+  released MobileMoE's features; original_max_len small enough that the scaling moves
+  pairs at this head size): full forward and prefill + cached decode equal JAX."""
+  cfg = tiny.get_config('moe').model
+  cfg.qk_norm = True
+  cfg.rope_scaling.update(dict(kind='llama3', factor=16.0, original_max_len=64,
+                               low_freq_factor=1.0, high_freq_factor=4.0))
+  cfg.nope_layers = (1,)
+  cfg.moe.update(dict(first_dense=0, every=2, score_func='sigmoid', expert_bias=True,
+                      routed_scale=2.5))
+  m = Transformer(cfg, rngs=nnx.Rngs(0))
+  for b in m.blocks:
+    if hasattr(b.ffn, 'router'):
+      b.ffn.router[...] = b.ffn.router[...] * 30.0
+  want = np.asarray(m(jnp.asarray(TOKENS))[0])
+  pt = tm.from_flax(m, cfg)
+  assert [type(b.ffn).__name__ for b in pt.blocks][:2] == ['MLP', 'MoE']
+  assert [b.attn.use_rope for b in pt.blocks][:3] == [True, False, True]
+  tok = torch.from_numpy(TOKENS)
+  with torch.no_grad():
+    np.testing.assert_allclose(pt(tok).numpy(), want, atol=1e-4, rtol=0)
+    cache = pt.empty_cache(2, 96)
+    out, new = pt(tok[:, :80], torch.arange(80, dtype=torch.int32), cache)
+    for layer, kv in zip(cache, new):
+      tm.write_cache(layer, kv, 0)
+    last, _ = pt(tok[:, 80:81], torch.tensor([80], dtype=torch.int32), cache)
+  np.testing.assert_allclose(out.numpy(), want[:, :80], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(last.numpy()[:, 0], want[:, 80], atol=1e-4, rtol=0)

@@ -6,7 +6,9 @@ import pytest
 from flax import nnx
 
 from configs import mobilellm_pro, mobilemoe_l, mobilemoe_m, mobilemoe_s, tiny
+from configs.prerelease import mobilemoe_s as prerelease_s
 from mobilemoe_jax.model import Transformer, generate, init_cache
+from mobilemoe_jax.moe.layer import ExpertBias
 from mobilemoe_jax.scaling import accounting
 
 
@@ -111,14 +113,15 @@ def test_moe_stats_come_out(model):
 
 PRESETS = {'mobilellm_pro': mobilellm_pro.get_config(), 'mobilemoe_s': mobilemoe_s.get_config(),
            'mobilemoe_m': mobilemoe_m.get_config(), 'mobilemoe_l': mobilemoe_l.get_config(),
-           'tiny': tiny.get_config('moe'), 'tiny_dense': tiny.get_config('dense')}
+           'tiny': tiny.get_config('moe'), 'tiny_dense': tiny.get_config('dense'),
+           'prerelease_s': prerelease_s.get_config()}
 
 
 @pytest.mark.parametrize('name', list(PRESETS))
 def test_param_count_equals_parameter_tree(name):
   cfg = PRESETS[name].model
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  params = nnx.state(abstract, nnx.Param)
+  params = nnx.state(abstract, nnx.Any(nnx.Param, ExpertBias))   # the bias is a real tensor
   tree_total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
   counts = accounting.count(cfg)
   assert counts.total_params == tree_total

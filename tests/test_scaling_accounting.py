@@ -62,3 +62,38 @@ def test_device_constants_from_the_block_benchmark_record(tmp_path):
   rec = json.loads(p.read_text())
   p.write_text(json.dumps({**rec, 'dram_read_gbps': 1e-4}))
   assert accounting.load_device(str(p)).bandwidth == pytest.approx(1e5)
+
+
+# The released checkpoints' parameter counts (notes §1.3: the tied embedding once; norms,
+# routers and expert biases included; active = 4 routed experts + the shared one + the rest)
+# and their INT4 file data in bytes (§1.4: the sum over the §3.1 tensors; S's matches the
+# real file's size less its header). The release keeps norms and expert biases in bf16, which
+# the accounting counts as fp32: 2 bytes more per such value.
+RELEASED = {
+    'mobilemoe_s': (1_263_374_256, 272_469_936, 713_863_008),
+    'mobilemoe_m': (2_818_390_552, 528_300_568, 1_590_916_144),
+    'mobilemoe_l': (5_325_704_320, 921_685_120, 3_004_279_040),
+}
+
+
+@pytest.mark.parametrize('name', sorted(RELEASED))
+def test_released_presets_count_exactly(name):
+  total, active, file_bytes = RELEASED[name]
+  m = presets()[name].model
+  c = accounting.count(m)
+  assert (c.total_params, c.active_params) == (total, active)
+  norms_and_biases = (2 * m.n_layers + 1) * m.d_model + m.n_layers * m.moe.n_experts
+  assert accounting.int4_weight_bytes(m) == file_bytes + 2 * norms_and_biases
+
+
+def test_info_prints_the_exact_counts():
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, '-m', 'mobilemoe_jax.info'], capture_output=True,
+                       text=True, check=True).stdout
+  total = next(line for line in out.splitlines() if line.startswith('total params')).split()
+  active = next(line for line in out.splitlines() if line.startswith('active params')).split()
+  header = out.splitlines()[0].split()
+  for name, (t, a, _) in RELEASED.items():
+    i = header.index(name)
+    assert (total[2 + i], active[2 + i]) == (f'{t:,}', f'{a:,}')

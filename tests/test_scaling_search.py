@@ -5,7 +5,8 @@ import importlib.util
 
 import pytest
 
-from configs import mobilemoe_s, tiny
+from configs import tiny
+from configs.prerelease import mobilemoe_s   # the family docs/scaling.md searches
 from mobilemoe_jax.scaling import accounting, law, search
 
 DEV = accounting.ASSUMED_DEVICE

@@ -113,8 +113,10 @@ def test_corrupt_checkpoint_names_the_checkpoint(data_dir, trained, tmp_path):
     if os.path.isfile(path) and 'metadata' not in os.path.basename(path).lower():
       with open(path, 'r+b') as f:  # keep the size, destroy the bytes
         f.write(b'\xff' * os.path.getsize(path))
+  # Without fallback (test_train_integrity.py has the fallback to step 3).
+  config = make_config(data_dir, **{'train.steps': 7, 'train.checkpoint_fallback': False})
   with pytest.raises(CheckpointError, match=str(step_dir)) as err:
-    train_and_evaluate(make_config(data_dir, **{'train.steps': 7}), str(workdir))
+    train_and_evaluate(config, str(workdir))
   assert 'corrupt' in str(err.value) and str(step_dir / 'state') in str(err.value)  # the file
 
 

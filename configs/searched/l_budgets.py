@@ -6,9 +6,9 @@ Budgets: INT4 weights <= 3 GB, forward FLOPs/token <= 1.98e+09 (context 2048); 1
 Predicted loss from the law with {'E': 1.69, 'A': 406.4, 'C': 0.0, 'eta': 0.5, 'alpha': 0.34, 'gamma': 0.5, 'B': 410.7, 'beta': 0.28}
 (a prediction, not a measurement).
 
-  python -m mobilemoe_jax.scaling.search --memory_gb=3.0 --flops=1.98e9 --tokens=1e12 --mark=mobilemoe_l --write=configs/searched --name=l_budgets.py --top=3
+  python -m mobilemoe_jax.scaling.search --memory_gb=3.0 --flops=1.98e9 --tokens=1e12 --mark=prerelease_l --write=configs/searched --name=l_budgets.py --top=3
   python -m mobilemoe_jax.info --config=configs/searched/l_budgets.py
-  python -m mobilemoe_jax.train --config=configs/stages/pretrain.py:mobilemoe_s --workdir=runs/X \
+  python -m mobilemoe_jax.train --config=configs/stages/pretrain.py:prerelease_s --workdir=runs/X \
       --config.model.d_ff=4864 \
       --config.model.d_model=1024 \
       --config.model.moe.d_expert=1024 \

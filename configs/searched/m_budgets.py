@@ -6,9 +6,9 @@ Budgets: INT4 weights <= 1.5 GB, forward FLOPs/token <= 1.31e+09 (context 2048);
 Predicted loss from the law with {'E': 1.69, 'A': 406.4, 'C': 0.0, 'eta': 0.5, 'alpha': 0.34, 'gamma': 0.5, 'B': 410.7, 'beta': 0.28}
 (a prediction, not a measurement).
 
-  python -m mobilemoe_jax.scaling.search --memory_gb=1.5 --flops=1.31e9 --tokens=1e12 --mark=mobilemoe_m --write=configs/searched --name=m_budgets.py --top=3
+  python -m mobilemoe_jax.scaling.search --memory_gb=1.5 --flops=1.31e9 --tokens=1e12 --mark=prerelease_m --write=configs/searched --name=m_budgets.py --top=3
   python -m mobilemoe_jax.info --config=configs/searched/m_budgets.py
-  python -m mobilemoe_jax.train --config=configs/stages/pretrain.py:mobilemoe_s --workdir=runs/X \
+  python -m mobilemoe_jax.train --config=configs/stages/pretrain.py:prerelease_s --workdir=runs/X \
       --config.model.d_ff=3712 \
       --config.model.moe.d_expert=768 \
       --config.model.moe.d_shared=1536 \

@@ -6,9 +6,9 @@ Budgets: INT4 weights <= 0.76 GB, forward FLOPs/token <= 6e+08 (context 2048); 1
 Predicted loss from the law with {'E': 1.69, 'A': 406.4, 'C': 0.0, 'eta': 0.5, 'alpha': 0.34, 'gamma': 0.5, 'B': 410.7, 'beta': 0.28}
 (a prediction, not a measurement).
 
-  python -m mobilemoe_jax.scaling.search --memory_gb=0.76 --flops=6e8 --tokens=1e12 --mark=mobilemoe_s --write=configs/searched --name=s_budgets.py --plot=docs/figures/scaling_search_s.png --top=3
+  python -m mobilemoe_jax.scaling.search --memory_gb=0.76 --flops=6e8 --tokens=1e12 --mark=prerelease_s --write=configs/searched --name=s_budgets.py --plot=docs/figures/scaling_search_s.png --top=3
   python -m mobilemoe_jax.info --config=configs/searched/s_budgets.py
-  python -m mobilemoe_jax.train --config=configs/stages/pretrain.py:mobilemoe_s --workdir=runs/X \
+  python -m mobilemoe_jax.train --config=configs/stages/pretrain.py:prerelease_s --workdir=runs/X \
       --config.model.d_ff=1408 \
       --config.model.d_model=512 \
       --config.model.moe.d_expert=1024 \

@@ -10,6 +10,8 @@
 
 Modules: `corpus` (documents from the Python standard library, the train / validation split,
 chat records), `tokenizer` (SentencePiece or HF tokenizer.json, chat template), `tfds_builder`
-(the corpus as TFDS `mobilemoe_corpus`), `pipeline` (Grain), `build` (the command above).
+(the corpus as TFDS `mobilemoe_corpus`), `pipeline` (Grain), `build` (the command above),
+`integrity` (DataError, the build's SHA256SUMS), `verify` (`python -m mobilemoe_jax.data.verify
+data/`: every bad file and record of a data directory).
 Nothing is imported here, so `python -m ...build` does not pay for Grain or JAX.
 """

@@ -12,7 +12,11 @@ present does nothing. Layout under <out>:
   tfds/mobilemoe_corpus/1.0.0/...            the same documents as a TFDS dataset
   tokenizer/spm.model                        SentencePiece, pad=0 unk=1 bos=2 eos=3
   chat/train.jsonl, chat/validation.jsonl    {"messages": [{"role","content"}, ...]}
+  */SHA256SUMS                               sha256 of every file in its directory, checked
+                                             by the pipeline when it opens one (integrity.py)
   manifest.json
+
+`python -m mobilemoe_jax.data.verify <out>` checks the sums and reads every record.
 """
 
 import argparse
@@ -25,10 +29,10 @@ import time
 
 from tqdm import tqdm
 
-from mobilemoe_jax.data import corpus
+from mobilemoe_jax.data import corpus, integrity
 from mobilemoe_jax.data import tokenizer as tokenizer_lib
 
-BUILD_VERSION = 1  # bump when the output format changes, to invalidate old builds
+BUILD_VERSION = 2  # bump when the output format changes, to invalidate old builds
 
 
 def paths(out: str, train_shards: int = 2) -> dict:
@@ -47,7 +51,8 @@ def paths(out: str, train_shards: int = 2) -> dict:
 
 
 def _outputs_exist(p: dict) -> bool:
-  files = [*p["train"], *p["validation"], p["tokenizer"], p["chat_train"], p["chat_validation"]]
+  files = [*p["train"], *p["validation"], p["tokenizer"], p["chat_train"], p["chat_validation"],
+           os.path.join(p["corpus_dir"], integrity.SUMS)]
   return all(os.path.exists(f) for f in files) and os.path.isdir(p["tfds_dir"])
 
 
@@ -103,7 +108,7 @@ def build(
   from mobilemoe_jax.data import tfds_builder  # TFDS import is slow-ish; only when building
 
   shutil.rmtree(p["tfds_dir"], ignore_errors=True)  # TFDS would reuse an old preparation
-  tfds_builder.prepare(p["corpus_dir"], p["tfds_dir"])
+  tfds_version_dir = tfds_builder.prepare(p["corpus_dir"], p["tfds_dir"])
   steps.update()
 
   steps.set_postfix_str("training tokenizer")
@@ -123,6 +128,9 @@ def build(
   corpus.write_jsonl(chats["validation"], p["chat_validation"])
   steps.update()
   steps.close()
+  for directory in (p["corpus_dir"], tfds_version_dir, os.path.dirname(p["tokenizer"]),
+                    os.path.dirname(p["chat_train"])):
+    integrity.write_sums(directory)
 
   content = hashlib.sha256("\0".join(d["text"] for d in docs).encode("utf-8")).hexdigest()
   manifest = {

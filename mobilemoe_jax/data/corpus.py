@@ -25,6 +25,8 @@ import sysconfig
 import tokenize
 from collections.abc import Iterator, Sequence
 
+from mobilemoe_jax.data.integrity import DataError
+
 # Directories whose text is test fixtures or third-party code, not stdlib prose.
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _MIN_CHARS = 120  # Shorter docstrings are mostly "Return x." one-liners: little signal.
@@ -188,9 +190,9 @@ def decode_record(raw: bytes, where: str) -> dict:
   try:
     doc = json.loads(raw.decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"malformed record at {where}: not UTF-8 JSON ({e})") from None
+    raise DataError(f"malformed record at {where}: not UTF-8 JSON ({e})") from None
   if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-    raise ValueError(f"malformed record at {where}: expected a JSON object with a 'text' string")
+    raise DataError(f"malformed record at {where}: expected a JSON object with a 'text' string")
   return doc
 
 

@@ -49,6 +49,10 @@ Mixture: sources are mixed row by row with grain's IterDataset.mix, which interl
 deterministically in the given proportions (exact, not sampled), so weights are fractions
 of rows (roughly of tokens). Each training stage passes its own sources and weights.
 
+Errors: a file that differs from the build's SHA256SUMS beside it fails when it is opened
+(integrity.py); a record that cannot be read or parsed raises DataError naming the file and
+record index (JSONL: line), never a bare Riegeli or UnicodeDecodeError.
+
 Sharding: documents of every source are split round-robin across processes
 (index % process_count == process_index) before shuffling, so processes read disjoint sets
 whose union is the whole source.
@@ -67,6 +71,7 @@ import numpy as np
 
 from mobilemoe_jax.data import corpus
 from mobilemoe_jax.data import tokenizer as tokenizer_lib
+from mobilemoe_jax.data.integrity import DataError, check_file
 
 # Orbax support for the iterator state, re-exported so callers need only this module.
 from grain.checkpoint import CheckpointHandler  # noqa: F401
@@ -103,12 +108,34 @@ def _expand_paths(path: str | Sequence[str]) -> list[str]:
   return files
 
 
+def open_array_record(path: str, check_sums: bool = True) -> grain.sources.ArrayRecordDataSource:
+  """One ArrayRecord file, checked against the build's SHA256SUMS; errors name the file."""
+  if check_sums:
+    check_file(path)
+  try:
+    return grain.sources.ArrayRecordDataSource([path])
+  except Exception as e:  # Riegeli: a truncated file has no readable footer
+    raise DataError(f"{path}: unreadable ArrayRecord file ({_first_line(e)})") from None
+
+
+def read_record(source, index: int, where: str) -> bytes:
+  """source[index]; a Riegeli error (bad chunk hash, ...) names `where` (file + record)."""
+  try:
+    return source[index]
+  except Exception as e:
+    raise DataError(f"{where}: unreadable record ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 class ArrayRecordTextSource(grain.sources.RandomAccessDataSource):
   """Document texts from ArrayRecord files; errors name the file and the record index."""
 
   def __init__(self, path: str | Sequence[str]):
     self._paths = _expand_paths(path)
-    self._sources = [grain.sources.ArrayRecordDataSource([p]) for p in self._paths]
+    self._sources = [open_array_record(p) for p in self._paths]
     self._starts = np.cumsum([0] + [len(s) for s in self._sources]).tolist()  # [files + 1]
 
   def __len__(self) -> int:
@@ -117,8 +144,8 @@ class ArrayRecordTextSource(grain.sources.RandomAccessDataSource):
   def __getitem__(self, index: int) -> str:
     f = bisect.bisect_right(self._starts, index) - 1
     local = index - self._starts[f]
-    raw = self._sources[f][local]
-    return corpus.decode_record(raw, f"{self._paths[f]} record {local}")["text"]
+    where = f"{self._paths[f]} record {local}"
+    return corpus.decode_record(read_record(self._sources[f], local, where), where)["text"]
 
   def __repr__(self) -> str:
     return f"ArrayRecordTextSource({self._paths})"
@@ -135,48 +162,68 @@ class TfdsTextSource(grain.sources.RandomAccessDataSource):
     self._where = f"tfds {name!r} split {split!r} in {data_dir!r}"
     if data_dir is not None and not os.path.isdir(os.path.join(data_dir, name)):
       raise FileNotFoundError(f"{self._where}: dataset not prepared (no {os.path.join(data_dir, name)})")
-    self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    if data_dir is not None:   # the prepared files, against the build's SHA256SUMS
+      for root, _, names in os.walk(os.path.join(data_dir, name)):
+        for n in names:
+          if ".array_record" in n:
+            check_file(os.path.join(root, n))
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:
+      raise DataError(f"{self._where}: cannot open ({_first_line(e)})") from None
     self._text_key = text_key
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, index: int) -> str:
-    record = self._source[index]
+    record = read_record(self._source, index, f"{self._where} record {index}")
     text = record.get(self._text_key) if isinstance(record, Mapping) else None
     if isinstance(text, bytes):
       try:
         text = text.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise ValueError(f"malformed record at {self._where} record {index}: {e}") from None
+        raise DataError(f"malformed record at {self._where} record {index}: {e}") from None
     if not isinstance(text, str):
-      raise ValueError(f"malformed record at {self._where} record {index}: no {self._text_key!r} text")
+      raise DataError(f"malformed record at {self._where} record {index}: no {self._text_key!r} text")
     return text
+
+
+def parse_chat_line(raw: bytes, where: str) -> list[dict] | None:
+  """One JSONL line -> its messages (None for a blank line); DataError naming `where`."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"malformed record at {where}: not UTF-8 ({e.reason} at byte {e.start}: "
+                    f"{raw[e.start:e.start + 4]!r})") from None
+  if not line.strip():
+    return None
+  try:
+    messages = json.loads(line)["messages"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise DataError(f"malformed record at {where}: expected {{\"messages\": [...]}} ({e!r})") from None
+  ok = isinstance(messages, list) and messages and all(
+      isinstance(m, dict) and m.get("role") in tokenizer_lib.ROLE_PIECES
+      and isinstance(m.get("content"), str) for m in messages)
+  if not ok:
+    raise DataError(f"malformed record at {where}: messages must be a non-empty list of "
+                    f"{{'role': one of {sorted(tokenizer_lib.ROLE_PIECES)}, 'content': str}}")
+  return messages
 
 
 def load_chat_jsonl(path: str) -> list[list[dict]]:
   """Conversations from a JSONL file, validated up front; errors name the file and line."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"chat JSONL file not found: {path!r}")
+  check_file(path)
   conversations = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path} line {line_no} (record {len(conversations)})"
-      try:
-        messages = json.loads(line)["messages"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"malformed record at {where}: expected {{\"messages\": [...]}} ({e!r})") from None
-      ok = isinstance(messages, list) and messages and all(
-          isinstance(m, dict) and m.get("role") in tokenizer_lib.ROLE_PIECES
-          and isinstance(m.get("content"), str) for m in messages)
-      if not ok:
-        raise ValueError(f"malformed record at {where}: messages must be a non-empty list of "
-                         f"{{'role': one of {sorted(tokenizer_lib.ROLE_PIECES)}, 'content': str}}")
-      conversations.append(messages)
+  with open(path, "rb") as f:   # bytes: a bad byte is reported with its line, not a bare error
+    for line_no, raw in enumerate(f, start=1):
+      messages = parse_chat_line(raw, f"{path} line {line_no} (record {len(conversations)})")
+      if messages is not None:
+        conversations.append(messages)
   if not conversations:
-    raise ValueError(f"chat JSONL file {path!r} has no records")
+    raise DataError(f"chat JSONL file {path!r} has no records")
   return conversations
 
 

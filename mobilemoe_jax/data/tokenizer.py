@@ -232,6 +232,9 @@ def load_tokenizer(path: str, chat_template: str | None = None) -> Tokenizer:
     raise FileNotFoundError(f"no tokenizer.json, tokenizer.model or spm.model in {path!r}")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"tokenizer file not found: {path!r}")
+  from mobilemoe_jax.data import integrity
+
+  integrity.check_file(path)
   if path.endswith(".json"):
     return _load_hf(path, chat_template)
   import sentencepiece as spm

@@ -69,16 +69,52 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
-    # Normalise in fp32: bf16 sums of squares lose too much precision.
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(x.dtype)
+    return (rms_normalize(x, self.eps) * self.scale[...]).astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
-  """Rotary embedding, half-split convention. x: [B, T, H, Dh]; positions: [B, T]."""
+def rms_normalize(x, eps: float):
+  """x * rsqrt(mean(x^2) + eps) over the last axis, returned in fp32: bf16 sums of squares
+  lose too much precision. Without a weight it is QK-norm (per head, over head_dim)."""
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling=None):
+  """[head_dim / 2] fp32 angular frequencies of the rotary pairs, with `scaling`
+  (model.rope_scaling as a dict; None or kind 'none': unscaled).
+
+  'llama3' (Llama 3.1's rule): a pair whose wavelength 2 pi / freq exceeds
+  original_max_len / low_freq_factor rotates `factor` times slower; one whose wavelength is
+  below original_max_len / high_freq_factor is kept; the band between interpolates smoothly.
+  With low == high (the released MobileMoE) the band is empty; it is skipped rather than
+  divided by high - low = 0, which would put NaN in the masked-out branch.
+  """
+  half = head_dim // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if scaling is None or scaling['kind'] == 'none':
+    return freq
+  if scaling['kind'] != 'llama3':
+    raise ValueError(f"model.rope_scaling.kind: unknown scaling {scaling['kind']!r}")
+  orig, low, high = scaling['original_max_len'], scaling['low_freq_factor'], scaling['high_freq_factor']
+  wavelength = 2 * math.pi / freq
+  scaled = jnp.where(wavelength > orig / low, freq / scaling['factor'], freq)
+  if high > low:
+    smooth = (orig / wavelength - low) / (high - low)
+    between = (wavelength >= orig / high) & (wavelength <= orig / low)
+    scaled = jnp.where(between, (1 - smooth) * freq / scaling['factor'] + smooth * freq, scaled)
+  return scaled
+
+
+def rope(x, positions, freq):
+  """Rotary embedding. x: [B, T, H, Dh]; positions: [B, T]; freq: [Dh/2] (rope_frequencies).
+
+  Half-split (rotate_half) convention: dims i and i + Dh/2 are rotated together by
+  positions * freq[i]. The released MobileMoE checkpoints rotate adjacent pairs (2i, 2i+1)
+  instead; the same function, with q/k rows permuted within each head. The importer applies
+  that permutation and the exporter undoes it (mobilemoe_jax/convert/layout.py), so the
+  model has one convention.
+  """
   half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)        # [Dh/2]
   angle = positions[..., None, None].astype(jnp.float32) * freq         # [B, T, 1, Dh/2]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -100,16 +136,20 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int):
 
 
 class Attention(nnx.Module):
-  """Grouped-query causal self-attention with RoPE and an optional sliding window."""
+  """Grouped-query causal self-attention with RoPE (unless `use_rope` is False: a NoPE
+  layer), optional QK-norm on RoPE layers and an optional sliding window."""
 
-  def __init__(self, cfg, window: int, rngs: nnx.Rngs):
+  def __init__(self, cfg, window: int, rngs: nnx.Rngs, use_rope: bool = True):
     d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
     self.q = param(rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), std, pd)
     self.k = param(rngs, (d, kv, dh), ('embed', 'kv_heads', 'head_dim'), std, pd)
     self.v = param(rngs, (d, kv, dh), ('embed', 'kv_heads', 'head_dim'), std, pd)
     self.o = param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
-    self.window, self.theta = window, cfg.rope_theta
+    self.window = window
+    self.use_rope, self.theta, self.rope_scaling = use_rope, cfg.rope_theta, config_lib.rope_scaling(cfg)
+    # QK-norm only where RoPE is applied (the release's NoPE layers have neither).
+    self.qk_norm_eps = cfg.norm_eps if use_rope and cfg.get('qk_norm', False) else None
     self.dtype = jnp.dtype(cfg.dtype)
     self.cudnn_mask = cfg.get('attention_mask', 'bias')   # configs saved before the field
     self.kernel = attention_kernel(cfg)
@@ -128,8 +168,12 @@ class Attention(nnx.Module):
     q = jnp.einsum('btd,dhk->bthk', xq, kernel(self, 'q', qc, dt))
     k = jnp.einsum('btd,dhk->bthk', xq, kernel(self, 'k', qc, dt))
     v = jnp.einsum('btd,dhk->bthk', xq, kernel(self, 'v', qc, dt))
-    q = rope(q, positions, self.theta)
-    k = rope(k, positions, self.theta)
+    if self.use_rope:
+      freq = rope_frequencies(q.shape[-1], self.theta, self.rope_scaling)
+      q, k = rope(q, positions, freq), rope(k, positions, freq)
+    if self.qk_norm_eps is not None:
+      q = rms_normalize(q, self.qk_norm_eps).astype(q.dtype)        # [B, T, H, Dh]
+      k = rms_normalize(k, self.qk_norm_eps).astype(k.dtype)
     if cache is None:
       k, v = qat.fake_quant_kv(k, qc), qat.fake_quant_kv(v, qc)   # as an int8 KV cache would
       mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)
@@ -192,7 +236,7 @@ def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto'):
   `window` (0 = global), within each document of a packed row (model.attention_mask):
 
   - 'bias': the documents/padding/window mask as a bias, whose gradient cuDNN computes too
-    (JAX's public call; the only mode before call 8 of bench/train_throughput.py).
+    (JAX's public call).
   - 'bias_nograd': the same bias without its gradient (the same outputs and input gradients).
   - 'causal': the causal/window flags only, no mask: exact only when every row is one
     document without padding (segment ids are ignored).

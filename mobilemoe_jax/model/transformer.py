@@ -1,5 +1,6 @@
 """The MobileMoE decoder. One model for every shape: with `moe.n_experts == 0` it is the
-dense baseline (MobileLLM-Pro), otherwise layers from `moe.first_dense` on use MoE FFNs."""
+dense baseline (MobileLLM-Pro), otherwise layers from `moe.first_dense` on use MoE FFNs
+(every `moe.every`-th layer; the others a dense SwiGLU of width d_ff)."""
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,7 +17,7 @@ class Block(nnx.Module):
     pd = jnp.dtype(cfg.param_dtype)
     window = 0 if config_lib.is_global_layer(cfg, layer) else cfg.sliding_window
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-    self.attn = Attention(cfg, window, rngs)
+    self.attn = Attention(cfg, window, rngs, use_rope=config_lib.is_rope_layer(cfg, layer))
     self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     self.ffn = MoE(cfg, rngs) if config_lib.is_moe_layer(cfg, layer) else MLP(cfg, cfg.d_ff, rngs)
 

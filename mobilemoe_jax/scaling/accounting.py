@@ -4,6 +4,9 @@ Counted from the config alone (no arrays), so it works for 5B-parameter presets 
 laptop; tests check the parameter counts against the real parameter tree.
 
 Conventions (written once, used everywhere):
+- parameters are every weight of the model: matmuls, the embedding (once when tied), norm
+  scales, routers [E, D] and expert biases [E] (selection-only, but a real tensor of the
+  released checkpoints). QK-norm has no weights.
 - *active* parameters are those touched by one token: everything except the routed
   experts a token does not choose. The (tied) embedding counts once, as the LM head
   is a full matmul over it for every token.
@@ -11,8 +14,9 @@ Conventions (written once, used everywhere):
   (4 x heads x head_dim x visible context per layer, context capped by the window).
   Training FLOPs per token = 3 x forward.
 - INT4 weight bytes: every matmul weight and the embedding in symmetric INT4 with one
-  fp16 scale per group of 32 input values (0.5 + 2/32 bytes per weight); router and
-  norms stay fp32. This is the layout the exporter writes.
+  fp16 scale (SCALE_BYTES) per group of 32 values (0.5 + 2/32 bytes per weight; groups along
+  the input or the output axis count the same where dimensions are multiples of 32); routers,
+  expert biases and norms stay fp32. This is the layout the exporter writes.
 - Latency (a roofline, nothing finer): a decode step at batch 1 is memory-bound, so it
   takes (active INT4 weight bytes + KV-cache bytes read) / bandwidth; prefill is
   compute-bound, so it takes its FLOPs / compute rate. The two constants come from
@@ -35,7 +39,7 @@ class Counts:
   embedding_params: int
   routed_expert_params: int      # all routed experts of all layers
   matmul_params_active: int      # weights a token multiplies by (head included)
-  fp32_params: int               # router + norms, kept in float on device
+  fp32_params: int               # routers + expert biases + norms, kept in float on device
 
 
 def _layer_params(cfg, layer):
@@ -44,7 +48,7 @@ def _layer_params(cfg, layer):
   norms = 2 * d
   if config_lib.is_moe_layer(cfg, layer):
     m = cfg.moe
-    router = d * m.n_experts
+    router = d * m.n_experts + (m.n_experts if m.expert_bias else 0)
     routed = m.n_experts * 3 * d * m.d_expert
     routed_active = m.top_k * 3 * d * m.d_expert
     shared = 3 * d * m.n_shared * m.d_shared

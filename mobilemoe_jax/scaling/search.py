@@ -150,7 +150,8 @@ def _pareto(cands, key):
 def search(budgets: Budgets, family, space: Space = Space(),
            params: law.LawParams = law.REFERENCE,
            device: accounting.DeviceModel | None = None) -> Result:
-  """All shapes of `family` (a model config, e.g. MobileMoE-S's) in `space` within
+  """All shapes of `family` (a model config, e.g. the pre-release MobileMoE-S design,
+  configs/prerelease/mobilemoe_s.py, whose search docs/scaling.md records) in `space` within
   `budgets`, ranked by the law with `params`. Ties in predicted loss go to the shape with
   the lower decode latency, then the smaller model."""
   budgets.check()
@@ -325,7 +326,7 @@ def main(argv=None):
   ap.add_argument('--decode_ms', type=float, default=None, help='modelled decode ms per token')
   ap.add_argument('--tokens', type=float, required=True, help='training tokens')
   ap.add_argument('--context', type=int, default=2048)
-  ap.add_argument('--family', default='mobilemoe_s',
+  ap.add_argument('--family', default='prerelease_s',
                   help='preset whose non-shape fields are kept (configs/stages/common.py names)')
   ap.add_argument('--law', default='', help='JSON of fitted law parameters (law.py --out); '
                   'default: law.REFERENCE')

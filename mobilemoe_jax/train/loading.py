@@ -6,6 +6,7 @@ so the model is rebuilt from it and only `params` + `rest` are read (no optimize
 data iterator). The tokenizer is the one the stage trained with (`config.data.train.tokenizer`)
 unless a path is given.
 """
+import logging
 import os
 from typing import NamedTuple
 
@@ -45,12 +46,16 @@ def tokenizer_path(cfg: ml_collections.ConfigDict) -> str | None:
 
 
 def load_checkpoint(path: str, tokenizer: str | None = None, *, model_config=None,
-                    need_tokenizer: bool = True) -> Loaded:
+                    need_tokenizer: bool = True, inference: bool = True) -> Loaded:
   """`<workdir>/checkpoints` (latest step) or `<workdir>/checkpoints/<step>` -> Loaded.
 
   tokenizer: a path overriding the checkpoint's own. model_config: build the model from this
   config instead of the saved one (its parameter shapes must match the checkpoint's). With
-  need_tokenizer=False a missing tokenizer file gives `tokenizer=None` instead of an error."""
+  need_tokenizer=False a missing tokenizer file gives `tokenizer=None` instead of an error.
+
+  inference=True (eval, export, generation) runs the MoE dropless: `moe.capacity_factor` is a
+  training-throughput setting, and with it a token's output would depend on which other
+  tokens share its batch. The saved config keeps the trained value."""
   import jax
   from flax import nnx
 
@@ -61,6 +66,10 @@ def load_checkpoint(path: str, tokenizer: str | None = None, *, model_config=Non
   if model_config is not None:
     cfg.model = config_lib.model_config()
     cfg.model.update(model_config.to_dict() if hasattr(model_config, 'to_dict') else model_config)
+  if inference and cfg.model.moe.capacity_factor:
+    logging.info('%s: trained with moe.capacity_factor=%s; loaded dropless for inference',
+                 path, cfg.model.moe.capacity_factor)
+    cfg.model.moe.capacity_factor = 0.0
   abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   target = {'params': params, 'rest': rest}

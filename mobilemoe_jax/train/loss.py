@@ -8,7 +8,7 @@ hidden states and of the head are computed chunk by chunk in the forward pass (c
 and only scaled in the backward pass, so each chunk's logits are computed once and the head
 matmuls are the same three as unchunked (forward, two backward).
 
-`exp_once` (train.loss_exp_once, default on) computes each chunk's exponentials once: after
+`exp_once` (the default) computes each chunk's exponentials once: after
 the row max, one pass writes e = exp(logits - max) (0 at the target) in the compute dtype and
 sums it in fp32 (rest; sum = rest + the target's exp); the target entries are then set to
 -rest (a scatter of one value per row), and the gradient d loss / d logits = w / sum * e is

@@ -37,12 +37,12 @@ from tqdm import tqdm
 from mobilemoe_jax import config as config_lib
 from mobilemoe_jax import distributed, sharding
 from mobilemoe_jax.data import pipeline
-from mobilemoe_jax.data import tokenizer as tokenizer_lib
 from mobilemoe_jax.model import Transformer, moe_layers
 from mobilemoe_jax.model.layers import QuantScale
 from mobilemoe_jax.quant import qat
 from mobilemoe_jax.scaling import accounting
 from mobilemoe_jax.train import checkpoint as ckpt_lib
+from mobilemoe_jax.train import config_check
 from mobilemoe_jax.train import loss as loss_lib
 from mobilemoe_jax.train import metrics as metrics_lib
 from mobilemoe_jax.train import optim, paths
@@ -58,7 +58,7 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
   step_callback(step) runs after every step (tests use it to pause a run before killing it).
   """
   t = config.train
-  _check_config(config)
+  config_check.check(config)
   workdir = paths.as_path(workdir)          # a local directory or gs://BUCKET/RUN
   workdir.mkdir(parents=True, exist_ok=True)
 
@@ -71,7 +71,11 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
         f'config field `train.batch_size`: {t.batch_size} / grad_accum {t.grad_accum} = {micro} '
         f'rows per micro-batch must split over the {n_batch_shards} batch shards of mesh {dict(mesh.shape)}')
 
-  with jax.set_mesh(mesh):
+  # Closing the checkpointer waits for a save in flight, also when an error (say, a bad
+  # record) ends the run: that save holds a good state, so it is finished, not abandoned.
+  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', keep=t.keep_checkpoints,
+                               async_save=t.async_checkpoints)
+  with jax.set_mesh(mesh), ckpt:
     # -------------------------------------------------------------------------- data
     # Each process reads its own share; the global batch is assembled from the shares.
     local_batch = t.batch_size // jax.process_count()
@@ -129,13 +133,18 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
       return {'eval/loss': loss, 'eval/ppl': math.exp(min(loss, 50.0)), 'eval/tokens': count}
 
     # ------------------------------------------------- resume, or start from a stage
-    ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', keep=t.keep_checkpoints,
-                                 async_save=t.async_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-      state, meta = ckpt.restore(latest, abstract_state, state_sharding, train_iter)
+    resumed = ckpt.restore_latest(abstract_state, state_sharding, train_iter,
+                                  config=config.to_dict(), log=_log,
+                                  allow_config_change=t.allow_config_change,
+                                  fallback=t.checkpoint_fallback)
+    restored_step = None
+    if resumed is not None:
+      restored_step, state, meta, diffs = resumed
       lineage = meta['lineage'][:-1]  # the last entry is this stage; it is rewritten on save
-      _log(f'{t.stage}: resumed from {ckpt.path(latest)}')
+      _log(f'{t.stage}: resumed from {ckpt.path(restored_step)}')
+      if diffs:
+        _log(f'{t.stage}: the config differs from the checkpoint\'s (train.allow_config_change):\n'
+             + '\n'.join(diffs))
     else:
       state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(t.seed))
       lineage = []
@@ -169,6 +178,7 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
     if step == 0 and t.eval_batches:
       writer.write(0, evaluate(state))
     pending = []  # per-step metrics (device arrays) since the last log: no per-step sync
+    nonfinite = _NonfiniteWatch(t, ckpt, restored_step)
     window_start, preempt = time.time(), _Preemption()
     bar = tqdm(total=t.steps, initial=step, desc=t.stage, unit='step',
                disable=not t.progress or jax.process_index() != 0)
@@ -183,7 +193,7 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
         last = step == t.steps
 
         if step == 1 or step % t.log_every == 0 or last:
-          _stop_if_nonfinite(state, pending, ckpt, t)
+          nonfinite.check(state, pending, step)
           scalars, hist = _summarize(pending, time.time() - window_start,
                                      t.batch_size * t.seq_len, flops_per_token, peak)
           writer.write(step, scalars, hist)
@@ -198,7 +208,7 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
         # The same answer on every process (read once: SIGTERM may land between two uses).
         preempted = distributed.stop_requested(step, preempt.requested)
         if step % t.checkpoint_every == 0 or last or preempted:
-          _stop_if_nonfinite(state, pending, ckpt, t)  # never save past a bad step
+          nonfinite.check(state, pending, step)  # never save past a bad step
           save(step)
         bar.update()
         if preempted:
@@ -208,7 +218,6 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
 
     bar.close()
     ckpt.wait()
-    ckpt.close()
     writer.close()
   summary = stage_summary(workdir, t.stage)
   summary['preempted'] = preempted
@@ -254,7 +263,7 @@ def step_config(config, segment_ids):
   is one document, else the bias) is made here on the host: 'causal' for a batch whose rows
   are each one document without padding, 'bias_nograd' otherwise. The same attention; the
   step then has no conditional, whose backward pass made every layer write a [B, 1, T, T]
-  placeholder for the branch not taken (bench/README.md, training throughput). With several
+  placeholder for the branch not taken. With several
   processes each sees only its rows, so the device keeps the choice. Else `config` itself.
   """
   from mobilemoe_jax.model.layers import attention_kernel
@@ -303,8 +312,7 @@ def make_train_step(config, tx, lr_schedule):
     if chunk_len:   # the head's logits a chunk of positions at a time (train/loss.py)
       (hidden, head), stats, _ = model(batch['inputs'], **inputs, return_hidden=True)
       ce_sum = loss_lib.chunked_cross_entropy(hidden, head, batch['targets'],
-                                              batch['loss_mask'], chunk_len,
-                                              exp_once=t.get('loss_exp_once', True))
+                                              batch['loss_mask'], chunk_len)
     else:
       logits, stats, _ = model(batch['inputs'], **inputs)                            # [b, T, V]
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])  # [b, T]
@@ -380,32 +388,6 @@ def make_train_step(config, tx, lr_schedule):
 # ------------------------------------------------------------------------------ helpers
 
 
-def _check_config(config):
-  t = config.train
-  config_lib.validate(config.model)
-  req = config_lib._require
-  req(t.on_nonfinite in ('stop', 'skip'), 'train.on_nonfinite',
-      f"must be 'stop' or 'skip', got {t.on_nonfinite!r}")
-  req(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, 'train.grad_accum',
-      f'must be >= 1 and divide batch_size={t.batch_size}, got {t.grad_accum}')
-  req(t.batch_size % jax.process_count() == 0, 'train.batch_size',
-      f'must split over {jax.process_count()} processes')
-  req(t.seq_len <= config.model.max_seq_len, 'train.seq_len',
-      f'exceeds model.max_seq_len={config.model.max_seq_len}')
-  req(t.checkpoint_every >= 1 and t.log_every >= 1, 'train.checkpoint_every',
-      'checkpoint_every and log_every must be >= 1')
-  req(t.loss_chunk_len >= 0, 'train.loss_chunk_len', f'must be >= 0 (0 = off), got {t.loss_chunk_len}')
-  req(t.distill_weight >= 0 and t.distill_temperature > 0, 'train.distill_weight',
-      'distill_weight must be >= 0 and distill_temperature > 0')
-  req(not t.distill_weight or config.model.quant.weights is not None, 'train.distill_weight',
-      'self-distillation teaches the fake-quantized model from the float one: set '
-      'model.quant.weights (the QAT stage does)')
-  vocab = tokenizer_lib.load_tokenizer(config.data.train.tokenizer).vocab_size
-  req(vocab <= config.model.vocab_size, 'model.vocab_size',
-      f'{config.model.vocab_size} is smaller than the tokenizer vocabulary ({vocab}) of '
-      f'{config.data.train.tokenizer}')
-
-
 def _holds_quant_scales(path) -> bool:
   """Whether a checkpoint's params include learned (LSQ) scales (`<weight>_scale`)."""
   import orbax.checkpoint as ocp
@@ -476,21 +458,74 @@ def _summarize(pending, seconds, tokens_per_step, flops_per_token, peak):
   return scalars, hist
 
 
-def _stop_if_nonfinite(state, pending, ckpt, t):
-  bad = int(jax.device_get(state['bad_step']))
-  if not bad:
-    return
-  host = jax.device_get(pending)
-  bad_m = next((m for m in host if not m['ok']), None)
-  detail = '' if bad_m is None else (f" (loss={float(bad_m['loss'])}, "
-                                     f"grad_norm={float(bad_m['grad_norm'])})")
-  ckpt.wait()
-  latest = ckpt.latest_step()
-  kept = f'the last good checkpoint is {ckpt.path(latest)}' if latest is not None \
-      else 'no checkpoint was saved before it'
-  raise NonFiniteError(
-      f"{t.stage}: non-finite loss or gradient at step {bad}{detail}; stopped and {kept}. "
-      "Lower train.lr or check the data, or set train.on_nonfinite='skip' to skip such steps.")
+class _NonfiniteWatch:
+  """Acts on non-finite steps, from the per-step metrics of the steps since the last call.
+
+  on_nonfinite='stop': raises NonFiniteError at the first one, naming the last good
+  checkpoint, or the restored one as suspect when it is the first step after a resume.
+  on_nonfinite='skip': reports every skipped step on the console and raises once more than
+  max_consecutive_skips in a row were skipped, or once more than that many were skipped in
+  all and they are over max_skip_fraction of the steps so far.
+  """
+
+  def __init__(self, t, ckpt, restored_step: int | None):
+    self.t, self.ckpt, self.restored_step = t, ckpt, restored_step
+    self.checked = 0       # last step looked at
+    self.in_a_row = 0
+
+  def check(self, state, pending, step):
+    if self.t.on_nonfinite == 'stop':
+      bad = int(jax.device_get(state['bad_step']))
+      if bad:
+        self._stop_at(bad, jax.device_get(pending))
+      return
+    host = jax.device_get(pending)   # the metrics of steps step - len + 1 .. step
+    for s, m in enumerate(host, start=step - len(host) + 1):
+      if s <= self.checked:
+        continue
+      self.checked = s
+      if m['ok']:
+        self.in_a_row = 0
+        continue
+      self.in_a_row += 1
+      skipped, t = int(m['skipped']), self.t
+      _log(f"{t.stage}: step {s}: non-finite loss ({float(m['loss'])}) or gradient "
+           f"(norm {float(m['grad_norm'])}); update skipped ({skipped} skipped in {s} steps)"
+           + self._after_restore(s))
+      if self.in_a_row > t.max_consecutive_skips or (
+          skipped > t.max_consecutive_skips and skipped > t.max_skip_fraction * s):
+        self.ckpt.wait()
+        raise NonFiniteError(
+            f'{t.stage}: {self.in_a_row} steps in a row and {skipped} of {s} skipped for a '
+            f'non-finite loss or gradient, over the limits (train.max_consecutive_skips='
+            f'{t.max_consecutive_skips}, train.max_skip_fraction={t.max_skip_fraction}); '
+            f'stopped; {self._kept()}. Check the data and train.lr.')
+
+  def _after_restore(self, step) -> str:
+    if self.restored_step is None or step != self.restored_step + 1:
+      return ''
+    return (f'; the first step after resuming from {self.ckpt.path(self.restored_step)}: that '
+            'checkpoint is suspect (it passed its integrity check, so it was saved this way or '
+            'the batch at this data position is bad)')
+
+  def _kept(self) -> str:
+    self.ckpt.wait()
+    latest = self.ckpt.latest_step()
+    return (f'the last good checkpoint is {self.ckpt.path(latest)}' if latest is not None
+            else 'no checkpoint was saved before it')
+
+  def _stop_at(self, bad, host):
+    t = self.t
+    bad_m = next((m for m in host if not m['ok']), None)
+    detail = '' if bad_m is None else (f" (loss={float(bad_m['loss'])}, "
+                                       f"grad_norm={float(bad_m['grad_norm'])})")
+    if after := self._after_restore(bad):
+      raise NonFiniteError(f'{t.stage}: non-finite loss or gradient at step {bad}{detail}{after}. '
+                           'Resume from an older checkpoint or check the data.')
+    raise NonFiniteError(
+        f"{t.stage}: non-finite loss or gradient at step {bad}{detail}; stopped and "
+        f"{self._kept()}. Lower train.lr or check the data, or set "
+        "train.on_nonfinite='skip' to skip such steps.")
 
 
 class _Preemption:

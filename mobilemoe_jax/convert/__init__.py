@@ -1,0 +1,1 @@
+"""Conversion between our checkpoints and the released MobileMoE (`model_type: mobilemoe`)."""
