@@ -60,7 +60,7 @@ class Workload:
 
 
 # The released MobileMoE-S (facebook/MobileMoE-S: 1,263,374,256 total / 272,469,936 active
-# parameters, counting the 1,200 expert-bias entries) as overrides of the mobilemoe_s preset,
+# parameters) as overrides of the mobilemoe_s preset,
 # field for field where the model config has the field: Llama-3 vocabulary (tied), 20 layers,
 # 12 query / 4 KV heads of 64, full attention on every layer, every layer an MoE of 60 experts
 # of 384 (top-4, sigmoid scores, selection-only expert bias, normalised weights x 2.5) plus one
