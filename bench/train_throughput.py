@@ -581,6 +581,38 @@ class _OneGpu:
 ONE_GPU = _OneGpu()
 
 
+def _torchtitan_on_this_torch():
+  """torchtitan 0.3.0 is built against torch nightlies; on an older torch (the device image's
+  2.11) three names it uses are missing. Patches what is missing; returns what it patched
+  (each row records it)."""
+  import importlib.util
+  import inspect
+  import torch
+  import torch.distributed.fsdp as torch_fsdp
+  from torch.nn.attention.flex_attention import create_block_mask
+  shims = []
+  if not hasattr(torch_fsdp, 'DataParallelMeshDims'):
+    # its FSDP helper imports this name but uses it only for a multi-dimensional SPMD mesh
+    torch_fsdp.DataParallelMeshDims = type('DataParallelMeshDims', (), {})
+    shims.append('torch.distributed.fsdp.DataParallelMeshDims (unused placeholder)')
+  import torchtitan.models.common.attention as tt_attention
+  import torchtitan.tools.utils as tt_utils
+  if (tt_utils.get_cuda_flash_attention_impl() == 'FA3'
+      and importlib.util.find_spec('flash_attn_interface') is None):
+    # On Hopper its varlen attention asks for FlashAttention-3 (the flash_attn_interface
+    # package, built from source); without it, torch's built-in flash attention (FA2).
+    tt_utils.get_cuda_flash_attention_impl = lambda: None
+    shims.append('varlen attention on torch built-in flash attention (FA2): no FA3 installed')
+  if 'separate_full_blocks' not in inspect.signature(create_block_mask).parameters:
+    # torch 2.11's create_block_mask lacks this flag; True is its fixed behaviour.
+    def block_mask(*args, separate_full_blocks=True, **kw):
+      del separate_full_blocks
+      return create_block_mask(*args, **kw)
+    tt_attention._compiled_create_block_mask = torch.compile(block_mask)
+    shims.append('flex create_block_mask without separate_full_blocks (torch 2.11)')
+  return shims
+
+
 def run_torchtitan(names, a):
   """torchtitan (its Qwen3-MoE model family, torchtitan_model) trained as its trainer does on
   one GPU: model built on the meta device in fp32 and initialised by its init_weights,
@@ -598,32 +630,8 @@ def run_torchtitan(names, a):
   from torchtitan.components.optimizer.optimizer import register_moe_load_balancing_hook
   from torchtitan.config.configs import CompileConfig
   from torchtitan.distributed.compile import apply_compile
-  import torch.distributed.fsdp as torch_fsdp
-  shims = []
-  if not hasattr(torch_fsdp, 'DataParallelMeshDims'):
-    # torchtitan 0.3.0 is built against torch nightlies: its FSDP helper imports this name
-    # (torch > 2.11), which it uses only for a multi-dimensional SPMD mesh, never here.
-    torch_fsdp.DataParallelMeshDims = type('DataParallelMeshDims', (), {})
-    shims.append('torch.distributed.fsdp.DataParallelMeshDims (unused placeholder)')
+  shims = _torchtitan_on_this_torch()
   from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
-  import importlib.util
-  import inspect
-  from torch.nn.attention.flex_attention import create_block_mask
-  import torchtitan.models.common.attention as tt_attention
-  import torchtitan.tools.utils as tt_utils
-  if (tt_utils.get_cuda_flash_attention_impl() == 'FA3'
-      and importlib.util.find_spec('flash_attn_interface') is None):
-    # On Hopper its varlen attention asks for FlashAttention-3 (the flash_attn_interface
-    # package, built from source); without it, torch's built-in flash attention (FA2).
-    tt_utils.get_cuda_flash_attention_impl = lambda: None
-    shims.append('varlen attention on torch built-in flash attention (FA2): no FA3 installed')
-  if 'separate_full_blocks' not in inspect.signature(create_block_mask).parameters:
-    # torch 2.11's create_block_mask lacks this flag; True is its fixed behaviour.
-    def block_mask(*args, separate_full_blocks=True, **kw):
-      del separate_full_blocks
-      return create_block_mask(*args, **kw)
-    tt_attention._compiled_create_block_mask = torch.compile(block_mask)
-    shims.append('flex create_block_mask without separate_full_blocks (torch 2.11)')
   from mobilemoe_jax.scaling import accounting
   if not torch.cuda.is_available():
     for name in names:
