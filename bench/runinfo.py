@@ -27,8 +27,11 @@ def gpu_models() -> list:
 
 
 def commit():
-  """The checkout's commit (+ '-dirty' with uncommitted changes to tracked files);
-  MOBILEMOE_COMMIT where the tree is a copy without git (a device machine)."""
+  """MOBILEMOE_COMMIT where set (a copy of the tree: a device machine, or a folder inside
+  another checkout), else the checkout's commit (+ '-dirty' with uncommitted changes to
+  tracked files)."""
+  if os.environ.get('MOBILEMOE_COMMIT'):
+    return os.environ['MOBILEMOE_COMMIT']
   try:
     head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
                           text=True, timeout=30, check=True).stdout.strip()
@@ -36,7 +39,7 @@ def commit():
                            capture_output=True, text=True, timeout=30).stdout.strip()
     return head + ('-dirty' if dirty else '')
   except Exception:  # noqa: BLE001
-    return os.environ.get('MOBILEMOE_COMMIT')
+    return None
 
 
 def versions(packages=('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch', 'transformers',

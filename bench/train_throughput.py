@@ -53,14 +53,71 @@ class Workload:
   packed: bool = False        # several documents per row with segment ids; else one per row
   model: dict = dataclasses.field(default_factory=dict)   # model-config overrides (a.b keys)
   train: dict = dataclasses.field(default_factory=dict)   # train-config overrides
-  impl: str = 'jax'           # a key of RUNNERS: 'jax' | 'transformers' (the PyTorch peer)
+  impl: str = 'jax'           # a key of RUNNERS: 'jax' | 'transformers' | 'torchtitan' (peers)
+  peer: dict = dataclasses.field(default_factory=dict)    # peer options (torchtitan: compile, attention)
   machine: str = 'gpu'        # 'gpu' | 'cpu' (cpu: fake host devices)
   vs: str = ''                # workload measured in the same run; the row keeps the ratio
+
+
+# The released MobileMoE-S (facebook/MobileMoE-S: 1,263,374,256 total / 272,469,936 active
+# parameters) as overrides of the mobilemoe_s preset,
+# field for field where the model config has the field: Llama-3 vocabulary (tied), 20 layers,
+# 12 query / 4 KV heads of 64, full attention on every layer, every layer an MoE of 60 experts
+# of 384 (top-4, sigmoid scores, selection-only expert bias, normalised weights x 2.5) plus one
+# ungated shared expert of 1536; balancing by the expert bias and the z-loss (no Switch loss).
+# Not expressible here (no such fields): the weightless QK-norm and Llama-3 RoPE frequency
+# scaling, each a few elementwise passes over q/k (no matmul FLOPs).
+RELEASED_S = {
+    'vocab_size': 128_256, 'd_model': 768, 'n_layers': 20, 'n_heads': 12, 'n_kv_heads': 4,
+    'head_dim': 64, 'd_ff': 1536, 'sliding_window': 0, 'rope_theta': 500_000.0,
+    'norm_eps': 1e-5, 'moe.n_experts': 60, 'moe.top_k': 4, 'moe.d_expert': 384,
+    'moe.n_shared': 1, 'moe.d_shared': 1536, 'moe.first_dense': 0, 'moe.score_func': 'sigmoid',
+    'moe.norm_topk_prob': True, 'moe.routed_scale': 2.5, 'moe.expert_bias': True,
+    'moe.aux_loss_coef': 0.0}
+# The torchtitan peer as its Qwen3-MoE users run it on one GPU: FSDP2 mixed precision (bf16
+# params, fp32 reductions), grouped-GEMM experts, dropless; per-TransformerBlock torch.compile
+# or eager; attention 'varlen' (flash attention over documents) or 'flex' (its default).
+TORCHTITAN_COMPILED = {'compile': True, 'attention': 'varlen'}
+
+
+def released_s(**model):
+  """RELEASED_S with more overrides (e.g. the capacity)."""
+  return {**RELEASED_S, 'moe.capacity_factor': 1.25, **model}
 
 
 # The presets as configured (bf16 compute on GPU, capacity 1.25, chunked loss, cuDNN attention
 # on GPU, XLA's on CPU) unless a workload overrides a field.
 WORKLOADS = {
+    'rs_b256_accum8_packed': Workload(
+        'released MobileMoE-S, 256 x 2048 per step as 8 accumulated micro-batches of 32, '
+        'packed rows, capacity 1.25', 'mobilemoe_s', 256, grad_accum=8, packed=True,
+        model=released_s()),
+    'rs_b8': Workload('released MobileMoE-S, 8 x 2048 per step, one document per row, '
+                      'capacity 1.25', 'mobilemoe_s', 8, model=released_s()),
+    'rs_b8_packed': Workload('released MobileMoE-S, 8 x 2048 per step, packed rows, capacity 1.25',
+                             'mobilemoe_s', 8, packed=True, model=released_s(), vs='rs_b8'),
+    'rs_b8_dropless_packed': Workload(
+        'released MobileMoE-S, 8 x 2048 packed rows, dropless experts (capacity_factor 0)',
+        'mobilemoe_s', 8, packed=True, model=released_s(**{'moe.capacity_factor': 0.0}),
+        vs='rs_b8_packed'),
+    'rs_ep4': Workload('released MobileMoE-S expert parallel on 4 GPUs, 8 x 2048 per GPU, packed '
+                       'rows (weak scaling)', 'mobilemoe_s', 8, devices=4, packed=True,
+                       model=released_s(), vs='rs_b8_packed'),
+    'peer_torchtitan_rs_b8_packed': Workload(
+        "torchtitan Qwen3-MoE built to the released MobileMoE-S's shape, compiled blocks, "
+        'varlen attention; 8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True,
+        model=RELEASED_S, impl='torchtitan', peer=TORCHTITAN_COMPILED, vs='rs_b8_packed'),
+    'peer_torchtitan_eager_rs_b8_packed': Workload(
+        "the same torchtitan model with its defaults: eager (no torch.compile), flex attention; "
+        '8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True, model=RELEASED_S,
+        impl='torchtitan', peer={'compile': False, 'attention': 'flex'}, vs='rs_b8_packed'),
+    'peer_transformers_rs_b8': Workload(
+        "transformers Qwen2-MoE built to the released MobileMoE-S's shape (softmax routing, "
+        'gated shared expert: its model has no other); 8 x 2048, one document per row',
+        'mobilemoe_s', 8, model=RELEASED_S, impl='transformers', vs='rs_b8'),
+    'tiny_gpu_torchtitan': Workload(
+        'the torchtitan peer at the tiny preset on a GPU, 4 x 128 packed (code-path check)',
+        'tiny', 4, seq=128, packed=True, impl='torchtitan', peer=TORCHTITAN_COMPILED),
     's_b256_accum8': Workload(
         "MobileMoE-S, the preset's global batch 256 x 2048 on one GPU as 8 accumulated "
         'micro-batches of 32, one document per row', 'mobilemoe_s', 256, grad_accum=8),
@@ -97,10 +154,11 @@ WORKLOADS = {
     'tiny_cpu_ep2': Workload('tiny preset on 2 fake CPU devices, expert parallel, 4 x 128 each',
                              'tiny', 4, seq=128, devices=2, machine='cpu', vs='tiny_cpu'),
 }
-# The headline rows: MFU as configured on packed rows next to one-document rows, at the
-# preset's batch and at 8 x 2048, and the PyTorch peer at 8 x 2048. One H100/H200.
-HEADLINE = ('s_b256_accum8', 's_b256_accum8_packed', 's_b8', 's_b8_packed',
-            'peer_transformers_s_b8')
+# The headline rows: the released S on packed rows at the preset's batch (MFU) and at 8 x 2048
+# beside one-document rows and its dropless variant, and the peers at 8 x 2048. One H100/H200.
+HEADLINE = ('rs_b256_accum8_packed', 'rs_b8', 'rs_b8_packed', 'rs_b8_dropless_packed',
+            'peer_torchtitan_rs_b8_packed', 'peer_torchtitan_eager_rs_b8_packed',
+            'peer_transformers_rs_b8')
 
 
 # --------------------------------------------------------------------------------- batches
@@ -455,8 +513,204 @@ def run_transformers(names, a):
     del model, opt
 
 
-# impl: the worker that measures it (a peer such as torchtitan = a runner here + table rows).
-RUNNERS = {'jax': run_jax, 'transformers': run_transformers}
+def torchtitan_model(c, attention: str):
+  """torchtitan's Qwen3 decoder (GQA with QK-norm) built to the JAX config `c` from its own
+  config helpers: MoE layers of grouped-GEMM experts with `c`'s routing (score function,
+  normalised top-k, routed scale), a shared expert, and its aux-loss-free expert bias when
+  `c` has one (torchtitan's load_balance_coeff is the bias update rate). Returns the config."""
+  from functools import partial
+  from torch import nn
+  from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+  from torchtitan.models.common import config_utils as cu
+  from torchtitan.models.qwen3.model import Qwen3Model, Qwen3TransformerBlock
+  m, head_dim = c.moe, c.head_dim or c.d_model // c.n_heads
+  init = {'weight': partial(nn.init.normal_, std=c.init_std), 'bias': nn.init.zeros_}
+  out_init = {'weight': partial(nn.init.normal_, std=c.init_std / (2 * c.n_layers) ** 0.5),
+              'bias': nn.init.zeros_}
+
+  def norm(dim):
+    return RMSNorm.Config(normalized_shape=dim, eps=c.norm_eps,
+                          param_init={'weight': nn.init.ones_})
+
+  def ffn(hidden):
+    return cu.make_ffn_config(dim=c.d_model, hidden_dim=hidden, w1_param_init=init,
+                              w2w3_param_init=out_init)
+
+  rope = ComplexRoPE.Config(dim=head_dim, max_seq_len=c.max_seq_len, theta=c.rope_theta)
+  layers = []
+  for i in range(c.n_layers):
+    moe = None
+    if m.n_experts and i >= m.first_dense:
+      moe = cu.make_moe_config(
+          num_experts=m.n_experts,
+          router=cu.make_router_config(
+              dim=c.d_model, num_experts=m.n_experts, gate_param_init=init, top_k=m.top_k,
+              score_func=m.score_func, route_norm=m.norm_topk_prob, route_scale=m.routed_scale),
+          routed_experts=cu.make_routed_experts_config(
+              dim=c.d_model, hidden_dim=m.d_expert, num_experts=m.n_experts, top_k=m.top_k,
+              param_init={'w1_EFD': init['weight'], 'w3_EFD': init['weight'],
+                          'w2_EDF': out_init['weight']}, comm_backend='standard'),
+          shared_experts=ffn(m.n_shared * m.d_shared) if m.n_shared else None,
+          load_balance_coeff=m.bias_update_rate if m.expert_bias else None)
+    layers.append(Qwen3TransformerBlock.Config(
+        attention_norm=norm(c.d_model), ffn_norm=norm(c.d_model),
+        attention=cu.make_gqa_config(
+            dim=c.d_model, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=head_dim,
+            wqkv_param_init=init, wo_param_init=out_init,
+            inner_attention=cu.get_attention_config(attention), fuse_qkv=True, rope=rope,
+            qk_norm=norm(head_dim)),
+        moe=moe, feed_forward=None if moe else ffn(c.d_ff)))
+  return Qwen3Model.Config(
+      vocab_size=c.vocab_size, dim=c.d_model, norm=norm(c.d_model),
+      enable_weight_tying=c.tie_embeddings,
+      tok_embeddings=Embedding.Config(num_embeddings=c.vocab_size, embedding_dim=c.d_model,
+                                      param_init={'weight': partial(nn.init.normal_, std=c.init_std)}),
+      lm_head=Linear.Config(in_features=c.d_model, out_features=c.vocab_size, param_init=init),
+      layers=layers)
+
+
+class _OneGpu:
+  """The ParallelDims fields torchtitan's compile and expert-bias helpers read, on one GPU."""
+  tp_enabled = ep_enabled = False
+  tp = 1
+
+  def get_optional_mesh(self, name):
+    return None
+
+
+ONE_GPU = _OneGpu()
+
+
+def _torchtitan_on_this_torch():
+  """torchtitan 0.3.0 is built against torch nightlies; on an older torch (the device image's
+  2.11) three names it uses are missing. Patches what is missing; returns what it patched
+  (each row records it)."""
+  import importlib.util
+  import inspect
+  import torch
+  import torch.distributed.fsdp as torch_fsdp
+  from torch.nn.attention.flex_attention import create_block_mask
+  shims = []
+  if not hasattr(torch_fsdp, 'DataParallelMeshDims'):
+    # its FSDP helper imports this name but uses it only for a multi-dimensional SPMD mesh
+    torch_fsdp.DataParallelMeshDims = type('DataParallelMeshDims', (), {})
+    shims.append('torch.distributed.fsdp.DataParallelMeshDims (unused placeholder)')
+  import torchtitan.models.common.attention as tt_attention
+  import torchtitan.tools.utils as tt_utils
+  if (tt_utils.get_cuda_flash_attention_impl() == 'FA3'
+      and importlib.util.find_spec('flash_attn_interface') is None):
+    # On Hopper its varlen attention asks for FlashAttention-3 (the flash_attn_interface
+    # package, built from source); without it, torch's built-in flash attention (FA2).
+    tt_utils.get_cuda_flash_attention_impl = lambda: None
+    shims.append('varlen attention on torch built-in flash attention (FA2): no FA3 installed')
+  if 'separate_full_blocks' not in inspect.signature(create_block_mask).parameters:
+    # torch 2.11's create_block_mask lacks this flag; True is its fixed behaviour.
+    def block_mask(*args, separate_full_blocks=True, **kw):
+      del separate_full_blocks
+      return create_block_mask(*args, **kw)
+    tt_attention._compiled_create_block_mask = torch.compile(block_mask)
+    shims.append('flex create_block_mask without separate_full_blocks (torch 2.11)')
+  return shims
+
+
+def run_torchtitan(names, a):
+  """torchtitan (its Qwen3-MoE model family, torchtitan_model) trained as its trainer does on
+  one GPU: model built on the meta device in fp32 and initialised by its init_weights,
+  per-TransformerBlock torch.compile when asked (and the loss compiled), FSDP2 over a
+  1-device mesh for its MixedPrecisionPolicy (bf16 params and compute, fp32 gradient
+  reduction, fp32 master weights), attention masks from per-document positions each step,
+  sum cross-entropy / valid tokens, grad-norm clipping 1.0, fused AdamW, and its
+  expert-bias update as an optimizer pre-step hook."""
+  _imports()
+  import numpy as np
+  import torch
+  import torch.distributed as dist
+  import torch.nn.functional as F
+  from torch.distributed.device_mesh import init_device_mesh
+  from torchtitan.components.optimizer.optimizer import register_moe_load_balancing_hook
+  from torchtitan.config.configs import CompileConfig
+  from torchtitan.distributed.compile import apply_compile
+  shims = _torchtitan_on_this_torch()
+  from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+  from mobilemoe_jax.scaling import accounting
+  if not torch.cuda.is_available():
+    for name in names:
+      emit({'workload': name, 'error': 'needs a CUDA GPU, torch sees none'})
+    return
+  os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
+  os.environ.setdefault('MASTER_PORT', '29517')
+  dist.init_process_group('nccl', rank=0, world_size=1)
+  mesh = init_device_mesh('cuda', (1,), mesh_dim_names=('fsdp',))
+  for name in names:
+    w = WORKLOADS[name]
+    c = model_cfg(w)
+    try:
+      torch.manual_seed(0)
+      with torch.device('meta'):
+        model = torchtitan_model(c, w.peer.get('attention', 'varlen')).build()
+      if w.peer.get('compile'):
+        apply_compile(model, compile_config=CompileConfig(enable=True), parallel_dims=ONE_GPU)
+      apply_fsdp_to_decoder(model, mesh, param_dtype=torch.bfloat16,
+                            reduce_dtype=torch.float32, pp_enabled=False)
+      model.to_empty(device='cuda')
+      with torch.no_grad():
+        model.init_weights(buffer_device=torch.device('cuda'))
+      model.train()
+      params = [p for p in model.parameters() if p.requires_grad]
+      opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                              fused=True)
+      register_moe_load_balancing_hook(opt, [model], ONE_GPU)
+
+      def loss_fn(logits, labels):
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1),
+                               reduction='sum', ignore_index=-100)
+      if w.peer.get('compile'):
+        loss_fn = torch.compile(loss_fn)
+      rows = packed_rows if w.packed else one_document_rows
+      host = rows(np.random.default_rng(0), w.batch, w.seq, c.vocab_size)
+      tokens_in = torch.from_numpy(host['inputs']).long().cuda()
+      labels = torch.from_numpy(np.where(host['loss_mask'] > 0, host['targets'], -100)).long().cuda()
+      positions = torch.from_numpy(host['positions']).long().cuda()
+      times = []
+      for i in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        masks = model.get_attention_masks(positions)   # torchtitan builds these every step
+        n_valid = (labels != -100).sum()
+        loss = loss_fn(model(tokens_in, positions, masks), labels) / n_valid
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= a.warmup:
+          times.append(time.perf_counter() - t0)
+      med = statistics.median(times)
+      tokens = w.batch * w.seq
+      flops_tok = accounting.train_flops_per_token(c, w.seq)
+      kind = torch.cuda.get_device_name()
+      peak_flops = PEAK_FLOPS.get(kind)
+      emit({'workload': name, 'result': {
+          'step_s_median': med, 'step_s_all': times, 'tokens_per_step': tokens,
+          'real_tokens_per_step': float(host['loss_mask'].sum()),
+          'tokens_per_s': tokens / med, 'tokens_per_s_per_device': tokens / med,
+          'train_flops_per_token': flops_tok,
+          'mfu': tokens / med * flops_tok / peak_flops if peak_flops else None,
+          'peak_flops_per_device': peak_flops, 'loss_last': float(loss.detach()),
+          'process_peak_bytes_in_use': torch.cuda.max_memory_allocated(),
+          'torch_params': sum(p.numel() for p in model.parameters()),
+          'peer': dict(w.peer), 'torch': torch.__version__, 'shims': shims},
+          'model': model_summary(c), 'device_kind': kind})
+    except Exception as e:  # noqa: BLE001  a missing kernel, out of memory, ...
+      import traceback
+      traceback.print_exc()
+      emit({'workload': name, 'error': f'{type(e).__name__}: {str(e)[:500]}'})
+    model = opt = None
+    torch.cuda.empty_cache()
+  dist.destroy_process_group()
+
+
+# impl: the worker that measures it (a peer = a runner here + table rows).
+RUNNERS = {'jax': run_jax, 'transformers': run_transformers, 'torchtitan': run_torchtitan}
 
 
 def emit(res):
@@ -552,10 +806,72 @@ def write(found, names, a):
                              / vs['result']['tokens_per_s_per_device'])}
     results['rows'][n] = row
   results['rows'] = {n: results['rows'][n] for n in WORKLOADS if n in results['rows']}
+  results['summary'] = summary(results['rows'])
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, 'w') as f:
     json.dump(results, f, indent=1)
   return results
+
+
+# The released S against its peers (bench/README.md's targets): MFU at the preset's batch on
+# packed rows; tokens/s at 8 x 2048 packed rows (capacity 1.25, and dropless) against the
+# fastest peer row measured in the same run; weak scaling 1 -> 4 GPUs.
+SUMMARY = {'mfu': 'rs_b256_accum8_packed', 'ours': 'rs_b8_packed',
+           'ours_dropless': 'rs_b8_dropless_packed', 'weak_scaling_4gpu': 'rs_ep4'}
+# Peers with no runner, and why (checked against PyPI and the device machines' image).
+PEERS_NOT_RUN = {
+    'maxtext': (
+        'maxtext 0.2.5 (PyPI) supports Python 3.12, but declares its GPU dependencies only in '
+        "its 'cuda12' extra (262 packages): CUDA 12 builds (jax-cuda12-plugin/pjrt, "
+        'transformer-engine-cu12 and transformer-engine-jax >= 2.19, nvidia-*-cu12 libraries) '
+        'beside the image\'s JAX 0.11.2 on CUDA 13 (jax-cuda13-plugin), plus tokamax, aqtp (its '
+        'MoE layer imports aqt), grain and google-cloud-*; the device machines have no internet '
+        'and a call carries at most 64 MiB of wheels. Not installed, not run.')}
+
+
+def summary(rows):
+  """The headline figures, each with the GPU it was measured on, from the stored rows."""
+  def ok(n):
+    return n in rows and 'result' in rows[n]
+  out = {}
+  mfu = SUMMARY['mfu']
+  out['mfu_released_s_1gpu'] = rows[mfu]['result']['mfu'] if ok(mfu) else None
+  out['mfu_released_s_1gpu_workload'] = mfu
+  out['mfu_released_s_1gpu_gpu'] = rows[mfu]['device_kind'] if ok(mfu) else None
+  ours = SUMMARY['ours']
+  peers = [n for n in rows if n.startswith('peer_') and n in WORKLOADS and
+           WORKLOADS[n].vs in (ours, 'rs_b8') and ok(n) and ok(WORKLOADS[n].vs) and
+           rows[n]['run']['date'] == rows[ours]['run']['date']]   # the same run only
+  best = max(peers, key=lambda n: rows[n]['result']['tokens_per_s_per_device'], default=None)
+  out['best_peer'] = best
+  if best:   # against the row of ours with the same rows (packed or one document)
+    peer_tps, ours = rows[best]['result']['tokens_per_s_per_device'], WORKLOADS[best].vs
+    out['best_peer_tokens_per_s'] = peer_tps
+    out['speedup_vs_best_peer'] = rows[ours]['result']['tokens_per_s_per_device'] / peer_tps
+    out['speedup_vs_best_peer_workloads'] = f'{ours} / {best}'
+    dropless = SUMMARY['ours_dropless']
+    same_run = ok(dropless) and rows[dropless]['run']['date'] == rows[best]['run']['date']
+    out['speedup_dropless_vs_best_peer'] = (
+        rows[dropless]['result']['tokens_per_s_per_device'] / peer_tps if same_run else None)
+    if not same_run:
+      out['speedup_dropless_vs_best_peer_reason'] = (
+          rows[dropless]['error'] if dropless in rows and 'error' in rows[dropless] else
+          f'{dropless} not measured in the same run as {best}')
+    out['speedup_vs_best_peer_gpu'] = rows[ours]['device_kind']
+  else:
+    out['speedup_vs_best_peer'] = None
+    out['speedup_vs_best_peer_reason'] = f'no peer row measured in the same run as {ours}'
+  ep = SUMMARY['weak_scaling_4gpu']
+  if ok(ep) and rows[ep].get('vs'):
+    out['weak_scaling_efficiency_4gpu'] = rows[ep]['vs']['ratio']
+    out['weak_scaling_efficiency_4gpu_gpu'] = rows[ep]['device_kind']
+  else:
+    out['weak_scaling_efficiency_4gpu'] = None
+    out['weak_scaling_efficiency_4gpu_reason'] = (
+        rows[ep]['error'] if ep in rows and 'error' in rows[ep] else
+        f'{ep} not measured: it needs a machine with 4 GPUs')
+  out['peers_not_run'] = PEERS_NOT_RUN
+  return out
 
 
 def workload_table():
@@ -564,7 +880,12 @@ def workload_table():
            'vs | what |', '|---|---|---|---|---|---|---|---|---|---|']
   for n, w in WORKLOADS.items():
     shape = f'{w.batch} x {w.seq}' + (f' ({w.grad_accum} micro)' if w.grad_accum > 1 else '')
-    over = ', '.join(f'{k}={v}' for k, v in {**w.model, **w.train}.items()) or '-'
+    model = dict(w.model)
+    released = all(model.get(k) == v for k, v in RELEASED_S.items())
+    if released:   # the released shape by name, then what the workload adds
+      model = {k: v for k, v in model.items() if k not in RELEASED_S}
+    over = ', '.join((['RELEASED_S'] if released else []) +
+                     [f'{k}={v}' for k, v in {**model, **w.train, **w.peer}.items()]) or '-'
     lines.append(f"| {n}{' *' if n in HEADLINE else ''} | {w.preset} | {shape} | {w.devices} | "
                  f"{'packed' if w.packed else 'one document'} | {over} | {w.impl} | {w.machine} | "
                  f"{w.vs or '-'} | {w.what} |")
@@ -579,10 +900,13 @@ def table(results):
     w, run = r['workload'], r['run']
     shape = f"{w['batch']} x {w['seq']}" + (f" ({w['grad_accum']} micro)" if w['grad_accum'] > 1 else '') \
         + (' packed' if w['packed'] else '')
-    where = r.get('device_kind') if w['machine'] == 'gpu' else run['machine']['cpu']
+    gpus = run['machine'].get('gpus') or ['-']
+    where = (r.get('device_kind') or gpus[0].split(',')[0]) if w['machine'] == 'gpu' \
+        else run['machine']['cpu']
     when = f"{run['date'][:10]}, {run.get('commit') or 'not recorded'}"
     if 'result' not in r:
-      lines.append(f"| {n} | {shape} | {w['devices']} | failed: {r['error'][:120]} | | | | {where} | {when} |")
+      error = ' '.join(r['error'].split())[:120].replace('|', '/')
+      lines.append(f"| {n} | {shape} | {w['devices']} | failed: {error} | | | | {where} | {when} |")
       continue
     x = r['result']
     mfu = f"{100 * x['mfu']:.1f}%" if x.get('mfu') else '-'
@@ -600,6 +924,8 @@ def main():
                  help="measure only the named workloads, not their `vs` (the rows keep no ratio)")
   p.add_argument('--list', action='store_true', help='print the workload table')
   p.add_argument('--table', action='store_true', help='print the results file as markdown')
+  p.add_argument('--summarize', action='store_true',
+                 help="recompute the results file's summary from its stored rows (no measuring)")
   p.add_argument('--out', default=RESULTS, help='results JSON (default %(default)s)')
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--steps', type=int, default=10)
@@ -613,9 +939,15 @@ def main():
     return RUNNERS[WORKLOADS[names[0]].impl](names, a)
   if a.list:
     return print(workload_table())
-  if a.table:
+  if a.table or a.summarize:
     with open(a.out) as f:
-      return print(table(json.load(f)))
+      results = json.load(f)
+    if a.table:
+      return print(table(results))
+    results['summary'] = summary(results['rows'])
+    with open(a.out, 'w') as f:
+      json.dump(results, f, indent=1)
+    return print(json.dumps(results['summary'], indent=1))
   if not (a.headline or a.workload):
     p.error('name --workload=... or --headline (--list shows the workloads)')
   names = select(a)

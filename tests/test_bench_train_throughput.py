@@ -41,6 +41,44 @@ def test_every_vs_names_a_workload_of_the_same_machine_kind(bench_script):
   assert set(tt.HEADLINE) <= set(tt.WORKLOADS)
 
 
+def test_released_s_overrides_give_the_released_counts(bench_script):
+  from mobilemoe_jax import config
+  from mobilemoe_jax.scaling import accounting
+  tt = bench_script('train_throughput')
+  cfg = tt.model_cfg(tt.WORKLOADS['rs_b8_packed'])
+  config.validate(cfg)
+  counts = accounting.count(cfg)
+  assert (counts.total_params, counts.active_params) == (1_263_374_256, 272_469_936)
+  assert cfg.moe.capacity_factor == 1.25
+  assert tt.model_cfg(tt.WORKLOADS['rs_b8_dropless_packed']).moe.capacity_factor == 0
+
+
+def _row(tps, date, device='NVIDIA H100 80GB HBM3', **result):
+  return {'result': dict(tokens_per_s_per_device=tps, **result), 'device_kind': device,
+          'run': {'date': date}}
+
+
+def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
+  tt = bench_script('train_throughput')
+  rows = {'rs_b256_accum8_packed': _row(170e3, 'd0', mfu=0.3),
+          'rs_b8': _row(150e3, 'd1'), 'rs_b8_packed': _row(140e3, 'd1'),
+          'rs_b8_dropless_packed': {'error': 'out of memory', 'run': {'date': 'd0'}},
+          'peer_torchtitan_rs_b8_packed': _row(100e3, 'd0'),          # another run: ignored
+          'peer_torchtitan_eager_rs_b8_packed': _row(70e3, 'd1'),
+          'peer_transformers_rs_b8': _row(30e3, 'd1')}
+  s = tt.summary(rows)
+  assert s['mfu_released_s_1gpu'] == 0.3 and s['mfu_released_s_1gpu_gpu'].startswith('NVIDIA')
+  assert s['best_peer'] == 'peer_torchtitan_eager_rs_b8_packed'
+  assert s['speedup_vs_best_peer'] == 2.0
+  assert s['speedup_dropless_vs_best_peer'] is None
+  assert s['speedup_dropless_vs_best_peer_reason'] == 'out of memory'
+  assert s['weak_scaling_efficiency_4gpu'] is None and s['weak_scaling_efficiency_4gpu_reason']
+  rows['rs_ep4'] = dict(_row(120e3, 'd2'), vs={'ratio': 0.9})
+  assert tt.summary(rows)['weak_scaling_efficiency_4gpu'] == 0.9
+  rows = {k: v for k, v in rows.items() if not k.startswith('peer_')}
+  assert tt.summary(rows)['speedup_vs_best_peer'] is None
+
+
 def test_tiny_packed_workload_end_to_end(tmp_path):
   out = tmp_path / 'train_throughput.json'
   env = dict(os.environ, PYTHONPATH=ROOT)
