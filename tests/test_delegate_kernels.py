@@ -9,14 +9,9 @@ import subprocess
 import pytest
 
 from export import delegate as dl
+from test_delegate_util import copy_sources
 
 SRC = os.path.dirname(dl.__file__)
-
-
-def _copy_sources(dst):
-  for f in os.listdir(SRC):
-    if f.endswith((".h", ".cc")) or f == "Makefile":
-      shutil.copy(os.path.join(SRC, f), dst)
 
 
 def _build_check(cxx, simd, defines, out, extra=()):
@@ -24,10 +19,12 @@ def _build_check(cxx, simd, defines, out, extra=()):
   objs = []
   for src, flags in simd.items():
     objs.append(f"{out}.{src}.o")
-    subprocess.run([cxx, "-std=c++17", "-O2", *flags, "-c", os.path.join(SRC, src),
-                    "-o", objs[-1]], check=True, capture_output=True)
-  subprocess.run([cxx, "-std=c++17", "-O2", *defines, os.path.join(SRC, "kernel_check.cc"),
-                  os.path.join(SRC, "kernels.cc"), *objs, "-o", out, *extra],
+    subprocess.run([cxx, "-std=c++17", "-O2", "-I", SRC, *flags, "-c",
+                    os.path.join(SRC, "kernels", src), "-o", objs[-1]], check=True,
+                   capture_output=True)
+  subprocess.run([cxx, "-std=c++17", "-O2", "-I", SRC, *defines,
+                  os.path.join(SRC, "tools", "kernel_check.cc"),
+                  os.path.join(SRC, "kernels", "kernels.cc"), *objs, "-o", out, *extra],
                  check=True, capture_output=True)
 
 
@@ -66,7 +63,7 @@ def test_arm64_neon_matches_scalar_under_qemu(tmp_path):
 
 @needs_arm
 def test_arm64_delegate_cross_builds(tmp_path):
-  _copy_sources(tmp_path)
+  copy_sources(tmp_path)
   subprocess.run(["make", "-C", str(tmp_path), "CXX=aarch64-linux-gnu-g++"], check=True,
                  capture_output=True)
   out = subprocess.run(["file", str(tmp_path / "libmobilemoe_delegate.so")],

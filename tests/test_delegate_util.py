@@ -1,5 +1,8 @@
 """Shared helpers for the delegate tests (collected by pytest, but holds no tests)."""
 
+import os
+import shutil
+
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
@@ -77,3 +80,10 @@ def graph_with_builtins(rng, o, chain: bool, weight_tiles=(0, 0)):
     return r1v + dl.reference_moe(r1v, w2, o)
 
   return g.build(), reference
+
+
+def copy_sources(dst):
+  """The delegate's C++ source tree (no build outputs, no Python) into dst."""
+  shutil.copytree(os.path.dirname(dl.__file__), dst, dirs_exist_ok=True,
+                  ignore=shutil.ignore_patterns("*.so", "*.so.*", "*.o", "*.py", "__pycache__",
+                                                ".build.lock", "bench_block", "*_fuzzer"))

@@ -10,7 +10,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels.h"
+#include "kernels/kernels.h"
 
 using namespace mm;
 

@@ -15,7 +15,7 @@
 #include <random>
 #include <vector>
 
-#include "moe.h"
+#include "kernels/moe.h"
 
 using namespace mm;
 #ifdef MM_PROFILE
