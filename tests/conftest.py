@@ -18,3 +18,13 @@ def _jax_stays_32_bit():
   yield
   import jax
   jax.config.update('jax_enable_x64', False)
+
+
+@pytest.fixture
+def require():
+  """require(ok, what): a test that needs a tool skips without it, except in CI (.ci/run sets
+  CI, and installs every tool these tests need), where a missing tool fails the test."""
+  def check(ok, what):
+    if not ok:
+      (pytest.fail if os.environ.get('CI') else pytest.skip)(f'needs {what}')
+  return check
