@@ -44,13 +44,13 @@ def test_native_simd_matches_scalar(tmp_path):
     assert "ok avx512-vnni" in r.stdout and "ok avx2" in r.stdout, r.stdout
 
 
-needs_arm = pytest.mark.skipif(
-    not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
-    reason="needs g++-aarch64-linux-gnu and qemu-user")
+def _require_arm(require):
+  require(shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64"),
+          "g++-aarch64-linux-gnu and qemu-user")
 
 
-@needs_arm
-def test_arm64_neon_matches_scalar_under_qemu(tmp_path):
+def test_arm64_neon_matches_scalar_under_qemu(tmp_path, require):
+  _require_arm(require)
   exe = str(tmp_path / "kcheck_arm")
   _build_check("aarch64-linux-gnu-g++", {"kernels_neon.cc": ["-march=armv8.2-a+dotprod"]},
                ["-DMM_HAVE_NEON_DOT"], exe, extra=["-static"])
@@ -61,8 +61,8 @@ def test_arm64_neon_matches_scalar_under_qemu(tmp_path):
   assert r.returncode == 2, r.stdout + r.stderr
 
 
-@needs_arm
-def test_arm64_delegate_cross_builds(tmp_path):
+def test_arm64_delegate_cross_builds(tmp_path, require):
+  _require_arm(require)
   copy_sources(tmp_path)
   subprocess.run(["make", "-C", str(tmp_path), "CXX=aarch64-linux-gnu-g++"], check=True,
                  capture_output=True)
