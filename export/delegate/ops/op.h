@@ -8,6 +8,8 @@
 // fail with an error status and a reason, never by touching memory they were not given.
 #pragma once
 
+#include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
