@@ -199,11 +199,18 @@ def read_ops(path_or_bytes):
   model, raw = flatbuf.load(path_or_bytes)
   codes = [i for i, oc in enumerate(model.operatorCodes)
            if oc.customCode in (OP_NAME, OP_NAME.encode())]
+  where = path_or_bytes if isinstance(path_or_bytes, str) else 'model bytes'
   found = []
   for sg in model.subgraphs:
-    for op in sg.operators:
+    for n, op in enumerate(sg.operators):
       if op.opcodeIndex in codes:
-        opts = flexbuffers.Loads(bytes(bytearray(op.customOptions)))
+        try:  # the file's bytes: anything can fail
+          opts = flexbuffers.Loads(bytes(bytearray(op.customOptions)))
+        except Exception as e:  # noqa: BLE001
+          opts = e
+        if not isinstance(opts, dict):
+          raise ValueError(f'{where}: {OP_NAME} operator {n}: custom_options are not a '
+                           f'flexbuffer map ({opts!r:.200})')
         ws = {}
         for slot, t in zip(WEIGHT_SLOTS, list(op.inputs)[1:]):
           if t >= 0:

@@ -176,3 +176,16 @@ def test_moe_tensors_follow_the_delegate_contract(n_shared):
   keys = {o.key for o in contract.MOE.options}
   assert set(options) <= keys
   assert {o.key for o in contract.MOE.options if o.required} <= set(options)
+
+
+def test_read_ops_names_the_operator_with_bad_options():
+  rng = np.random.default_rng(0)
+  from export import delegate as dl
+  o = dict(num_experts=2, top_k=1, d_model=64, d_expert=64, group_size=32)
+  g = tb.GraphBuilder()
+  x = g.tensor("x", [1, 64])
+  tb.add_moe_block(g, x, [1, 64], dl.random_moe_weights(rng, 2, 64, 64, 0, 32), o)
+  g.ops[-1].customOptions = list(b"\xff\xfe\x01")
+  g.inputs, g.outputs = [x], [len(g.tensors) - 1]
+  with pytest.raises(ValueError, match="MobileMoeBlock operator 0: custom_options are not"):
+    moe_op.read_ops(g.build())
