@@ -108,11 +108,10 @@ void* KernelInit(TfLiteContext* ctx, const char* buffer, size_t) {
         ctx->ReportError(ctx, "MobileMoE delegate: node became invalid: %s", why.c_str());
         return nullptr;
       }
-      const bool is_attention = strcmp(op->name(), mm::contract::kAttnName) == 0;
       for (int t : op->inputs)
-        if (is_attention && t >= 0 && k->part.IsInternal(t)) {
-          // Our ops never feed attention directly (projections lie between).
-          ctx->ReportError(ctx, "MobileMoE delegate: attention input made inside the partition");
+        if (!op->TakesPartitionInputs() && t >= 0 && k->part.IsInternal(t)) {
+          ctx->ReportError(ctx, "MobileMoE delegate: %s input made inside the partition",
+                           op->name());
           return nullptr;
         }
       for (const auto& prev : k->ops)

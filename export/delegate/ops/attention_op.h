@@ -16,6 +16,8 @@ class AttentionOp : public Op {
   AttentionOp(const KvAttentionConfig& c, const TfLiteNode* node);  // Init
 
   const char* name() const override;
+  // Our other ops never feed attention directly (projections lie between).
+  bool TakesPartitionInputs() const override { return false; }
   TfLiteStatus Prepare(TfLiteContext* ctx, Partition* part, std::string* why) override;
   TfLiteStatus Eval(TfLiteContext* ctx, Partition* part, const RunEnv& env,
                     std::string* why) override;

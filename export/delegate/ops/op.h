@@ -110,6 +110,8 @@ class Op {
  public:
   virtual ~Op() = default;
   virtual const char* name() const = 0;
+  // Whether inputs may be tensors made inside the partition (Partition's own buffers).
+  virtual bool TakesPartitionInputs() const { return true; }
   virtual TfLiteStatus Prepare(TfLiteContext* ctx, Partition* part, std::string* why) = 0;
   virtual TfLiteStatus Eval(TfLiteContext* ctx, Partition* part, const RunEnv& env,
                             std::string* why) = 0;
