@@ -24,9 +24,10 @@ import math
 
 import torch
 
+from export.delegate import contract
 from export.moe_op import lower_to_custom
 
-OP_NAME = 'MobileKvAttention'
+OP_NAME = contract.ATTENTION.name
 # Calls with at most this many tokens (the decode signature) use the op; longer prefill
 # chunks keep the portable matmuls (XNNPACK's batched GEMMs are faster there).
 MAX_TOKENS = 16

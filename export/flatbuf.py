@@ -81,7 +81,8 @@ def weight_bytes_by_type(model, raw) -> dict:
 
 
 def _str(b) -> str:
-  return b.decode() if isinstance(b, bytes) else b
+  """A string of the file (names, keys): any bytes, so undecodable ones are replaced."""
+  return b.decode(errors='replace') if isinstance(b, bytes) else b
 
 
 def signatures(model) -> dict:
@@ -89,7 +90,7 @@ def signatures(model) -> dict:
   out = {}
   for s in model.signatureDefs or []:
     key = _str(s.signatureKey)
-    names = lambda ts: [x.name.decode() if isinstance(x.name, bytes) else x.name for x in ts or []]
+    names = lambda ts: [_str(x.name) for x in ts or []]
     out[key] = (names(s.inputs), names(s.outputs))
   return out
 
@@ -178,7 +179,7 @@ def _same_size(new, old):
 
 
 def _name(tensor) -> str:
-  return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+  return str(_str(tensor.name))
 
 
 def save(model, path=None) -> bytes:

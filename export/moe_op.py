@@ -1,6 +1,6 @@
 """The 'delegate' MoE lowering: one `MobileMoeBlock` custom op per MoE layer.
 
-Inputs and flexbuffer options follow export/delegate's contract (delegate.cc CheckNode):
+Inputs and flexbuffer options follow export/delegate's contract (export/delegate/contract.py):
   x [N, D] f32, router_w [E, D] f32, router_bias [E] f32 (zeros without an expert bias),
   gate_up_q [E, 2F, D/2] int8 bytes (rows: F gate then F up; int4 two per byte, low nibble
   first) + gate_up_s [E, 2F, D/G] f32, down_q [E, D, F/2] + down_s [E, D, F/G] (group_size
@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from flatbuffers import flexbuffers
 
+from export.delegate import contract
 # The tiled layout's one definition (numpy only; tile_rows is re-exported from here).
 from export.delegate.tflite_builder import (  # noqa: F401
     WEIGHT_TILES, tile_rows, tile_weights, tiles_problem, untile_rows)
 from mobilemoe_jax.quant import grid
 
-OP_NAME = 'MobileMoeBlock'
-WEIGHT_SLOTS = ('router_w', 'router_bias', 'gate_up_q', 'gate_up_s', 'down_q', 'down_s',
-                'shared_gate_up_q', 'shared_gate_up_s', 'shared_down_q', 'shared_down_s')
+OP_NAME = contract.MOE.name
+WEIGHT_SLOTS = contract.MOE.input_names[1:]   # the op's inputs after x, in slot order
 
 
 def pack(w, group_size):
@@ -199,11 +199,18 @@ def read_ops(path_or_bytes):
   model, raw = flatbuf.load(path_or_bytes)
   codes = [i for i, oc in enumerate(model.operatorCodes)
            if oc.customCode in (OP_NAME, OP_NAME.encode())]
+  where = path_or_bytes if isinstance(path_or_bytes, str) else 'model bytes'
   found = []
   for sg in model.subgraphs:
-    for op in sg.operators:
+    for n, op in enumerate(sg.operators):
       if op.opcodeIndex in codes:
-        opts = flexbuffers.Loads(bytes(bytearray(op.customOptions)))
+        try:  # the file's bytes: anything can fail
+          opts = flexbuffers.Loads(bytes(bytearray(op.customOptions)))
+        except Exception as e:  # noqa: BLE001
+          opts = e
+        if not isinstance(opts, dict):
+          raise ValueError(f'{where}: {OP_NAME} operator {n}: custom_options are not a '
+                           f'flexbuffer map ({opts!r:.200})')
         ws = {}
         for slot, t in zip(WEIGHT_SLOTS, list(op.inputs)[1:]):
           if t >= 0:

@@ -53,3 +53,13 @@ def bench_script():
     spec.loader.exec_module(mod)
     return mod
   return load
+
+
+@pytest.fixture
+def require():
+  """require(ok, what): a test that needs a tool skips without it, except in CI (.ci/run sets
+  CI, and installs every tool these tests need), where a missing tool fails the test."""
+  def check(ok, what):
+    if not ok:
+      (pytest.fail if os.environ.get('CI') else pytest.skip)(f'needs {what}')
+  return check

@@ -110,3 +110,14 @@ def test_options_and_names():
     model.set_attention_lowering('fast')
   model.set_attention_lowering('delegate')
   assert {b.attn.lowering for b in model.blocks} == {'delegate'}
+
+
+def test_op_follows_the_delegate_contract():
+  # The torch op's tensor arguments are the contract's input slots, in order, and its
+  # options are the contract's (all required).
+  from export.delegate import contract
+  schema = torch.ops.mobilemoe.kv_attention.default._schema
+  params = [a.name for a in schema.arguments]
+  assert tuple(params[:-1]) == contract.ATTENTION.input_names and params[-1] == 'options'
+  assert attention_op.OP_NAME == contract.ATTENTION.name
+  assert set(attention_op.options(8, 2, 16, 0)) == {o.key for o in contract.ATTENTION.options}

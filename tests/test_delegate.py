@@ -2,7 +2,6 @@
 
 import ctypes
 import os
-import shutil
 import subprocess
 import zlib
 
@@ -12,8 +11,8 @@ from ai_edge_litert.interpreter import Interpreter
 
 from export import delegate as dl
 from export.delegate import tflite_builder as tb
-from test_delegate_util import (assert_close, assert_rel_l2, graph_with_builtins, opts, run,
-                                tokens, weights)
+from test_delegate_util import (assert_close, assert_rel_l2, copy_sources, graph_with_builtins,
+                                opts, run, tokens, weights)
 
 
 def test_pack_int4_convention():
@@ -233,10 +232,7 @@ def test_bad_delegate_option():
 
 
 def test_builds_from_clean_tree(tmp_path):
-  src = os.path.dirname(dl.__file__)
-  for f in os.listdir(src):
-    if f.endswith((".h", ".cc")) or f == "Makefile":
-      shutil.copy(os.path.join(src, f), tmp_path)
+  copy_sources(tmp_path)
   subprocess.run(["make", "-C", str(tmp_path)], check=True, capture_output=True)
   lib = tmp_path / "libmobilemoe_delegate.so"
   assert lib.exists()

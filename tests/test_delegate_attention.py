@@ -1,29 +1,13 @@
 """The delegate's MobileKvAttention op (decode attention over the filled KV-cache slots)
 against its numpy reference, on hand-made one-op models."""
 
-import math
-
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from export import delegate as dl
 from export.delegate import tflite_builder as tb
-from test_delegate_util import assert_close
-
-
-def attn_opts(H, K, Dh, window=0):
-  return dict(num_heads=H, num_kv_heads=K, head_dim=Dh, window=window, scale=1 / math.sqrt(Dh))
-
-
-def inputs(rng, H, K, Dh, T, P, pos0):
-  f = lambda *s: rng.standard_normal(s).astype(np.float32)
-  # Stale values beyond the filled slots: the op must never read them.
-  k_cache, v_cache = f(1, K, P, Dh), f(1, K, Dh, P)
-  k_cache[:, :, pos0:] = 1e4
-  v_cache[..., pos0:] = np.nan
-  return [f(1, T, H, Dh), f(1, T, K, Dh), f(1, T, K, Dh), k_cache, v_cache,
-          np.arange(pos0, pos0 + T, dtype=np.int32)]
+from test_delegate_util import assert_close, attn_opts, inputs
 
 
 def run(model, feeds, delegate, num_threads=2):

@@ -9,14 +9,9 @@ import subprocess
 import pytest
 
 from export import delegate as dl
+from test_delegate_util import copy_sources
 
 SRC = os.path.dirname(dl.__file__)
-
-
-def _copy_sources(dst):
-  for f in os.listdir(SRC):
-    if f.endswith((".h", ".cc")) or f == "Makefile":
-      shutil.copy(os.path.join(SRC, f), dst)
 
 
 def _build_check(cxx, simd, defines, out, extra=()):
@@ -24,10 +19,12 @@ def _build_check(cxx, simd, defines, out, extra=()):
   objs = []
   for src, flags in simd.items():
     objs.append(f"{out}.{src}.o")
-    subprocess.run([cxx, "-std=c++17", "-O2", *flags, "-c", os.path.join(SRC, src),
-                    "-o", objs[-1]], check=True, capture_output=True)
-  subprocess.run([cxx, "-std=c++17", "-O2", *defines, os.path.join(SRC, "kernel_check.cc"),
-                  os.path.join(SRC, "kernels.cc"), *objs, "-o", out, *extra],
+    subprocess.run([cxx, "-std=c++17", "-O2", "-I", SRC, *flags, "-c",
+                    os.path.join(SRC, "kernels", src), "-o", objs[-1]], check=True,
+                   capture_output=True)
+  subprocess.run([cxx, "-std=c++17", "-O2", "-I", SRC, *defines,
+                  os.path.join(SRC, "tools", "kernel_check.cc"),
+                  os.path.join(SRC, "kernels", "kernels.cc"), *objs, "-o", out, *extra],
                  check=True, capture_output=True)
 
 
@@ -47,13 +44,13 @@ def test_native_simd_matches_scalar(tmp_path):
     assert "ok avx512-vnni" in r.stdout and "ok avx2" in r.stdout, r.stdout
 
 
-needs_arm = pytest.mark.skipif(
-    not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
-    reason="needs g++-aarch64-linux-gnu and qemu-user")
+def _require_arm(require):
+  require(shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64"),
+          "g++-aarch64-linux-gnu and qemu-user")
 
 
-@needs_arm
-def test_arm64_neon_matches_scalar_under_qemu(tmp_path):
+def test_arm64_neon_matches_scalar_under_qemu(tmp_path, require):
+  _require_arm(require)
   exe = str(tmp_path / "kcheck_arm")
   _build_check("aarch64-linux-gnu-g++", {"kernels_neon.cc": ["-march=armv8.2-a+dotprod"]},
                ["-DMM_HAVE_NEON_DOT"], exe, extra=["-static"])
@@ -64,9 +61,9 @@ def test_arm64_neon_matches_scalar_under_qemu(tmp_path):
   assert r.returncode == 2, r.stdout + r.stderr
 
 
-@needs_arm
-def test_arm64_delegate_cross_builds(tmp_path):
-  _copy_sources(tmp_path)
+def test_arm64_delegate_cross_builds(tmp_path, require):
+  _require_arm(require)
+  copy_sources(tmp_path)
   subprocess.run(["make", "-C", str(tmp_path), "CXX=aarch64-linux-gnu-g++"], check=True,
                  capture_output=True)
   out = subprocess.run(["file", str(tmp_path / "libmobilemoe_delegate.so")],

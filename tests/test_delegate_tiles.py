@@ -1,9 +1,9 @@
 """The delegate on MobileMoeBlock nodes with weight_tiles=16 (the 16-row tiled INT4 layout,
 export/moe_op.py's docstring and export/delegate/README.md, "The op contract").
 
-NEEDS THE C++ SIDE OF weight_tiles (delegate.cc / moe.cc / kernels*.cc reading the option):
-until the delegate reads it, the tiled cases compute with scrambled rows and the refusal
-cases are claimed, so these fail. The weight_tiles=0 cases pass either way.
+The C++ side of weight_tiles: ops/options.cc reads the option, kernels/moe.cc and
+kernels/kernels*.cc read the tiles; a delegate that ignored it would compute with scrambled
+rows and claim the refusal cases, so these would fail. The weight_tiles=0 cases pass either way.
 
 Every case compares a tiled model with the same weights in row layout (weight_tiles=0,
 what tests/test_delegate.py checks against the numpy reference) and the reference."""

@@ -1,5 +1,9 @@
 """Shared helpers for the delegate tests (collected by pytest, but holds no tests)."""
 
+import math
+import os
+import shutil
+
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
@@ -77,3 +81,24 @@ def graph_with_builtins(rng, o, chain: bool, weight_tiles=(0, 0)):
     return r1v + dl.reference_moe(r1v, w2, o)
 
   return g.build(), reference
+
+
+def copy_sources(dst):
+  """The delegate's C++ source tree (no build outputs, no Python) into dst."""
+  shutil.copytree(os.path.dirname(dl.__file__), dst, dirs_exist_ok=True,
+                  ignore=shutil.ignore_patterns("*.so", "*.so.*", "*.o", "*.py", "__pycache__",
+                                                ".build.lock", "bench_block", "*_fuzzer"))
+
+
+def attn_opts(H, K, Dh, window=0):
+  return dict(num_heads=H, num_kv_heads=K, head_dim=Dh, window=window, scale=1 / math.sqrt(Dh))
+
+
+def inputs(rng, H, K, Dh, T, P, pos0):
+  f = lambda *s: rng.standard_normal(s).astype(np.float32)
+  # Stale values beyond the filled slots: the op must never read them.
+  k_cache, v_cache = f(1, K, P, Dh), f(1, K, Dh, P)
+  k_cache[:, :, pos0:] = 1e4
+  v_cache[..., pos0:] = np.nan
+  return [f(1, T, H, Dh), f(1, T, K, Dh), f(1, T, K, Dh), k_cache, v_cache,
+          np.arange(pos0, pos0 + T, dtype=np.int32)]

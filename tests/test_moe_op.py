@@ -165,3 +165,27 @@ def test_builder_tiles_on_request_and_leaves_rows_by_default():
   with pytest.raises(ValueError, match='weight_tiles=16: down_q'):
     tb.moe_block_model(dl.random_moe_weights(rng, 4, 256, 64, 0, 32),
                        dict(o, d_expert=64, d_shared=0), [1, 256], weight_tiles=16)
+
+
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_moe_tensors_follow_the_delegate_contract(n_shared):
+  from export.delegate import contract
+  weights, options = moe_op.moe_tensors(_moe(n_shared=n_shared, d_shared=128 if n_shared else 0), 32)
+  assert list(weights) == [s for s in contract.MOE.input_names[1:] if s in weights]
+  assert set(contract.MOE.input_names[1:7]) <= set(weights)
+  keys = {o.key for o in contract.MOE.options}
+  assert set(options) <= keys
+  assert {o.key for o in contract.MOE.options if o.required} <= set(options)
+
+
+def test_read_ops_names_the_operator_with_bad_options():
+  rng = np.random.default_rng(0)
+  from export import delegate as dl
+  o = dict(num_experts=2, top_k=1, d_model=64, d_expert=64, group_size=32)
+  g = tb.GraphBuilder()
+  x = g.tensor("x", [1, 64])
+  tb.add_moe_block(g, x, [1, 64], dl.random_moe_weights(rng, 2, 64, 64, 0, 32), o)
+  g.ops[-1].customOptions = list(b"\xff\xfe\x01")
+  g.inputs, g.outputs = [x], [len(g.tensors) - 1]
+  with pytest.raises(ValueError, match="MobileMoeBlock operator 0: custom_options are not"):
+    moe_op.read_ops(g.build())

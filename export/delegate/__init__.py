@@ -1,24 +1,28 @@
 """MobileMoE LiteRT delegate: build, load, and the numpy reference of its op.
 
 The C++ sources in this folder implement the `MobileMoeBlock` and `MobileKvAttention`
-custom ops (see README.md for the contracts). `library_path()` compiles them on first use, so a
-fresh clone needs only g++.
+custom ops (see README.md; contract.py holds their slots and options). `library_path()`
+compiles them on first use, so a fresh clone needs only g++.
 """
 
 from __future__ import annotations
 
 import ctypes
 import fcntl
+import glob
 import os
 import subprocess
 import threading
 
 import numpy as np
 
+from export.delegate import contract
+
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ("abi.h", "attention.h", "attention.cc", "fc.h", "fc.cc", "flexbuf.h", "kernels.h", "kernels.cc", "kernels_avx512.cc", "kernels_avx2.cc",
-            "kernels_neon.cc",
-            "moe.h", "moe.cc", "simd_shared.h", "threadpool.h", "delegate.cc", "Makefile")
+# What the .so is built from (the Makefile's SRCS and HDRS): a newer one triggers a rebuild.
+_SOURCES = ("Makefile", "delegate.cc", "abi.h", "flexbuf.h", *sorted(
+    os.path.relpath(f, _DIR) for d in ("ops", "kernels")
+    for f in glob.glob(os.path.join(_DIR, d, "*.[hc]*"))))
 _LIB = {"release": "libmobilemoe_delegate.so", "asan": "libmobilemoe_delegate_asan.so"}
 _build_lock = threading.Lock()
 
@@ -75,9 +79,7 @@ def dequantize_int4(packed, scales, group_size):
 # ----------------------------------------------------------------------------
 # Reference math of the op.
 
-WEIGHT_NAMES = ("router_w", "router_bias", "gate_up_q", "gate_up_s", "down_q",
-                "down_s", "shared_gate_up_q", "shared_gate_up_s", "shared_down_q",
-                "shared_down_s")
+WEIGHT_NAMES = contract.MOE.input_names[1:]  # every input slot but x
 
 
 def _quant_rows_int8(x):
@@ -210,7 +212,8 @@ def library_path(variant: str = "release") -> str:
   with _build_lock, open(os.path.join(_DIR, ".build.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if _stale(lib):
-      r = subprocess.run(["make", "-C", _DIR, _LIB[variant]], capture_output=True, text=True)
+      r = subprocess.run(["make", "-C", _DIR, _LIB[variant]], capture_output=True, text=True,
+                         errors="replace")
       if r.returncode != 0:
         raise RuntimeError(f"building {lib} failed:\n{r.stdout}\n{r.stderr}")
   return lib
@@ -238,6 +241,11 @@ def load(num_threads: int | None = None, activations: str = "int8", kernel: str 
   return load_delegate(library_path(variant), opts)
 
 
+def _text(b: bytes | None) -> str:
+  """A C string from the delegate: messages quote bytes of the model, which may not be UTF-8."""
+  return (b or b"").decode("utf-8", errors="replace")
+
+
 def stats(delegate) -> dict:
   """Counters kept by a loaded delegate: nodes claimed/refused, invokes, messages."""
   lib = ctypes.CDLL(delegate._library._name)
@@ -253,7 +261,7 @@ def stats(delegate) -> dict:
   return {"claimed": lib.mobilemoe_delegate_claimed(ptr),
           "refused": lib.mobilemoe_delegate_refused(ptr),
           "invokes": lib.mobilemoe_delegate_invokes(ptr),
-          "messages": lib.mobilemoe_delegate_messages(ptr).decode(),
-          "isa": lib.mobilemoe_delegate_isa(ptr).decode(),        # what this delegate runs
-          "cpu_isa": lib.mobilemoe_kernel_isa().decode(),         # the best this CPU has
+          "messages": _text(lib.mobilemoe_delegate_messages(ptr)),
+          "isa": _text(lib.mobilemoe_delegate_isa(ptr)),        # what this delegate runs
+          "cpu_isa": _text(lib.mobilemoe_kernel_isa()),         # the best this CPU has
           "sanitized": bool(lib.mobilemoe_sanitized())}

@@ -26,8 +26,9 @@ enum {
   kLiteInt4 = 18,
 };
 
-// Allocation type of constants (weights mapped from the model file).
-enum { kLiteMmapRo = 1 };
+// TfLiteAllocationType values: constants mapped from the model file, and the runtime's
+// writable memory (arena, persistent arena, dynamic).
+enum { kLiteMmapRo = 1, kLiteArenaRw = 2, kLiteArenaRwPersistent = 3, kLiteDynamic = 4 };
 
 // BuiltinOperator codes in the schema.
 enum { kLiteBuiltinFullyConnected = 9, kLiteBuiltinCustom = 32 };

@@ -1,7 +1,9 @@
 // A tiny read-only FlexBuffers map reader: just enough to read the scalar and
-// string options of a custom op (custom_options is a flexbuffer map). Every
-// read is bounds-checked, so malformed options give "missing key", never a
-// crash.
+// string options of a custom op (custom_options is a flexbuffer map). The bytes come
+// from the model file, so from an attacker: every offset, count and length is checked
+// against the buffer without arithmetic that can wrap (compare `x > size - loc`, never
+// `loc + x > size`), so malformed options give "not a map" or "missing key", never a
+// read outside the buffer. Fuzzed by fuzz/options_fuzzer.cc.
 #pragma once
 
 #include <cstdint>
@@ -43,11 +45,13 @@ class MapReader {
         !ReadU(map_ - 3 * width_, width_, &keys_off))
       return;
     size_t keys_field = map_ - 3 * width_;
-    if (keys_off > keys_field || !ValidWidth((int)keys_width)) return;
+    if (keys_off > keys_field || keys_width > 8 || !ValidWidth((int)keys_width)) return;
     keys_ = keys_field - keys_off;
     keys_width_ = (int)keys_width;
-    // Values, then one packed type byte per value.
-    if (map_ + n * (width_ + 1) > size_) return;
+    // Values, then one packed type byte per value (map_ < size_); the n key offsets.
+    if (n > (size_ - map_) / (size_t)(width_ + 1) ||
+        n > (size_ - keys_) / (size_t)keys_width_)
+      return;
     n_ = (size_t)n;
     ok_ = true;
   }
@@ -74,7 +78,7 @@ class MapReader {
   static bool ValidWidth(int w) { return w == 1 || w == 2 || w == 4 || w == 8; }
 
   bool ReadU(size_t loc, int w, uint64_t* v) const {
-    if (loc + w > size_) return false;
+    if (loc > size_ || (size_t)w > size_ - loc) return false;
     uint64_t r = 0;
     for (int b = w - 1; b >= 0; --b) r = (r << 8) | buf_[loc + b];  // LE
     *v = r;
@@ -120,7 +124,7 @@ class MapReader {
       case kString: {
         uint64_t len;
         if (child < (size_t)child_width || !ReadU(child - child_width, child_width, &len) ||
-            child + len > size_)
+            len > size_ - child)
           return false;
         out->s.assign((const char*)buf_ + child, (size_t)len);
         return true;

@@ -12,7 +12,9 @@ import flatbuffers
 from flatbuffers import flexbuffers
 from ai_edge_litert import schema_py_generated as schema
 
-OP_NAME = "MobileMoeBlock"
+from export.delegate import contract
+
+OP_NAME = contract.MOE.name
 
 _DTYPES = {
     np.dtype(np.float32): schema.TensorType.FLOAT32,
@@ -242,7 +244,7 @@ def moe_block_model(weights: dict, options: dict, x_shape, **kw) -> bytes:
 # ----------------------------------------------------------------------------
 # MobileKvAttention.
 
-ATTENTION_OP_NAME = "MobileKvAttention"
+ATTENTION_OP_NAME = contract.ATTENTION.name
 
 
 def kv_attention_model(H, K, Dh, T, P, options: dict, pos_type=np.int32) -> bytes:

@@ -1,8 +1,7 @@
 // Timing harness for MoeBlock::Run outside LiteRT (not part of the .so):
 // MobileMoE-S's block (D=768, 64 experts of 512, top-4, shared 512) with
 // random INT4 weights, NB different weight sets so decode streams from DRAM.
-//   g++ -std=c++17 -O3 -DMM_HAVE_AVX512 -DMM_HAVE_AVX2 bench_block.cc moe.cc kernels.cc \
-//       kernels_avx512.o kernels_avx2.o -pthread    (see tests/ or `make bench`)
+// Build: `make -C export/delegate bench_block` (PROFILE=1: time per phase).
 //   ./bench_block T [iters] [threads] [group_size (0: channel-wise)] [kernel auto/avx2/scalar]
 //                 [weight sets, 8] [busy us between blocks, 0] [weight_tiles, 0 or 16]
 // Prints the median and 10th percentile wall time per block and the CPU time.
@@ -15,7 +14,7 @@
 #include <random>
 #include <vector>
 
-#include "moe.h"
+#include "kernels/moe.h"
 
 using namespace mm;
 #ifdef MM_PROFILE

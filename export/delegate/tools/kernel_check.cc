@@ -4,13 +4,14 @@
 // against the row layout (M % 16 == 0: whole matrix, from row 16, from row 5),
 // for each SIMD family this CPU runs (AVX-512 and AVX2 on x86, NEON on arm64).
 // Used by tests/test_delegate_kernels.py (natively, and arm64 under qemu).
-//   g++ -std=c++17 -O2 [-DMM_HAVE_...] kernel_check.cc kernels.cc [simd .cc ...] && ./a.out
+//   g++ -std=c++17 -O2 -I export/delegate [-DMM_HAVE_...] tools/kernel_check.cc
+//       kernels/kernels.cc [kernels/kernels_<isa>.cc ...] && ./a.out
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
 
-#include "kernels.h"
+#include "kernels/kernels.h"
 
 using namespace mm;
 

@@ -15,21 +15,25 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
   const double work = (double)(past_end + T) * T * H * Dh;
   ThreadPool* run_on = (pool && work >= 65536) ? pool : nullptr;
   const int threads = run_on ? run_on->size() : 1;
+  if (T < 1 || T > kMaxAttentionTokens) return;  // the op refuses these before we get here
+  // Scores of at most past_end + T keys per query row, sized here: an allocation failure
+  // in a pool worker could not be reported.
   if ((int)scores_.size() < threads) scores_.resize(threads);
+  for (auto& sc : scores_)
+    if (sc.size() < (size_t)rep * (past_end + T)) sc.resize((size_t)rep * (past_end + T));
 
   // One item per (token, kv head): its query heads share every key and value row read.
   auto item = [&](int i, int tid) {
     const int t = i / K, g = i % K, p = pos[t];
     const int lo = std::min(past_end, c.window ? std::max(0, p - c.window + 1) : 0);
     const int n_past = past_end - lo;
-    int news[64], n_new = 0;  // the new tokens this one sees (T <= 64: checked at claim)
+    int news[kMaxAttentionTokens], n_new = 0;  // the new tokens this one sees
     for (int j = 0; j < T; ++j) {
       const int d = p - pos[j];
       if (d >= 0 && (!c.window || d < c.window)) news[n_new++] = j;
     }
     const int n = n_past + n_new;
-    std::vector<float>& sc = scores_[tid];
-    if ((int)sc.size() < rep * n) sc.resize(rep * n);
+    std::vector<float>& sc = scores_[tid];  // >= rep * n: sized above
     const float* qg = q + ((size_t)t * H + g * rep) * Dh;   // the group's rep query rows
     float* yg = y + ((size_t)t * H + g * rep) * Dh;
     // Scores [rep, n]: the past slots, then the new tokens this one sees.

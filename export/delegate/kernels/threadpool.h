@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -59,7 +60,9 @@ class ThreadPool {
 
   // Calls fn(item, thread_id) once for every item in [0, n); items are handed
   // out dynamically, so uneven items (e.g. experts with more tokens) balance.
-  // Not reentrant: one Run at a time (the delegate serialises its nodes).
+  // Not reentrant: one Run at a time (the delegate serialises its nodes). An item that
+  // throws (an allocation failure) does not end its thread: Run throws std::bad_alloc
+  // once every item is done, and the pool stays usable.
   void Run(int n, const std::function<void(int, int)>& fn) {
     if (n <= 0) return;
     if (workers_.empty() || n == 1) {
@@ -83,6 +86,7 @@ class ThreadPool {
     // A worker may still be between taking a reference and seeing that the
     // job is gone; the slot must outlive that.
     WaitUntil([&] { return job_.refs.load(std::memory_order_acquire) == 0; });
+    if (job_.failed.exchange(false)) throw std::bad_alloc();
   }
 
  private:
@@ -92,6 +96,7 @@ class ThreadPool {
     const std::function<void(int, int)>* fn = nullptr;
     int n = 0;
     std::atomic<int> next{0}, done{0}, refs{0};
+    std::atomic<bool> failed{false};
   };
 
   template <class Pred>
@@ -108,7 +113,11 @@ class ThreadPool {
     for (;;) {
       const int i = job_.next.fetch_add(1, std::memory_order_acq_rel);
       if (i >= job_.n) break;
-      (*job_.fn)(i, tid);
+      try {
+        (*job_.fn)(i, tid);
+      } catch (...) {  // an exception must not end a worker (std::terminate)
+        job_.failed.store(true, std::memory_order_relaxed);
+      }
       job_.done.fetch_add(1, std::memory_order_acq_rel);
     }
   }

@@ -15,6 +15,9 @@
 
 namespace mm {
 
+// The most new tokens one call runs (decode; longer prefill chunks stay portable).
+constexpr int kMaxAttentionTokens = 64;
+
 struct KvAttentionConfig {
   int num_heads = 0;     // H
   int num_kv_heads = 0;  // K; query head h reads kv head h / (H / K)
@@ -27,7 +30,7 @@ class KvAttention {
  public:
   // q [T, H, Dh], k_new / v_new [T, K, Dh] (the T new tokens), k_cache
   // [K, P, Dh], v_cache [K, Dh, P] (slots < pos[0] hold the earlier tokens),
-  // pos [T] contiguous positions -> y [T, H * Dh].
+  // pos [T] contiguous positions >= 0 -> y [T, H * Dh]. T in 1..kMaxAttentionTokens.
   void Run(const KvAttentionConfig& c, const float* q, const float* k_new,
            const float* v_new, const float* k_cache, const float* v_cache, int P,
            const int32_t* pos, int T, float* y, ThreadPool* pool, Isa isa);

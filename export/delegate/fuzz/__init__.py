@@ -1,0 +1,1 @@
+"""Fuzzers of the delegate: options_fuzzer.cc (libFuzzer) and models.py (hostile models)."""

@@ -1,0 +1,86 @@
+#include "ops/fc_op.h"
+
+#include "ops/checks.h"
+#include "ops/contract.h"
+
+namespace mm {
+
+using namespace contract;
+
+bool FcOp::Check(TfLiteContext* ctx, const TfLiteNode* node, Q4Matrix* w, std::string* why) {
+  const TfLiteIntArray* in = node->inputs;
+  if (!in || in->size < 2 || in->size > kFcSlots || !node->outputs || node->outputs->size != 1) {
+    *why = "expected 2-3 inputs and 1 output";
+    return false;
+  }
+  for (int s = 0; s < in->size; ++s)
+    if (!IndexOk(ctx, in->data[s], s == kFcBias)) { *why = "bad tensor index"; return false; }
+  if (in->size == kFcSlots && in->data[kFcBias] >= 0) { *why = "has a bias"; return false; }
+  const auto* p = (const TfLiteFullyConnectedParams*)node->builtin_data;
+  if (!p || p->activation != 0) { *why = "fused activation"; return false; }
+  const TfLiteTensor& wt = ctx->tensors[in->data[kFcWeights]];
+  if (wt.type != kLiteInt4 || !wt.dims || wt.dims->size != 2 || !IsConstant(wt)) {
+    *why = "weights are not a constant INT4 [M, K] tensor";
+    return false;
+  }
+  const int M = wt.dims->data[0], K = wt.dims->data[1];
+  const auto* aq = (const TfLiteAffineQuantization*)wt.quantization.params;
+  size_t bytes;
+  if (M < 1 || K < 2 || K % 2 || !NumElements({M, K / 2}, &bytes) || wt.bytes != bytes ||
+      wt.quantization.type != kLiteAffineQuantization || !aq || !aq->scale ||
+      aq->scale->size != M || aq->quantized_dimension != 0) {
+    *why = "INT4 weights are not channel-wise (one scale per output row)";
+    return false;
+  }
+  for (int i = 0; aq->zero_point && i < aq->zero_point->size; ++i)
+    if (aq->zero_point->data[i] != 0) { *why = "non-zero weight zero point"; return false; }
+  const TfLiteTensor& x = ctx->tensors[in->data[kFcX]];
+  if (!IndexOk(ctx, node->outputs->data[0], false)) { *why = "bad output index"; return false; }
+  const TfLiteTensor& y = ctx->tensors[node->outputs->data[0]];
+  if (x.type != kLiteFloat32 || !x.dims || x.dims->size < 1 || x.dims->data[x.dims->size - 1] != K ||
+      y.type != kLiteFloat32 || !y.dims || y.dims->size < 1 || y.dims->data[y.dims->size - 1] != M) {
+    *why = "x / y must be float32 [..., K] / [..., M]";
+    return false;
+  }
+  if (!CheckOutput(ctx, node, why)) return false;
+  *w = {(const uint8_t*)wt.data, aq->scale->data, M, K, K};
+  return true;
+}
+
+FcOp::FcOp(const Q4Matrix& w, const TfLiteNode* node) : w_(w) { Init(node, kFcSlots); }
+
+const char* FcOp::name() const { return kFcName; }
+
+TfLiteStatus FcOp::Prepare(TfLiteContext* ctx, Partition* part, std::string* why) {
+  // x may have been resized since the claim; the output is [..., M] (or [N, M]).
+  std::vector<int> dims;
+  size_t numel, y_numel;
+  const int x = inputs[kFcX];
+  if (!part->Dims(ctx, x, &dims) || dims.empty() || dims.back() != w_.K ||
+      !NumElements(dims, &numel) ||
+      (!part->IsInternal(x) && ctx->tensors[x].bytes != numel * sizeof(float))) {
+    *why = "x must be float32 [..., K=" + std::to_string(w_.K) + "], got " + Dims(dims);
+    return kLiteError;
+  }
+  dims.back() = w_.M;
+  if (!NumElements(dims, &y_numel)) { *why = "output too large"; return kLiteError; }
+  if (!part->IsInternal(output) && !IsWritable(ctx->tensors[output])) {
+    *why = "output is not writable";
+    return kLiteError;
+  }
+  return part->SetOutput(ctx, output, dims, y_numel, true);
+}
+
+TfLiteStatus FcOp::Eval(TfLiteContext* ctx, Partition* part, const RunEnv& env,
+                        std::string* why) {
+  size_t numel;
+  const float* x = part->Input(ctx, inputs[kFcX], &numel);
+  const int K = w_.K, M = w_.M;
+  const size_t N = numel / K;
+  float* y = part->Output(ctx, output, N * M);
+  if (!x || !y || numel % K) { *why = "input / output size mismatch"; return kLiteError; }
+  fc_.Run(w_, x, (int)N, y, env.pool, env.mode, KernelIsa(env.cap));
+  return kLiteOk;
+}
+
+}  // namespace mm
