@@ -12,7 +12,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from export import delegate as dl
 from export.delegate import tflite_builder as tb
-from test_delegate_util import (assert_close, assert_rel_l2, graph_with_builtins, opts, run,
+from tests.support.delegate import (assert_close, assert_rel_l2, graph_with_builtins, opts, run,
                                 tokens, weights)
 
 

@@ -9,7 +9,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from export import delegate as dl
 from export.delegate import tflite_builder as tb
-from test_delegate_util import assert_close
+from tests.support.delegate import assert_close
 
 
 def attn_opts(H, K, Dh, window=0):

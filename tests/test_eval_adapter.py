@@ -11,12 +11,12 @@ from mobilemoe_jax.eval.run import run_local_eval
 from mobilemoe_jax.eval.base import TokenLM, cut_at_stop
 from mobilemoe_jax.eval.jax_lm import JaxLM
 from mobilemoe_jax.model import generate
-from test_eval_util import EVAL_DATA, direct_loglikelihood, make_tokenizer, tiny_model
+from tests.support.eval import EVAL_DATA, direct_loglikelihood, tiny_model
 
 
 @pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-  return make_tokenizer(tmp_path_factory.mktemp('tok'))
+def tok(spm_tokenizer):
+  return spm_tokenizer
 
 
 @pytest.fixture(scope='module')

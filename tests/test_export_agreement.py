@@ -13,8 +13,6 @@ import pytest
 
 pytest.importorskip('litert_torch')
 
-from test_train import data_dir  # noqa: F401  (a fixture: the bundled corpus, small)
-
 N_STEPS = 16
 OVERRIDES = {'model.n_layers': 2, 'model.d_model': 64, 'model.d_ff': 128, 'model.vocab_size': 512,
              'model.quant.weights': 'int4_g32', 'model.quant.activations': 'int8_dynamic',

@@ -18,7 +18,7 @@ from export import flatbuf, litert, moe_op
 from export import torch_model as tm
 from export.runner import LiteRTLM
 from mobilemoe_jax.quant import grid
-from tests.test_export_torch import lsq_model, make
+from tests.support.models import lsq_model, make
 
 KV_LEN = 96
 TOK = np.random.default_rng(1).integers(0, 2048, 88)      # past the 64-token window

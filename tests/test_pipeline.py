@@ -4,7 +4,7 @@ import json
 import os
 
 from mobilemoe_jax import pipeline
-from test_train import SMALL, data_dir  # noqa: F401  (data_dir is a fixture)
+from tests.support.train import SMALL
 
 
 def test_pipeline_chains_stages(data_dir, tmp_path, capsys):

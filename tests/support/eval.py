@@ -1,5 +1,5 @@
-"""Shared by the eval tests: a small SentencePiece tokenizer, a tiny random model, and the
-reference log-likelihood computed straight from the model's logits (no adapter code)."""
+"""Shared by the eval and tokenizer tests: a small SentencePiece tokenizer (the conftest
+fixture `spm_tokenizer` holds one), a tiny random model, and the reference log-likelihood computed straight from the model's logits (no adapter code)."""
 import inspect
 import json
 import pathlib
@@ -12,7 +12,7 @@ from configs import tiny
 from mobilemoe_jax.data import tokenizer as tokenizer_lib
 from mobilemoe_jax.model import Transformer
 
-EVAL_DATA = pathlib.Path(__file__).parent / 'data' / 'eval'
+EVAL_DATA = pathlib.Path(__file__).parents[1] / 'data' / 'eval'
 
 
 def make_tokenizer(directory) -> tokenizer_lib.Tokenizer:

@@ -1,4 +1,4 @@
-"""Shared helpers for the delegate tests (collected by pytest, but holds no tests)."""
+"""Shared helpers for the delegate tests."""
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
