@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'bench', 'train_throughput.py')
@@ -41,6 +42,7 @@ def test_every_vs_names_a_workload_of_the_same_machine_kind(bench_script):
   assert set(tt.HEADLINE) <= set(tt.WORKLOADS)
 
 
+@pytest.mark.slow
 def test_tiny_packed_workload_end_to_end(tmp_path):
   out = tmp_path / 'train_throughput.json'
   env = dict(os.environ, PYTHONPATH=ROOT)

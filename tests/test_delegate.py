@@ -232,6 +232,7 @@ def test_bad_delegate_option():
     load_delegate(dl.library_path(), {"threads": 2})
 
 
+@pytest.mark.slow
 def test_builds_from_clean_tree(tmp_path):
   src = os.path.dirname(dl.__file__)
   for f in os.listdir(src):

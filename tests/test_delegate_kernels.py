@@ -10,6 +10,8 @@ import pytest
 
 from export import delegate as dl
 
+pytestmark = pytest.mark.slow   # separate native and arm64 builds of the kernels
+
 SRC = os.path.dirname(dl.__file__)
 
 

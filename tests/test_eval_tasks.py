@@ -98,6 +98,7 @@ def test_local_task_with_missing_file_names_it(tmp_path):
     tasks.local_task(yaml_path)
 
 
+@pytest.mark.slow
 def test_cli_missing_dataset_exits_with_the_message(tmp_path, empty_hf_cache):
   env = dict(os.environ, HF_HOME=str(empty_hf_cache), MOBILEMOE_EVAL_DATA=str(tmp_path / 'none'))
   env.pop('HF_HUB_CACHE', None)

@@ -14,6 +14,8 @@ from tests.support.eval import EVAL_DATA, tiny_model
 
 pytest.importorskip('litert_torch')
 
+pytestmark = pytest.mark.slow   # a .tflite export
+
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory, spm_tokenizer):

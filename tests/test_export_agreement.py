@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip('litert_torch')
 
+pytestmark = pytest.mark.slow   # a 300-step QAT training and three .tflite exports
+
 N_STEPS = 16
 OVERRIDES = {'model.n_layers': 2, 'model.d_model': 64, 'model.d_ff': 128, 'model.vocab_size': 512,
              'model.quant.weights': 'int4_g32', 'model.quant.activations': 'int8_dynamic',

@@ -20,6 +20,8 @@ from export.runner import LiteRTLM
 from mobilemoe_jax.quant import grid
 from tests.support.models import lsq_model, make
 
+pytestmark = pytest.mark.slow   # a .tflite conversion per lowering
+
 KV_LEN = 96
 TOK = np.random.default_rng(1).integers(0, 2048, 88)      # past the 64-token window
 

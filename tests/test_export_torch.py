@@ -159,6 +159,7 @@ def test_lsq_checkpoint_converts_to_its_exact_grid(tmp_path):
     np.testing.assert_array_equal(back[name].scales, g.scales)
 
 
+@pytest.mark.slow
 def test_litert_torch_does_not_change_jax_precision(tmp_path):
   """litert_torch turns on jax_enable_x64 at import and while converting; the export package
   must not let that leak into a process that also trains (it broke bit-exact resume when the

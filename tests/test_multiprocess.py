@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow   # three trainer launches as subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES = 2
 FIRST, TOTAL = 3, 6  # the first launch stops (and saves) after FIRST steps; resume runs to TOTAL

@@ -140,6 +140,7 @@ def test_init_scales_from_loaded_weights_equal_max_abs_scales():
   assert n >= 12    # q, k, v, o, dense and expert gate/up/down, shared, router
 
 
+@pytest.mark.slow
 def test_lsq_qat_trains_from_a_float_checkpoint(data_dir, tmp_path):
   """train.init_from a float checkpoint with learned scales: the run starts the scales from
   the loaded weights (not the random init) and trains them."""

@@ -13,6 +13,8 @@ from mobilemoe_jax.train import metrics as metrics_lib
 from mobilemoe_jax.train import train_and_evaluate
 from tests.support.train import make_config
 
+pytestmark = pytest.mark.slow   # trainings killed and resumed in subprocesses
+
 N = 3  # interrupt after N steps of 2N; the config checkpoints every 3 steps
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
