@@ -3,15 +3,16 @@
 8 fake CPU devices so sharding and expert parallelism are tested for real (set before jax is
 imported anywhere)."""
 import os
-import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Compiling dominates the training tests. XLA's on-disk cache lets the processes of one run
 # (both pytest workers, the resume / multi-process / CLI subprocesses, which inherit these
-# variables) compile a step once, and makes reruns faster.
+# variables) compile a step once, and makes reruns faster. It lives in the checkout
+# (git-ignored), so a fresh clone starts cold.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.environ.get(
-    'MOBILEMOE_TEST_XLA_CACHE', os.path.join(tempfile.gettempdir(), 'mobilemoe_jax_test_xla_cache')))
+    'MOBILEMOE_TEST_XLA_CACHE',
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.cache', 'jax')))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 

@@ -423,7 +423,7 @@ def test_tiled_experts_export_runs_like_the_portable_file(tmp_path):
   gives back the row layout (the weights' own integers), and the delegate running that file
   computes what the portable int4_channel file computes with XNNPACK's FCs, prefill and
   decode, with and without its fully_connected option."""
-  cfg, m = make('moe', d_expert=128, d_shared=128)
+  cfg, m = make('moe', d_expert=128, d_shared=128, n_layers=2)   # one dense, one MoE layer
   model = tm.from_flax(m, cfg)
   paths = {moe: str(tmp_path / f'{moe}.tflite') for moe in ('delegate', 'portable')}
   try:

@@ -136,14 +136,6 @@ def _losses(workdir):
   return {s: m['train/loss'] for s, m in read_jsonl(f'{workdir}/metrics.jsonl').items()}
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  from mobilemoe_jax.data import build
-  out = str(tmp_path_factory.mktemp('data'))
-  build.build(out, max_bytes=200_000, vocab_size=512, progress=False)
-  return out
-
-
 def test_two_processes_train_and_resume_like_one_process(tmp_path, data_dir):
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
   # The reference runs alongside the first 2-process launch (3 processes, 2 cores: fine).

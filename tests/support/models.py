@@ -11,19 +11,21 @@ from configs import tiny
 from mobilemoe_jax.model import Transformer
 
 
-def make(kind='moe', router_gain=30.0, **moe):
+def make(kind='moe', router_gain=30.0, n_layers=None, **moe):
   """A tiny model with a decisive router: the init's near-uniform router puts top-k
   choices at float ties, where any two implementations may legitimately differ.
-  Cached (building one eagerly is slow on 2 cores); the config is a fresh copy."""
-  cfg, m = _make(kind, router_gain, tuple(sorted(moe.items())))
+  Cached (building one eagerly is slow on 2 cores); the config is a fresh copy.
+  n_layers: fewer than the tiny config's, where a test needs only one MoE layer."""
+  cfg, m = _make(kind, router_gain, n_layers, tuple(sorted(moe.items())))
   return copy.deepcopy(cfg), m
 
 
 @functools.lru_cache(maxsize=None)
-def _make(kind, router_gain, moe):
+def _make(kind, router_gain, n_layers, moe):
   moe = dict(moe)
   cfg = tiny.get_config(kind).model
   cfg.moe.update(moe)
+  cfg.n_layers = n_layers or cfg.n_layers
   m = Transformer(cfg, rngs=nnx.Rngs(0))
   for b in m.blocks:
     if hasattr(b.ffn, 'router'):
