@@ -395,7 +395,9 @@ def convert_flax(params: dict, cfg: dict) -> dict:
   if extra:
     raise ConfigMismatch(f'checkpoint tensors the config does not use: {extra[:5]}'
                          f'{" ..." if len(extra) > 5 else ""} (wrong config for this checkpoint?)')
-  return {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in out.items()}
+  arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+  # Arrays read from JAX are read-only; torch wants tensors it may write to.
+  return {k: torch.from_numpy(a if a.flags.writeable else a.copy()) for k, a in arrays.items()}
 
 
 class Grid(NamedTuple):

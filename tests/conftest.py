@@ -1,9 +1,19 @@
-"""Test setup: 8 fake CPU devices so sharding and expert parallelism are tested for real.
-Must run before jax is imported anywhere."""
+"""Test setup and the fixtures several test files share. Plain helpers: tests/support/.
+
+8 fake CPU devices so sharding and expert parallelism are tested for real (set before jax is
+imported anywhere)."""
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Compiling dominates the training tests. XLA's on-disk cache lets the processes of one run
+# (both pytest workers, the resume / multi-process / CLI subprocesses, which inherit these
+# variables) compile a step once, and makes reruns faster. It lives in the checkout
+# (git-ignored), so a fresh clone starts cold.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.environ.get(
+    'MOBILEMOE_TEST_XLA_CACHE',
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.cache', 'jax')))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
 import pytest  # noqa: E402
@@ -39,6 +49,23 @@ def llama3_tokenizer_dir(tmp_path_factory):
   from mobilemoe_jax.data import tokenizer as tokenizer_lib
   texts = [inspect.getdoc(m) for m in (json, os_mod, inspect)] + LLAMA3_TRAIN_TEXTS * 4
   return tokenizer_lib.train_llama3_style_bpe(texts, str(tmp_path_factory.mktemp('llama3_tok')))
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """The bundled corpus, small: ArrayRecord shards, a 512-piece SentencePiece tokenizer and
+  the SFT chat JSONL (mobilemoe_jax.data.build)."""
+  from mobilemoe_jax.data import build
+  out = str(tmp_path_factory.mktemp('data'))
+  build.build(out, max_bytes=200_000, vocab_size=512, progress=False)
+  return out
+
+
+@pytest.fixture(scope='session')
+def spm_tokenizer(tmp_path_factory):
+  """A 512-piece SentencePiece tokenizer (the demo's kind), trained in a second."""
+  from tests.support.eval import make_tokenizer
+  return make_tokenizer(tmp_path_factory.mktemp('spm'))
 
 
 @pytest.fixture

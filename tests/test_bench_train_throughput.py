@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'bench', 'train_throughput.py')
@@ -79,6 +80,7 @@ def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
   assert tt.summary(rows)['speedup_vs_best_peer'] is None
 
 
+@pytest.mark.slow
 def test_tiny_packed_workload_end_to_end(tmp_path):
   out = tmp_path / 'train_throughput.json'
   env = dict(os.environ, PYTHONPATH=ROOT)

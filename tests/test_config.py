@@ -48,12 +48,14 @@ def test_unknown_key_is_refused():
     validate(c)
 
 
+@pytest.mark.slow
 def test_cli_refuses_unknown_override():
   run = subprocess.run([sys.executable, '-m', 'mobilemoe_jax.info', '--config=configs/tiny.py',
                         '--config.model.moe.topk=2'], capture_output=True, text=True)
   assert run.returncode != 0 and 'top_k' in run.stderr       # suggests the right name
 
 
+@pytest.mark.slow
 def test_cli_prints_the_accounting():
   run = subprocess.run([sys.executable, '-m', 'mobilemoe_jax.info', '--config=configs/tiny.py'],
                        capture_output=True, text=True, check=True)

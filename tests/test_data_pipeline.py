@@ -14,10 +14,8 @@ T, B = 64, 4  # short rows: many documents are split, which is what packing must
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("data"))
-  build.build(out, max_bytes=200_000, vocab_size=512, progress=False)
-  return build.paths(out)
+def data(data_dir):
+  return build.paths(data_dir)
 
 
 def _config(data, sources, **kw):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from mobilemoe_jax.data import tokenizer as tokenizer_lib
-from test_eval_util import make_tokenizer
 
 BOS, END_OF_TEXT, HEADER_START, HEADER_END, EOT = 128000, 128001, 128005, 128006, 128008
 CONVERSATIONS = [
@@ -112,12 +111,11 @@ def test_a_jinja_template_the_native_one_does_not_match_is_refused(llama3_tokeni
     tokenizer_lib.load_tokenizer(str(tmp_path), chat_template='llama3')
 
 
-def test_sentencepiece_converts_to_the_same_ids(tmp_path):
+def test_sentencepiece_converts_to_the_same_ids(tmp_path, spm_tokenizer):
   import tokenizers
-  spm_tok = make_tokenizer(tmp_path)
   out = tmp_path / 'hf'
-  ids = tokenizer_lib.write_tokenizer_files(spm_tok, str(out))
-  assert ids == {'bos_token_id': 2, 'eos_token_id': [3, spm_tok.piece_ids('<|end|>')[0]],
+  ids = tokenizer_lib.write_tokenizer_files(spm_tokenizer, str(out))
+  assert ids == {'bos_token_id': 2, 'eos_token_id': [3, spm_tokenizer.piece_ids('<|end|>')[0]],
                  'pad_token_id': 0}
   converted = tokenizers.Tokenizer.from_file(str(out / 'tokenizer.json'))
   rnd = random.Random(0)
@@ -126,17 +124,17 @@ def test_sentencepiece_converts_to_the_same_ids(tmp_path):
   texts += [''.join(rnd.choice('ab cd\n\té✓日 .,') for _ in range(rnd.randint(0, 30)))
             for _ in range(200)]
   for text in texts:
-    want = spm_tok.encode(text)
+    want = spm_tokenizer.encode(text)
     assert converted.encode(text, add_special_tokens=False).ids == want, repr(text)
     assert converted.encode(text).ids == [2] + want   # BOS, as our documents start
-    assert converted.decode(want) == spm_tok.decode(want)
+    assert converted.decode(want) == spm_tokenizer.decode(want)
   # Loaded back through the tokenizer.json, chats encode as with the SentencePiece model.
   back = tokenizer_lib.load_tokenizer(str(out))
-  assert back.template.name == 'bundled' and back.stop_ids == spm_tok.stop_ids
+  assert back.template.name == 'bundled' and back.stop_ids == spm_tokenizer.stop_ids
   for messages in CONVERSATIONS[1:]:
-    for a, b in zip(back.encode_chat(messages), spm_tok.encode_chat(messages)):
+    for a, b in zip(back.encode_chat(messages), spm_tokenizer.encode_chat(messages)):
       np.testing.assert_array_equal(a, b)
-    assert back.chat_prompt(messages) == spm_tok.chat_prompt(messages)
+    assert back.chat_prompt(messages) == spm_tokenizer.chat_prompt(messages)
 
 
 def test_unconvertible_sentencepiece_is_refused(tmp_path):

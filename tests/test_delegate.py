@@ -11,8 +11,8 @@ from ai_edge_litert.interpreter import Interpreter
 
 from export import delegate as dl
 from export.delegate import tflite_builder as tb
-from test_delegate_util import (assert_close, assert_rel_l2, copy_sources, graph_with_builtins,
-                                opts, run, tokens, weights)
+from tests.support.delegate import (assert_close, assert_rel_l2, copy_sources, graph_with_builtins,
+                                   opts, run, tokens, weights)
 
 
 def test_pack_int4_convention():
@@ -231,6 +231,7 @@ def test_bad_delegate_option():
     load_delegate(dl.library_path(), {"threads": 2})
 
 
+@pytest.mark.slow
 def test_builds_from_clean_tree(tmp_path):
   copy_sources(tmp_path)
   subprocess.run(["make", "-C", str(tmp_path)], check=True, capture_output=True)

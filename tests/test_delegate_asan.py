@@ -12,6 +12,8 @@ import pytest
 
 from export import delegate as dl
 
+pytestmark = pytest.mark.slow   # a sanitizer build and the delegate tests again under it
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -7,7 +7,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from export import delegate as dl
 from export.delegate import tflite_builder as tb
-from test_delegate_util import assert_close, attn_opts, inputs
+from tests.support.delegate import assert_close, attn_opts, inputs
 
 
 def run(model, feeds, delegate, num_threads=2):

@@ -11,7 +11,7 @@ import pytest
 
 from export import delegate as dl
 from export.delegate import tflite_builder as tb
-from test_delegate_util import assert_close, assert_rel_l2, opts, run, tokens, weights
+from tests.support.delegate import assert_close, assert_rel_l2, opts, run, tokens, weights
 
 N_CASES = int(os.environ.get("MOBILEMOE_FUZZ_CASES", "24"))
 PATTERNS = ("random", "collapsed", "ties", "saturated", "zero_tokens")

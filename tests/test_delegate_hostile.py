@@ -20,7 +20,7 @@ from ai_edge_litert.interpreter import Interpreter
 from export import delegate as dl
 from export.delegate import tflite_builder as tb
 from export.delegate.fuzz import models as model_fuzz
-from test_delegate_util import attn_opts, inputs, opts, weights
+from tests.support.delegate import attn_opts, inputs, opts, weights
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DLG = os.path.dirname(dl.__file__)

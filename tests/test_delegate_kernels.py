@@ -9,7 +9,9 @@ import subprocess
 import pytest
 
 from export import delegate as dl
-from test_delegate_util import copy_sources
+from tests.support.delegate import copy_sources
+
+pytestmark = pytest.mark.slow   # separate native and arm64 builds of the kernels
 
 SRC = os.path.dirname(dl.__file__)
 

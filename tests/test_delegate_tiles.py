@@ -15,7 +15,7 @@ import pytest
 
 from export import delegate as dl
 from export.delegate import tflite_builder as tb
-from test_delegate_util import assert_close, graph_with_builtins, opts, run, tokens, weights
+from tests.support.delegate import assert_close, graph_with_builtins, opts, run, tokens, weights
 
 # The refusal message must contain this (plus the reason): see test_untileable_*.
 REFUSAL = "weight_tiles"

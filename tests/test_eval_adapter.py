@@ -11,12 +11,12 @@ from mobilemoe_jax.eval.run import run_local_eval
 from mobilemoe_jax.eval.base import TokenLM, cut_at_stop
 from mobilemoe_jax.eval.jax_lm import JaxLM
 from mobilemoe_jax.model import generate
-from test_eval_util import EVAL_DATA, direct_loglikelihood, make_tokenizer, tiny_model
+from tests.support.eval import EVAL_DATA, direct_loglikelihood, forward_logits, tiny_model
 
 
 @pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-  return make_tokenizer(tmp_path_factory.mktemp('tok'))
+def tok(spm_tokenizer):
+  return spm_tokenizer
 
 
 @pytest.fixture(scope='module')
@@ -92,7 +92,7 @@ def test_rolling_loglikelihood_is_the_whole_document(lm1, ref, tok):
   (got,) = lm1.loglikelihood_rolling([Instance('loglikelihood_rolling', {}, (text,), 0)])
   # Empty context: the document is conditioned on <bos> alone.
   ids = [tok.bos_id] + tok.encode(text)
-  logits, _, _ = ref(np.asarray([ids], np.int32))
+  logits = forward_logits(ref, np.asarray([ids], np.int32))
   logp = np.asarray(jax.nn.log_softmax(logits[0], -1), np.float64)
   assert got == pytest.approx(sum(logp[i - 1, ids[i]] for i in range(1, len(ids))), rel=1e-5)
 
@@ -130,7 +130,7 @@ def test_long_context_is_left_truncated(lm1, ref, tok):
   assert len(got_ctx) + len(cont) == lm1.max_length + 1 and got_ctx[-1] == 5
   (score,) = lm1._score_pairs([(got_ctx, cont)])
   row = np.asarray([got_ctx + cont[:-1]], np.int32)
-  logp = np.asarray(jax.nn.log_softmax(ref(row)[0][0], -1), np.float64)
+  logp = np.asarray(jax.nn.log_softmax(forward_logits(ref, row)[0], -1), np.float64)
   assert score[0] == pytest.approx(logp[-2, 7] + logp[-1, 8], rel=1e-5)
 
 

@@ -11,7 +11,7 @@ import pytest
 from configs.eval import suite as suite_lib
 from mobilemoe_jax.eval import fetch, run, tasks
 from mobilemoe_jax.eval.base import TokenLM
-from test_eval_util import EVAL_DATA, make_tokenizer
+from tests.support.eval import EVAL_DATA
 
 MIRROR = EVAL_DATA / 'mirror'
 
@@ -98,6 +98,7 @@ def test_local_task_with_missing_file_names_it(tmp_path):
     tasks.local_task(yaml_path)
 
 
+@pytest.mark.slow
 def test_cli_missing_dataset_exits_with_the_message(tmp_path, empty_hf_cache):
   env = dict(os.environ, HF_HOME=str(empty_hf_cache), MOBILEMOE_EVAL_DATA=str(tmp_path / 'none'))
   env.pop('HF_HUB_CACHE', None)
@@ -121,9 +122,9 @@ class ShortestAnswerLM(TokenLM):
     raise AssertionError('unused')
 
 
-def test_lm_eval_arc_easy_runs_from_the_local_mirror(tmp_path, empty_hf_cache):
+def test_lm_eval_arc_easy_runs_from_the_local_mirror(tmp_path, empty_hf_cache, spm_tokenizer):
   specs = tasks.suite_specs(suite_lib.get_config().tasks, ['arc_easy'], MIRROR)
-  lm = ShortestAnswerLM(make_tokenizer(tmp_path), 64)
+  lm = ShortestAnswerLM(spm_tokenizer, 64)
   results = run.evaluate(lm, specs)
   res = results['results']['arc_easy']
   # acc: the shortest answers "a rock", "sand", "gas" are all wrong -> 0. acc_norm divides by
@@ -139,20 +140,20 @@ def test_lm_eval_arc_easy_runs_from_the_local_mirror(tmp_path, empty_hf_cache):
   assert payload['checkpoint'] == 'stub' and payload['summary'][0]['n'] == 3
 
 
-def test_suite_shot_count_reaches_the_prompt(tmp_path, empty_hf_cache):
+def test_suite_shot_count_reaches_the_prompt(tmp_path, empty_hf_cache, spm_tokenizer):
   (spec,) = tasks.suite_specs(suite_lib.get_config().tasks, ['arc_easy'], MIRROR)
   spec['num_fewshot'] = 1          # the mirror's train split has the one example to show
-  results = run.evaluate(ShortestAnswerLM(make_tokenizer(tmp_path), 64), [spec], log_samples=True)
+  results = run.evaluate(ShortestAnswerLM(spm_tokenizer, 64), [spec], log_samples=True)
   assert results['n-shot']['arc_easy'] == 1
   context = results['samples']['arc_easy'][0]['arguments'][0][0]
   assert context.startswith('Question: Which organ pumps blood through the body?\nAnswer: the heart\n\n')
 
 
-def test_incomplete_mirror_is_a_missing_dataset(tmp_path, empty_hf_cache):
+def test_incomplete_mirror_is_a_missing_dataset(tmp_path, empty_hf_cache, spm_tokenizer):
   # The mirror's ai2_arc holds ARC-Easy only, so arc_challenge finds the repo but not its config.
   specs = tasks.suite_specs(suite_lib.get_config().tasks, ['arc_challenge'], MIRROR)
   with pytest.raises(tasks.DatasetMissingError, match='ARC-Challenge.*incomplete'):
-    run.evaluate(ShortestAnswerLM(make_tokenizer(tmp_path), 64), specs)
+    run.evaluate(ShortestAnswerLM(spm_tokenizer, 64), specs)
 
 
 class ParisLM(TokenLM):
@@ -167,9 +168,9 @@ class ParisLM(TokenLM):
     raise AssertionError('unused')
 
 
-def test_generate_until_task_cuts_at_the_yaml_stop_and_scores(tmp_path):
+def test_generate_until_task_cuts_at_the_yaml_stop_and_scores(tmp_path, spm_tokenizer):
   spec, include = tasks.local_task(EVAL_DATA / 'tiny_gen.yaml')
-  results = run.evaluate(ParisLM(make_tokenizer(tmp_path), 64), [spec], include=[include],
+  results = run.evaluate(ParisLM(spm_tokenizer, 64), [spec], include=[include],
                          log_samples=True)
   outputs = [s['filtered_resps'][0] for s in results['samples']['tiny_gen']]
   assert outputs == ['Paris', 'Paris']                 # cut at "\n", whitespace stripped

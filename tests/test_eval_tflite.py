@@ -10,17 +10,19 @@ from lm_eval.api.instance import Instance
 from mobilemoe_jax.eval import run, tasks
 from mobilemoe_jax.eval.jax_lm import JaxLM
 from export.tflite_lm import TFLiteLM
-from test_eval_util import EVAL_DATA, make_tokenizer, tiny_model
+from tests.support.eval import EVAL_DATA, tiny_model
 
 pytest.importorskip('litert_torch')
 
+pytestmark = pytest.mark.slow   # a .tflite export
+
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, spm_tokenizer):
   from configs import tiny
   from export import litert, torch_model
   tmp = tmp_path_factory.mktemp('tflite')
-  tok = make_tokenizer(tmp)
+  tok = spm_tokenizer
   model = tiny_model('moe')
   path = str(tmp / 'tiny_int4.tflite')
   # One short prefill length and a short cache: the tests' prompts are short, export is faster.

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip('litert_torch')
 
-from test_train import data_dir  # noqa: F401  (a fixture: the bundled corpus, small)
+pytestmark = pytest.mark.slow   # a 300-step QAT training and three .tflite exports
 
 N_STEPS = 16
 OVERRIDES = {'model.n_layers': 2, 'model.d_model': 64, 'model.d_ff': 128, 'model.vocab_size': 512,

@@ -18,15 +18,14 @@ from export import hf
 from export import torch_model as tm
 from mobilemoe_jax.model import Transformer
 from mobilemoe_jax.data import tokenizer as tokenizer_lib
-from test_eval_util import make_tokenizer
-from tests.test_export_torch import TOKENS, make
+from tests.support.models import TOKENS, make
 
 CHAT = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'What does os do?'}]
 
 
 @pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-  return make_tokenizer(tmp_path_factory.mktemp('tok'))   # the demo's kind: SentencePiece
+def tok(spm_tokenizer):
+  return spm_tokenizer   # the demo's kind: SentencePiece
 
 
 def _hf_logits(path):

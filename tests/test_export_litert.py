@@ -20,7 +20,9 @@ from export import flatbuf, litert, moe_op
 from export import torch_model as tm
 from export.runner import LiteRTLM
 from mobilemoe_jax.quant import grid
-from tests.test_export_torch import lsq_model, make
+from tests.support.models import lsq_model, make
+
+pytestmark = pytest.mark.slow   # a .tflite conversion per lowering
 
 KV_LEN = 96
 TOK = np.random.default_rng(1).integers(0, 2048, 88)      # past the 64-token window
@@ -376,19 +378,21 @@ def test_prefill_logits_last_verify_and_eval(small, last_fp32_path):
     TFLiteLM(tokenizer=object(), runner=LiteRTLM(last_fp32_path))
 
 
-def test_int4_channel_delegate_export_holds_channelwise_experts(small, tmp_path):
+def test_int4_channel_delegate_export_holds_channelwise_experts(small, fp32_path, tmp_path):
   """--quant int4_channel --moe delegate: the MobileMoeBlock op's experts are on the file's
   grid too (group_size 0, one scale per row), and with int8 activations the delegate
   computes what the portable int4_channel file computes with XNNPACK's FCs (that file also
   with --attention delegate: the quantizer passes MobileKvAttention through)."""
   paths = {moe: str(tmp_path / f'{moe}.tflite') for moe in ('delegate', 'portable')}
-  try:
-    for moe, path in paths.items():   # the delegate file: decode's attention as its op too
-      litert.export(small, path, quant='int4_channel', embedding='int8', moe=moe, attention=moe,
-                    prefill_lens=(8, 32), kv_len=KV_LEN, log=lambda _: None)
+  try:   # the delegate file: decode's attention as its op too
+    litert.export(small, paths['delegate'], quant='int4_channel', embedding='int8', moe='delegate',
+                  attention='delegate', prefill_lens=(8, 32), kv_len=KV_LEN, log=lambda _: None)
   finally:
     small.set_moe_lowering('portable')
     small.set_attention_lowering('portable')
+  # The portable file is litert.export's quantize + write_grid of the portable fp32 file.
+  litert.quantize(fp32_path, paths['portable'], 'int4_channel', 'int8', small.cfg, log=lambda _: None)
+  litert.write_grid(paths['portable'], small, 'int4_channel', 'int8', log=lambda _: None)
   (opts, ws), = moe_op.read_ops(paths['delegate'])
   assert opts['group_size'] == 0
   moe = small.blocks[1].ffn
@@ -421,7 +425,7 @@ def test_tiled_experts_export_runs_like_the_portable_file(tmp_path):
   gives back the row layout (the weights' own integers), and the delegate running that file
   computes what the portable int4_channel file computes with XNNPACK's FCs, prefill and
   decode, with and without its fully_connected option."""
-  cfg, m = make('moe', d_expert=128, d_shared=128)
+  cfg, m = make('moe', d_expert=128, d_shared=128, n_layers=2)   # one dense, one MoE layer
   model = tm.from_flax(m, cfg)
   paths = {moe: str(tmp_path / f'{moe}.tflite') for moe in ('delegate', 'portable')}
   try:

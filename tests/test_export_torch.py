@@ -1,6 +1,5 @@
 """PyTorch MobileMoE == JAX model (fp32), its KV cache, files and error messages."""
 import copy
-import functools
 
 import numpy as np
 import pytest
@@ -13,31 +12,7 @@ from flax import nnx
 from configs import tiny
 from export import torch_model as tm
 from mobilemoe_jax.model import Transformer
-
-
-def make(kind='moe', router_gain=30.0, **moe):
-  """A tiny model with a decisive router: the init's near-uniform router puts top-k
-  choices at float ties, where any two implementations may legitimately differ.
-  Cached (building one eagerly is slow on 2 cores); the config is a fresh copy."""
-  cfg, m = _make(kind, router_gain, tuple(sorted(moe.items())))
-  return copy.deepcopy(cfg), m
-
-
-@functools.lru_cache(maxsize=None)
-def _make(kind, router_gain, moe):
-  moe = dict(moe)
-  cfg = tiny.get_config(kind).model
-  cfg.moe.update(moe)
-  m = Transformer(cfg, rngs=nnx.Rngs(0))
-  for b in m.blocks:
-    if hasattr(b.ffn, 'router'):
-      b.ffn.router[...] = b.ffn.router[...] * router_gain
-      if b.ffn.expert_bias is not None:
-        b.ffn.expert_bias[...] = jnp.linspace(-0.05, 0.05, cfg.moe.n_experts)
-  return cfg, m
-
-
-TOKENS = np.random.default_rng(0).integers(0, 2048, (2, 90))   # > the 64-token window
+from tests.support.models import TOKENS, lsq_model, make
 
 
 @pytest.mark.parametrize('kind,moe', [
@@ -153,24 +128,6 @@ def test_cli_sources_fail_clearly(tmp_path):
   assert checkpoint.load_any(str(tmp_path / 'moe'), 'configs/tiny.py:moe').cfg['moe']['n_experts'] == 8
 
 
-def lsq_model(cfg, float_model):
-  """float_model's weights under LSQ QAT, every learned scale moved off its max-abs init
-  (by -15% .. +20%), as training moves them."""
-  import jax
-  from mobilemoe_jax.model.layers import QuantScale
-  from mobilemoe_jax.quant import qat
-  cfg = copy.deepcopy(cfg)
-  cfg.quant.weights, cfg.quant.learnable_scale = 'int4_g32', True
-  qm = Transformer(cfg, rngs=nnx.Rngs(0))
-  nnx.update(qm, nnx.state(float_model, nnx.Param))
-  qat.init_scales_from_weights(qm)
-  scales = nnx.state(qm, QuantScale)
-  keys = iter(jax.random.split(jax.random.key(5), 100))
-  nnx.update(qm, jax.tree.map(
-      lambda s: s * jax.random.uniform(next(keys), s.shape, minval=0.85, maxval=1.2), scales))
-  return cfg, qm
-
-
 def test_lsq_checkpoint_converts_to_its_exact_grid(tmp_path):
   """A QAT model with learned scales converts to the weights its forward computes with
   (PyTorch == JAX fake-quant forward), carrying its integers and scales, which survive
@@ -202,6 +159,7 @@ def test_lsq_checkpoint_converts_to_its_exact_grid(tmp_path):
     np.testing.assert_array_equal(back[name].scales, g.scales)
 
 
+@pytest.mark.slow
 def test_litert_torch_does_not_change_jax_precision(tmp_path):
   """litert_torch turns on jax_enable_x64 at import and while converting; the export package
   must not let that leak into a process that also trains (it broke bit-exact resume when the

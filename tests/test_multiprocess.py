@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow   # three trainer launches as subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES = 2
 FIRST, TOTAL = 3, 6  # the first launch stops (and saves) after FIRST steps; resume runs to TOTAL
@@ -132,14 +134,6 @@ def _train_two_processes(data_dir, workdir, steps):
 def _losses(workdir):
   from mobilemoe_jax.train.metrics import read_jsonl
   return {s: m['train/loss'] for s, m in read_jsonl(f'{workdir}/metrics.jsonl').items()}
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  from mobilemoe_jax.data import build
-  out = str(tmp_path_factory.mktemp('data'))
-  build.build(out, max_bytes=200_000, vocab_size=512, progress=False)
-  return out
 
 
 def test_two_processes_train_and_resume_like_one_process(tmp_path, data_dir):

@@ -3,10 +3,13 @@ a summary table and the full lineage in the last checkpoint."""
 import json
 import os
 
+import pytest
+
 from mobilemoe_jax import pipeline
-from test_train import SMALL, data_dir  # noqa: F401  (data_dir is a fixture)
+from tests.support.train import SMALL
 
 
+@pytest.mark.slow
 def test_pipeline_chains_stages(data_dir, tmp_path, capsys):
   workdir = str(tmp_path / 'demo')
   # Every stage gets pre-training's optimizer settings here, so all three compile to the

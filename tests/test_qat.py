@@ -140,16 +140,14 @@ def test_init_scales_from_loaded_weights_equal_max_abs_scales():
   assert n >= 12    # q, k, v, o, dense and expert gate/up/down, shared, router
 
 
-def test_lsq_qat_trains_from_a_float_checkpoint(tmp_path):
+@pytest.mark.slow
+def test_lsq_qat_trains_from_a_float_checkpoint(data_dir, tmp_path):
   """train.init_from a float checkpoint with learned scales: the run starts the scales from
   the loaded weights (not the random init) and trains them."""
   from configs.stages import qat as qat_stage
-  from mobilemoe_jax.data import build
   from mobilemoe_jax.train.loading import load_checkpoint
   from mobilemoe_jax.train import train_and_evaluate
-  from tests.test_train import make_config
-  data_dir = str(tmp_path / 'data')
-  build.build(data_dir, max_bytes=100_000, vocab_size=512, progress=False)
+  from tests.support.train import make_config
   # Another seed than the QAT run's: its random-init scales would be far from these weights.
   float_run = train_and_evaluate(make_config(data_dir, **{
       'train.steps': 2, 'train.seed': 1, 'train.eval_batches': 0}), str(tmp_path / 'float'))

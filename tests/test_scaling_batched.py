@@ -1,31 +1,17 @@
 """The in-process sweep: seeds trained side by side must train what the trainer trains."""
 import json
 import os
-import tempfile
 
-import jax
 import numpy as np
 import pytest
 
-from mobilemoe_jax.data import build
 from mobilemoe_jax.scaling import batched, sweep
 from mobilemoe_jax.train import train_and_evaluate
-
-jax.config.update('jax_compilation_cache_dir', os.environ.get(
-    'MOBILEMOE_TEST_XLA_CACHE', os.path.join(tempfile.gettempdir(), 'mobilemoe_jax_test_xla_cache')))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 # The tiny MoE (8 experts top-2 + a shared expert) cut to 2 layers, one of them MoE.
 SMALL = {'model.n_layers': 2, 'model.d_model': 64, 'model.d_ff': 128, 'model.vocab_size': 512,
          'train.batch_size': 8, 'train.seq_len': 32, 'train.warmup_steps': 2, 'train.steps': 4,
          'train.log_every': 1, 'train.eval_batches': 10_000, 'train.progress': False}
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp('data'))
-  build.build(out, max_bytes=200_000, vocab_size=512, progress=False)
-  return out
 
 
 def test_in_process_seeds_match_the_trainer_and_resume(data_dir, tmp_path):

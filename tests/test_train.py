@@ -1,63 +1,20 @@
 """The train loop: non-finite handling, checkpoint mismatch/corruption errors, SFT loss mask."""
 import glob
-import itertools
 import os
-import tempfile
 
 import jax
 import numpy as np
 import pytest
 
-from configs.stages import pretrain
 from mobilemoe_jax import sharding
-from mobilemoe_jax.data import build, pipeline
+from mobilemoe_jax.data import pipeline
 from mobilemoe_jax.train import CheckpointError, NonFiniteError, optim, train_and_evaluate, trainer
 from mobilemoe_jax.train import metrics as metrics_lib
-
-# Compiling dominates these tests; XLA's on-disk cache lets runs with the same config
-# (and the subprocesses of test_train_resume.py) compile once.
-jax.config.update('jax_compilation_cache_dir', os.environ.get(
-    'MOBILEMOE_TEST_XLA_CACHE', os.path.join(tempfile.gettempdir(), 'mobilemoe_jax_test_xla_cache')))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-
-# Small enough to compile in seconds: 2 layers (dense, then MoE with 8 experts). Tests keep
-# steps=6 and on_nonfinite='stop' unless they need otherwise, so they share compiled steps.
-SMALL = {'model.n_layers': 2, 'model.d_model': 64, 'model.d_ff': 128, 'model.vocab_size': 512,
-         'train.batch_size': 8, 'train.seq_len': 32, 'train.log_every': 1, 'train.eval_batches': 1,
-         'train.warmup_steps': 2, 'train.progress': False, 'train.steps': 6,
-         'train.checkpoint_every': 3}
-
-
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp('data'))
-  build.build(out, max_bytes=200_000, vocab_size=512, progress=False)
-  return out
-
-
-def make_config(data_dir, stage=pretrain, **overrides):
-  config = stage.get_config(f'tiny,data_dir={data_dir}')
-  config.update_from_flattened_dict({**SMALL, **overrides})
-  config.lock()
-  return config
-
-
-def _poison_step(monkeypatch, bad_step):
-  """Makes training batch `bad_step` (1-based) carry a NaN loss mask, as corrupt data would."""
-  original = pipeline.make_dataset
-
-  def make_dataset(data_config, **kw):
-    ds = original(data_config, **kw)
-    if data_config['num_epochs'] == 1:  # the held-out set stays clean
-      return ds
-    count = itertools.count(1)
-    return ds.map(lambda b: dict(b, loss_mask=b['loss_mask'] * np.nan) if next(count) == bad_step else b)
-
-  monkeypatch.setattr(pipeline, 'make_dataset', make_dataset)
+from tests.support.train import make_config, poison_step
 
 
 def test_nonfinite_stop_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-  _poison_step(monkeypatch, 4)
+  poison_step(monkeypatch, 4)
   config = make_config(data_dir)
   with pytest.raises(NonFiniteError, match=r'step 4 .*last good checkpoint is .*checkpoints/3'):
     train_and_evaluate(config, str(tmp_path))
@@ -66,7 +23,7 @@ def test_nonfinite_stop_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypat
 
 
 def test_nonfinite_skip_is_recorded(data_dir, tmp_path, monkeypatch):
-  _poison_step(monkeypatch, 2)
+  poison_step(monkeypatch, 2)
   config = make_config(data_dir, **{'train.on_nonfinite': 'skip'})
   summary = train_and_evaluate(config, str(tmp_path))
   logged = metrics_lib.read_jsonl(str(tmp_path / 'metrics.jsonl'))

@@ -11,7 +11,9 @@ import pytest
 
 from mobilemoe_jax.train import metrics as metrics_lib
 from mobilemoe_jax.train import train_and_evaluate
-from test_train import data_dir, make_config  # noqa: F401  (data_dir is a fixture)
+from tests.support.train import make_config
+
+pytestmark = pytest.mark.slow   # trainings killed and resumed in subprocesses
 
 N = 3  # interrupt after N steps of 2N; the config checkpoints every 3 steps
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,8 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # step-N checkpoint has been started) so the parent can signal it at a known point.
 CHILD = textwrap.dedent('''
     import os, signal, sys, time
-    sys.path[:0] = [{repo!r}, os.path.join({repo!r}, 'tests')]
-    from test_train import make_config
+    sys.path[:0] = [{repo!r}]
+    from tests.support.train import make_config
     from mobilemoe_jax.train import train_and_evaluate
 
     def pause(step):

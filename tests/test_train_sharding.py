@@ -7,7 +7,7 @@ from mobilemoe_jax import config as config_lib
 from mobilemoe_jax import sharding
 from mobilemoe_jax.data import pipeline
 from mobilemoe_jax.train import optim, trainer
-from test_train import data_dir, make_config  # noqa: F401  (data_dir is a fixture)
+from tests.support.train import make_config
 
 
 def _run(config, mesh, batches):

@@ -27,6 +27,9 @@ class MobilemoeCorpus(tfds.core.GeneratorBasedBuilder):
   # `importlib_resources`, which not every environment installs.
   url_infos = None
 
+  def _log_download_done(self):
+    pass   # TFDS's "downloaded and prepared to ..." line: the build prints its own summary
+
   def _info(self) -> tfds.core.DatasetInfo:
     # DatasetInfo directly: dataset_info_from_configs() wants metadata files beside the module.
     return tfds.core.DatasetInfo(
@@ -62,6 +65,8 @@ class MobilemoeCorpus(tfds.core.GeneratorBasedBuilder):
 
 def prepare(corpus_dir: str, data_dir: str) -> str:
   """Builds (or finds up to date) the TFDS dataset; returns its directory."""
+  # The build shows one progress bar and a summary; TFDS's nested bars would break it up.
+  tfds.disable_progress_bar()
   builder = MobilemoeCorpus(data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=corpus_dir),

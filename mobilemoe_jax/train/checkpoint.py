@@ -369,9 +369,11 @@ def load_for_init(path: str, abstract_state, shardings, parts: tuple[str, ...]):
   directory, step = resolve(path)
   where = str(directory / str(step))
   verify(where, step)
-  # The PyTree handler (what the Standard one wraps, same format) can restore a subtree.
+  # The PyTree handler (what the Standard one wraps, same format) can restore a subtree. The
+  # data item is not read, but Orbax warns about any saved item it has no handler for.
   manager = ocp.CheckpointManager(directory, item_handlers={
-      'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+      'state': ocp.PyTreeCheckpointHandler(), 'data': pipeline.CheckpointHandler(),
+      'meta': ocp.JsonCheckpointHandler()})
   try:
     saved = _read_metadata(manager, step, where)
     check_compatible(saved, {p: abstract_state[p] for p in parts}, where, prefixes=parts)

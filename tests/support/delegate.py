@@ -1,4 +1,4 @@
-"""Shared helpers for the delegate tests (collected by pytest, but holds no tests)."""
+"""Shared helpers for the delegate tests."""
 
 import math
 import os
