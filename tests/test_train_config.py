@@ -9,7 +9,7 @@ import pytest
 from mobilemoe_jax import config as config_lib
 from mobilemoe_jax.config import ConfigError
 from mobilemoe_jax.train import NonFiniteError, config_check, train_and_evaluate
-from test_train import _poison_step, data_dir, make_config  # noqa: F401  (data_dir is a fixture)
+from tests.support.train import make_config, poison_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +67,7 @@ def test_skip_limit_stops_and_reports_each_skip(data_dir, tmp_path, monkeypatch,
   """Every batch from step 2 on is poisoned: 'skip' reports each skipped step and stops once
   more than max_consecutive_skips were skipped in a row."""
   for step in range(2, 7):
-    _poison_step(monkeypatch, step)
+    poison_step(monkeypatch, step)
   config = make_config(data_dir, **{'train.on_nonfinite': 'skip', 'train.max_consecutive_skips': 2})
   with pytest.raises(NonFiniteError, match=r'3 steps in a row and 3 of 4 skipped .*'
                                            r'max_consecutive_skips=2.*checkpoint is .*/3'):

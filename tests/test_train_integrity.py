@@ -15,7 +15,7 @@ from mobilemoe_jax.train import CheckpointCorrupt, CheckpointError, NonFiniteErr
 from mobilemoe_jax.train import checkpoint as ckpt_lib
 from mobilemoe_jax.train import metrics as metrics_lib
 from mobilemoe_jax.train import train_and_evaluate
-from test_train import _poison_step, data_dir, make_config  # noqa: F401  (data_dir is a fixture)
+from tests.support.train import make_config, poison_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +144,7 @@ def test_nan_right_after_a_restore_blames_the_checkpoint(data_dir, straight, tmp
   workdir = str(tmp_path / 'run')
   shutil.copytree(straight[0], workdir)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '6'))
-  _poison_step(monkeypatch, 1)           # the first batch the resumed iterator yields: step 4
+  poison_step(monkeypatch, 1)           # the first batch the resumed iterator yields: step 4
   with pytest.raises(NonFiniteError, match=r'step 4 .*first step after resuming from .*/3: '
                                            r'that checkpoint is suspect') as err:
     train_and_evaluate(make_config(data_dir), workdir)
