@@ -19,8 +19,9 @@ Conventions (written once, used everywhere):
   expert biases and norms stay fp32. This is the layout the exporter writes.
 - Latency (a roofline, nothing finer): a decode step at batch 1 is memory-bound, so it
   takes (active INT4 weight bytes + KV-cache bytes read) / bandwidth; prefill is
-  compute-bound, so it takes its FLOPs / compute rate. The two constants come from
-  `bench/results/ondevice.json` when a phone benchmark wrote one (see `load_device`).
+  compute-bound, so it takes its FLOPs / compute rate. The two constants are placeholders
+  (ASSUMED_DEVICE) unless the caller loads a benchmark record (`load_device(path)`; the search
+  CLI reads bench/results/ondevice.json).
 """
 import dataclasses
 import json
@@ -139,10 +140,7 @@ class DeviceModel:
 # of which decode sustains roughly half; ~1 TFLOP/s of INT4/INT8 matmul on CPU+NPU).
 # Latencies from these are only good for ranking configs against each other.
 ASSUMED_DEVICE = DeviceModel(bandwidth=40e9, compute=1e12, source='assumed (no ondevice.json)')
-ONDEVICE_JSON = os.path.join('bench', 'results', 'ondevice.json')
-
-
-def load_device(path: str = ONDEVICE_JSON) -> DeviceModel:
+def load_device(path: str) -> DeviceModel:
   """The latency constants from a benchmark record when one exists, else the placeholders.
 
   Two layouts are read:

@@ -153,9 +153,10 @@ def search(budgets: Budgets, family, space: Space = Space(),
   """All shapes of `family` (a model config, e.g. the pre-release MobileMoE-S design,
   configs/prerelease/mobilemoe_s.py, whose search docs/scaling.md records) in `space` within
   `budgets`, ranked by the law with `params`. Ties in predicted loss go to the shape with
-  the lower decode latency, then the smaller model."""
+  the lower decode latency, then the smaller model. device: latency constants
+  (accounting.load_device), default the placeholders accounting.ASSUMED_DEVICE."""
   budgets.check()
-  device = device or accounting.load_device()
+  device = device or accounting.ASSUMED_DEVICE
   base = _namespace(config_lib.validate(family))
   found, n_eval = [], 0
   for (d, heads, hd, d_ff, ex), layers in _shapes(base, space):
@@ -308,7 +309,7 @@ def plot(result: Result, path: str, marks: dict | None = None, title: str = ''):
 def evaluate(model, budgets: Budgets, params: law.LawParams = law.REFERENCE,
              device: accounting.DeviceModel | None = None) -> dict:
   """The search's record for one given config (to place a preset on the plot)."""
-  device = device or accounting.load_device()
+  device = device or accounting.ASSUMED_DEVICE
   r = _record(model, accounting.costs(model, budgets.context, device))
   r['loss'] = float(law.predict(params, r['N'], r['S'], r['G'], budgets.tokens))
   r['within_budgets'] = _within(accounting.costs(model, budgets.context, device), budgets)
@@ -333,7 +334,7 @@ def main(argv=None):
   for field in ('d_model', 'n_layers', 'head_dim', 'n_experts', 'top_k', 'd_expert'):
     ap.add_argument(f'--{field}', default='', help=f'comma-separated {field} values to search '
                     f'(default: {getattr(Space(), field)})')
-  ap.add_argument('--device_json', default=accounting.ONDEVICE_JSON,
+  ap.add_argument('--device_json', default='bench/results/ondevice.json',
                   help='latency constants (accounting.load_device); a missing file means the '
                   'assumed placeholders')
   ap.add_argument('--top', type=int, default=5, help='how many of the best shapes to print')
