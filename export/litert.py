@@ -27,6 +27,9 @@ import torch
 from export import flatbuf
 
 PREFILL_LOGITS = ('all', 'last')
+# 'runner': export.runner's signatures (cache read only, new rows out: zero copy);
+# 'litertlm': the LiteRT-LM runtime's (ExportableLiteRTLM), for .litertlm bundles.
+CONVENTIONS = ('runner', 'litertlm')
 QUANTS = ('int4_g32', 'int4_channel', 'int8', 'fp32')
 # 'auto': the FC scheme, so a tied embedding is stored once for the gather and the lm_head.
 EMBEDDINGS = ('auto', 'int4_g32', 'int4', 'int8', 'fp32')
@@ -56,6 +59,38 @@ class Exportable(torch.nn.Module):
     return out
 
 
+class ExportableLiteRTLM(torch.nn.Module):
+  """The signature contract of Google's LiteRT-LM runtime (litert_lm.Engine), as litert-torch's
+  generative models export it: inputs `tokens` [1, T], `input_pos` [T] and the whole cache
+  `kv_cache_{k,v}_<i>` (the same kv_len slots in every signature: the runtime allocates one
+  buffer per name and binds it to all of them); outputs the updated cache under the same
+  names (the new rows written in the graph by DYNAMIC_UPDATE_SLICE; on CPU the runtime binds
+  the output to the input's buffer) and, in `decode` only, `logits` [1, 1, V] (a prefill may
+  output cache tensors only). The runtime pads a prefill chunk with token 0 at position 0,
+  so the graph numbers the chunk's tokens from input_pos[0] (the real tokens come first)."""
+
+  def __init__(self, model, with_logits: bool):
+    super().__init__()
+    self.model = model
+    self.with_logits = with_logits
+
+  def forward(self, tokens, input_pos, kv_cache):
+    from litert_torch.generative.custom_ops import dynamic_update_slice as dus
+    n = len(self.model.blocks)
+    t = tokens.shape[1]
+    pos = input_pos[:1] + torch.arange(t, dtype=input_pos.dtype)
+    cache = [(kv_cache[f'k_{i}'], kv_cache[f'v_{i}']) for i in range(n)]
+    last = torch.tensor([t - 1], dtype=torch.int32) if self.with_logits else None
+    logits, new = self.model(tokens, pos, cache, last)
+    out = {'logits': logits} if self.with_logits else {}
+    zero, p0 = torch.zeros([], dtype=torch.int32), pos[0].reshape([])
+    for i, ((kc, vc), (k, v)) in enumerate(zip(cache, new)):
+      # k [1, K, S, Dh] takes the rows at slot p0 on axis 2, v [1, K, Dh, S] on axis 3.
+      out[f'kv_cache_k_{i}'] = dus.dynamic_update_slice(kc, k.transpose(1, 2), [zero, zero, p0, zero])
+      out[f'kv_cache_v_{i}'] = dus.dynamic_update_slice(vc, v.permute(0, 2, 3, 1), [zero, zero, zero, p0])
+    return out
+
+
 def empty_kv(cfg: dict, slots: int) -> dict:
   """The cache inputs of a signature with `slots` past slots (torch_model's layouts:
   k [1, K, slots, Dh], v [1, K, Dh, slots])."""
@@ -72,24 +107,36 @@ def past_slots(kv_len: int, t: int) -> int:
 
 
 def convert_fp32(model, out_path: str, prefill_lens=(32, 128), kv_len: int = 0, log=print,
-                 prefill_logits='all'):
+                 prefill_logits='all', convention='runner'):
   """Traces prefill_<T> for each T and decode, and writes the fp32 flatbuffer."""
   from export import keep_jax_x64
   if prefill_logits not in PREFILL_LOGITS:
     raise ValueError(f'unknown prefill_logits {prefill_logits!r}; choose from {PREFILL_LOGITS}')
+  if convention not in CONVENTIONS:
+    raise ValueError(f'unknown signature convention {convention!r}; choose from {CONVENTIONS}')
   with keep_jax_x64(inside=True):
-    return _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits)
+    return _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits, convention)
 
 
-def _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits):
+def _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits, convention):
   import litert_torch
   cfg = model.cfg
   kv_len = kv_len or cfg['max_seq_len']
   if kv_len > cfg['max_seq_len'] or max(prefill_lens) > kv_len:
     raise ValueError(f'kv_len={kv_len} must be <= max_seq_len={cfg["max_seq_len"]} and >= '
                      f'every prefill length {tuple(prefill_lens)}')
-  mod = Exportable(model).eval()
   conv = None
+  if convention == 'litertlm':
+    prefill, decode = ExportableLiteRTLM(model, False).eval(), ExportableLiteRTLM(model, True).eval()
+    for t in prefill_lens:
+      kw = dict(tokens=torch.zeros((1, t), dtype=torch.int32),
+                input_pos=torch.arange(t, dtype=torch.int32), kv_cache=empty_kv(cfg, kv_len))
+      conv = (litert_torch if conv is None else conv).signature(f'prefill_{t}', prefill, sample_kwargs=kw)
+    kw = dict(tokens=torch.zeros((1, 1), dtype=torch.int32),
+              input_pos=torch.zeros((1,), dtype=torch.int32), kv_cache=empty_kv(cfg, kv_len))
+    conv = conv.signature('decode', decode, sample_kwargs=kw)
+    return _write(conv, out_path, len(prefill_lens) + 1, log)
+  mod = Exportable(model).eval()
   for t in prefill_lens:
     kw = dict(tokens=torch.zeros((1, t), dtype=torch.int32),
               input_pos=torch.arange(t, dtype=torch.int32),
@@ -101,8 +148,12 @@ def _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits):
   kw = dict(tokens=torch.zeros((1, 1), dtype=torch.int32),
             input_pos=torch.zeros((1,), dtype=torch.int32), kv_cache=empty_kv(cfg, kv_len))
   conv = conv.signature('decode', mod, sample_kwargs=kw)
+  return _write(conv, out_path, len(prefill_lens) + 1, log)
+
+
+def _write(conv, out_path, n_signatures, log):
   t0 = time.time()
-  log(f'[export] tracing and lowering {len(prefill_lens) + 1} signatures with litert-torch...')
+  log(f'[export] tracing and lowering {n_signatures} signatures with litert-torch...')
   conv.convert().export(out_path)
   log(f'[export] fp32 flatbuffer written ({time.time() - t0:.0f}s)')
   return out_path
@@ -164,12 +215,13 @@ def quantize(fp32_path: str, out_path: str, quant: str, embedding: str, cfg: dic
 
 def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='portable',
            attention='portable', prefill_lens=(32, 128), kv_len=0, prefill_logits='all',
-           log=print):
+           convention='runner', log=print):
   """torch model -> out_path. Returns the report dict (see report()).
   moe / attention: 'portable' (stock builtins) or 'delegate' (MobileMoeBlock /
   MobileKvAttention custom ops, in decode only for attention: the file then needs
   export/delegate loaded, runner.needs_delegate).
-  prefill_logits: 'all' (every position: scoring needs them) or 'last' (see the module doc)."""
+  prefill_logits: 'all' (every position: scoring needs them) or 'last' (see the module doc).
+  convention: 'runner' (export.runner) or 'litertlm' (the LiteRT-LM runtime, CONVENTIONS)."""
   # The MobileMoeBlock op holds INT4 experts on the file's grid: channel-wise (group_size 0)
   # for int4_channel, block-32 otherwise (int8/fp32 files still get INT4 experts).
   if moe == 'delegate' and quant not in ('int4_g32', 'int4_channel') and model.cfg['moe']['n_experts']:
@@ -178,7 +230,7 @@ def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='por
   model.set_attention_lowering(attention)
   with tempfile.TemporaryDirectory() as tmp:
     fp32 = os.path.join(tmp, 'fp32.tflite')
-    convert_fp32(model, fp32, prefill_lens, kv_len, log, prefill_logits)
+    convert_fp32(model, fp32, prefill_lens, kv_len, log, prefill_logits, convention)
     quantize(fp32, out_path, quant, embedding, model.cfg, log)
   exact = write_grid(out_path, model, quant, embedding, log)
   return dict(report(out_path), exact_grid=exact)
