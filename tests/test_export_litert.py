@@ -19,6 +19,7 @@ from export import torch_model as tm
 from export.runner import LiteRTLM
 from mobilemoe_jax.quant import grid
 from tests.test_export_torch import lsq_model, make
+from tests.test_train import data_dir  # noqa: F401  (a fixture: the bundled corpus + tokenizer)
 
 KV_LEN = 96
 TOK = np.random.default_rng(1).integers(0, 2048, 88)      # past the 64-token window
@@ -555,3 +556,25 @@ def test_int8_kv_cache_equals_jax_int8_cache_decoding(qat_model, int8_kv_path):
         diff = np.abs(x.astype(int) - ref.astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (name, i, (diff > 0).mean())
     assert lm.kv[f'kv_cache_v_{i}'].shape == (1, k, dh, KV_LEN)
+
+
+def test_litertlm_refuses_our_custom_ops_and_the_runner_convention(delegate_dir, fp32_path,
+                                                                    data_dir, tmp_path):
+  """LiteRT-LM cannot run MobileMoeBlock / MobileKvAttention (it takes no delegate or custom
+  op kernel) nor export.runner's signatures: bundle() refuses both with the reason, and a
+  bundle written around our check is refused before the runtime sees it."""
+  from export import litertlm
+  spm = f'{data_dir}/tokenizer/spm.model'
+  with pytest.raises(litertlm.NotRunnable, match='MobileKvAttention, MobileMoeBlock|MobileMoeBlock, MobileKvAttention'):
+    litertlm.bundle(delegate_dir, str(tmp_path), spm, KV_LEN)
+  with pytest.raises(litertlm.NotRunnable, match="export.runner's convention"):
+    litertlm.bundle(fp32_path, str(tmp_path), spm, KV_LEN)
+  from export import keep_jax_x64
+  with keep_jax_x64():
+    from litert_torch.generative.utilities import litertlm_builder
+  litertlm_builder.build_litertlm(delegate_dir, str(tmp_path), str(tmp_path), KV_LEN,
+                                  tokenizer_model_path=spm)
+  raw = str(tmp_path / 'moe_delegate.litertlm')
+  assert litertlm.delegate_ops(litertlm.tflite_of(raw))
+  with pytest.raises(litertlm.NotRunnable, match='custom ops'):
+    litertlm.Engine(raw)
