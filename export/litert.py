@@ -9,7 +9,9 @@ buffers and writes them there: a decode step copies no cache), and logits [1, T,
 or with prefill_logits='last' [1, 1, V] for the token at the prefill's extra input
 `last_index` [1] int32 (its index in the padded chunk): what an app samples from, without
 the T x V lm_head and logits copy (at V=202k and T=512 more MACs than a MoE model's whole
-body).
+body). That is export.runner's convention; convention='litertlm' writes the LiteRT-LM
+runtime's instead (ExportableLiteRTLM). kv_cache='int8' makes the cache tensors int8 with
+f32 scales `kv_cache_{k,v}_scale_<i>` [1, K, S] (torch_model.set_kv_cache_dtype).
 
 Quantization is done by ai-edge-quantizer on the fp32 flatbuffer (the same library that
 litert-torch's quant_config calls, and it also offers INT4 channel-wise, which litert-torch's
