@@ -94,7 +94,8 @@ class ExportableLiteRTLM(torch.nn.Module):
     for i, (old, rows) in enumerate(zip(cache, new)):
       # Each tensor takes the new rows at slot p0 of its slot axis: k [1, K, S, Dh] axis 2,
       # v [1, K, Dh, S] axis 3, scales [1, K, S] axis 2 (rows [1, T, K, Dh] / [1, T, K]).
-      rows = (rows[0].transpose(1, 2), rows[1].permute(0, 2, 3, 1)) + tuple(r.transpose(1, 2) for r in rows[2:])
+      rows = ((rows[0].transpose(1, 2), rows[1].permute(0, 2, 3, 1))
+              + tuple(r.transpose(1, 2) for r in rows[2:]))
       for name, c, r in zip(CACHE_PARTS, old, rows):
         at = [zero] * c.dim()
         at[3 if name == 'v' else 2] = p0
@@ -146,7 +147,8 @@ def _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits, co
                      f'every prefill length {tuple(prefill_lens)}')
   conv = None
   if convention == 'litertlm':
-    prefill, decode = ExportableLiteRTLM(model, False).eval(), ExportableLiteRTLM(model, True).eval()
+    prefill = ExportableLiteRTLM(model, with_logits=False).eval()
+    decode = ExportableLiteRTLM(model, with_logits=True).eval()
     for t in prefill_lens:
       kw = dict(tokens=torch.zeros((1, t), dtype=torch.int32),
                 input_pos=torch.arange(t, dtype=torch.int32), kv_cache=empty_kv(cfg, kv_len, dtype))
