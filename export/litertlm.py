@@ -152,13 +152,9 @@ def agreement(bundle_path: str, tflite_path: str, tok, n_new: int = 16, prompts=
   bundle and from export.runner on tflite_path (the same model in the runner's convention;
   its delegate loaded when it needs one), compared as text (LiteRT-LM returns text):
   {'prompts', 'same_text', 'differing': [(prompt, litertlm text, runner text)]}."""
-  from export.runner import PROMPTS, LiteRTLM, needs_delegate
-  dlg = None
-  if needs_delegate(tflite_path):
-    from export import delegate
-    dlg = delegate.load()
+  from export.runner import PROMPTS, LiteRTLM
   eng = Engine(bundle_path)
-  lm = LiteRTLM(tflite_path, delegate=dlg)
+  lm = LiteRTLM(tflite_path, delegate=_delegate_for(tflite_path))
   prompts = PROMPTS if prompts is None else prompts
   differing = []
   try:
@@ -173,11 +169,20 @@ def agreement(bundle_path: str, tflite_path: str, tok, n_new: int = 16, prompts=
           'differing': differing}
 
 
+def _delegate_for(tflite_path: str):
+  """export/delegate loaded if the runner's file has its ops, else None."""
+  from export.runner import needs_delegate
+  if not needs_delegate(tflite_path):
+    return None
+  from export import delegate
+  return delegate.load()
+
+
 def runner_decode_speed(tflite_path: str, prompt_ids, n_new: int, num_threads: int = 2) -> dict:
   """Our runner (export.runner.LiteRTLM) on its own .tflite: greedy tokens and decode
   tokens/s (n_new decode steps after the prompt, best of 3)."""
   from export.runner import LiteRTLM
-  lm = LiteRTLM(tflite_path, num_threads)
+  lm = LiteRTLM(tflite_path, num_threads, delegate=_delegate_for(tflite_path))
   best = float('inf')
   for _ in range(3):
     lm.reset()
