@@ -11,7 +11,6 @@ finite contents: the graph's work does not depend on them). Prints one JSON.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,18 +22,20 @@ MODEL = dict(d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64, d_ff
              sliding_window=0)
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+  """VmRSS (now) or VmHWM (peak) of this process, MiB. (Not ru_maxrss: Linux carries it
+  over exec from the forking parent.)"""
   with open('/proc/self/status') as f:
     for line in f:
-      if line.startswith('VmRSS:'):
+      if line.startswith(field + ':'):
         return int(line.split()[1]) / 1024
-  return float('nan')
+  raise RuntimeError(f'no {field} in /proc/self/status')
 
 
 def measure_runner(path: str, steps: int = 32, threads: int = 2) -> dict:
   from export.runner import LiteRTLM
   lm = LiteRTLM(path, threads)
-  loaded = _rss_mb()
+  loaded = _status_mb('VmRSS')
   rng = np.random.default_rng(0)
   lm.kv = {n: (rng.integers(-127, 128, v.shape) if v.dtype == np.int8
                else rng.standard_normal(v.shape) * (0.01 if 'scale' in n else 1)).astype(v.dtype)
@@ -46,8 +47,21 @@ def measure_runner(path: str, steps: int = 32, threads: int = 2) -> dict:
     lm.decode(t + 2)
   ms = (time.perf_counter() - t0) / steps * 1e3
   cache = sum(v.nbytes for v in lm.kv.values())
-  return {'rss_loaded_mb': loaded, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  return {'rss_loaded_mb': loaded, 'peak_rss_mb': _status_mb('VmHWM'),
           'decode_ms': ms, 'cache_mb': cache / 2**20}
+
+
+def prompt_of(eng, n_tokens: int) -> str:
+  """The longest prefix of repeated export.runner.PROMPTS text that the engine's tokenizer
+  makes into at most n_tokens tokens."""
+  from export.runner import PROMPTS
+  base = ' '.join(PROMPTS) + ' '
+  text = base * (n_tokens // max(1, len(eng.tokenize(base))) + 2)
+  lo, hi = 0, len(text)
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if len(eng.tokenize(text[:mid])) <= n_tokens else (lo, mid - 1)
+  return text[:lo]
 
 
 def measure_litertlm(path: str, kv_len: int, steps: int = 32, threads: int = 2) -> dict:
@@ -58,23 +72,20 @@ def measure_litertlm(path: str, kv_len: int, steps: int = 32, threads: int = 2) 
   check_tflite(tflite_of(path), path)
   eng = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=threads),
                          max_num_tokens=kv_len, enable_benchmark=True)
-  loaded = _rss_mb()
+  loaded = _status_mb('VmRSS')
   s = eng.create_session(apply_prompt_template=False, sampler_config=litert_lm.SamplerConfig(top_k=1),
                          max_output_tokens=steps)
-  target = kv_len - steps - 2                      # + the start token: kv_len - steps - 1
-  ids = [int(i) for i in np.random.default_rng(0).integers(4, 500, target)]
-  while len(eng.tokenize(eng.detokenize(ids))) > target:   # text re-tokenizes differently
-    ids = ids[:-max(1, len(eng.tokenize(eng.detokenize(ids))) - target)]
-  s.run_prefill([eng.detokenize(ids)])
+  s.run_prefill([prompt_of(eng, kv_len - steps - 2)])   # + the start token: kv_len - steps - 1
   s.run_decode()
   b = s.get_benchmark_info()
-  return {'rss_loaded_mb': loaded, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  return {'rss_loaded_mb': loaded, 'peak_rss_mb': _status_mb('VmHWM'),
           'decode_ms': 1e3 / b.last_decode_tokens_per_second if b.last_decode_tokens_per_second else None,
           'decode_tokens': b.last_decode_token_count, 'prefill_tokens': b.last_prefill_token_count}
 
 
-def build(kv_lens, tokenizer: str, out_dir: str, litertlm: bool, log=print) -> dict:
-  """Exports the model once per (context, dtype[, LiteRT-LM bundle]); {key: path}."""
+def build(kv_lens, tokenizer: str, out_dir: str, litertlm: bool, reuse=False, log=print) -> dict:
+  """Exports the model once per (context, dtype[, LiteRT-LM bundle]); {key: path}.
+  reuse: keep the files already in out_dir (from an earlier run with the same model)."""
   import flax.nnx as nnx
   from export import checkpoint, litert, torch_model
   from export import litertlm as lm_bundle
@@ -88,13 +99,16 @@ def build(kv_lens, tokenizer: str, out_dir: str, litertlm: bool, log=print) -> d
     for dtype in ('f32', 'int8'):
       key = f'{kv_len}_{dtype}'
       paths[f'runner_{key}'] = os.path.join(out_dir, f'{key}.tflite')
-      litert.export(model, paths[f'runner_{key}'], quant='int4_g32', prefill_lens=(128,),
-                    kv_len=kv_len, prefill_logits='last', kv_cache=dtype, log=log)
+      if not (reuse and os.path.exists(paths[f'runner_{key}'])):
+        litert.export(model, paths[f'runner_{key}'], quant='int4_g32', prefill_lens=(128,),
+                      kv_len=kv_len, prefill_logits='last', kv_cache=dtype, log=log)
       if litertlm:
         path = os.path.join(out_dir, f'{key}_lm.tflite')
-        litert.export(model, path, quant='int4_g32', prefill_lens=(128,), kv_len=kv_len,
-                      kv_cache=dtype, convention='litertlm', log=log)
-        paths[f'litertlm_{key}'] = lm_bundle.bundle(path, out_dir, tokenizer, kv_len)
+        paths[f'litertlm_{key}'] = os.path.join(out_dir, f'{key}_lm.litertlm')
+        if not (reuse and os.path.exists(paths[f'litertlm_{key}'])):
+          litert.export(model, path, quant='int4_g32', prefill_lens=(128,), kv_len=kv_len,
+                        kv_cache=dtype, convention='litertlm', log=log)
+          lm_bundle.bundle(path, out_dir, tokenizer, kv_len)
   return paths
 
 
@@ -105,6 +119,8 @@ def main(argv=None):
   ap.add_argument('--litertlm', action='store_true', help='also through the LiteRT-LM runtime')
   ap.add_argument('--threads', type=int, default=2)
   ap.add_argument('--out-dir', help='keep the exported files here (default: a temp dir)')
+  ap.add_argument('--reuse', action='store_true',
+                  help='measure the files already in --out-dir instead of exporting them again')
   ap.add_argument('--measure', nargs=2, metavar=('KIND', 'PATH'), help=argparse.SUPPRESS)
   ap.add_argument('--kv-len', type=int, help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
@@ -119,7 +135,8 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     out_dir = a.out_dir or tmp
     os.makedirs(out_dir, exist_ok=True)
-    paths = build(kv_lens, a.tokenizer, out_dir, a.litertlm, log=lambda m: print(m, file=sys.stderr))
+    paths = build(kv_lens, a.tokenizer, out_dir, a.litertlm, a.reuse,
+                  log=lambda m: print(m, file=sys.stderr))
     results = {'cpu': cpu_model(), 'threads': a.threads, 'model': MODEL, 'weights': 'int4_g32'}
     for key, path in paths.items():
       kind, kv_len, dtype = key.split('_')
