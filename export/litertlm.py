@@ -119,8 +119,8 @@ class Engine:
   """A checked `litert_lm.Engine` on the CPU (XNNPACK) with greedy generation."""
 
   def __init__(self, path: str, num_threads: int = 2, max_num_tokens: int = None):
+    check_tflite(tflite_of(path), path)          # before the runtime sees the file
     import litert_lm
-    check_tflite(tflite_of(path), path)
     self.litert_lm = litert_lm
     self.engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=num_threads),
                                    max_num_tokens=max_num_tokens, enable_benchmark=True)
