@@ -2,7 +2,7 @@
 generation through it.
 
   python -m export --checkpoint DIR --out m.tflite --litertlm bundle_dir --tokenizer spm.model
-  python -m export.litertlm bundle_dir/m_litertlm.litertlm --prompt "Return the" --max-new 32
+  python -m export.litertlm bundle_dir/m.litertlm --prompt "Return the" --max-new 32
   python -m export.litertlm BUNDLE --compare-runner m.tflite --tokenizer spm.model  # decode tok/s
 
 The runtime's contract (export/README.md, "LiteRT-LM") is litert.ExportableLiteRTLM's
