@@ -109,6 +109,32 @@ def checkpoint_tokenizer(path: str):
   return load_tokenizer(tok) if tok and os.path.exists(tok) else None
 
 
+def export_litertlm(model, a, prefill) -> dict:
+  """The LiteRT-LM bundle of --litertlm: the model exported again in the runtime's signature
+  convention (litert.ExportableLiteRTLM) on the same weights grid, with stock builtins only
+  (the runtime cannot load export/delegate), bundled with the tokenizer; then, unless
+  --no-verify, greedy text from LiteRT-LM vs export.runner on the --out file for the
+  PROMPTS."""
+  import tempfile
+  from export import litert, litertlm
+  if a.moe == 'delegate' or a.attention == 'delegate':
+    print('[export] note: the LiteRT-LM bundle uses --moe/--attention portable: LiteRT-LM '
+          'takes no delegate or custom op kernel (export/README.md, LiteRT-LM)', flush=True)
+  name = os.path.splitext(os.path.basename(a.out))[0]
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, name + '.tflite')
+    litert.export(model, path, quant=a.quant, embedding=a.embedding, prefill_lens=prefill,
+                  kv_len=a.kv_len, convention='litertlm', kv_cache=a.kv_cache,
+                  log=lambda m: print(m, flush=True))
+    out = {'path': litertlm.bundle(path, a.litertlm, a.tokenizer,
+                                   a.kv_len or model.cfg['max_seq_len'])}
+  print(f'[export] LiteRT-LM bundle: {out["path"]}', flush=True)
+  if not a.no_verify:
+    from mobilemoe_jax.data.tokenizer import load_tokenizer
+    out['verify'] = litertlm.agreement(out['path'], a.out, load_tokenizer(a.tokenizer))
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog='python -m export', description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,14 +158,21 @@ def main(argv=None):
                   help="what prefill returns: 'all' positions (scoring, eval) or the 'last' "
                        "real token's only (generation: skips the T x vocab lm_head)")
   ap.add_argument('--kv-len', type=int, default=0, help='KV cache length (0: max_seq_len)')
+  ap.add_argument('--kv-cache', default='f32', choices=('f32', 'int8'),
+                  help='cache tensor dtype; int8: int8 K/V + f32 scales per token and KV head '
+                       "(the int8 grid of model.quant.kv_cache='int8'; 4x less cache memory)")
   ap.add_argument('--torch-out', help='also write the PyTorch safetensors dir here')
   ap.add_argument('--hf-out', help='also write a Hugging Face transformers dir here')
   ap.add_argument('--no-verify', action='store_true')
-  ap.add_argument('--litertlm', metavar='DIR', help='also bundle a .litertlm here (needs --tokenizer)')
+  ap.add_argument('--litertlm', metavar='DIR',
+                  help='also write a .litertlm bundle for the LiteRT-LM runtime here (needs '
+                       '--tokenizer; stock builtins only, export/litertlm.py)')
   ap.add_argument('--tokenizer', help='SentencePiece .model (or tokenizer.json / a dir with one): '
                   "text prompts for the verification, --hf-out's tokenizer files (default: an "
                   "Orbax checkpoint's own) and --litertlm")
   a = ap.parse_args(argv)
+  if a.litertlm and not a.tokenizer:
+    ap.error('--litertlm needs --tokenizer (the bundle carries it)')
 
   from export import checkpoint, litert, torch_model
   if a.tokenizer:
@@ -177,20 +210,18 @@ def main(argv=None):
     a.embedding = {'int4_g32': 'int4_g32', 'int4_channel': 'int4', 'int8_channel': 'int8'}.get(
         qat.get('embedding'), 'auto')
   print(f'[export] weights {a.quant}, embedding {a.embedding}, MoE {a.moe}, attention '
-        f'{a.attention}, prefill logits {a.prefill_logits}', flush=True)
+        f'{a.attention}, prefill logits {a.prefill_logits}, KV cache {a.kv_cache}', flush=True)
   prefill = tuple(int(x) for x in a.prefill.split(','))
   rep = litert.export(model, a.out, quant=a.quant, embedding=a.embedding, moe=a.moe,
                       attention=a.attention, prefill_lens=prefill, kv_len=a.kv_len,
-                      prefill_logits=a.prefill_logits, log=lambda m: print(m, flush=True))
+                      prefill_logits=a.prefill_logits, kv_cache=a.kv_cache,
+                      log=lambda m: print(m, flush=True))
   rep['float_fc_weights'] = len(litert.check_router(a.out))
   if not a.no_verify:
     print('[export] verifying against PyTorch (prefill + decode)...', flush=True)
     rep['verify'] = verify(model, a.out, a.quant, a.embedding, tok)
   if a.litertlm:
-    if not a.tokenizer:
-      ap.error('--litertlm needs --tokenizer')
-    rep['litertlm'] = litert.bundle(a.out, a.litertlm, a.tokenizer, a.kv_len or model.cfg['max_seq_len'])
-    print(f'[export] LiteRT-LM bundle: {rep["litertlm"]}', flush=True)
+    rep['litertlm'] = export_litertlm(model, a, prefill)
   rep['seconds'] = round(time.time() - t0, 1)
   print(json.dumps(rep, indent=2))
   mb = rep['file_bytes'] / 2**20

@@ -9,7 +9,9 @@ buffers and writes them there: a decode step copies no cache), and logits [1, T,
 or with prefill_logits='last' [1, 1, V] for the token at the prefill's extra input
 `last_index` [1] int32 (its index in the padded chunk): what an app samples from, without
 the T x V lm_head and logits copy (at V=202k and T=512 more MACs than a MoE model's whole
-body).
+body). That is export.runner's convention; convention='litertlm' writes the LiteRT-LM
+runtime's instead (ExportableLiteRTLM). kv_cache='int8' makes the cache tensors int8 with
+f32 scales `kv_cache_{k,v}_scale_<i>` [1, K, S] (torch_model.set_kv_cache_dtype).
 
 Quantization is done by ai-edge-quantizer on the fp32 flatbuffer (the same library that
 litert-torch's quant_config calls, and it also offers INT4 channel-wise, which litert-torch's
@@ -25,8 +27,12 @@ import numpy as np
 import torch
 
 from export import flatbuf
+from export.runner import CACHE_PARTS   # torch_model's order: k, v (, int8 scales)
 
 PREFILL_LOGITS = ('all', 'last')
+# 'runner': export.runner's signatures (cache read only, new rows out: zero copy);
+# 'litertlm': the LiteRT-LM runtime's (ExportableLiteRTLM), for .litertlm bundles.
+CONVENTIONS = ('runner', 'litertlm')
 QUANTS = ('int4_g32', 'int4_channel', 'int8', 'fp32')
 # 'auto': the FC scheme, so a tied embedding is stored once for the gather and the lm_head.
 EMBEDDINGS = ('auto', 'int4_g32', 'int4', 'int8', 'fp32')
@@ -47,22 +53,70 @@ class Exportable(torch.nn.Module):
     self.model = model
 
   def forward(self, tokens, input_pos, kv_cache, last_index=None):
-    n = len(self.model.blocks)
-    cache = [(kv_cache[f'k_{i}'], kv_cache[f'v_{i}']) for i in range(n)]
-    logits, new = self.model(tokens, input_pos, cache, last_index)
+    logits, new = self.model(tokens, input_pos, layer_caches(kv_cache, self.model), last_index)
     out = {'logits': logits}
-    for i, (k, v) in enumerate(new):
-      out[f'new_k_{i}'], out[f'new_v_{i}'] = k, v
+    for i, rows in enumerate(new):
+      for name, x in zip(CACHE_PARTS, rows):
+        out[f'new_{name}_{i}'] = x
     return out
 
 
-def empty_kv(cfg: dict, slots: int) -> dict:
+def layer_caches(kv_cache: dict, model) -> list:
+  """The signature's `kv_cache` dict ({'k_0': ..}) -> per layer the tuple torch_model takes."""
+  parts = CACHE_PARTS if 'k_scale_0' in kv_cache else CACHE_PARTS[:2]
+  return [tuple(kv_cache[f'{p}_{i}'] for p in parts) for i in range(len(model.blocks))]
+
+
+class ExportableLiteRTLM(torch.nn.Module):
+  """The signature contract of Google's LiteRT-LM runtime (litert_lm.Engine), as litert-torch's
+  generative models export it: inputs `tokens` [1, T], `input_pos` [T] and the whole cache
+  `kv_cache_{k,v}_<i>` (the same kv_len slots in every signature: the runtime allocates one
+  buffer per name and binds it to all of them); outputs the updated cache under the same
+  names (the new rows written in the graph by DYNAMIC_UPDATE_SLICE; on CPU the runtime binds
+  the output to the input's buffer) and, in `decode` only, `logits` [1, 1, V] (a prefill may
+  output cache tensors only). The runtime pads a prefill chunk with token 0 at position 0,
+  so the graph numbers the chunk's tokens from input_pos[0] (the real tokens come first)."""
+
+  def __init__(self, model, with_logits: bool):
+    super().__init__()
+    self.model = model
+    self.with_logits = with_logits
+
+  def forward(self, tokens, input_pos, kv_cache):
+    from litert_torch.generative.custom_ops import dynamic_update_slice as dus
+    t = tokens.shape[1]
+    pos = input_pos[:1] + torch.arange(t, dtype=input_pos.dtype)
+    cache = layer_caches(kv_cache, self.model)
+    last = torch.tensor([t - 1], dtype=torch.int32) if self.with_logits else None
+    logits, new = self.model(tokens, pos, cache, last)
+    out = {'logits': logits} if self.with_logits else {}
+    zero, p0 = torch.zeros([], dtype=torch.int32), pos[0].reshape([])
+    for i, (old, rows) in enumerate(zip(cache, new)):
+      # Each tensor takes the new rows at slot p0 of its slot axis: k [1, K, S, Dh] axis 2,
+      # v [1, K, Dh, S] axis 3, scales [1, K, S] axis 2 (rows [1, T, K, Dh] / [1, T, K]).
+      rows = ((rows[0].transpose(1, 2), rows[1].permute(0, 2, 3, 1))
+              + tuple(r.transpose(1, 2) for r in rows[2:]))
+      for name, c, r in zip(CACHE_PARTS, old, rows):
+        at = [zero] * c.dim()
+        at[3 if name == 'v' else 2] = p0
+        out[f'kv_cache_{name}_{i}'] = dus.dynamic_update_slice(c, r, at)
+    return out
+
+
+def empty_kv(cfg: dict, slots: int, dtype: str = 'f32') -> dict:
   """The cache inputs of a signature with `slots` past slots (torch_model's layouts:
-  k [1, K, slots, Dh], v [1, K, Dh, slots])."""
+  k [1, K, slots, Dh], v [1, K, Dh, slots]; int8: those in int8 and k_scale / v_scale
+  [1, K, slots] f32)."""
   k = (1, cfg['n_kv_heads'], slots, cfg['head_dim'])
   v = (1, cfg['n_kv_heads'], cfg['head_dim'], slots)
-  return {f'{c}_{i}': torch.zeros(k if c == 'k' else v)
-          for i in range(cfg['n_layers']) for c in 'kv'}
+  int8 = dtype == 'int8'
+  out = {}
+  for i in range(cfg['n_layers']):
+    out[f'k_{i}'] = torch.zeros(k, dtype=torch.int8 if int8 else torch.float32)
+    out[f'v_{i}'] = torch.zeros(v, dtype=torch.int8 if int8 else torch.float32)
+    if int8:
+      out[f'k_scale_{i}'], out[f'v_scale_{i}'] = torch.zeros(k[:3]), torch.zeros(k[:3])
+  return out
 
 
 def past_slots(kv_len: int, t: int) -> int:
@@ -72,37 +126,55 @@ def past_slots(kv_len: int, t: int) -> int:
 
 
 def convert_fp32(model, out_path: str, prefill_lens=(32, 128), kv_len: int = 0, log=print,
-                 prefill_logits='all'):
+                 prefill_logits='all', convention='runner'):
   """Traces prefill_<T> for each T and decode, and writes the fp32 flatbuffer."""
   from export import keep_jax_x64
   if prefill_logits not in PREFILL_LOGITS:
     raise ValueError(f'unknown prefill_logits {prefill_logits!r}; choose from {PREFILL_LOGITS}')
+  if convention not in CONVENTIONS:
+    raise ValueError(f'unknown signature convention {convention!r}; choose from {CONVENTIONS}')
   with keep_jax_x64(inside=True):
-    return _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits)
+    return _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits, convention)
 
 
-def _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits):
+def _convert_fp32(model, out_path, prefill_lens, kv_len, log, prefill_logits, convention):
   import litert_torch
   cfg = model.cfg
+  dtype = model.blocks[0].attn.cache_dtype          # torch_model.set_kv_cache_dtype
   kv_len = kv_len or cfg['max_seq_len']
   if kv_len > cfg['max_seq_len'] or max(prefill_lens) > kv_len:
     raise ValueError(f'kv_len={kv_len} must be <= max_seq_len={cfg["max_seq_len"]} and >= '
                      f'every prefill length {tuple(prefill_lens)}')
-  mod = Exportable(model).eval()
   conv = None
+  if convention == 'litertlm':
+    prefill = ExportableLiteRTLM(model, with_logits=False).eval()
+    decode = ExportableLiteRTLM(model, with_logits=True).eval()
+    for t in prefill_lens:
+      kw = dict(tokens=torch.zeros((1, t), dtype=torch.int32),
+                input_pos=torch.arange(t, dtype=torch.int32), kv_cache=empty_kv(cfg, kv_len, dtype))
+      conv = (litert_torch if conv is None else conv).signature(f'prefill_{t}', prefill, sample_kwargs=kw)
+    kw = dict(tokens=torch.zeros((1, 1), dtype=torch.int32),
+              input_pos=torch.zeros((1,), dtype=torch.int32), kv_cache=empty_kv(cfg, kv_len, dtype))
+    conv = conv.signature('decode', decode, sample_kwargs=kw)
+    return _write(conv, out_path, len(prefill_lens) + 1, log)
+  mod = Exportable(model).eval()
   for t in prefill_lens:
     kw = dict(tokens=torch.zeros((1, t), dtype=torch.int32),
               input_pos=torch.arange(t, dtype=torch.int32),
-              kv_cache=empty_kv(cfg, past_slots(kv_len, t)))
+              kv_cache=empty_kv(cfg, past_slots(kv_len, t), dtype))
     if prefill_logits == 'last':
       kw['last_index'] = torch.tensor([t - 1], dtype=torch.int32)
     conv = (litert_torch if conv is None else conv).signature(f'prefill_{t}', mod, sample_kwargs=kw)
   # decode's cache inputs hold all kv_len slots: the runner keeps the cache in them.
   kw = dict(tokens=torch.zeros((1, 1), dtype=torch.int32),
-            input_pos=torch.zeros((1,), dtype=torch.int32), kv_cache=empty_kv(cfg, kv_len))
+            input_pos=torch.zeros((1,), dtype=torch.int32), kv_cache=empty_kv(cfg, kv_len, dtype))
   conv = conv.signature('decode', mod, sample_kwargs=kw)
+  return _write(conv, out_path, len(prefill_lens) + 1, log)
+
+
+def _write(conv, out_path, n_signatures, log):
   t0 = time.time()
-  log(f'[export] tracing and lowering {len(prefill_lens) + 1} signatures with litert-torch...')
+  log(f'[export] tracing and lowering {n_signatures} signatures with litert-torch...')
   conv.convert().export(out_path)
   log(f'[export] fp32 flatbuffer written ({time.time() - t0:.0f}s)')
   return out_path
@@ -166,21 +238,28 @@ def quantize(fp32_path: str, out_path: str, quant: str, embedding: str, cfg: dic
 
 def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='portable',
            attention='portable', prefill_lens=(32, 128), kv_len=0, prefill_logits='all',
-           log=print):
+           convention='runner', kv_cache='f32', log=print):
   """torch model -> out_path. Returns the report dict (see report()).
   moe / attention: 'portable' (stock builtins) or 'delegate' (MobileMoeBlock /
   MobileKvAttention custom ops, in decode only for attention: the file then needs
   export/delegate loaded, runner.needs_delegate).
-  prefill_logits: 'all' (every position: scoring needs them) or 'last' (see the module doc)."""
+  prefill_logits: 'all' (every position: scoring needs them) or 'last' (see the module doc).
+  convention: 'runner' (export.runner) or 'litertlm' (the LiteRT-LM runtime, CONVENTIONS).
+  kv_cache: 'f32' or 'int8' (torch_model.set_kv_cache_dtype: int8 cache tensors + f32
+  scales per token and KV head)."""
+  if kv_cache == 'int8' and attention == 'delegate':
+    raise ValueError('an int8 KV cache needs --attention portable: the MobileKvAttention op '
+                     'reads an f32 cache')
   # The MobileMoeBlock op holds INT4 experts on the file's grid: channel-wise (group_size 0)
   # for int4_channel, block-32 otherwise (int8/fp32 files still get INT4 experts).
   if moe == 'delegate' and quant not in ('int4_g32', 'int4_channel') and model.cfg['moe']['n_experts']:
     log(f'[export] note: the MobileMoeBlock op holds INT4 block-32 experts, not {quant}')
   model.set_moe_lowering(moe, group_size=0 if quant == 'int4_channel' else 32)
   model.set_attention_lowering(attention)
+  model.set_kv_cache_dtype(kv_cache)
   with tempfile.TemporaryDirectory() as tmp:
     fp32 = os.path.join(tmp, 'fp32.tflite')
-    convert_fp32(model, fp32, prefill_lens, kv_len, log, prefill_logits)
+    convert_fp32(model, fp32, prefill_lens, kv_len, log, prefill_logits, convention)
     quantize(fp32, out_path, quant, embedding, model.cfg, log)
   exact = write_grid(out_path, model, quant, embedding, log)
   return dict(report(out_path), exact_grid=exact)
@@ -331,26 +410,3 @@ def fake_quant(model, quant: str, embedding: str):
         mod.weight.copy_(fq(mod, fc))
     m.embed.weight.copy_(fq(m.embed, emb))
   return m
-
-
-def bundle(tflite_path: str, out_dir: str, tokenizer_path: str, context_length: int) -> str:
-  """A .litertlm (LiteRT-LM) file: the .tflite, the SentencePiece tokenizer and metadata
-  (bos/eos ids, our chat template), built by litert-torch's litert-lm-builder wrapper."""
-  from export import keep_jax_x64
-  with keep_jax_x64():   # litert_torch turns on jax_enable_x64 process-wide when imported
-    from litert_torch.generative.utilities import litertlm_builder
-  from mobilemoe_jax.data import tokenizer as tok_lib
-  if not litertlm_builder.is_litertlm_builder_available():
-    raise RuntimeError('litert-lm-builder is not installed: cannot write a .litertlm')
-  if not tokenizer_path.endswith('.model'):
-    raise ValueError(f'--tokenizer {tokenizer_path}: the bundle takes a SentencePiece .model')
-  tok = tok_lib.load_tokenizer(tokenizer_path)
-  os.makedirs(out_dir, exist_ok=True)
-  with tempfile.TemporaryDirectory() as work:
-    litertlm_builder.build_litertlm(
-        tflite_path, work, out_dir, context_length, tokenizer_model_path=tokenizer_path,
-        start_token_id=tok.bos_id, stop_token_ids=[tok.eos_id],
-        user_prompt_prefix=tok_lib.ROLE_PIECES['user'], user_prompt_suffix=tok_lib.END_PIECE,
-        model_prompt_prefix=tok_lib.ROLE_PIECES['assistant'], model_prompt_suffix=tok_lib.END_PIECE)
-  name = os.path.splitext(os.path.basename(tflite_path))[0] + '.litertlm'
-  return os.path.join(out_dir, name)

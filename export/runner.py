@@ -12,6 +12,10 @@ import numpy as np
 # attention_op.OP_NAME (--attention delegate). Names here so that running a file does not
 # import the exporter's torch modules (tests/test_attention_op.py checks they agree).
 DELEGATE_OPS = ('MobileMoeBlock', 'MobileKvAttention')
+# A layer's cache tensors `kv_cache_<part>_<layer>` (and returned rows `new_<part>_<layer>`):
+# k [1, K, S, Dh] and v [1, K, Dh, S], f32 or int8; an int8 cache adds its f32 scales
+# k_scale / v_scale [1, K, S] (one per token and KV head).
+CACHE_PARTS = ('k', 'v', 'k_scale', 'v_scale')
 
 
 def delegate_ops(path_or_bytes) -> list:
@@ -101,11 +105,11 @@ class LiteRTLM:
                        'before the in-place KV cache: re-export it)')
     self.kv_len = int(dec.cache[self.kv_names[0]].shape[2])
     self._cache = dec.cache
-    # Per signature and layer: (its new_k/new_v output indices, the cache's k and v [K, ., .]).
+    # Per signature: (a new_<part>_<i> output index, the cache tensor it fills [K, ...], part).
     layers = sorted({n.rsplit('_', 1)[1] for n in self.kv_names}, key=int)
-    self._rows = {key: [((sg.outputs[f'new_k_{i}'], sg.outputs[f'new_v_{i}']),
-                         dec.cache[f'kv_cache_k_{i}'][0], dec.cache[f'kv_cache_v_{i}'][0])
-                        for i in layers] for key, sg in self._sigs.items()}
+    parts = [p for p in CACHE_PARTS if f'kv_cache_{p}_{layers[0]}' in dec.cache]
+    self._rows = {key: [(sg.outputs[f'new_{p}_{i}'], dec.cache[f'kv_cache_{p}_{i}'][0], p)
+                        for i in layers for p in parts] for key, sg in self._sigs.items()}
     # 'last': the prefill signatures take `last_index` and return that token's logits only
     # (export --prefill-logits last); 'all': logits for every position.
     ins = self._sigs[f'prefill_{self.prefill_lens[0]}'].inputs
@@ -115,7 +119,7 @@ class LiteRTLM:
   @property
   def kv(self) -> dict:
     """The cache {input name: view of the decode signature's buffer}: k [1, K, S, Dh],
-    v [1, K, Dh, S]; slots < pos are filled. Copy it to keep it; assigning a dict of
+    v [1, K, Dh, S] (f32, or int8 with scales [1, K, S]); slots < pos are filled. Copy it to keep it; assigning a dict of
     arrays copies them in (with pos, to go back to a saved context)."""
     return dict(self._cache)
 
@@ -148,9 +152,12 @@ class LiteRTLM:
           dst[..., :p0] = src[..., :p0]
     w.Invoke(s.sg)
     end = p0 + n_new
-    for out, k_dst, v_dst in self._rows[sig]:
-      k_dst[:, p0:end] = w.GetTensor(out[0], s.sg)[0, :n_new].transpose(1, 0, 2)   # [n, K, Dh]
-      v_dst[:, :, p0:end] = w.GetTensor(out[1], s.sg)[0, :n_new].transpose(1, 2, 0)
+    for out, dst, part in self._rows[sig]:
+      rows = w.GetTensor(out, s.sg)[0, :n_new]              # [n, K, Dh], or [n, K] (scales)
+      if part == 'v':
+        dst[:, :, p0:end] = rows.transpose(1, 2, 0)
+      else:
+        dst[:, p0:end] = rows.swapaxes(0, 1)
     return w.GetTensor(s.outputs['logits'], s.sg)[0]
 
   def prefill(self, ids) -> np.ndarray:

@@ -33,6 +33,9 @@ FORMAT = 'mobilemoe-torch'
 GRID_FILE = 'quant_grid.safetensors'   # a QAT model's exact integers and scales
 
 
+KV_CACHE_DTYPES = ('f32', 'int8')
+
+
 class ConfigMismatch(ValueError):
   """Checkpoint tensors that do not fit the config (names or shapes)."""
 
@@ -89,13 +92,16 @@ def apply_rope(x, cos, sin):
 
 
 def write_cache(cache, new, pos0: int, n: int = None):
-  """Writes new (k, v) rows [B, T, K, Dh] (the first n of them) into cache (k [B, K, S, Dh],
-  v [B, K, Dh, S]) at slots pos0.. in place: what the runner does with a signature's
-  outputs (eager PyTorch; the graph never writes its cache)."""
-  k, v = new
+  """Writes new rows (k, v [B, T, K, Dh], and with an int8 cache their scales [B, T, K])
+  (the first n of them) into cache (k [B, K, S, Dh], v [B, K, Dh, S], scales [B, K, S]) at
+  slots pos0.. in place: what the runner does with a signature's outputs (eager PyTorch;
+  the graph never writes its cache)."""
+  k, v = new[:2]
   n = k.shape[1] if n is None else n
   cache[0][:, :, pos0:pos0 + n] = k[:, :n].transpose(1, 2)
   cache[1][..., pos0:pos0 + n] = v[:, :n].permute(0, 2, 3, 1)
+  for dst, scale in zip(cache[2:], new[2:]):
+    dst[..., pos0:pos0 + n] = scale[:, :n].transpose(1, 2)
   return cache
 
 
@@ -104,13 +110,19 @@ def head_rms_norm(x, eps: float):
   return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
 
 
-def int8_qdq(x):
-  """x [..., Dh] through the int8 KV-cache grid and back (quant.grid.quantize_act_int8:
-  symmetric, one scale per token and head), with the same fp32 operations."""
+def int8_quant(x):
+  """x [..., Dh] -> (integers in [-127, 127] as floats, scale [..., 1]): the int8 KV-cache
+  grid (quant.grid.quantize_act_int8: symmetric, one scale per token and head) with the same
+  fp32 operations."""
   amax = x.abs().amax(-1, keepdim=True)
   inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax)),
                     torch.zeros_like(amax))
-  return torch.clamp(torch.round(x * inv), -127, 127) * (amax / 127.0)
+  return torch.clamp(torch.round(x * inv), -127, 127), amax / 127.0
+
+
+def int8_qdq(x):
+  q, scale = int8_quant(x)
+  return q * scale
 
 
 class Attention(nn.Module):
@@ -122,6 +134,9 @@ class Attention(nn.Module):
     self.use_rope = use_rope
     self.qk_norm_eps = cfg['norm_eps'] if use_rope and cfg.get('qk_norm') else None
     self.kv_int8 = (cfg.get('quant') or {}).get('kv_cache') == 'int8'
+    # 'f32' or 'int8': the dtype of the cache tensors (MobileMoE.set_kv_cache_dtype). An int8
+    # cache is (k, v) int8 + scales (k_scale, v_scale) [B, K, S], and implies the int8 grid.
+    self.cache_dtype = 'f32'
     self.q = nn.Linear(d, h * dh, bias=False)
     self.k = nn.Linear(d, kv * dh, bias=False)
     self.v = nn.Linear(d, kv * dh, bias=False)
@@ -132,10 +147,11 @@ class Attention(nn.Module):
 
   def forward(self, x, pos, cos, sin, cache=None):
     """x [B, T, D]; pos [T] int positions (contiguous); cache None (attention among the T
-    tokens) or the past (k [B, K, P, Dh], v [B, K, Dh, P]) whose slots < pos[0] hold the
-    earlier tokens (later slots are ignored: stale or unwritten). Returns (y, (k, v) of
-    the T tokens [B, T, K, Dh]): the graph never rewrites the cache, its caller writes
-    those rows in place (write_cache, export.runner)."""
+    tokens) or the past (k [B, K, P, Dh], v [B, K, Dh, P], and for an int8 cache their
+    scales [B, K, P]) whose slots < pos[0] hold the earlier tokens (later slots are
+    ignored: stale or unwritten). Returns (y, the T tokens' rows: (k, v) [B, T, K, Dh], for
+    an int8 cache (k, v) int8 + (k_scale, v_scale) [B, T, K]): the graph never rewrites the
+    cache, its caller writes those rows in place (write_cache, export.runner)."""
     b, t, _ = x.shape
     q = self.q(x).view(b, t, self.h, self.dh)
     k = self.k(x).view(b, t, self.kv, self.dh)
@@ -144,14 +160,18 @@ class Attention(nn.Module):
     if self.qk_norm_eps is not None:
       q, k = head_rms_norm(q, self.qk_norm_eps), head_rms_norm(k, self.qk_norm_eps)
     v = self.v(x).view(b, t, self.kv, self.dh)
-    if self.kv_int8:   # the values an int8 cache returns; the cache tensors themselves stay f32
-      k, v = int8_qdq(k), int8_qdq(v)
+    new = (k, v)
+    if self.kv_int8 or self.cache_dtype == 'int8':   # the values an int8 cache returns
+      (kq, ks), (vq, vs) = int8_quant(k), int8_quant(v)
+      k, v = kq * ks, vq * vs
+      new = (k, v) if self.cache_dtype == 'f32' else \
+          (kq.to(torch.int8), vq.to(torch.int8), ks[..., 0], vs[..., 0])
     if self.lowering == 'delegate' and cache is not None and b == 1:
       from export import attention_op
       if t <= attention_op.MAX_TOKENS:   # decode; prefill chunks keep the matmuls below
         opts = json.dumps(attention_op.options(self.h, self.kv, self.dh, self.window))
         y = attention_op.kv_attention(q, k, v, cache[0], cache[1], pos.to(torch.int32), opts)
-        return self.o(y), (k, v)
+        return self.o(y), new
     rep = self.h // self.kv                      # query head i reads kv head i // rep
     # Query heads grouped per KV head, rows (head in group, token): [B, K, rep*T, Dh]; no
     # repeated copy of the cache (in LiteRT that copy was a BROADCAST_TO of it per layer).
@@ -165,7 +185,7 @@ class Attention(nn.Module):
     scores = [torch.matmul(qg, kn.transpose(-1, -2))]                     # [B, K, rep*T, T]
     masks = [visible]
     if cache is not None:
-      kc, vc = cache                               # [B, K, P, Dh], [B, K, Dh, P]
+      kc, vc = cache[:2]                           # [B, K, P, Dh], [B, K, Dh, P]
       slot = torch.arange(kc.shape[2], dtype=pos.dtype)
       d = pos[:, None] - slot[None, :]                                     # [T, P]
       past = d > (pos - pos[0])[:, None]                                   # slot < pos[0]
@@ -176,7 +196,10 @@ class Attention(nn.Module):
       # transpose), with no copy of it in the graph. Measured (8 attention layers, S=1024,
       # decode): 4.9 ms vs 7.5 ms with the cache as the first operand ([P, Dh], [Dh, P]
       # times q^T / p^T, whose 3 columns fill a tenth of XNNPACK's 32-wide tiles).
-      scores.insert(0, torch.einsum('bgqd,bgsd->bgqs', qg, kc))           # [B, K, rep*T, P]
+      past_scores = torch.einsum('bgqd,bgsd->bgqs', qg, kc.float())        # [B, K, rep*T, P]
+      if len(cache) == 4:     # int8: a key's scale factors out of its dot products
+        past_scores = past_scores * cache[2][:, :, None, :]
+      scores.insert(0, past_scores)
       masks.insert(0, past)
     mask = torch.cat(masks, -1)                                            # [T, P+T]
     scores = torch.cat(scores, -1) / math.sqrt(self.dh)
@@ -185,9 +208,10 @@ class Attention(nn.Module):
     p = scores.softmax(-1).view(b, self.kv, rep * t, n_keys)
     y = torch.matmul(p[..., -t:], vn)                                      # [B, K, rep*T, Dh]
     if cache is not None:
-      y = y + torch.einsum('bgqs,bgds->bgqd', p[..., :-t], vc)
+      p_past = p[..., :-t] if len(cache) == 2 else p[..., :-t] * cache[3][:, :, None, :]
+      y = y + torch.einsum('bgqs,bgds->bgqd', p_past, vc.float())
     y = y.reshape(b, self.kv, rep, t, self.dh).permute(0, 3, 1, 2, 4).reshape(b, t, self.h * self.dh)
-    return self.o(y), (k, v)
+    return self.o(y), new
 
 
 class MLP(nn.Module):
@@ -300,7 +324,20 @@ class MobileMoE(nn.Module):
     its values columns, the layouts the attention matmuls read in place."""
     k = (batch, self.cfg['n_kv_heads'], max_len, self.cfg['head_dim'])
     v = (batch, self.cfg['n_kv_heads'], self.cfg['head_dim'], max_len)
+    if self.blocks[0].attn.cache_dtype == 'int8':   # + scales [B, K, S] (set_kv_cache_dtype)
+      return [(torch.zeros(k, dtype=torch.int8), torch.zeros(v, dtype=torch.int8),
+               torch.zeros(k[:3]), torch.zeros(k[:3])) for _ in self.blocks]
     return [(torch.zeros(k), torch.zeros(v)) for _ in self.blocks]
+
+  def set_kv_cache_dtype(self, dtype: str):
+    """'f32' or 'int8': the cache tensors' dtype (an int8 cache stores each token's K and V
+    per head on the int8 grid, with f32 scales [B, K, S]: 4x less cache memory; the graph
+    computes with the same values as model.quant.kv_cache='int8' in JAX)."""
+    if dtype not in KV_CACHE_DTYPES:
+      raise ValueError(f'unknown KV cache dtype {dtype!r}; choose from {KV_CACHE_DTYPES}')
+    for b in self.blocks:
+      b.attn.cache_dtype = dtype
+    return self
 
   def set_moe_lowering(self, lowering: str, group_size: int = 32, weight_tiles='auto'):
     """'portable' or 'delegate' (the latter packs INT4 weights for the custom op; weight_tiles:

@@ -514,3 +514,72 @@ def test_attention_delegate_runs_the_op(small, attention_path, fp32_path):
   got = np.stack([lm.decode(t) for t in TOK])              # every position through the op
   np.testing.assert_allclose(got, torch_logits(small), atol=1e-4, rtol=0)
   assert export_delegate.stats(dlg)['invokes'] > 0
+
+
+@pytest.fixture(scope='module')
+def int8_kv_path(small, tmp_path_factory):
+  """The fp32 file with an int8 KV cache (set_kv_cache_dtype: int8 tensors + f32 scales)."""
+  path = str(tmp_path_factory.mktemp('int8kv') / 'int8kv.tflite')
+  small.set_moe_lowering('portable')
+  small.set_kv_cache_dtype('int8')
+  try:
+    litert.convert_fp32(small, path, prefill_lens=(8, 32), kv_len=KV_LEN, log=lambda _: None)
+  finally:
+    small.set_kv_cache_dtype('f32')
+  return path
+
+
+def test_int8_kv_cache_equals_jax_int8_cache_decoding(qat_model, int8_kv_path):
+  """--kv-cache int8: the runner's cache tensors are int8 with f32 scales [1, K, S], and
+  prefill (chunks of 32 and a padded 8) + decode give JAX's logits when JAX decodes with
+  its own int8 cache (init_cache), whose integers and scales the file's cache then holds."""
+  import jax.numpy as jnp
+  from mobilemoe_jax.model.transformer import init_cache
+  cfg, m = qat_model
+  cache = init_cache(cfg, 1, KV_LEN)
+  logits, _, cache = m(jnp.asarray(TOK[None, :70]), cache=cache)
+  want = [np.asarray(logits[0])]
+  for t in TOK[70:]:
+    logits, _, cache = m(jnp.asarray([[t]]), cache=cache)
+    want.append(np.asarray(logits[0]))
+  lm = LiteRTLM(int8_kv_path)
+  got = [lm.prefill(TOK[:70])] + [lm.decode(t)[None] for t in TOK[70:]]
+  np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), atol=1e-4, rtol=0)
+  k, dh, n = cfg.n_kv_heads, cfg.head_dim, len(TOK)
+  for i, layer in enumerate(cache['layers']):
+    assert lm.kv[f'kv_cache_k_{i}'].dtype == np.int8 and lm.kv[f'kv_cache_v_{i}'].dtype == np.int8
+    assert lm.kv[f'kv_cache_k_scale_{i}'].shape == (1, k, KV_LEN)
+    ours = {'k': lm.kv[f'kv_cache_k_{i}'][0, :, :n].transpose(1, 0, 2),       # [S, K, Dh]
+            'v': lm.kv[f'kv_cache_v_{i}'][0, :, :, :n].transpose(2, 0, 1),
+            'k_scale': lm.kv[f'kv_cache_k_scale_{i}'][0, :, :n].T[..., None],
+            'v_scale': lm.kv[f'kv_cache_v_scale_{i}'][0, :, :n].T[..., None]}
+    for name, x in ours.items():
+      ref = np.asarray(layer[name][0, :n])
+      if name.endswith('scale'):
+        np.testing.assert_allclose(x, ref, rtol=1e-5, atol=0)
+      else:   # a value within an ulp of a rounding boundary may land on the next integer
+        diff = np.abs(x.astype(int) - ref.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (name, i, (diff > 0).mean())
+    assert lm.kv[f'kv_cache_v_{i}'].shape == (1, k, dh, KV_LEN)
+
+
+def test_litertlm_refuses_our_custom_ops_and_the_runner_convention(delegate_dir, fp32_path,
+                                                                    data_dir, tmp_path):
+  """LiteRT-LM cannot run MobileMoeBlock / MobileKvAttention (it takes no delegate or custom
+  op kernel) nor export.runner's signatures: bundle() refuses both with the reason, and a
+  bundle written around our check is refused before the runtime sees it."""
+  from export import litertlm
+  spm = f'{data_dir}/tokenizer/spm.model'
+  with pytest.raises(litertlm.NotRunnable, match='MobileKvAttention, MobileMoeBlock|MobileMoeBlock, MobileKvAttention'):
+    litertlm.bundle(delegate_dir, str(tmp_path), spm, KV_LEN)
+  with pytest.raises(litertlm.NotRunnable, match="export.runner's convention"):
+    litertlm.bundle(fp32_path, str(tmp_path), spm, KV_LEN)
+  from export import keep_jax_x64
+  with keep_jax_x64():
+    from litert_torch.generative.utilities import litertlm_builder
+  litertlm_builder.build_litertlm(delegate_dir, str(tmp_path), str(tmp_path), KV_LEN,
+                                  tokenizer_model_path=spm)
+  raw = str(tmp_path / 'moe_delegate.litertlm')
+  assert litertlm.delegate_ops(litertlm.tflite_of(raw))
+  with pytest.raises(litertlm.NotRunnable, match='custom ops'):
+    litertlm.Engine(raw)

@@ -29,30 +29,36 @@ def test_torch_logits_equal_jax(kind, moe):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize('kv_cache', [None, 'int8'])
-def test_kv_cache_prefill_decode_equals_full_forward(kv_cache):
-  """With model.quant.kv_cache='int8', K/V go through the int8 grid as in JAX (the cache
-  tensors stay f32, holding those values)."""
+@pytest.mark.parametrize('kv_cache,storage', [(None, 'f32'), ('int8', 'f32'), ('int8', 'int8')])
+def test_kv_cache_prefill_decode_equals_full_forward(kv_cache, storage):
+  """With model.quant.kv_cache='int8', K/V go through the int8 grid as in JAX: the cache
+  tensors hold those values in f32, or (storage 'int8', set_kv_cache_dtype) the integers
+  and their scales."""
   cfg, m = make('moe')
   float_model = m
   if kv_cache:
     cfg.quant.kv_cache = kv_cache
     m = Transformer(cfg, rngs=nnx.Rngs(0))
     nnx.update(m, nnx.state(float_model))
-  pt = tm.from_flax(m, cfg)
+  pt = tm.from_flax(m, cfg).set_kv_cache_dtype(storage)
   tok = torch.from_numpy(TOKENS)
+  rows = lambda t: [(2, t, cfg.n_kv_heads, cfg.head_dim)] * 2 + [(2, t, cfg.n_kv_heads)] * (
+      2 if storage == 'int8' else 0)
   with torch.no_grad():
     full = pt(tok)
     # Stale junk past the fill must not leak in (the runner's cache slots beyond pos).
-    cache = [tuple(torch.full_like(c, 1e3) for c in kv) for kv in pt.empty_cache(2, 96)]
+    cache = [tuple(torch.full_like(c, 100 if c.dtype == torch.int8 else 1e3) for c in kv)
+             for kv in pt.empty_cache(2, 96)]
+    assert [c.dtype for c in cache[0]] == ([torch.int8] * 2 + [torch.float32] * 2
+                                           if storage == 'int8' else [torch.float32] * 2)
     out, new = pt(tok[:, :70], torch.arange(70, dtype=torch.int32), cache)
-    assert [tuple(c.shape) for c in new[0]] == [(2, 70, cfg.n_kv_heads, cfg.head_dim)] * 2
+    assert [tuple(c.shape) for c in new[0]] == rows(70)
     steps = [out]
     for layer, kv in zip(cache, new):
       tm.write_cache(layer, kv, 0)
     for i in range(70, 90):
       o, new = pt(tok[:, i:i + 1], torch.tensor([i], dtype=torch.int32), cache)
-      assert [tuple(c.shape) for c in new[0]] == [(2, 1, cfg.n_kv_heads, cfg.head_dim)] * 2
+      assert [tuple(c.shape) for c in new[0]] == rows(1)
       for layer, kv in zip(cache, new):
         tm.write_cache(layer, kv, i)
       steps.append(o)
