@@ -1,5 +1,5 @@
 """Import of released MobileMoE snapshots and export back (mobilemoe_jax/convert), on
-synthetic snapshots in exactly the released layout (tests/release_snapshot.py)."""
+synthetic snapshots in exactly the released layout (tests/support/release_snapshot.py)."""
 import json
 import os
 import shutil
@@ -18,9 +18,8 @@ from mobilemoe_jax.train.loading import load_checkpoint, read_meta
 from mobilemoe_jax.model import Transformer
 from mobilemoe_jax.quant import grid
 from mobilemoe_jax.quant.extract import integer_weights
-from tests.release_snapshot import TINY, dequantized, pack_nibbles, write_snapshot
-from tests.test_release_arch import reference_logits
-from tests.test_train import data_dir  # noqa: F401  (a fixture: the bundled corpus, small)
+from tests.support.release_snapshot import TINY, dequantized, pack_nibbles, write_snapshot
+from tests.support.release import reference_logits
 
 TOKENS = np.random.default_rng(3).integers(0, TINY['vocab'], 12)
 NO_LOG = lambda *a: None
@@ -132,7 +131,7 @@ def test_config_json_maps_to_our_fields(qat):
 @pytest.mark.parametrize('which', ['qat', 'bf16'])
 def test_logits_equal_the_numpy_reference_on_the_files(which, qat, bf16):
   """Our fp32 logits of the imported checkpoint = the notes' numpy forward on the weights
-  read straight from model.safetensors (tests/release_snapshot.dequantized)."""
+  read straight from model.safetensors (tests/support/release_snapshot.dequantized)."""
   snap, ckpt = {'qat': qat, 'bf16': bf16}[which]
   model = load_checkpoint(ckpt, need_tokenizer=False).model
   want = reference_logits(dequantized(snap), model.cfg, TOKENS, np.arange(len(TOKENS), dtype=np.float64))
@@ -347,7 +346,7 @@ def test_cli_reports_bad_input(qat, tmp_path, capsys):
 def test_qat_export_refuses_a_grid_the_format_cannot_hold():
   """Our own QAT grid (experts grouped along their input) cannot be written as the
   release's packed experts: refused with the field named."""
-  from tests.test_release_arch import release_like
+  from tests.support.release import release_like
   cfg = release_like()
   cfg.quant.weights = 'int4_g32'
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -415,7 +414,7 @@ def test_our_own_model_round_trips_through_the_bf16_format(tmp_path):
   """A model that never came from a snapshot (no config.json to start from): written with a
   fresh config.json, it imports back to the same config and the bf16-rounded weights."""
   from mobilemoe_jax.convert import layout
-  from tests.test_release_arch import release_like
+  from tests.support.release import release_like
   cfg = release_like(nope_layers=(0,), **{'moe.every': 1})
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   out = tmp_path / 'snap'

@@ -171,7 +171,7 @@ CHILD = textwrap.dedent('''
     import itertools, sys
     sys.path[:0] = [{repo!r}, {tests!r}]
     import conftest
-    from test_train import make_config
+    from tests.support.train import make_config
     from mobilemoe_jax.data import pipeline
     from mobilemoe_jax.data.integrity import DataError
     from mobilemoe_jax.train import train_and_evaluate

@@ -6,9 +6,9 @@ the notes. `write_snapshot` writes config.json + model.safetensors of any (tiny)
 exactly the released layout, with random integers and fp16 scales (QAT) or random bf16
 weights (the Base/SFT hypothesis, §3.3). `dequantized` reads a snapshot back with the
 safetensors library into float64 release-layout weights, which the notes' numpy forward
-(tests/test_release_arch.py, reference_logits) runs on.
+(tests/support/release.py, reference_logits) runs on.
 
-  from tests.release_snapshot import write_snapshot
+  from tests.support.release_snapshot import write_snapshot
   write_snapshot('/tmp/snap', layout='qat', **TINY)
 """
 import json
