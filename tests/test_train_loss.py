@@ -130,11 +130,16 @@ def _step(stage, **overrides):
   return float(m['loss']), float(m['grad_norm']), state['params']
 
 
+@pytest.fixture(scope='module')
+def unchunked_qat_step():
+  return _step(qat, **{'train.distill_weight': 0.0})
+
+
 @pytest.mark.parametrize('exp_once', [True, False])
-def test_train_step_chunked_matches_unchunked(exp_once):
+def test_train_step_chunked_matches_unchunked(exp_once, unchunked_qat_step):
   """QAT (INT4 table/head, int8 activations; distillation off, which would need full
   logits): loss, gradient norm and updated params as with the unchunked loss."""
-  full = _step(qat, **{'train.distill_weight': 0.0})
+  full = unchunked_qat_step
   chunked = _step(qat, **{'train.distill_weight': 0.0, 'train.loss_chunk_len': 12,   # 12+12+8
                           'train.loss_exp_once': exp_once})
   np.testing.assert_allclose(chunked[:2], full[:2], rtol=2e-5)
