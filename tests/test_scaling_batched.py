@@ -14,6 +14,7 @@ SMALL = {'model.n_layers': 2, 'model.d_model': 64, 'model.d_ff': 128, 'model.voc
          'train.log_every': 1, 'train.eval_batches': 10_000, 'train.progress': False}
 
 
+@pytest.mark.slow   # three trainings (the in-process sweep, the trainer, a resume)
 def test_in_process_seeds_match_the_trainer_and_resume(data_dir, tmp_path):
   runs = [('d64_moe_s4', SMALL)]
   bdir, out = str(tmp_path / 'batches'), str(tmp_path / 'records.jsonl')

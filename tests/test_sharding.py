@@ -28,8 +28,10 @@ def reference():
   return x, np.asarray(forward(model, x))
 
 
-MESHES = [dict(fsdp=2, expert=2, tensor=2, data=1), dict(data=1, expert=8),
-          dict(data=2, expert=4), dict(data=8), dict(data=2, fsdp=4)]
+# The first mesh uses every model axis; `make test-fast` checks only it (a compile each).
+MESHES = [dict(fsdp=2, expert=2, tensor=2, data=1)] + [
+    pytest.param(axes, marks=pytest.mark.slow)
+    for axes in (dict(data=1, expert=8), dict(data=2, expert=4), dict(data=8), dict(data=2, fsdp=4))]
 
 
 @pytest.mark.parametrize('axes', MESHES, ids=lambda a: '-'.join(f'{k}{v}' for k, v in a.items()))
