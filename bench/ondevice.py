@@ -3,7 +3,8 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
 
   python bench/ondevice.py                 # everything (exports the whole models once)
   python bench/ondevice.py --quick         # smaller run without whole models, a smoke test
-  python bench/ondevice.py --whole_only    # just the whole-model rows
+  python bench/ondevice.py --whole_only    # just the whole models, merged into --out with the
+                                           # released_s_* keys (block rows left as they were)
   python bench/ondevice.py --blocks_only [--baseline_lib old.so]   # just the block rows
   python bench/ondevice.py --block32_stacks  # also the block-32 FFN stacks (both models)
   python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # your own files
