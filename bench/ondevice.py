@@ -262,9 +262,9 @@ DELEGATE_METHODS = ("delegate", "delegate_cw", "delegate_cwt", "moe_s_ffn", "moe
 BASELINE_ENV = "MOBILEMOE_BASELINE_LIB"
 
 # FFN-only proxies of the whole models (attention, embeddings, lm_head left
-# out: they are the same kind of work in both models). MobileMoE-S: layer 0
-# dense (d_ff 2048) + 15 MoE layers through the delegate; MobileLLM-Pro: 30
-# dense SwiGLU 1280 -> 6144 as INT4 FCs, channel-wise (XNNPACK's fastest INT4)
+# out: they are the same kind of work in both models). MobileMoE-S: its first_dense
+# dense layers (none in the released S) + MoE layers through the delegate; MobileLLM-Pro:
+# its dense SwiGLU layers as INT4 FCs, channel-wise (XNNPACK's fastest INT4)
 # and block-32 (the scheme MobileMoE's export and experts use).
 def _s_ffn(moe_kind):
   """MobileMoE-S's FFN layers: the first dense ones, then MoE blocks of `moe_kind`."""
