@@ -3,7 +3,8 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
 
   python bench/ondevice.py                 # everything (exports the whole models once)
   python bench/ondevice.py --quick         # smaller run without whole models, a smoke test
-  python bench/ondevice.py --whole_only    # just the whole-model rows
+  python bench/ondevice.py --whole_only    # just the whole models, merged into --out with the
+                                           # released_s_* keys (block rows left as they were)
   python bench/ondevice.py --blocks_only [--baseline_lib old.so]   # just the block rows
   python bench/ondevice.py --block32_stacks  # also the block-32 FFN stacks (both models)
   python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # your own files
@@ -68,6 +69,7 @@ from export import delegate as dl  # noqa: E402
 from export.delegate import tflite_builder as tb  # noqa: E402
 from export.runner import needs_delegate  # noqa: E402
 from bench import runinfo  # noqa: E402
+from mobilemoe_jax.scaling import accounting  # noqa: E402
 
 S = schema.BuiltinOperator
 O = schema.BuiltinOptions
@@ -260,9 +262,9 @@ DELEGATE_METHODS = ("delegate", "delegate_cw", "delegate_cwt", "moe_s_ffn", "moe
 BASELINE_ENV = "MOBILEMOE_BASELINE_LIB"
 
 # FFN-only proxies of the whole models (attention, embeddings, lm_head left
-# out: they are the same kind of work in both models). MobileMoE-S: layer 0
-# dense (d_ff 2048) + 15 MoE layers through the delegate; MobileLLM-Pro: 30
-# dense SwiGLU 1280 -> 6144 as INT4 FCs, channel-wise (XNNPACK's fastest INT4)
+# out: they are the same kind of work in both models). MobileMoE-S: its first_dense
+# dense layers (none in the released S) + MoE layers through the delegate; MobileLLM-Pro:
+# its dense SwiGLU layers as INT4 FCs, channel-wise (XNNPACK's fastest INT4)
 # and block-32 (the scheme MobileMoE's export and experts use).
 def _s_ffn(moe_kind):
   """MobileMoE-S's FFN layers: the first dense ones, then MoE blocks of `moe_kind`."""
@@ -724,6 +726,31 @@ def whole_model_rows(moe_path, dense_path, budget_s=20):
   return {"arrangements": arr, "ratios": whole_ratios(arr)}
 
 
+def released_s_summary(whole, bw):
+  """The released MobileMoE-S against MobileLLM-Pro in the keys the on-device targets name:
+  decode and prefill-128 speedups (each model's fastest arrangement; the same-arrangement
+  ratios beside them) and S's decode against its DRAM-bandwidth limit (weight + KV bytes one
+  step reads / the measured read rate; fraction = limit time / measured time, 1 = at the limit)."""
+  cfg = S_MODEL
+  r = whole["ratios"]
+  # The files' weights are INT4 channel-wise: about one scale per row of d_model inputs.
+  # KV: fp32 cache rows at the decode rows' mean context (DECODE_PROMPT + DECODE_STEPS / 2).
+  weight_bytes = accounting.active_int4_bytes_per_token(cfg, group=cfg.d_model)
+  kv_bytes = accounting.kv_cache_bytes(cfg, DECODE_PROMPT + DECODE_STEPS // 2, bytes_per_value=4)
+  limit_ms = (weight_bytes + kv_bytes) / (bw * 1e9) * 1e3
+  best = r["decode"]["fastest_arrangements"]["moe"]
+  measured_ms = whole["arrangements"][best]["decode_ms"]
+  return {"released_s_decode_speedup_vs_dense": r["decode"]["fastest"],
+          "released_s_decode_speedup_vs_dense_same_arrangement": r["decode"]["same_arrangement"],
+          "released_s_prefill128_speedup_vs_dense": r["prefill128"],
+          "released_s_decode_fraction_of_bandwidth_limit": limit_ms / measured_ms,
+          "released_s_decode_bandwidth_limit": {
+              "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
+              "dram_read_gbps": bw, "limit_ms": limit_ms, "measured_ms": measured_ms,
+              "arrangement": best},
+          "cpu_model": runinfo.cpu_model()}
+
+
 def block_summary(rows, o, bw):
   """The block rows against their bandwidth limit, and the COMPARISONS' ratios."""
   ms = {(r["method"], r["T"]): r["median_ms"] for r in rows}
@@ -861,13 +888,23 @@ def main():
     return whole_rss(*a.whole_rss)
   if a.export:
     return export_whole(*a.export)
-  if a.whole_only:   # written only to an --out given explicitly (not the full run's JSON)
+  if a.whole_only:
+    # Merged into --out: the whole-model record under "whole_only_run" and the released-S
+    # keys at the top; the block rows of an earlier full run stay as they were.
+    bw = dram_read_bandwidth()
     w = dict(runinfo.run_record("bench/ondevice.py", gpu=False), whole=whole_rows(a),
-             experts=a.experts, attention=a.attention)
-    if a.out != DEFAULT_OUT:
-      with open(a.out, "w") as f:
-        json.dump(w, f, indent=1)
-    return print(json.dumps(w["whole"]["ratios"], indent=1))
+             experts=a.experts, attention=a.attention, threads=THREADS, dram_read_gbps=bw)
+    w["loadavg_end"] = os.getloadavg()
+    summary = released_s_summary(w["whole"], bw)
+    res = {}
+    if os.path.exists(a.out):
+      with open(a.out) as f:
+        res = json.load(f)
+    res.update(summary, whole_only_run=w)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+      json.dump(res, f, indent=1)
+    return print(json.dumps(dict(w["whole"]["ratios"], **summary), indent=1))
 
   t_start = time.time()
   o = dict(BLOCK)
@@ -908,6 +945,7 @@ def main():
       **block_summary(rows, o, bw),
       "baseline_lib": a.baseline_lib,
       "whole": whole,
+      **(released_s_summary(whole, bw) if whole and not a.moe_model else {}),
       "wall_s": time.time() - t_start,
   })
   os.makedirs(os.path.dirname(a.out), exist_ok=True)

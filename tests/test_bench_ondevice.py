@@ -38,3 +38,24 @@ def test_whole_ratios_fastest_next_to_same_arrangement(bench_script):
       {'one_interpreter': 12.0 / 5.0, 'decode_delegate': 14.0 / 4.0})
   assert r['prefill128'] == pytest.approx(3.0)
   assert 'decode_long' not in r and 'prefill512' not in r
+
+
+def test_released_s_summary_keys_from_the_whole_rows(bench_script):
+  od = bench_script('ondevice')
+  raw = {'moe_decode_ms': 5.0, 'moe_decode_rounds_ms': [5.0], 'moe_fc_decode_ms': 4.0,
+         'moe_fc_decode_rounds_ms': [4.0], 'dense_decode_ms': 12.0,
+         'dense_decode_rounds_ms': [12.0], 'dense_fc_decode_ms': 14.0,
+         'dense_fc_decode_rounds_ms': [14.0], 'moe_prefill128_ms': 80.0,
+         'dense_prefill128_ms': 200.0}
+  arr = od.whole_arrangements(raw)
+  s = od.released_s_summary({'arrangements': arr, 'ratios': od.whole_ratios(arr)}, bw=40.0)
+  assert s['released_s_decode_speedup_vs_dense'] == pytest.approx(3.0)
+  assert s['released_s_prefill128_speedup_vs_dense'] == pytest.approx(2.5)
+  lim = s['released_s_decode_bandwidth_limit']
+  assert lim['arrangement'] == 'moe_fc' and lim['measured_ms'] == 4.0
+  # the released S reads ~140-170 MB of INT4 weights per token (272M active params, head included)
+  assert 100e6 < lim['weight_bytes_per_token'] < 200e6
+  assert lim['limit_ms'] == pytest.approx(
+      (lim['weight_bytes_per_token'] + lim['kv_bytes_per_token']) / 40e9 * 1e3)
+  assert s['released_s_decode_fraction_of_bandwidth_limit'] == pytest.approx(lim['limit_ms'] / 4.0)
+  assert s['cpu_model']
