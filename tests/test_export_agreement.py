@@ -11,6 +11,8 @@ import os
 import numpy as np
 import pytest
 
+from tests.support.models import jax_next_logits
+
 pytest.importorskip('litert_torch')
 
 pytestmark = pytest.mark.slow   # a 300-step QAT training and three .tflite exports
@@ -49,19 +51,6 @@ def trained(data_dir, tmp_path_factory):
   litert.export(torch_copy, path, quant='int4_g32', prefill_lens=(32,), kv_len=64,
                 log=lambda *a: None)
   return model, tok, path, workdir, torch_copy
-
-
-def jax_next_logits(model, length=64):
-  """ids -> logits after them, from one full forward (padded to `length`: one compile)."""
-  import jax.numpy as jnp
-  from flax import nnx
-  fwd = nnx.jit(lambda m, ids: m(ids)[0][0])
-
-  def logits(ids):
-    pad = np.zeros((1, length), np.int32)
-    pad[0, :len(ids)] = ids
-    return np.asarray(fwd(model, jnp.asarray(pad)))[:len(ids)]
-  return logits
 
 
 def test_greedy_tokens_agree_for_16_steps(trained, data_dir):

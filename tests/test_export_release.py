@@ -2,7 +2,7 @@
 
 A synthetic snapshot with the released S's structure at tiny dims (QK-norm, Llama-3 RoPE
 scaling, sigmoid routing with the expert bias, a shared expert, tied embedding, every layer
-an MoE; tests/release_snapshot.py writes it in exactly the released layout) is imported
+an MoE; tests/support/release_snapshot.py writes it in exactly the released layout) is imported
 (python -m mobilemoe_jax.convert import), exported with the MoE blocks and decode attention
 as the delegate's ops, and run by export.runner.LiteRTLM with the delegate in its int8 mode.
 Its greedy tokens are compared with the imported JAX model's on the QAT stage's grid (the
@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip('litert_torch')
 
-from tests.release_snapshot import write_snapshot
-from tests.test_export_agreement import jax_next_logits
+from tests.support.release_snapshot import write_snapshot
+from tests.support.models import jax_next_logits
 
 # The released S's structure at tiny dims: no NoPE layer (S has none), RoPE scaling that
 # bites at head_dim 16 (wavelengths over 64 are scaled), 8 experts top-4 of 32 (one output

@@ -54,3 +54,14 @@ def lsq_model(cfg, float_model):
   nnx.update(qm, jax.tree.map(
       lambda s: s * jax.random.uniform(next(keys), s.shape, minval=0.85, maxval=1.2), scales))
   return cfg, qm
+
+
+def jax_next_logits(model, length=64):
+  """ids -> logits after them, from one full forward (padded to `length`: one compile)."""
+  fwd = nnx.jit(lambda m, ids: m(ids)[0][0])
+
+  def logits(ids):
+    pad = np.zeros((1, length), np.int32)
+    pad[0, :len(ids)] = ids
+    return np.asarray(fwd(model, jnp.asarray(pad)))[:len(ids)]
+  return logits
