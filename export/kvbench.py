@@ -119,6 +119,8 @@ def main(argv=None):
   ap.add_argument('--litertlm', action='store_true', help='also through the LiteRT-LM runtime')
   ap.add_argument('--threads', type=int, default=2)
   ap.add_argument('--out-dir', help='keep the exported files here (default: a temp dir)')
+  ap.add_argument('--results', default='bench/results/kv_cache.json',
+                  help='where the measurements are written (JSON)')
   ap.add_argument('--reuse', action='store_true',
                   help='measure the files already in --out-dir instead of exporting them again')
   ap.add_argument('--measure', nargs=2, metavar=('KIND', 'PATH'), help=argparse.SUPPRESS)
@@ -137,7 +139,9 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     paths = build(kv_lens, a.tokenizer, out_dir, a.litertlm, a.reuse,
                   log=lambda m: print(m, file=sys.stderr))
-    results = {'cpu': cpu_model(), 'threads': a.threads, 'model': MODEL, 'weights': 'int4_g32'}
+    results = {'command': ' '.join(['python -m export.kvbench', *(argv or sys.argv[1:])]),
+               'date': time.strftime('%Y-%m-%d', time.gmtime()), 'cpu': cpu_model(),
+               'threads': a.threads, 'model': MODEL, 'weights': 'int4_g32'}
     for key, path in paths.items():
       kind, kv_len, dtype = key.split('_')
       child = subprocess.run([sys.executable, '-m', 'export.kvbench', '--tokenizer', a.tokenizer,
@@ -148,6 +152,10 @@ def main(argv=None):
       results[key] = json.loads(child.stdout.strip().splitlines()[-1])
       print(key, results[key], file=sys.stderr, flush=True)
   print(json.dumps(results, indent=2))
+  os.makedirs(os.path.dirname(a.results) or '.', exist_ok=True)
+  with open(a.results, 'w') as f:
+    json.dump(results, f, indent=2)
+    f.write('\n')
   return results
 
 
