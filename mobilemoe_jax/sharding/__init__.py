@@ -91,7 +91,7 @@ def state_specs(state, mesh):
     axes = v.get_metadata().get('axes') if isinstance(v, nnx.Variable) else None
     if axes is None:
       return P()
-    return logical_to_spec(axes, v.value.shape, mesh)
+    return logical_to_spec(axes, v.get_value().shape, mesh)
   return jax.tree.map(spec, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
