@@ -1,12 +1,17 @@
 """KV cache memory and decode speed of an f32 vs an int8 cache (`--kv-cache int8`) at long
 contexts, on a small random-weight model (INT4 block-32 weights, so the cache dominates),
-with export.runner and optionally through the LiteRT-LM runtime.
+with export.runner and through the LiteRT-LM runtime, side by side in one run.
 
-  python -m export.kvbench --tokenizer data/tokenizer/spm.model --kv-lens 2048,8192 [--litertlm]
+  python bench/kv_cache.py                 # -> bench/results/kv_cache.json
+  python bench/kv_cache.py --table         # the README table of that file
 
-Each (context, dtype, runtime) is measured in a fresh process: RSS after loading, peak RSS
-after decoding, and decode ms/token at a cache filled to context - 33 slots (random
-finite contents: the graph's work does not depend on them). Prints one JSON.
+Workloads: context (--kv-lens, default 2048 and 8192) x cache (f32, int8) x runtime (runner,
+litertlm). Each is measured in a fresh process: RSS after loading, peak RSS after decoding,
+and decode ms/token at a cache filled to context - 33 slots (runner: random finite contents,
+the graph's work does not depend on them; LiteRT-LM: after its own prefill of that many
+tokens, as its benchmark info reports). The tokenizer only sizes the vocabulary and goes into
+the bundles: by default a 512-piece SentencePiece model trained in seconds on stdlib
+docstrings (no data files needed).
 """
 import argparse
 import json
@@ -17,6 +22,11 @@ import tempfile
 import time
 
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench import runinfo  # noqa: E402
 
 MODEL = dict(d_model=256, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=1024,
              sliding_window=0)
@@ -91,7 +101,7 @@ def build(kv_lens, tokenizer: str, out_dir: str, litertlm: bool, reuse=False, lo
   from export import litertlm as lm_bundle
   from mobilemoe_jax.data.tokenizer import load_tokenizer
   from mobilemoe_jax.model import Transformer
-  cfg = checkpoint.load_config('configs/tiny.py:dense').model
+  cfg = checkpoint.load_config(os.path.join(REPO, 'configs', 'tiny.py') + ':dense').model
   cfg.update(MODEL, vocab_size=load_tokenizer(tokenizer).vocab_size, max_seq_len=max(kv_lens))
   model = torch_model.from_flax(Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
   paths = {}
@@ -112,51 +122,105 @@ def build(kv_lens, tokenizer: str, out_dir: str, litertlm: bool, reuse=False, lo
   return paths
 
 
+def default_tokenizer(out_dir: str) -> str:
+  """A 512-piece SentencePiece model on stdlib docstrings: any tokenizer of that size serves
+  (random weights); this one needs no data files."""
+  import inspect
+  import collections, json as json_mod, pathlib, re
+  from mobilemoe_jax.data.tokenizer import train_sentencepiece
+  texts = [inspect.getdoc(m) or '' for m in (collections, json_mod, os, re, inspect, pathlib,
+                                              argparse, subprocess, tempfile)]
+  return train_sentencepiece(texts, os.path.join(out_dir, 'spm.model'), vocab_size=512)
+
+
+def ratios(rows: dict) -> dict:
+  """int8 / f32 cache (bytes, peak RSS, decode time) per runtime and context, and LiteRT-LM /
+  runner decode time per cache and context."""
+  out = {}
+  for key, r in rows.items():
+    kind, kv_len, dtype = key.split('_')
+    f32 = rows.get(f'{kind}_{kv_len}_f32')
+    if dtype == 'int8' and f32:
+      for field in ('cache_mb', 'peak_rss_mb', 'decode_ms'):
+        if r.get(field) and f32.get(field):
+          out[f'{kind}_{kv_len}_int8_over_f32_{field}'] = r[field] / f32[field]
+    runner = rows.get(f'runner_{kv_len}_{dtype}')
+    if kind == 'litertlm' and runner and r.get('decode_ms'):
+      out[f'litertlm_over_runner_{kv_len}_{dtype}_decode_ms'] = r['decode_ms'] / runner['decode_ms']
+  return out
+
+
+def markdown_table(res: dict) -> str:
+  m = res['machine']
+  lines = [f"{m['cpu']}, {res['threads']} threads, load average {m['loadavg_start'][0]:.1f} at start; "
+           f"commit {res['commit']}, {res['date']}",
+           '',
+           '| context | cache | runner decode ms | LiteRT-LM decode ms | cache tensors (runner) | '
+           'runner peak RSS | LiteRT-LM peak RSS |',
+           '|---|---|---|---|---|---|---|']
+  rows = res['rows']
+  fmt = lambda v, f='{:.2f}': '-' if v is None else f.format(v)
+  for kv_len in res['kv_lens']:
+    for dtype in ('f32', 'int8'):
+      r, l = rows.get(f'runner_{kv_len}_{dtype}', {}), rows.get(f'litertlm_{kv_len}_{dtype}', {})
+      lines.append(f"| {kv_len} | {dtype} | {fmt(r.get('decode_ms'))} | {fmt(l.get('decode_ms'))} | "
+                   f"{fmt(r.get('cache_mb'), '{:.2f} MiB')} | {fmt(r.get('peak_rss_mb'), '{:.0f} MiB')} | "
+                   f"{fmt(l.get('peak_rss_mb'), '{:.0f} MiB')} |")
+  return '\n'.join(lines)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--tokenizer', required=True, help='SentencePiece .model (vocab; the bundle)')
+  ap.add_argument('--tokenizer', help='SentencePiece .model (default: one trained on the fly)')
   ap.add_argument('--kv-lens', default='2048,8192')
-  ap.add_argument('--litertlm', action='store_true', help='also through the LiteRT-LM runtime')
+  ap.add_argument('--no-litertlm', action='store_true', help='only export.runner')
   ap.add_argument('--threads', type=int, default=2)
   ap.add_argument('--out-dir', help='keep the exported files here (default: a temp dir)')
-  ap.add_argument('--results', default='bench/results/kv_cache.json',
+  ap.add_argument('--out', default=os.path.join(REPO, 'bench', 'results', 'kv_cache.json'),
                   help='where the measurements are written (JSON)')
+  ap.add_argument('--table', action='store_true', help='print the README table of --out')
   ap.add_argument('--reuse', action='store_true',
                   help='measure the files already in --out-dir instead of exporting them again')
   ap.add_argument('--measure', nargs=2, metavar=('KIND', 'PATH'), help=argparse.SUPPRESS)
   ap.add_argument('--kv-len', type=int, help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
+  if a.table:
+    with open(a.out) as f:
+      return print(markdown_table(json.load(f)))
   if a.measure:                      # the child process: one measurement
     kind, path = a.measure
     r = measure_runner(path, threads=a.threads) if kind == 'runner' else \
         measure_litertlm(path, a.kv_len, threads=a.threads)
     print(json.dumps(r))
     return r
-  from export.litertlm import cpu_model
   kv_lens = [int(x) for x in a.kv_lens.split(',')]
+  record = runinfo.run_record('bench/kv_cache.py', gpu=False)
   with tempfile.TemporaryDirectory() as tmp:
     out_dir = a.out_dir or tmp
     os.makedirs(out_dir, exist_ok=True)
-    paths = build(kv_lens, a.tokenizer, out_dir, a.litertlm, a.reuse,
+    tokenizer = a.tokenizer or default_tokenizer(out_dir)
+    paths = build(kv_lens, tokenizer, out_dir, not a.no_litertlm, a.reuse,
                   log=lambda m: print(m, file=sys.stderr))
-    results = {'command': ' '.join(['python -m export.kvbench', *(argv or sys.argv[1:])]),
-               'date': time.strftime('%Y-%m-%d', time.gmtime()), 'cpu': cpu_model(),
-               'threads': a.threads, 'model': MODEL, 'weights': 'int4_g32'}
+    rows = {}
     for key, path in paths.items():
       kind, kv_len, dtype = key.split('_')
-      child = subprocess.run([sys.executable, '-m', 'export.kvbench', '--tokenizer', a.tokenizer,
-                              '--measure', kind, path, '--kv-len', kv_len, '--threads',
-                              str(a.threads)], capture_output=True, text=True)
+      child = subprocess.run([sys.executable, os.path.abspath(__file__), '--measure', kind, path,
+                              '--kv-len', kv_len, '--threads', str(a.threads)],
+                             capture_output=True, text=True, cwd=REPO)
       if child.returncode:
         raise RuntimeError(f'measuring {path} failed:\n{child.stderr[-3000:]}')
-      results[key] = json.loads(child.stdout.strip().splitlines()[-1])
-      print(key, results[key], file=sys.stderr, flush=True)
-  print(json.dumps(results, indent=2))
-  os.makedirs(os.path.dirname(a.results) or '.', exist_ok=True)
-  with open(a.results, 'w') as f:
-    json.dump(results, f, indent=2)
+      rows[key] = json.loads(child.stdout.strip().splitlines()[-1])
+      print(key, rows[key], file=sys.stderr, flush=True)
+  res = dict(record, threads=a.threads, kv_lens=kv_lens, model=MODEL, weights='int4_g32',
+             tokenizer=a.tokenizer or 'default (512 pieces, stdlib docstrings)', rows=rows,
+             ratios=ratios(rows))
+  res['machine']['loadavg_end'] = os.getloadavg()
+  os.makedirs(os.path.dirname(a.out) or '.', exist_ok=True)
+  with open(a.out, 'w') as f:
+    json.dump(res, f, indent=2)
     f.write('\n')
-  return results
+  print(markdown_table(res))
+  return res
 
 
 if __name__ == '__main__':
