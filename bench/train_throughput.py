@@ -748,8 +748,8 @@ def worker_env(w: Workload, environ=os.environ):
   env = dict(environ, PYTHONUNBUFFERED='1')
   if w.machine == 'cpu':
     env['JAX_PLATFORMS'] = 'cpu'
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                        f' --xla_force_host_platform_device_count={w.devices}')
+    env['XLA_FLAGS'] = (f"{env.get('XLA_FLAGS', '')} "
+                        f'--xla_force_host_platform_device_count={w.devices}').strip()
   else:
     env['CUDA_VISIBLE_DEVICES'] = ','.join(map(str, range(w.devices)))
     env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.92')

@@ -139,3 +139,20 @@ def test_tiny_packed_workload_end_to_end(tmp_path):
   assert np.isfinite(res['loss_last'])
   assert res['mfu'] is None                            # no peak FLOPs for a CPU
   assert row['model']['n_experts'] == 8 and row['model']['total_params'] > 0
+
+
+@pytest.mark.slow
+def test_expert_parallel_workload_end_to_end(tmp_path):
+  """The multi-device path the weak-scaling rows take (mesh expert=devices), on 2 fake CPU
+  devices."""
+  out = tmp_path / 'train_throughput.json'
+  r = subprocess.run([sys.executable, SCRIPT, '--workload=tiny_cpu_ep2', '--alone', '--warmup=0',
+                      '--steps=1', f'--out={out}'], env=dict(os.environ, PYTHONPATH=ROOT),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  row = json.loads(out.read_text())['rows']['tiny_cpu_ep2']
+  assert 'error' not in row, row
+  res = row['result']
+  assert row['workload']['devices'] == 2 and res['tokens_per_step'] == 2 * 4 * 128
+  assert res['ep_overlap_chunks'] == 2 and np.isfinite(res['loss_last'])
+  assert '--xla_force_host_platform_device_count=2' in res['xla_flags'].split()

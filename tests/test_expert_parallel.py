@@ -115,3 +115,13 @@ def test_chunks_let_all_to_alls_overlap_expert_matmuls():
     routed = g.matmuls('routed_experts')
     free = [any(g.independent(a, r) for r in routed) for a in g.find('all-to-all')]
     assert len(free) == 2 * chunks and all(free) == want, (chunks, free)
+
+
+def test_slice_count_is_no_config_change_on_resume():
+  """ep_overlap_chunks changes no result: a checkpoint written before the field, or with
+  another count, resumes without train.allow_config_change; a real change still stops."""
+  from mobilemoe_jax.train import checkpoint
+  model = lambda **moe: {'model': {'moe': {'n_experts': 8, **moe}}}
+  assert checkpoint.config_differences(model(), model(ep_overlap_chunks=2)) == []
+  assert checkpoint.config_differences(model(ep_overlap_chunks=1), model(ep_overlap_chunks=4)) == []
+  assert checkpoint.config_differences(model(), model(n_experts=16))
