@@ -246,8 +246,9 @@ def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0, ac
   def experts_remote(buf, gate, up, down):
     """[n_ep, E/n_ep, c, D] rows for every expert block -> their outputs, same layout."""
     buf = jax.lax.all_to_all(buf, 'expert', 0, 0)                # [src, E/n, c, D]
-    h = swiglu_hidden(buf, gate, up, 'secd,edf->secf', fuse_gate_up)
-    out = jnp.einsum('secf,efd->secd', act(h), down)
+    with jax.named_scope('expert_matmuls'):   # their name in profiles and in the HLO
+      h = swiglu_hidden(buf, gate, up, 'secd,edf->secf', fuse_gate_up)
+      out = jnp.einsum('secf,efd->secd', act(h), down)
     if tensor:
       out = jax.lax.psum(out, tensor)                            # F was split over 'tensor'
     return jax.lax.all_to_all(out, 'expert', 0, 0)

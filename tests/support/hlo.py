@@ -1,6 +1,10 @@
 """The data flow of a compiled XLA program's entry computation, from its HLO text: which
 instruction reads which, so a test can ask whether two operations depend on each other (could
-run at the same time) without timing anything."""
+run at the same time) without timing anything.
+
+Operations are found by JAX's named scopes (HLO metadata). JAX's persistent compilation cache
+(tests/conftest.py) keys a program without its metadata, so a program compiled before a scope
+was renamed keeps the old names: clear .cache/jax after renaming one."""
 import re
 
 # `%name = shape opcode(operands), attr=..., metadata={op_name="..."}`
