@@ -80,6 +80,12 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.moe.bias_update_rate = 1e-3
   c.moe.capacity_factor = 0.0   # 0: no token is ever dropped; >0: per-expert capacity
   c.moe.dispatch = 'auto'       # 'auto' | 'dense' | 'sorted' | 'gather' | 'ragged'; see moe/dispatch.py
+  # Expert parallel only (a mesh 'expert' axis): the capacity buffer crosses devices in this
+  # many slices, so one slice's all-to-all runs while another's expert matmuls do; the shared
+  # expert covers the first send and the last return (moe/dispatch.py, expert_parallel).
+  # Same outputs for any value; 1 sends the buffer whole; each slice more shrinks the GEMMs
+  # and adds two collective launches, while the shared expert already covers the ends.
+  c.moe.ep_overlap_chunks = 2
   # Fake quantization for QAT (quant/qat.py); weights=None keeps the float model.
   c.quant = ml_collections.ConfigDict()
   c.quant.weights = ml_collections.config_dict.placeholder(str)  # None | 'int4_g32' | 'int4_channel' | 'int8_channel' | ...
@@ -302,6 +308,9 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.score_func in ('softmax', 'sigmoid'), 'model.moe.score_func',
              f"must be 'softmax' or 'sigmoid', got {m.score_func!r}")
     _require(m.capacity_factor >= 0, 'model.moe.capacity_factor', 'must be >= 0')
+    chunks = m.get('ep_overlap_chunks', 1)
+    _require(isinstance(chunks, int) and chunks >= 1, 'model.moe.ep_overlap_chunks',
+             f'must be an integer >= 1, got {chunks!r}')
     _require(m.dispatch in ('auto', 'dense', 'sorted', 'gather', 'ragged'), 'model.moe.dispatch',
              f'unknown dispatch {m.dispatch!r}')
   return model

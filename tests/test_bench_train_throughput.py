@@ -1,4 +1,5 @@
 """bench/train_throughput.py: the packed-row batches and one workload end to end on CPU."""
+import argparse
 import json
 import os
 import subprocess
@@ -54,6 +55,33 @@ def test_released_s_overrides_give_the_released_counts(bench_script):
   assert tt.model_cfg(tt.WORKLOADS['rs_b8_dropless_packed']).moe.capacity_factor == 0
 
 
+def test_weak_scaling_workloads_are_the_one_gpu_step_on_more_gpus(bench_script):
+  """rs_ep2 / rs_ep4: rs_b8_packed's step, rows per GPU and all, with the experts split over
+  2 / 4 GPUs; each is measured beside rs_b8_packed (its `vs`), the 1-GPU point."""
+  import dataclasses
+  tt = bench_script('train_throughput')
+  one = tt.WORKLOADS['rs_b8_packed']
+  assert one.devices == 1
+  for n_gpu, name in tt.SUMMARY['weak_scaling'].items():
+    w = tt.WORKLOADS[name]
+    assert (w.devices, w.vs) == (n_gpu, 'rs_b8_packed')
+    same = {f.name for f in dataclasses.fields(w)} - {'what', 'devices', 'vs'}
+    assert {f: getattr(w, f) for f in same} == {f: getattr(one, f) for f in same}, name
+    assert tt.select(argparse.Namespace(headline=False, workload=name, alone=False)) == [
+        'rs_b8', 'rs_b8_packed', name]
+
+
+def test_worker_env_turns_on_the_latency_hiding_scheduler_where_collectives_run(bench_script):
+  tt = bench_script('train_throughput')
+  flag = '--xla_gpu_enable_latency_hiding_scheduler=true'
+  env = tt.worker_env(tt.WORKLOADS['rs_ep4'], {'XLA_FLAGS': '--xla_dump_to=/tmp/x'})
+  assert env['XLA_FLAGS'] == f'--xla_dump_to=/tmp/x {flag}' and env['CUDA_VISIBLE_DEVICES'] == '0,1,2,3'
+  assert 'XLA_FLAGS' not in tt.worker_env(tt.WORKLOADS['rs_b8_packed'], {})   # one GPU
+  cpu = tt.worker_env(tt.WORKLOADS['tiny_cpu_ep2'], {})
+  assert cpu['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=2']
+  assert cpu['JAX_PLATFORMS'] == 'cpu'
+
+
 def _row(tps, date, device='NVIDIA H100 80GB HBM3', **result):
   return {'result': dict(tokens_per_s_per_device=tps, **result), 'device_kind': device,
           'run': {'date': date}}
@@ -73,9 +101,19 @@ def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
   assert s['speedup_vs_best_peer'] == 2.0
   assert s['speedup_dropless_vs_best_peer'] is None
   assert s['speedup_dropless_vs_best_peer_reason'] == 'out of memory'
-  assert s['weak_scaling_efficiency_4gpu'] is None and s['weak_scaling_efficiency_4gpu_reason']
+  for n in (2, 4):
+    assert s[f'weak_scaling_efficiency_{n}gpu'] is None
+    assert s[f'weak_scaling_efficiency_{n}gpu_reason'] == (
+        f'rs_ep{n} not measured: it needs a machine with {n} GPUs')
   rows['rs_ep4'] = dict(_row(120e3, 'd2'), vs={'ratio': 0.9})
-  assert tt.summary(rows)['weak_scaling_efficiency_4gpu'] == 0.9
+  rows['rs_ep2'] = {'error': 'out of memory', 'run': {'date': 'd2'}}
+  s = tt.summary(rows)
+  assert s['weak_scaling_efficiency_4gpu'] == 0.9
+  assert s['weak_scaling_efficiency_4gpu_gpu'].startswith('NVIDIA')
+  assert s['weak_scaling_efficiency_2gpu'] is None
+  assert s['weak_scaling_efficiency_2gpu_reason'] == 'out of memory'
+  rows['rs_ep2'] = _row(130e3, 'd3')                  # measured --alone: no ratio to take
+  assert 'without rs_b8_packed' in tt.summary(rows)['weak_scaling_efficiency_2gpu_reason']
   rows = {k: v for k, v in rows.items() if not k.startswith('peer_')}
   assert tt.summary(rows)['speedup_vs_best_peer'] is None
 
@@ -101,3 +139,20 @@ def test_tiny_packed_workload_end_to_end(tmp_path):
   assert np.isfinite(res['loss_last'])
   assert res['mfu'] is None                            # no peak FLOPs for a CPU
   assert row['model']['n_experts'] == 8 and row['model']['total_params'] > 0
+
+
+@pytest.mark.slow
+def test_expert_parallel_workload_end_to_end(tmp_path):
+  """The multi-device path the weak-scaling rows take (mesh expert=devices), on 2 fake CPU
+  devices."""
+  out = tmp_path / 'train_throughput.json'
+  r = subprocess.run([sys.executable, SCRIPT, '--workload=tiny_cpu_ep2', '--alone', '--warmup=0',
+                      '--steps=1', f'--out={out}'], env=dict(os.environ, PYTHONPATH=ROOT),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  row = json.loads(out.read_text())['rows']['tiny_cpu_ep2']
+  assert 'error' not in row, row
+  res = row['result']
+  assert row['workload']['devices'] == 2 and res['tokens_per_step'] == 2 * 4 * 128
+  assert res['ep_overlap_chunks'] == 2 and np.isfinite(res['loss_last'])
+  assert '--xla_force_host_platform_device_count=2' in res['xla_flags'].split()

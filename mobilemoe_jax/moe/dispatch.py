@@ -15,7 +15,8 @@ All functions compute  y[n] = sum_j w[n, j] * Expert_{e[n, j]}(x[n])  with SwiGL
 - `ragged`: the sorted assignments through `jax.lax.ragged_dot`, never dropping.
 - `expert_parallel`: `gather` inside shard_map over the mesh; the [E, C, D] buffer is
   exchanged with all-to-all along the 'expert' axis so each device runs only its own
-  experts: tokens move, weights stay.
+  experts: tokens move, weights stay. It moves in slices of C so that the all-to-alls can
+  overlap the matmuls of other slices.
 """
 import math
 
@@ -212,14 +213,26 @@ def ragged(x, weights, experts, gate, up, down, act=_same):
   return y, jnp.zeros((), jnp.int32)
 
 
+def chunk_bounds(cap: int, chunks: int):
+  """[(lo, hi)]: `chunks` slices of the C capacity slots, as even as C allows (at most C)."""
+  cuts = [round(i * cap / min(chunks, cap)) for i in range(min(chunks, cap) + 1)]
+  return list(zip(cuts[:-1], cuts[1:]))
+
+
 def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same,
-                    fuse_gate_up=True):
+                    fuse_gate_up=True, chunks=1):
   """`gather` with the experts split over the ambient mesh's 'expert' axis.
 
   x: [N, D] split over the token axes; gate/up/down split over 'expert' on E and over
   'tensor' on F. Each device fills a [E, C, D] buffer from its own tokens, all-to-all
   sends buffer block j to the holder of experts block j, experts run, and a second
   all-to-all brings results home.
+
+  chunks > 1 moves the buffer in that many slices of its C slots, each through its own
+  all-to-all, expert matmuls and all-to-all back. The slices share no data, so XLA's
+  scheduler can run slice k+1's all-to-all while slice k's matmuls run (and slice k's
+  return while k+1's run). Rows of the buffer are independent, so outputs, gradients and
+  drops are those of chunks=1; only the size of each collective and matmul changes.
   """
   mesh = jax.sharding.get_abstract_mesh()
   n_ep = mesh.shape['expert']
@@ -230,17 +243,23 @@ def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0, ac
   cap = capacity(x.shape[0] // n_tok_shards, experts.shape[1], n_experts, capacity_factor)
   tok = P(tok_axes or None)
 
+  def experts_remote(buf, gate, up, down):
+    """[n_ep, E/n_ep, c, D] rows for every expert block -> their outputs, same layout."""
+    buf = jax.lax.all_to_all(buf, 'expert', 0, 0)                # [src, E/n, c, D]
+    with jax.named_scope('expert_matmuls'):   # their name in profiles and in the HLO
+      h = swiglu_hidden(buf, gate, up, 'secd,edf->secf', fuse_gate_up)
+      out = jnp.einsum('secf,efd->secd', act(h), down)
+    if tensor:
+      out = jax.lax.psum(out, tensor)                            # F was split over 'tensor'
+    return jax.lax.all_to_all(out, 'expert', 0, 0)
+
   def local(x, weights, experts, gate, up, down):
     src, dst = slots(experts, n_experts, cap)
     buf = _dispatch_rows(x, src, dst)                            # [E*C, D], gathers only
     buf = buf.reshape(n_ep, n_experts // n_ep, cap, -1)
-    buf = jax.lax.all_to_all(buf, 'expert', 0, 0)                # [src, E/n, C, D]
-    h = swiglu_hidden(buf, gate, up, 'secd,edf->secf', fuse_gate_up)
-    out = jnp.einsum('secf,efd->secd', act(h), down)
-    if tensor:
-      out = jax.lax.psum(out, tensor)                            # F was split over 'tensor'
-    out = jax.lax.all_to_all(out, 'expert', 0, 0).reshape(n_experts * cap, -1)
-    y = _combine_rows(out, weights, src, dst)
+    out = jnp.concatenate([experts_remote(buf[:, :, lo:hi], gate, up, down)
+                           for lo, hi in chunk_bounds(cap, chunks)], axis=2)
+    y = _combine_rows(out.reshape(n_experts * cap, -1), weights, src, dst)
     dropped = jnp.sum(dst == n_experts * cap).astype(jnp.int32)
     return y, jax.lax.psum(dropped, tok_axes) if tok_axes else dropped
 
@@ -260,12 +279,13 @@ def can_expert_parallel(n_tokens: int, n_experts: int) -> bool:
 
 
 def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_factor: float,
-                act=_same, fuse_gate_up: bool = True):
+                act=_same, fuse_gate_up: bool = True, ep_chunks: int = 1):
   """Dispatches to one of the implementations above; returns (y [N, D], dropped).
   act(h) is applied to each expert's hidden rows before `down`; fuse_gate_up: `swiglu_hidden`
-  (the capacity-buffer paths: sorted, gather, expert parallel)."""
+  (the capacity-buffer paths: sorted, gather, expert parallel); ep_chunks: `expert_parallel`."""
   if can_expert_parallel(x.shape[0], gate.shape[0]):
-    return expert_parallel(x, weights, experts, gate, up, down, capacity_factor, act, fuse_gate_up)
+    return expert_parallel(x, weights, experts, gate, up, down, capacity_factor, act,
+                           fuse_gate_up, ep_chunks)
   if method == 'auto':
     # bench/moe_dispatch.py: `gather` was the fastest of ours at every
     # shape on an H200, with or without a capacity, and on CPU at the tiny preset's shape.

@@ -28,6 +28,7 @@ class MoE(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
     self.quant = cfg.quant
     self.fuse_gate_up = cfg.get('fuse_gate_up', True)
+    self.ep_chunks = m.get('ep_overlap_chunks', 1)   # configs saved before the field
     for name in ('gate', 'up', 'down'):
       add_quant_scale(self, name, cfg.quant, n_batch=1)
     # The router stays float unless quant.router: a flipped top-k choice costs more than
@@ -52,14 +53,18 @@ class MoE(nnx.Module):
         routed_scale=m.routed_scale, bias=bias)
     # Experts see int8 inputs in the .tflite (when quant.activations is set); the float
     # router does not.
-    y, dropped = dispatch.run_experts(
-        act(flat, qc), weights.astype(dt), experts, kernel(self, 'gate', qc, dt, n_batch=1),
-        kernel(self, 'up', qc, dt, n_batch=1), kernel(self, 'down', qc, dt, n_batch=1),
-        method=m.dispatch, capacity_factor=m.capacity_factor, act=lambda h: act(h, qc),
-        fuse_gate_up=self.fuse_gate_up)
+    # Named scopes label the kernels in a profile. Nothing routed feeds the shared expert,
+    # so under expert parallelism XLA may run it while the all-to-alls are in flight.
+    with jax.named_scope('routed_experts'):
+      y, dropped = dispatch.run_experts(
+          act(flat, qc), weights.astype(dt), experts, kernel(self, 'gate', qc, dt, n_batch=1),
+          kernel(self, 'up', qc, dt, n_batch=1), kernel(self, 'down', qc, dt, n_batch=1),
+          method=m.dispatch, capacity_factor=m.capacity_factor, act=lambda h: act(h, qc),
+          fuse_gate_up=self.fuse_gate_up, ep_chunks=self.ep_chunks)
     y = y.reshape(b, t, d)
     if self.shared is not None:
-      y = y + self.shared(x)
+      with jax.named_scope('shared_expert'):
+        y = y + self.shared(x)
     stats = {
         'aux_loss': routing.load_balancing_loss(scores, experts, m.n_experts, valid),
         'z_loss': routing.z_loss(logits, valid),

@@ -121,12 +121,14 @@ def verify(step_dir, step: int):
 # -------------------------------------------------------------------------------- config
 
 # Fields a resumed run may change without train.allow_config_change: how long to run, how
-# often to log, evaluate and save, where the stage started from (read only at step 0) and the
-# mesh (Orbax reshards on restore); none changes what a step computes.
+# often to log, evaluate and save, where the stage started from (read only at step 0), the
+# mesh (Orbax reshards on restore) and how expert-parallel all-to-alls are sliced (absent
+# from checkpoints written before the field); none changes what a step computes.
 RUN_CONTROL = ('train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
                'train.checkpoint_every', 'train.keep_checkpoints', 'train.async_checkpoints',
                'train.progress', 'train.allow_config_change', 'train.checkpoint_fallback',
-               'train.init_from', 'train.restore_optimizer', 'mesh.')
+               'train.init_from', 'train.restore_optimizer', 'mesh.',
+               'model.moe.ep_overlap_chunks')
 
 
 def _flatten(d, prefix=''):
