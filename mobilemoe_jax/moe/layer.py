@@ -27,7 +27,6 @@ class MoE(nnx.Module):
     self.cfg = m
     self.dtype = jnp.dtype(cfg.dtype)
     self.quant = cfg.quant
-    self.fuse_gate_up = cfg.get('fuse_gate_up', True)
     for name in ('gate', 'up', 'down'):
       add_quant_scale(self, name, cfg.quant, n_batch=1)
     # The router stays float unless quant.router: a flipped top-k choice costs more than
@@ -55,8 +54,7 @@ class MoE(nnx.Module):
     y, dropped = dispatch.run_experts(
         act(flat, qc), weights.astype(dt), experts, kernel(self, 'gate', qc, dt, n_batch=1),
         kernel(self, 'up', qc, dt, n_batch=1), kernel(self, 'down', qc, dt, n_batch=1),
-        method=m.dispatch, capacity_factor=m.capacity_factor, act=lambda h: act(h, qc),
-        fuse_gate_up=self.fuse_gate_up)
+        method=m.dispatch, capacity_factor=m.capacity_factor, act=lambda h: act(h, qc))
     y = y.reshape(b, t, d)
     if self.shared is not None:
       y = y + self.shared(x)
