@@ -45,12 +45,11 @@ def attention_check():
   out = {}
   for window in (0, 512):
     res = {}
-    # cudnn: the mask as a bias with its gradient (model.attention_mask 'bias', JAX's public
-    # call); cudnn_nograd: the bias without its gradient; cudnn_auto: 'auto', which on these
-    # packed rows takes the 'bias_nograd' branch at run time (lax.cond).
-    for key, impl, dtype, how in (('xla_float32', 'xla', 'float32', 'bias'),
-                                  ('xla_bfloat16', 'xla', 'bfloat16', 'bias'),
-                                  ('cudnn_bfloat16', 'cudnn', 'bfloat16', 'bias'),
+    # cudnn_nograd: the mask as a bias without its gradient (model.attention_mask
+    # 'bias_nograd'); cudnn_auto: 'auto', which on these packed rows takes the 'bias_nograd'
+    # branch at run time (lax.cond). The XLA rows ignore the mask mode.
+    for key, impl, dtype, how in (('xla_float32', 'xla', 'float32', 'auto'),
+                                  ('xla_bfloat16', 'xla', 'bfloat16', 'auto'),
                                   ('cudnn_nograd_bfloat16', 'cudnn', 'bfloat16', 'bias_nograd'),
                                   ('cudnn_auto_bfloat16', 'cudnn', 'bfloat16', 'auto')):
       cfg = PRESETS['mobilemoe_s']().model
@@ -75,8 +74,10 @@ def attention_check():
         if isinstance(v, tuple) else v for k, v in res.items() if k != 'xla_float32'}
     print(f'window {window}: {out[f"window_{window}"]}')
   # Time of the attention op alone (forward + backward, batch 8 x 2048, 12 heads / 4 KV heads
-  # of 64, bf16): XLA with the mask, cuDNN with the mask (as the model calls it), and cuDNN
-  # with only the causal/window flags (exact for one document per row only).
+  # of 64, bf16): XLA with the mask, cuDNN with the mask as the model calls it (no bias
+  # gradient; 'auto'), JAX's public cuDNN call with the mask (which has cuDNN compute the bias
+  # gradient too), and cuDNN with only the causal/window flags (exact for one document per
+  # row only).
   b8 = 8
   q = jax.random.normal(jax.random.key(2), (b8, t, 12, 64), jnp.bfloat16)
   kv = jax.random.normal(jax.random.key(3), (2, b8, t, 4, 64), jnp.bfloat16)

@@ -77,9 +77,9 @@ def prompt_of(eng, n_tokens: int) -> str:
 def measure_litertlm(path: str, kv_len: int, steps: int = 32, threads: int = 2) -> dict:
   """LiteRT-LM's own decode tokens/s after a prompt of kv_len - steps - 1 tokens (filled by
   its prefill), as its benchmark info reports it."""
-  import litert_lm
-  from export.litertlm import check_tflite, tflite_of
+  from export.litertlm import check_tflite, runtime, tflite_of
   check_tflite(tflite_of(path), path)
+  litert_lm = runtime()
   eng = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=threads),
                          max_num_tokens=kv_len, enable_benchmark=True)
   loaded = _status_mb('VmRSS')

@@ -10,6 +10,8 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
   python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # your own files
   python bench/ondevice.py --whole_only --experts block32   # whole MobileMoE-S, block-32 experts
   python bench/ondevice.py --whole_only --attention portable  # attention as builtin ops (both)
+  python bench/ondevice.py --litertlm=demo --tokenizer=data/tokenizer/spm.model
+                                           # LiteRT-LM's runtime vs our runner, same model
 
 Rows (MobileMoE-S's MoE layer as configs/mobilemoe_s.py has it, random weights):
   (a) delegate      MobileMoeBlock run by export/delegate (int8 activations),
@@ -786,6 +788,129 @@ def whole_rows(a):
   return w
 
 
+# ----------------------------------------------------------------------------
+# LiteRT-LM's runtime against our runner (export/runner.py) on the same model.
+
+# Each workload: a model (preset + overrides, random weights, vocabulary = the tokenizer's)
+# exported by export/ twice from the same weights, INT4 block-32, stock builtins only
+# (LiteRT-LM takes no delegate or custom op, so the MoE is the portable all-experts
+# lowering in both files): a .litertlm bundle for LiteRT-LM and a .tflite in the runner's
+# signature convention. `python bench/ondevice.py --litertlm=WORKLOAD --tokenizer=SPM`.
+LITERTLM_WORKLOADS = {
+    "demo": dict(config="configs/tiny.py", overrides={},
+                 what="the demo's model (configs/tiny.py: 4 layers, d 128, 8 experts top-2 "
+                      "+ 1 shared), random weights"),
+    "tiny": dict(config="configs/tiny.py:dense",
+                 overrides=dict(n_layers=2, d_model=64, head_dim=16, d_ff=128),
+                 what="2-layer dense model, d 64 (code-path check, not a speed claim)"),
+}
+LITERTLM_HEADLINE = "demo"      # the workload behind the top-level litertlm_* keys
+LITERTLM_KV_LEN, LITERTLM_PREFILL = 256, 32
+LITERTLM_STEPS, LITERTLM_ROUNDS = 64, 6   # decode steps per round; rounds per engine
+
+
+def litertlm_export(workload, tokenizer, out_dir, log=print):
+  """WORKLOAD's model -> (runner .tflite, .litertlm bundle, model config dict) in out_dir."""
+  import flax.nnx as nnx
+  from export import checkpoint, litert, litertlm, torch_model
+  from mobilemoe_jax.data.tokenizer import load_tokenizer
+  from mobilemoe_jax.model import Transformer
+  w = LITERTLM_WORKLOADS[workload]
+  cfg = checkpoint.load_config(w["config"]).model
+  cfg.update(dict(w["overrides"], vocab_size=load_tokenizer(tokenizer).vocab_size,
+                  max_seq_len=max(cfg.max_seq_len, LITERTLM_KV_LEN)))
+  model = torch_model.from_flax(Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
+  kw = dict(quant="int4_g32", prefill_lens=(LITERTLM_PREFILL,), kv_len=LITERTLM_KV_LEN, log=log)
+  runner_path = os.path.join(out_dir, f"{workload}.tflite")
+  litert.export(model, runner_path, **kw)
+  lm_path = os.path.join(out_dir, f"{workload}_litertlm.tflite")
+  litert.export(model, lm_path, convention="litertlm", **kw)
+  return runner_path, litertlm.bundle(lm_path, out_dir, tokenizer, LITERTLM_KV_LEN), model.cfg
+
+
+def litertlm_race(runner_path, bundle, tokenizer, steps=LITERTLM_STEPS, rounds=LITERTLM_ROUNDS,
+                  threads=THREADS):
+  """Greedy decode after the same text prompt, rounds alternating between LiteRT-LM (its own
+  decode tokens/s, from its benchmark info: it steps, samples and detokenizes) and our
+  runner (the same number of steps timed around its decode + argmax), which one goes
+  first swapping each round. Per-round figures, their medians, and whether the greedy
+  texts agreed (the two files hold the same weights)."""
+  from export.litertlm import Engine, timed_greedy_decode
+  from export.runner import PROMPTS, LiteRTLM
+  from mobilemoe_jax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer(tokenizer)
+  engine = Engine(bundle, threads)
+  lm = LiteRTLM(runner_path, threads)
+  prompt = PROMPTS[0]
+  ids = [tok.bos_id] + tok.encode(prompt)
+  theirs, ours, same = [], [], []
+
+  def litertlm_round():
+    text, speed = engine.generate(prompt, steps)
+    theirs.append(speed["decode_tokens_per_s"])
+    return text, speed["decode_tokens"] or steps
+
+  def runner_round(n):
+    out, seconds = timed_greedy_decode(lm, ids, n)
+    ours.append(n / seconds)
+    return tok.decode(out)
+
+  try:
+    for r in range(rounds):
+      if r % 2:
+        mine = runner_round(steps)
+        text, n = litertlm_round()
+      else:
+        text, n = litertlm_round()
+        mine = runner_round(n)
+      same.append(mine == text)
+  finally:
+    engine.close()
+  return {"litertlm_decode_tokens_per_s": float(np.median(theirs)),
+          "runner_decode_tokens_per_s": float(np.median(ours)),
+          "litertlm_rounds": theirs, "runner_rounds": ours,
+          "runner_vs_litertlm": float(np.median(ours) / np.median(theirs)),
+          "same_greedy_text_rounds": sum(same), "rounds": rounds, "decode_steps": steps,
+          "prompt": prompt}
+
+
+def litertlm_run(workload, tokenizer, out_dir, steps=LITERTLM_STEPS, rounds=LITERTLM_ROUNDS):
+  """One workload exported and timed: its row for ondevice.json (model, files, threads, CPU)."""
+  runner_path, bundle, cfg = litertlm_export(workload, tokenizer, out_dir,
+                                             log=lambda m: print(m, file=sys.stderr, flush=True))
+  row = litertlm_race(runner_path, bundle, tokenizer, steps, rounds)
+  return dict(row, workload=workload, what=LITERTLM_WORKLOADS[workload]["what"],
+              model=litertlm_model_summary(cfg),
+              weights="int4_g32", kv_len=LITERTLM_KV_LEN, prefill_len=LITERTLM_PREFILL,
+              threads=THREADS, cpu_model=runinfo.cpu_model(),
+              file_bytes={"runner": os.path.getsize(runner_path), "litertlm": os.path.getsize(bundle)})
+
+
+def litertlm_model_summary(cfg):
+  """The fields of a model config (torch_model's dict) that shape its decode cost."""
+  out = {k: cfg[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")}
+  m = cfg["moe"]
+  if m["n_experts"]:
+    out["moe"] = {k: m[k] for k in ("n_experts", "top_k", "d_expert", "n_shared", "d_shared",
+                                    "first_dense", "every")}
+  return out
+
+
+def merge_litertlm(res, row, record):
+  """ondevice.json with the workload's row under litertlm_vs_runner (the run's record beside
+  it), and, for the headline workload, the top-level keys: LiteRT-LM's decode tokens/s next
+  to our runner's on the same model and threads, and the CPU."""
+  res = dict(res)
+  res["litertlm_vs_runner"] = dict(res.get("litertlm_vs_runner", {}),
+                                   **{row["workload"]: dict(row, run=record)})
+  if row["workload"] == LITERTLM_HEADLINE:
+    res.update(litertlm_decode_tokens_per_s=row["litertlm_decode_tokens_per_s"],
+               litertlm_runner_decode_tokens_per_s=row["runner_decode_tokens_per_s"],
+               litertlm_workload=row["workload"], litertlm_threads=row["threads"],
+               litertlm_cpu_model=row["cpu_model"])
+  return res
+
+
 def markdown_table(res) -> str:
   """The bench/README.md tables for a results dict: rows, whole models, ratios."""
   n_s, n_pro = len(STACKS["moe_s_ffn"]["layers"]), len(STACKS["pro_ffn"]["layers"])
@@ -844,7 +969,7 @@ def markdown_table(res) -> str:
   return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--table", action="store_true", help="print the README table of --out")
   ap.add_argument("--build", nargs=3, metavar=("METHOD", "L", "PATH"))
@@ -870,7 +995,13 @@ def main():
   ap.add_argument("--moe_model")
   ap.add_argument("--dense_model")
   ap.add_argument("--out", default=DEFAULT_OUT)
-  a = ap.parse_args()
+  ap.add_argument("--litertlm", choices=sorted(LITERTLM_WORKLOADS),
+                  help="only LiteRT-LM's runtime vs our runner on this workload (LITERTLM_WORKLOADS), "
+                       "merged into --out")
+  ap.add_argument("--tokenizer", default=os.path.join(REPO, "data", "tokenizer", "spm.model"),
+                  help="SentencePiece .model for --litertlm (the bundle carries it; the model's "
+                       "vocabulary is its size)")
+  a = ap.parse_args(argv)
   if a.table:
     with open(a.out) as f:
       return print(markdown_table(json.load(f)))
@@ -888,6 +1019,20 @@ def main():
     return whole_rss(*a.whole_rss)
   if a.export:
     return export_whole(*a.export)
+  if a.litertlm:
+    if not os.path.isfile(a.tokenizer):
+      raise SystemExit(f"--tokenizer {a.tokenizer}: no such file (make data builds the demo's)")
+    record = runinfo.run_record("bench/ondevice.py", gpu=False)
+    with tempfile.TemporaryDirectory() as tmp:
+      row = litertlm_run(a.litertlm, a.tokenizer, tmp)
+    res = {}
+    if os.path.exists(a.out):
+      with open(a.out) as f:
+        res = json.load(f)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+      json.dump(merge_litertlm(res, row, record), f, indent=1)
+    return print(json.dumps(row, indent=1))
   if a.whole_only:
     # Merged into --out: the whole-model record under "whole_only_run" and the released-S
     # keys at the top; the block rows of an earlier full run stay as they were.

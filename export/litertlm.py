@@ -2,7 +2,7 @@
 generation through it.
 
   python -m export --checkpoint DIR --out m.tflite --litertlm bundle_dir --tokenizer spm.model
-  python -m export.litertlm bundle_dir/m.litertlm --prompt "Return the" --max-new 32
+  python -m export.litertlm bundle_dir/m.litertlm --prompt "Return the" --max-new 32 [--verbose]
   python -m export.litertlm BUNDLE --compare-runner m.tflite --tokenizer spm.model  # decode tok/s
 
 The runtime's contract (export/README.md, "LiteRT-LM") is litert.ExportableLiteRTLM's
@@ -115,12 +115,26 @@ def bundle(tflite_path: str, out_dir: str, tokenizer_path: str, context_length: 
   return os.path.join(out_dir, name)
 
 
-class Engine:
-  """A checked `litert_lm.Engine` on the CPU (XNNPACK) with greedy generation."""
+def runtime(verbose: bool = False):
+  """The `litert_lm` module with its C++ runtime logging errors only (verbose: from INFO on,
+  its default). A working bundle otherwise prints ~40 INFO/WARNING lines to stderr: the
+  accelerator registry, and every section a text-only bundle has no use for (vision, audio,
+  embedders). A failure's reason is logged at ERROR, so it still reaches stderr; it is the
+  only place it appears (the Python exception names just the call that failed)."""
+  import litert_lm
+  litert_lm.set_min_log_severity(litert_lm.LogSeverity.INFO if verbose
+                                 else litert_lm.LogSeverity.ERROR)
+  return litert_lm
 
-  def __init__(self, path: str, num_threads: int = 2, max_num_tokens: int = None):
+
+class Engine:
+  """A checked `litert_lm.Engine` on the CPU (XNNPACK) with greedy generation; the runtime
+  logs errors only unless `verbose` (`runtime`)."""
+
+  def __init__(self, path: str, num_threads: int = 2, max_num_tokens: int = None,
+               verbose: bool = False):
     check_tflite(tflite_of(path), path)          # before the runtime sees the file
-    import litert_lm
+    litert_lm = runtime(verbose)
     self.litert_lm = litert_lm
     self.engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=num_threads),
                                    max_num_tokens=max_num_tokens, enable_benchmark=True)
@@ -185,15 +199,22 @@ def runner_decode_speed(tflite_path: str, prompt_ids, n_new: int, num_threads: i
   lm = LiteRTLM(tflite_path, num_threads, delegate=_delegate_for(tflite_path))
   best = float('inf')
   for _ in range(3):
-    lm.reset()
-    logits = lm.prefill_last(prompt_ids)
-    out = []
-    t0 = time.perf_counter()
-    for _ in range(n_new):
-      out.append(int(logits.argmax()))
-      logits = lm.decode(out[-1])
-    best = min(best, time.perf_counter() - t0)
+    out, seconds = timed_greedy_decode(lm, prompt_ids, n_new)
+    best = min(best, seconds)
   return {'tokens': out, 'decode_tokens_per_s': n_new / best}
+
+
+def timed_greedy_decode(lm, prompt_ids, n_new: int) -> tuple[list, float]:
+  """export.runner.LiteRTLM from an empty cache: prefill prompt_ids, then n_new greedy decode
+  steps -> (the n_new tokens, seconds the decode steps took; the prefill is not timed)."""
+  lm.reset()
+  logits = lm.prefill_last(prompt_ids)
+  out = []
+  t0 = time.perf_counter()
+  for _ in range(n_new):
+    out.append(int(logits.argmax()))
+    logits = lm.decode(out[-1])
+  return out, time.perf_counter() - t0
 
 
 def cpu_model() -> str:
@@ -214,8 +235,10 @@ def main(argv=None):
                   help="also run export.runner on this .tflite (the same model, exported for "
                        "the runner) and compare its greedy text and decode tokens/s")
   ap.add_argument('--tokenizer', help='SentencePiece .model (needed by --compare-runner)')
+  ap.add_argument('--verbose', action='store_true',
+                  help="show the LiteRT-LM runtime's INFO and WARNING log lines (default: errors)")
   a = ap.parse_args(argv)
-  eng = Engine(a.bundle, a.threads)
+  eng = Engine(a.bundle, a.threads, verbose=a.verbose)
   text, speed = eng.generate(a.prompt, a.max_new)
   print(f'[LiteRT-LM] {a.prompt}{text}')
   result = {'cpu': cpu_model(), 'threads': a.threads, 'litertlm': speed}

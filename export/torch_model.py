@@ -541,7 +541,7 @@ def load(path: str) -> MobileMoE:
     meta = json.load(f)
   if meta.get('format') != FORMAT:
     raise ConfigMismatch(f'{cfg_path}: format {meta.get("format")!r}, expected {FORMAT!r}')
-  model = MobileMoE(config_dict(meta['model']))
+  model = MobileMoE(config_dict(config_lib.upgrade_saved_model(meta['model'], cfg_path)))
   tensors = load_file(st_path)
   want = model.state_dict()
   missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))

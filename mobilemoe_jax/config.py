@@ -7,6 +7,7 @@ ml_collections), and `validate()` checks the values before any array is built.
 """
 import difflib
 import importlib.util
+import logging
 import os
 from contextlib import nullcontext as _nullcontext
 
@@ -18,7 +19,7 @@ class ConfigError(ValueError):
 
 
 ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
-CUDNN_MASKS = ('auto', 'bias', 'bias_nograd', 'causal')   # model.attention_mask
+CUDNN_MASKS = ('auto', 'bias_nograd', 'causal')   # model.attention_mask
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -54,14 +55,11 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   # compares the two).
   c.attention_impl = 'auto'
   # cuDNN attention only: how documents/padding are kept apart (model/layers.py,
-  # cudnn_attention): 'bias' (the mask as a bias, with its gradient), 'bias_nograd' (the same
-  # bias, no gradient for it), 'causal' (flags only: exact only for rows of one document
-  # without padding), 'auto' ('causal' when every row of the batch is one document, checked
-  # at run time, else 'bias_nograd'). All but 'causal' are exact for any rows.
+  # cudnn_attention): 'bias_nograd' (the mask as a bias, no gradient computed for it),
+  # 'causal' (flags only: exact only for rows of one document without padding), 'auto'
+  # ('causal' when every row of the batch is one document, checked at run time, else
+  # 'bias_nograd'). All but 'causal' are exact for any rows.
   c.attention_mask = 'auto'
-  # SwiGLU FFNs (dense, shared and routed experts): gate and up in one matmul (the input read
-  # once, one input-gradient matmul); the same math as two (moe/dispatch.py, swiglu_hidden).
-  c.fuse_gate_up = True
 
   c.moe = ml_collections.ConfigDict()
   c.moe.n_experts = 0           # routed experts per MoE layer; 0 turns the MoE off (dense model)
@@ -121,6 +119,41 @@ def mesh_config(**overrides) -> ml_collections.ConfigDict:
   c.tensor = 1
   c.update(overrides)
   return c
+
+
+# Model fields, and values of fields, retired when the comparison that needed them was over.
+# Saved configs (a checkpoint's meta, a torch export's config.json) may still hold them:
+# `upgrade_saved_model` drops or renames the saved value that is today's behaviour and
+# refuses any other. (field, saved value, its value today or RETIRED_FIELD, what replaced it)
+RETIRED_FIELD = object()
+RETIRED = (
+    ('fuse_gate_up', True, RETIRED_FIELD,
+     'SwiGLU FFNs always compute gate and up in one matmul (moe/dispatch.py, swiglu_hidden)'),
+    ('attention_mask', 'bias', 'bias_nograd',
+     "'bias_nograd': the same bias, outputs and gradients without the bias gradient "
+     'nothing used'),
+)
+
+
+def upgrade_saved_model(saved: dict, source: str) -> dict:
+  """A saved model config (plain dict) with its retired fields and values replaced by today's
+  behaviour (one log line each). Raises ConfigError naming the field, the value and what
+  replaced it for a retired field saved with any other value. `source` names the file."""
+  out = dict(saved)
+  for field, old, new, why in RETIRED:
+    if field not in out:
+      continue
+    if out[field] == old:
+      logging.info('%s: model.%s=%r is retired (%s); loaded as today\'s behaviour',
+                   source, field, old, why)
+      if new is RETIRED_FIELD:
+        del out[field]
+      else:
+        out[field] = new
+    elif new is RETIRED_FIELD:
+      raise ConfigError(f'config field `model.{field}` in {source}: {out[field]!r} is no longer '
+                        f'supported (the field is retired: {why}); only {old!r} loads')
+  return out
 
 
 def train_config(stage: str, small: bool, **overrides) -> ml_collections.ConfigDict:
@@ -262,7 +295,7 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _require(model.head_dim % 2 == 0, 'model.head_dim', 'must be even for RoPE')
   _require(model.sliding_window >= 0, 'model.sliding_window', 'must be >= 0')
   _validate_rope(model)
-  _require(model.get('attention_mask', 'bias') in CUDNN_MASKS, 'model.attention_mask',
+  _require(model.attention_mask in CUDNN_MASKS, 'model.attention_mask',
            f'unknown mask mode {model.get("attention_mask")!r}; known: {CUDNN_MASKS}')
   _require(model.get('attention_impl', 'auto') in ATTENTION_IMPLS, 'model.attention_impl',
            f'unknown attention kernel {model.get("attention_impl")!r}; known: {ATTENTION_IMPLS}')

@@ -59,3 +59,28 @@ def test_released_s_summary_keys_from_the_whole_rows(bench_script):
       (lim['weight_bytes_per_token'] + lim['kv_bytes_per_token']) / 40e9 * 1e3)
   assert s['released_s_decode_fraction_of_bandwidth_limit'] == pytest.approx(lim['limit_ms'] / 4.0)
   assert s['cpu_model']
+
+
+def test_litertlm_workload_writes_its_row_beside_the_runners(bench_script, spm_tokenizer, tmp_path):
+  """--litertlm=tiny exports the tiny workload in both conventions, times LiteRT-LM's runtime
+  and our runner on it and merges the row into --out, keeping what was there; only the
+  headline workload sets the top-level litertlm_* keys. (No timing is asserted.)"""
+  import json
+  od = bench_script('ondevice')
+  out = tmp_path / 'ondevice.json'
+  out.write_text(json.dumps({'released_s_decode_speedup_vs_dense': 2.9}))
+  od.main(['--litertlm=tiny', '--tokenizer', spm_tokenizer.path, '--out', str(out)])
+  res = json.loads(out.read_text())
+  assert res['released_s_decode_speedup_vs_dense'] == 2.9
+  row = res['litertlm_vs_runner']['tiny']
+  assert row['litertlm_decode_tokens_per_s'] > 0 and row['runner_decode_tokens_per_s'] > 0
+  assert len(row['litertlm_rounds']) == len(row['runner_rounds']) == row['rounds']
+  assert row['threads'] == 2 and row['cpu_model'] and 'command' in row['run']
+  assert row['model']['n_layers'] == 2 and row['model']['vocab_size'] == spm_tokenizer.vocab_size
+  assert 'litertlm_decode_tokens_per_s' not in res          # tiny is no headline
+  headline = dict(row, workload=od.LITERTLM_HEADLINE)
+  top = od.merge_litertlm(res, headline, row['run'])
+  assert top['litertlm_decode_tokens_per_s'] == row['litertlm_decode_tokens_per_s']
+  assert top['litertlm_runner_decode_tokens_per_s'] == row['runner_decode_tokens_per_s']
+  assert top['litertlm_cpu_model'] == row['cpu_model'] and top['litertlm_threads'] == 2
+  assert set(top['litertlm_vs_runner']) == {'tiny', od.LITERTLM_HEADLINE}

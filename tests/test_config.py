@@ -97,3 +97,42 @@ def test_configs_saved_before_the_release_fields_still_build():
   import jax.numpy as jnp
   x = jnp.arange(12)[None] % 50
   assert (old(x)[0] == new(x)[0]).all()
+
+
+def _saved_with(**retired):
+  """A model config as an older checkpoint saved it (through JSON), with retired fields set."""
+  import json
+  return json.loads(json.dumps(dict(model().to_dict(), **retired)))
+
+
+def test_retired_fields_saved_with_todays_behaviour_load(monkeypatch, caplog):
+  """A checkpoint saved with fuse_gate_up=True and attention_mask='bias' loads as today's
+  config (fused SwiGLU; the mask's bias without its unused gradient), one log line each; a
+  resume does not count them as a config change."""
+  import logging
+  from mobilemoe_jax.config import experiment
+  from mobilemoe_jax.train import checkpoint, loading
+  saved = _saved_with(fuse_gate_up=True, attention_mask='bias')
+  monkeypatch.setattr(loading, 'read_meta', lambda path: {'config': {'model': saved}})
+  with caplog.at_level(logging.INFO):
+    cfg = loading.read_config('runs/old/checkpoints')
+  today = model(attention_mask='bias_nograd')
+  assert validate(cfg.model).to_dict() == validate(today).to_dict()
+  lines = [r.getMessage() for r in caplog.records if 'retired' in r.getMessage()]
+  assert len(lines) == 2 and all('runs/old/checkpoints' in line for line in lines), lines
+  current = experiment(today).to_dict()
+  assert checkpoint.check_same_config(dict(current, model=saved), current, 'runs/old/1',
+                                      allow=False) == []
+
+
+def test_retired_field_saved_with_another_value_is_refused():
+  from mobilemoe_jax.config import upgrade_saved_model
+  with pytest.raises(ConfigError, match=r'model\.fuse_gate_up` in old/config\.json: False is no '
+                                        r'longer supported.*one matmul.*only True loads'):
+    upgrade_saved_model(_saved_with(fuse_gate_up=False), 'old/config.json')
+
+
+def test_retired_attention_mask_value_is_refused_when_asked_for():
+  """A new config asking for the retired 'bias' mode fails naming the field and the kept modes."""
+  with pytest.raises(ConfigError, match=r"model\.attention_mask.*'bias'.*bias_nograd"):
+    validate(model(attention_mask='bias'))

@@ -118,18 +118,27 @@ def test_delegate_lowering_agrees_with_qat_forward(trained, data_dir):
   assert np.median(err) < 1e-3 and err.max() < 0.05, (np.median(err), err.max())
 
 
-def test_litertlm_runtime_generates_like_jax(trained, data_dir):
-  """The .litertlm bundle (LiteRT-LM's signature convention, the same INT4 grid) run by
-  Google's LiteRT-LM runtime continues the 8 text prompts greedily with the same text as
-  the JAX QAT forward (prefill chunks of 8 and 32: the runtime pads them its own way)."""
+@pytest.fixture(scope='module')
+def litertlm_bundle(trained, data_dir):
+  """The trained model as a .litertlm bundle (LiteRT-LM's signature convention, the same
+  INT4 grid, prefill chunks of 8 and 32, 64 tokens of context)."""
   pytest.importorskip('litert_lm')
   from export import litert, litertlm
-  from export.runner import PROMPTS
-  model, tok, _, workdir, torch_copy = trained
+  _, _, _, workdir, torch_copy = trained
   path = os.path.join(workdir, 'lm.tflite')
   litert.export(torch_copy, path, quant='int4_g32', prefill_lens=(8, 32), kv_len=64,
                 convention='litertlm', log=lambda *a: None)
-  bundle = litertlm.bundle(path, workdir, os.path.join(data_dir, 'tokenizer', 'spm.model'), 64)
+  return litertlm.bundle(path, workdir, os.path.join(data_dir, 'tokenizer', 'spm.model'), 64)
+
+
+def test_litertlm_runtime_generates_like_jax(trained, litertlm_bundle):
+  """The .litertlm bundle run by Google's LiteRT-LM runtime continues the 8 text prompts
+  greedily with the same text as the JAX QAT forward (the runtime pads prefill chunks its
+  own way)."""
+  from export import litertlm
+  from export.runner import PROMPTS
+  model, tok, _, _, _ = trained
+  bundle = litertlm_bundle
   logits = jax_next_logits(model)
   engine = litertlm.Engine(bundle)
   got, want = [], []
@@ -145,3 +154,19 @@ def test_litertlm_runtime_generates_like_jax(trained, data_dir):
   engine.close()
   assert got == want
   assert len(set(want)) > 1          # a trained model: the prompts lead to different text
+
+
+def test_litertlm_runtime_logs_only_errors(litertlm_bundle, capfd):
+  """The runtime's C++ INFO/WARNING lines stay off stderr unless asked for; a failure's
+  reason (only in its ERROR log line: the exception just names the call) still gets there."""
+  from export import litertlm
+  engine = litertlm.Engine(litertlm_bundle)
+  engine.generate('Return the', 4)
+  assert 'litert_lm_loader' not in capfd.readouterr().err
+  with pytest.raises(RuntimeError, match='prefill'):
+    engine.generate('Return the number ' * 40, 4)     # longer than the bundle's 64 tokens
+  assert 'too long' in capfd.readouterr().err
+  engine.close()
+  litertlm.Engine(litertlm_bundle, verbose=True).close()
+  assert 'litert_lm_loader' in capfd.readouterr().err
+  litertlm.runtime()                  # quiet again for the rest of the process

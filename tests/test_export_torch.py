@@ -11,6 +11,7 @@ from flax import nnx
 
 from configs import tiny
 from export import torch_model as tm
+from mobilemoe_jax.config import ConfigError
 from mobilemoe_jax.model import Transformer
 from tests.support.models import TOKENS, lsq_model, make
 
@@ -236,3 +237,23 @@ def test_release_grid_converts_with_its_experts_left_to_the_tflite_grid():
   names = tm.grid_names(pt)
   assert set(tm.grids(pt)) == {n for n in names if not routed.search(n)}
   assert any(routed.search(n) for n in names) and 'embed.weight' in tm.grids(pt)
+
+
+def test_export_dir_with_retired_fields_loads_or_is_refused(tmp_path):
+  """An export dir written before fuse_gate_up was retired: its kept value loads the same
+  model; the other value is refused naming the file, the field and what replaced it."""
+  import json
+  cfg, m = make('moe')
+  pt = tm.from_flax(m, cfg)
+  tm.save(pt, str(tmp_path))
+  path = tmp_path / 'config.json'
+  meta = json.loads(path.read_text())
+  meta['model']['fuse_gate_up'] = True
+  path.write_text(json.dumps(meta))
+  with torch.no_grad():
+    np.testing.assert_array_equal(tm.load(str(tmp_path))(torch.from_numpy(TOKENS)).numpy(),
+                                  pt(torch.from_numpy(TOKENS)).numpy())
+  meta['model']['fuse_gate_up'] = False
+  path.write_text(json.dumps(meta))
+  with pytest.raises(ConfigError, match=r'model\.fuse_gate_up` in .*config\.json: False .*one matmul'):
+    tm.load(str(tmp_path))

@@ -114,40 +114,49 @@ def test_gather_drops_like_sorted():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _two_matmuls(x, gate, up, spec):
+  """The SwiGLU hidden rows as two separate matmuls: the reference for swiglu_hidden."""
+  return jax.nn.silu(jnp.einsum(spec, x, gate)) * jnp.einsum(spec, x, up)
+
+
 @pytest.mark.parametrize('fn', [dispatch.sorted_capacity, dispatch.gather_capacity])
-def test_fused_gate_up_equals_two_matmuls(fn):
-  """fuse_gate_up: one matmul for gate and up (one fewer dot in the program), same outputs
+def test_fused_gate_up_equals_two_matmuls(fn, monkeypatch):
+  """swiglu_hidden: one matmul for gate and up (one fewer dot in the program), same outputs
   and gradients as the two separate matmuls."""
   x, logits, gate, up, down = _problem(3)
   w, e, _ = routing.route(logits, top_k=K, score_func='softmax', norm_topk_prob=True,
                           routed_scale=1.0)
 
-  def loss(fuse):
-    return lambda x, gate, up, down: jnp.sum(jnp.sin(
-        fn(x, w, e, gate, up, down, capacity_factor=1.0, fuse_gate_up=fuse)[0]))
+  def run(fused):
+    def loss(x, gate, up, down):     # a new function each run: jax caches traces per function
+      return jnp.sum(jnp.sin(fn(x, w, e, gate, up, down, capacity_factor=1.0)[0]))
+    with monkeypatch.context() as m:
+      if not fused:
+        m.setattr(dispatch, 'swiglu_hidden', _two_matmuls)
+      return (str(jax.make_jaxpr(loss)(x, gate, up, down)).count('dot_general'),
+              loss(x, gate, up, down), jax.grad(loss, argnums=(0, 1, 2, 3))(x, gate, up, down))
 
-  n_dots = {f: str(jax.make_jaxpr(loss(f))(x, gate, up, down)).count('dot_general')
-            for f in (True, False)}
-  assert n_dots[True] == n_dots[False] - 1, n_dots
-  np.testing.assert_allclose(loss(True)(x, gate, up, down), loss(False)(x, gate, up, down), rtol=1e-6)
-  g1 = jax.grad(loss(True), argnums=(0, 1, 2, 3))(x, gate, up, down)
-  g0 = jax.grad(loss(False), argnums=(0, 1, 2, 3))(x, gate, up, down)
+  (dots1, y1, g1), (dots0, y0, g0) = run(True), run(False)
+  assert dots1 == dots0 - 1, (dots1, dots0)
+  np.testing.assert_allclose(y1, y0, rtol=1e-6)
   for a, b in zip(g1, g0):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_gate_up_mlp_equals_unfused():
+def test_fused_gate_up_mlp_equals_unfused(monkeypatch):
   from flax import nnx
   from configs import tiny
-  from mobilemoe_jax.model.layers import MLP
+  from mobilemoe_jax.model import layers
   cfg = tiny.get_config().model
   cfg.dtype = 'float32'
   x = jax.random.normal(jax.random.key(4), (2, 5, cfg.d_model))
   out = {}
-  for fuse in (True, False):
-    cfg.fuse_gate_up = fuse
-    mlp = MLP(cfg, 24, nnx.Rngs(0))
-    out[fuse] = (mlp(x), nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(mlp))
+  for fused in (True, False):
+    with monkeypatch.context() as m:
+      if not fused:
+        m.setattr(layers, 'swiglu_hidden', _two_matmuls)
+      mlp = layers.MLP(cfg, 24, nnx.Rngs(0))
+      out[fused] = (mlp(x), nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(mlp))
   np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6, atol=1e-6)
   for a, b in zip(jax.tree.leaves(out[True][1]), jax.tree.leaves(out[False][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -73,9 +73,9 @@ def _xla_attention(q, k, v, mask):
 @pytest.mark.parametrize('window', [0, 6])
 def test_cudnn_attention_mask_modes(monkeypatch, window):
   """model.attention_mask with a fake cuDNN: 'auto' runs the flags-only call when every row
-  is one document and the bias (no gradient) otherwise; 'bias'/'bias_nograd' always the
-  bias, with/without its gradient; each equals XLA's masked attention on real tokens, and
-  'causal' equals it on single-document rows only."""
+  is one document and the bias (no gradient) otherwise; 'bias_nograd' always the bias
+  without its gradient; each equals XLA's masked attention on real tokens, and 'causal'
+  equals it on single-document rows only."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
   from mobilemoe_jax.model import layers
   calls = []
@@ -96,8 +96,7 @@ def test_cudnn_attention_mask_modes(monkeypatch, window):
                                  jnp.asarray(seg), window)
     want = np.asarray(_xla_attention(q, k, v, mask))
     real = (seg > 0)[..., None, None]
-    for how, path in (('auto', want_auto), ('bias', 'bias'), ('bias_nograd', 'bias_nograd'),
-                      ('causal', 'causal')):
+    for how, path in (('auto', want_auto), ('bias_nograd', 'bias_nograd'), ('causal', 'causal')):
       calls.clear()
       got = jax.jit(lambda q, k, v, mask, seg: layers.cudnn_attention(q, k, v, mask, seg, window, how))(
           q, k, v, mask, jnp.asarray(seg))
@@ -133,5 +132,5 @@ def test_step_config_picks_the_mask_on_the_host(monkeypatch):
   assert trainer.step_config(config, single).model.attention_mask == 'causal'
   assert trainer.step_config(config, packed).model.attention_mask == 'bias_nograd'
   assert config.model.attention_mask == 'auto'                    # the original is untouched
-  config.model.attention_mask = 'bias'
+  config.model.attention_mask = 'bias_nograd'
   assert trainer.step_config(config, single) is config

@@ -154,7 +154,7 @@ class Attention(nnx.Module):
     # QK-norm only where RoPE is applied (the release's NoPE layers have neither).
     self.qk_norm_eps = cfg.norm_eps if use_rope and cfg.get('qk_norm', False) else None
     self.dtype = jnp.dtype(cfg.dtype)
-    self.cudnn_mask = cfg.get('attention_mask', 'bias')   # configs saved before the field
+    self.cudnn_mask = cfg.attention_mask
     self.kernel = attention_kernel(cfg)
     self.quant = cfg.quant
     for name in ('q', 'k', 'v'):
@@ -213,17 +213,17 @@ def attention_kernel(cfg) -> str:
   return impl
 
 
-def _cudnn_biased(q, k, v, mask, sliding, bias_grad: bool):
+def _cudnn_biased(q, k, v, mask, sliding):
   """cuDNN attention with `mask` as an additive bias (large negative where hidden), plus the
   causal/window flags (they let it skip hidden tiles). JAX's wrapper always has cuDNN compute
   the bias's gradient ([B, 1, T, S] in every layer's backward pass) through its module-level
-  `should_export_dbias`; with bias_grad=False that hook answers False while this call is
-  traced (under a lock: the benchmark traces steps in threads), so the gradient, which
-  nothing uses (the mask is no parameter), is not computed."""
+  `should_export_dbias`; that hook answers False while this call is traced (under a lock:
+  the benchmark traces steps in threads), so the gradient, which nothing uses (the mask is
+  no parameter), is not computed."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
   call = lambda: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                               implementation='cudnn', local_window_size=sliding)
-  if bias_grad or not hasattr(cudnn, 'should_export_dbias'):
+  if not hasattr(cudnn, 'should_export_dbias'):
     return call()
   with _DBIAS_LOCK:
     hook = cudnn.should_export_dbias
@@ -238,9 +238,8 @@ def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto'):
   """cuDNN flash attention (GPU, 16-bit): no [T, S] scores in memory. Causal, inside
   `window` (0 = global), within each document of a packed row (model.attention_mask):
 
-  - 'bias': the documents/padding/window mask as a bias, whose gradient cuDNN computes too
-    (JAX's public call).
-  - 'bias_nograd': the same bias without its gradient (the same outputs and input gradients).
+  - 'bias_nograd': the documents/padding/window mask as a bias, without the bias gradient
+    that JAX's public call has cuDNN compute (nothing uses it).
   - 'causal': the causal/window flags only, no mask: exact only when every row is one
     document without padding (segment ids are ignored).
   - 'auto': 'causal' when every row of the batch is one document without padding (checked
@@ -249,8 +248,8 @@ def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto'):
   sliding = (window - 1, 0) if window else None
   if how not in config_lib.CUDNN_MASKS:
     raise ValueError(f'unknown model.attention_mask {how!r}; known: {config_lib.CUDNN_MASKS}')
-  if how in ('bias', 'bias_nograd'):
-    return _cudnn_biased(q, k, v, mask, sliding, how == 'bias')
+  if how == 'bias_nograd':
+    return _cudnn_biased(q, k, v, mask, sliding)
 
   def causal(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn',
@@ -258,7 +257,7 @@ def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto'):
   if how == 'causal':
     return causal(q, k, v)
   single = jnp.all(segment_ids == 1)      # one document (id 1) filling every row
-  return jax.lax.cond(single, causal, lambda q, k, v: _cudnn_biased(q, k, v, mask, sliding, False),
+  return jax.lax.cond(single, causal, lambda q, k, v: _cudnn_biased(q, k, v, mask, sliding),
                       q, k, v)
 
 
@@ -272,14 +271,12 @@ class MLP(nnx.Module):
     self.down = param(rngs, (hidden, d), ('mlp', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
     self.dtype = jnp.dtype(cfg.dtype)
     self.quant = cfg.quant
-    self.fuse_gate_up = cfg.get('fuse_gate_up', True)
     for name in ('gate', 'up', 'down'):
       add_quant_scale(self, name, cfg.quant)
 
   def __call__(self, x):
     dt, qc = self.dtype, self.quant
     x = act(x, qc)
-    h = swiglu_hidden(x, kernel(self, 'gate', qc, dt), kernel(self, 'up', qc, dt), '...d,df->...f',
-                      self.fuse_gate_up)
+    h = swiglu_hidden(x, kernel(self, 'gate', qc, dt), kernel(self, 'up', qc, dt), '...d,df->...f')
     h = constrain(h, ('batch', 'length', 'mlp'))
     return act(h, qc) @ kernel(self, 'down', qc, dt)

@@ -85,18 +85,16 @@ def from_buffer(out, weights, flat, pos):
   return y, jnp.sum(~keep).astype(jnp.int32)
 
 
-def swiglu_hidden(x, gate, up, spec: str, fuse: bool):
+def swiglu_hidden(x, gate, up, spec: str):
   """silu(x @ gate) * (x @ up) for the einsum `spec` ('...d,...df->...f' shaped, e.g.
   'ecd,edf->ecf'): the SwiGLU hidden rows, before `down`.
 
-  fuse=True does both products in one matmul against gate and up stacked on a new axis next
-  to F ([..., D, 2, F]; stacked rather than concatenated on F, so an F split over a mesh axis
-  stays where it is): the input is read once, the backward pass's input gradient is one
-  matmul over 2F instead of two whose results are added. Same products and fp32
-  accumulation either way.
+  Both products are one matmul against gate and up stacked on a new axis next to F
+  ([..., D, 2, F]; stacked rather than concatenated on F, so an F split over a mesh axis
+  stays where it is): the input is read once, and the backward pass's input gradient is one
+  matmul over 2F instead of two whose results are added. The same products and fp32
+  accumulation as two matmuls.
   """
-  if not fuse:
-    return jax.nn.silu(jnp.einsum(spec, x, gate)) * jnp.einsum(spec, x, up)
   ins, out = spec.split('->')
   lhs, rhs = ins.split(',')
   both = jnp.einsum(f'{lhs},{rhs[:-1]}g{rhs[-1]}->{out[:-1]}g{out[-1]}', x,
@@ -106,17 +104,16 @@ def swiglu_hidden(x, gate, up, spec: str, fuse: bool):
   return jax.nn.silu(both[..., 0, :]) * both[..., 1, :]
 
 
-def batched_experts(buf, gate, up, down, act=_same, fuse_gate_up=True):
-  """buf [E, C, D] -> [E, C, D], batched matmuls (gate and up in one when fuse_gate_up)."""
-  h = swiglu_hidden(buf, gate, up, 'ecd,edf->ecf', fuse_gate_up)
+def batched_experts(buf, gate, up, down, act=_same):
+  """buf [E, C, D] -> [E, C, D], batched matmuls (gate and up in one)."""
+  h = swiglu_hidden(buf, gate, up, 'ecd,edf->ecf')
   return jnp.einsum('ecf,efd->ecd', act(h), down)
 
 
-def sorted_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same,
-                    fuse_gate_up=True):
+def sorted_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same):
   cap = capacity(x.shape[0], experts.shape[1], gate.shape[0], capacity_factor)
   buf, flat, pos = to_buffer(x, experts, gate.shape[0], cap)
-  return from_buffer(batched_experts(buf, gate, up, down, act, fuse_gate_up), weights, flat, pos)
+  return from_buffer(batched_experts(buf, gate, up, down, act), weights, flat, pos)
 
 
 def slots(experts, n_experts: int, cap: int):
@@ -187,14 +184,13 @@ def _combine_bwd(res, g):
 _combine_rows.defvjp(_combine_fwd, _combine_bwd)
 
 
-def gather_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same,
-                    fuse_gate_up=True):
+def gather_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same):
   """`sorted_capacity` with gathers only for row data (see the module docstring)."""
   n_experts = gate.shape[0]
   cap = capacity(x.shape[0], experts.shape[1], n_experts, capacity_factor)
   src, dst = slots(experts, n_experts, cap)
   buf = _dispatch_rows(x, src, dst).reshape(n_experts, cap, -1)
-  out = batched_experts(buf, gate, up, down, act, fuse_gate_up).reshape(n_experts * cap, -1)
+  out = batched_experts(buf, gate, up, down, act).reshape(n_experts * cap, -1)
   y = _combine_rows(out, weights, src, dst)
   return y, jnp.sum(dst == n_experts * cap).astype(jnp.int32)
 
@@ -219,8 +215,7 @@ def chunk_bounds(cap: int, chunks: int):
   return list(zip(cuts[:-1], cuts[1:]))
 
 
-def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same,
-                    fuse_gate_up=True, chunks=1):
+def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same, chunks=1):
   """`gather` with the experts split over the ambient mesh's 'expert' axis.
 
   x: [N, D] split over the token axes; gate/up/down split over 'expert' on E and over
@@ -247,7 +242,7 @@ def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0, ac
     """[n_ep, E/n_ep, c, D] rows for every expert block -> their outputs, same layout."""
     buf = jax.lax.all_to_all(buf, 'expert', 0, 0)                # [src, E/n, c, D]
     with jax.named_scope('expert_matmuls'):   # their name in profiles and in the HLO
-      h = swiglu_hidden(buf, gate, up, 'secd,edf->secf', fuse_gate_up)
+      h = swiglu_hidden(buf, gate, up, 'secd,edf->secf')
       out = jnp.einsum('secf,efd->secd', act(h), down)
     if tensor:
       out = jax.lax.psum(out, tensor)                            # F was split over 'tensor'
@@ -279,13 +274,12 @@ def can_expert_parallel(n_tokens: int, n_experts: int) -> bool:
 
 
 def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_factor: float,
-                act=_same, fuse_gate_up: bool = True, ep_chunks: int = 1):
+                act=_same, ep_chunks: int = 1):
   """Dispatches to one of the implementations above; returns (y [N, D], dropped).
-  act(h) is applied to each expert's hidden rows before `down`; fuse_gate_up: `swiglu_hidden`
-  (the capacity-buffer paths: sorted, gather, expert parallel); ep_chunks: `expert_parallel`."""
+  act(h) is applied to each expert's hidden rows before `down`; ep_chunks: `expert_parallel`."""
   if can_expert_parallel(x.shape[0], gate.shape[0]):
     return expert_parallel(x, weights, experts, gate, up, down, capacity_factor, act,
-                           fuse_gate_up, ep_chunks)
+                           ep_chunks)
   if method == 'auto':
     # bench/moe_dispatch.py: `gather` was the fastest of ours at every
     # shape on an H200, with or without a capacity, and on CPU at the tiny preset's shape.
@@ -294,9 +288,9 @@ def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_fa
   if method == 'dense':
     return dense(x, weights, experts, gate, up, down, act)
   if method == 'sorted':
-    return sorted_capacity(x, weights, experts, gate, up, down, capacity_factor, act, fuse_gate_up)
+    return sorted_capacity(x, weights, experts, gate, up, down, capacity_factor, act)
   if method == 'gather':
-    return gather_capacity(x, weights, experts, gate, up, down, capacity_factor, act, fuse_gate_up)
+    return gather_capacity(x, weights, experts, gate, up, down, capacity_factor, act)
   if method == 'ragged':
     return ragged(x, weights, experts, gate, up, down, act)
   raise ValueError(f'unknown MoE dispatch {method!r}')

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mobilemoe_jax import config as config_lib
 from mobilemoe_jax.data import pipeline
 from mobilemoe_jax.train import paths
 
@@ -151,7 +152,10 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def check_same_config(saved: dict, current: dict, where: str, allow: bool) -> list[str]:
-  """Raises CheckpointError listing the differences unless `allow`; returns them."""
+  """Raises CheckpointError listing the differences unless `allow`; returns them. Retired
+  model fields in `saved` count as today's behaviour (config.upgrade_saved_model)."""
+  if 'model' in saved:
+    saved = dict(saved, model=config_lib.upgrade_saved_model(saved['model'], f'checkpoint {where}'))
   diffs = config_differences(saved, current)
   if diffs and not allow:
     raise CheckpointError(

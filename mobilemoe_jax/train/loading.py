@@ -36,11 +36,12 @@ def read_meta(path: str) -> dict:
 
 def read_config(path: str) -> ml_collections.ConfigDict:
   """The experiment config a checkpoint was saved with. Its model section starts from today's
-  schema, so checkpoints written before a field existed still load (with the default)."""
+  schema, so checkpoints written before a field existed still load (with the default), and
+  retired fields are dropped (config.upgrade_saved_model)."""
   meta = read_meta(path)
   cfg = ml_collections.ConfigDict(meta['config'])
   model = config_lib.model_config()
-  model.update(meta['config']['model'])
+  model.update(config_lib.upgrade_saved_model(meta['config']['model'], f'checkpoint {path}'))
   cfg.model = model
   return cfg
 

@@ -268,7 +268,7 @@ def step_config(config, segment_ids):
   """
   from mobilemoe_jax.model.layers import attention_kernel
   m = config.model
-  if (m.get('attention_mask', 'bias') != 'auto' or attention_kernel(m) != 'cudnn'
+  if (m.attention_mask != 'auto' or attention_kernel(m) != 'cudnn'
       or jax.process_count() != 1):
     return config
   out = config.copy_and_resolve_references()
