@@ -126,8 +126,8 @@ def test_param_count_equals_parameter_tree(name):
   counts = accounting.count(cfg)
   assert counts.total_params == tree_total
   # active = total minus the routed experts a token does not pick, checked on the tree
-  routed = sum(int(np.prod(v.value.shape)) for path, v in nnx.to_flat_state(params)
-               if path[-1] in ('gate', 'up', 'down') and 'shared' not in path and len(v.value.shape) == 3)
+  routed = sum(int(np.prod(v.get_value().shape)) for path, v in nnx.to_flat_state(params)
+               if path[-1] in ('gate', 'up', 'down') and 'shared' not in path and len(v.get_value().shape) == 3)
   m = cfg.moe
   inactive = routed * (m.n_experts - m.top_k) // m.n_experts if m.n_experts else 0
   assert counts.active_params == tree_total - inactive

@@ -111,7 +111,7 @@ def test_model_forward_equals_dequantized_integer_model(kind, learnable, router)
   state = nnx.state(plain, nnx.Param)
   flat = dict(nnx.to_flat_state(state))
   for path, w in dequantized_state(fq).items():
-    flat[path].value = w
+    flat[path].set_value(w)
   nnx.update(plain, nnx.from_flat_state(flat))
   # ... computes exactly what the fake-quant forward computes
   np.testing.assert_array_equal(fq(x)[0], plain(x)[0])

@@ -52,7 +52,7 @@ def test_expert_parallelism_is_real():
     moe = model.blocks[1].ffn
     # each device holds 1/8 of the experts: one [1, D, F] slice of gate/up/down
     for w in (moe.gate, moe.up, moe.down):
-      shards = w.value.addressable_shards
+      shards = w[...].addressable_shards
       assert len(shards) == 8 and all(s.data.shape[0] == 1 for s in shards)
       assert len({s.index[0].start for s in shards}) == 8
     graphdef, state = nnx.split(model)

@@ -140,8 +140,8 @@ def test_schedules_and_decay_mask(data_dir):
   tx, _ = optim.make_optimizer(config.train)
   params = jax.eval_shape(trainer.make_init_fn(config, tx))['params']
   mask = optim.decay_mask(params)
-  assert not mask['blocks'][0]['attn_norm']['scale'].value    # 1-D: no weight decay
-  assert mask['blocks'][0]['attn']['q'].value and mask['embed'].value
+  assert not mask['blocks'][0]['attn_norm']['scale'].get_value()    # 1-D: no weight decay
+  assert mask['blocks'][0]['attn']['q'].get_value() and mask['embed'].get_value()
 
 
 def test_gradient_accumulation_matches_one_batch(data_dir):
@@ -156,7 +156,7 @@ def test_gradient_accumulation_matches_one_batch(data_dir):
     tx, lr = optim.make_optimizer(config.train)
     state = jax.jit(trainer.make_init_fn(config, tx))()
     state, m = jax.jit(trainer.make_train_step(config, tx, lr))(state, batch)
-    out.append((float(m['loss']), float(m['grad_norm']), state['params']['embed'].value))
+    out.append((float(m['loss']), float(m['grad_norm']), state['params']['embed'][...]))
   np.testing.assert_allclose(out[0][:2], out[1][:2], rtol=1e-5)
   np.testing.assert_allclose(out[0][2], out[1][2], rtol=1e-5, atol=1e-7)
 
@@ -175,8 +175,8 @@ def test_adam_mu_dtype(data_dir):
     dtypes = {str(a.dtype) for a in jax.tree.leaves(adam.mu)}
     assert dtypes == {mu or 'float32'}, dtypes
     assert {str(a.dtype) for a in jax.tree.leaves(adam.nu)} == {'float32'}
-    before = np.asarray(state['params']['embed'].value)
+    before = np.asarray(state['params']['embed'][...])
     state, _ = jax.jit(trainer.make_train_step(config, tx, lr))(state, batch)
-    out[mu] = np.asarray(state['params']['embed'].value) - before
+    out[mu] = np.asarray(state['params']['embed'][...]) - before
   assert np.abs(out['']).max() > 0
   np.testing.assert_allclose(out['bfloat16'], out[''], rtol=2e-2, atol=1e-3 * np.abs(out['']).max())

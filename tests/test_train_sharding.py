@@ -24,7 +24,7 @@ def _run(config, mesh, batches):
       state, m = step(state, jax.device_put(batch, batch_sharding))
       out.append((float(m['loss']), float(m['grad_norm']), float(m['aux_loss'])))
     gate = state['params']['blocks'][1]['ffn']['gate']
-    return out, gate.value.sharding.spec, np.asarray(jax.device_get(gate.value))
+    return out, gate[...].sharding.spec, np.asarray(jax.device_get(gate[...]))
 
 
 def test_sharded_step_matches_one_device(data_dir):

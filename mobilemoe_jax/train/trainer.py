@@ -294,7 +294,7 @@ def make_train_step(config, tx, lr_schedule):
   def distill_kl(teacher, rest, batch, logits):
     """Summed KL(teacher || student) over loss_mask tokens, at train.distill_temperature."""
     temp = t.distill_temperature
-    weights = teacher.filter(nnx.Not(QuantScale))    # the float model has no learned scales
+    weights = nnx.filter_state(teacher, nnx.Not(QuantScale))    # the float model has no learned scales
     model = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(weights), rest)
     target, _, _ = model(batch['inputs'], positions=batch['positions'],
                          segment_ids=batch['segment_ids'])
@@ -346,7 +346,7 @@ def make_train_step(config, tx, lr_schedule):
     (objective, ce_sum, aux, z, tokens_per_expert, dropped, grads), _ = jax.lax.scan(
         accumulate, zeros, micros)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
     updates, opt = tx.update(grads, state['opt'], params)
     new_params = optax.apply_updates(params, updates)
