@@ -96,6 +96,14 @@ WORKLOADS = {
                       'capacity 1.25', 'mobilemoe_s', 8, model=released_s()),
     'rs_b8_packed': Workload('released MobileMoE-S, 8 x 2048 per step, packed rows, capacity 1.25',
                              'mobilemoe_s', 8, packed=True, model=released_s(), vs='rs_b8'),
+    'rs_b256_accum8_packed_bias': Workload(
+        'the same step with packed rows attended through the mask as a bias (cuDNN, no bias '
+        "gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 256, grad_accum=8,
+        packed=True, model=released_s(attention_mask='bias_nograd'), vs='rs_b256_accum8_packed'),
+    'rs_b8_packed_bias': Workload(
+        'released MobileMoE-S, 8 x 2048 packed rows attended through the mask as a bias (cuDNN, '
+        "no bias gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 8, packed=True,
+        model=released_s(attention_mask='bias_nograd'), vs='rs_b8_packed'),
     'rs_b8_dropless_packed': Workload(
         'released MobileMoE-S, 8 x 2048 packed rows, dropless experts (capacity_factor 0)',
         'mobilemoe_s', 8, packed=True, model=released_s(**{'moe.capacity_factor': 0.0}),
@@ -331,7 +339,7 @@ def run_jax(names, a):
         rng = np.random.default_rng(0)
         rows = packed_rows if w.packed else one_document_rows
         host = rows(rng, config.train.batch_size, w.seq, cfg_model.vocab_size)
-        step_cfg = trainer.step_config(config, host['segment_ids'])
+        step_cfg = trainer.step_config(config, host['segment_ids'], host['positions'])
         step = jax.jit(trainer.make_train_step(step_cfg, tx, lr),
                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                        donate_argnums=0)
@@ -382,6 +390,7 @@ def run_jax(names, a):
         'dropped_frac': float(m['dropped']) / n_assign if n_assign else 0.0,
         'attention_impl': cfg_model.attention_impl,
         'attention_mask_step': step_cfg.model.get('attention_mask'),
+        'attention_segments_step': step_cfg.model.get('attention_segments', 0),
         'loss_chunk_len': config.train.loss_chunk_len,
         'stubbed_modules': STUBBED, 'profile': profile},
         'model': model_summary(cfg_model), 'device_kind': devices[0].device_kind})
@@ -410,11 +419,16 @@ def profile_steps(compiled, state, batch, n_steps):
   threads = {(e['pid'], e['tid']): e['args']['name'] for e in events
              if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
   kernels = defaultdict(lambda: [0.0, 0])   # name: [ms per step, calls]
+  sources = _hlo_sources(compiled.as_text())
+  by_source = defaultdict(float)
   for e in events:
     if (e.get('ph') == 'X' and 'GPU' in procs.get(e['pid'], '')
         and threads.get((e['pid'], e['tid']), '').startswith('Stream')):
       kernels[e['name']][0] += e.get('dur', 0) / 1e3 / n_steps
       kernels[e['name']][1] += 1
+      op = (e.get('args') or {}).get('hlo_op') or e['name']
+      by_source[sources.get(op) or sources.get(op.replace('.', '_')) or 'unattributed'] += \
+          e.get('dur', 0) / 1e3 / n_steps
   if not kernels:
     return state, {'error': 'no GPU stream events in the trace'}
 
@@ -435,7 +449,57 @@ def profile_steps(compiled, state, batch, n_steps):
       'steps': n_steps, 'gpu_ms_per_step': round(sum(v[0] for v in kernels.values()), 2),
       'kernel_ms_by_kind': {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
       'top_kernels': [{'name': k, 'ms': round(v[0], 3), 'calls': v[1] // n_steps}
-                      for k, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]]}
+                      for k, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]],
+      'top_sources': [{'source': k, 'ms': round(v, 3)}
+                      for k, v in sorted(by_source.items(), key=lambda kv: -kv[1])[:60]]}
+
+
+def _hlo_sources(hlo_text):
+  """{HLO instruction name (also with '.' as '_', as kernels are named): 'file:line function
+  op'} from the compiled module's metadata (the innermost frame in mobilemoe_jax/ of its
+  stack, else the innermost), '(bwd)' marking ops of the backward pass: where each kernel's
+  time comes from in the model's code."""
+  import re
+  tables = {}   # FileNames / FunctionNames / FileLocations / StackFrames: {id: text}
+  section = None
+  for line in hlo_text.splitlines():
+    if line in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames'):
+      section = tables.setdefault(line, {})
+    elif section is not None and re.match(r'^\d+ ', line):
+      i, rest = line.split(' ', 1)
+      section[int(i)] = rest
+    else:
+      section = None
+  field = lambda text, name: int(re.search(name + r'=(\d+)', text).group(1))
+
+  def frame_label(frame):
+    where, seen = [], set()
+    while frame in tables.get('StackFrames', {}) and frame not in seen:
+      seen.add(frame)
+      entry = tables['StackFrames'][frame]
+      loc = tables['FileLocations'][field(entry, 'file_location_id')]
+      file = tables['FileNames'][field(loc, 'file_name_id')].strip('"')
+      func = tables['FunctionNames'][field(loc, 'function_name_id')].strip('"')
+      where.append((file, f"{os.path.basename(file)}:{field(loc, 'line')} {func}"))
+      frame = field(entry, 'parent_frame_id')
+    ours = [label for file, label in where if 'mobilemoe_jax' in file]
+    return (ours or [label for _, label in where] or ['?'])[0]
+
+  out = {}
+  pattern = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*metadata=\{([^}]*)\}')
+  for line in hlo_text.splitlines():
+    m = pattern.match(line)
+    if not m:
+      continue
+    meta = dict(re.findall(r'(\w+)=("[^"]*"|\S+)', m.group(2)))
+    op = meta.get('op_name', '').strip('"')
+    if 'stack_frame_id' in meta:
+      where = frame_label(int(meta['stack_frame_id']))
+    else:
+      where = os.path.basename(meta.get('source_file', '?').strip('"')) + ':' + meta.get('source_line', '?')
+    label = f"{where} {op.rsplit('/', 1)[-1]}" + (' (bwd)' if 'transpose(' in op else '')
+    out[m.group(1)] = out[m.group(1).replace('.', '_')] = label
+  return out
 
 
 # -------------------------------------------------------------------------- PyTorch worker
