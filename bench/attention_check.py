@@ -31,6 +31,8 @@ def attention_check():
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
+  from bench.train_throughput import _imports
+  _imports()   # the presets import the data pipeline: stand-ins where grain is not installed
   from configs.stages.common import PRESETS
   from mobilemoe_jax.model import layers
   b, t = 4, 2048

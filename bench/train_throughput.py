@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -360,7 +361,8 @@ def run_jax(names, a):
         state, times, m = _time_steps(name, compiled, state, batch, a.warmup, a.steps)
         profile = None
         if a.profile:
-          state, profile = profile_steps(compiled, state, batch, 2)
+          state, profile = profile_steps(compiled, state, batch, 2, a.profile_dir and
+                                         os.path.join(a.profile_dir, name))
         peak = max((d.memory_stats() or {}).get('peak_bytes_in_use', 0) for d in devices)
         compiled_bytes = _compiled_bytes(compiled)
         del compiled
@@ -396,7 +398,7 @@ def run_jax(names, a):
         'model': model_summary(cfg_model), 'device_kind': devices[0].device_kind})
 
 
-def profile_steps(compiled, state, batch, n_steps):
+def profile_steps(compiled, state, batch, n_steps, keep=None):
   """Runs n_steps under jax.profiler and sums the GPU time of each kernel on the trace's
   stream lines; returns (state, summary per step)."""
   import glob
@@ -412,6 +414,12 @@ def profile_steps(compiled, state, batch, n_steps):
   files = glob.glob(os.path.join(log_dir, 'plugins', 'profile', '*', '*.trace.json.gz'))
   if not files:
     return state, {'error': f'no trace.json.gz under {log_dir}'}
+  hlo_text = compiled.as_text()
+  if keep:   # the trace and the compiled HLO, for a closer look (`keep`.trace.json.gz, .hlo.txt.gz)
+    os.makedirs(os.path.dirname(keep), exist_ok=True)
+    shutil.copy(files[0], keep + '.trace.json.gz')
+    with gzip.open(keep + '.hlo.txt.gz', 'wt') as f:
+      f.write(hlo_text)
   with gzip.open(files[0]) as f:
     events = json.load(f)['traceEvents']
   procs = {e['pid']: e['args']['name'] for e in events
@@ -419,7 +427,7 @@ def profile_steps(compiled, state, batch, n_steps):
   threads = {(e['pid'], e['tid']): e['args']['name'] for e in events
              if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
   kernels = defaultdict(lambda: [0.0, 0])   # name: [ms per step, calls]
-  sources = _hlo_sources(compiled.as_text())
+  sources = _hlo_sources(hlo_text)
   by_source = defaultdict(float)
   for e in events:
     if (e.get('ph') == 'X' and 'GPU' in procs.get(e['pid'], '')
@@ -799,7 +807,8 @@ def launch(names, a):
   w = WORKLOADS[names[0]]
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   argv = [sys.executable, os.path.abspath(__file__), '--worker=' + ','.join(names),
-          f'--warmup={a.warmup}', f'--steps={a.steps}'] + (['--profile'] if a.profile else [])
+          f'--warmup={a.warmup}', f'--steps={a.steps}'] + (['--profile'] if a.profile else []) \
+      + ([f'--profile-dir={a.profile_dir}'] if a.profile_dir else [])
   if w.machine == 'cpu':
     env['JAX_PLATFORMS'] = 'cpu'
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
@@ -996,6 +1005,8 @@ def main():
   p.add_argument('--limit-s', type=float, default=900, help='time limit per worker process')
   p.add_argument('--profile', action='store_true',
                  help='trace 2 more steps of each JAX workload (GPU time per kernel in the row)')
+  p.add_argument('--profile-dir', default='',
+                 help='with --profile: keep each workload\'s trace and compiled HLO here')
   p.add_argument('--worker', default=None, help=argparse.SUPPRESS)   # internal
   a = p.parse_args()
   if a.worker:
