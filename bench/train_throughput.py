@@ -97,6 +97,10 @@ WORKLOADS = {
                       'capacity 1.25', 'mobilemoe_s', 8, model=released_s()),
     'rs_b8_packed': Workload('released MobileMoE-S, 8 x 2048 per step, packed rows, capacity 1.25',
                              'mobilemoe_s', 8, packed=True, model=released_s(), vs='rs_b8'),
+    'rs_b256_accum16_packed': Workload(
+        'the same global batch as 16 accumulated micro-batches of 16 (half the activation '
+        'memory)', 'mobilemoe_s', 256, grad_accum=16, packed=True, model=released_s(),
+        vs='rs_b256_accum8_packed'),
     'rs_b256_accum8_packed_bias': Workload(
         'the same step with packed rows attended through the mask as a bias (cuDNN, no bias '
         "gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 256, grad_accum=8,

@@ -129,7 +129,8 @@ def _fake_cudnn_packed(monkeypatch, calls):
     mask = same & (i[None, None, :] <= i[None, :, None])
     if sliding_window_length is not None:
       mask &= (i[None, :, None] - i[None, None, :]) < sliding_window_length
-    return _xla_attention(q, k, v, mask[:, None])
+    nan_q = jnp.isnan(q).any((2, 3), keepdims=True)   # NaN scores: NaN out (the reference zeroes them)
+    return jnp.where(nan_q, jnp.nan, _xla_attention(q, k, v, mask[:, None]))
 
   monkeypatch.setattr(cudnn, 'dot_product_attention', fake)
 

@@ -256,14 +256,15 @@ def _cudnn_segments(q, k, v, segment_ids, max_runs: int, window: int):
   """cuDNN attention over cuDNN's packed layout: each run of equal segment ids is its own
   sequence, causal (and windowed) by token index within it; only the tiles inside a run are
   computed, no [T, S] mask or bias exists. A row with more than max_runs runs gives NaN
-  (caught as a non-finite step), never a silently wrong result."""
+  (caught as a non-finite step), never a silently wrong result; the NaN goes into q, whose
+  producer (RoPE) it joins in one pass, not into the output, a pass of its own."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
   lengths, offsets, overflow = segment_runs(segment_ids, max_runs)
-  y = cudnn.dot_product_attention(
+  q = jnp.where(overflow[:, None, None, None], jnp.nan, q).astype(q.dtype)
+  return cudnn.dot_product_attention(
       q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
       scale=q.shape[-1] ** -0.5, mask_type=cudnn.MaskType.CAUSAL,
       sliding_window_length=window or None)
-  return jnp.where(overflow[:, None, None, None], jnp.nan, y).astype(y.dtype)
 
 
 def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto',
