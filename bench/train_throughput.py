@@ -430,19 +430,6 @@ def profile_steps(compiled, state, batch, n_steps, keep=None):
            if e.get('ph') == 'M' and e.get('name') == 'process_name'}
   threads = {(e['pid'], e['tid']): e['args']['name'] for e in events
              if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
-  kernels = defaultdict(lambda: [0.0, 0])   # name: [ms per step, calls]
-  sources = _hlo_sources(hlo_text)
-  by_source = defaultdict(float)
-  for e in events:
-    if (e.get('ph') == 'X' and 'GPU' in procs.get(e['pid'], '')
-        and threads.get((e['pid'], e['tid']), '').startswith('Stream')):
-      kernels[e['name']][0] += e.get('dur', 0) / 1e3 / n_steps
-      kernels[e['name']][1] += 1
-      op = (e.get('args') or {}).get('hlo_op') or e['name']
-      by_source[sources.get(op) or sources.get(op.replace('.', '_')) or 'unattributed'] += \
-          e.get('dur', 0) / 1e3 / n_steps
-  if not kernels:
-    return state, {'error': 'no GPU stream events in the trace'}
 
   def kind(name):
     text = name.lower()
@@ -453,6 +440,22 @@ def profile_steps(compiled, state, batch, n_steps, keep=None):
       if any(word in text for word in keys):
         return k
     return 'other (elementwise, reductions, copies)'
+
+  kernels = defaultdict(lambda: [0.0, 0])   # name: [ms per step, calls]
+  sources = _hlo_sources(hlo_text)
+  by_source = defaultdict(float)
+  for e in events:
+    if (e.get('ph') == 'X' and 'GPU' in procs.get(e['pid'], '')
+        and threads.get((e['pid'], e['tid']), '').startswith('Stream')):
+      kernels[e['name']][0] += e.get('dur', 0) / 1e3 / n_steps
+      kernels[e['name']][1] += 1
+      # XLA's kernels are named after their HLO fusion; library kernels (cuBLAS, cuDNN) are
+      # not, and inside a command buffer (CUDA graph) hlo_op names only the buffer.
+      op = (e.get('args') or {}).get('hlo_op', '')
+      where = sources.get(e['name']) or sources.get(op) or f"{kind(e['name'])}: not attributed"
+      by_source[where] += e.get('dur', 0) / 1e3 / n_steps
+  if not kernels:
+    return state, {'error': 'no GPU stream events in the trace'}
 
   by_kind = defaultdict(float)
   for k, v in kernels.items():
