@@ -60,7 +60,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   # causal sequence, at most attention_segments runs per row; exact for rows as the data
   # pipeline packs them), 'auto' ('causal' when every row of the batch is one document, checked
   # at run time, else 'bias_nograd'; train.trainer.step_config picks 'segments' on the host
-  # where it is exact). All but 'causal' and 'segments' are exact for any rows.
+  # where it is exact and the model has no sliding window). All but 'causal' and 'segments' are exact for any rows.
   c.attention_mask = 'auto'
   c.attention_segments = 0      # 'segments': the most runs of equal segment ids in one row
   # SwiGLU FFNs (dense, shared and routed experts): gate and up in one matmul (the input read

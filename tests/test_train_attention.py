@@ -198,8 +198,10 @@ def test_step_config_picks_the_mask_on_the_host(monkeypatch):
   monkeypatch.setattr(layers, 'attention_kernel', lambda cfg: 'cudnn')
   assert trainer.step_config(config, single).model.attention_mask == 'causal'
   assert trainer.step_config(config, packed).model.attention_mask == 'bias_nograd'
-  # With positions: rows packed as the data pipeline packs them take cuDNN's packed layout,
-  # the most runs per row (padding runs count) rounded up to a power of two.
+  # With positions, in a model without a sliding window: rows packed as the data pipeline
+  # packs them take cuDNN's packed layout, the most runs per row (padding runs count) rounded
+  # up to a power of two.
+  config.model.sliding_window = 0
   pos = np.array([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 0]], np.int32)
   step = trainer.step_config(config, packed, pos).model
   assert (step.attention_mask, step.attention_segments) == ('segments', 2)
@@ -211,6 +213,8 @@ def test_step_config_picks_the_mask_on_the_host(monkeypatch):
   assert trainer.step_config(config, split, np.array([[0, 1, 0, 1, 2, 3, 0, 0]])
                              ).model.attention_mask == 'bias_nograd'
   assert trainer.step_config(config, packed, pos * 2).model.attention_mask == 'bias_nograd'
+  config.model.sliding_window = 4                 # with a window: the bias
+  assert trainer.step_config(config, packed, pos).model.attention_mask == 'bias_nograd'
   assert trainer.step_config(config, single, np.tile(np.arange(8), (2, 1))
                              ).model.attention_mask == 'causal'
   assert config.model.attention_mask == 'auto'                    # the original is untouched

@@ -262,9 +262,11 @@ def step_config(config, segment_ids, positions=None):
   With model.attention_mask 'auto' where attention runs on cuDNN, and one process, the
   choice is made here on the host, per batch: 'causal' for a batch whose rows are each one
   document without padding; 'segments' (cuDNN's packed layout, only the tiles inside each
-  document computed) for rows packed as the data pipeline packs them (`packed_runs`), with
-  model.attention_segments the batch's most runs per row rounded up to a power of two (few
-  distinct steps); else 'bias_nograd'. The same attention on every real token; the step has
+  document computed) for rows packed as the data pipeline packs them (`packed_runs`) in a
+  model without a sliding window, with model.attention_segments the batch's most runs per row
+  rounded up to a power of two (few distinct steps); else 'bias_nograd' (with a window, cuDNN
+  skips the tiles outside it either way, and the packed layout was the slower of the two in
+  bench/attention_check.py). The same attention on every real token; the step has
   no conditional, whose backward pass made every layer write a [B, 1, T, T] placeholder for
   the branch not taken. With several processes each sees only its rows, so the device keeps
   the choice ('auto': causal flags or the bias). Else `config` itself.
@@ -280,7 +282,7 @@ def step_config(config, segment_ids, positions=None):
   with out.unlocked():
     if np.all(segment_ids == 1):
       out.model.attention_mask = 'causal'
-    elif runs is not None:
+    elif runs is not None and not m.sliding_window:
       out.model.attention_mask = 'segments'
       out.model.attention_segments = 1 << (runs - 1).bit_length()
     else:
