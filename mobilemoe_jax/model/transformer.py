@@ -76,10 +76,7 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     table = self.table(dt)                                                     # [V, D]
-    # Float models gather from the fp32 table and cast the rows: the same values, and the
-    # backward pass scatter-adds the rows' gradient into an fp32 table (native atomics)
-    # instead of a bf16 one.
-    x = table[tokens] if self.cfg.quant.weights is not None else self.embed[...][tokens].astype(dt)
+    x = table[tokens]
     x = constrain(x, ('batch', 'length', 'act_embed'))
     moe_stats, new_layers = [], []
     for i, block in enumerate(self.blocks):
