@@ -4,7 +4,8 @@ At MobileMoE-S's attention shape (12 query / 4 KV heads of 64, d_model 768), bf1
 packed rows (several documents, padding), a global and a windowed (512) layer: the largest
 differences of outputs (real tokens) and of input gradients from an fp32 XLA reference, for
 XLA in bf16 and cuDNN with each model.attention_mask mode; then the attention op alone,
-forward + backward, batch 8 x 2048, one document per row, timed per call.
+forward + backward, batch 8 x 2048, one document per row and packed rows (as
+bench/train_throughput.py packs them), timed per call.
 
   python bench/attention_check.py      # a GPU -> bench/results/attention_check.json
 """
@@ -30,6 +31,8 @@ def attention_check():
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
+  from bench.train_throughput import _imports
+  _imports()   # the presets import the data pipeline: stand-ins where grain is not installed
   from configs.stages.common import PRESETS
   from mobilemoe_jax.model import layers
   b, t = 4, 2048
@@ -51,9 +54,11 @@ def attention_check():
     for key, impl, dtype, how in (('xla_float32', 'xla', 'float32', 'auto'),
                                   ('xla_bfloat16', 'xla', 'bfloat16', 'auto'),
                                   ('cudnn_nograd_bfloat16', 'cudnn', 'bfloat16', 'bias_nograd'),
-                                  ('cudnn_auto_bfloat16', 'cudnn', 'bfloat16', 'auto')):
+                                  ('cudnn_auto_bfloat16', 'cudnn', 'bfloat16', 'auto'),
+                                  ('cudnn_segments_bfloat16', 'cudnn', 'bfloat16', 'segments')):
       cfg = PRESETS['mobilemoe_s']().model
-      cfg.update(dict(attention_impl=impl, dtype=dtype, attention_mask=how))
+      # 'segments': cuDNN's packed layout, at most 4 runs per row (the last row's 3 + padding)
+      cfg.update(dict(attention_impl=impl, dtype=dtype, attention_mask=how, attention_segments=4))
       layer = layers.Attention(cfg, window, nnx.Rngs(0))
 
       def loss(x):
@@ -84,30 +89,47 @@ def attention_check():
   p8 = jnp.broadcast_to(jnp.arange(t), (b8, t))
   s8 = jnp.ones((b8, t), jnp.int32)
   timing = {}
-  for window in (0, 512):
-    mask = layers.attention_mask(p8, p8, s8, s8, window)
-    lw = (window - 1, 0) if window else None
-    calls = {
-        'cudnn_mask_nograd': lambda q, k, v: layers.cudnn_attention(q, k, v, mask, s8, window, 'bias_nograd'),
-        'cudnn_auto': lambda q, k, v: layers.cudnn_attention(q, k, v, mask, s8, window, 'auto'),
-        'xla_mask': lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask),
-        'cudnn_mask': lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, implementation='cudnn', local_window_size=lw),
-        'cudnn_flags_only': lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation='cudnn', local_window_size=lw)}
+
+  def time_calls(prefix, calls):
+    """Median ms of 10 jitted forward + backward calls of each fn(q, k, v) (or its error)."""
     for impl, fn in calls.items():
       step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
       try:
         jax.block_until_ready(step(q, kv[0], kv[1]))
       except Exception as e:  # noqa: BLE001
-        timing[f'window_{window}/{impl}'] = f'{type(e).__name__}: {str(e)[:300]}'
+        timing[f'{prefix}/{impl}'] = f'{type(e).__name__}: {str(e)[:300]}'
         continue
       ts = []
       for _ in range(10):
         t0 = time.perf_counter()
         jax.block_until_ready(step(q, kv[0], kv[1]))
         ts.append(time.perf_counter() - t0)
-      timing[f'window_{window}/{impl}'] = round(1e3 * statistics.median(ts), 3)
+      timing[f'{prefix}/{impl}'] = round(1e3 * statistics.median(ts), 3)
+
+  for window in (0, 512):
+    mask = layers.attention_mask(p8, p8, s8, s8, window)
+    lw = (window - 1, 0) if window else None
+    time_calls(f'window_{window}', {
+        'cudnn_mask_nograd': lambda q, k, v: layers.cudnn_attention(q, k, v, mask, s8, window, 'bias_nograd'),
+        'cudnn_auto': lambda q, k, v: layers.cudnn_attention(q, k, v, mask, s8, window, 'auto'),
+        'xla_mask': lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask),
+        'cudnn_mask': lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, implementation='cudnn', local_window_size=lw),
+        'cudnn_flags_only': lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation='cudnn', local_window_size=lw)})
+  # Packed rows (as the training benchmark packs them): the mask as a bias (no gradient)
+  # against cuDNN's packed layout.
+  from bench.train_throughput import packed_rows
+  from mobilemoe_jax.train.trainer import packed_runs
+  rows = packed_rows(np.random.default_rng(0), b8, t, 1000)
+  max_runs = 1 << (packed_runs(rows['segment_ids'], rows['positions']) - 1).bit_length()
+  sp, pp = jnp.asarray(rows['segment_ids']), jnp.asarray(rows['positions'])
+  for window in (0, 512):
+    mask = layers.attention_mask(pp, pp, sp, sp, window)
+    time_calls(f'packed_window_{window}', {
+        'cudnn_mask_nograd': lambda q, k, v: layers.cudnn_attention(q, k, v, mask, sp, window, 'bias_nograd'),
+        'cudnn_segments': lambda q, k, v: layers.cudnn_attention(q, k, v, None, sp, window,
+                                                                 'segments', max_runs)})
   print(f'attention fwd+bwd ms per layer: {timing}')
   return {'errors_relative_to_max': out,
           'rows': 'packed: [2048], [700, 900, 400], [1500, 500], [300, 300, 1000] + 48 padding',

@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,18 @@ WORKLOADS = {
                       'capacity 1.25', 'mobilemoe_s', 8, model=released_s()),
     'rs_b8_packed': Workload('released MobileMoE-S, 8 x 2048 per step, packed rows, capacity 1.25',
                              'mobilemoe_s', 8, packed=True, model=released_s(), vs='rs_b8'),
+    'rs_b256_accum16_packed': Workload(
+        'the same global batch as 16 accumulated micro-batches of 16 (half the activation '
+        'memory)', 'mobilemoe_s', 256, grad_accum=16, packed=True, model=released_s(),
+        vs='rs_b256_accum8_packed'),
+    'rs_b256_accum8_packed_bias': Workload(
+        'the same step with packed rows attended through the mask as a bias (cuDNN, no bias '
+        "gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 256, grad_accum=8,
+        packed=True, model=released_s(attention_mask='bias_nograd'), vs='rs_b256_accum8_packed'),
+    'rs_b8_packed_bias': Workload(
+        'released MobileMoE-S, 8 x 2048 packed rows attended through the mask as a bias (cuDNN, '
+        "no bias gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 8, packed=True,
+        model=released_s(attention_mask='bias_nograd'), vs='rs_b8_packed'),
     'rs_b8_dropless_packed': Workload(
         'released MobileMoE-S, 8 x 2048 packed rows, dropless experts (capacity_factor 0)',
         'mobilemoe_s', 8, packed=True, model=released_s(**{'moe.capacity_factor': 0.0}),
@@ -336,7 +349,7 @@ def run_jax(names, a):
         rng = np.random.default_rng(0)
         rows = packed_rows if w.packed else one_document_rows
         host = rows(rng, config.train.batch_size, w.seq, cfg_model.vocab_size)
-        step_cfg = trainer.step_config(config, host['segment_ids'])
+        step_cfg = trainer.step_config(config, host['segment_ids'], host['positions'])
         step = jax.jit(trainer.make_train_step(step_cfg, tx, lr),
                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                        donate_argnums=0)
@@ -357,7 +370,8 @@ def run_jax(names, a):
         state, times, m = _time_steps(name, compiled, state, batch, a.warmup, a.steps)
         profile = None
         if a.profile:
-          state, profile = profile_steps(compiled, state, batch, 2)
+          state, profile = profile_steps(compiled, state, batch, 2, a.profile_dir and
+                                         os.path.join(a.profile_dir, name))
         peak = max((d.memory_stats() or {}).get('peak_bytes_in_use', 0) for d in devices)
         compiled_bytes = _compiled_bytes(compiled)
         del compiled
@@ -387,6 +401,7 @@ def run_jax(names, a):
         'dropped_frac': float(m['dropped']) / n_assign if n_assign else 0.0,
         'attention_impl': cfg_model.attention_impl,
         'attention_mask_step': step_cfg.model.get('attention_mask'),
+        'attention_segments_step': step_cfg.model.get('attention_segments', 0),
         'loss_chunk_len': config.train.loss_chunk_len,
         'ep_overlap_chunks': cfg_model.moe.ep_overlap_chunks if w.devices > 1 else None,
         'xla_flags': os.environ.get('XLA_FLAGS', ''),
@@ -394,7 +409,7 @@ def run_jax(names, a):
         'model': model_summary(cfg_model), 'device_kind': devices[0].device_kind})
 
 
-def profile_steps(compiled, state, batch, n_steps):
+def profile_steps(compiled, state, batch, n_steps, keep=None):
   """Runs n_steps under jax.profiler and sums the GPU time of each kernel on the trace's
   stream lines; returns (state, summary per step)."""
   import glob
@@ -410,20 +425,18 @@ def profile_steps(compiled, state, batch, n_steps):
   files = glob.glob(os.path.join(log_dir, 'plugins', 'profile', '*', '*.trace.json.gz'))
   if not files:
     return state, {'error': f'no trace.json.gz under {log_dir}'}
+  hlo_text = compiled.as_text()
+  if keep:   # the trace and the compiled HLO, for a closer look (`keep`.trace.json.gz, .hlo.txt.gz)
+    os.makedirs(os.path.dirname(keep), exist_ok=True)
+    shutil.copy(files[0], keep + '.trace.json.gz')
+    with gzip.open(keep + '.hlo.txt.gz', 'wt') as f:
+      f.write(hlo_text)
   with gzip.open(files[0]) as f:
     events = json.load(f)['traceEvents']
   procs = {e['pid']: e['args']['name'] for e in events
            if e.get('ph') == 'M' and e.get('name') == 'process_name'}
   threads = {(e['pid'], e['tid']): e['args']['name'] for e in events
              if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
-  kernels = defaultdict(lambda: [0.0, 0])   # name: [ms per step, calls]
-  for e in events:
-    if (e.get('ph') == 'X' and 'GPU' in procs.get(e['pid'], '')
-        and threads.get((e['pid'], e['tid']), '').startswith('Stream')):
-      kernels[e['name']][0] += e.get('dur', 0) / 1e3 / n_steps
-      kernels[e['name']][1] += 1
-  if not kernels:
-    return state, {'error': 'no GPU stream events in the trace'}
 
   def kind(name):
     text = name.lower()
@@ -435,6 +448,22 @@ def profile_steps(compiled, state, batch, n_steps):
         return k
     return 'other (elementwise, reductions, copies)'
 
+  kernels = defaultdict(lambda: [0.0, 0])   # name: [ms per step, calls]
+  sources = _hlo_sources(hlo_text)
+  by_source = defaultdict(float)
+  for e in events:
+    if (e.get('ph') == 'X' and 'GPU' in procs.get(e['pid'], '')
+        and threads.get((e['pid'], e['tid']), '').startswith('Stream')):
+      kernels[e['name']][0] += e.get('dur', 0) / 1e3 / n_steps
+      kernels[e['name']][1] += 1
+      # XLA's kernels are named after their HLO fusion; library kernels (cuBLAS, cuDNN) are
+      # not, and inside a command buffer (CUDA graph) hlo_op names only the buffer.
+      op = (e.get('args') or {}).get('hlo_op', '')
+      where = sources.get(e['name']) or sources.get(op) or f"{kind(e['name'])}: not attributed"
+      by_source[where] += e.get('dur', 0) / 1e3 / n_steps
+  if not kernels:
+    return state, {'error': 'no GPU stream events in the trace'}
+
   by_kind = defaultdict(float)
   for k, v in kernels.items():
     by_kind[kind(k)] += v[0]
@@ -442,7 +471,57 @@ def profile_steps(compiled, state, batch, n_steps):
       'steps': n_steps, 'gpu_ms_per_step': round(sum(v[0] for v in kernels.values()), 2),
       'kernel_ms_by_kind': {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
       'top_kernels': [{'name': k, 'ms': round(v[0], 3), 'calls': v[1] // n_steps}
-                      for k, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]]}
+                      for k, v in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]],
+      'top_sources': [{'source': k, 'ms': round(v, 3)}
+                      for k, v in sorted(by_source.items(), key=lambda kv: -kv[1])[:60]]}
+
+
+def _hlo_sources(hlo_text):
+  """{HLO instruction name (also with '.' as '_', as kernels are named): 'file:line function
+  op'} from the compiled module's metadata (the innermost frame in mobilemoe_jax/ of its
+  stack, else the innermost), '(bwd)' marking ops of the backward pass: where each kernel's
+  time comes from in the model's code."""
+  import re
+  tables = {}   # FileNames / FunctionNames / FileLocations / StackFrames: {id: text}
+  section = None
+  for line in hlo_text.splitlines():
+    if line in ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames'):
+      section = tables.setdefault(line, {})
+    elif section is not None and re.match(r'^\d+ ', line):
+      i, rest = line.split(' ', 1)
+      section[int(i)] = rest
+    else:
+      section = None
+  field = lambda text, name: int(re.search(name + r'=(\d+)', text).group(1))
+
+  def frame_label(frame):
+    where, seen = [], set()
+    while frame in tables.get('StackFrames', {}) and frame not in seen:
+      seen.add(frame)
+      entry = tables['StackFrames'][frame]
+      loc = tables['FileLocations'][field(entry, 'file_location_id')]
+      file = tables['FileNames'][field(loc, 'file_name_id')].strip('"')
+      func = tables['FunctionNames'][field(loc, 'function_name_id')].strip('"')
+      where.append((file, f"{os.path.basename(file)}:{field(loc, 'line')} {func}"))
+      frame = field(entry, 'parent_frame_id')
+    ours = [label for file, label in where if 'mobilemoe_jax' in file]
+    return (ours or [label for _, label in where] or ['?'])[0]
+
+  out = {}
+  pattern = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*metadata=\{([^}]*)\}')
+  for line in hlo_text.splitlines():
+    m = pattern.match(line)
+    if not m:
+      continue
+    meta = dict(re.findall(r'(\w+)=("[^"]*"|\S+)', m.group(2)))
+    op = meta.get('op_name', '').strip('"')
+    if 'stack_frame_id' in meta:
+      where = frame_label(int(meta['stack_frame_id']))
+    else:
+      where = os.path.basename(meta.get('source_file', '?').strip('"')) + ':' + meta.get('source_line', '?')
+    label = f"{where} {op.rsplit('/', 1)[-1]}" + (' (bwd)' if 'transpose(' in op else '')
+    out[m.group(1)] = out[m.group(1).replace('.', '_')] = label
+  return out
 
 
 # -------------------------------------------------------------------------- PyTorch worker
@@ -762,7 +841,8 @@ def launch(names, a):
   """Runs one worker process; returns {workload: result}."""
   env = worker_env(WORKLOADS[names[0]])
   argv = [sys.executable, os.path.abspath(__file__), '--worker=' + ','.join(names),
-          f'--warmup={a.warmup}', f'--steps={a.steps}'] + (['--profile'] if a.profile else [])
+          f'--warmup={a.warmup}', f'--steps={a.steps}'] + (['--profile'] if a.profile else []) \
+      + ([f'--profile-dir={a.profile_dir}'] if a.profile_dir else [])
   t0 = time.time()
   proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
@@ -955,6 +1035,8 @@ def main():
   p.add_argument('--limit-s', type=float, default=900, help='time limit per worker process')
   p.add_argument('--profile', action='store_true',
                  help='trace 2 more steps of each JAX workload (GPU time per kernel in the row)')
+  p.add_argument('--profile-dir', default='',
+                 help='with --profile: keep each workload\'s trace and compiled HLO here')
   p.add_argument('--worker', default=None, help=argparse.SUPPRESS)   # internal
   a = p.parse_args()
   if a.worker:

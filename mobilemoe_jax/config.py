@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
-CUDNN_MASKS = ('auto', 'bias_nograd', 'causal')   # model.attention_mask
+CUDNN_MASKS = ('auto', 'bias_nograd', 'causal', 'segments')   # model.attention_mask
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -56,10 +56,14 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.attention_impl = 'auto'
   # cuDNN attention only: how documents/padding are kept apart (model/layers.py,
   # cudnn_attention): 'bias_nograd' (the mask as a bias, no gradient computed for it),
-  # 'causal' (flags only: exact only for rows of one document without padding), 'auto'
+  # 'causal' (flags only: exact only for rows of one document without padding), 'segments'
+  # (cuDNN's packed layout: each run of equal segment ids its own causal sequence, at most
+  # attention_segments runs per row; exact for rows as the data pipeline packs them), 'auto'
   # ('causal' when every row of the batch is one document, checked at run time, else
-  # 'bias_nograd'). All but 'causal' are exact for any rows.
+  # 'bias_nograd'; train.trainer.step_config picks 'segments' on the host where it is exact
+  # and the model has no sliding window). All but 'causal' and 'segments' are exact for any rows.
   c.attention_mask = 'auto'
+  c.attention_segments = 0      # 'segments': the most runs of equal segment ids in one row
 
   c.moe = ml_collections.ConfigDict()
   c.moe.n_experts = 0           # routed experts per MoE layer; 0 turns the MoE off (dense model)
@@ -297,6 +301,9 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _validate_rope(model)
   _require(model.attention_mask in CUDNN_MASKS, 'model.attention_mask',
            f'unknown mask mode {model.get("attention_mask")!r}; known: {CUDNN_MASKS}')
+  if model.get('attention_mask') == 'segments':
+    _require(model.get('attention_segments', 0) >= 1, 'model.attention_segments',
+             "must be >= 1 (the most runs of segment ids in a row) with attention_mask 'segments'")
   _require(model.get('attention_impl', 'auto') in ATTENTION_IMPLS, 'model.attention_impl',
            f'unknown attention kernel {model.get("attention_impl")!r}; known: {ATTENTION_IMPLS}')
   _require(model.dtype in ('bfloat16', 'float32', 'float16'), 'model.dtype',

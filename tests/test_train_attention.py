@@ -109,6 +109,72 @@ def test_cudnn_attention_mask_modes(monkeypatch, window):
   assert cudnn.should_export_dbias(None, None, None), 'the hook is restored after the call'
 
 
+def _fake_cudnn_packed(monkeypatch, calls):
+  """cuDNN's packed-layout call (jax's fused_attention_stablehlo.dot_product_attention with
+  seqlens and offsets) as XLA attention, from its documented contract: row b's segment j is
+  tokens offsets[b, j] .. + q_seqlen[b, j] (-1: none), causal by token index within it,
+  windowed to the last `sliding_window_length` tokens."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+  def fake(q, k, v, q_seqlen=None, kv_seqlen=None, q_offsets=None, kv_offsets=None, *,
+           scale, mask_type, sliding_window_length=None):
+    assert mask_type == cudnn.MaskType.CAUSAL and q_offsets.shape[1] == q_seqlen.shape[1] + 1
+    np.testing.assert_allclose(scale, q.shape[-1] ** -0.5)
+    jax.debug.callback(lambda: calls.append('segments'))
+    i = jnp.arange(q.shape[1])
+    start, n = q_offsets[:, None, :-1], q_seqlen[:, None, :]                     # [B, 1, M]
+    member = (n > 0) & (i[None, :, None] >= start) & (i[None, :, None] < start + n)  # [B, T, M]
+    same = jnp.einsum('btm,bsm->bts', member.astype(jnp.int32), member.astype(jnp.int32)) > 0
+    mask = same & (i[None, None, :] <= i[None, :, None])
+    if sliding_window_length is not None:
+      mask &= (i[None, :, None] - i[None, None, :]) < sliding_window_length
+    nan_q = jnp.isnan(q).any((2, 3), keepdims=True)   # NaN scores: NaN out (the reference zeroes them)
+    return jnp.where(nan_q, jnp.nan, _xla_attention(q, k, v, mask[:, None]))
+
+  monkeypatch.setattr(cudnn, 'dot_product_attention', fake)
+
+
+@pytest.mark.parametrize('window', [0, 6])
+def test_cudnn_segments_mode(monkeypatch, window):
+  """model.attention_mask 'segments' (cuDNN's packed layout, faked from its contract) equals
+  XLA's masked attention on real tokens of packed rows; a row with more runs than
+  attention_segments gives NaN, not a wrong result."""
+  from mobilemoe_jax.model import layers
+  calls = []
+  _fake_cudnn_packed(monkeypatch, calls)
+  rng = np.random.default_rng(2)
+  seg = np.array([[1] * 10 + [2] * 14, [1] * 24, [1] * 5 + [2] * 5 + [3] * 6 + [0] * 8,
+                  [0] * 3 + [1] * 9 + [2] * 12], np.int32)
+  pos = np.zeros_like(seg)
+  for r in range(len(seg)):
+    for d in set(seg[r]) - {0}:
+      pos[r, seg[r] == d] = np.arange((seg[r] == d).sum())
+  b, t = seg.shape
+  q = jnp.asarray(rng.normal(size=(b, t, 4, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, t, 2, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, t, 2, 8)), jnp.float32)
+  mask = layers.attention_mask(jnp.asarray(pos), jnp.asarray(pos), jnp.asarray(seg),
+                               jnp.asarray(seg), window)
+  want = np.asarray(_xla_attention(q, k, v, mask))
+  real = (seg > 0)[..., None, None]
+  attend = jax.jit(lambda q, k, v, seg, m: layers.cudnn_attention(q, k, v, None, seg, window,
+                                                                   'segments', m), static_argnums=4)
+  got = np.asarray(attend(q, k, v, jnp.asarray(seg), 4))
+  assert calls == ['segments']
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-5, atol=1e-5)
+  got = np.asarray(attend(q, k, v, jnp.asarray(seg), 2))        # rows 2 and 3: 4 and 3 runs
+  assert np.isnan(got[2:]).all() and np.isfinite(got[:2]).all()
+
+
+def test_segment_runs():
+  from mobilemoe_jax.model import layers
+  seg = jnp.array([[1, 1, 1, 2, 2, 0], [1] * 6, [1, 2, 3, 3, 0, 0]])
+  lengths, offsets, overflow = layers.segment_runs(seg, 3)
+  np.testing.assert_array_equal(lengths, [[3, 2, 1], [6, -1, -1], [1, 1, 2]])
+  np.testing.assert_array_equal(offsets, [[0, 3, 5, -1], [0, -1, -1, -1], [0, 1, 2, -1]])
+  np.testing.assert_array_equal(overflow, [False, False, True])
+
+
 def test_unknown_attention_mask_is_refused():
   cfg = tiny.get_config().model
   cfg.attention_mask = 'packed'
@@ -131,6 +197,25 @@ def test_step_config_picks_the_mask_on_the_host(monkeypatch):
   monkeypatch.setattr(layers, 'attention_kernel', lambda cfg: 'cudnn')
   assert trainer.step_config(config, single).model.attention_mask == 'causal'
   assert trainer.step_config(config, packed).model.attention_mask == 'bias_nograd'
+  # With positions, in a model without a sliding window: rows packed as the data pipeline
+  # packs them take cuDNN's packed layout, the most runs per row (padding runs count) rounded
+  # up to a power of two.
+  config.model.sliding_window = 0
+  pos = np.array([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 0]], np.int32)
+  step = trainer.step_config(config, packed, pos).model
+  assert (step.attention_mask, step.attention_segments) == ('segments', 2)
+  three = np.array([[1, 2, 2, 3, 3, 3, 3, 0]], np.int32)
+  step = trainer.step_config(config, three, np.array([[0, 0, 1, 0, 1, 2, 3, 0]])).model
+  assert (step.attention_mask, step.attention_segments) == ('segments', 4)
+  # A document in two runs, or positions that do not step by one: the bias.
+  split = np.array([[1, 1, 2, 2, 1, 1, 0, 0]], np.int32)
+  assert trainer.step_config(config, split, np.array([[0, 1, 0, 1, 2, 3, 0, 0]])
+                             ).model.attention_mask == 'bias_nograd'
+  assert trainer.step_config(config, packed, pos * 2).model.attention_mask == 'bias_nograd'
+  config.model.sliding_window = 4                 # with a window: the bias
+  assert trainer.step_config(config, packed, pos).model.attention_mask == 'bias_nograd'
+  assert trainer.step_config(config, single, np.tile(np.arange(8), (2, 1))
+                             ).model.attention_mask == 'causal'
   assert config.model.attention_mask == 'auto'                    # the original is untouched
   config.model.attention_mask = 'bias_nograd'
   assert trainer.step_config(config, single) is config

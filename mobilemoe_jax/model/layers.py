@@ -155,6 +155,7 @@ class Attention(nnx.Module):
     self.qk_norm_eps = cfg.norm_eps if use_rope and cfg.get('qk_norm', False) else None
     self.dtype = jnp.dtype(cfg.dtype)
     self.cudnn_mask = cfg.attention_mask
+    self.cudnn_segments = cfg.get('attention_segments', 0)   # configs saved before the field
     self.kernel = attention_kernel(cfg)
     self.quant = cfg.quant
     for name in ('q', 'k', 'v'):
@@ -194,7 +195,8 @@ class Attention(nnx.Module):
       k, v = k.astype(dt), v.astype(dt)
     q = constrain(q, ('batch', 'length', 'heads', 'head_dim'))
     if self.kernel == 'cudnn' and cache is None:
-      y = cudnn_attention(q, k, v, mask, segment_ids, self.window, self.cudnn_mask)
+      y = cudnn_attention(q, k, v, mask, segment_ids, self.window, self.cudnn_mask,
+                          self.cudnn_segments)
     else:
       y = jax.nn.dot_product_attention(q, k, v, mask=mask)                    # [B, T, H, Dh]
     return jnp.einsum('bthk,hkd->btd', act(y, qc, n_in=2), kernel(self, 'o', qc, dt, n_in=2)), cache
@@ -234,7 +236,39 @@ def _cudnn_biased(q, k, v, mask, sliding):
       cudnn.should_export_dbias = hook
 
 
-def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto'):
+def segment_runs(segment_ids, max_runs: int):
+  """The runs of equal segment ids in each row [B, T] (padding runs too), in cuDNN's packed
+  layout: (lengths [B, M], offsets [B, M + 1], overflow [B]) with M = max_runs; lengths and
+  first token of each run in order, -1 past a row's last run (and in the extra last column);
+  overflow: the row has more than M runs (those past M are missing)."""
+  b, t = segment_ids.shape
+  starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  run = jnp.cumsum(starts, 1, dtype=jnp.int32) - 1                       # [B, T] run of a token
+  rows = jnp.arange(b)[:, None]
+  slot = jnp.where(starts & (run < max_runs), run, max_runs + 1)         # out of range: dropped
+  offsets = jnp.full((b, max_runs + 1), -1, jnp.int32).at[rows, slot].set(
+      jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), mode='drop')
+  lengths = jnp.zeros((b, max_runs), jnp.int32).at[rows, run].add(1, mode='drop')
+  return jnp.where(lengths > 0, lengths, -1), offsets, run[:, -1] >= max_runs
+
+
+def _cudnn_segments(q, k, v, segment_ids, max_runs: int, window: int):
+  """cuDNN attention over cuDNN's packed layout: each run of equal segment ids is its own
+  sequence, causal (and windowed) by token index within it; only the tiles inside a run are
+  computed, no [T, S] mask or bias exists. A row with more than max_runs runs gives NaN
+  (caught as a non-finite step), never a silently wrong result; the NaN goes into q, whose
+  producer (RoPE) it joins in one pass, not into the output, a pass of its own."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  lengths, offsets, overflow = segment_runs(segment_ids, max_runs)
+  q = jnp.where(overflow[:, None, None, None], jnp.nan, q).astype(q.dtype)
+  return cudnn.dot_product_attention(
+      q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+      scale=q.shape[-1] ** -0.5, mask_type=cudnn.MaskType.CAUSAL,
+      sliding_window_length=window or None)
+
+
+def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto',
+                    max_segments: int = 0):
   """cuDNN flash attention (GPU, 16-bit): no [T, S] scores in memory. Causal, inside
   `window` (0 = global), within each document of a packed row (model.attention_mask):
 
@@ -242,6 +276,11 @@ def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto'):
     that JAX's public call has cuDNN compute (nothing uses it).
   - 'causal': the causal/window flags only, no mask: exact only when every row is one
     document without padding (segment ids are ignored).
+  - 'segments': cuDNN's packed layout (`_cudnn_segments`), at most `max_segments` runs of
+    equal segment ids per row: exact where each document's ids form one run and its
+    positions step by one (how the data pipeline packs rows; train.trainer.step_config checks
+    it on the host). Tokens of padding (id 0) attend within their run instead of to nothing:
+    no real token attends to them either way.
   - 'auto': 'causal' when every row of the batch is one document without padding (checked
     at run time with lax.cond), else 'bias_nograd'. Exact for any rows.
   """
@@ -250,6 +289,8 @@ def cudnn_attention(q, k, v, mask, segment_ids, window: int, how: str = 'auto'):
     raise ValueError(f'unknown model.attention_mask {how!r}; known: {config_lib.CUDNN_MASKS}')
   if how == 'bias_nograd':
     return _cudnn_biased(q, k, v, mask, sliding)
+  if how == 'segments':
+    return _cudnn_segments(q, k, v, segment_ids, max_segments, window)
 
   def causal(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn',

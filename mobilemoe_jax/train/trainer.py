@@ -105,8 +105,8 @@ def train_and_evaluate(config, workdir: str, *, step_callback=None) -> dict:
     steps = {}
 
     def train_step(state, host_batch):
-      step_cfg = step_config(config, host_batch['segment_ids'])
-      key = step_cfg.model.get('attention_mask')
+      step_cfg = step_config(config, host_batch['segment_ids'], host_batch['positions'])
+      key = (step_cfg.model.get('attention_mask'), step_cfg.model.get('attention_segments', 0))
       if key not in steps:
         steps[key] = jax.jit(make_train_step(step_cfg, tx, lr_schedule),
                              in_shardings=(state_sharding, batch_sharding),
@@ -255,16 +255,21 @@ def make_init_fn(config, tx):
   return init_state
 
 
-def step_config(config, segment_ids):
-  """The config of the train step for a batch with these (host, numpy) segment ids.
+def step_config(config, segment_ids, positions=None):
+  """The config of the train step for a batch with these (host, numpy) segment ids and
+  positions [B, T].
 
   With model.attention_mask 'auto' where attention runs on cuDNN, and one process, the
-  choice 'auto' would make on the device (lax.cond in every layer: flags only when every row
-  is one document, else the bias) is made here on the host: 'causal' for a batch whose rows
-  are each one document without padding, 'bias_nograd' otherwise. The same attention; the
-  step then has no conditional, whose backward pass made every layer write a [B, 1, T, T]
-  placeholder for the branch not taken. With several
-  processes each sees only its rows, so the device keeps the choice. Else `config` itself.
+  choice is made here on the host, per batch: 'causal' for a batch whose rows are each one
+  document without padding; 'segments' (cuDNN's packed layout, only the tiles inside each
+  document computed) for rows packed as the data pipeline packs them (`packed_runs`) in a
+  model without a sliding window, with model.attention_segments the batch's most runs per row
+  rounded up to a power of two (few distinct steps); else 'bias_nograd' (with a window, cuDNN
+  skips the tiles outside it either way, and the packed layout was the slower of the two in
+  bench/attention_check.py). The same attention on every real token; the step has
+  no conditional, whose backward pass made every layer write a [B, 1, T, T] placeholder for
+  the branch not taken. With several processes each sees only its rows, so the device keeps
+  the choice ('auto': causal flags or the bias). Else `config` itself.
   """
   from mobilemoe_jax.model.layers import attention_kernel
   m = config.model
@@ -272,9 +277,34 @@ def step_config(config, segment_ids):
       or jax.process_count() != 1):
     return config
   out = config.copy_and_resolve_references()
+  segment_ids = np.asarray(segment_ids)
+  runs = None if positions is None else packed_runs(segment_ids, np.asarray(positions))
   with out.unlocked():
-    out.model.attention_mask = 'causal' if np.all(np.asarray(segment_ids) == 1) else 'bias_nograd'
+    if np.all(segment_ids == 1):
+      out.model.attention_mask = 'causal'
+    elif runs is not None and not m.sliding_window:
+      out.model.attention_mask = 'segments'
+      out.model.attention_segments = 1 << (runs - 1).bit_length()
+    else:
+      out.model.attention_mask = 'bias_nograd'
   return out
+
+
+def packed_runs(segment_ids, positions):
+  """The most runs of equal segment ids in one row [B, T], when rows are packed so that
+  cuDNN's packed layout is exact ('segments'): every document (id > 0) one run whose
+  positions step by one; else None. Padding (id 0) may be anywhere."""
+  same = segment_ids[:, 1:] == segment_ids[:, :-1]
+  inside = same & (segment_ids[:, 1:] != 0)
+  if np.any(positions[:, 1:][inside] - positions[:, :-1][inside] != 1):
+    return None
+  runs = 1 + (~same).sum(1)                                               # [B]
+  for row, n in zip(segment_ids, runs):
+    starts = np.concatenate([[True], row[1:] != row[:-1]])
+    ids = row[starts]
+    if len(set(ids[ids != 0].tolist())) != int((ids != 0).sum()):   # a document in two runs
+      return None
+  return int(runs.max())
 
 
 def make_train_step(config, tx, lr_schedule):
