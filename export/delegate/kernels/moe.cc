@@ -111,6 +111,13 @@ static void ExpertMatrices(const MoeConfig& c, const MoeWeights& w, int e, const
   if (shared) {
     *gu = {w.shared_gate_up_q, w.shared_gate_up_s, 2 * F, D, Gd};
     *dn = {w.shared_down_q, w.shared_down_s, D, F, Gf};
+  } else if (c.experts_out) {
+    // [E, in, out], groups of G outputs: no tiles, and no zero-point sums (Acts::rows_f32).
+    const int G = c.group_size;
+    *gu = {w.gate_up_q + (size_t)e * D * F, w.gate_up_s + (size_t)e * D * (2 * F / G), 2 * F, D, G};
+    *dn = {w.down_q + (size_t)e * F * (D / 2), w.down_s + (size_t)e * F * (D / G), D, F, G};
+    gu->out_groups = dn->out_groups = true;
+    return;
   } else {
     *gu = {w.gate_up_q + (size_t)e * 2 * F * (D / 2), w.gate_up_s + (size_t)e * 2 * F * (D / Gd),
            2 * F, D, Gd};
@@ -130,10 +137,10 @@ void MoeBlock::PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, Thread
   if (std::equal(key, key + 4, wsum_key_) && !wsum_.empty()) return;
   const int E = c.num_experts, D = c.d_model, F = c.d_expert, Fs = c.d_shared;
   wsum_.assign((size_t)E * (2 * F + D) + (Fs > 0 ? 2 * Fs + D : 0), 0.f);
-  // Every matrix of the block (all experts: any may be routed to later), each
-  // with its place in wsum_.
+  // Every input-axis matrix of the block (all experts: any may be routed to later),
+  // each with its place in wsum_.
   std::vector<Q4Matrix> mats;
-  for (int e = 0; e < E + (Fs > 0); ++e) {
+  for (int e = c.experts_out ? E : 0; e < E + (Fs > 0); ++e) {
     Q4Matrix gu, dn;
     ExpertMatrices(c, w, e, wsum_.data(), &gu, &dn);
     mats.push_back(gu);
@@ -208,7 +215,8 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   if ((int)h_acts_.size() < nj) h_acts_.resize(nj);
   std::vector<int> first_item(nj + 1, 0);
   for (int j = 0; j < nj; ++j) {
-    x_acts_[j].Resize(jobs_[j].n, D, opt.mode, x_isa);
+    const bool out = jobs_[j].gate_up.out_groups;  // plain fp32 rows, any shape
+    x_acts_[j].Resize(jobs_[j].n, D, opt.mode, out ? isa : x_isa, out);
     first_item[j + 1] = first_item[j] + (jobs_[j].n + 15) / 16;
   }
   auto job_of = [&](int item) {
@@ -246,7 +254,9 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   h_.resize(h_total);
   for (int j = 0; j < nj; ++j) {
     const Job& jb = jobs_[j];
-    h_acts_[j].Resize(jb.n, jb.F, opt.mode, SimdShapeOk(jb.F, jb.down.G) ? isa : Isa::kScalar);
+    const bool out = jb.down.out_groups;
+    h_acts_[j].Resize(jb.n, jb.F, opt.mode,
+                      out || SimdShapeOk(jb.F, jb.down.G) ? isa : Isa::kScalar, out);
     first_item[j + 1] = first_item[j] + (jb.n + 3) / 4;
   }
   cheap->Run(first_item[nj], [&](int item, int) {

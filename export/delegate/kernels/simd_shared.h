@@ -125,6 +125,92 @@ struct Vec {
   typedef int32_t I __attribute__((vector_size(4 * W)));
 };
 
+// Output-axis groups (kernels.h Q4Matrix::out_groups; the released experts [in, out]).
+// Each input row k adds x[n,k] * s[k,g] * q[k, cols] to NT tokens' accumulators over CB
+// bytes (2 * CB columns) of the row: the weights are unpacked once per row chunk and reused
+// across tokens; the scale folds into the per-token coefficient (one multiply per group,
+// not per weight). Accumulators hold even (low nibble) and odd (high nibble) columns
+// apart, interleaved once at the end. W-byte vectors never straddle two groups (the
+// caller's columns start at a multiple of 2W; (G/2) % W == 0).
+constexpr int kOutPrefetchRows = 8;  // software prefetch distance, in input rows
+
+// U (each SIMD file's): W floats per vector, U::Unpack(p, lo, hi): the W bytes at p as
+// fp32 vectors of their signed low and high nibbles.
+template <class U, int CB, int NT>
+inline void TileOut(const uint8_t* q, size_t ldw, const float* s, size_t lds, int j0, int G2,
+                    int K, const float* x, int ldx, float* out, int ldo) {
+  constexpr int W = U::W;
+  using F = typename Vec<W>::F;
+  constexpr int NV = CB / W;
+  F lo[NT][NV], hi[NT][NV];
+  MM_UNROLL for (int n = 0; n < NT; ++n)
+    MM_UNROLL for (int v = 0; v < NV; ++v) lo[n][v] = hi[n][v] = F{};
+  int sg[NV];  // each vector's group, from the row's first scale
+  for (int v = 0; v < NV; ++v) sg[v] = (j0 + v * W) / G2;
+  for (int k = 0; k < K; ++k) {
+    const uint8_t* row = q + (size_t)k * ldw + j0;
+    __builtin_prefetch(row + kOutPrefetchRows * ldw, 0, 3);
+    const float* sr = s + (size_t)k * lds;
+    F wl[NV], wh[NV];
+    float sc[NV];
+    MM_UNROLL for (int v = 0; v < NV; ++v) {
+      U::Unpack(row + v * W, wl[v], wh[v]);
+      sc[v] = sr[sg[v]];
+    }
+    MM_UNROLL for (int n = 0; n < NT; ++n) {
+      const float xn = x[(size_t)n * ldx + k];
+      MM_UNROLL for (int v = 0; v < NV; ++v) {
+        const F c = F{} + xn * sc[v];
+        lo[n][v] += c * wl[v];
+        hi[n][v] += c * wh[v];
+      }
+    }
+  }
+  MM_UNROLL for (int n = 0; n < NT; ++n)
+    MM_UNROLL for (int v = 0; v < NV; ++v) {
+      float l[W], h[W];
+      std::memcpy(l, &lo[n][v], sizeof(l));
+      std::memcpy(h, &hi[n][v], sizeof(h));
+      float* o = out + (size_t)n * ldo + 2 * v * W;
+      for (int j = 0; j < W; ++j) {
+        o[2 * j] = l[j];
+        o[2 * j + 1] = h[j];
+      }
+    }
+}
+
+// Columns [m0, m1) (multiples of 2W) of q [K, M/2], s [K, M/G] for N tokens x [N, K]:
+// one token in chunks of CB1 bytes, more in chunks of CBN bytes x NTN tokens, the rest
+// one vector (2W columns) at a time.
+template <class U, int CB1, int CBN, int NTN>
+inline void GemmOutVec(const uint8_t* q, const float* s, int K, int M, int G, int m0, int m1,
+                       const float* x, int N, float* out, int ldo) {
+  constexpr int W = U::W;
+  const size_t ldw = M / 2, lds = M / G;
+  const int G2 = G / 2, j1 = m1 / 2;
+  auto run = [&](auto cb, int j, int n0, int nt) {
+    constexpr int C = decltype(cb)::value;
+    const float* xn = x + (size_t)n0 * K;
+    float* o = out + (size_t)n0 * ldo + (2 * j - m0);
+    switch (nt) {
+      case 1: TileOut<U, C, 1>(q, ldw, s, lds, j, G2, K, xn, K, o, ldo); break;
+      case 2: TileOut<U, C, (NTN < 2 ? 1 : 2)>(q, ldw, s, lds, j, G2, K, xn, K, o, ldo); break;
+      case 3: TileOut<U, C, (NTN < 3 ? 1 : 3)>(q, ldw, s, lds, j, G2, K, xn, K, o, ldo); break;
+      default: TileOut<U, C, NTN>(q, ldw, s, lds, j, G2, K, xn, K, o, ldo); break;
+    }
+  };
+  auto tokens = [&](auto cb, int j) {
+    for (int n0 = 0; n0 < N; n0 += NTN) run(cb, j, n0, N - n0 < NTN ? N - n0 : NTN);
+  };
+  int j = m0 / 2;
+  if (N == 1) {
+    for (; j + CB1 <= j1; j += CB1) run(Int<CB1>(), j, 0, 1);
+  } else {
+    for (; j + CBN <= j1; j += CBN) tokens(Int<CBN>(), j);
+  }
+  for (; j + W <= j1; j += W) tokens(Int<W>(), j);
+}
+
 // exp(x) for x <= 0 (SiLU only needs exp(-|g|)): 2^n * p(r), |rel err| ~1e-7.
 template <int W>
 inline typename Vec<W>::F ExpNeg(typename Vec<W>::F x) {

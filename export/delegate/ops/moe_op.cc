@@ -43,11 +43,22 @@ bool MoeOp::CheckWeights(const TfLiteContext* ctx, const std::vector<int>& in,
   if (!CheckF32(T[in[kMoeRouterW]], {E, D}, "router_w", why)) return false;
   if (in[kMoeRouterBias] >= 0 && !CheckF32(T[in[kMoeRouterBias]], {E}, "router_bias", why))
     return false;
-  if (!CheckQ4(T[in[kMoeGateUpQ]], E, 2 * F, D, "gate_up_q", why) ||
-      !CheckF32(T[in[kMoeGateUpS]], {E, 2 * F, ng(D)}, "gate_up_s", why) ||
-      !CheckQ4(T[in[kMoeDownQ]], E, D, F, "down_q", why) ||
-      !CheckF32(T[in[kMoeDownS]], {E, D, ng(F)}, "down_s", why))
+  if (c.experts_out) {
+    // [E, in, out] with groups of G outputs (group_size > 0: ParseMoeOptions).
+    const bool ok = CheckQ4(T[in[kMoeGateUpQ]], E, D, 2 * F, "gate_up_q", why) &&
+                    CheckF32(T[in[kMoeGateUpS]], {E, D, 2 * F / c.group_size}, "gate_up_s", why) &&
+                    CheckQ4(T[in[kMoeDownQ]], E, F, D, "down_q", why) &&
+                    CheckF32(T[in[kMoeDownS]], {E, F, D / c.group_size}, "down_s", why);
+    if (!ok) {
+      *why += " (expert_group_axis 'out': [E, in, out], groups along out)";
+      return false;
+    }
+  } else if (!CheckQ4(T[in[kMoeGateUpQ]], E, 2 * F, D, "gate_up_q", why) ||
+             !CheckF32(T[in[kMoeGateUpS]], {E, 2 * F, ng(D)}, "gate_up_s", why) ||
+             !CheckQ4(T[in[kMoeDownQ]], E, D, F, "down_q", why) ||
+             !CheckF32(T[in[kMoeDownS]], {E, D, ng(F)}, "down_s", why)) {
     return false;
+  }
   bool any_shared = false;
   for (int s = kMoeSharedGateUpQ; s <= kMoeSharedDownS; ++s) any_shared |= in[s] >= 0;
   if (Fs == 0 && any_shared) { *why = "shared expert inputs given but d_shared=0"; return false; }
