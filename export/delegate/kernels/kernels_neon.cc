@@ -159,7 +159,7 @@ void GemmF32(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, 
 }
 
 // Output-axis groups: one token over 32-byte chunks (16 q-register accumulators), more
-// over 16-byte chunks x 2 tokens (16).
+// over 8-byte chunks x 6 tokens (24 of the 32 registers, as the AVX2 kernel's shape).
 struct OutNibbles {
   static constexpr int W = 4;
   using F = Vec<W>::F;
@@ -173,7 +173,7 @@ struct OutNibbles {
 };
 void GemmOut(const uint8_t* q, const float* s, int K, int M, int G, int m0, int m1,
              const float* x, int N, float* out, int ldo) {
-  GemmOutVec<OutNibbles, 32, 16, 2>(q, s, K, M, G, m0, m1, x, N, out, ldo);
+  GemmOutVec<OutNibbles, 32, 8, 6>(q, s, K, M, G, m0, m1, x, N, out, ldo);
 }
 
 }  // namespace neon

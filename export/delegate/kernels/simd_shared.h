@@ -128,10 +128,11 @@ struct Vec {
 // Output-axis groups (kernels.h Q4Matrix::out_groups; the released experts [in, out]).
 // Each input row k adds x[n,k] * s[k,g] * q[k, cols] to NT tokens' accumulators over CB
 // bytes (2 * CB columns) of the row: the weights are unpacked once per row chunk and reused
-// across tokens; the scale folds into the per-token coefficient (one multiply per group,
-// not per weight). Accumulators hold even (low nibble) and odd (high nibble) columns
-// apart, interleaved once at the end. W-byte vectors never straddle two groups (the
-// caller's columns start at a multiple of 2W; (G/2) % W == 0).
+// across tokens. One token: the scale folds into its coefficient x * s (one multiply per
+// group, not per weight); more: into the weights (one multiply per vector, shared by the
+// tokens, whose x then needs only a broadcast). Accumulators hold even (low nibble) and odd
+// (high nibble) columns apart, interleaved once at the end. W-byte vectors never straddle
+// two groups (the caller's columns start at a multiple of 2W; (G/2) % W == 0).
 constexpr int kOutPrefetchRows = 8;  // software prefetch distance, in input rows
 
 // U (each SIMD file's): W floats per vector, U::Unpack(p, lo, hi): the W bytes at p as
@@ -152,17 +153,26 @@ inline void TileOut(const uint8_t* q, size_t ldw, const float* s, size_t lds, in
     __builtin_prefetch(row + kOutPrefetchRows * ldw, 0, 3);
     const float* sr = s + (size_t)k * lds;
     F wl[NV], wh[NV];
-    float sc[NV];
-    MM_UNROLL for (int v = 0; v < NV; ++v) {
-      U::Unpack(row + v * W, wl[v], wh[v]);
-      sc[v] = sr[sg[v]];
-    }
-    MM_UNROLL for (int n = 0; n < NT; ++n) {
-      const float xn = x[(size_t)n * ldx + k];
+    MM_UNROLL for (int v = 0; v < NV; ++v) U::Unpack(row + v * W, wl[v], wh[v]);
+    if constexpr (NT == 1) {
+      const float xk = x[k];
       MM_UNROLL for (int v = 0; v < NV; ++v) {
-        const F c = F{} + xn * sc[v];
-        lo[n][v] += c * wl[v];
-        hi[n][v] += c * wh[v];
+        const F c = F{} + xk * sr[sg[v]];
+        lo[0][v] += c * wl[v];
+        hi[0][v] += c * wh[v];
+      }
+    } else {
+      MM_UNROLL for (int v = 0; v < NV; ++v) {
+        const F sc = F{} + sr[sg[v]];
+        wl[v] *= sc;
+        wh[v] *= sc;
+      }
+      MM_UNROLL for (int n = 0; n < NT; ++n) {
+        const F xn = F{} + x[(size_t)n * ldx + k];
+        MM_UNROLL for (int v = 0; v < NV; ++v) {
+          lo[n][v] += xn * wl[v];
+          hi[n][v] += xn * wh[v];
+        }
       }
     }
   }
@@ -179,6 +189,17 @@ inline void TileOut(const uint8_t* q, size_t ldw, const float* s, size_t lds, in
     }
 }
 
+// TileOut for nt tokens (1 <= nt <= NT), as a compile-time count.
+template <class U, int CB, int NT>
+inline void TileOutTokens(int nt, const uint8_t* q, size_t ldw, const float* s, size_t lds,
+                          int j0, int G2, int K, const float* x, int ldx, float* out, int ldo) {
+  if constexpr (NT > 1) {
+    if (nt < NT)
+      return TileOutTokens<U, CB, NT - 1>(nt, q, ldw, s, lds, j0, G2, K, x, ldx, out, ldo);
+  }
+  TileOut<U, CB, NT>(q, ldw, s, lds, j0, G2, K, x, ldx, out, ldo);
+}
+
 // Columns [m0, m1) (multiples of 2W) of q [K, M/2], s [K, M/G] for N tokens x [N, K]:
 // one token in chunks of CB1 bytes, more in chunks of CBN bytes x NTN tokens, the rest
 // one vector (2W columns) at a time.
@@ -188,23 +209,16 @@ inline void GemmOutVec(const uint8_t* q, const float* s, int K, int M, int G, in
   constexpr int W = U::W;
   const size_t ldw = M / 2, lds = M / G;
   const int G2 = G / 2, j1 = m1 / 2;
-  auto run = [&](auto cb, int j, int n0, int nt) {
-    constexpr int C = decltype(cb)::value;
-    const float* xn = x + (size_t)n0 * K;
-    float* o = out + (size_t)n0 * ldo + (2 * j - m0);
-    switch (nt) {
-      case 1: TileOut<U, C, 1>(q, ldw, s, lds, j, G2, K, xn, K, o, ldo); break;
-      case 2: TileOut<U, C, (NTN < 2 ? 1 : 2)>(q, ldw, s, lds, j, G2, K, xn, K, o, ldo); break;
-      case 3: TileOut<U, C, (NTN < 3 ? 1 : 3)>(q, ldw, s, lds, j, G2, K, xn, K, o, ldo); break;
-      default: TileOut<U, C, NTN>(q, ldw, s, lds, j, G2, K, xn, K, o, ldo); break;
-    }
-  };
   auto tokens = [&](auto cb, int j) {
-    for (int n0 = 0; n0 < N; n0 += NTN) run(cb, j, n0, N - n0 < NTN ? N - n0 : NTN);
+    constexpr int C = decltype(cb)::value;
+    for (int n0 = 0; n0 < N; n0 += NTN)
+      TileOutTokens<U, C, NTN>(N - n0 < NTN ? N - n0 : NTN, q, ldw, s, lds, j, G2, K,
+                               x + (size_t)n0 * K, K, out + (size_t)n0 * ldo + (2 * j - m0), ldo);
   };
   int j = m0 / 2;
   if (N == 1) {
-    for (; j + CB1 <= j1; j += CB1) run(Int<CB1>(), j, 0, 1);
+    for (; j + CB1 <= j1; j += CB1)
+      TileOut<U, CB1, 1>(q, ldw, s, lds, j, G2, K, x, K, out + (2 * j - m0), ldo);
   } else {
     for (; j + CBN <= j1; j += CBN) tokens(Int<CBN>(), j);
   }
