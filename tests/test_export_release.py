@@ -31,7 +31,7 @@ N_PROMPTS, N_STEPS, KV_LEN = 8, 16, 64
 # per position: median 0.02-0.04 over each prompt, single positions up to 0.31 (logits ~3;
 # a random-integer model's sigmoid routing has near-ties, where a tiny difference flips an
 # expert). The same with the experts' activations in fp32 and with portable attention:
-# the ~0.02 floor is not the experts' (export/README.md).
+# the ~0.02 floor is not the experts' (export/README.md traces what it can).
 NEAR_TIE, MAX_PARTED, MAX_LOGIT_ERR, MEDIAN_LOGIT_ERR = 0.02, 2, 0.4, 0.06
 
 
