@@ -11,10 +11,11 @@
 #include "threadpool.h"
 
 // The output-axis GEMM every SIMD file defines (simd_shared.h GemmOutVec): columns
-// [m0, m1) of q [K, M/2], m0 and m1 multiples of 2 * OutVecBytes (Q4Gemm splits the rest off).
+// [m0, m1) of q [K, M/2], m0 and m1 multiples of 2 * OutVecBytes (Q4Gemm splits the rest off);
+// x: N rows of K, ldx apart.
 #define MM_GEMM_OUT_DECL                                                      \
   void GemmOut(const uint8_t* q, const float* s, int K, int M, int G, int m0, int m1, \
-               const float* x, int N, float* out, int ldo);
+               const float* x, int ldx, int N, float* out, int ldo);
 
 #if defined(__x86_64__)
 // Entry points of the x86 kernel files, each in its own namespace.
@@ -285,21 +286,21 @@ static void ScalarGemm(const Q4Matrix& w, int m0, int m1, const Acts& a,
   }
 }
 
-// Output-axis groups (Q4Matrix::out_groups), columns [m0, m1): the SIMD kernels' math,
-// out[n, m] = sum_k (x[n,k] * s[k, m/G]) * q[k,m], one input row at a time.
-static void ScalarGemmOut(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out,
-                          int ldo) {
+// Output-axis groups (Q4Matrix::out_groups), columns [m0, m1) for N rows of x (ldx apart):
+// the SIMD kernels' math, out[n, m] = sum_k (x[n,k] * s[k, m/G]) * q[k,m], row by row.
+static void ScalarGemmOut(const Q4Matrix& w, int m0, int m1, const float* x, int ldx, int N,
+                          float* out, int ldo) {
   const int K = w.K, ldw = w.M / 2, lds = w.M / w.G;
-  for (int n = 0; n < a.N; ++n) {
+  for (int n = 0; n < N; ++n) {
     float* o = out + (size_t)n * ldo;
     std::fill(o, o + (m1 - m0), 0.f);
-    const float* x = a.f.data() + (size_t)n * K;
+    const float* xn = x + (size_t)n * ldx;
     for (int k = 0; k < K; ++k) {
       const uint8_t* row = w.q + (size_t)k * ldw;
       const float* sr = w.s + (size_t)k * lds;
       for (int m = m0; m < m1; ++m) {
         const int v = (row[m >> 1] >> ((m & 1) * 4)) & 0xF;
-        o[m - m0] += x[k] * sr[m / w.G] * (float)(v >= 8 ? v - 16 : v);
+        o[m - m0] += xn[k] * sr[m / w.G] * (float)(v >= 8 ? v - 16 : v);
       }
     }
   }
@@ -315,26 +316,34 @@ static int OutVecBytes(Isa isa) {
   }
 }
 
-static void GemmOutCols(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo) {
-  const int vb = OutVecBytes(a.isa), c = 2 * vb;
+static void GemmOutCols(const Q4Matrix& w, int m0, int m1, const float* x, int ldx, int N,
+                        Isa isa, float* out, int ldo) {
+  const int vb = OutVecBytes(isa), c = 2 * vb;
   // SIMD columns: whole vectors inside one group each; the ragged ends go scalar.
   const int s0 = vb && (w.G / 2) % vb == 0 ? std::min(m1, (m0 + c - 1) / c * c) : m1;
   const int s1 = std::max(s0, vb ? m1 / c * c : m1);
-  if (m0 < s0) ScalarGemmOut(w, m0, s0, a, out, ldo);
-  if (s1 < m1) ScalarGemmOut(w, s1, m1, a, out + (s1 - m0), ldo);
+  if (m0 < s0) ScalarGemmOut(w, m0, s0, x, ldx, N, out, ldo);
+  if (s1 < m1) ScalarGemmOut(w, s1, m1, x, ldx, N, out + (s1 - m0), ldo);
   if (s0 >= s1) return;
   float* o = out + (s0 - m0);
-  const float* x = a.f.data();
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-  if (a.isa == Isa::kAvx512) return avx512::GemmOut(w.q, w.s, w.K, w.M, w.G, s0, s1, x, a.N, o, ldo);
+  if (isa == Isa::kAvx512) return avx512::GemmOut(w.q, w.s, w.K, w.M, w.G, s0, s1, x, ldx, N, o, ldo);
 #endif
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
-  if (a.isa == Isa::kAvx2) return avx2::GemmOut(w.q, w.s, w.K, w.M, w.G, s0, s1, x, a.N, o, ldo);
+  if (isa == Isa::kAvx2) return avx2::GemmOut(w.q, w.s, w.K, w.M, w.G, s0, s1, x, ldx, N, o, ldo);
 #endif
 #if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
-  if (a.isa == Isa::kNeon) return neon::GemmOut(w.q, w.s, w.K, w.M, w.G, s0, s1, x, a.N, o, ldo);
+  if (isa == Isa::kNeon) return neon::GemmOut(w.q, w.s, w.K, w.M, w.G, s0, s1, x, ldx, N, o, ldo);
 #endif
-  ScalarGemmOut(w, s0, s1, a, o, ldo);
+  ScalarGemmOut(w, s0, s1, x, ldx, N, o, ldo);
+}
+
+void Q4GemmOutRows(const Q4Matrix& w, int k0, int k1, const Acts& a, float* out, int ldo) {
+  Q4Matrix part = w;
+  part.q += (size_t)k0 * (w.M / 2);
+  part.s += (size_t)k0 * (w.M / w.G);
+  part.K = k1 - k0;
+  GemmOutCols(part, 0, w.M, a.f.data() + k0, a.K, a.N, a.isa, out, ldo);
 }
 
 #if defined(__x86_64__)
@@ -378,7 +387,7 @@ static void GemmRows(const Q4Matrix& w, int m0, int m1, const Acts& a, float* ou
 }
 
 void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo) {
-  if (w.out_groups) return GemmOutCols(w, m0, m1, a, out, ldo);
+  if (w.out_groups) return GemmOutCols(w, m0, m1, a.f.data(), a.K, a.N, a.isa, out, ldo);
   // Tiles: the SIMD row tiles (4, 2 or 16 rows from m0) must not straddle two,
   // so rows before the first tile start go one by one (one-row calls).
   const int head = w.tiles && m0 % kTileRows ? std::min(m1, (m0 / kTileRows + 1) * kTileRows) : m0;

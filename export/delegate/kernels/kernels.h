@@ -102,6 +102,10 @@ void WeightRowSums(const Q4Matrix* mats, float* const* outs, int n, ThreadPool* 
 
 // out[n * ldo + (m - m0)] = (W x_n)[m] for m in [m0, m1), n in [0, a.N).
 void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo);
+// An out_groups matrix's partial sums over input rows [k0, k1), all M columns:
+// out[n * ldo + m] = sum_{k0 <= k < k1} W[m,k] x_n[k]. Decode splits these matrices by
+// input rows, so each work item streams one contiguous block of them.
+void Q4GemmOutRows(const Q4Matrix& w, int k0, int k1, const Acts& a, float* out, int ldo);
 
 float Dot(const float* a, const float* b, int n, Isa isa);
 

@@ -205,8 +205,8 @@ struct OutNibbles {
   }
 };
 void GemmOut(const uint8_t* q, const float* s, int K, int M, int G, int m0, int m1,
-             const float* x, int N, float* out, int ldo) {
-  GemmOutVec<OutNibbles, 32, 8, 6>(q, s, K, M, G, m0, m1, x, N, out, ldo);
+             const float* x, int ldx, int N, float* out, int ldo) {
+  GemmOutVec<OutNibbles, 32, 8, 6>(q, s, K, M, G, m0, m1, x, ldx, N, out, ldo);
 }
 
 float Dot(const float* a, const float* b, int n) { return DotVec<8>(a, b, n); }

@@ -83,6 +83,7 @@ class MoeBlock {
   std::vector<Acts> h_acts_;                // per job: its SwiGLU hidden
   std::vector<float> gu_out_;               // per job [n, 2F]
   std::vector<float> h_;                    // per job [n, F]
+  std::vector<float> part_;                 // decode, output-axis experts: partial sums
   std::vector<std::vector<float>> tmp_;     // per thread [T, tile]
   ThreadPool inline_pool_{1};               // runs items on the caller
 };

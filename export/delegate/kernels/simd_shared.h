@@ -201,12 +201,12 @@ inline void TileOutTokens(int nt, const uint8_t* q, size_t ldw, const float* s, 
   TileOut<U, CB, NT>(q, ldw, s, lds, j0, G2, K, x, ldx, out, ldo);
 }
 
-// Columns [m0, m1) (multiples of 2W) of q [K, M/2], s [K, M/G] for N tokens x [N, K]:
+// Columns [m0, m1) (multiples of 2W) of q [K, M/2], s [K, M/G] for N tokens x (rows ldx apart):
 // one token in chunks of CB1 bytes, more in chunks of CBN bytes x NTN tokens, the rest
 // one vector (2W columns) at a time.
 template <class U, int CB1, int CBN, int NTN>
 inline void GemmOutVec(const uint8_t* q, const float* s, int K, int M, int G, int m0, int m1,
-                       const float* x, int N, float* out, int ldo) {
+                       const float* x, int ldx, int N, float* out, int ldo) {
   constexpr int W = U::W;
   const size_t ldw = M / 2, lds = M / G;
   const int G2 = G / 2, j1 = m1 / 2;
@@ -214,12 +214,12 @@ inline void GemmOutVec(const uint8_t* q, const float* s, int K, int M, int G, in
     constexpr int C = decltype(cb)::value;
     for (int n0 = 0; n0 < N; n0 += NTN)
       TileOutTokens<U, C, NTN>(N - n0 < NTN ? N - n0 : NTN, q, ldw, s, lds, j, G2, K,
-                               x + (size_t)n0 * K, K, out + (size_t)n0 * ldo + (2 * j - m0), ldo);
+                               x + (size_t)n0 * ldx, ldx, out + (size_t)n0 * ldo + (2 * j - m0), ldo);
   };
   int j = m0 / 2;
   if (N == 1) {
     for (; j + CB1 <= j1; j += CB1)
-      TileOut<U, CB1, 1>(q, ldw, s, lds, j, G2, K, x, K, out + (2 * j - m0), ldo);
+      TileOut<U, CB1, 1>(q, ldw, s, lds, j, G2, K, x, ldx, out + (2 * j - m0), ldo);
   } else {
     for (; j + CBN <= j1; j += CBN) tokens(Int<CBN>(), j);
   }
