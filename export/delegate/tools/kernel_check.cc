@@ -56,6 +56,21 @@ static int CheckOut(Isa isa, std::mt19937& rng) {
             return -1;
           }
         }
+        // Partial sums over input rows [K/3, K) (decode's split by rows: x rows K apart).
+        std::vector<float> a((size_t)N * M), b((size_t)N * M);
+        Q4GemmOutRows(w, K / 3, K, simd, a.data(), M);
+        Q4GemmOutRows(w, K / 3, K, plain, b.data(), M);
+        float err = 0, scale = 0;
+        for (size_t i = 0; i < a.size(); ++i) {
+          err = std::fmax(err, std::fabs(a[i] - b[i]));
+          scale = std::fmax(scale, std::fabs(b[i]));
+        }
+        ++checks;
+        if (!(err <= 1e-5f * scale + 1e-6f)) {
+          printf("MISMATCH %s out_groups rows [%d,%d) G=%d M=%d N=%d mode=%d err=%g\n",
+                 IsaName(isa), K / 3, K, G, M, N, (int)mode, err);
+          return -1;
+        }
       }
     }
   }
