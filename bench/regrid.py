@@ -1,11 +1,13 @@
 """What re-gridding the released experts costs: the release groups each expert's INT4 weights
-in 32s along the OUTPUT axis ([E, in, out]); LiteRT's block-wise INT4 and our delegate group
-along the input, so the exporter re-quantizes them (export/moe_op.py, max-abs rule).
+in 32s along the OUTPUT axis ([E, in, out]); LiteRT's block-wise INT4 groups along the input,
+so the portable lowering (and the delegate with --quant int4_channel) re-quantizes them
+(export/moe_op.py, max-abs rule); the delegate's MobileMoeBlock holds them exactly with
+expert_group_axis 'out' (export/README.md).
 
 On released-S-shaped experts (configs/mobilemoe_s.py: 60 experts, d_model 768, d_expert 384;
 random normal weights quantized on the release grid and dequantized = exactly what a released
 file holds) this compares against those exact values:
-  (a) input_g32  re-gridded to input-axis groups of 32 (the exporter's default)
+  (a) input_g32  re-gridded to input-axis groups of 32 (the portable lowering's int4_g32)
   (b) channel    channel-wise (one scale per output row; --quant int4_channel)
 the relative RMS and max error of the weights, and of one MoE block's routed output (sigmoid
 routing with expert bias, top-4, weights normalised x 2.5) on random inputs. The release's own

@@ -250,11 +250,9 @@ def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='por
   if kv_cache == 'int8' and attention == 'delegate':
     raise ValueError('an int8 KV cache needs --attention portable: the MobileKvAttention op '
                      'reads an f32 cache')
-  # The MobileMoeBlock op holds INT4 experts on the file's grid: channel-wise (group_size 0)
-  # for int4_channel, block-32 otherwise (int8/fp32 files still get INT4 experts).
   if moe == 'delegate' and quant not in ('int4_g32', 'int4_channel') and model.cfg['moe']['n_experts']:
     log(f'[export] note: the MobileMoeBlock op holds INT4 block-32 experts, not {quant}')
-  model.set_moe_lowering(moe, group_size=0 if quant == 'int4_channel' else 32)
+  model.set_moe_lowering(moe, group_size=moe_group_size(quant))
   model.set_attention_lowering(attention)
   model.set_kv_cache_dtype(kv_cache)
   with tempfile.TemporaryDirectory() as tmp:
@@ -263,6 +261,12 @@ def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='por
     quantize(fp32, out_path, quant, embedding, model.cfg, log)
   exact = write_grid(out_path, model, quant, embedding, log)
   return dict(report(out_path), exact_grid=exact)
+
+
+def moe_group_size(quant: str) -> int:
+  """The MobileMoeBlock op's expert group size for a file quantized as `quant`: channel-wise
+  (0) for int4_channel, block-32 otherwise (int8/fp32 files still get INT4 experts)."""
+  return 0 if quant == 'int4_channel' else 32
 
 
 def _schemes(quant: str, embedding: str):
@@ -384,14 +388,23 @@ def check_router(path: str):
   return out
 
 
-def fake_quant(model, quant: str, embedding: str):
+def fake_quant(model, quant: str, embedding: str, moe: str = 'portable'):
   """A copy of the torch model whose weights are replaced by their dequantized grid values
   (quant.grid), i.e. what the quantized .tflite holds: every FC but the routers on `quant`,
   the embedding gather on `embedding`, a tied lm_head as its own FC weight. Activations
-  stay float (the .tflite quantizes them dynamically on top)."""
+  stay float (the .tflite quantizes them dynamically on top). moe: the file's MoE lowering;
+  'delegate' keeps the routed experts the MobileMoeBlock op holds exactly (a release
+  checkpoint's out-axis integers, moe_op.exact_experts) at their values; 'portable' files
+  re-grid them."""
   import copy
+  from export import moe_op, torch_model
   from mobilemoe_jax.quant import grid
   fc, emb = _schemes(quant, embedding)
+  exact = set()
+  if moe == 'delegate':
+    for n, mod in model.named_modules():
+      if isinstance(mod, torch_model.MoE) and moe_op.exact_experts(mod, moe_group_size(quant)):
+        exact |= {f'{n}.gate_up'} | {f'{n}.down.{j}' for j in range(mod.e)}
 
   def fq(mod, scheme):
     exact = getattr(mod, 'grid', None)
@@ -406,7 +419,7 @@ def fake_quant(model, quant: str, embedding: str):
       m.head.weight.copy_(m.embed.weight)
       m.head.grid = getattr(m.embed, 'grid', None)
     for name, mod in m.named_modules():
-      if isinstance(mod, torch.nn.Linear) and not name.endswith('router'):
+      if isinstance(mod, torch.nn.Linear) and not name.endswith('router') and name not in exact:
         mod.weight.copy_(fq(mod, fc))
     m.embed.weight.copy_(fq(m.embed, emb))
   return m

@@ -20,6 +20,12 @@ Scales keep their row layout. MoeBlockOp / moe_tensors tile by default ('auto') 
 block's shapes allow it, else write rows; 0 / 16 force one (16 on shapes that cannot tile:
 ValueError).
 
+expert_group_axis ('in' | 'out'): the routed experts' layout. A released MobileMoE QAT
+checkpoint's experts (model.quant.expert_group_axis='out', the MoE's `expert_grid`, see
+torch_model.from_flax) are written unchanged as 'out' when their groups are group_size:
+gate_up_q [E, D, 2F/2] (columns F gate then F up), gate_up_s [E, D, 2F/G], down_q
+[E, F, D/2], down_s [E, F, D/G]; weight_tiles then tiles only the shared expert's matrices.
+
 The integers and scales come from quant.grid (block-wise, G=group_size), i.e. the grid the
 rest of the exported model uses; a QAT checkpoint's own integers and scales (learned ones
 included) are packed unchanged when it was trained on that grid. litert-torch emits the op through a torch custom op with a
@@ -36,7 +42,7 @@ from flatbuffers import flexbuffers
 from export.delegate import contract
 # The tiled layout's one definition (numpy only; tile_rows is re-exported from here).
 from export.delegate.tflite_builder import (  # noqa: F401
-    WEIGHT_TILES, tile_rows, tile_weights, tiles_problem, untile_rows)
+    Q_SLOTS, WEIGHT_TILES, tile_rows, tile_weights, tiled_slots, tiles_problem, untile_rows)
 from mobilemoe_jax.quant import grid
 
 OP_NAME = contract.MOE.name
@@ -71,13 +77,23 @@ def options_bytes(options: dict) -> bytes:
   return bytes(flexbuffers.Dumps(options))
 
 
-def resolve_weight_tiles(weights: dict, weight_tiles='auto') -> int:
+def resolve_weight_tiles(weights: dict, weight_tiles='auto', slots=Q_SLOTS) -> int:
   """The weight_tiles option for a block's packed weights (row layout): 'auto' (or None) is
-  16 when all four `_q` matrices can tile, else 0; 0 and 16 are kept as they are (tile_weights
-  then refuses 16 on shapes that cannot tile, and other values)."""
+  16 when there are `_q` matrices in `slots` and all can tile, else 0; 0 and 16 are kept as
+  they are (tile_weights then refuses 16 on shapes that cannot tile, and other values)."""
   if weight_tiles is None or weight_tiles == 'auto':
-    return 0 if tiles_problem(weights) else WEIGHT_TILES
+    any_q = any(weights.get(k) is not None for k in slots)
+    return WEIGHT_TILES if any_q and not tiles_problem(weights, slots=slots) else 0
   return weight_tiles
+
+
+def exact_experts(moe, group_size: int):
+  """The MoE's out-axis expert integers (torch_model.ExpertGrid) when the op can hold them
+  as they are (block-`group_size` INT4), else None (the experts get re-gridded)."""
+  eg = getattr(moe, 'expert_grid', None)
+  if eg is not None and group_size and grid.get_scheme(eg.scheme) == grid.Scheme(4, group_size):
+    return eg
+  return None
 
 
 def moe_tensors(moe, group_size: int, weight_tiles='auto'):
@@ -93,20 +109,28 @@ def moe_tensors(moe, group_size: int, weight_tiles='auto'):
   np_ = lambda t: t.detach().float().numpy()
   w = {'router_w': np_(moe.router.weight),
        'router_bias': np_(moe.expert_bias) if moe.expert_bias is not None else np.zeros(e, np.float32)}
-  w['gate_up_q'], w['gate_up_s'] = pack_modules(
-      [moe.gate_up], group_size, lambda a: a[0].reshape(e, 2 * f, -1))
-  w['down_q'], w['down_s'] = pack_modules(list(moe.down), group_size, np.stack)
+  exact = exact_experts(moe, group_size)
+  if exact is not None:   # the release's [E, in, out] integers and scales, unchanged
+    w['gate_up_q'], w['gate_up_s'] = grid.pack_int4(exact.gate_up_q), exact.gate_up_s
+    w['down_q'], w['down_s'] = grid.pack_int4(exact.down_q), exact.down_s
+  else:
+    w['gate_up_q'], w['gate_up_s'] = pack_modules(
+        [moe.gate_up], group_size, lambda a: a[0].reshape(e, 2 * f, -1))
+    w['down_q'], w['down_s'] = pack_modules(list(moe.down), group_size, np.stack)
   if fs:
     sh = moe.shared
     w['shared_gate_up_q'], w['shared_gate_up_s'] = pack_modules([sh.gate, sh.up], group_size,
                                                                 np.concatenate)
     w['shared_down_q'], w['shared_down_s'] = pack_modules([sh.down], group_size, lambda a: a[0])
-  tiles = resolve_weight_tiles(w, weight_tiles)
+  axis = 'in' if exact is None else 'out'
+  slots = tiled_slots(axis)
+  tiles = resolve_weight_tiles(w, weight_tiles, slots)
   options = {'num_experts': e, 'top_k': m['top_k'], 'd_model': d, 'd_expert': f,
              'd_shared': fs, 'group_size': group_size, 'score_func': m['score_func'],
              'norm_topk_prob': bool(m['norm_topk_prob']),
-             'routed_scale': float(m['routed_scale']), 'act': 'silu', 'weight_tiles': tiles}
-  return tile_weights(w, tiles), options
+             'routed_scale': float(m['routed_scale']), 'act': 'silu', 'weight_tiles': tiles,
+             'expert_group_axis': axis}
+  return tile_weights(w, tiles, slots), options
 
 
 class MoeBlockOp(torch.nn.Module):
@@ -138,6 +162,10 @@ def moe_block(x: torch.Tensor, weights: list[torch.Tensor], options: str) -> tor
   tiles = o.get('weight_tiles', 0)
   rows = lambda q: untile_rows(q, tiles) if tiles else q
   deq = lambda q, s: torch.from_numpy(unpack(rows(q.numpy().view(np.uint8)), s.numpy()))
+  if o.get('expert_group_axis', 'in') == 'out':   # routed [E, in, out], never tiled
+    deq_routed = lambda q, s: torch.from_numpy(unpack(q.numpy().view(np.uint8), s.numpy())).transpose(-1, -2)
+  else:
+    deq_routed = deq
 
   def ffn(xin, gu, dn):
     g, u = (xin @ gu.T).chunk(2, -1)
@@ -147,7 +175,7 @@ def moe_block(x: torch.Tensor, weights: list[torch.Tensor], options: str) -> tor
        'routed_scale': o['routed_scale']}
   bias = w['router_bias'] if torch.any(w['router_bias'] != 0) else None
   comb = route(x @ w['router_w'].T, bias, m)                          # [N, E]
-  gu, dn = deq(w['gate_up_q'], w['gate_up_s']), deq(w['down_q'], w['down_s'])
+  gu, dn = deq_routed(w['gate_up_q'], w['gate_up_s']), deq_routed(w['down_q'], w['down_s'])
   y = sum(ffn(x, gu[e], dn[e]) * comb[:, e:e + 1] for e in range(o['num_experts']))
   if o['d_shared']:
     y = y + ffn(x, deq(w['shared_gate_up_q'], w['shared_gate_up_s']),
@@ -217,7 +245,8 @@ def read_ops(path_or_bytes):
             v = flatbuf.tensor_value(model, raw, sg.tensors[t])
             ws[slot] = v.view(np.uint8) if slot.endswith('_q') else v
         tiles = opts.get('weight_tiles', 0)
-        found.append((opts, {k: untile_rows(v, tiles) if tiles and k.endswith('_q') else v
+        tiled = tiled_slots(opts.get('expert_group_axis', 'in'))
+        found.append((opts, {k: untile_rows(v, tiles) if tiles and k in tiled else v
                              for k, v in ws.items()}))
     if found:
       return found

@@ -252,6 +252,7 @@ class MoE(nn.Module):
     self.register_buffer('expert_bias', torch.zeros(e) if m['expert_bias'] else None)
     self.lowering = 'portable'
     self.op = None            # set by moe_op.attach() for the 'delegate' lowering
+    self.expert_grid = None   # ExpertGrid: a release checkpoint's exact expert integers
 
   def forward(self, x):
     b, t, d = x.shape
@@ -445,10 +446,25 @@ class Grid(NamedTuple):
   scheme: str           # its quant.grid scheme, e.g. 'int4_g32'
 
 
+class ExpertGrid(NamedTuple):
+  """A MoE layer's routed experts on the released MobileMoE's grid (model.quant.
+  expert_group_axis='out'): integers [E, in, out] with groups of G along out, the layout the
+  MobileMoeBlock op reads with expert_group_axis 'out' (export/moe_op.py writes it as is)."""
+  gate_up_q: np.ndarray   # int8 [E, D, 2F]: columns gate then up
+  gate_up_s: np.ndarray   # float32 [E, D, 2F/G]
+  down_q: np.ndarray      # int8 [E, F, D]
+  down_s: np.ndarray      # float32 [E, F, D/G]
+  scheme: str             # its quant.grid scheme (block-G INT4)
+
+
+EXPERT_GRID_FIELDS = ExpertGrid._fields[:-1]
+
+
 def from_flax(model_or_state, model_cfg) -> MobileMoE:
   """A QAT model (quant.weights set) converts to the weights its forward computes with: each
   quantized weight holds its dequantized integers, and the integers and scales themselves
-  ride along as `module.grid` (the exporter writes them into the .tflite unchanged)."""
+  ride along as `module.grid` (the exporter writes them into the .tflite unchanged); routed
+  experts grouped along their output axis ride along as the MoE's `expert_grid`."""
   cfg = config_dict(model_cfg)
   model = MobileMoE(cfg)
   params = flax_params(model_or_state)
@@ -461,7 +477,7 @@ def from_flax(model_or_state, model_cfg) -> MobileMoE:
     raise ConfigMismatch('a QAT config (quant.weights set) converts from the nnx model built '
                          'with that same quant config, not from a bare state or another config')
   params = {k: v for k, v in params.items() if not k.endswith('_scale')}   # learned scales
-  deq, ints, scales, off_grid = {}, {}, {}, set()
+  deq, ints, scales, off_grid, out_axis = {}, {}, {}, set(), {}
   for path, e in extract.integer_weights(model_or_state).items():
     name = '.'.join(map(str, path))
     q, s = np.asarray(e['q']), np.asarray(e['scales'], np.float32)
@@ -474,13 +490,20 @@ def from_flax(model_or_state, model_cfg) -> MobileMoE:
     # Each group's scale repeated over its members, so the layout change below moves it along.
     scales[name] = fold(np.repeat(s, q.shape[e['axis']] // s.shape[e['axis']], axis=e['axis']))
     if e['axis'] != -2:   # a routed expert weight: its torch names below
-      ffn = name.rsplit('.', 1)[0]
+      ffn, kind = name.rsplit('.', 1)
       off_grid |= {f'{ffn}.gate_up.weight'} | {f'{ffn}.down.{j}.weight' for j in range(q.shape[0])}
+      out_axis.setdefault(ffn, {})[kind] = (q.astype(np.int8), s)
   model.load_state_dict(convert_flax({**params, **deq}, cfg))
   ints, scales = convert_flax({**params, **ints}, cfg), convert_flax({**params, **scales}, cfg)
   # Experts grouped along their output axis (the released MobileMoE's grid) have no TFLite
   # block-wise form (FC groups run along the input): they keep their exact dequantized
-  # values here and no `grid`, so the .tflite requantizes them on its own grid.
+  # values here and no `grid` (the portable .tflite requantizes them on its own grid); their
+  # integers ride along as the MoE's `expert_grid` for the MobileMoeBlock op.
+  for ffn, parts in out_axis.items():
+    (gq, gs), (uq, us), (dq, ds) = parts['gate'], parts['up'], parts['down']
+    model.get_submodule(ffn).expert_grid = ExpertGrid(
+        np.concatenate([gq, uq], -1), np.concatenate([gs, us], -1).astype(np.float32),
+        dq, ds.astype(np.float32), cfg['quant']['weights'])
   for name in grid_names(model):
     if name in off_grid:
       continue
@@ -513,6 +536,12 @@ def grids(model) -> dict:
   return out
 
 
+def expert_grids(model) -> dict:
+  """{MoE module name: ExpertGrid} of the MoE layers that carry out-axis expert integers."""
+  return {n: m.expert_grid for n, m in model.named_modules()
+          if isinstance(m, MoE) and m.expert_grid is not None}
+
+
 # ---- files ------------------------------------------------------------------------------
 
 def save(model: MobileMoE, out_dir: str):
@@ -522,11 +551,15 @@ def save(model: MobileMoE, out_dir: str):
   save_file({k: v.contiguous() for k, v in model.state_dict().items()},
             os.path.join(out_dir, 'model.safetensors'))
   meta = {'format': FORMAT, 'model': model.cfg}
-  exact = grids(model)
-  if exact:   # a QAT model's integers and scales (learned ones are not recomputable)
-    save_file({f'{n}.{part}': torch.from_numpy(getattr(g, part)) for n, g in exact.items()
-               for part in ('q', 'scales')}, os.path.join(out_dir, GRID_FILE))
+  exact, experts = grids(model), expert_grids(model)
+  if exact or experts:   # a QAT model's integers and scales (learned ones are not recomputable)
+    tensors = {f'{n}.{part}': torch.from_numpy(getattr(g, part)) for n, g in exact.items()
+               for part in ('q', 'scales')}
+    tensors.update({f'{n}.expert_grid.{part}': torch.from_numpy(np.ascontiguousarray(getattr(g, part)))
+                    for n, g in experts.items() for part in EXPERT_GRID_FIELDS})
+    save_file(tensors, os.path.join(out_dir, GRID_FILE))
     meta['grid'] = {n: g.scheme for n, g in exact.items()}
+    meta['expert_grid'] = {n: g.scheme for n, g in experts.items()}
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(meta, f, indent=2)
 
@@ -552,8 +585,11 @@ def load(path: str) -> MobileMoE:
     if v.shape != want[k].shape:
       raise ConfigMismatch(f'{k}: shape {tuple(v.shape)} != {tuple(want[k].shape)} from config.json')
   model.load_state_dict(tensors)
-  if meta.get('grid'):
+  if meta.get('grid') or meta.get('expert_grid'):
     exact = load_file(os.path.join(path, GRID_FILE))
-    for name, scheme in meta['grid'].items():
+    for name, scheme in meta.get('grid', {}).items():
       set_grid(model, name, Grid(exact[f'{name}.q'].numpy(), exact[f'{name}.scales'].numpy(), scheme))
+    for name, scheme in meta.get('expert_grid', {}).items():
+      model.get_submodule(name).expert_grid = ExpertGrid(
+          *(exact[f'{name}.expert_grid.{part}'].numpy() for part in EXPERT_GRID_FIELDS), scheme)
   return model.eval()

@@ -87,6 +87,37 @@ def test_matches_reference(case, kernel):
   assert_rel_l2(y8, ref32, 4e-2)
 
 
+@pytest.mark.parametrize("case", [
+    # (E, k, D, F, Fs, G, T, extra options): routed experts [E, in, out], groups along out
+    (8, 2, 256, 128, 0, 32, 1, {}),
+    (8, 2, 256, 128, 128, 32, 5, dict(weight_tiles=16)),   # the shared expert tiled
+    (16, 4, 384, 192, 128, 64, 33, dict(score_func="sigmoid")),
+    # columns that are no multiple of the SIMD chunks (ragged ends go scalar), odd T
+    (6, 3, 96, 32, 32, 32, 4, {}),
+    (4, 4, 160, 96, 0, 32, 9, dict(score_func="sigmoid", norm_topk_prob=False)),
+])
+@pytest.mark.parametrize("kernel", ["auto", "avx2", "scalar"])
+def test_out_axis_experts_match_reference(case, kernel):
+  """The released experts' layout: fp32 rows times the weights dequantized in registers, so
+  int8 mode equals the reference on the grid's values up to summation order (and rare
+  rounding flips of the hidden's int8)."""
+  E, k, D, F, Fs, G, T, extra = case
+  extra = dict(extra)
+  tiles = extra.pop("weight_tiles", 0)
+  rng = np.random.default_rng(zlib.crc32(repr((case, kernel, "out")).encode()))
+  o = opts(E, k, D, F, Fs, G, expert_group_axis="out", **extra)
+  w = weights(rng, o)
+  assert w["gate_up_q"].shape == (E, D, F) and w["down_s"].shape == (E, F, D // G)
+  x = tokens(rng, w, o, T)
+  model = tb.moe_block_model(w, o, [T, D], weight_tiles=tiles)
+  (y,), _ = run(model, x, dl.load(activations="fp32", kernel=kernel))
+  assert_close(y, dl.reference_moe(x, w, o), 1e-5)
+  (y8,), _ = run(model, x, dl.load(activations="int8", kernel=kernel))
+  ref8 = dl.reference_moe(x, w, o, activations="int8")
+  assert_rel_l2(y8, ref8, 2e-3)
+  assert_close(y8, ref8, 1e-2)
+
+
 def test_output_changes_with_input_and_weights():
   # guards against a test that passes because everything is zero
   rng = np.random.default_rng(3)
@@ -173,6 +204,11 @@ def test_every_node_claimed_and_builtins_run(chain):
     (dict(d_model=512), "x must be float32 [..., d_model=512]"),
     (dict(d_expert=64), "gate_up_q: expected packed int4"),
     (dict(num_experts=None), "missing option 'num_experts'"),
+    (dict(expert_group_axis="rows"), "unsupported expert_group_axis 'rows' (in|out)"),
+    (dict(expert_group_axis="out", group_size=0), "expert_group_axis 'out' needs group_size > 0"),
+    # input-axis weights under the 'out' option: down_q [E, D, F/2] is not [E, F, D/2]
+    (dict(expert_group_axis="out"), "down_q: expected packed int4 [8,128,128] bytes (uint8), "
+     "got type 3 shape [8,256,64] (expert_group_axis 'out'"),
 ])
 def test_unsupported_options_are_refused_with_reason(change, message):
   rng = np.random.default_rng(9)
@@ -188,6 +224,19 @@ def test_unsupported_options_are_refused_with_reason(change, message):
   s = dl.stats(d)
   assert (s["claimed"], s["refused"]) == (0, 1)
   assert message in s["messages"]
+
+
+def test_out_axis_scales_of_the_wrong_shape_are_refused():
+  # [E, in, out] integers with input-axis-shaped scales: named, with the layout it expected
+  rng = np.random.default_rng(11)
+  o = opts(F=64, expert_group_axis="out")
+  w = weights(rng, o)
+  w["down_s"] = np.ones((8, 256, 64 // 32), np.float32)
+  d = dl.load()
+  with pytest.raises(RuntimeError, match=r"down_s: expected float32 \[8,64,8\], got type 1 shape "
+                     r"\[8,256,2\] \(expert_group_axis 'out': \[E, in, out\], groups along out\)"):
+    run(tb.moe_block_model(w, o, [2, 256]), np.zeros((2, 256), np.float32), d)
+  assert dl.stats(d)["refused"] == 1
 
 
 def test_missing_required_input_is_refused():

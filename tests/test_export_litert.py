@@ -270,7 +270,7 @@ def test_delegate_op_structure(small, delegate_dir):
   m = small.cfg['moe']
   assert opts == {'num_experts': 8, 'top_k': 2, 'd_model': 128, 'd_expert': 64, 'd_shared': 64,
                   'group_size': 32, 'score_func': 'softmax', 'norm_topk_prob': True,
-                  'routed_scale': 1.0, 'act': 'silu',
+                  'routed_scale': 1.0, 'act': 'silu', 'expert_group_axis': 'in',
                   'weight_tiles': 0}   # d_expert = d_shared = 64: down's K cannot tile (test_moe_op)
   moe = small.blocks[1].ffn
   e, f, d = m['n_experts'], m['d_expert'], small.cfg['d_model']

@@ -7,7 +7,8 @@ an MoE; tests/support/release_snapshot.py writes it in exactly the released layo
 as the delegate's ops, and run by export.runner.LiteRTLM with the delegate in its int8 mode.
 Its greedy tokens are compared with the imported JAX model's on the QAT stage's grid (the
 released integers, int8 dynamic activations: what XNNPACK and the delegate compute on), and
-with PyTorch computing what the file holds (its experts re-gridded: export/README.md).
+with PyTorch computing what the file holds. The experts reach the file as the released
+integers (MobileMoeBlock's expert_group_axis 'out'; export/README.md).
 """
 import os
 
@@ -25,13 +26,13 @@ from tests.support.models import jax_next_logits
 S_LIKE = dict(vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8,
               top_k=4, d_expert=32, d_shared=64, nope=(), rope_original=64, rope_factor=4.0)
 N_PROMPTS, N_STEPS, KV_LEN = 8, 16, 64
-# Measured (8 prompts): 5 agree for 16 steps, 3 part at 15 / 4 / 0 steps where both sides'
-# margins are <= 0.078 (near-ties); teacher-forced max |dlogit| 0.15-0.35 (logits ~3).
-NEAR_TIE, MAX_LOGIT_ERR = 0.1, 0.5
-# Against PyTorch on the file's own grid: 7 of 8 agree for 16 steps, 1 parts at step 15 at a
-# near-tie (margins 0.02 / 0.01); max |dlogit| 0.03-0.39: a random-integer model's sigmoid
-# routing has near-ties too, where an int8 rounding flips an expert.
-FILE_GRID_LOGIT_ERR = 0.5
+# Measured (8 prompts, against JAX and against PyTorch alike): 6 agree for 16 steps, 2 part
+# at 15 / 0 steps at near-ties (both sides' margins <= 0.013 logits); teacher-forced |dlogit|
+# per position: median 0.02-0.04 over each prompt, single positions up to 0.31 (logits ~3;
+# a random-integer model's sigmoid routing has near-ties, where a tiny difference flips an
+# expert). The same with the experts' activations in fp32 and with portable attention:
+# the ~0.02 floor is not the experts' (export/README.md traces what it can).
+NEAR_TIE, MAX_PARTED, MAX_LOGIT_ERR, MEDIAN_LOGIT_ERR = 0.02, 2, 0.4, 0.06
 
 
 @pytest.fixture(scope='module')
@@ -85,38 +86,74 @@ def check_against(path, logits, max_parted: int, max_logit_err: float):
   parted = [r for r in results if r['agree'] < N_STEPS]
   assert all(max(r['ref_margin'], r['tflite_margin']) < NEAR_TIE for r in parted), report
   assert len(parted) <= max_parted, report
-  err = []
+  err, median = [], []
   for p, r in zip(prompts, results):
     seq = p + r['reference']
     lm.reset()
-    err.append(np.abs(lm.prefill(seq) - logits(seq)).max())
-  print('max |dlogit| per prompt:', np.round(err, 4))
+    d = np.abs(lm.prefill(seq) - logits(seq)).max(-1)     # per position
+    err.append(d.max())
+    median.append(np.median(d))
+  print('max |dlogit| per prompt:', np.round(err, 4), 'median:', np.round(median, 4))
   assert max(err) < max_logit_err, err
+  # re-gridded experts (the portable path's) measured median 0.10-0.17 here; exact ones 0.02-0.04
+  assert max(median) < MEDIAN_LOGIT_ERR, median
+
+
+def test_experts_are_the_released_integers(exported, imported):
+  """The file's MobileMoeBlocks hold the snapshot's expert bytes and scales unchanged: the
+  [E, in, out] nibbles, gate | up concatenated along out, scales per 32 outputs."""
+  import json
+  from safetensors.numpy import load_file
+  from export import moe_op
+  snap = os.path.join(imported[0], 'snap')
+  tensors = load_file(os.path.join(snap, 'model.safetensors'))
+  with open(os.path.join(snap, 'config.json')) as f:
+    assert json.load(f)['quantization']['expert_group_axis'].startswith('out')
+  ops = moe_op.read_ops(exported)
+  assert len(ops) == S_LIKE['layers']
+  for layer, (o, w) in enumerate(ops):
+    assert o['expert_group_axis'] == 'out' and o['group_size'] == 32
+    p = f'model.layers.{layer}.feed_forward.experts.'
+    for kind in ('gate_up', 'down'):
+      np.testing.assert_array_equal(w[f'{kind}_q'], tensors[p + f'{kind}_qweight'], err_msg=p + kind)
+      np.testing.assert_array_equal(w[f'{kind}_s'], tensors[p + f'{kind}_scale'].astype(np.float32),
+                                    err_msg=p + kind)
+
+
+def test_expert_integers_survive_the_torch_checkpoint_files(imported, tmp_path):
+  """torch_model.save / load keep a MoE's ExpertGrid (the exporter can start from either)."""
+  from export import checkpoint, torch_model
+  model = checkpoint.load_any(imported[1])
+  want = torch_model.expert_grids(model)
+  assert len(want) == S_LIKE['layers']
+  torch_model.save(model, str(tmp_path))
+  got = torch_model.expert_grids(torch_model.load(str(tmp_path)))
+  assert got.keys() == want.keys()
+  for name in want:
+    for a, b in zip(got[name], want[name]):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_greedy_tokens_against_the_imported_jax_model(exported, imported):
-  """Against the imported JAX model on the released grid: the linears and the embedding carry
-  the released integers exactly; the experts are re-gridded (their groups run along the
-  output axis, the file's along the input: export/README.md measures that error), so tokens
-  may part, but only at near-ties."""
+  """Against the imported JAX model on the released grid: the linears, the embedding and
+  the experts carry the released integers exactly; tokens may part only at near-ties."""
   from export import moe_op
   ops = [o for o, _ in moe_op.read_ops(exported)]
   assert len(ops) == S_LIKE['layers']          # every layer's MoE is a MobileMoeBlock
   assert {o['score_func'] for o in ops} == {'sigmoid'}
   check_against(exported, jax_next_logits(qat_forward_model(imported[1]), length=KV_LEN),
-                max_parted=N_PROMPTS // 2, max_logit_err=MAX_LOGIT_ERR)
+                max_parted=MAX_PARTED, max_logit_err=MAX_LOGIT_ERR)
 
 
 def test_greedy_tokens_against_pytorch_on_the_files_grid(exported, imported):
-  """Against PyTorch computing what the file holds (experts re-gridded, FC inputs int8): the
-  tokens the re-grid parts from the JAX model's above are the file's exact computation."""
+  """Against PyTorch computing what the file holds (the released integers, FC inputs int8)."""
   import torch
   from export import checkpoint, litert
   from export.__main__ import quantize_fc_inputs
   ref = quantize_fc_inputs(litert.fake_quant(checkpoint.load_any(imported[1]), 'int4_g32',
-                                             'int4_g32'))
+                                             'int4_g32', moe='delegate'))
 
   def logits(ids):
     with torch.no_grad():
       return ref(torch.tensor([ids]).long())[0].numpy()
-  check_against(exported, logits, max_parted=1, max_logit_err=FILE_GRID_LOGIT_ERR)
+  check_against(exported, logits, max_parted=MAX_PARTED, max_logit_err=MAX_LOGIT_ERR)

@@ -189,3 +189,55 @@ def test_read_ops_names_the_operator_with_bad_options():
   g.inputs, g.outputs = [x], [len(g.tensors) - 1]
   with pytest.raises(ValueError, match="MobileMoeBlock operator 0: custom_options are not"):
     moe_op.read_ops(g.build())
+
+
+def _with_release_experts(moe, seed=0):
+  """Gives a torch MoE random released-layout expert integers (ExpertGrid, [E, in, out],
+  groups of 32 outputs) and sets its weights to their dequantized values, as
+  torch_model.from_flax does for an imported release checkpoint."""
+  from mobilemoe_jax.quant import grid
+  rng = np.random.default_rng(seed)
+  e, f, d = moe.e, moe.f, moe.router.weight.shape[1]
+  q = lambda *s: rng.integers(-8, 8, s).astype(np.int8)
+  s = lambda *s: rng.uniform(0.004, 0.02, s).astype(np.float32)
+  eg = torch_model.ExpertGrid(q(e, d, 2 * f), s(e, d, 2 * f // 32), q(e, f, d), s(e, f, d // 32),
+                              'int4_g32')
+  gu = grid.dequantize(eg.gate_up_q, eg.gate_up_s, in_axis=-1)          # [E, D, 2F]
+  dn = grid.dequantize(eg.down_q, eg.down_s, in_axis=-1)                # [E, F, D]
+  with torch.no_grad():
+    moe.gate_up.weight.copy_(torch.from_numpy(gu.transpose(0, 2, 1).reshape(e * 2 * f, d)))
+    for j in range(e):
+      moe.down[j].weight.copy_(torch.from_numpy(dn[j].T))
+  moe.expert_grid = eg
+  return eg
+
+
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_release_experts_are_packed_unchanged_in_the_out_layout(n_shared):
+  moe = _moe(n_shared=n_shared, d_shared=128 if n_shared else 0)
+  eg = _with_release_experts(moe)
+  w, o = moe_op.moe_tensors(moe, 32)
+  assert o['expert_group_axis'] == 'out'
+  np.testing.assert_array_equal(w['gate_up_q'], moe_op.grid.pack_int4(eg.gate_up_q))
+  np.testing.assert_array_equal(w['down_q'], moe_op.grid.pack_int4(eg.down_q))
+  np.testing.assert_array_equal(w['gate_up_s'], eg.gate_up_s)
+  # weight_tiles: only the shared expert's matrices are tiled (and 16 only with one)
+  assert o['weight_tiles'] == (16 if n_shared else 0)
+  if n_shared:
+    w_rows, _ = moe_op.moe_tensors(moe, 32, weight_tiles=0)
+    np.testing.assert_array_equal(w['shared_down_q'], moe_op.tile_rows(w_rows['shared_down_q']))
+  # the op's PyTorch reference reads that layout: equal to the module's own forward (the
+  # shared expert's weights put on the block-32 grid first, so its packing is exact too)
+  if n_shared:
+    with torch.no_grad():
+      for lin in (moe.shared.gate, moe.shared.up, moe.shared.down):
+        lin.weight.copy_(torch.from_numpy(moe_op.unpack(*moe_op.pack(lin.weight.numpy(), 32))))
+  x = torch.randn(1, 5, 128)
+  with torch.no_grad():
+    want = moe(x)
+    moe.lowering, moe.op = 'delegate', moe_op.MoeBlockOp(moe, 32)
+    got = moe(x)
+  torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+  # channel-wise experts cannot hold the release's groups: re-gridded, input-axis
+  assert moe_op.moe_tensors(moe, 0)[1]['expert_group_axis'] == 'in'
+

@@ -120,26 +120,32 @@ def reference_moe(x, weights: dict, options: dict, activations: str = "fp32"):
   activations="int8" mimics the delegate's per-row dynamic int8 rounding of
   the expert inputs (x and the SwiGLU hidden), so int8 mode can be compared
   with a tight tolerance too.
+  options["expert_group_axis"] 'out': the routed experts are [E, in, out] with groups
+  along out (W^T[i, o] = q[i, o] * s[i, o // G]).
   """
   G = options["group_size"]
   D = options["d_model"]
   shape = np.shape(x)
   x = np.asarray(x, np.float32).reshape(-1, D)
   act = _quant_rows_int8 if activations == "int8" else (lambda a: np.asarray(a, np.float32))
+  out = options.get("expert_group_axis", "in") == "out"
 
-  def ffn(xin, gu_q, gu_s, dn_q, dn_s):
-    f = gu_q.shape[-2] // 2
-    gu = act(xin).astype(np.float64) @ dequantize_int4(gu_q, gu_s, G).astype(np.float64).T
+  def ffn(xin, gu_q, gu_s, dn_q, dn_s, in_out=False):
+    gu_w, dn_w = dequantize_int4(gu_q, gu_s, G), dequantize_int4(dn_q, dn_s, G)
+    if in_out:   # [in, out] -> [out, in]
+      gu_w, dn_w = gu_w.T, dn_w.T
+    f = gu_w.shape[0] // 2
+    gu = act(xin).astype(np.float64) @ gu_w.astype(np.float64).T
     g, u = gu[:, :f], gu[:, f:]
     h = g / (1.0 + np.exp(-g)) * u
-    return act(h).astype(np.float64) @ dequantize_int4(dn_q, dn_s, G).astype(np.float64).T
+    return act(h).astype(np.float64) @ dn_w.astype(np.float64).T
 
   chosen, w, _ = route(x, weights["router_w"], weights.get("router_bias"), options)
   y = np.zeros(x.shape, np.float64)
   for e in np.unique(chosen):
     t, j = np.nonzero(chosen == e)
     y[t] += w[t, j, None] * ffn(x[t], weights["gate_up_q"][e], weights["gate_up_s"][e],
-                                weights["down_q"][e], weights["down_s"][e])
+                                weights["down_q"][e], weights["down_s"][e], out)
   if options.get("d_shared", 0):
     y += ffn(x, weights["shared_gate_up_q"], weights["shared_gate_up_s"],
              weights["shared_down_q"], weights["shared_down_s"])
@@ -171,9 +177,9 @@ def reference_kv_attention(q, k_new, v_new, k_cache, v_cache, pos, options: dict
 
 
 def random_moe_weights(rng, num_experts, d_model, d_expert, d_shared=0, group_size=32,
-                       router_scale=1.0):
+                       router_scale=1.0, expert_group_axis="in"):
   """Random INT4 weights with the op's layouts (for tests and benchmarks); group_size 0:
-  channel-wise scales [..., rows, 1]."""
+  channel-wise scales [..., rows, 1]; expert_group_axis 'out': routed experts [E, in, out]."""
   E, D, F, Fs, G = num_experts, d_model, d_expert, d_shared, group_size
 
   def q4(shape_lead, rows, k):
@@ -183,8 +189,12 @@ def random_moe_weights(rng, num_experts, d_model, d_expert, d_shared=0, group_si
 
   w = {"router_w": (rng.standard_normal((E, D)) * router_scale / np.sqrt(D)).astype(np.float32),
        "router_bias": (rng.standard_normal(E) * 0.01).astype(np.float32)}
-  w["gate_up_q"], w["gate_up_s"] = q4((E,), 2 * F, D)
-  w["down_q"], w["down_s"] = q4((E,), D, F)
+  if expert_group_axis == "out":
+    w["gate_up_q"], w["gate_up_s"] = q4((E,), D, 2 * F)
+    w["down_q"], w["down_s"] = q4((E,), F, D)
+  else:
+    w["gate_up_q"], w["gate_up_s"] = q4((E,), 2 * F, D)
+    w["down_q"], w["down_s"] = q4((E,), D, F)
   if Fs:
     w["shared_gate_up_q"], w["shared_gate_up_s"] = q4((), 2 * Fs, D)
     w["shared_down_q"], w["shared_down_s"] = q4((), D, Fs)

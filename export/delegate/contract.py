@@ -48,10 +48,10 @@ MOE = OpContract(
         Slot("router_w", "float32 `[E, D]`"),
         Slot("router_bias", "float32 `[E]` (may be absent = zeros)", optional=True),
         Slot("gate_up_q", "packed INT4 `[E, 2F, D/2]` uint8 (or int8) bytes; rows 0..F-1 gate, "
-             "F..2F-1 up"),
-        Slot("gate_up_s", "float32 `[E, 2F, D/G]`"),
-        Slot("down_q", "packed INT4 `[E, D, F/2]`"),
-        Slot("down_s", "float32 `[E, D, F/G]`"),
+             "F..2F-1 up (`expert_group_axis` 'out': `[E, D, 2F/2]`, columns gate then up)"),
+        Slot("gate_up_s", "float32 `[E, 2F, D/G]` ('out': `[E, D, 2F/G]`)"),
+        Slot("down_q", "packed INT4 `[E, D, F/2]` ('out': `[E, F, D/2]`)"),
+        Slot("down_s", "float32 `[E, D, F/G]` ('out': `[E, F, D/G]`)"),
         # The shared expert: all four present (d_shared > 0) or all four absent.
         Slot("shared_gate_up_q", "`[2Fs, D/2]` (optional; all shared experts fused into one "
              "SwiGLU of width Fs)", optional=True),
@@ -65,7 +65,7 @@ MOE = OpContract(
         Option("group_size", "int", True), Option("d_shared", "int"),
         Option("score_func", "string"), Option("norm_topk_prob", "bool"),
         Option("routed_scale", "float"), Option("act", "string"),
-        Option("weight_tiles", "int"),
+        Option("weight_tiles", "int"), Option("expert_group_axis", "string"),
     ))
 
 ATTENTION = OpContract(

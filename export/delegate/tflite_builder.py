@@ -164,10 +164,16 @@ def untile_rows(q, tile=WEIGHT_TILES):
   return np.ascontiguousarray(t.swapaxes(-3, -2)).reshape(q.shape)
 
 
-def tiles_problem(weights: dict, tile=WEIGHT_TILES):
+def tiled_slots(expert_group_axis="in"):
+  """The `_q` slots weight_tiles applies to: all four, or with routed experts [E, in, out]
+  ('out') only the shared expert's (the routed ones keep their rows)."""
+  return Q_SLOTS if expert_group_axis == "in" else Q_SLOTS[2:]
+
+
+def tiles_problem(weights: dict, tile=WEIGHT_TILES, slots=Q_SLOTS):
   """Why a block's packed weights (row layout, by slot name; absent shared slots skipped)
   cannot be tiled, or None when all of them can."""
-  for k in Q_SLOTS:
+  for k in slots:
     if weights.get(k) is not None:
       try:
         _tile_shape(np.shape(weights[k]), tile)
@@ -176,18 +182,19 @@ def tiles_problem(weights: dict, tile=WEIGHT_TILES):
   return None
 
 
-def tile_weights(weights: dict, weight_tiles: int) -> dict:
+def tile_weights(weights: dict, weight_tiles: int, slots=Q_SLOTS) -> dict:
   """The weights (row layout) as the op stores them for the option weight_tiles (0: as
-  they are; 16: the `_q` slots tiled, ValueError naming the slot if one cannot be)."""
+  they are; 16: the `_q` slots in `slots` tiled, ValueError naming the slot if one cannot
+  be)."""
   if weight_tiles not in (0, WEIGHT_TILES):
     raise ValueError(f"weight_tiles must be 0 (rows) or {WEIGHT_TILES} (tiled), "
                      f"got {weight_tiles!r}")
   if not weight_tiles:
     return dict(weights)
-  why = tiles_problem(weights, weight_tiles)
+  why = tiles_problem(weights, weight_tiles, slots)
   if why:
     raise ValueError(f"weight_tiles={weight_tiles}: {why}")
-  return {k: tile_rows(v, weight_tiles) if k in Q_SLOTS and v is not None else v
+  return {k: tile_rows(v, weight_tiles) if k in slots and v is not None else v
           for k, v in weights.items()}
 
 
@@ -208,7 +215,8 @@ def add_moe_block(g: GraphBuilder, x: int, x_shape, weights: dict, options: dict
   drop_inputs: slot numbers to pass as -1 (absent), for negative tests.
   """
   if weight_tiles:
-    weights = tile_weights(weights, weight_tiles)
+    weights = tile_weights(weights, weight_tiles,
+                           tiled_slots(options.get("expert_group_axis", "in")))
     options = dict(options, weight_tiles=weight_tiles)
   def q4(key):
     packed = weights[key]

@@ -20,7 +20,8 @@ def opts(E=8, k=2, D=256, F=128, Fs=0, G=32, **kw):
 
 def weights(rng, o, router_scale=3.0):
   return dl.random_moe_weights(rng, o["num_experts"], o["d_model"], o["d_expert"],
-                               o["d_shared"], o["group_size"], router_scale=router_scale)
+                               o["d_shared"], o["group_size"], router_scale=router_scale,
+                               expert_group_axis=o.get("expert_group_axis", "in"))
 
 
 def tokens(rng, w, o, T, min_margin=2e-5):

@@ -50,7 +50,10 @@ def _moe_base(rng):
   o = dict(num_experts=4, top_k=2, d_model=128, d_expert=128, d_shared=128 if shared else 0,
            group_size=G, score_func="softmax", norm_topk_prob=True, routed_scale=1.0,
            act="silu")
-  w = dl.random_moe_weights(rng, 4, 128, 128, o["d_shared"], G)
+  # routed experts [E, in, out] (the released layout) in some of the block-32 bases
+  axis = "out" if G and rng.random() < 0.5 else "in"
+  o["expert_group_axis"] = axis
+  w = dl.random_moe_weights(rng, 4, 128, 128, o["d_shared"], G, expert_group_axis=axis)
   T = int(rng.integers(1, 5))
   g = tb.GraphBuilder()
   x = g.tensor("x", [T, 128])

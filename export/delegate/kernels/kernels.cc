@@ -10,6 +10,13 @@
 
 #include "threadpool.h"
 
+// The output-axis GEMM every SIMD file defines (simd_shared.h GemmOutVec): columns
+// [m0, m1) of q [K, M/2], m0 and m1 multiples of 2 * OutVecBytes (Q4Gemm splits the rest off);
+// x: N rows of K, ldx apart.
+#define MM_GEMM_OUT_DECL                                                      \
+  void GemmOut(const uint8_t* q, const float* s, int K, int M, int G, int m0, int m1, \
+               const float* x, int ldx, int N, float* out, int ldo);
+
 #if defined(__x86_64__)
 // Entry points of the x86 kernel files, each in its own namespace.
 #define MM_X86_KERNELS                                                        \
@@ -21,7 +28,8 @@
   float Dot(const float* a, const float* b, int n);                           \
   void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, \
                int len, float scale, float* out, int ldo);                    \
-  void SiluMul(const float* g, const float* u, float* h, int n);
+  void SiluMul(const float* g, const float* u, float* h, int n);              \
+  MM_GEMM_OUT_DECL
 namespace mm {
 #if defined(MM_HAVE_AVX512)
 namespace avx512 {
@@ -48,6 +56,7 @@ void GemmI8(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, i
             const int8_t* xq, const float* xs, int N, float* out, int ldo);
 void GemmF32(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, int m1,
              const float* xf, int N, float* out, int ldo);
+MM_GEMM_OUT_DECL
 }  // namespace neon
 }  // namespace mm
 #endif
@@ -89,16 +98,16 @@ bool SimdShapeOk(int K, int G) {
   return K % 128 == 0 && (G == K || (G >= 32 && (G & (G - 1)) == 0 && K % G == 0));
 }
 
-void Acts::Resize(int n, int k, ActMode m, Isa kernel_isa) {
+void Acts::Resize(int n, int k, ActMode m, Isa kernel_isa, bool f32_rows) {
   N = n;
   K = k;
   mode = m;
   isa = kernel_isa;
-  simd = isa != Isa::kScalar;
+  rows_f32 = f32_rows;
+  simd = isa != Isa::kScalar && !rows_f32;  // the quad layout (rows_f32: plain rows)
   const size_t rows = simd ? (size_t)(N + 3) / 4 * 4 : (size_t)N;  // whole quads
-  if (mode == ActMode::kF32) {
-    f.resize(rows * K);
-  } else {
+  if (mode == ActMode::kF32 || rows_f32) f.resize(rows * K);
+  if (mode == ActMode::kI8) {
     q.resize(rows * K);
     scale.resize(N);
     zp.resize(N);
@@ -150,7 +159,7 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
   for (int n = n0; n < n1; ++n) {
     const float* xr = x + (size_t)(rows ? rows[n] : n) * ldx;
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-    if (isa == Isa::kAvx512) {
+    if (simd && isa == Isa::kAvx512) {
       const size_t slot = (size_t)(n / 4) * 4 * K + (n % 4) * 128;
       if (mode == ActMode::kF32) {
         avx512::PrepRowF32(xr, K, f.data() + slot);
@@ -187,6 +196,10 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
     scale[n] = 1.f / inv;
     int8_t* dst = simd ? (tmp.resize(K), tmp.data()) : q.data() + (size_t)n * K;
     for (int k = 0; k < K; ++k) dst[k] = QuantAsym(xr[k], inv, zp[n]);
+    if (rows_f32) {
+      float* fr = f.data() + (size_t)n * K;
+      for (int k = 0; k < K; ++k) fr[k] = ((float)dst[k] - zp[n]) * scale[n];
+    }
     if (!simd) continue;
     for (int k = 0; k < K; ++k) q[SimdPos(n, k, K)] = dst[k];
     // dpbusd lane j of a block sums k = 8j..8j+7 of that block; the kernel adds
@@ -273,6 +286,66 @@ static void ScalarGemm(const Q4Matrix& w, int m0, int m1, const Acts& a,
   }
 }
 
+// Output-axis groups (Q4Matrix::out_groups), columns [m0, m1) for N rows of x (ldx apart):
+// the SIMD kernels' math, out[n, m] = sum_k (x[n,k] * s[k, m/G]) * q[k,m], row by row.
+static void ScalarGemmOut(const Q4Matrix& w, int m0, int m1, const float* x, int ldx, int N,
+                          float* out, int ldo) {
+  const int K = w.K, ldw = w.M / 2, lds = w.M / w.G;
+  for (int n = 0; n < N; ++n) {
+    float* o = out + (size_t)n * ldo;
+    std::fill(o, o + (m1 - m0), 0.f);
+    const float* xn = x + (size_t)n * ldx;
+    for (int k = 0; k < K; ++k) {
+      const uint8_t* row = w.q + (size_t)k * ldw;
+      const float* sr = w.s + (size_t)k * lds;
+      for (int m = m0; m < m1; ++m) {
+        const int v = (row[m >> 1] >> ((m & 1) * 4)) & 0xF;
+        o[m - m0] += xn[k] * sr[m / w.G] * (float)(v >= 8 ? v - 16 : v);
+      }
+    }
+  }
+}
+
+// Bytes per SIMD vector of the output-axis kernels (simd_shared.h GemmOutVec's W); 0: none.
+static int OutVecBytes(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return 16;
+    case Isa::kAvx2: return 8;
+    case Isa::kNeon: return 4;
+    default: return 0;
+  }
+}
+
+static void GemmOutCols(const Q4Matrix& w, int m0, int m1, const float* x, int ldx, int N,
+                        Isa isa, float* out, int ldo) {
+  const int vb = OutVecBytes(isa), c = 2 * vb;
+  // SIMD columns: whole vectors inside one group each; the ragged ends go scalar.
+  const int s0 = vb && (w.G / 2) % vb == 0 ? std::min(m1, (m0 + c - 1) / c * c) : m1;
+  const int s1 = std::max(s0, vb ? m1 / c * c : m1);
+  if (m0 < s0) ScalarGemmOut(w, m0, s0, x, ldx, N, out, ldo);
+  if (s1 < m1) ScalarGemmOut(w, s1, m1, x, ldx, N, out + (s1 - m0), ldo);
+  if (s0 >= s1) return;
+  float* o = out + (s0 - m0);
+#if defined(__x86_64__) && defined(MM_HAVE_AVX512)
+  if (isa == Isa::kAvx512) return avx512::GemmOut(w.q, w.s, w.K, w.M, w.G, s0, s1, x, ldx, N, o, ldo);
+#endif
+#if defined(__x86_64__) && defined(MM_HAVE_AVX2)
+  if (isa == Isa::kAvx2) return avx2::GemmOut(w.q, w.s, w.K, w.M, w.G, s0, s1, x, ldx, N, o, ldo);
+#endif
+#if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+  if (isa == Isa::kNeon) return neon::GemmOut(w.q, w.s, w.K, w.M, w.G, s0, s1, x, ldx, N, o, ldo);
+#endif
+  ScalarGemmOut(w, s0, s1, x, ldx, N, o, ldo);
+}
+
+void Q4GemmOutRows(const Q4Matrix& w, int k0, int k1, const Acts& a, float* out, int ldo) {
+  Q4Matrix part = w;
+  part.q += (size_t)k0 * (w.M / 2);
+  part.s += (size_t)k0 * (w.M / w.G);
+  part.K = k1 - k0;
+  GemmOutCols(part, 0, w.M, a.f.data() + k0, a.K, a.N, a.isa, out, ldo);
+}
+
 #if defined(__x86_64__)
 // The x86 families share one signature (int8 path with the corr lanes).
 using GemmI8Fn = void (*)(const uint8_t*, int, const float*, int, int, int, int,
@@ -314,6 +387,7 @@ static void GemmRows(const Q4Matrix& w, int m0, int m1, const Acts& a, float* ou
 }
 
 void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo) {
+  if (w.out_groups) return GemmOutCols(w, m0, m1, a.f.data(), a.K, a.N, a.isa, out, ldo);
   // Tiles: the SIMD row tiles (4, 2 or 16 rows from m0) must not straddle two,
   // so rows before the first tile start go one by one (one-row calls).
   const int head = w.tiles && m0 % kTileRows ? std::min(m1, (m0 / kTileRows + 1) * kTileRows) : m0;

@@ -44,8 +44,11 @@ struct Acts {
   std::vector<int32_t> csum;  // simd int8: [N] -8 * (sum of the row's q's), channel-wise kernels
   std::vector<float> scale;   // [N] int8 mode: 1 / inv
   std::vector<float> zp;      // [N] int8 mode: integer-valued zero point
+  // Rows for output-axis matrices (Q4Matrix::out_groups): f holds plain fp32 rows [N, K] in
+  // either mode, in int8 mode the grid's values (q - zp) * scale (grid.fake_quant_act).
+  bool rows_f32 = false;
 
-  void Resize(int n, int k, ActMode m, Isa kernel_isa);
+  void Resize(int n, int k, ActMode m, Isa kernel_isa, bool f32_rows = false);
   // Prepares tokens [n0, n1): token n is row rows[n] (or n) of x, row stride
   // ldx. Tokens are independent, so callers may split them across threads
   // (at multiples of 4 to keep quads apart).
@@ -62,6 +65,10 @@ struct Q4Matrix {
   // GEMV reads each tile as one sequential stream (~1.2-1.5x the row layout's
   // DRAM rate here); needs M % 16 == 0 and K % 128 == 0 (TilesOk).
   int tiles = 0;
+  // Output-axis groups (the released MobileMoE's experts, stored [in, out]): q [K, M/2],
+  // two outputs per byte (low nibble = even output), s [K, M/G]:
+  // W[m,k] = q[k,m] * s[k, m/G]. Read from Acts::rows_f32 rows; no wsum, no tiles.
+  bool out_groups = false;
 };
 
 // The 16-row tiled layout: tile t = rows 16t..16t+15 stored as [K/128 blocks]
@@ -95,6 +102,10 @@ void WeightRowSums(const Q4Matrix* mats, float* const* outs, int n, ThreadPool* 
 
 // out[n * ldo + (m - m0)] = (W x_n)[m] for m in [m0, m1), n in [0, a.N).
 void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo);
+// An out_groups matrix's partial sums over input rows [k0, k1), all M columns:
+// out[n * ldo + m] = sum_{k0 <= k < k1} W[m,k] x_n[k]. Decode splits these matrices by
+// input rows, so each work item streams one contiguous block of them.
+void Q4GemmOutRows(const Q4Matrix& w, int k0, int k1, const Acts& a, float* out, int ldo);
 
 float Dot(const float* a, const float* b, int n, Isa isa);
 

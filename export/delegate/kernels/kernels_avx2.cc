@@ -193,6 +193,22 @@ static int DecodeRowsC(const uint8_t*, int, int, const float*, int, const int8_t
 
 MM_DEFINE_X86_GEMMS(2, 2)
 
+// Output-axis groups: one token over 32-byte chunks (8 ymm accumulators), more over
+// 8-byte chunks x 6 tokens (12 of the 16 registers; T=128 ran 1.3x faster than 16 x 2).
+struct OutNibbles {
+  static constexpr int W = 8;
+  using F = Vec<W>::F;
+  static void Unpack(const uint8_t* p, F& lo, F& hi) {
+    const __m256i i = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    lo = (F)_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(i, 28), 28));
+    hi = (F)_mm256_cvtepi32_ps(_mm256_srai_epi32(i, 4));
+  }
+};
+void GemmOut(const uint8_t* q, const float* s, int K, int M, int G, int m0, int m1,
+             const float* x, int ldx, int N, float* out, int ldo) {
+  GemmOutVec<OutNibbles, 32, 8, 6>(q, s, K, M, G, m0, m1, x, ldx, N, out, ldo);
+}
+
 float Dot(const float* a, const float* b, int n) { return DotVec<8>(a, b, n); }
 
 void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, int len,

@@ -158,6 +158,24 @@ void GemmF32(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, 
   });
 }
 
+// Output-axis groups: one token over 32-byte chunks (16 q-register accumulators), more
+// over 8-byte chunks x 6 tokens (24 of the 32 registers, as the AVX2 kernel's shape).
+struct OutNibbles {
+  static constexpr int W = 4;
+  using F = Vec<W>::F;
+  static void Unpack(const uint8_t* p, F& lo, F& hi) {
+    uint32_t b;
+    std::memcpy(&b, p, 4);
+    const int32x4_t i = vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_u32(vdup_n_u32(b)))));
+    lo = (F)vcvtq_f32_s32(vshrq_n_s32(vshlq_n_s32(i, 28), 28));
+    hi = (F)vcvtq_f32_s32(vshrq_n_s32(i, 4));
+  }
+};
+void GemmOut(const uint8_t* q, const float* s, int K, int M, int G, int m0, int m1,
+             const float* x, int ldx, int N, float* out, int ldo) {
+  GemmOutVec<OutNibbles, 32, 8, 6>(q, s, K, M, G, m0, m1, x, ldx, N, out, ldo);
+}
+
 }  // namespace neon
 }  // namespace mm
 #endif  // __aarch64__

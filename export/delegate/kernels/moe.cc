@@ -41,6 +41,10 @@ int DecodeTile(int rows, int threads, int tile) {
   const int per = (rows + MM_DECODE_SPLIT * threads - 1) / (MM_DECODE_SPLIT * threads);
   return std::max(tile, (per + 15) / 16 * 16);
 }
+// Decode-sized steps split each output-axis expert matrix into this many blocks of input
+// rows per thread: each block is one contiguous stream (split by columns, every work item
+// read a short piece of every row: ~20% slower); 1 measured faster than 2 or 4.
+constexpr int kOutParts = 1;
 }  // namespace
 
 void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
@@ -111,6 +115,13 @@ static void ExpertMatrices(const MoeConfig& c, const MoeWeights& w, int e, const
   if (shared) {
     *gu = {w.shared_gate_up_q, w.shared_gate_up_s, 2 * F, D, Gd};
     *dn = {w.shared_down_q, w.shared_down_s, D, F, Gf};
+  } else if (c.experts_out) {
+    // [E, in, out], groups of G outputs: no tiles, and no zero-point sums (Acts::rows_f32).
+    const int G = c.group_size;
+    *gu = {w.gate_up_q + (size_t)e * D * F, w.gate_up_s + (size_t)e * D * (2 * F / G), 2 * F, D, G};
+    *dn = {w.down_q + (size_t)e * F * (D / 2), w.down_s + (size_t)e * F * (D / G), D, F, G};
+    gu->out_groups = dn->out_groups = true;
+    return;
   } else {
     *gu = {w.gate_up_q + (size_t)e * 2 * F * (D / 2), w.gate_up_s + (size_t)e * 2 * F * (D / Gd),
            2 * F, D, Gd};
@@ -130,10 +141,10 @@ void MoeBlock::PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, Thread
   if (std::equal(key, key + 4, wsum_key_) && !wsum_.empty()) return;
   const int E = c.num_experts, D = c.d_model, F = c.d_expert, Fs = c.d_shared;
   wsum_.assign((size_t)E * (2 * F + D) + (Fs > 0 ? 2 * Fs + D : 0), 0.f);
-  // Every matrix of the block (all experts: any may be routed to later), each
-  // with its place in wsum_.
+  // Every input-axis matrix of the block (all experts: any may be routed to later),
+  // each with its place in wsum_.
   std::vector<Q4Matrix> mats;
-  for (int e = 0; e < E + (Fs > 0); ++e) {
+  for (int e = c.experts_out ? E : 0; e < E + (Fs > 0); ++e) {
     Q4Matrix gu, dn;
     ExpertMatrices(c, w, e, wsum_.data(), &gu, &dn);
     mats.push_back(gu);
@@ -208,7 +219,8 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   if ((int)h_acts_.size() < nj) h_acts_.resize(nj);
   std::vector<int> first_item(nj + 1, 0);
   for (int j = 0; j < nj; ++j) {
-    x_acts_[j].Resize(jobs_[j].n, D, opt.mode, x_isa);
+    const bool out = jobs_[j].gate_up.out_groups;  // plain fp32 rows, any shape
+    x_acts_[j].Resize(jobs_[j].n, D, opt.mode, out ? isa : x_isa, out);
     first_item[j + 1] = first_item[j] + (jobs_[j].n + 15) / 16;
   }
   auto job_of = [&](int item) {
@@ -225,16 +237,39 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   });
 
   MM_TICK(1);
-  // Phase 1: gu_out[j] [n, 2F] = x[tokens] @ gate_up^T, split by row tiles.
+  // Phase 1: gu_out[j] [n, 2F] = x[tokens] @ gate_up^T, split by row tiles. Decode-sized
+  // steps split output-axis experts by input rows instead (kOutParts blocks, each one
+  // contiguous stream): partial sums in part_, added up in phase 2.
   gu_out_.resize(gu_total);
+  const bool split = T < 8 && c.experts_out;
+  const int parts = std::min(kOutParts * nthreads, std::min(D, c.d_expert));
+  auto is_split = [&](const Job& jb) { return split && jb.gate_up.out_groups; };
+  auto rows_of = [&](int p, int K, int* k0, int* k1) {
+    *k0 = (int)((int64_t)p * K / parts);
+    *k1 = (int)((int64_t)(p + 1) * K / parts);
+  };
+  std::vector<size_t> part_off(nj + 1, 0);  // per job: [parts, n, max(2F, D)] floats
+  for (int j = 0; j < nj; ++j)
+    part_off[j + 1] = part_off[j] + (is_split(jobs_[j]) ? (size_t)parts * jobs_[j].n *
+                                     std::max(2 * jobs_[j].F, D) : 0);
+  part_.resize(part_off[nj]);
   std::vector<int> tile1(nj);
   for (int j = 0; j < nj; ++j)
     tile1[j] = T < 8 ? DecodeTile(2 * jobs_[j].F, nthreads, kRowTile1) : kRowTile1;
   for (int j = 0; j < nj; ++j)
-    first_item[j + 1] = first_item[j] + (2 * jobs_[j].F + tile1[j] - 1) / tile1[j];
+    first_item[j + 1] = first_item[j] + (is_split(jobs_[j]) ? parts
+                                         : (2 * jobs_[j].F + tile1[j] - 1) / tile1[j]);
   pool->Run(first_item[nj], [&](int item, int) {
     const int j = job_of(item);
     const Job& jb = jobs_[j];
+    if (is_split(jb)) {
+      const int p = item - first_item[j];
+      int k0, k1;
+      rows_of(p, D, &k0, &k1);
+      Q4GemmOutRows(jb.gate_up, k0, k1, x_acts_[j],
+                    part_.data() + part_off[j] + (size_t)p * jb.n * 2 * jb.F, 2 * jb.F);
+      return;
+    }
     const int m0 = (item - first_item[j]) * tile1[j];
     const int m1 = std::min(2 * jb.F, m0 + tile1[j]);
     Q4Gemm(jb.gate_up, m0, m1, x_acts_[j], gu_out_.data() + jb.gu_off + m0, 2 * jb.F);
@@ -246,7 +281,9 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   h_.resize(h_total);
   for (int j = 0; j < nj; ++j) {
     const Job& jb = jobs_[j];
-    h_acts_[j].Resize(jb.n, jb.F, opt.mode, SimdShapeOk(jb.F, jb.down.G) ? isa : Isa::kScalar);
+    const bool out = jb.down.out_groups;
+    h_acts_[j].Resize(jb.n, jb.F, opt.mode,
+                      out || SimdShapeOk(jb.F, jb.down.G) ? isa : Isa::kScalar, out);
     first_item[j + 1] = first_item[j] + (jb.n + 3) / 4;
   }
   cheap->Run(first_item[nj], [&](int item, int) {
@@ -255,7 +292,14 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     const int n0 = (item - first_item[j]) * 4, n1 = std::min(jb.n, n0 + 4);
     float* h = h_.data() + jb.h_off;
     for (int n = n0; n < n1; ++n) {
-      const float* gu = gu_out_.data() + jb.gu_off + (size_t)n * 2 * jb.F;
+      float* gu = gu_out_.data() + jb.gu_off + (size_t)n * 2 * jb.F;
+      if (is_split(jb)) {  // the partial sums of phase 1
+        const size_t stride = (size_t)jb.n * 2 * jb.F;
+        const float* pt = part_.data() + part_off[j] + (size_t)n * 2 * jb.F;
+        std::copy(pt, pt + 2 * jb.F, gu);
+        for (int p = 1; p < parts; ++p)
+          for (int i = 0; i < 2 * jb.F; ++i) gu[i] += pt[p * stride + i];
+      }
       SiluMul(gu, gu + jb.F, h + (size_t)n * jb.F, jb.F, isa);
     }
     h_acts_[j].PrepareRows(h, jb.F, nullptr, n0, n1);
@@ -265,6 +309,19 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   // Phase 3: y[tokens, rows] += weight * (h @ down^T)[rows]. Work items own
   // disjoint output rows and loop over all jobs, so no two threads write the
   // same y element.
+  // Split output-axis experts first get their partial sums [parts, n, D] by input rows.
+  if (split) {
+    for (int j = 0; j < nj; ++j) first_item[j + 1] = first_item[j] + (is_split(jobs_[j]) ? parts : 0);
+    pool->Run(first_item[nj], [&](int item, int) {
+      const int j = job_of(item);
+      const Job& jb = jobs_[j];
+      const int p = item - first_item[j];
+      int k0, k1;
+      rows_of(p, jb.F, &k0, &k1);
+      Q4GemmOutRows(jb.down, k0, k1, h_acts_[j],
+                    part_.data() + part_off[j] + (size_t)p * jb.n * D, D);
+    });
+  }
   tmp_.resize(nthreads);
   const int tile3 = T < 8 ? DecodeTile(D, nthreads, kRowTile3) : kRowTile3;
   for (auto& t : tmp_) t.resize((size_t)T * tile3);
@@ -273,7 +330,18 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     float* tmp = tmp_[tid].data();
     for (int j = 0; j < nj; ++j) {
       const Job& jb = jobs_[j];
-      Q4Gemm(jb.down, m0, m1, h_acts_[j], tmp, tile3);
+      if (is_split(jb)) {
+        const size_t stride = (size_t)jb.n * D;
+        for (int n = 0; n < jb.n; ++n) {
+          const float* pt = part_.data() + part_off[j] + (size_t)n * D;
+          float* tr = tmp + (size_t)n * tile3 - m0;
+          for (int m = m0; m < m1; ++m) tr[m] = pt[m];
+          for (int p = 1; p < parts; ++p)
+            for (int m = m0; m < m1; ++m) tr[m] += pt[p * stride + m];
+        }
+      } else {
+        Q4Gemm(jb.down, m0, m1, h_acts_[j], tmp, tile3);
+      }
       for (int n = 0; n < jb.n; ++n) {
         float* yr = y + (size_t)jb.tokens[n] * D;
         const float wn = jb.weights[n];

@@ -19,16 +19,19 @@ struct MoeConfig {
   bool softmax = true;  // else sigmoid
   bool norm_topk_prob = false;
   float routed_scale = 1.f;
-  int weight_tiles = 0;  // the INT4 matrices' layout: 0 rows, 16 tiles (Q4Matrix::tiles)
+  int weight_tiles = 0;  // the input-axis INT4 matrices' layout: 0 rows, 16 tiles (Q4Matrix::tiles)
+  // Routed experts stored [E, in, out] with groups along the output axis (the released
+  // MobileMoE's layout, Q4Matrix::out_groups); the shared expert stays input-axis.
+  bool experts_out = false;
 };
 
 struct MoeWeights {
   const float* router_w = nullptr;     // [E, D]
   const float* router_b = nullptr;     // [E] or null
-  const uint8_t* gate_up_q = nullptr;  // [E, 2F, D/2]
-  const float* gate_up_s = nullptr;    // [E, 2F, D/G] ([E, 2F, 1] channel-wise)
-  const uint8_t* down_q = nullptr;     // [E, D, F/2]
-  const float* down_s = nullptr;       // [E, D, F/G]
+  const uint8_t* gate_up_q = nullptr;  // [E, 2F, D/2] (experts_out: [E, D, 2F/2])
+  const float* gate_up_s = nullptr;    // [E, 2F, D/G] ([E, 2F, 1] channel-wise; out: [E, D, 2F/G])
+  const uint8_t* down_q = nullptr;     // [E, D, F/2] (out: [E, F, D/2])
+  const float* down_s = nullptr;       // [E, D, F/G] (out: [E, F, D/G])
   const uint8_t* shared_gate_up_q = nullptr;  // [2Fs, D/2] or null
   const float* shared_gate_up_s = nullptr;
   const uint8_t* shared_down_q = nullptr;     // [D, Fs/2]
@@ -80,6 +83,7 @@ class MoeBlock {
   std::vector<Acts> h_acts_;                // per job: its SwiGLU hidden
   std::vector<float> gu_out_;               // per job [n, 2F]
   std::vector<float> h_;                    // per job [n, F]
+  std::vector<float> part_;                 // decode, output-axis experts: partial sums
   std::vector<std::vector<float>> tmp_;     // per thread [T, tile]
   ThreadPool inline_pool_{1};               // runs items on the caller
 };

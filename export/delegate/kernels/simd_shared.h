@@ -125,6 +125,107 @@ struct Vec {
   typedef int32_t I __attribute__((vector_size(4 * W)));
 };
 
+// Output-axis groups (kernels.h Q4Matrix::out_groups; the released experts [in, out]).
+// Each input row k adds x[n,k] * s[k,g] * q[k, cols] to NT tokens' accumulators over CB
+// bytes (2 * CB columns) of the row: the weights are unpacked once per row chunk and reused
+// across tokens. One token: the scale folds into its coefficient x * s (one multiply per
+// group, not per weight); more: into the weights (one multiply per vector, shared by the
+// tokens, whose x then needs only a broadcast). Accumulators hold even (low nibble) and odd
+// (high nibble) columns apart, interleaved once at the end. W-byte vectors never straddle
+// two groups (the caller's columns start at a multiple of 2W; (G/2) % W == 0).
+constexpr int kOutPrefetchRows = 16;  // software prefetch distance, in input rows (8 and 32 were slower)
+
+// U (each SIMD file's): W floats per vector, U::Unpack(p, lo, hi): the W bytes at p as
+// fp32 vectors of their signed low and high nibbles.
+template <class U, int CB, int NT>
+inline void TileOut(const uint8_t* q, size_t ldw, const float* s, size_t lds, int j0, int G2,
+                    int K, const float* x, int ldx, float* out, int ldo) {
+  constexpr int W = U::W;
+  using F = typename Vec<W>::F;
+  constexpr int NV = CB / W;
+  F lo[NT][NV], hi[NT][NV];
+  MM_UNROLL for (int n = 0; n < NT; ++n)
+    MM_UNROLL for (int v = 0; v < NV; ++v) lo[n][v] = hi[n][v] = F{};
+  int sg[NV];  // each vector's group, from the row's first scale
+  for (int v = 0; v < NV; ++v) sg[v] = (j0 + v * W) / G2;
+  for (int k = 0; k < K; ++k) {
+    const uint8_t* row = q + (size_t)k * ldw + j0;
+    __builtin_prefetch(row + kOutPrefetchRows * ldw, 0, 3);
+    __builtin_prefetch(row + kOutPrefetchRows * ldw + CB - 1, 0, 3);  // a chunk may span two lines
+    const float* sr = s + (size_t)k * lds;
+    F wl[NV], wh[NV];
+    MM_UNROLL for (int v = 0; v < NV; ++v) U::Unpack(row + v * W, wl[v], wh[v]);
+    if constexpr (NT == 1) {
+      const float xk = x[k];
+      MM_UNROLL for (int v = 0; v < NV; ++v) {
+        const F c = F{} + xk * sr[sg[v]];
+        lo[0][v] += c * wl[v];
+        hi[0][v] += c * wh[v];
+      }
+    } else {
+      MM_UNROLL for (int v = 0; v < NV; ++v) {
+        const F sc = F{} + sr[sg[v]];
+        wl[v] *= sc;
+        wh[v] *= sc;
+      }
+      MM_UNROLL for (int n = 0; n < NT; ++n) {
+        const F xn = F{} + x[(size_t)n * ldx + k];
+        MM_UNROLL for (int v = 0; v < NV; ++v) {
+          lo[n][v] += xn * wl[v];
+          hi[n][v] += xn * wh[v];
+        }
+      }
+    }
+  }
+  MM_UNROLL for (int n = 0; n < NT; ++n)
+    MM_UNROLL for (int v = 0; v < NV; ++v) {
+      float l[W], h[W];
+      std::memcpy(l, &lo[n][v], sizeof(l));
+      std::memcpy(h, &hi[n][v], sizeof(h));
+      float* o = out + (size_t)n * ldo + 2 * v * W;
+      for (int j = 0; j < W; ++j) {
+        o[2 * j] = l[j];
+        o[2 * j + 1] = h[j];
+      }
+    }
+}
+
+// TileOut for nt tokens (1 <= nt <= NT), as a compile-time count.
+template <class U, int CB, int NT>
+inline void TileOutTokens(int nt, const uint8_t* q, size_t ldw, const float* s, size_t lds,
+                          int j0, int G2, int K, const float* x, int ldx, float* out, int ldo) {
+  if constexpr (NT > 1) {
+    if (nt < NT)
+      return TileOutTokens<U, CB, NT - 1>(nt, q, ldw, s, lds, j0, G2, K, x, ldx, out, ldo);
+  }
+  TileOut<U, CB, NT>(q, ldw, s, lds, j0, G2, K, x, ldx, out, ldo);
+}
+
+// Columns [m0, m1) (multiples of 2W) of q [K, M/2], s [K, M/G] for N tokens x (rows ldx apart):
+// one token in chunks of CB1 bytes, more in chunks of CBN bytes x NTN tokens, the rest
+// one vector (2W columns) at a time.
+template <class U, int CB1, int CBN, int NTN>
+inline void GemmOutVec(const uint8_t* q, const float* s, int K, int M, int G, int m0, int m1,
+                       const float* x, int ldx, int N, float* out, int ldo) {
+  constexpr int W = U::W;
+  const size_t ldw = M / 2, lds = M / G;
+  const int G2 = G / 2, j1 = m1 / 2;
+  auto tokens = [&](auto cb, int j) {
+    constexpr int C = decltype(cb)::value;
+    for (int n0 = 0; n0 < N; n0 += NTN)
+      TileOutTokens<U, C, NTN>(N - n0 < NTN ? N - n0 : NTN, q, ldw, s, lds, j, G2, K,
+                               x + (size_t)n0 * ldx, ldx, out + (size_t)n0 * ldo + (2 * j - m0), ldo);
+  };
+  int j = m0 / 2;
+  if (N == 1) {
+    for (; j + CB1 <= j1; j += CB1)
+      TileOut<U, CB1, 1>(q, ldw, s, lds, j, G2, K, x, ldx, out + (2 * j - m0), ldo);
+  } else {
+    for (; j + CBN <= j1; j += CBN) tokens(Int<CBN>(), j);
+  }
+  for (; j + W <= j1; j += W) tokens(Int<W>(), j);
+}
+
 // exp(x) for x <= 0 (SiLU only needs exp(-|g|)): 2^n * p(r), |rel err| ~1e-7.
 template <int W>
 inline typename Vec<W>::F ExpNeg(typename Vec<W>::F x) {

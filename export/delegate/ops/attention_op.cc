@@ -70,15 +70,11 @@ const char* AttentionOp::name() const { return kAttnName; }
 TfLiteStatus AttentionOp::Prepare(TfLiteContext* ctx, Partition* part, std::string* why) {
   // The app may resize any input after the claim (more tokens, another cache length).
   if (!CheckInputs(ctx, inputs, cfg_, why)) return kLiteError;
-  if (!part->IsInternal(output) && !IsWritable(ctx->tensors[output])) {
-    *why = "output is not writable";
-    return kLiteError;
-  }
   const int T = ctx->tensors[inputs[kAttnQ]].dims->data[1];
   const int HD = cfg_.num_heads * cfg_.head_dim;  // fits: ParseAttentionOptions
   size_t numel;
   if (!NumElements({T, HD}, &numel)) { *why = "output too large"; return kLiteError; }
-  return part->SetOutput(ctx, output, {1, T, HD}, numel, false);
+  return ShapeOutput(ctx, part, {1, T, HD}, numel, false, why);
 }
 
 TfLiteStatus AttentionOp::Eval(TfLiteContext* ctx, Partition* part, const RunEnv& env,

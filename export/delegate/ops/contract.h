@@ -17,6 +17,7 @@ constexpr const char* kMoeOptNormTopkProb = "norm_topk_prob";  // bool, optional
 constexpr const char* kMoeOptRoutedScale = "routed_scale";  // float, optional
 constexpr const char* kMoeOptAct = "act";  // string, optional
 constexpr const char* kMoeOptWeightTiles = "weight_tiles";  // int, optional
+constexpr const char* kMoeOptExpertGroupAxis = "expert_group_axis";  // string, optional
 
 constexpr const char* kAttnName = "MobileKvAttention";
 enum AttnSlot { kAttnQ = 0, kAttnKNew = 1, kAttnVNew = 2, kAttnKCache = 3, kAttnVCache = 4, kAttnInputPos = 5, kAttnSlots = 6 };

@@ -55,20 +55,10 @@ TfLiteStatus FcOp::Prepare(TfLiteContext* ctx, Partition* part, std::string* why
   // x may have been resized since the claim; the output is [..., M] (or [N, M]).
   std::vector<int> dims;
   size_t numel, y_numel;
-  const int x = inputs[kFcX];
-  if (!part->Dims(ctx, x, &dims) || dims.empty() || dims.back() != w_.K ||
-      !NumElements(dims, &numel) ||
-      (!part->IsInternal(x) && ctx->tensors[x].bytes != numel * sizeof(float))) {
-    *why = "x must be float32 [..., K=" + std::to_string(w_.K) + "], got " + Dims(dims);
-    return kLiteError;
-  }
+  if (!CheckRows(ctx, *part, inputs[kFcX], w_.K, "K", &dims, &numel, why)) return kLiteError;
   dims.back() = w_.M;
   if (!NumElements(dims, &y_numel)) { *why = "output too large"; return kLiteError; }
-  if (!part->IsInternal(output) && !IsWritable(ctx->tensors[output])) {
-    *why = "output is not writable";
-    return kLiteError;
-  }
-  return part->SetOutput(ctx, output, dims, y_numel, true);
+  return ShapeOutput(ctx, part, dims, y_numel, true, why);
 }
 
 TfLiteStatus FcOp::Eval(TfLiteContext* ctx, Partition* part, const RunEnv& env,

@@ -43,11 +43,22 @@ bool MoeOp::CheckWeights(const TfLiteContext* ctx, const std::vector<int>& in,
   if (!CheckF32(T[in[kMoeRouterW]], {E, D}, "router_w", why)) return false;
   if (in[kMoeRouterBias] >= 0 && !CheckF32(T[in[kMoeRouterBias]], {E}, "router_bias", why))
     return false;
-  if (!CheckQ4(T[in[kMoeGateUpQ]], E, 2 * F, D, "gate_up_q", why) ||
-      !CheckF32(T[in[kMoeGateUpS]], {E, 2 * F, ng(D)}, "gate_up_s", why) ||
-      !CheckQ4(T[in[kMoeDownQ]], E, D, F, "down_q", why) ||
-      !CheckF32(T[in[kMoeDownS]], {E, D, ng(F)}, "down_s", why))
+  if (c.experts_out) {
+    // [E, in, out] with groups of G outputs (group_size > 0: ParseMoeOptions).
+    const bool ok = CheckQ4(T[in[kMoeGateUpQ]], E, D, 2 * F, "gate_up_q", why) &&
+                    CheckF32(T[in[kMoeGateUpS]], {E, D, 2 * F / c.group_size}, "gate_up_s", why) &&
+                    CheckQ4(T[in[kMoeDownQ]], E, F, D, "down_q", why) &&
+                    CheckF32(T[in[kMoeDownS]], {E, F, D / c.group_size}, "down_s", why);
+    if (!ok) {
+      *why += " (expert_group_axis 'out': [E, in, out], groups along out)";
+      return false;
+    }
+  } else if (!CheckQ4(T[in[kMoeGateUpQ]], E, 2 * F, D, "gate_up_q", why) ||
+             !CheckF32(T[in[kMoeGateUpS]], {E, 2 * F, ng(D)}, "gate_up_s", why) ||
+             !CheckQ4(T[in[kMoeDownQ]], E, D, F, "down_q", why) ||
+             !CheckF32(T[in[kMoeDownS]], {E, D, ng(F)}, "down_s", why)) {
     return false;
+  }
   bool any_shared = false;
   for (int s = kMoeSharedGateUpQ; s <= kMoeSharedDownS; ++s) any_shared |= in[s] >= 0;
   if (Fs == 0 && any_shared) { *why = "shared expert inputs given but d_shared=0"; return false; }
@@ -73,35 +84,15 @@ MoeOp::MoeOp(const MoeConfig& c, const TfLiteNode* node) : cfg_(c) { Init(node, 
 
 const char* MoeOp::name() const { return kMoeName; }
 
-bool MoeOp::CheckX(TfLiteContext* ctx, const Partition& part, std::vector<int>* dims,
-                   size_t* numel, std::string* why) const {
-  const int x = inputs[kMoeX];
-  if (!part.Dims(ctx, x, dims) || dims->empty() || dims->back() != cfg_.d_model ||
-      !NumElements(*dims, numel)) {
-    *why = "x must be float32 [..., d_model=" + std::to_string(cfg_.d_model) + "], got " +
-           Dims(*dims);
-    return false;
-  }
-  if (!part.IsInternal(x) && ctx->tensors[x].bytes != *numel * sizeof(float)) {
-    *why = "x holds " + std::to_string(ctx->tensors[x].bytes) + " bytes for shape " + Dims(*dims);
-    return false;
-  }
-  return true;
-}
-
 TfLiteStatus MoeOp::Prepare(TfLiteContext* ctx, Partition* part, std::string* why) {
   // Tensors may have been resized since the claim: x (the app, or a reshape in front of
   // us) and, in a hostile file, anything else; everything is checked again.
   std::vector<int> dims;
   size_t numel;
-  if (!CheckX(ctx, *part, &dims, &numel, why) || !CheckWeights(ctx, inputs, cfg_, why))
+  if (!CheckRows(ctx, *part, inputs[kMoeX], cfg_.d_model, "d_model", &dims, &numel, why) ||
+      !CheckWeights(ctx, inputs, cfg_, why))
     return kLiteError;
-  if (!part->IsInternal(output) && !IsWritable(ctx->tensors[output])) {
-    *why = "output is not writable";
-    return kLiteError;
-  }
-  // y has x's shape.
-  return part->SetOutput(ctx, output, dims, numel, false);
+  return ShapeOutput(ctx, part, dims, numel, false, why);   // y has x's shape
 }
 
 TfLiteStatus MoeOp::Eval(TfLiteContext* ctx, Partition* part, const RunEnv& env,

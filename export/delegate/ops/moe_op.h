@@ -23,9 +23,6 @@ class MoeOp : public Op {
   // The weights (every slot but x; `in` padded to all slots, -1 absent) against c.
   static bool CheckWeights(const TfLiteContext* ctx, const std::vector<int>& in,
                            const MoeConfig& c, std::string* why);
-  // x's shape [..., d_model] and, for a runtime tensor, its bytes.
-  bool CheckX(TfLiteContext* ctx, const Partition& part, std::vector<int>* dims,
-              size_t* numel, std::string* why) const;
 
   MoeConfig cfg_;
   MoeBlock block_;

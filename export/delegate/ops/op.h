@@ -17,6 +17,7 @@
 #include "abi.h"
 #include "kernels/kernels.h"
 #include "kernels/threadpool.h"
+#include "ops/checks.h"
 
 namespace mm {
 
@@ -125,6 +126,35 @@ class Op {
     inputs.assign(node->inputs->data, node->inputs->data + node->inputs->size);
     inputs.resize(std::max((int)inputs.size(), slots), -1);
     output = node->outputs->data[0];
+  }
+
+  // Prepare's first step for a row input x: float32 [..., `last_name`=last] (it may have
+  // been resized since the claim) and, for a runtime tensor, its bytes.
+  static bool CheckRows(TfLiteContext* ctx, const Partition& part, int x, int last,
+                        const char* last_name, std::vector<int>* dims, size_t* numel,
+                        std::string* why) {
+    if (!part.Dims(ctx, x, dims) || dims->empty() || dims->back() != last ||
+        !NumElements(*dims, numel)) {
+      *why = std::string("x must be float32 [..., ") + last_name + "=" + std::to_string(last) +
+             "], got " + Dims(*dims);
+      return false;
+    }
+    if (!part.IsInternal(x) && ctx->tensors[x].bytes != *numel * sizeof(float)) {
+      *why = "x holds " + std::to_string(ctx->tensors[x].bytes) + " bytes for shape " + Dims(*dims);
+      return false;
+    }
+    return true;
+  }
+
+  // Prepare's last step: the output (writable runtime memory unless the partition holds
+  // it) given its shape.
+  TfLiteStatus ShapeOutput(TfLiteContext* ctx, Partition* part, const std::vector<int>& dims,
+                           size_t numel, bool flat_ok, std::string* why) const {
+    if (!part->IsInternal(output) && !IsWritable(ctx->tensors[output])) {
+      *why = "output is not writable";
+      return kLiteError;
+    }
+    return part->SetOutput(ctx, output, dims, numel, flat_ok);
   }
 };
 

@@ -69,6 +69,13 @@ bool ParseMoeOptions(const void* data, int size, MoeConfig* c, std::string* why)
     }
     c->softmax = v.s == "softmax";
   }
+  if (m.Find(kMoeOptExpertGroupAxis, &v)) {
+    if (v.type != flexbuf::kString || (v.s != "in" && v.s != "out")) {
+      *why = "unsupported expert_group_axis '" + Shown(v.s) + "' (in|out)";
+      return false;
+    }
+    c->experts_out = v.s == "out";
+  }
   if (m.Find(kMoeOptAct, &v) && (v.type != flexbuf::kString || v.s != "silu")) {
     *why = "unsupported act '" + Shown(v.s) + "' (only silu)";
     return false;
@@ -96,12 +103,18 @@ bool ParseMoeOptions(const void* data, int size, MoeConfig* c, std::string* why)
            std::to_string(Fs) + " G=" + std::to_string(G) + ")";
     return false;
   }
-  // weight_tiles 16: every matrix [rows, K] in 16-row tiles (moe_op.py tile_rows).
+  // Output-axis groups run along each column of [in, out]: there is no channel-wise form.
+  if (c->experts_out && G == 0) {
+    *why = "expert_group_axis 'out' needs group_size > 0 (groups of outputs)";
+    return false;
+  }
+  // weight_tiles 16: every input-axis matrix [rows, K] in 16-row tiles (moe_op.py tile_rows);
+  // 'out' experts keep their [in, out] rows.
   if (c->weight_tiles != 0 && c->weight_tiles != kTileRows) {
     *why = "weight_tiles must be 0 (rows) or 16, got " + std::to_string(c->weight_tiles);
     return false;
   }
-  if (c->weight_tiles && !(TilesOk(2 * F, D) && TilesOk(D, F) &&
+  if (c->weight_tiles && !((c->experts_out || (TilesOk(2 * F, D) && TilesOk(D, F))) &&
                            (Fs == 0 || (TilesOk(2 * Fs, D) && TilesOk(D, Fs))))) {
     *why = "weight_tiles 16 needs d_model, d_expert and d_shared to be multiples of 128 "
            "(got D=" + std::to_string(D) + " F=" + std::to_string(F) + " Fs=" +

@@ -1,9 +1,11 @@
 // Timing harness for MoeBlock::Run outside LiteRT (not part of the .so):
-// MobileMoE-S's block (D=768, 64 experts of 512, top-4, shared 512) with
-// random INT4 weights, NB different weight sets so decode streams from DRAM.
+// MobileMoE-S's block (D=768, 64 experts of 512, top-4, shared 512; `released`: the
+// released S's 60 experts of 384, top-4, shared 1536) with random INT4 weights, NB
+// different weight sets so decode streams from DRAM.
 // Build: `make -C export/delegate bench_block` (PROFILE=1: time per phase).
 //   ./bench_block T [iters] [threads] [group_size (0: channel-wise)] [kernel auto/avx2/scalar]
 //                 [weight sets, 8] [busy us between blocks, 0] [weight_tiles, 0 or 16]
+//                 [expert_group_axis, in or out] [shape, guess or released]
 // Prints the median and 10th percentile wall time per block and the CPU time.
 #include <algorithm>
 #include <chrono>
@@ -32,11 +34,14 @@ int main(int argc, char** argv) {
   // long enough and the pool's workers go to sleep between blocks.
   const int gap_us = argc > 7 ? atoi(argv[7]) : 0;
   const int tiles = argc > 8 ? atoi(argv[8]) : 0;
+  const bool out = argc > 9 && !strcmp(argv[9], "out");
+  const bool released = argc > 10 && !strcmp(argv[10], "released");
+  const int E = released ? 60 : 64, D = 768, F = released ? 384 : 512, Fs = released ? 1536 : 512;
   MoeConfig c;
-  c.num_experts = 64; c.top_k = 4; c.d_model = 768; c.d_expert = 512; c.d_shared = 512;
+  c.num_experts = E; c.top_k = 4; c.d_model = D; c.d_expert = F; c.d_shared = Fs;
   c.group_size = G;
   c.weight_tiles = tiles;
-  const int E = 64, D = 768, F = 512, Fs = 512;
+  c.experts_out = out;
   auto ng = [&](int K) { return G ? K / G : 1; };
   std::mt19937 rng(0);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -54,8 +59,13 @@ int main(int argc, char** argv) {
     w.r.resize((size_t)E * D);
     for (auto& v : w.r) v = nd(rng) / std::sqrt((float)D);
     w.rb.assign(E, 0.f);
-    q4(w.gq, w.gs, (size_t)E * 2 * F, D);
-    q4(w.dq, w.ds, (size_t)E * D, F);
+    if (out) {  // [E, in, out]: rows are inputs, packed and grouped along the outputs
+      q4(w.gq, w.gs, (size_t)E * D, 2 * F);
+      q4(w.dq, w.ds, (size_t)E * F, D);
+    } else {
+      q4(w.gq, w.gs, (size_t)E * 2 * F, D);
+      q4(w.dq, w.ds, (size_t)E * D, F);
+    }
     q4(w.sgq, w.sgs, 2 * Fs, D);
     q4(w.sdq, w.sds, D, Fs);
     if (tiles) {  // the same weights in 16-row tiles, matrix by matrix
@@ -65,7 +75,8 @@ int main(int argc, char** argv) {
           TileRows(q.data() + (size_t)e * M * (K / 2), M, K, t.data() + (size_t)e * M * (K / 2));
         q.swap(t);
       };
-      tile(w.gq, E, 2 * F, D); tile(w.dq, E, D, F); tile(w.sgq, 1, 2 * Fs, D); tile(w.sdq, 1, D, Fs);
+      if (!out) { tile(w.gq, E, 2 * F, D); tile(w.dq, E, D, F); }
+      tile(w.sgq, 1, 2 * Fs, D); tile(w.sdq, 1, D, Fs);
     }
     mw[b] = {w.r.data(), w.rb.data(), w.gq.data(), w.gs.data(), w.dq.data(), w.ds.data(),
              w.sgq.data(), w.sgs.data(), w.sdq.data(), w.sds.data()};
@@ -104,8 +115,8 @@ int main(int argc, char** argv) {
   std::sort(t.begin(), t.end());
   const double cpu =
       ((c1.tv_sec - c0.tv_sec) * 1e3 + (c1.tv_nsec - c0.tv_nsec) * 1e-6 - cpu_gap_ms) / iters / NB;
-  printf("T=%d G=%d tiles=%d threads=%d %s: median %.4f ms  p10 %.4f ms  cpu %.4f ms/block  (%d x %d blocks)\n",
-         T, G, tiles, threads, IsaName(KernelIsa(opt.cap)), t[t.size() / 2], t[t.size() / 10], cpu, iters, NB);
+  printf("%s experts=%s T=%d G=%d tiles=%d threads=%d %s: median %.4f ms  p10 %.4f ms  cpu %.4f ms/block  (%d x %d blocks)\n",
+         released ? "released-S" : "S-guess", out ? "out" : "in", T, G, tiles, threads, IsaName(KernelIsa(opt.cap)), t[t.size() / 2], t[t.size() / 10], cpu, iters, NB);
 #ifdef MM_PROFILE
   const char* names[5] = {"route", "prep x", "gate/up", "silu+prep h", "down+combine"};
   for (int i = 0; i < 5; ++i) printf("  %-13s %.4f ms/block\n", names[i], g_phase_ms[i] / iters / NB);

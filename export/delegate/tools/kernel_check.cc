@@ -2,7 +2,8 @@
 // random INT4 matrices and activations, every (K, G, N, M, mode) combination
 // (G == K: channel-wise, one scale per row), and the 16-row tiled layout
 // against the row layout (M % 16 == 0: whole matrix, from row 16, from row 5),
-// for each SIMD family this CPU runs (AVX-512 and AVX2 on x86, NEON on arm64).
+// for each SIMD family this CPU runs (AVX-512 and AVX2 on x86, NEON on arm64); and the
+// output-axis layout (Q4Matrix::out_groups, CheckOut) over odd shapes and column ranges.
 // Used by tests/test_delegate_kernels.py (natively, and arm64 under qemu).
 //   g++ -std=c++17 -O2 -I export/delegate [-DMM_HAVE_...] tools/kernel_check.cc
 //       kernels/kernels.cc [kernels/kernels_<isa>.cc ...] && ./a.out
@@ -14,6 +15,60 @@
 #include "kernels/kernels.h"
 
 using namespace mm;
+
+// Output-axis groups: SIMD vs scalar on fp32 rows (Acts::rows_f32) in both modes; ragged
+// column ranges make the SIMD kernels hand their ends to the scalar code.
+static int CheckOut(Isa isa, std::mt19937& rng) {
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  int checks = 0;
+  for (int K : {1, 7, 64, 384})
+  for (int G : {32, 64})
+  for (int M : {32, 96, 160, 768}) {
+    if (M % G) continue;
+    std::vector<uint8_t> q((size_t)K * M / 2);
+    for (auto& b : q) b = (uint8_t)rng();
+    std::vector<float> s((size_t)K * M / G);
+    for (auto& v : s) v = 0.01f + 0.05f * std::fabs(u(rng));
+    Q4Matrix w{q.data(), s.data(), M, K, G};
+    w.out_groups = true;
+    for (int N : {1, 2, 3, 5, 9}) {
+      std::vector<float> x((size_t)N * K);
+      for (auto& v : x) v = u(rng);
+      for (ActMode mode : {ActMode::kF32, ActMode::kI8}) {
+        Acts simd, plain;
+        simd.Resize(N, K, mode, isa, true);
+        plain.Resize(N, K, mode, Isa::kScalar, true);
+        simd.PrepareRows(x.data(), K, nullptr, 0, N);
+        plain.PrepareRows(x.data(), K, nullptr, 0, N);
+        // SIMD vs scalar on one call (ragged columns [m0, m1), or rows [k0, M) when m0 < 0:
+        // decode's split by input rows, x rows K apart).
+        auto same = [&](int m0, int m1, int k0) {
+          std::vector<float> a((size_t)N * M, 7.f), b((size_t)N * M, 7.f);
+          if (m0 >= 0) {
+            Q4Gemm(w, m0, m1, simd, a.data(), M);
+            Q4Gemm(w, m0, m1, plain, b.data(), M);
+          } else {
+            Q4GemmOutRows(w, k0, K, simd, a.data(), M);
+            Q4GemmOutRows(w, k0, K, plain, b.data(), M);
+          }
+          float err = 0, scale = 0;
+          for (size_t i = 0; i < a.size(); ++i) {
+            err = std::fmax(err, std::fabs(a[i] - b[i]));
+            scale = std::fmax(scale, std::fabs(b[i]));
+          }
+          ++checks;
+          if (err <= 1e-5f * scale + 1e-6f) return true;
+          printf("MISMATCH %s out_groups K=%d G=%d M=%d N=%d cols=[%d,%d) rows from %d mode=%d "
+                 "err=%g scale=%g\n", IsaName(isa), K, G, M, N, m0, m1, k0, (int)mode, err, scale);
+          return false;
+        };
+        if (!same(0, M, 0) || !same(6, M - 10, 0) || !same(32, M, 0) || !same(-1, -1, K / 3))
+          return -1;
+      }
+    }
+  }
+  return checks;
+}
 
 static int Check(Isa isa) {
   std::mt19937 rng(0);
@@ -92,7 +147,8 @@ static int Check(Isa isa) {
     printf("MISMATCH %s Dot: %g vs %g\n", IsaName(isa), d1, d2);
     return -1;
   }
-  return checks + 2;
+  const int out = CheckOut(isa, rng);
+  return out < 0 ? -1 : checks + 2 + out;
 }
 
 int main() {
