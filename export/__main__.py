@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 
-def verify(model, path, quant: str, embedding: str, tokenizer=None, n_greedy: int = 16) -> dict:
+def verify(model, path, quant: str, embedding: str, tokenizer=None, n_greedy: int = 16,
+           moe: str = 'portable') -> dict:
   """Runs the .tflite (prefill + decode) against PyTorch computing what the .tflite should:
   weights on our grid (litert.fake_quant) and, for integer weights, each FC input on the
   int8 grid LiteRT quantizes it to at run time (grid.fake_quant_act, 'int8_dynamic').
@@ -35,7 +36,7 @@ def verify(model, path, quant: str, embedding: str, tokenizer=None, n_greedy: in
     from export import delegate
     dlg = delegate.load(activations='fp32')
   lm = LiteRTLM(path, delegate=dlg)
-  ref_model = litert.fake_quant(model, quant, embedding)
+  ref_model = litert.fake_quant(model, quant, embedding, moe)   # the file's experts: moe's grid
   if quant != 'fp32':
     quantize_fc_inputs(ref_model)
   if tokenizer is not None:
@@ -219,7 +220,7 @@ def main(argv=None):
   rep['float_fc_weights'] = len(litert.check_router(a.out))
   if not a.no_verify:
     print('[export] verifying against PyTorch (prefill + decode)...', flush=True)
-    rep['verify'] = verify(model, a.out, a.quant, a.embedding, tok)
+    rep['verify'] = verify(model, a.out, a.quant, a.embedding, tok, moe=a.moe)
   if a.litertlm:
     rep['litertlm'] = export_litertlm(model, a, prefill)
   rep['seconds'] = round(time.time() - t0, 1)

@@ -255,11 +255,16 @@ def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='por
   model.set_moe_lowering(moe, group_size=moe_group_size(quant))
   model.set_attention_lowering(attention)
   model.set_kv_cache_dtype(kv_cache)
-  with tempfile.TemporaryDirectory() as tmp:
-    fp32 = os.path.join(tmp, 'fp32.tflite')
-    convert_fp32(model, fp32, prefill_lens, kv_len, log, prefill_logits, convention)
-    quantize(fp32, out_path, quant, embedding, model.cfg, log)
-  exact = write_grid(out_path, model, quant, embedding, log)
+  try:
+    with tempfile.TemporaryDirectory() as tmp:
+      fp32 = os.path.join(tmp, 'fp32.tflite')
+      convert_fp32(model, fp32, prefill_lens, kv_len, log, prefill_logits, convention)
+      quantize(fp32, out_path, quant, embedding, model.cfg, log)
+    exact = write_grid(out_path, model, quant, embedding, log)
+  finally:   # the caller's model comes back as it was given: the next export starts plain
+    model.set_moe_lowering('portable')
+    model.set_attention_lowering('portable')
+    model.set_kv_cache_dtype('f32')
   return dict(report(out_path), exact_grid=exact)
 
 

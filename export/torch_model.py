@@ -349,8 +349,9 @@ class MobileMoE(nn.Module):
     for b in self.blocks:
       if isinstance(b.ffn, MoE):
         b.ffn.lowering = lowering
-        if lowering == 'delegate':
-          b.ffn.op = moe_op.MoeBlockOp(b.ffn, group_size, weight_tiles)
+        # The op's tensors alias the module's weights: none may stay behind once portable
+        # (a save would then see shared tensors).
+        b.ffn.op = moe_op.MoeBlockOp(b.ffn, group_size, weight_tiles) if lowering == 'delegate' else None
     return self
 
   def set_attention_lowering(self, lowering: str):
