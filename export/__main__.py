@@ -20,8 +20,9 @@ import numpy as np
 def verify(model, path, quant: str, embedding: str, tokenizer=None, n_greedy: int = 16,
            moe: str = 'portable') -> dict:
   """Runs the .tflite (prefill + decode) against PyTorch computing what the .tflite should:
-  weights on our grid (litert.fake_quant) and, for integer weights, each FC input on the
-  int8 grid LiteRT quantizes it to at run time (grid.fake_quant_act, 'int8_dynamic').
+  weights on our grid with block scales as XNNPACK rounds them (litert.fake_quant) and, for
+  integer weights, each FC input on the int8 grid LiteRT quantizes it to at run time
+  (grid.fake_quant_act, 'int8_dynamic').
   Prompts: text (runner.PROMPTS) when a tokenizer is given, else random token ids (not text:
   a trained model's top logits are near-ties there, so greedy agreement means little).
   Reports max logit error and argmax agreement over prompt + continuation, greedy tokens
@@ -36,7 +37,7 @@ def verify(model, path, quant: str, embedding: str, tokenizer=None, n_greedy: in
     from export import delegate
     dlg = delegate.load(activations='fp32')
   lm = LiteRTLM(path, delegate=dlg)
-  ref_model = litert.fake_quant(model, quant, embedding, moe)   # the file's experts: moe's grid
+  ref_model = litert.fake_quant(model, quant, embedding, moe, xnnpack=True)   # experts: moe's grid
   if quant != 'fp32':
     quantize_fc_inputs(ref_model)
   if tokenizer is not None:

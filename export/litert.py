@@ -393,29 +393,36 @@ def check_router(path: str):
   return out
 
 
-def fake_quant(model, quant: str, embedding: str, moe: str = 'portable'):
+def fake_quant(model, quant: str, embedding: str, moe: str = 'portable', xnnpack: bool = False):
   """A copy of the torch model whose weights are replaced by their dequantized grid values
   (quant.grid), i.e. what the quantized .tflite holds: every FC but the routers on `quant`,
   the embedding gather on `embedding`, a tied lm_head as its own FC weight. Activations
   stay float (the .tflite quantizes them dynamically on top). moe: the file's MoE lowering;
   'delegate' keeps the routed experts the MobileMoeBlock op holds exactly (a release
   checkpoint's out-axis integers, moe_op.exact_experts) at their values; 'portable' files
-  re-grid them."""
+  re-grid them. xnnpack: the values XNNPACK computes with instead, which rounds the fp16
+  scales of block-wise FC weights to bf16 (xnnpack_block_scales); the gather and the
+  MobileMoeBlock op use the stored ones."""
   import copy
   from export import moe_op, torch_model
   from mobilemoe_jax.quant import grid
   fc, emb = _schemes(quant, embedding)
-  exact = set()
+  exact, in_op = set(), set()
   if moe == 'delegate':
     for n, mod in model.named_modules():
-      if isinstance(mod, torch_model.MoE) and moe_op.exact_experts(mod, moe_group_size(quant)):
-        exact |= {f'{n}.gate_up'} | {f'{n}.down.{j}' for j in range(mod.e)}
+      if isinstance(mod, torch_model.MoE):
+        in_op |= {f'{n}.{c}' for c, sub in mod.named_modules() if isinstance(sub, torch.nn.Linear)}
+        if moe_op.exact_experts(mod, moe_group_size(quant)):
+          exact |= {f'{n}.gate_up'} | {f'{n}.down.{j}' for j in range(mod.e)}
 
-  def fq(mod, scheme):
-    exact = getattr(mod, 'grid', None)
-    if scheme is None or (exact is not None and grid.get_scheme(exact.scheme) == scheme):
+  def fq(mod, scheme, bf16_scales=False):
+    g = getattr(mod, 'grid', None)
+    on_grid = g is not None and grid.get_scheme(g.scheme) == scheme
+    bf16_scales = bf16_scales and scheme is not None and bool(scheme.group)
+    if scheme is None or (on_grid and not bf16_scales):
       return mod.weight       # float, or already its checkpoint's grid values (write_grid)
-    return torch.from_numpy(grid.fake_quant(mod.weight.detach().numpy(), scheme))
+    q, s = (g.q, g.scales) if on_grid else grid.quantize(mod.weight.detach().numpy(), scheme)
+    return torch.from_numpy(grid.dequantize(q, xnnpack_block_scales(s) if bf16_scales else s))
 
   m = copy.deepcopy(model)
   with torch.no_grad():
@@ -425,6 +432,15 @@ def fake_quant(model, quant: str, embedding: str, moe: str = 'portable'):
       m.head.grid = getattr(m.embed, 'grid', None)
     for name, mod in m.named_modules():
       if isinstance(mod, torch.nn.Linear) and not name.endswith('router') and name not in exact:
-        mod.weight.copy_(fq(mod, fc))
+        mod.weight.copy_(fq(mod, fc, bf16_scales=xnnpack and name not in in_op))
     m.embed.weight.copy_(fq(m.embed, emb))
   return m
+
+
+def xnnpack_block_scales(scales):
+  """Block-wise INT4 scales as XNNPACK's FC computes with them: the file's fp16 values
+  rounded to bf16 (to nearest even) when it packs the weights (export/README.md, "Agreement
+  with JAX", has the evidence). Scales on the 'tflite' rule are bf16 values already
+  (quant.grid.stored_scale); a released checkpoint's fp16 ones move by up to 2^-8."""
+  import ml_dtypes
+  return np.asarray(scales, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)

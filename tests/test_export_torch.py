@@ -121,7 +121,11 @@ def test_fake_quant_torch_equals_jax_qat_forward(kind):
   want = np.asarray(qm(jnp.asarray(TOKENS))[0])
   with torch.no_grad():
     got = litert.fake_quant(tm.from_flax(m, cfg), 'int4_g32', 'auto')(torch.from_numpy(TOKENS)).numpy()
+    as_xnnpack = litert.fake_quant(tm.from_flax(m, cfg), 'int4_g32', 'auto',
+                                   xnnpack=True)(torch.from_numpy(TOKENS)).numpy()
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # Block scales on the 'tflite' rule are bf16 values: XNNPACK's rounding leaves them as they are.
+  np.testing.assert_array_equal(as_xnnpack, got)
 
 
 def test_cli_sources_fail_clearly(tmp_path):
