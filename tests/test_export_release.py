@@ -7,8 +7,9 @@ an MoE; tests/support/release_snapshot.py writes it in exactly the released layo
 as the delegate's ops, and run by export.runner.LiteRTLM with the delegate in its int8 mode.
 Its greedy tokens are compared with the imported JAX model's on the QAT stage's grid (the
 released integers, int8 dynamic activations: what XNNPACK and the delegate compute on), and
-with PyTorch computing what the file holds. The experts reach the file as the released
-integers (MobileMoeBlock's expert_group_axis 'out'; export/README.md).
+with PyTorch computing what the file's kernels do (XNNPACK rounds the FCs' fp16 block scales
+to bf16). The experts reach the file as the released integers (MobileMoeBlock's
+expert_group_axis 'out'; export/README.md).
 """
 import os
 
@@ -32,9 +33,11 @@ N_PROMPTS, N_STEPS, KV_LEN = 8, 16, 64
 # model's sigmoid routing has near-ties, where a tiny difference flips an expert). All of it
 # is XNNPACK rounding the released fp16 block scales of the FCs it runs to bf16: PyTorch with
 # those scales (fake_quant(xnnpack=True)) equals the file to 1e-6 (export/README.md).
-NEAR_TIE, MAX_PARTED, MAX_LOGIT_ERR, MEDIAN_LOGIT_ERR = 0.02, 2, 0.4, 0.06
-# Against PyTorch computing what XNNPACK and the delegate compute: fp32 rounding only.
-EXACT_LOGIT_ERR = 1e-4
+NEAR_TIE, MAX_PARTED, MAX_LOGIT_ERR, MEDIAN_LOGIT_ERR = 0.02, 2, 0.4, 0.05
+# Against PyTorch computing what XNNPACK and the delegate compute: measured 1e-6 (fp32
+# rounding); the max leaves room for one int8 activation rounding that another CPU's fp32
+# summation order could flip.
+EXACT_MAX_ERR, EXACT_MEDIAN_ERR = 1e-3, 1e-4
 
 
 @pytest.fixture(scope='module')
@@ -159,5 +162,5 @@ def test_greedy_tokens_against_pytorch_as_xnnpack_computes(exported, imported):
   def logits(ids):
     with torch.no_grad():
       return ref(torch.tensor([ids]).long())[0].numpy()
-  check_against(exported, logits, max_parted=0, max_logit_err=EXACT_LOGIT_ERR,
-                max_median=EXACT_LOGIT_ERR)
+  check_against(exported, logits, max_parted=0, max_logit_err=EXACT_MAX_ERR,
+                max_median=EXACT_MEDIAN_ERR)
