@@ -214,11 +214,7 @@ def main(argv=None):
   res = dict(record, threads=a.threads, kv_lens=kv_lens, model=MODEL, weights='int4_g32',
              tokenizer=a.tokenizer or 'default (512 pieces, stdlib docstrings)', rows=rows,
              ratios=ratios(rows))
-  res['machine']['loadavg_end'] = os.getloadavg()
-  os.makedirs(os.path.dirname(a.out) or '.', exist_ok=True)
-  with open(a.out, 'w') as f:
-    json.dump(res, f, indent=2)
-    f.write('\n')
+  runinfo.write_results(a.out, res)
   print(markdown_table(res))
   return res
 

@@ -62,3 +62,13 @@ def run_record(script: str, gpu: bool) -> dict:
   return {'command': ' '.join(['python', script] + sys.argv[1:]),
           'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
           'commit': commit(), 'machine': machine, 'versions': versions()}
+
+
+def write_results(path: str, res: dict):
+  """Stamps the run's end load on `res` (from run_record) and writes it as JSON to `path`."""
+  import json
+  res['machine']['loadavg_end'] = os.getloadavg()
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(res, f, indent=2)
+    f.write('\n')
