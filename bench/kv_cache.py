@@ -77,20 +77,14 @@ def prompt_of(eng, n_tokens: int) -> str:
 def measure_litertlm(path: str, kv_len: int, steps: int = 32, threads: int = 2) -> dict:
   """LiteRT-LM's own decode tokens/s after a prompt of kv_len - steps - 1 tokens (filled by
   its prefill), as its benchmark info reports it."""
-  from export.litertlm import check_tflite, runtime, tflite_of
-  check_tflite(tflite_of(path), path)
-  litert_lm = runtime()
-  eng = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=threads),
-                         max_num_tokens=kv_len, enable_benchmark=True)
+  from export.litertlm import Engine
+  eng = Engine(path, threads, max_num_tokens=kv_len)
   loaded = _status_mb('VmRSS')
-  s = eng.create_session(apply_prompt_template=False, sampler_config=litert_lm.SamplerConfig(top_k=1),
-                         max_output_tokens=steps)
-  s.run_prefill([prompt_of(eng, kv_len - steps - 2)])   # + the start token: kv_len - steps - 1
-  s.run_decode()
-  b = s.get_benchmark_info()
+  # + the start token: kv_len - steps - 1
+  _, b = eng.generate(prompt_of(eng.engine, kv_len - steps - 2), steps)
   return {'rss_loaded_mb': loaded, 'peak_rss_mb': _status_mb('VmHWM'),
-          'decode_ms': 1e3 / b.last_decode_tokens_per_second if b.last_decode_tokens_per_second else None,
-          'decode_tokens': b.last_decode_token_count, 'prefill_tokens': b.last_prefill_token_count}
+          'decode_ms': 1e3 / b['decode_tokens_per_s'] if b['decode_tokens_per_s'] else None,
+          'decode_tokens': b['decode_tokens'], 'prefill_tokens': b['prefill_tokens']}
 
 
 def build(kv_lens, tokenizer: str, out_dir: str, litertlm: bool, reuse=False, log=print) -> dict:

@@ -141,8 +141,8 @@ class Engine:
 
   def generate(self, prompt: str, max_new: int) -> tuple[str, dict]:
     """Greedy continuation of the raw text `prompt` (no chat template; the runtime adds
-    the start token) -> (text, {'prefill_tokens_per_s', 'decode_tokens_per_s',
-    'decode_tokens'} as the runtime measured them)."""
+    the start token) -> (text, {'prefill_tokens_per_s', 'prefill_tokens',
+    'decode_tokens_per_s', 'decode_tokens'} as the runtime measured them)."""
     lm = self.litert_lm
     s = self.engine.create_session(apply_prompt_template=False,
                                    sampler_config=lm.SamplerConfig(top_k=1),
@@ -154,6 +154,7 @@ class Engine:
     finally:
       s.close()
     return text, {'prefill_tokens_per_s': b.last_prefill_tokens_per_second,
+                  'prefill_tokens': b.last_prefill_token_count,
                   'decode_tokens_per_s': b.last_decode_tokens_per_second,
                   'decode_tokens': b.last_decode_token_count}
 
