@@ -77,20 +77,25 @@ class LiteRTLM:
   XNNPACK on one thread and this delegate (export.delegate.load(fully_connected=True))
   running every heavy op of the step on its own pool: on 2 cores that saves the hand-offs
   between two thread pools in every layer (export/delegate/README.md, "Threads"). Prefill,
-  matmul-bound, stays on the first interpreter with num_threads XNNPACK threads."""
+  matmul-bound, stays on the first interpreter with num_threads XNNPACK threads.
+  op_resolver_type: the interpreters' ai_edge_litert OpResolverType (None: AUTO, i.e.
+  XNNPACK; BUILTIN_WITHOUT_DEFAULT_DELEGATES runs TFLite's builtin kernels instead)."""
 
-  def __init__(self, path: str, num_threads: int = 2, delegate=None, decode_delegate=None):
+  def __init__(self, path: str, num_threads: int = 2, delegate=None, decode_delegate=None,
+               op_resolver_type=None):
     from ai_edge_litert.interpreter import Interpreter
     if delegate is None and needs_delegate(path):
       raise ValueError(f'{path} has {", ".join(delegate_ops(path))} custom ops, which only '
                        'export/delegate runs: pass delegate=export.delegate.load() '
                        '(python -m export.runner --delegate)')
     kw = {'experimental_delegates': [delegate]} if delegate is not None else {}
+    if op_resolver_type is not None:
+      kw['experimental_op_resolver_type'] = op_resolver_type
     self.interp = Interpreter(model_path=path, num_threads=num_threads, **kw)
     self.decode_interp = self.interp
     if decode_delegate is not None:
-      self.decode_interp = Interpreter(model_path=path, num_threads=1,
-                                       experimental_delegates=[decode_delegate])
+      self.decode_interp = Interpreter(model_path=path, num_threads=1, **dict(
+          kw, experimental_delegates=[decode_delegate]))
     sigs = self.interp.get_signature_list()
     self.prefill_lens = sorted(int(m.group(1)) for s in sigs if (m := re.fullmatch(r'prefill_(\d+)', s)))
     if 'decode' not in sigs or not self.prefill_lens:
