@@ -166,6 +166,7 @@ def main(argv=None):
   ap.add_argument('--torch-out', help='also write the PyTorch safetensors dir here')
   ap.add_argument('--hf-out', help='also write a Hugging Face transformers dir here')
   ap.add_argument('--no-verify', action='store_true')
+  ap.add_argument('--report', metavar='PATH', help='also write the report (printed as JSON) here')
   ap.add_argument('--litertlm', metavar='DIR',
                   help='also write a .litertlm bundle for the LiteRT-LM runtime here (needs '
                        '--tokenizer; stock builtins only, export/litertlm.py)')
@@ -226,6 +227,9 @@ def main(argv=None):
     rep['litertlm'] = export_litertlm(model, a, prefill)
   rep['seconds'] = round(time.time() - t0, 1)
   print(json.dumps(rep, indent=2))
+  if a.report:
+    with open(a.report, 'w') as f:
+      json.dump(rep, f, indent=2)
   mb = rep['file_bytes'] / 2**20
   print(f'[export] {a.out}: {mb:.2f} MiB, INT4 {100 * rep["int4_fraction"]:.1f}% of weight bytes, '
         f'signatures {rep["signatures"]}')

@@ -86,11 +86,14 @@ def ship(workdir: str, checkpoint: str, tokenizer_path: str) -> dict:
   from mobilemoe_jax.eval.run import run_local_eval
 
   path = os.path.join(workdir, 'model.tflite')
+  report = os.path.join(workdir, 'export_report.json')
   # --litertlm: also a bundle for Google's LiteRT-LM runtime (stock builtins: it cannot load
   # our delegate), checked against the runner on 8 prompts by the export's verify.
   export_main(['--checkpoint', checkpoint, '--out', path, '--moe', 'delegate',
                '--attention', 'delegate', '--prefill', '32', '--kv-len', '128',
-               '--litertlm', workdir, '--tokenizer', tokenizer_path])
+               '--litertlm', workdir, '--tokenizer', tokenizer_path, '--report', report])
+  with open(report) as f:
+    verify = json.load(f)['verify']
   model, _, tok = load_checkpoint(checkpoint, tokenizer_path)
   dlg = delegate.load()
   lm = LiteRTLM(path, delegate=dlg)
@@ -113,6 +116,7 @@ def ship(workdir: str, checkpoint: str, tokenizer_path: str) -> dict:
         f"acc_norm {local_eval['acc_norm']:.3f} (chance {local_eval['chance']:.3f}, "
         f"n={local_eval['n']})")
   return {'tflite': path, 'tflite_bytes': os.path.getsize(path), 'delegate_claimed': claimed,
+          'export_verify': verify,
           'prompt': prompt, 'generated': tok.decode(ids),
           'litertlm': {'bundle': bundle, 'greedy': theirs, 'same_as_runner': theirs == ours,
                        'decode_tokens_per_s': speed['decode_tokens_per_s']},
