@@ -93,7 +93,7 @@ def ship(workdir: str, checkpoint: str, tokenizer_path: str) -> dict:
                '--attention', 'delegate', '--prefill', '32', '--kv-len', '128',
                '--litertlm', workdir, '--tokenizer', tokenizer_path, '--report', report])
   with open(report) as f:
-    verify = json.load(f)['verify']
+    export_report = json.load(f)
   model, _, tok = load_checkpoint(checkpoint, tokenizer_path)
   dlg = delegate.load()
   lm = LiteRTLM(path, delegate=dlg)
@@ -116,7 +116,7 @@ def ship(workdir: str, checkpoint: str, tokenizer_path: str) -> dict:
         f"acc_norm {local_eval['acc_norm']:.3f} (chance {local_eval['chance']:.3f}, "
         f"n={local_eval['n']})")
   return {'tflite': path, 'tflite_bytes': os.path.getsize(path), 'delegate_claimed': claimed,
-          'export_verify': verify,
+          'export': export_report,
           'prompt': prompt, 'generated': tok.decode(ids),
           'litertlm': {'bundle': bundle, 'greedy': theirs, 'same_as_runner': theirs == ours,
                        'decode_tokens_per_s': speed['decode_tokens_per_s']},
