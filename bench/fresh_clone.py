@@ -11,6 +11,7 @@ eval). A run replaces the rows of the targets it ran and keeps the others.
 
   python bench/fresh_clone.py test-fast          # -> bench/results/fresh_clone.json
   python bench/fresh_clone.py test demo          # run on an idle machine: it times it
+  python bench/fresh_clone.py demo --keep        # keep the clone: its runs/demo feeds bench/qat.py
   python bench/fresh_clone.py --table
 """
 import argparse
@@ -97,6 +98,8 @@ def main(argv=None):
   ap.add_argument('targets', nargs='*', help=', '.join(TARGETS))
   ap.add_argument('--out', default=OUT)
   ap.add_argument('--table', action='store_true', help='print the table of --out')
+  ap.add_argument('--keep', action='store_true',
+                  help="keep the clones (e.g. the demo's runs/demo for bench/qat.py)")
   a = ap.parse_args(argv)
   if set(a.targets) - set(TARGETS):
     ap.error(f'unknown targets {sorted(set(a.targets) - set(TARGETS))}: choose from {list(TARGETS)}')
@@ -115,7 +118,10 @@ def main(argv=None):
     res['targets'][target] = dict(rec, **row)
   res['targets'] = dict(sorted(res['targets'].items()))
   runinfo.write_results(a.out, res)
-  shutil.rmtree(workdir, ignore_errors=True)
+  if a.keep:
+    print(f'clones kept in {workdir}')
+  else:
+    shutil.rmtree(workdir, ignore_errors=True)
   print(markdown_table(res))
   print(f'wrote {a.out}')
 
