@@ -61,13 +61,22 @@ def model_mutants(mutants: int, seed: int) -> dict:
   crashes = []
 
   def log(msg):
-    summary = [l for l in msg.splitlines() if l.startswith('SUMMARY:')]
-    crashes.append((msg.splitlines()[0], summary[-1] if summary else ''))
+    lines = msg.splitlines()
+    summary = [l for l in lines if l.startswith('SUMMARY:')]
+    frames = [l.strip() for l in lines if re.match(r'\s+#\d+ ', l)][:6]
+    crashes.append({'crash': lines[0], 'summary': summary[-1] if summary else '', 'frames': frames})
   t0 = time.time()
   counts = models.fuzz(mutants, seed, save=None, log=log)
   return {'command': f'python -m export.delegate.fuzz.models --mutants {mutants} --seed {seed}',
           'seconds': round(time.time() - t0, 1), 'counts': counts,
-          'crash_reports': [{'crash': c, 'summary': s} for c, s in crashes]}
+          'crash_reports': crashes}
+
+
+def where_crashed(report: dict) -> str:
+  """'<sanitizer error> in <function>' of the sanitizer's summary line."""
+  m = re.match(r'SUMMARY: \w+: (\S+) .*? in ([^(]+)',
+               report['summary'].replace('(anonymous namespace)::', ''))
+  return f'{m.group(1)} in {m.group(2).strip()}' if m else 'no sanitizer summary'
 
 
 def markdown_table(res: dict) -> str:
@@ -76,7 +85,7 @@ def markdown_table(res: dict) -> str:
   where = {}
   for r in m['crash_reports']:
     if r['crash'].startswith('runtime_crash'):
-      key = re.sub(r'^SUMMARY: \w+: ', '', r['summary']) or 'no sanitizer summary'
+      key = where_crashed(r)
       where[key] = where.get(key, 0) + 1
   outcomes = ', '.join(f'{v:,} {k}' for k, v in sorted(c.items())
                        if k not in ('mutants', 'delegate_crashes', 'runtime_crashes', 'seconds'))

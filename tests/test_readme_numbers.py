@@ -32,7 +32,7 @@ def test_models_table_is_what_info_prints():
 # Scripts whose --table the READMEs copy whole (bench/README.md says "printed by --table").
 # bench/ondevice.py is left out: its table labels the stored pre-release run's FFN stacks with
 # the current preset's layer count.
-TABLE_SCRIPTS = ('train_throughput', 'moe_dispatch', 'delegate_block', 'kv_cache')
+TABLE_SCRIPTS = ('train_throughput', 'moe_dispatch', 'delegate_block', 'kv_cache', 'delegate_fuzz')
 
 
 @pytest.mark.parametrize('script', TABLE_SCRIPTS)
@@ -43,5 +43,6 @@ def test_bench_tables_are_what_the_scripts_print(script):
                        capture_output=True, text=True, check=True).stdout
   rows = [l for l in out.splitlines() if l.startswith('|')]
   readmes = '\n'.join(p.read_text() for p in (ROOT / 'README.md', ROOT / 'bench' / 'README.md',
-                                                ROOT / 'export' / 'README.md'))
+                                                ROOT / 'export' / 'README.md',
+                                                ROOT / 'export' / 'delegate' / 'README.md'))
   assert rows and not [r for r in rows if r not in readmes]
