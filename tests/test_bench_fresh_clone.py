@@ -4,8 +4,6 @@ exit status, the machine), other targets' rows kept, the table; `make install` i
 import json
 import shutil
 
-from bench.release_agreement import markdown_tables
-
 
 def test_writes_a_target_row_and_keeps_the_others(bench_script, tmp_path, capsys, require):
   require(shutil.which('git'), 'git')
@@ -42,19 +40,3 @@ def test_pytest_summary(bench_script):
   assert fc.pytest_summary('= 1 failed, 2 passed, 1 error in 3.00s =') == \
       {'failed': 1, 'passed': 2, 'error': 1, 'seconds': 3.0}
   assert fc.pytest_summary('no summary') is None
-
-
-def test_release_agreement_table():
-  """bench/release_agreement.py's --table: parted prompts with both margins, per-prompt ranges."""
-  row = lambda agree, med, mx, **kw: dict(agree=agree, median_dlogit=med, max_dlogit=mx, **kw)
-  res = {'machine': {'cpu': 'CPU X'}, 'commit': 'abc', 'date': '2026-01-01T00:00:00', 'prompt_len': 8,
-         'fc_scale_rounding_to_bf16': {'scales': 10, 'moved_fraction': 0.8,
-                                       'median_relative_change': 0.0015, 'max_relative_change': 0.0039},
-         'rows': [{'experts': 'released', 'runtime': 'xnnpack', 'reference': 'jax', 'prompts_equal': 1,
-                   'prompts': 2, 'steps': 16, 'delegate': {'claimed': 6},
-                   'per_prompt': [row(16, 0.02, 0.031), row(15, 0.041, 0.31, ref_margin=0.0007,
-                                                            file_margin=0.0034)]}]}
-  table = markdown_tables(res)
-  assert 'CPU X, commit abc' in table
-  assert '| released | xnnpack | jax | 1 of 2 | 15 (0.0007 / 0.0034) | 0.02-0.041 | 0.031-0.31 | 6 |' in table
-  assert '80% of 10, median 0.15%, max 0.39%' in table

@@ -32,7 +32,8 @@ def test_models_table_is_what_info_prints():
 # Scripts whose --table the READMEs copy whole (bench/README.md says "printed by --table").
 # bench/ondevice.py is left out: its table labels the stored pre-release run's FFN stacks with
 # the current preset's layer count.
-TABLE_SCRIPTS = ('train_throughput', 'moe_dispatch', 'delegate_block', 'kv_cache', 'delegate_fuzz')
+TABLE_SCRIPTS = ('train_throughput', 'moe_dispatch', 'delegate_block', 'kv_cache', 'delegate_fuzz',
+                 'release_agreement')
 
 
 @pytest.mark.parametrize('script', TABLE_SCRIPTS)
