@@ -83,7 +83,22 @@ def scale_drift(model) -> dict:
   return {f'q{round(q * 100)}': float(np.quantile(r, q)) for q in (0.5, 0.9, 0.99)}
 
 
-def main():
+def markdown_table(result: dict) -> str:
+  """The README table: each model's held-out loss per set (lettered in the order measured),
+  then the INT4 gaps."""
+  rows, gaps = result['loss'], result['quantization_gap']
+  sets = list(next(iter(rows.values())))
+  out = ['| model | ' + ' | '.join(f'{s} loss' for s in sets) + ' |', '|---|' + '---|' * len(sets)]
+  out += [f'| ({chr(ord("a") + i)}) {n} | ' + ' | '.join(f'{rows[n][s]:.4f}' for s in sets) + ' |'
+          for i, n in enumerate(rows)]
+  for key, label in (('ptq', 'before QAT (b - a)'), ('after_qat', 'after QAT (c - d)'),
+                     ('after_lsq_qat', 'after LSQ QAT (e - f)')):
+    if key in gaps[sets[0]]:
+      out.append(f'| INT4 gap {label} | ' + ' | '.join(f'{gaps[s][key]:+.4f}' for s in sets) + ' |')
+  return '\n'.join(out)
+
+
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--workdir', default='runs/demo')
   ap.add_argument('--data_dir', default='data')
@@ -92,7 +107,11 @@ def main():
   ap.add_argument('--lsq', default='qat_lsq', help='stage dir (under --workdir) of a QAT run with '
                   'learned scales (model.quant.learnable_scale); its rows are added when it exists')
   ap.add_argument('--out', default='bench/results/qat.json')
-  a = ap.parse_args()
+  ap.add_argument('--table', action='store_true', help='print the README table of --out')
+  a = ap.parse_args(argv)
+  if a.table:
+    with open(a.out) as f:
+      return print(markdown_table(json.load(f)))
 
   start = time.time()
   sft = load_checkpoint(os.path.join(a.workdir, 'sft', 'checkpoints')).model
@@ -132,20 +151,10 @@ def main():
       'seconds': round(time.time() - start, 1),
       **runinfo.run_record('bench/qat.py', gpu=False),   # command, date, commit, machine
   }
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, 'w') as f:
-    json.dump(result, f, indent=2)
-  print('\n| model | ' + ' | '.join(f'{s} loss (ppl)' for s in sets) + ' |')
-  print('|---|' + '---|' * len(sets))
-  for n in names:
-    print(f'| {n} | ' + ' | '.join(f'{rows[n][s]:.4f} ({math.exp(rows[n][s]):.1f})' for s in sets) + ' |')
-  print('| INT4 gap: PTQ (b - a) | ' + ' | '.join(f"{gaps[s]['ptq']:+.4f}" for s in sets) + ' |')
-  print('| INT4 gap: after QAT (c - d) | ' + ' | '.join(f"{gaps[s]['after_qat']:+.4f}" for s in sets) + ' |')
+  runinfo.write_results(a.out, result)
+  print(markdown_table(result))
   if drift is not None:
-    print('| INT4 gap: after LSQ QAT (e - f) | '
-          + ' | '.join(f"{gaps[s]['after_lsq_qat']:+.4f}" for s in sets) + ' |')
     print(f'LSQ scales vs max-abs of the final weights, |ratio - 1| quantiles: {drift}')
-
 
 if __name__ == '__main__':
   main()

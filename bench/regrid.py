@@ -66,11 +66,33 @@ def moe_routed(x, gate_up, down, router, bias, m):
   return y
 
 
-def main():
+def markdown_table(res: dict) -> str:
+  """export/README.md's table: each grid's weight and routed-output errors against the exact
+  released values, and the release's own quantization error for scale."""
+  def w(r, key, fmt):
+    return " / ".join(fmt.format(r[k][key]) for k in ("gate_up", "down"))
+  out = [f"| experts on | weight rel. RMS error (gate_up / down) | max abs error (weights ~{res['weight_std']} std) "
+         f"| routed MoE output rel. RMS / max abs ({res['tokens']} random tokens) |", "|---|---|---|---|"]
+  for name, label in (("input_g32", "(a) input-axis groups of 32 (default, `int4_g32`)"),
+                      ("channel", "(b) channel-wise (`int4_channel`)")):
+    r, y = res[name]["weights"], res[name]["moe_routed_output"]
+    out.append(f"| {label} | {w(r, 'rel_rms', '{:.1%}')} | {w(r, 'max_abs', '{:.2g}')} "
+               f"| {y['rel_rms']:.1%} / {y['max_abs']:.2g} |")
+  r = res["release_quantization"]
+  out.append(f"| for scale: the release's own INT4 error (float -> release grid) | {w(r, 'rel_rms', '{:.1%}')} "
+             f"| {w(r, 'max_abs', '{:.2g}')} | |")
+  return "\n".join(out)
+
+
+def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--tokens", type=int, default=256)
   ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "regrid.json"))
-  a = ap.parse_args()
+  ap.add_argument("--table", action="store_true", help="print the README table of --out")
+  a = ap.parse_args(argv)
+  if a.table:
+    with open(a.out) as f:
+      return print(markdown_table(json.load(f)))
   m = mobilemoe_s.get_config().model
   E, D, F = m.moe.n_experts, m.d_model, m.moe.d_expert
   rng = np.random.default_rng(0)
@@ -78,7 +100,7 @@ def main():
              "down": rng.normal(0, WEIGHT_STD, (E, F, D)).astype(np.float32)}
   exact = {k: release_values(v).astype(np.float64) for k, v in float_w.items()}
   res = dict(runinfo.run_record("bench/regrid.py", gpu=False),
-             shapes={k: list(v.shape) for k, v in exact.items()}, weight_std=WEIGHT_STD,
+             shapes={k: list(v.shape) for k, v in exact.items()}, weight_std=WEIGHT_STD, tokens=a.tokens,
              release_quantization={k: errors(exact[k], float_w[k].astype(np.float64)) for k in exact})
   router = rng.normal(0, WEIGHT_STD, (E, D))
   bias = rng.normal(0, 0.05, E)
@@ -90,8 +112,8 @@ def main():
     res[name] = {"weights": {k: errors(got[k], exact[k]) for k in exact},
                  "moe_routed_output": errors(y, y_exact)}
     print(name, json.dumps(res[name]), flush=True)
-  with open(a.out, "w") as f:
-    json.dump(res, f, indent=1)
+  runinfo.write_results(a.out, res)
+  print(markdown_table(res))
   print(f"wrote {a.out}")
 
 
