@@ -8,9 +8,11 @@ forward + backward, batch 8 x 2048, one document per row and packed rows (as
 bench/train_throughput.py packs them), timed per call.
 
   python bench/attention_check.py      # a GPU -> bench/results/attention_check.json
+  python bench/attention_check.py --table
 """
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -136,7 +138,40 @@ def attention_check():
           'attention_fwd_bwd_ms_per_layer_batch8': timing}
 
 
+def markdown_tables(res: dict) -> str:
+  """bench/README.md's two tables: errors against fp32 (cuDNN's modes in one cell when they
+  agree), and ms per call, the fastest of a packed row in bold."""
+  e = lambda x: re.sub(r'e-0?(\d)', r'e-\1', f'{x:.1e}')
+  modes = ('cudnn_nograd', 'cudnn_auto', 'cudnn_segments')
+
+  def cell(errs, key):
+    cudnn = sorted({e(errs[f'{m}_bfloat16_vs_xla_float32'][key]) for m in modes})
+    return f"{e(errs['xla_bfloat16_vs_xla_float32'][key])} / {', '.join(cudnn)}"
+  out = ['| layer | output: XLA bf16 / cuDNN (`bias_nograd`, `auto`, `segments`) '
+         '| input gradient: XLA bf16 / cuDNN (those modes) |', '|---|---|---|']
+  for window, errs in res['errors_relative_to_max'].items():
+    name = 'global' if window == 'window_0' else window.replace('_', ' ')
+    out.append(f"| {name} | {cell(errs, 'output_max_rel_err')} | {cell(errs, 'grad_max_rel_err')} |")
+  t = res['attention_fwd_bwd_ms_per_layer_batch8']
+  cols = ('xla_mask', 'cudnn_mask_nograd', 'cudnn_flags_only', 'cudnn_segments')
+  out += ['', '| rows | XLA, mask | cuDNN, mask as bias (no gradient) | cuDNN, flags only (`causal`) '
+          '| cuDNN, packed layout (`segments`) |', '|---|---|---|---|---|']
+  for packed in (False, True):
+    for window in (0, 512):
+      row = {c: t.get(f"{'packed_' if packed else ''}window_{window}/{c}") for c in cols}
+      best = min(v for v in row.values() if v is not None)
+      cells = ['- (inexact)' if packed and c == 'cudnn_flags_only' else '-' if v is None
+               else f'**{v:.2f}**' if packed and v == best else f'{v:.2f}' for c, v in row.items()]
+      name = f"{'packed' if packed else 'one document'}, {'global' if window == 0 else f'window {window}'}"
+      out.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(out)
+
+
 if __name__ == '__main__':
+  if sys.argv[1:] == ['--table']:
+    with open(OUT) as f:
+      print(markdown_tables(json.load(f)))
+    sys.exit()
   record = dict(runinfo.run_record('bench/attention_check.py', gpu=True), **attention_check())
   with open(OUT, 'w') as f:
     json.dump(record, f, indent=1)
