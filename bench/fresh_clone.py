@@ -79,6 +79,24 @@ def run_target(target: str, workdir: str) -> dict:
   return row
 
 
+STAGE_LABELS = {'sft': 'sft (assistant tokens)',
+                'qat': 'qat (INT4 g32 weights + int8 activations, fake-quant)'}
+
+
+def demo_table(summary: dict) -> str:
+  """README.md's table of the demo: each stage's steps, losses, perplexities and time."""
+  ppl = lambda v: '' if v is None else f'{v:.0f}' if v >= 1000 else f'{v:.1f}'
+  out = ['| stage | steps | train loss start -> end | held-out ppl start -> end | time |',
+         '|---|---|---|---|---|', f"| data build | | | | {summary['data_seconds']:.0f} s |"]
+  for st in summary['stages']:
+    out.append(f"| {STAGE_LABELS.get(st['stage'], st['stage'])} | {st['steps']} | {st['loss_start']:.3f} -> "
+               f"{st['loss_end']:.3f} | {ppl(st['ppl_start'])} -> {ppl(st['ppl_end'])} | {st['seconds']:.0f} s |")
+  if 'ship' in summary:
+    out.append('| export (+ LiteRT-LM bundle) + delegate and LiteRT-LM generation + local eval | | | '
+               f"| {summary['ship']['seconds']:.0f} s |")
+  return '\n'.join(out)
+
+
 def markdown_table(res: dict) -> str:
   out = ['| target | command | commit | machine | install s | command s | pytest | exit |',
          '|---|---|---|---|---|---|---|---|']
@@ -90,6 +108,9 @@ def markdown_table(res: dict) -> str:
     out.append(f"| {name} | `{r['command']}` | {r['commit']} | {m['cpu']}, {m['cpu_count']} cores, "
                f"load {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f} | {r['install_seconds']:.0f} "
                f"| {r['seconds']:.0f} | {tests or '-'} | {r['exit_status']} |")
+  demo = res['targets'].get('demo', {}).get('summary')
+  if demo:
+    out += ['', f"make demo at {res['targets']['demo']['commit']}:", '', demo_table(demo)]
   return '\n'.join(out)
 
 

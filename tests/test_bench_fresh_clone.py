@@ -40,3 +40,18 @@ def test_pytest_summary(bench_script):
   assert fc.pytest_summary('= 1 failed, 2 passed, 1 error in 3.00s =') == \
       {'failed': 1, 'passed': 2, 'error': 1, 'seconds': 3.0}
   assert fc.pytest_summary('no summary') is None
+
+
+def test_demo_table(bench_script):
+  """The demo's summary.json as README.md's stage table."""
+  fc = bench_script('fresh_clone')
+  stage = lambda name, steps, l0, l1, p0, p1, sec: dict(stage=name, steps=steps, loss_start=l0, loss_end=l1,
+                                                         ppl_start=p0, ppl_end=p1, seconds=sec)
+  summary = {'data_seconds': 7.2, 'ship': {'seconds': 80.4},
+             'stages': [stage('pretrain', 600, 7.5591, 4.0081, 1954.2, 74.21, 170.3),
+                        stage('qat', 150, 4.104, 4.105, 72.8, 70.8, 83.0)]}
+  table = fc.demo_table(summary)
+  assert '| data build | | | | 7 s |' in table
+  assert '| pretrain | 600 | 7.559 -> 4.008 | 1954 -> 74.2 | 170 s |' in table
+  assert '| qat (INT4 g32 weights + int8 activations, fake-quant) | 150 | 4.104 -> 4.105 | 72.8 -> 70.8 | 83 s |' in table
+  assert table.endswith('| 80 s |')
