@@ -47,3 +47,14 @@ def test_bench_tables_are_what_the_scripts_print(script):
                                                 ROOT / 'export' / 'README.md',
                                                 ROOT / 'export' / 'delegate' / 'README.md'))
   assert rows and not [r for r in rows if r not in readmes]
+
+
+def test_scaling_study_table_is_what_the_study_prints():
+  """docs/scaling.md's results table: `python -m mobilemoe_jax.scaling.study` over the stored
+  H200 records."""
+  out = subprocess.run([sys.executable, '-m', 'mobilemoe_jax.scaling.study',
+                        'bench/results/scaling_h200.jsonl'], cwd=ROOT, capture_output=True, text=True,
+                       check=True).stdout
+  rows = [l for l in out.splitlines() if l.startswith('|')]
+  doc = (ROOT / 'docs' / 'scaling.md').read_text()
+  assert rows and not [r for r in rows if r not in doc]
