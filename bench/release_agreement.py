@@ -178,6 +178,7 @@ def measure(root: str) -> dict:
 
 EXPERTS = {'released': 'released integers (`expert_group_axis` out)',
            'regridded': 're-gridded (input-axis groups of 32, the former export)'}
+FCS_RUN_BY = {'delegate_fc': 'the delegate', 'xnnpack': 'XNNPACK'}
 RUN_BY = {'xnnpack': 'default interpreter (XNNPACK)',
           'builtin': 'builtin kernels (`OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`)',
           'delegate_fc': 'default interpreter, FCs offered to our delegate (`fully_connected=True`)'}
@@ -186,8 +187,9 @@ REFERENCE = {'jax': 'JAX',
 
 
 def markdown_tables(res: dict) -> str:
-  """The README's two tables (the released and re-gridded files next to JAX on the default
-  interpreter; the released file on each runtime against each reference), then the scales."""
+  """export/README.md's two tables: each file next to JAX with its block-wise FCs on the
+  delegate or on XNNPACK; the released file on each runtime against each reference (with the
+  nodes the delegate claimed); then how far bf16 rounding moves the FCs' scales."""
   def rng(vals):
     lo, hi = f'{min(vals):.2g}', f'{max(vals):.2g}'
     return lo if lo == hi else f'{lo}-{hi}'
@@ -196,17 +198,21 @@ def markdown_tables(res: dict) -> str:
   m = res['machine']
   out = [f"{m['cpu']}, commit {res['commit']}, {res['date'][:10]}; {first['prompts']} random-token "
          f"prompts of {res['prompt_len']}, {first['steps']} greedy steps", '',
-         f"| experts in the file | prompts equal for {first['steps']} steps | parted prompts (step, JAX / file "
-         'margin) | median per prompt | max per prompt |', '|---|---|---|---|---|']
+         f"| experts in the file | FCs run by | prompts equal for {first['steps']} steps "
+         '| parted prompts (step, JAX / file margin) | median per prompt | max per prompt |',
+         '|---|---|---|---|---|---|']
   for experts, label in EXPERTS.items():
-    r = rows[experts, 'xnnpack', 'jax']
-    pp = r['per_prompt']
-    parted = ', '.join(f"step {p['agree']} ({p['ref_margin']:.2g} / {p['file_margin']:.2g})"
-                       for p in pp if 'ref_margin' in p) or '-'
-    out.append(f"| {label} | {r['prompts_equal']} of {r['prompts']} | {parted} "
-               f"| {rng([p['median_dlogit'] for p in pp])} | {rng([p['max_dlogit'] for p in pp])} |")
-  out += ['', '| the file run by | reference | prompts equal | median abs dlogit per prompt | max | delegate claimed |',
-          '|---|---|---|---|---|---|']
+    for runtime, fcs in FCS_RUN_BY.items():
+      r = rows[experts, runtime, 'jax']
+      if runtime == 'delegate_fc' and r['delegate']['claimed'] <= rows[experts, 'xnnpack', 'jax']['delegate']['claimed']:
+        fcs = 'XNNPACK (offered to the delegate, not claimed)'
+      pp = r['per_prompt']
+      parted = ', '.join(f"step {p['agree']} ({p['ref_margin']:.2g} / {p['file_margin']:.2g})"
+                         for p in pp if 'ref_margin' in p) or 'none'
+      out.append(f"| {label} | {fcs} | {r['prompts_equal']} of {r['prompts']} | {parted} "
+                 f"| {rng([p['median_dlogit'] for p in pp])} | {rng([p['max_dlogit'] for p in pp])} |")
+  out += ['', '| the file run by | reference | prompts equal | median abs dlogit per prompt | max '
+          '| delegate claimed |', '|---|---|---|---|---|---|']
   for runtime, run_by in RUN_BY.items():
     for ref, label in REFERENCE.items():
       r = rows['released', runtime, ref]

@@ -17,7 +17,11 @@ def test_release_agreement_table():
                   for e in FILES for rt in RUNTIMES for ref in REFERENCES]}
   table = markdown_tables(res)
   assert 'CPU X, commit abc' in table
-  assert ('| released integers (`expert_group_axis` out) | 1 of 2 | step 15 (0.0007 / 0.0034) '
+  assert ('| released integers (`expert_group_axis` out) | XNNPACK | 1 of 2 | step 15 (0.0007 / 0.0034) '
           '| 0.02-0.041 | 0.031-0.31 |') in table
+  # the delegate claimed no more nodes when offered the FCs: they stayed on XNNPACK
+  assert '| XNNPACK (offered to the delegate, not claimed) | 1 of 2 |' in table
+  res['rows'] = [dict(r, delegate={'claimed': 9}) if r['runtime'] == 'delegate_fc' else r for r in res['rows']]
+  assert '| released integers (`expert_group_axis` out) | the delegate | 1 of 2 |' in markdown_tables(res)
   assert '| builtin kernels (`OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`) | JAX | 1 of 2 | 0.02-0.041 | 0.31 | 6 nodes |' in table
   assert '80% of 10, median 0.15%, max 0.39%' in table

@@ -18,18 +18,23 @@ import pytest
 
 pytest.importorskip('litert_torch')
 
-from bench.release_agreement import (N_STEPS, S_LIKE, compare, export_file, import_snapshot,
-                                     jax_reference, open_file, prompts, torch_reference)
+from tests.support.release_snapshot import write_snapshot
+from tests.support.models import jax_next_logits
 
-# Against JAX, measured (python bench/release_agreement.py -> bench/results/release_agreement.json):
-# 6 of 8 prompts agree for 16 steps, 2 part at near-ties (both sides' margins <= 0.013
-# logits); teacher-forced |dlogit| per position: median 0.02-0.041 over each prompt, single
-# positions up to 0.31 (logits ~3; a random-integer model's sigmoid routing has near-ties,
-# where a tiny difference flips an expert). All of it is XNNPACK rounding the released fp16
-# block scales of the FCs it runs to bf16: PyTorch with those scales (fake_quant(xnnpack=True))
-# equals the file to ~1e-6 (export/README.md).
+# The released S's structure at tiny dims: no NoPE layer (S has none), RoPE scaling that
+# bites at head_dim 16 (wavelengths over 64 are scaled), 8 experts top-4 of 32 (one output
+# group each), shared 64; max_position_embeddings (64) = the KV cache.
+S_LIKE = dict(vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8,
+              top_k=4, d_expert=32, d_shared=64, nope=(), rope_original=64, rope_factor=4.0)
+N_PROMPTS, N_STEPS, KV_LEN = 8, 16, 64
+# Against JAX, measured: 6 of 8 prompts agree for 16 steps, 2 part at 15 / 0 steps at
+# near-ties (both sides' margins <= 0.013 logits); teacher-forced |dlogit| per position:
+# median 0.02-0.041 over each prompt, single positions up to 0.31 (logits ~3; a random-integer
+# model's sigmoid routing has near-ties, where a tiny difference flips an expert). All of it
+# is XNNPACK rounding the released fp16 block scales of the FCs it runs to bf16: PyTorch with
+# those scales (fake_quant(xnnpack=True)) equals the file to 1e-6 (export/README.md).
 NEAR_TIE, MAX_PARTED, MAX_LOGIT_ERR, MEDIAN_LOGIT_ERR = 0.02, 2, 0.4, 0.05
-# Against PyTorch computing what XNNPACK and the delegate compute: measured ~1e-6 (fp32
+# Against PyTorch computing what XNNPACK and the delegate compute: measured 1e-6 (fp32
 # rounding); the max leaves room for one int8 activation rounding that another CPU's fp32
 # summation order could flip.
 EXACT_MAX_ERR, EXACT_MEDIAN_ERR = 1e-3, 1e-4
@@ -37,15 +42,35 @@ EXACT_MAX_ERR, EXACT_MEDIAN_ERR = 1e-3, 1e-4
 
 @pytest.fixture(scope='module')
 def imported(tmp_path_factory):
+  from mobilemoe_jax.convert import __main__ as convert
   root = tmp_path_factory.mktemp('release_s')
-  return str(root), import_snapshot(str(root))
+  write_snapshot(str(root / 'snap'), layout='qat', **S_LIKE)
+  assert convert.main(['import', str(root / 'snap'), str(root / 'imported')]) == 0
+  return str(root), str(root / 'imported' / 'checkpoints')
+
+
+def qat_forward_model(ckpt):
+  """The imported model on the QAT stage's grid: its integers, int8 dynamic activations."""
+  from flax import nnx
+  from mobilemoe_jax.model import Transformer
+  from mobilemoe_jax.train.loading import load_checkpoint
+  model = load_checkpoint(ckpt, need_tokenizer=False).model
+  cfg = model.cfg.copy_and_resolve_references()
+  cfg.dtype = 'float32'
+  cfg.quant.activations = 'int8_dynamic'
+  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+  return nnx.merge(graphdef, nnx.state(model))
 
 
 @pytest.fixture(scope='module')
 def exported(imported):
   """The import as an INT4 .tflite with the MoE blocks and decode attention on the delegate."""
+  from export import checkpoint, litert
   root, ckpt = imported
-  return export_file(ckpt, os.path.join(root, 'release_s.tflite'))
+  path = os.path.join(root, 'release_s.tflite')
+  litert.export(checkpoint.load_any(ckpt), path, quant='int4_g32', embedding='int4_g32', moe='delegate',
+                attention='delegate', prefill_lens=(32,), kv_len=KV_LEN, log=lambda *a: None)
+  return path
 
 
 def check_against(path, logits, max_parted: int, max_logit_err: float, max_median: float):
@@ -54,15 +79,25 @@ def check_against(path, logits, max_parted: int, max_logit_err: float, max_media
   each at a near-tie; teacher-forced over the reference's continuation, |dlogit| per
   position below `max_logit_err`, its median over each prompt below `max_median`."""
   from export import delegate
-  lm, dlg = open_file(path, 'xnnpack')
-  rows = compare(lm, logits, prompts())['per_prompt']
+  from export.runner import LiteRTLM, greedy_agreement
+  dlg = delegate.load(activations='int8')
+  lm = LiteRTLM(path, delegate=dlg)
+  rng = np.random.default_rng(0)
+  prompts = [list(rng.integers(0, S_LIKE['vocab'], 8)) for _ in range(N_PROMPTS)]
+  results = [greedy_agreement(lm, lambda ids: logits(ids)[-1], p, N_STEPS) for p in prompts]
   assert delegate.stats(dlg)['claimed'] > 0 and delegate.stats(dlg)['refused'] == 0
-  report = [(r['agree'], r.get('ref_margin'), r.get('file_margin')) for r in rows]
+  report = [(r['agree'], r.get('ref_margin'), r.get('tflite_margin')) for r in results]
   print('agreeing steps, margins where they part:', report)
-  parted = [r for r in rows if r['agree'] < N_STEPS]
-  assert all(max(r['ref_margin'], r['file_margin']) < NEAR_TIE for r in parted), report
+  parted = [r for r in results if r['agree'] < N_STEPS]
+  assert all(max(r['ref_margin'], r['tflite_margin']) < NEAR_TIE for r in parted), report
   assert len(parted) <= max_parted, report
-  err, median = [r['max_dlogit'] for r in rows], [r['median_dlogit'] for r in rows]
+  err, median = [], []
+  for p, r in zip(prompts, results):
+    seq = p + r['reference']
+    lm.reset()
+    d = np.abs(lm.prefill(seq) - logits(seq)).max(-1)     # per position
+    err.append(d.max())
+    median.append(np.median(d))
   print('max |dlogit| per prompt:', np.round(err, 4), 'median:', np.round(median, 4))
   assert max(err) < max_logit_err, err
   assert max(median) < max_median, median
@@ -110,13 +145,22 @@ def test_greedy_tokens_against_the_imported_jax_model(exported, imported):
   ops = [o for o, _ in moe_op.read_ops(exported)]
   assert len(ops) == S_LIKE['layers']          # every layer's MoE is a MobileMoeBlock
   assert {o['score_func'] for o in ops} == {'sigmoid'}
-  check_against(exported, jax_reference(imported[1]), max_parted=MAX_PARTED,
-                max_logit_err=MAX_LOGIT_ERR, max_median=MEDIAN_LOGIT_ERR)
+  check_against(exported, jax_next_logits(qat_forward_model(imported[1]), length=KV_LEN),
+                max_parted=MAX_PARTED, max_logit_err=MAX_LOGIT_ERR, max_median=MEDIAN_LOGIT_ERR)
 
 
 def test_greedy_tokens_against_pytorch_as_xnnpack_computes(exported, imported):
   """Against PyTorch computing what the file's kernels compute (the released integers, FC
   inputs int8, the FCs' block scales as XNNPACK rounds them): the same tokens, the same
   logits to fp32 rounding."""
-  check_against(exported, torch_reference(imported[1]), max_parted=0, max_logit_err=EXACT_MAX_ERR,
+  import torch
+  from export import checkpoint, litert
+  from export.__main__ import quantize_fc_inputs
+  ref = quantize_fc_inputs(litert.fake_quant(checkpoint.load_any(imported[1]), 'int4_g32',
+                                             'int4_g32', moe='delegate', xnnpack=True))
+
+  def logits(ids):
+    with torch.no_grad():
+      return ref(torch.tensor([ids]).long())[0].numpy()
+  check_against(exported, logits, max_parted=0, max_logit_err=EXACT_MAX_ERR,
                 max_median=EXACT_MEDIAN_ERR)
