@@ -182,3 +182,44 @@ def test_blockwise_fc_reads_every_finite_fp16_scale_exactly(kernel):
   got = run(g.build(), onehot, d)[0]
   assert dl.stats(d)["claimed"] == 1
   np.testing.assert_array_equal(got, s.astype(np.float32).T)
+
+
+def _refused_block_fc(change):
+  """A one-FC block-wise model with `change(graph, weight tensor index)` applied."""
+  g = tb.GraphBuilder()
+  x = g.tensor("x", [1, 2, 256])
+  w, _, _ = tb.int4_blockwise(g, "w", np.random.default_rng(3), 128, 256, 32)
+  change(g, w)
+  y = tb.fully_connected(g, x, w, [1, 2, 128], "y")
+  g.inputs, g.outputs = [x], [y]
+  return g.build()
+
+
+def _set_details(**kw):
+  def change(g, w):
+    for k, v in kw.items():
+      setattr(g.tensors[w].quantization.details, k, v)
+  return change
+
+
+def _f32_scales(g, w):
+  s = g.tensors[g.tensors[w].quantization.details.scales]
+  s.type = schema.TensorType.FLOAT32
+  g.buffers[s.buffer].data = np.ones(s.shape, np.float32).view(np.uint8).reshape(-1)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (_set_details(zeroPoints=0), "with zero points"),
+    (_set_details(blockSize=48), "block size 48 must be even and divide K = 256"),
+    (_set_details(blockSize=64), "block scales must be a constant float16 [128,4], got type 10 shape [128,8]"),
+    (_set_details(scales=0), "block scales must be a constant float16"),   # the input x
+    (_f32_scales, "block scales must be a constant float16 [128,8], got type 1"),
+])
+def test_blockwise_fc_refused_with_reason(change, needle):
+  """Block-wise weights the kernels cannot read as the file says are not claimed, and the
+  message says why (the node is left to LiteRT, which is not run here: some of these files
+  make LiteRT's own block-wise kernels read out of bounds)."""
+  d = dl.load(num_threads=2, fully_connected=True)
+  Interpreter(model_content=_refused_block_fc(change), experimental_delegates=[d])
+  s = dl.stats(d)
+  assert s["claimed"] == 0 and s["refused"] == 1 and needle in s["messages"], s

@@ -14,10 +14,6 @@
 
 namespace mm {
 
-// IEEE fp16 bits -> the same value in fp32 (exact: every fp16 is an fp32, subnormals,
-// infinities and NaNs included).
-float HalfToFloat(uint16_t h);
-
 // An FC weight as the model stores it.
 struct FcWeights {
   Q4Matrix w;                     // w.s: fp32 scales [M, K/G]; null when s16 holds them
