@@ -20,24 +20,32 @@ import numpy as np
 def verify(model, path, quant: str, embedding: str, tokenizer=None, n_greedy: int = 16,
            moe: str = 'portable') -> dict:
   """Runs the .tflite (prefill + decode) against PyTorch computing what the .tflite should:
-  weights on our grid with block scales as XNNPACK rounds them (litert.fake_quant) and, for
-  integer weights, each FC input on the int8 grid LiteRT quantizes it to at run time
-  (grid.fake_quant_act, 'int8_dynamic').
+  weights on our grid (litert.fake_quant) and, for integer weights, each FC input on the
+  int8 grid LiteRT quantizes it to at run time (grid.fake_quant_act, 'int8_dynamic').
+  A file with the delegate's ops (--moe / --attention delegate) runs on the delegate; with
+  INT4 weights the delegate also runs the FCs (fully_connected, int8 activations), which
+  compute with the block scales as stored, so the reference keeps them exactly (a released
+  checkpoint's fp16 scales included). On the stock interpreter XNNPACK runs the FCs, and the
+  reference rounds their block scales to bf16 as XNNPACK does (export/README.md, "Agreement
+  with JAX").
   Prompts: text (runner.PROMPTS) when a tokenizer is given, else random token ids (not text:
   a trained model's top logits are near-ties there, so greedy agreement means little).
   Reports max logit error and argmax agreement over prompt + continuation, greedy tokens
   agreeing per prompt (with the logit margins where they part), and for a file with the
-  delegate's ops (--moe / --attention delegate) its claimed/refused counts (its experts run
-  with fp32 activations here)."""
+  delegate's ops its claimed/refused counts (without INT4 weights its experts run with fp32
+  activations here)."""
   import torch
   from export import litert
   from export.runner import PROMPTS, LiteRTLM, greedy_agreement, needs_delegate
-  dlg = None
+  dlg, fcs_on_delegate = None, False
   if needs_delegate(path):
     from export import delegate
-    dlg = delegate.load(activations='fp32')
+    fcs_on_delegate = quant.startswith('int4')
+    dlg = delegate.load(activations='int8' if fcs_on_delegate else 'fp32',
+                        fully_connected=fcs_on_delegate)
   lm = LiteRTLM(path, delegate=dlg)
-  ref_model = litert.fake_quant(model, quant, embedding, moe, xnnpack=True)   # experts: moe's grid
+  # The experts on moe's grid; the FCs' block scales as the kernels that run them read them.
+  ref_model = litert.fake_quant(model, quant, embedding, moe, xnnpack=not fcs_on_delegate)
   if quant != 'fp32':
     quantize_fc_inputs(ref_model)
   if tokenizer is not None:
@@ -68,7 +76,8 @@ def verify(model, path, quant: str, embedding: str, tokenizer=None, n_greedy: in
     agree.append(got.argmax(-1) == want.argmax(-1))
   n_full = sum(r['agree'] == n_greedy for r in results)
   out = {'reference': f'PyTorch, weights on the {quant} grid'
-                      + (', FC inputs on the int8_dynamic grid' if quant != 'fp32' else ''),
+                      + (', FC inputs on the int8_dynamic grid' if quant != 'fp32' else '')
+                      + (', FCs on the delegate' if fcs_on_delegate else ''),
          'prompts': kind,
          'max_abs_logit_err': err, 'logit_scale': scale,
          'argmax_agree': float(np.concatenate(agree).mean()),

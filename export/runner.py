@@ -283,7 +283,7 @@ def main(argv=None):
                        'ops need it; loaded for them anyway)')
   ap.add_argument('--decode-fc', action='store_true',
                   help='decode on a second interpreter: XNNPACK on 1 thread, every INT4 FC on '
-                       "the delegate's pool (LiteRTLM decode_delegate; int4_channel files)")
+                       "the delegate's pool (LiteRTLM decode_delegate; INT4 files)")
   a = ap.parse_args(argv)
   tok = None
   if a.tokenizer:

@@ -239,8 +239,9 @@ def load(num_threads: int | None = None, activations: str = "int8", kernel: str 
   "scalar" (portable C++).
   variant: "release" or "asan"; None reads $MOBILEMOE_DELEGATE_VARIANT so the
   sanitizer run can reuse the ordinary tests unchanged.
-  fully_connected: also claim INT4 channel-wise FULLY_CONNECTED nodes (no bias, no fused
-  activation): a decode step's GEMVs then share the delegate's thread pool (README.md).
+  fully_connected: also claim INT4 FULLY_CONNECTED nodes, channel-wise or block-wise (fp16
+  block scales, kept exact), with no bias and no fused activation: a decode step's GEMVs
+  then share the delegate's thread pool (README.md).
   """
   from ai_edge_litert.interpreter import load_delegate
   variant = variant or os.environ.get("MOBILEMOE_DELEGATE_VARIANT", "release")

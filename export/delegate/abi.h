@@ -23,6 +23,7 @@ enum {
   kLiteInt32 = 2,
   kLiteUInt8 = 3,
   kLiteInt8 = 9,
+  kLiteFloat16 = 10,
   kLiteInt4 = 18,
 };
 
@@ -33,8 +34,8 @@ enum { kLiteMmapRo = 1, kLiteArenaRw = 2, kLiteArenaRwPersistent = 3, kLiteDynam
 // BuiltinOperator codes in the schema.
 enum { kLiteBuiltinFullyConnected = 9, kLiteBuiltinCustom = 32 };
 
-// TfLiteQuantization.type of per-channel (affine) quantization.
-enum { kLiteAffineQuantization = 1 };
+// TfLiteQuantization.type: per-channel (affine) and block-wise quantization.
+enum { kLiteAffineQuantization = 1, kLiteBlockwiseQuantization = 2 };
 
 struct TfLiteIntArray {
   int size;
@@ -43,7 +44,7 @@ struct TfLiteIntArray {
 
 struct TfLiteQuantization {
   int type;
-  void* params;  // kLiteAffineQuantization: TfLiteAffineQuantization*
+  void* params;  // TfLiteAffineQuantization* or TfLiteBlockwiseQuantization*
 };
 
 struct TfLiteFloatArray {
@@ -54,6 +55,15 @@ struct TfLiteFloatArray {
 struct TfLiteAffineQuantization {
   TfLiteFloatArray* scale;
   TfLiteIntArray* zero_point;
+  int32_t quantized_dimension;
+};
+
+// Block-wise: the scales are another tensor of the subgraph (fp16 [M, K / blocksize] for
+// an FC weight [M, K]), blocks of `blocksize` along the last axis.
+struct TfLiteBlockwiseQuantization {
+  int32_t scale;       // tensor index
+  int32_t zero_point;  // tensor index, -1: none (symmetric)
+  int32_t blocksize;
   int32_t quantized_dimension;
 };
 
@@ -185,6 +195,7 @@ static_assert(offsetof(TfLiteContext, recommended_num_threads) == 72, "thr");
 static_assert(sizeof(TfLiteDelegateParams) == 32, "TfLiteDelegateParams");
 static_assert(offsetof(TfLiteFloatArray, data) == 4, "TfLiteFloatArray.data");
 static_assert(offsetof(TfLiteAffineQuantization, quantized_dimension) == 16, "affine.dim");
+static_assert(sizeof(TfLiteBlockwiseQuantization) == 16, "TfLiteBlockwiseQuantization");
 static_assert(sizeof(TfLiteFullyConnectedParams) == 16, "TfLiteFullyConnectedParams");
 static_assert(offsetof(TfLiteDelegate, flags) == 40, "delegate.flags");
 static_assert(sizeof(TfLiteDelegate) == 56, "TfLiteDelegate size");

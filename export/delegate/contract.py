@@ -89,7 +89,8 @@ FC = OpContract(
     "FULLY_CONNECTED", "Fc",
     inputs=(
         Slot("x", "float32 `[..., K]`"),
-        Slot("weights", "constant INT4 `[M, K]`, one scale per row, zero points 0"),
+        Slot("weights", "constant INT4 `[M, K]`: one f32 scale per row, zero points 0, or block-wise "
+                         "fp16 scales `[M, K/G]`"),
         Slot("bias", "absent", optional=True),
     ))
 

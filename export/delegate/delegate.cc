@@ -1,8 +1,8 @@
 // LiteRT external delegate that claims MobileMoeBlock custom-op nodes (sparse INT4 experts,
 // ops/moe_op.h), MobileKvAttention nodes (decode attention over the filled KV-cache slots,
-// ops/attention_op.h) and, with the `fully_connected` option, INT4 channel-wise
-// FULLY_CONNECTED nodes (ops/fc_op.h), and runs them on the kernels in kernels/. Loaded
-// from Python with ai_edge_litert.interpreter.load_delegate(path, options).
+// ops/attention_op.h) and, with the `fully_connected` option, INT4 channel-wise or
+// block-wise FULLY_CONNECTED nodes (ops/fc_op.h), and runs them on the kernels in
+// kernels/. Loaded from Python with ai_edge_litert.interpreter.load_delegate(path, options).
 //
 // Every entry point the runtime calls is a C function: none lets an exception out (a
 // hostile model can make an allocation fail); each turns one into an error status.
@@ -29,7 +29,7 @@ struct Options {
   mm::ActMode mode = mm::ActMode::kI8;
   mm::IsaCap kernel = mm::IsaCap::kAuto;
   bool verbose = false;
-  bool fully_connected = false;  // also claim INT4 channel-wise FULLY_CONNECTED nodes
+  bool fully_connected = false;  // also claim INT4 FULLY_CONNECTED nodes
 };
 
 struct MoeDelegate {

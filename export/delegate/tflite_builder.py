@@ -119,6 +119,27 @@ def int4_channelwise(g: GraphBuilder, name, rng, rows, cols):
   return t, q.astype(np.float32) * s[:, None]
 
 
+def int4_blockwise(g: GraphBuilder, name, rng, rows, cols, block=32, q=None, scales=None):
+  """An INT4 weight [rows, cols] with fp16 scales [rows, cols / block] in their own constant
+  tensor (LiteRT's block-wise INT4, what the exporter writes for int4_g32): random integers
+  and fp16 scales (most not bf16 values) unless `q` / `scales` are given. Returns (tensor,
+  the int8 values [rows, cols], the fp16 scales): W = q * s, each scale over `block` inputs."""
+  from export.delegate import pack_int4
+  if q is None:
+    q = rng.integers(-8, 8, size=(rows, cols), dtype=np.int8)
+  if scales is None:
+    scales = (rng.random((rows, cols // block)) * 0.5 + 0.5) / np.sqrt(cols * 10)
+  s = np.asarray(scales).astype(np.float16)
+  details = schema.BlockwiseQuantizationT()
+  details.scales = g.const(f"{name}_scales", s)
+  details.zeroPoints, details.blockSize = -1, block
+  qp = schema.QuantizationParametersT()
+  qp.detailsType, qp.details = schema.QuantizationDetails.BlockwiseQuantization, details
+  t = g.tensor(name, [rows, cols], tensor_type=schema.TensorType.INT4, data=pack_int4(q),
+               quantization=qp)
+  return t, q, s
+
+
 def add(g: GraphBuilder, a: int, b: int, shape, name) -> int:
   y = g.tensor(name, shape)
   g.op(schema.BuiltinOperator.ADD, [a, b], [y], schema.BuiltinOptions.AddOptions,

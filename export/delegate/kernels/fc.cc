@@ -4,10 +4,10 @@
 
 namespace mm {
 
-void Int4Fc::Run(const Q4Matrix& w_in, const float* x, int N, float* y, ThreadPool* pool,
+void Int4Fc::Run(const FcWeights& fw, const float* x, int N, float* y, ThreadPool* pool,
                  ActMode mode, Isa isa) {
   if (N <= 0) return;
-  Q4Matrix w = w_in;
+  Q4Matrix w = fw.w;
   const Isa a_isa = SimdShapeOk(w.K, w.G) ? isa : Isa::kScalar;
   // Output rows per work item: decode streams the weights, so a few long runs
   // per thread (the prefetchers follow one stream); a batch takes 256-row tiles.
@@ -15,8 +15,15 @@ void Int4Fc::Run(const Q4Matrix& w_in, const float* x, int N, float* y, ThreadPo
   const int rows = N < 8 ? std::max(256, (w.M / (2 * threads) + 15) / 16 * 16) : 256;
   const int items = (w.M + rows - 1) / rows;
   const bool tile = a_isa != Isa::kScalar && TilesOk(w.M, w.K);
-  const bool fresh = key_ != w_in.q;   // a new weight tensor: once per node (constant)
-  key_ = w_in.q;
+  const bool fresh = key_ != fw.w.q;   // a new weight tensor: once per node (constant)
+  key_ = fw.w.q;
+  if (fw.s16) {
+    if (fresh) {
+      scales_.resize((size_t)w.M * (w.K / w.G));
+      for (size_t i = 0; i < scales_.size(); ++i) scales_[i] = HalfToFloat(fw.s16[i]);
+    }
+    w.s = scales_.data();
+  }
   if (tile) {
     if (fresh) {
       tiled_.resize((size_t)w.M * (w.K / 2));

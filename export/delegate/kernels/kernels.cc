@@ -216,6 +216,22 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
   }
 }
 
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | man << 13;             // inf, NaN (payload kept)
+  } else if (exp != 0) {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;  // normal: rebias the exponent
+  } else {
+    const float v = std::ldexp((float)man, -24);       // zero, subnormal: man * 2^-24
+    return sign ? -v : v;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 void ZeroPointSums(const uint8_t* q, const float* s, int M, int K, int G, float* wsum) {
   for (int m = 0; m < M; ++m) {
     const uint8_t* row = q + (size_t)m * (K / 2);

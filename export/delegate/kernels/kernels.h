@@ -107,6 +107,10 @@ void Q4Gemm(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ld
 // input rows, so each work item streams one contiguous block of them.
 void Q4GemmOutRows(const Q4Matrix& w, int k0, int k1, const Acts& a, float* out, int ldo);
 
+// IEEE fp16 bits -> the same value in fp32 (exact: every fp16 is an fp32, subnormals,
+// infinities and NaNs included): LiteRT's block-wise scales (kernels/fc.h).
+float HalfToFloat(uint16_t h);
+
 float Dot(const float* a, const float* b, int n, Isa isa);
 
 // out[r * ldo + i] = scale * (q_r . row_i) for r < rep, i < n (q_r = q + r * ldq,

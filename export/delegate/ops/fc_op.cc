@@ -7,7 +7,53 @@ namespace mm {
 
 using namespace contract;
 
-bool FcOp::Check(TfLiteContext* ctx, const TfLiteNode* node, Q4Matrix* w, std::string* why) {
+namespace {
+
+// Channel-wise scales: one f32 per output row, zero points 0.
+bool ChannelScales(const TfLiteTensor& wt, int M, int K, FcWeights* w, std::string* why) {
+  const auto* aq = (const TfLiteAffineQuantization*)wt.quantization.params;
+  if (!aq || !aq->scale || aq->scale->size != M || aq->quantized_dimension != 0) {
+    *why = "INT4 weights are not channel-wise (one scale per output row)";
+    return false;
+  }
+  for (int i = 0; aq->zero_point && i < aq->zero_point->size; ++i)
+    if (aq->zero_point->data[i] != 0) { *why = "non-zero weight zero point"; return false; }
+  w->w = {nullptr, aq->scale->data, M, K, K};
+  return true;
+}
+
+// Block-wise scales: a constant fp16 tensor [M, K/G], no zero points.
+bool BlockScales(const TfLiteContext* ctx, const TfLiteTensor& wt, int M, int K, FcWeights* w,
+                 std::string* why) {
+  const auto* bq = (const TfLiteBlockwiseQuantization*)wt.quantization.params;
+  if (!bq || bq->quantized_dimension != 0) {
+    *why = "block-wise INT4 weights not quantized along dimension 0";
+    return false;
+  }
+  if (bq->zero_point != -1) { *why = "block-wise INT4 weights with zero points"; return false; }
+  const int G = bq->blocksize;
+  if (G < 2 || G % 2 || K % G) {
+    *why = "block size " + std::to_string(G) + " must be even and divide K = " + std::to_string(K);
+    return false;
+  }
+  if (!IndexOk(ctx, bq->scale, false)) { *why = "bad block scales tensor index"; return false; }
+  const TfLiteTensor& st = ctx->tensors[bq->scale];
+  size_t n;
+  if (st.type != kLiteFloat16 || !ShapeIs(st, {M, K / G}) || !NumElements({M, K / G}, &n) ||
+      st.bytes != n * 2 || !IsConstant(st)) {
+    *why = "block scales must be a constant float16 [" + std::to_string(M) + "," +
+           std::to_string(K / G) + "], got type " + std::to_string(st.type) + " shape " +
+           Dims(st.dims);
+    return false;
+  }
+  w->w = {nullptr, nullptr, M, K, G};
+  w->s16 = (const uint16_t*)st.data;
+  return true;
+}
+
+}  // namespace
+
+bool FcOp::Check(TfLiteContext* ctx, const TfLiteNode* node, FcWeights* w, std::string* why) {
   const TfLiteIntArray* in = node->inputs;
   if (!in || in->size < 2 || in->size > kFcSlots || !node->outputs || node->outputs->size != 1) {
     *why = "expected 2-3 inputs and 1 output";
@@ -24,16 +70,21 @@ bool FcOp::Check(TfLiteContext* ctx, const TfLiteNode* node, Q4Matrix* w, std::s
     return false;
   }
   const int M = wt.dims->data[0], K = wt.dims->data[1];
-  const auto* aq = (const TfLiteAffineQuantization*)wt.quantization.params;
   size_t bytes;
-  if (M < 1 || K < 2 || K % 2 || !NumElements({M, K / 2}, &bytes) || wt.bytes != bytes ||
-      wt.quantization.type != kLiteAffineQuantization || !aq || !aq->scale ||
-      aq->scale->size != M || aq->quantized_dimension != 0) {
-    *why = "INT4 weights are not channel-wise (one scale per output row)";
+  if (M < 1 || K < 2 || K % 2 || !NumElements({M, K / 2}, &bytes) || wt.bytes != bytes) {
+    *why = "INT4 weights [" + std::to_string(M) + "," + std::to_string(K) + "] of " +
+           std::to_string(wt.bytes) + " bytes (K must be even, the bytes M * K / 2)";
     return false;
   }
-  for (int i = 0; aq->zero_point && i < aq->zero_point->size; ++i)
-    if (aq->zero_point->data[i] != 0) { *why = "non-zero weight zero point"; return false; }
+  if (wt.quantization.type == kLiteAffineQuantization) {
+    if (!ChannelScales(wt, M, K, w, why)) return false;
+  } else if (wt.quantization.type == kLiteBlockwiseQuantization) {
+    if (!BlockScales(ctx, wt, M, K, w, why)) return false;
+  } else {
+    *why = "INT4 weights neither channel-wise nor block-wise (quantization type " +
+           std::to_string(wt.quantization.type) + ")";
+    return false;
+  }
   const TfLiteTensor& x = ctx->tensors[in->data[kFcX]];
   if (!IndexOk(ctx, node->outputs->data[0], false)) { *why = "bad output index"; return false; }
   const TfLiteTensor& y = ctx->tensors[node->outputs->data[0]];
@@ -43,11 +94,11 @@ bool FcOp::Check(TfLiteContext* ctx, const TfLiteNode* node, Q4Matrix* w, std::s
     return false;
   }
   if (!CheckOutput(ctx, node, why)) return false;
-  *w = {(const uint8_t*)wt.data, aq->scale->data, M, K, K};
+  w->w.q = (const uint8_t*)wt.data;
   return true;
 }
 
-FcOp::FcOp(const Q4Matrix& w, const TfLiteNode* node) : w_(w) { Init(node, kFcSlots); }
+FcOp::FcOp(const FcWeights& w, const TfLiteNode* node) : w_(w) { Init(node, kFcSlots); }
 
 const char* FcOp::name() const { return kFcName; }
 
@@ -55,8 +106,8 @@ TfLiteStatus FcOp::Prepare(TfLiteContext* ctx, Partition* part, std::string* why
   // x may have been resized since the claim; the output is [..., M] (or [N, M]).
   std::vector<int> dims;
   size_t numel, y_numel;
-  if (!CheckRows(ctx, *part, inputs[kFcX], w_.K, "K", &dims, &numel, why)) return kLiteError;
-  dims.back() = w_.M;
+  if (!CheckRows(ctx, *part, inputs[kFcX], w_.w.K, "K", &dims, &numel, why)) return kLiteError;
+  dims.back() = w_.w.M;
   if (!NumElements(dims, &y_numel)) { *why = "output too large"; return kLiteError; }
   return ShapeOutput(ctx, part, dims, y_numel, true, why);
 }
@@ -65,7 +116,7 @@ TfLiteStatus FcOp::Eval(TfLiteContext* ctx, Partition* part, const RunEnv& env,
                         std::string* why) {
   size_t numel;
   const float* x = part->Input(ctx, inputs[kFcX], &numel);
-  const int K = w_.K, M = w_.M;
+  const int K = w_.w.K, M = w_.w.M;
   const size_t N = numel / K;
   float* y = part->Output(ctx, output, N * M);
   if (!x || !y || numel % K) { *why = "input / output size mismatch"; return kLiteError; }

@@ -1,5 +1,6 @@
-// Builtin FULLY_CONNECTED nodes with constant INT4 channel-wise weights (the delegate's
-// `fully_connected` option): the glue between LiteRT tensors and kernels/fc.h's Int4Fc.
+// Builtin FULLY_CONNECTED nodes with constant INT4 channel-wise or block-wise weights (the
+// delegate's `fully_connected` option): the glue between LiteRT tensors and kernels/fc.h's
+// Int4Fc.
 #pragma once
 
 #include "kernels/fc.h"
@@ -9,11 +10,13 @@ namespace mm {
 
 class FcOp : public Op {
  public:
-  using Config = Q4Matrix;
-  // IsNodeSupported: x f32 [..., K], weights a constant INT4 [M, K] with one scale per row
-  // and zero points 0 (int4_channel), no bias, no fused activation, y f32 [..., M].
-  static bool Check(TfLiteContext* ctx, const TfLiteNode* node, Q4Matrix* w, std::string* why);
-  FcOp(const Q4Matrix& w, const TfLiteNode* node);  // Init
+  using Config = FcWeights;
+  // IsNodeSupported: x f32 [..., K], weights a constant INT4 [M, K], no bias, no fused
+  // activation, y f32 [..., M]. The weights' scales: one f32 per row with zero points 0
+  // (int4_channel), or block-wise, a constant fp16 tensor [M, K/G] for blocks of G inputs
+  // (G even, K % G == 0: int4_g32).
+  static bool Check(TfLiteContext* ctx, const TfLiteNode* node, FcWeights* w, std::string* why);
+  FcOp(const FcWeights& w, const TfLiteNode* node);  // Init
 
   const char* name() const override;
   TfLiteStatus Prepare(TfLiteContext* ctx, Partition* part, std::string* why) override;
@@ -21,7 +24,7 @@ class FcOp : public Op {
                     std::string* why) override;
 
  private:
-  Q4Matrix w_;
+  FcWeights w_;
   Int4Fc fc_;
 };
 

@@ -3,7 +3,8 @@
 // (G == K: channel-wise, one scale per row), and the 16-row tiled layout
 // against the row layout (M % 16 == 0: whole matrix, from row 16, from row 5),
 // for each SIMD family this CPU runs (AVX-512 and AVX2 on x86, NEON on arm64); and the
-// output-axis layout (Q4Matrix::out_groups, CheckOut) over odd shapes and column ranges.
+// output-axis layout (Q4Matrix::out_groups, CheckOut) over odd shapes and column ranges;
+// and HalfToFloat (block-wise FC scales) on every fp16 value.
 // Used by tests/test_delegate_kernels.py (natively, and arm64 under qemu).
 //   g++ -std=c++17 -O2 -I export/delegate [-DMM_HAVE_...] tools/kernel_check.cc
 //       kernels/kernels.cc [kernels/kernels_<isa>.cc ...] && ./a.out
@@ -151,7 +152,27 @@ static int Check(Isa isa) {
   return out < 0 ? -1 : checks + 2 + out;
 }
 
+// HalfToFloat on all 65536 fp16 bit patterns against the value the IEEE format defines.
+static bool CheckHalf() {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    const double mag = exp == 0 ? std::ldexp((double)man, -24)
+                                : std::ldexp(1024.0 + man, exp - 25);
+    const float got = HalfToFloat((uint16_t)h);
+    const bool neg = h & 0x8000;
+    const bool ok = exp == 0x1f ? (man ? std::isnan(got) : std::isinf(got) && (got < 0) == neg)
+                                : got == (float)(neg ? -mag : mag) && std::signbit(got) == neg;
+    if (!ok) {
+      printf("MISMATCH HalfToFloat(0x%04x) = %g, want %g\n", h, got, neg ? -mag : mag);
+      return false;
+    }
+  }
+  return true;
+}
+
 int main() {
+  if (!CheckHalf()) return 1;
+  printf("ok fp16 -> fp32: 65536 values\n");
   std::vector<Isa> isas;
   for (IsaCap cap : {IsaCap::kAuto, IsaCap::kAvx2}) {
     const Isa isa = KernelIsa(cap);
