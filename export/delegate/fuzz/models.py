@@ -301,7 +301,8 @@ def make_mutant(seed: int):
 def run_model(model: bytes, fully_connected: bool, resize=None, on_claim=None) -> str:
   """Builds and invokes one model with the delegate: 'invoked', 'refused' (an error from
   the interpreter or the delegate), 'wrote_constant' (the model's bytes changed during
-  invoke: the interpreter maps constants from them, so an op wrote into one), or the
+  invoke: the interpreter maps constants from them, so an op wrote into one; with no node
+  claimed by the delegate that op was LiteRT's own: 'runtime_wrote_constant'), or the
   Python exception's type for anything else. on_claim(n): called with the number of nodes
   the delegate claimed, before anything runs."""
   return _invoke(model, fully_connected, resize, on_claim=on_claim)
@@ -313,8 +314,9 @@ def _invoke(model: bytes, fully_connected: bool, resize, delegate=True, on_claim
   try:
     d = [dl.load(num_threads=2, fully_connected=fully_connected)] if delegate else None
     it = Interpreter(model_content=model, experimental_delegates=d, num_threads=1)
+    claimed = dl.stats(d[0])["claimed"] if d else 0
     if on_claim and d:
-      on_claim(dl.stats(d[0])["claimed"])
+      on_claim(claimed)
     if resize is not None:
       det = it.get_input_details()
       it.resize_tensor_input(det[resize[0] % len(det)]["index"], resize[1], strict=False)
@@ -330,7 +332,7 @@ def _invoke(model: bytes, fully_connected: bool, resize, delegate=True, on_claim
     before = zlib.crc32(model)
     it.invoke()
     if zlib.crc32(model) != before:
-      return "wrote_constant"
+      return "wrote_constant" if claimed else "runtime_wrote_constant"
     for det in it.get_output_details():
       it.get_tensor(det["index"])
     return "invoked"
