@@ -284,17 +284,17 @@ inline float HSum(typename Vec<W>::F v) {
 }
 
 // Rows [i, n) of DotRowsVec for NR query rows: each row is loaded once for all NR, whose
-// sums stay in registers. The row kPrefetchRows ahead is prefetched: the values' rows are
+// sums stay in registers. The row kDotPrefetchRows ahead is prefetched: the values' rows are
 // one head dim over the cache slots, P floats apart, each a new stream.
-constexpr int kPrefetchRows = 8;
+constexpr int kDotPrefetchRows = 8;
 template <int W, int NR>
 inline void DotRowsNR(const float* q, int ldq, const float* rows, int n, int ldr, int len,
                       float scale, float* out, int ldo) {
   using F = typename Vec<W>::F;
   for (int i = 0; i < n; ++i) {
     const float* row = rows + (size_t)i * ldr;
-    if (i + kPrefetchRows < n)
-      for (int k = 0; k < len; k += 16) __builtin_prefetch(row + (size_t)kPrefetchRows * ldr + k);
+    if (i + kDotPrefetchRows < n)
+      for (int k = 0; k < len; k += 16) __builtin_prefetch(row + (size_t)kDotPrefetchRows * ldr + k);
     F acc[NR] = {};
     int k = 0;
     for (; k + W <= len; k += W) {
