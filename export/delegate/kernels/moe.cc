@@ -231,6 +231,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   // The shared job last, as the routed experts' outputs are added first (phase 3).
   if (has_shared) std::rotate(jobs_.begin(), jobs_.begin() + 1, jobs_.end());
   const int nj = (int)jobs_.size(), nr = nj - has_shared;  // jobs [0, nr) are routed
+  if (T < 8 && !c.experts_out) return ExpertsDecode(c, x, T, y, pool, opt, isa, nr);
 
   // Phase 0: each routed job's tokens, prepared (gathered, quantised) for its kernel.
   if ((int)x_acts_.size() < nr) x_acts_.resize(nr);  // never shrink: keep buffers
@@ -368,6 +369,73 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     }
   });
   MM_TICK(4);
+}
+
+// Decode-sized steps: each routed expert is one work item that runs its whole chain
+// (gather x, gate/up, SiLU, quantise h, down), so the routed experts need one pool
+// hand-off, not three, and each thread streams an expert's two matrices back to back. The
+// shared expert's gate/up ran with the router (jobs_[nr]); its down runs in the same
+// hand-off, split by output rows. Every job writes its own output; they are added into y
+// in job order afterwards, so y does not depend on which thread ran what.
+void MoeBlock::ExpertsDecode(const MoeConfig& c, const float* x, int T, float* y,
+                             ThreadPool* pool, const RunOptions& opt, Isa isa, int nr) {
+  const int D = c.d_model, F = c.d_expert, nthreads = pool->size();
+  const int nj = (int)jobs_.size();  // nr routed jobs, then the shared expert if any
+  const Isa x_isa = SimdShapeOk(D, c.group_size ? c.group_size : D) ? isa : Isa::kScalar;
+  const Isa h_isa = SimdShapeOk(F, c.group_size ? c.group_size : F) ? isa : Isa::kScalar;
+  // Scratch sized here for T tokens: an allocation failure in a pool worker could not be
+  // reported (Acts::Resize to fewer rows keeps its buffers).
+  scratch_.resize(nthreads);
+  for (Scratch& sc : scratch_) {
+    sc.x.Resize(T, D, opt.mode, x_isa);
+    sc.h.Resize(T, F, opt.mode, h_isa);
+    sc.gu.resize((size_t)T * 2 * F);
+    sc.hid.resize((size_t)T * F);
+  }
+  job_out_.resize((size_t)nj * T * D);  // per job [n, D]
+  // The shared expert's hidden, from its gate/up (phase 1a).
+  int shared_parts = 0, shared_rows = 0;
+  if (nj > nr) {
+    const Job& sj = jobs_[nr];
+    const Isa s_isa = SimdShapeOk(sj.F, sj.down.G) ? isa : Isa::kScalar;
+    h_.resize((size_t)T * sj.F);
+    shared_h_.Resize(T, sj.F, opt.mode, s_isa);
+    for (int n = 0; n < T; ++n) {
+      const float* gu = gu_out_.data() + sj.gu_off + (size_t)n * 2 * sj.F;
+      SiluMul(gu, gu + sj.F, h_.data() + (size_t)n * sj.F, sj.F, isa);
+    }
+    shared_h_.PrepareRows(h_.data(), sj.F, nullptr, 0, T);
+    shared_rows = (D / nthreads + 15) / 16 * 16;
+    shared_parts = (D + shared_rows - 1) / shared_rows;
+  }
+  pool->Run(nr + shared_parts, [&](int item, int tid) {
+    if (item >= nr) {  // the shared expert's down, output rows [m0, m1)
+      const int m0 = (item - nr) * shared_rows, m1 = std::min(D, m0 + shared_rows);
+      Q4Gemm(jobs_[nr].down, m0, m1, shared_h_, job_out_.data() + (size_t)nr * T * D + m0, D);
+      return;
+    }
+    Scratch& sc = scratch_[tid];
+    const Job& jb = jobs_[item];
+    sc.x.Resize(jb.n, D, opt.mode, x_isa);
+    sc.x.PrepareRows(x, D, jb.tokens, 0, jb.n);
+    Q4Gemm(jb.gate_up, 0, 2 * F, sc.x, sc.gu.data(), 2 * F);
+    for (int n = 0; n < jb.n; ++n) {
+      const float* gu = sc.gu.data() + (size_t)n * 2 * F;
+      SiluMul(gu, gu + F, sc.hid.data() + (size_t)n * F, F, isa);
+    }
+    sc.h.Resize(jb.n, F, opt.mode, h_isa);
+    sc.h.PrepareRows(sc.hid.data(), F, nullptr, 0, jb.n);
+    Q4Gemm(jb.down, 0, D, sc.h, job_out_.data() + (size_t)item * T * D, D);
+  });
+  for (int j = 0; j < nj; ++j) {
+    const Job& jb = jobs_[j];
+    for (int n = 0; n < jb.n; ++n) {
+      float* yr = y + (size_t)jb.tokens[n] * D;
+      const float wn = jb.weights[n];
+      const float* o = job_out_.data() + ((size_t)j * T + n) * D;
+      for (int m = 0; m < D; ++m) yr[m] += wn * o[m];
+    }
+  }
 }
 
 }  // namespace mm

@@ -70,6 +70,18 @@ class MoeBlock {
 
   // Per weight row: sum_k W[m,k] for the int8 zero point (kernels.h). Weights
   // are constant tensors, so computed once per weight set, on the pool.
+  // The experts of a decode-sized step (T < 8, input-axis experts), after routing: jobs_
+  // [0, nr) routed, jobs_[nr] the shared expert (its gate/up done). y [T, D] zeroed.
+  void ExpertsDecode(const MoeConfig& c, const float* x, int T, float* y, ThreadPool* pool,
+                     const RunOptions& opt, Isa isa, int nr);
+  struct Scratch {  // one thread's buffers in ExpertsDecode
+    Acts x, h;
+    std::vector<float> gu, hid;  // [n, 2F], [n, F]
+  };
+  std::vector<Scratch> scratch_;
+  std::vector<float> job_out_;              // ExpertsDecode: per job [n, D]
+  Acts shared_h_;                           // ExpertsDecode: the shared expert's hidden
+
   void PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, ThreadPool* pool, Isa isa);
   std::vector<float> wsum_;  // [E*2F | E*D | 2Fs | D]
   const void* wsum_key_[4] = {nullptr, nullptr, nullptr, nullptr};
