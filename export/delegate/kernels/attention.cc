@@ -47,7 +47,15 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
     for (int k = 0; k < n_new; ++k)
       DotRows(qg, rep, Dh, k_new + ((size_t)news[k] * K + g) * Dh, 1, Dh, Dh, c.scale,
               sc.data() + n_past + k, n, isa);
-    for (int r = 0; r < rep; ++r) Softmax(sc.data() + (size_t)r * n, n, isa);
+    for (int r = 0; r < rep; ++r) {
+      float* s = sc.data() + (size_t)r * n;
+      float mx = s[0];
+      for (int k = 1; k < n; ++k) mx = std::max(mx, s[k]);
+      float sum = 0.f;
+      for (int k = 0; k < n; ++k) sum += (s[k] = std::exp(s[k] - mx));
+      const float inv = 1.f / sum;
+      for (int k = 0; k < n; ++k) s[k] *= inv;
+    }
     // y [rep, Dh]: v_cache rows are one head dim over all slots (contiguous in the slot).
     if (n_past) {
       DotRows(sc.data(), rep, n, vg, Dh, P, n_past, 1.f, yg, Dh, isa);

@@ -29,7 +29,6 @@
   void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, \
                int len, float scale, float* out, int ldo);                    \
   void SiluMul(const float* g, const float* u, float* h, int n);              \
-  void Softmax(float* s, int n);                                               \
   MM_GEMM_OUT_DECL
 namespace mm {
 #if defined(MM_HAVE_AVX512)
@@ -462,21 +461,6 @@ void SiluMul(const float* g, const float* u, float* h, int n, Isa isa) {
   if (isa == Isa::kAvx2) return avx2::SiluMul(g, u, h, n);
 #endif
   for (int i = 0; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-}
-
-void Softmax(float* s, int n, Isa isa) {
-#if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-  if (isa == Isa::kAvx512) return avx512::Softmax(s, n);
-#endif
-#if defined(__x86_64__) && defined(MM_HAVE_AVX2)
-  if (isa == Isa::kAvx2) return avx2::Softmax(s, n);
-#endif
-  float mx = s[0];
-  for (int k = 1; k < n; ++k) mx = std::max(mx, s[k]);
-  float sum = 0.f;
-  for (int k = 0; k < n; ++k) sum += (s[k] = std::exp(s[k] - mx));
-  const float inv = 1.f / sum;
-  for (int k = 0; k < n; ++k) s[k] *= inv;
 }
 
 }  // namespace mm

@@ -117,7 +117,4 @@ void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr
 // h[i] = silu(g[i]) * u[i]
 void SiluMul(const float* g, const float* u, float* h, int n, Isa isa);
 
-// s[0..n) = softmax(s) in place (n >= 1).
-void Softmax(float* s, int n, Isa isa);
-
 }  // namespace mm

@@ -218,7 +218,5 @@ void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr
 
 void SiluMul(const float* g, const float* u, float* h, int n) { SiluMulVec<8>(g, u, h, n); }
 
-void Softmax(float* s, int n) { SoftmaxVec<8>(s, n); }
-
 }  // namespace avx2
 }  // namespace mm

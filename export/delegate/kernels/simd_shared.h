@@ -270,17 +270,14 @@ inline float DotVec(const float* a, const float* b, int n) {
   return sum;
 }
 
-// Sum of a W-lane vector, halving it in registers (W a power of two >= 4).
+// Sum of a W-lane vector's lanes in lane order: the attention's scores and values keep
+// the rounding of a plain loop over the lanes (a halving tree would change the last bits,
+// and a greedy decode can flip on them).
 template <int W>
 inline float HSum(typename Vec<W>::F v) {
-  if constexpr (W == 4) {
-    return (v[0] + v[2]) + (v[1] + v[3]);
-  } else {
-    typename Vec<W / 2>::F lo, hi;
-    std::memcpy(&lo, &v, sizeof(lo));
-    std::memcpy(&hi, (const char*)&v + sizeof(lo), sizeof(hi));
-    return HSum<W / 2>(lo + hi);
-  }
+  float sum = 0.f;
+  for (int j = 0; j < W; ++j) sum += v[j];
+  return sum;
 }
 
 // Rows [i, n) of DotRowsVec for NR query rows: each row is loaded once for all NR, whose
@@ -330,27 +327,6 @@ inline void DotRowsVec(const float* q, int rep, int ldq, const float* rows, int 
       default: DotRowsNR<W, 4>(qr, ldq, rows, n, ldr, len, scale, o, ldo); break;
     }
   }
-}
-
-// s = softmax(s) in place, W floats at a time (the exponents are s - max <= 0).
-template <int W>
-inline void SoftmaxVec(float* s, int n) {
-  using F = typename Vec<W>::F;
-  float mx = s[0];
-  for (int i = 1; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
-  F vsum = {};
-  float sum = 0.f;
-  int i = 0;
-  for (; i + W <= n; i += W) {
-    F x;
-    std::memcpy(&x, s + i, sizeof(F));
-    x = ExpNeg<W>(x - mx);
-    std::memcpy(s + i, &x, sizeof(F));
-    vsum += x;
-  }
-  for (; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
-  const float inv = 1.f / (sum + HSum<W>(vsum));
-  for (i = 0; i < n; ++i) s[i] *= inv;
 }
 
 // h[i] = silu(g[i]) * u[i], W floats at a time.
