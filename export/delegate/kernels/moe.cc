@@ -231,7 +231,11 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   // The shared job last, as the routed experts' outputs are added first (phase 3).
   if (has_shared) std::rotate(jobs_.begin(), jobs_.begin() + 1, jobs_.end());
   const int nj = (int)jobs_.size(), nr = nj - has_shared;  // jobs [0, nr) are routed
-  if (T < 8 && !c.experts_out) return ExpertsDecode(c, x, T, y, pool, opt, isa, nr);
+  if (T < 8 && !c.experts_out) {  // its phases are one hand-off: timed as the last one
+    ExpertsDecode(c, x, T, y, pool, opt, isa, nr);
+    MM_TICK(4);
+    return;
+  }
 
   // Phase 0: each routed job's tokens, prepared (gathered, quantised) for its kernel.
   if ((int)x_acts_.size() < nr) x_acts_.resize(nr);  // never shrink: keep buffers
