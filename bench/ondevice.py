@@ -6,6 +6,7 @@ lowerings, on this CPU, LiteRT with 2 threads. Writes bench/results/ondevice.jso
   python bench/ondevice.py --whole_only    # just the whole models, merged into --out with the
                                            # released_s_* keys (block rows left as they were)
   python bench/ondevice.py --blocks_only [--baseline_lib old.so]   # just the block rows
+  python bench/ondevice.py --decode_profile [--baseline_lib old.so]  # per-op decode profile
   python bench/ondevice.py --block32_stacks  # also the block-32 FFN stacks (both models)
   python bench/ondevice.py --moe_model a.tflite --dense_model b.tflite   # your own files
   python bench/ondevice.py --whole_only --experts block32   # whole MobileMoE-S, block-32 experts
@@ -665,6 +666,50 @@ def whole_model_race(moe_path, dense_path, budget_s):
   print(json.dumps(out))
 
 
+def decode_profile(path, libs, rounds, steps=32):
+  """Development mode (--decode_profile): one whole model's decode in the decode_delegate
+  arrangement (the fastest for both models), once per build of the delegate in `libs`
+  ({name: .so path}), rounds alternating between the builds. Per build: the median step of
+  each round, and per step the time of every claimed op and between our partitions (the
+  delegate's `profile` option, export.delegate.profile), as the median over rounds and in the
+  fastest round (on a shared box the quiet rounds show the profile without the load)."""
+  from ai_edge_litert.interpreter import load_delegate
+  from export.runner import LiteRTLM
+  lms, decs = {}, {}
+  for name, lib in libs.items():
+    opts = {"num_threads": str(THREADS)}
+    decs[name] = load_delegate(lib, dict(opts, fully_connected="1", profile="1"))
+    lms[name] = LiteRTLM(path, num_threads=THREADS, delegate=load_delegate(lib, opts),
+                         decode_delegate=decs[name])
+  rng = np.random.default_rng(0)
+  step_ms = {n: [] for n in libs}
+  ops = {n: [] for n in libs}
+  for r in range(rounds):
+    for k in range(len(libs)):
+      n = list(libs)[(k + r) % len(libs)]   # rotate who goes first
+      lm = lms[n]
+      lm.reset()
+      lm.prefill_last(rng.integers(0, 1000, DECODE_PROMPT))
+      before = dl.profile(decs[n])
+      t = []
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        lm.decode(int(rng.integers(0, 1000)))
+        t.append(time.perf_counter() - t0)
+      step_ms[n].append(float(np.median(t) * 1e3))
+      ops[n].append({k: (us - before.get(k, (0, 0.0))[1]) / steps
+                     for k, (_, us) in dl.profile(decs[n]).items() if "idle" not in k})
+  out = {}
+  for n in libs:
+    best = int(np.argmin(step_ms[n]))
+    labels = sorted(ops[n][best], key=lambda k: -ops[n][best][k])
+    out[n] = {"lib": libs[n], "step_ms": float(np.median(step_ms[n])), "step_ms_rounds": step_ms[n],
+              "ops_us_per_step_median": {k: float(np.median([o.get(k, 0.0) for o in ops[n]]))
+                                         for k in labels},
+              "ops_us_per_step_fastest_round": {k: ops[n][best][k] for k in labels}}
+  return out
+
+
 def whole_rss(path, fc="plain"):
   """Child process: peak RSS of one whole model loaded, prefilling 128 and decoding;
   fc="fc": with LiteRTLM's decode_delegate (a second interpreter for decode)."""
@@ -991,7 +1036,13 @@ def main(argv=None):
                   help="both whole models' decode attention: the delegate's MobileKvAttention "
                        "(reads the filled cache slots only) or builtin ops over the whole cache")
   ap.add_argument("--baseline_lib", help="another build of libmobilemoe_delegate.so: adds "
-                  "row (a0), the block-32 block run by it, timed with the others (before/after)")
+                  "row (a0), the block-32 block run by it, timed with the others (before/after); "
+                  "with --decode_profile: profiled next to this build (it needs the profile option)")
+  ap.add_argument("--decode_profile", action="store_true",
+                  help="development: per-op decode profile of both whole models (decode_delegate "
+                       "arrangement), this build of the delegate next to --baseline_lib if given; "
+                       "printed, not stored")
+  ap.add_argument("--rounds", type=int, default=12, help="--decode_profile: rounds per build")
   ap.add_argument("--moe_model")
   ap.add_argument("--dense_model")
   ap.add_argument("--out", default=DEFAULT_OUT)
@@ -1033,6 +1084,14 @@ def main(argv=None):
     with open(a.out, "w") as f:
       json.dump(merge_litertlm(res, row, record), f, indent=1)
     return print(json.dumps(row, indent=1))
+  if a.decode_profile:
+    libs = {"this": dl.library_path()}
+    if a.baseline_lib:
+      libs["baseline"] = os.path.abspath(a.baseline_lib)
+    paths = ({"moe": a.moe_model, "dense": a.dense_model} if a.moe_model else
+             {n: p for n, (p, _) in whole_models(a.experts, a.attention).items()})
+    res = {n: decode_profile(p, libs, a.rounds) for n, p in paths.items() if p}
+    return print(json.dumps(dict(res, loadavg_end=os.getloadavg()), indent=1))
   if a.whole_only:
     # Merged into --out: the whole-model record under "whole_only_run" and the released-S
     # keys at the top; the block rows of an earlier full run stay as they were.

@@ -153,12 +153,13 @@ def test_resize_token_count():
   assert_close(y, dl.reference_moe(x, w, o), 1e-5)
 
 
-def test_thread_counts_agree():
+@pytest.mark.parametrize("T", [3, 11])   # a decode-sized step (T < 8) and a prefill-sized one
+def test_thread_counts_agree(T):
   rng = np.random.default_rng(6)
   o = opts(E=16, k=4, Fs=128)
   w = weights(rng, o)
-  x = tokens(rng, w, o, 11)
-  model = tb.moe_block_model(w, o, [11, 256])
+  x = tokens(rng, w, o, T)
+  model = tb.moe_block_model(w, o, [T, 256])
   outs = [run(model, x, dl.load(num_threads=n))[0][0] for n in (1, 2, 3)]
   np.testing.assert_array_equal(outs[0], outs[1])
   np.testing.assert_array_equal(outs[0], outs[2])

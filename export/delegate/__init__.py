@@ -230,7 +230,8 @@ def library_path(variant: str = "release") -> str:
 
 
 def load(num_threads: int | None = None, activations: str = "int8", kernel: str = "auto",
-         variant: str | None = None, verbose: bool = False, fully_connected: bool = False):
+         variant: str | None = None, verbose: bool = False, fully_connected: bool = False,
+         profile: bool = False):
   """Returns ai_edge_litert.interpreter.load_delegate(...) for this delegate.
 
   num_threads: None -> the interpreter's thread count. activations: "int8"
@@ -242,11 +243,12 @@ def load(num_threads: int | None = None, activations: str = "int8", kernel: str 
   fully_connected: also claim INT4 FULLY_CONNECTED nodes, channel-wise or block-wise (fp16
   block scales, kept exact), with no bias and no fused activation: a decode step's GEMVs
   then share the delegate's thread pool (README.md).
+  profile: time every claimed op and the gaps between partitions (read with profile()).
   """
   from ai_edge_litert.interpreter import load_delegate
   variant = variant or os.environ.get("MOBILEMOE_DELEGATE_VARIANT", "release")
   opts = {"activations": activations, "kernel": kernel, "verbose": int(verbose),
-          "fully_connected": int(fully_connected)}
+          "fully_connected": int(fully_connected), "profile": int(profile)}
   if num_threads is not None:
     opts["num_threads"] = num_threads
   return load_delegate(library_path(variant), opts)
@@ -276,3 +278,20 @@ def stats(delegate) -> dict:
           "isa": _text(lib.mobilemoe_delegate_isa(ptr)),        # what this delegate runs
           "cpu_isa": _text(lib.mobilemoe_kernel_isa()),         # the best this CPU has
           "sanitized": bool(lib.mobilemoe_sanitized())}
+
+
+def profile(delegate) -> dict:
+  """A delegate loaded with profile=True: {label: (count, total microseconds)}. Labels are
+  "<op> [output shape]" for a claimed op's Eval, "outside, <op> -> <op>" for the time
+  between the last op of our previous partition and the first of the next (the
+  interpreter's other ops in between, or the app between two invokes), and
+  "idle (gap > 1 ms)" for longer gaps (the app between invokes)."""
+  lib = ctypes.CDLL(delegate._library._name)
+  lib.mobilemoe_delegate_profile.argtypes = [ctypes.c_void_p]
+  lib.mobilemoe_delegate_profile.restype = ctypes.c_char_p
+  text = _text(lib.mobilemoe_delegate_profile(ctypes.c_void_p(delegate._get_native_delegate_pointer())))
+  out = {}
+  for line in text.splitlines():
+    label, count, us = line.split("\t")
+    out[label] = (int(count), float(us))
+  return out

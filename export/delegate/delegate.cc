@@ -7,9 +7,11 @@
 // Every entry point the runtime calls is a C function: none lets an exception out (a
 // hostile model can make an allocation fail); each turns one into an error status.
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -30,6 +32,34 @@ struct Options {
   mm::IsaCap kernel = mm::IsaCap::kAuto;
   bool verbose = false;
   bool fully_connected = false;  // also claim INT4 FULLY_CONNECTED nodes
+  bool profile = false;          // time every op and the gaps between partitions (Profile)
+};
+
+// Wall time per claimed op, and between our partitions (the interpreter's other ops, or
+// the app between two invokes), summed by label: where a decode step goes, per op.
+struct Profile {
+  using Clock = std::chrono::steady_clock;
+  // A gap longer than this is the app between steps, not ops of the interpreter.
+  static constexpr double kIdleUs = 1000;
+  struct Stat { long count = 0; double us = 0; };
+  std::map<std::string, Stat> stats;
+  Clock::time_point last_end;
+  std::string last;  // the label of the op that ran last ("": none yet)
+
+  static double Us(Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double, std::micro>(b - a).count();
+  }
+  void Add(const std::string& key, double us) {
+    Stat& s = stats[key];
+    s.count++;
+    s.us += us;
+  }
+  std::string Text() const {
+    std::string out;
+    for (const auto& [key, s] : stats)
+      out += key + "\t" + std::to_string(s.count) + "\t" + std::to_string(s.us) + "\n";
+    return out;
+  }
 };
 
 struct MoeDelegate {
@@ -39,6 +69,8 @@ struct MoeDelegate {
   std::string messages;  // why nodes were refused, newest last
   std::mutex run_mu;     // one node runs at a time: the pool is shared
   std::unique_ptr<mm::ThreadPool> pool;
+  Profile profile;
+  std::string profile_text;  // Profile::Text() as of the last mobilemoe_delegate_profile call
 
   mm::ThreadPool* Pool(int recommended) {
     if (!pool) {
@@ -82,7 +114,15 @@ struct Kernel {
   MoeDelegate* del = nullptr;
   std::vector<std::unique_ptr<mm::Op>> ops;  // execution order
   mm::Partition part;
+  std::vector<std::string> labels;  // per op, for the profile: name [output shape]
+  std::string first;                // the first op's label: where a gap before us ends
 };
+
+std::string Label(TfLiteContext* ctx, const mm::Op& op, const mm::Partition& part) {
+  std::vector<int> dims;
+  part.Dims(ctx, op.output, &dims);
+  return std::string(op.name()) + " " + mm::Dims(dims);
+}
 
 void Report(TfLiteContext* ctx, const char* op, const std::string& why) {
   ctx->ReportError(ctx, "MobileMoE delegate: %s: %s", op, why.c_str());
@@ -148,6 +188,14 @@ TfLiteStatus KernelPrepare(TfLiteContext* ctx, TfLiteNode* node) {
       return kLiteError;
     }
   }
+  try {
+    k->labels.clear();
+    for (auto& op : k->ops) k->labels.push_back(Label(ctx, *op, k->part));
+    k->first = k->labels.empty() ? "" : k->labels[0];
+  } catch (...) {
+    Report(ctx, "prepare", "out of memory");
+    return kLiteError;
+  }
   return kLiteOk;
 }
 
@@ -163,11 +211,28 @@ TfLiteStatus KernelInvoke(TfLiteContext* ctx, TfLiteNode* node) {
     env.pool = del->Pool(ctx->recommended_num_threads);
     env.mode = del->opts.mode;
     env.cap = del->opts.kernel;
-    for (auto& op : k->ops) {
-      if (op->Eval(ctx, &k->part, env, &why) != kLiteOk) {
-        failed = op->name();
+    Profile& prof = del->profile;
+    const bool timed = del->opts.profile;
+    Profile::Clock::time_point t = timed ? Profile::Clock::now() : Profile::Clock::time_point();
+    if (timed && !prof.last.empty()) {
+      const double gap = Profile::Us(prof.last_end, t);
+      prof.Add(gap > Profile::kIdleUs ? "idle (gap > 1 ms)"
+                                      : "outside, " + prof.last + " -> " + k->first, gap);
+    }
+    for (size_t i = 0; i < k->ops.size(); ++i) {
+      if (k->ops[i]->Eval(ctx, &k->part, env, &why) != kLiteOk) {
+        failed = k->ops[i]->name();
         break;
       }
+      if (timed) {
+        const auto t1 = Profile::Clock::now();
+        prof.Add(k->labels[i], Profile::Us(t, t1));
+        t = t1;
+      }
+    }
+    if (timed && !k->labels.empty()) {
+      prof.last_end = Profile::Clock::now();
+      prof.last = k->labels.back();
     }
     if (why.empty()) {
       del->invokes++;
@@ -261,9 +326,12 @@ bool ParseOptions(const char* const* keys, const char* const* values, int n,
     } else if (k == "fully_connected") {
       if (v != "0" && v != "1") { *err = "fully_connected must be 0 or 1"; return false; }
       o->fully_connected = v == "1";
+    } else if (k == "profile") {
+      if (v != "0" && v != "1") { *err = "profile must be 0 or 1"; return false; }
+      o->profile = v == "1";
     } else {
       *err = "unknown option '" + k + "' (num_threads, activations, kernel, verbose, "
-             "fully_connected)";
+             "fully_connected, profile)";
       return false;
     }
   }
@@ -319,6 +387,16 @@ __attribute__((visibility("default"))) int mobilemoe_delegate_invokes(TfLiteDele
 __attribute__((visibility("default"))) const char* mobilemoe_delegate_messages(
     TfLiteDelegate* d) {
   return Self(d)->messages.c_str();
+}
+// The `profile` option's table: one line per label, "label\tcount\tmicroseconds".
+__attribute__((visibility("default"))) const char* mobilemoe_delegate_profile(
+    TfLiteDelegate* d) {
+  try {
+    Self(d)->profile_text = Self(d)->profile.Text();
+  } catch (...) {
+    Self(d)->profile_text.clear();
+  }
+  return Self(d)->profile_text.c_str();
 }
 // 1 in the ASan/UBSan build (lets the sanitizer test check what it loaded).
 __attribute__((visibility("default"))) int mobilemoe_sanitized() {

@@ -36,6 +36,11 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
     std::vector<float>& sc = scores_[tid];  // >= rep * n: sized above
     const float* qg = q + ((size_t)t * H + g * rep) * Dh;   // the group's rep query rows
     float* yg = y + ((size_t)t * H + g * rep) * Dh;
+    // The values' rows (one head dim each, P floats apart) come from DRAM after a step
+    // streamed the weights: ask for them all now, so they arrive while the scores run.
+    const float* vg = v_cache + (size_t)g * Dh * P + lo;
+    for (int d = 0; d < Dh && n_past; ++d)
+      for (int s = 0; s < n_past; s += 16) __builtin_prefetch(vg + (size_t)d * P + s, 0, 2);
     // Scores [rep, n]: the past slots, then the new tokens this one sees.
     DotRows(qg, rep, Dh, k_cache + ((size_t)g * P + lo) * Dh, n_past, Dh, Dh, c.scale,
             sc.data(), n, isa);
@@ -53,8 +58,7 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
     }
     // y [rep, Dh]: v_cache rows are one head dim over all slots (contiguous in the slot).
     if (n_past) {
-      DotRows(sc.data(), rep, n, v_cache + (size_t)g * Dh * P + lo, Dh, P, n_past, 1.f, yg, Dh,
-              isa);
+      DotRows(sc.data(), rep, n, vg, Dh, P, n_past, 1.f, yg, Dh, isa);
     } else {
       for (int i = 0; i < rep * Dh; ++i) yg[i] = 0.f;
     }

@@ -9,10 +9,12 @@ void Int4Fc::Run(const FcWeights& fw, const float* x, int N, float* y, ThreadPoo
   if (N <= 0) return;
   Q4Matrix w = fw.w;
   const Isa a_isa = SimdShapeOk(w.K, w.G) ? isa : Isa::kScalar;
-  // Output rows per work item: decode streams the weights, so a few long runs
-  // per thread (the prefetchers follow one stream); a batch takes 256-row tiles.
+  // Output rows per work item: decode streams the weights, so up to two long runs per
+  // thread (the prefetchers follow one stream), split evenly so both threads stay busy
+  // to the end (768 rows in 256-row runs left one thread a third of the work alone);
+  // at least 128 rows (48 KB at K = 768) per hand-off. A batch takes 256-row tiles.
   const int threads = pool->size();
-  const int rows = N < 8 ? std::max(256, (w.M / (2 * threads) + 15) / 16 * 16) : 256;
+  const int rows = N < 8 ? std::max(128, (w.M / (2 * threads) + 15) / 16 * 16) : 256;
   const int items = (w.M + rows - 1) / rows;
   const bool tile = a_isa != Isa::kScalar && TilesOk(w.M, w.K);
   const bool fresh = key_ != fw.w.q;   // a new weight tensor: once per node (constant)

@@ -47,20 +47,17 @@ int DecodeTile(int rows, int threads, int tile) {
 constexpr int kOutParts = 1;
 }  // namespace
 
-void MoeBlock::Route(const MoeConfig& c, const MoeWeights& w, const float* x,
-                     int T, ThreadPool* pool, Isa isa) {
-  const int E = c.num_experts, D = c.d_model;
-  logits_.resize((size_t)T * E);
-  // logits [T, E] = x @ router_w^T, split by (token, 16 experts).
-  const int eb = (E + 15) / 16;
-  // A decode step's router is a few microseconds: not worth a pool hand-off.
-  ThreadPool* p = T >= 8 ? pool : &inline_pool_;
-  p->Run(T * eb, [&](int item, int) {
-    const int t = item / eb, e0 = (item % eb) * 16, e1 = std::min(E, e0 + 16);
-    for (int e = e0; e < e1; ++e)
-      logits_[(size_t)t * E + e] = Dot(x + (size_t)t * D, w.router_w + (size_t)e * D, D, isa);
-  });
+void MoeBlock::RouterLogits(const MoeConfig& c, const MoeWeights& w, const float* x,
+                            int item, Isa isa) {
+  // Item (token t, experts e0 .. e0 + 15) of logits [T, E] = x @ router_w^T.
+  const int E = c.num_experts, D = c.d_model, eb = (E + 15) / 16;
+  const int t = item / eb, e0 = (item % eb) * 16, e1 = std::min(E, e0 + 16);
+  for (int e = e0; e < e1; ++e)
+    logits_[(size_t)t * E + e] = Dot(x + (size_t)t * D, w.router_w + (size_t)e * D, D, isa);
+}
 
+void MoeBlock::Select(const MoeConfig& c, const MoeWeights& w, int T) {
+  const int E = c.num_experts;
   tok_.resize(E);
   wt_.resize(E);
   for (int e = 0; e < E; ++e) { tok_[e].clear(); wt_[e].clear(); }
@@ -164,19 +161,18 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   const int nthreads = pool->size();
   std::fill(y, y + (size_t)T * D, 0.f);
   if (T == 0) return;
-
   MM_TICK0();
-  // Between two MoE nodes the model's other ops run (for ~1 ms per layer in a
-  // decode step): by now the pool's workers are asleep. Wake them while this
-  // thread routes, so they spin by the time the experts' GEMMs start.
-  if (T < 8) pool->Wake();
   const Isa isa = KernelIsa(opt.cap);
   if (opt.mode == ActMode::kI8) PrepareWeightSums(c, w, pool, isa);
   const float* wsum = opt.mode == ActMode::kI8 ? wsum_.data() : nullptr;
-  Route(c, w, x, T, pool, isa);
-  MM_TICK(0);
+  const Isa x_isa = SimdShapeOk(D, Gd) ? isa : Isa::kScalar;
+  // Decode-sized steps run the cheap phases (0, 2) inline: each pool hand-off
+  // is a barrier, and on a busy core a barrier can cost a time slice.
+  ThreadPool* cheap = T >= 8 ? pool : &inline_pool_;
 
-  // Jobs: every expert with at least one token, then the shared expert.
+  // Jobs: every expert with at least one token, then the shared expert. The shared
+  // expert needs no routing: its buffers come first in gu_out_ / h_, and its gate/up runs
+  // on the pool together with the router's logits (phase 1a), not after them.
   jobs_.clear();
   active_.clear();
   size_t gu_total = 0, h_total = 0;
@@ -187,18 +183,9 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     h_total += (size_t)j.n * j.F;
     jobs_.push_back(j);
   };
-  for (int e = 0; e < E; ++e) {
-    if (tok_[e].empty()) continue;
-    active_.push_back(e);
-    Job j;
-    j.F = c.d_expert;
-    j.n = (int)tok_[e].size();
-    j.tokens = tok_[e].data();
-    j.weights = wt_[e].data();
-    ExpertMatrices(c, w, e, wsum, &j.gate_up, &j.down);
-    add_job(j);
-  }
-  if (c.d_shared > 0) {
+  const bool has_shared = c.d_shared > 0;
+  int shared_items = 0, shared_tile = kRowTile1;
+  if (has_shared) {
     const int Fs = c.d_shared;
     all_tokens_.resize(T);
     ones_.assign(T, 1.f);
@@ -210,26 +197,61 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     j.weights = ones_.data();
     ExpertMatrices(c, w, E, wsum, &j.gate_up, &j.down);
     add_job(j);
+    shared_x_.Resize(T, D, opt.mode, x_isa);
+    cheap->Run((T + 15) / 16, [&](int item, int) {
+      shared_x_.PrepareRows(x, D, nullptr, item * 16, std::min(T, item * 16 + 16));
+    });
+    if (T < 8) shared_tile = DecodeTile(2 * Fs, nthreads, kRowTile1);
+    shared_items = (2 * Fs + shared_tile - 1) / shared_tile;
   }
-  const int nj = (int)jobs_.size();
+  gu_out_.resize(gu_total);  // the shared expert's part (grown once routed below)
+  logits_.resize((size_t)T * E);
+  const int router_items = T * ((E + 15) / 16);
+  // Phase 1a: router logits (first: the routed experts wait on them), shared gate/up.
+  pool->Run(router_items + shared_items, [&](int item, int) {
+    if (item < router_items) return RouterLogits(c, w, x, item, isa);
+    const Job& jb = jobs_[0];
+    const int m0 = (item - router_items) * shared_tile, m1 = std::min(2 * jb.F, m0 + shared_tile);
+    Q4Gemm(jb.gate_up, m0, m1, shared_x_, gu_out_.data() + jb.gu_off + m0, 2 * jb.F);
+  });
+  Select(c, w, T);
+  MM_TICK(0);
 
-  // Phase 0: each job's tokens, prepared (gathered, quantised) for its kernel.
-  const Isa x_isa = SimdShapeOk(D, Gd) ? isa : Isa::kScalar;
-  if ((int)x_acts_.size() < nj) x_acts_.resize(nj);  // never shrink: keep buffers
+  for (int e = 0; e < E; ++e) {
+    if (tok_[e].empty()) continue;
+    active_.push_back(e);
+    Job j;
+    j.F = c.d_expert;
+    j.n = (int)tok_[e].size();
+    j.tokens = tok_[e].data();
+    j.weights = wt_[e].data();
+    ExpertMatrices(c, w, e, wsum, &j.gate_up, &j.down);
+    add_job(j);
+  }
+  // The shared job last, as the routed experts' outputs are added first (phase 3).
+  if (has_shared) std::rotate(jobs_.begin(), jobs_.begin() + 1, jobs_.end());
+  const int nj = (int)jobs_.size(), nr = nj - has_shared;  // jobs [0, nr) are routed
+  if (T < 8 && !c.experts_out) {  // its phases are one hand-off: timed as the last one
+    ExpertsDecode(c, x, T, y, pool, opt, isa, nr);
+    MM_TICK(4);
+    return;
+  }
+
+  // Phase 0: each routed job's tokens, prepared (gathered, quantised) for its kernel.
+  if ((int)x_acts_.size() < nr) x_acts_.resize(nr);  // never shrink: keep buffers
   if ((int)h_acts_.size() < nj) h_acts_.resize(nj);
   std::vector<int> first_item(nj + 1, 0);
-  for (int j = 0; j < nj; ++j) {
-    const bool out = jobs_[j].gate_up.out_groups;  // plain fp32 rows, any shape
-    x_acts_[j].Resize(jobs_[j].n, D, opt.mode, out ? isa : x_isa, out);
-    first_item[j + 1] = first_item[j] + (jobs_[j].n + 15) / 16;
+  for (int j = 0; j < nj; ++j) {  // the shared job (prepared above): no items
+    if (j < nr) {
+      const bool out = jobs_[j].gate_up.out_groups;  // plain fp32 rows, any shape
+      x_acts_[j].Resize(jobs_[j].n, D, opt.mode, out ? isa : x_isa, out);
+    }
+    first_item[j + 1] = first_item[j] + (j < nr ? (jobs_[j].n + 15) / 16 : 0);
   }
   auto job_of = [&](int item) {
     return int(std::upper_bound(first_item.begin(), first_item.begin() + nj + 1, item) -
                first_item.begin()) - 1;
   };
-  // Decode-sized steps run the cheap phases (0, 2) inline: each pool hand-off
-  // is a barrier, and on a busy core a barrier can cost a time slice.
-  ThreadPool* cheap = T >= 8 ? pool : &inline_pool_;
   cheap->Run(first_item[nj], [&](int item, int) {
     const int j = job_of(item);
     const int n0 = (item - first_item[j]) * 16;
@@ -237,9 +259,9 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   });
 
   MM_TICK(1);
-  // Phase 1: gu_out[j] [n, 2F] = x[tokens] @ gate_up^T, split by row tiles. Decode-sized
-  // steps split output-axis experts by input rows instead (kOutParts blocks, each one
-  // contiguous stream): partial sums in part_, added up in phase 2.
+  // Phase 1b: gu_out[j] [n, 2F] = x[tokens] @ gate_up^T for the routed jobs, split by row
+  // tiles. Decode-sized steps split output-axis experts by input rows instead (kOutParts
+  // blocks, each one contiguous stream): partial sums in part_, added up in phase 2.
   gu_out_.resize(gu_total);
   const bool split = T < 8 && c.experts_out;
   const int parts = std::min(kOutParts * nthreads, std::min(D, c.d_expert));
@@ -253,11 +275,11 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     part_off[j + 1] = part_off[j] + (is_split(jobs_[j]) ? (size_t)parts * jobs_[j].n *
                                      std::max(2 * jobs_[j].F, D) : 0);
   part_.resize(part_off[nj]);
-  std::vector<int> tile1(nj);
-  for (int j = 0; j < nj; ++j)
+  std::vector<int> tile1(nr);
+  for (int j = 0; j < nr; ++j)
     tile1[j] = T < 8 ? DecodeTile(2 * jobs_[j].F, nthreads, kRowTile1) : kRowTile1;
   for (int j = 0; j < nj; ++j)
-    first_item[j + 1] = first_item[j] + (is_split(jobs_[j]) ? parts
+    first_item[j + 1] = first_item[j] + (j >= nr ? 0 : is_split(jobs_[j]) ? parts
                                          : (2 * jobs_[j].F + tile1[j] - 1) / tile1[j]);
   pool->Run(first_item[nj], [&](int item, int) {
     const int j = job_of(item);
@@ -351,6 +373,73 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     }
   });
   MM_TICK(4);
+}
+
+// Decode-sized steps: each routed expert is one work item that runs its whole chain
+// (gather x, gate/up, SiLU, quantise h, down), so the routed experts need one pool
+// hand-off, not three, and each thread streams an expert's two matrices back to back. The
+// shared expert's gate/up ran with the router (jobs_[nr]); its down runs in the same
+// hand-off, split by output rows. Every job writes its own output; they are added into y
+// in job order afterwards, so y does not depend on which thread ran what.
+void MoeBlock::ExpertsDecode(const MoeConfig& c, const float* x, int T, float* y,
+                             ThreadPool* pool, const RunOptions& opt, Isa isa, int nr) {
+  const int D = c.d_model, F = c.d_expert, nthreads = pool->size();
+  const int nj = (int)jobs_.size();  // nr routed jobs, then the shared expert if any
+  const Isa x_isa = SimdShapeOk(D, c.group_size ? c.group_size : D) ? isa : Isa::kScalar;
+  const Isa h_isa = SimdShapeOk(F, c.group_size ? c.group_size : F) ? isa : Isa::kScalar;
+  // Scratch sized here for T tokens: an allocation failure in a pool worker could not be
+  // reported (Acts::Resize to fewer rows keeps its buffers).
+  scratch_.resize(nthreads);
+  for (Scratch& sc : scratch_) {
+    sc.x.Resize(T, D, opt.mode, x_isa);
+    sc.h.Resize(T, F, opt.mode, h_isa);
+    sc.gu.resize((size_t)T * 2 * F);
+    sc.hid.resize((size_t)T * F);
+  }
+  job_out_.resize((size_t)nj * T * D);  // per job [n, D]
+  // The shared expert's hidden, from its gate/up (phase 1a).
+  int shared_parts = 0, shared_rows = 0;
+  if (nj > nr) {
+    const Job& sj = jobs_[nr];
+    const Isa s_isa = SimdShapeOk(sj.F, sj.down.G) ? isa : Isa::kScalar;
+    h_.resize((size_t)T * sj.F);
+    shared_h_.Resize(T, sj.F, opt.mode, s_isa);
+    for (int n = 0; n < T; ++n) {
+      const float* gu = gu_out_.data() + sj.gu_off + (size_t)n * 2 * sj.F;
+      SiluMul(gu, gu + sj.F, h_.data() + (size_t)n * sj.F, sj.F, isa);
+    }
+    shared_h_.PrepareRows(h_.data(), sj.F, nullptr, 0, T);
+    shared_rows = (D / nthreads + 15) / 16 * 16;
+    shared_parts = (D + shared_rows - 1) / shared_rows;
+  }
+  pool->Run(nr + shared_parts, [&](int item, int tid) {
+    if (item >= nr) {  // the shared expert's down, output rows [m0, m1)
+      const int m0 = (item - nr) * shared_rows, m1 = std::min(D, m0 + shared_rows);
+      Q4Gemm(jobs_[nr].down, m0, m1, shared_h_, job_out_.data() + (size_t)nr * T * D + m0, D);
+      return;
+    }
+    Scratch& sc = scratch_[tid];
+    const Job& jb = jobs_[item];
+    sc.x.Resize(jb.n, D, opt.mode, x_isa);
+    sc.x.PrepareRows(x, D, jb.tokens, 0, jb.n);
+    Q4Gemm(jb.gate_up, 0, 2 * F, sc.x, sc.gu.data(), 2 * F);
+    for (int n = 0; n < jb.n; ++n) {
+      const float* gu = sc.gu.data() + (size_t)n * 2 * F;
+      SiluMul(gu, gu + F, sc.hid.data() + (size_t)n * F, F, isa);
+    }
+    sc.h.Resize(jb.n, F, opt.mode, h_isa);
+    sc.h.PrepareRows(sc.hid.data(), F, nullptr, 0, jb.n);
+    Q4Gemm(jb.down, 0, D, sc.h, job_out_.data() + (size_t)item * T * D, D);
+  });
+  for (int j = 0; j < nj; ++j) {
+    const Job& jb = jobs_[j];
+    for (int n = 0; n < jb.n; ++n) {
+      float* yr = y + (size_t)jb.tokens[n] * D;
+      const float wn = jb.weights[n];
+      const float* o = job_out_.data() + ((size_t)j * T + n) * D;
+      for (int m = 0; m < D; ++m) yr[m] += wn * o[m];
+    }
+  }
 }
 
 }  // namespace mm

@@ -63,11 +63,25 @@ class MoeBlock {
     size_t gu_off = 0, h_off = 0;  // offsets into gu_out_ / h_
   };
 
-  void Route(const MoeConfig& c, const MoeWeights& w, const float* x, int T,
-             ThreadPool* pool, Isa isa);
+  // Routing: logits_ one work item (a token, 16 experts) at a time, then per token the
+  // top-k experts into tok_ / wt_.
+  void RouterLogits(const MoeConfig& c, const MoeWeights& w, const float* x, int item, Isa isa);
+  void Select(const MoeConfig& c, const MoeWeights& w, int T);
 
   // Per weight row: sum_k W[m,k] for the int8 zero point (kernels.h). Weights
   // are constant tensors, so computed once per weight set, on the pool.
+  // The experts of a decode-sized step (T < 8, input-axis experts), after routing: jobs_
+  // [0, nr) routed, jobs_[nr] the shared expert (its gate/up done). y [T, D] zeroed.
+  void ExpertsDecode(const MoeConfig& c, const float* x, int T, float* y, ThreadPool* pool,
+                     const RunOptions& opt, Isa isa, int nr);
+  struct Scratch {  // one thread's buffers in ExpertsDecode
+    Acts x, h;
+    std::vector<float> gu, hid;  // [n, 2F], [n, F]
+  };
+  std::vector<Scratch> scratch_;
+  std::vector<float> job_out_;              // ExpertsDecode: per job [n, D]
+  Acts shared_h_;                           // ExpertsDecode: the shared expert's hidden
+
   void PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, ThreadPool* pool, Isa isa);
   std::vector<float> wsum_;  // [E*2F | E*D | 2Fs | D]
   const void* wsum_key_[4] = {nullptr, nullptr, nullptr, nullptr};
@@ -79,7 +93,8 @@ class MoeBlock {
   std::vector<Job> jobs_;
   std::vector<int> all_tokens_;
   std::vector<float> ones_;
-  std::vector<Acts> x_acts_;                // per job: its tokens' x
+  std::vector<Acts> x_acts_;                // per routed job: its tokens' x
+  Acts shared_x_;                           // the shared expert's (all tokens') x
   std::vector<Acts> h_acts_;                // per job: its SwiGLU hidden
   std::vector<float> gu_out_;               // per job [n, 2F]
   std::vector<float> h_;                    // per job [n, F]

@@ -270,37 +270,61 @@ inline float DotVec(const float* a, const float* b, int n) {
   return sum;
 }
 
+// Sum of a W-lane vector's lanes in lane order: the attention's scores and values keep
+// the rounding of a plain loop over the lanes (a halving tree would change the last bits,
+// and a greedy decode can flip on them).
+template <int W>
+inline float HSum(typename Vec<W>::F v) {
+  float sum = 0.f;
+  for (int j = 0; j < W; ++j) sum += v[j];
+  return sum;
+}
+
+// Rows [i, n) of DotRowsVec for NR query rows: each row is loaded once for all NR, whose
+// sums stay in registers. The row kDotPrefetchRows ahead is prefetched: the values' rows are
+// one head dim over the cache slots, P floats apart, each a new stream.
+constexpr int kDotPrefetchRows = 8;
+template <int W, int NR>
+inline void DotRowsNR(const float* q, int ldq, const float* rows, int n, int ldr, int len,
+                      float scale, float* out, int ldo) {
+  using F = typename Vec<W>::F;
+  for (int i = 0; i < n; ++i) {
+    const float* row = rows + (size_t)i * ldr;
+    if (i + kDotPrefetchRows < n)
+      for (int k = 0; k < len; k += 16) __builtin_prefetch(row + (size_t)kDotPrefetchRows * ldr + k);
+    F acc[NR] = {};
+    int k = 0;
+    for (; k + W <= len; k += W) {
+      F x;
+      std::memcpy(&x, row + k, sizeof(F));
+      MM_UNROLL for (int r = 0; r < NR; ++r) {
+        F y;
+        std::memcpy(&y, q + (size_t)r * ldq + k, sizeof(F));
+        acc[r] += x * y;
+      }
+    }
+    MM_UNROLL for (int r = 0; r < NR; ++r) {
+      float sum = HSum<W>(acc[r]);
+      for (int kk = k; kk < len; ++kk) sum += q[(size_t)r * ldq + kk] * row[kk];
+      out[(size_t)r * ldo + i] = sum * scale;
+    }
+  }
+}
+
 // out[r * ldo + i] = scale * sum_k q[r * ldq + k] * rows[i * ldr + k] for r < rep, i < n:
-// the attention's scores (rows = keys) and values (rows = one head dim over the slots).
-// Each row is loaded once for up to 8 query rows.
+// the attention's scores (rows = keys) and values (rows = one head dim over the slots),
+// up to 4 query rows per pass over the rows.
 template <int W>
 inline void DotRowsVec(const float* q, int rep, int ldq, const float* rows, int n, int ldr,
                        int len, float scale, float* out, int ldo) {
-  using F = typename Vec<W>::F;
-  for (int r0 = 0; r0 < rep; r0 += 8) {
-    const int nr = rep - r0 < 8 ? rep - r0 : 8;
-    const float* qb = q + (size_t)r0 * ldq;
-    for (int i = 0; i < n; ++i) {
-      const float* row = rows + (size_t)i * ldr;
-      F acc[8] = {};
-      int k = 0;
-      for (; k + W <= len; k += W) {
-        F x;
-        std::memcpy(&x, row + k, sizeof(F));
-        MM_UNROLL for (int r = 0; r < 8; ++r) {
-          if (r < nr) {
-            F y;
-            std::memcpy(&y, qb + (size_t)r * ldq + k, sizeof(F));
-            acc[r] += x * y;
-          }
-        }
-      }
-      for (int r = 0; r < nr; ++r) {
-        float sum = 0.f;
-        for (int j = 0; j < W; ++j) sum += acc[r][j];
-        for (int kk = k; kk < len; ++kk) sum += qb[(size_t)r * ldq + kk] * row[kk];
-        out[(size_t)(r0 + r) * ldo + i] = sum * scale;
-      }
+  for (int r = 0; r < rep; r += 4) {
+    const float* qr = q + (size_t)r * ldq;
+    float* o = out + (size_t)r * ldo;
+    switch (rep - r) {
+      case 1: DotRowsNR<W, 1>(qr, ldq, rows, n, ldr, len, scale, o, ldo); break;
+      case 2: DotRowsNR<W, 2>(qr, ldq, rows, n, ldr, len, scale, o, ldo); break;
+      case 3: DotRowsNR<W, 3>(qr, ldq, rows, n, ldr, len, scale, o, ldo); break;
+      default: DotRowsNR<W, 4>(qr, ldq, rows, n, ldr, len, scale, o, ldo); break;
     }
   }
 }

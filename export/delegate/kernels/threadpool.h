@@ -45,19 +45,6 @@ class ThreadPool {
   }
   int size() const { return (int)workers_.size() + 1; }
 
-  // Wakes sleeping workers without giving them work: they spin again for
-  // kSpinUs. A caller that knows a Run() is a few microseconds away (the MoE
-  // block before routing) calls this so the futex wake-up overlaps that work
-  // instead of delaying the first parallel phase.
-  void Wake() {
-    if (workers_.empty()) return;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    cv_.notify_all();
-  }
-
   // Calls fn(item, thread_id) once for every item in [0, n); items are handed
   // out dynamically, so uneven items (e.g. experts with more tokens) balance.
   // Not reentrant: one Run at a time (the delegate serialises its nodes). An item that
