@@ -101,6 +101,18 @@ WORKLOADS = {
         'the same global batch as 16 accumulated micro-batches of 16 (half the activation '
         'memory)', 'mobilemoe_s', 256, grad_accum=16, packed=True, model=released_s(),
         vs='rs_b256_accum8_packed'),
+    'rs_b256_accum8_packed_chunk128': Workload(
+        'A/B: the MFU step with the loss chunked over 128 positions (4k tokens a chunk)',
+        'mobilemoe_s', 256, grad_accum=8, packed=True, model=released_s(),
+        train={'loss_chunk_len': 128}, vs='rs_b256_accum8_packed'),
+    'rs_b256_accum8_packed_chunk256': Workload(
+        'A/B: the MFU step with the loss chunked over 256 positions (8k tokens a chunk)',
+        'mobilemoe_s', 256, grad_accum=8, packed=True, model=released_s(),
+        train={'loss_chunk_len': 256}, vs='rs_b256_accum8_packed'),
+    'rs_b256_accum16_packed_chunk256': Workload(
+        'A/B: 16 micro-batches of 16, the loss chunked over 256 positions (4k tokens a chunk)',
+        'mobilemoe_s', 256, grad_accum=16, packed=True, model=released_s(),
+        train={'loss_chunk_len': 256}, vs='rs_b256_accum8_packed'),
     'rs_b256_accum8_packed_bias': Workload(
         'the same step with packed rows attended through the mask as a bias (cuDNN, no bias '
         "gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 256, grad_accum=8,
@@ -125,6 +137,10 @@ WORKLOADS = {
         "torchtitan Qwen3-MoE built to the released MobileMoE-S's shape, compiled blocks, "
         'varlen attention; 8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True,
         model=RELEASED_S, impl='torchtitan', peer=TORCHTITAN_COMPILED, vs='rs_b8_packed'),
+    'peer_torchtitan_flex_rs_b8_packed': Workload(
+        'the same torchtitan model, compiled blocks, flex attention (its default attention); '
+        '8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True, model=RELEASED_S,
+        impl='torchtitan', peer={'compile': True, 'attention': 'flex'}, vs='rs_b8_packed'),
     'peer_torchtitan_eager_rs_b8_packed': Workload(
         "the same torchtitan model with its defaults: eager (no torch.compile), flex attention; "
         '8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True, model=RELEASED_S,
@@ -175,8 +191,8 @@ WORKLOADS = {
 # The headline rows: the released S on packed rows at the preset's batch (MFU) and at 8 x 2048
 # beside one-document rows and its dropless variant, and the peers at 8 x 2048. One H100/H200.
 HEADLINE = ('rs_b256_accum8_packed', 'rs_b8', 'rs_b8_packed', 'rs_b8_dropless_packed',
-            'peer_torchtitan_rs_b8_packed', 'peer_torchtitan_eager_rs_b8_packed',
-            'peer_transformers_rs_b8')
+            'peer_torchtitan_rs_b8_packed', 'peer_torchtitan_flex_rs_b8_packed',
+            'peer_torchtitan_eager_rs_b8_packed', 'peer_transformers_rs_b8')
 
 
 # --------------------------------------------------------------------------------- batches
@@ -669,8 +685,8 @@ ONE_GPU = _OneGpu()
 
 def _torchtitan_on_this_torch():
   """torchtitan 0.3.0 is built against torch nightlies; on an older torch (the device image's
-  2.11) three names it uses are missing. Patches what is missing; returns what it patched
-  (each row records it)."""
+  2.11) names and keywords it uses are missing. Patches what is missing; returns what it
+  patched (each row records it)."""
   import importlib.util
   import inspect
   import torch
@@ -689,6 +705,14 @@ def _torchtitan_on_this_torch():
     # package, built from source); without it, torch's built-in flash attention (FA2).
     tt_utils.get_cuda_flash_attention_impl = lambda: None
     shims.append('varlen attention on torch built-in flash attention (FA2): no FA3 installed')
+  from torch.nn.attention import varlen
+  takes = frozenset(inspect.signature(varlen.varlen_attn).parameters)
+  missing = sorted({'window_size', 'num_splits', 'enable_gqa'} - takes)
+  if missing:
+    # torchtitan passes keywords of the nightly's varlen_attn (dynamo: "failed to bind
+    # arguments"); _varlen_attn_for maps them onto this torch's.
+    tt_attention.varlen_attn = _varlen_attn_for(varlen.varlen_attn, takes)
+    shims.append(f'varlen_attn without {missing} (this torch lacks them; _varlen_attn_for)')
   if 'separate_full_blocks' not in inspect.signature(create_block_mask).parameters:
     # torch 2.11's create_block_mask lacks this flag; True is its fixed behaviour.
     def block_mask(*args, separate_full_blocks=True, **kw):
@@ -697,6 +721,23 @@ def _torchtitan_on_this_torch():
     tt_attention._compiled_create_block_mask = torch.compile(block_mask)
     shims.append('flex create_block_mask without separate_full_blocks (torch 2.11)')
   return shims
+
+
+def _varlen_attn_for(varlen_attn, takes):
+  """torchtitan 0.3.0's call of torch's varlen_attn on a torch whose varlen_attn has fewer
+  keywords (`takes`: its parameter names): a causal window (-1, 0) becomes is_causal=True; the
+  split count (a heuristic of FA2's) and enable_gqa (its flash kernel takes KV with fewer
+  heads as they are) are dropped where not taken."""
+  def call(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), **kw):
+    kw = {n: x for n, x in kw.items() if n in takes}
+    if 'window_size' in takes:
+      kw['window_size'] = window_size
+    elif tuple(window_size) in ((-1, 0), (-1, -1)) and 'is_causal' in takes:
+      kw['is_causal'] = tuple(window_size) == (-1, 0)
+    elif tuple(window_size) != (-1, -1):
+      raise NotImplementedError(f'varlen_attn of this torch has no window_size {window_size}')
+    return varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, **kw)
+  return call
 
 
 def run_torchtitan(names, a):
@@ -887,10 +928,9 @@ def select(a):
   return out
 
 
-def write(found, names, a):
-  """Puts this run's rows into the results file, replacing those of the same workloads."""
-  run = dict(runinfo.run_record('bench/train_throughput.py', WORKLOADS[names[0]].machine == 'gpu'),
-             warmup_steps=a.warmup, timed_steps=a.steps)
+def write(found, names, run, a):
+  """Puts this run's rows (`run`: its record) into the results file, replacing those of the
+  same workloads."""
   try:
     with open(a.out) as f:
       results = json.load(f)
@@ -1056,10 +1096,12 @@ def main():
   if not (a.headline or a.workload):
     p.error('name --workload=... or --headline (--list shows the workloads)')
   names = select(a)
+  run = dict(runinfo.run_record('bench/train_throughput.py', WORKLOADS[names[0]].machine == 'gpu'),
+             warmup_steps=a.warmup, timed_steps=a.steps)
   found = {}
-  for group in groups(names):
+  for group in groups(names):   # written after each group: a run cut short keeps what it measured
     found.update(launch(group, a))
-  results = write(found, names, a)
+    results = write(found, group, run, a)
   print(table({'rows': {n: results['rows'][n] for n in names}}))
   print(f'wrote {a.out}')
   return None
