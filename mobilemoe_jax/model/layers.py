@@ -67,12 +67,28 @@ def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim: int, eps: float, param_dtype):
+  def __init__(self, dim: int, eps: float, param_dtype, recompute: bool = False):
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=('norm',))
     self.eps = eps
+    self.recompute = recompute
 
   def __call__(self, x):
-    return (rms_normalize(x, self.eps) * self.scale[...]).astype(x.dtype)
+    return rms_norm(x, self.scale[...], self.eps, self.recompute)
+
+
+def _rms_norm(x, scale, eps: float):
+  y = rms_normalize(x, eps)
+  return (y if scale is None else y * scale).astype(x.dtype)
+
+
+_rms_norm_recomputed = jax.checkpoint(_rms_norm, static_argnums=(2,))
+
+
+def rms_norm(x, scale, eps: float, recompute: bool = False):
+  """rms_normalize(x) * scale (None: no weight, QK-norm) in x's dtype. recompute: the
+  backward pass keeps only x and recomputes the fp32 normalised rows (autodiff of
+  rms_normalize keeps two fp32 copies of x)."""
+  return (_rms_norm_recomputed if recompute else _rms_norm)(x, scale, eps)
 
 
 def rms_normalize(x, eps: float):
@@ -153,6 +169,7 @@ class Attention(nnx.Module):
     self.use_rope, self.theta, self.rope_scaling = use_rope, cfg.rope_theta, config_lib.rope_scaling(cfg)
     # QK-norm only where RoPE is applied (the release's NoPE layers have neither).
     self.qk_norm_eps = cfg.norm_eps if use_rope and cfg.get('qk_norm', False) else None
+    self.recompute = cfg.get('recompute_elementwise', False)
     self.dtype = jnp.dtype(cfg.dtype)
     self.cudnn_mask = cfg.attention_mask
     self.cudnn_segments = cfg.get('attention_segments', 0)   # configs saved before the field
@@ -176,8 +193,8 @@ class Attention(nnx.Module):
       freq = rope_frequencies(q.shape[-1], self.theta, self.rope_scaling)
       q, k = rope(q, positions, freq), rope(k, positions, freq)
     if self.qk_norm_eps is not None:
-      q = rms_normalize(q, self.qk_norm_eps).astype(q.dtype)        # [B, T, H, Dh]
-      k = rms_normalize(k, self.qk_norm_eps).astype(k.dtype)
+      q = rms_norm(q, None, self.qk_norm_eps, self.recompute)       # [B, T, H, Dh]
+      k = rms_norm(k, None, self.qk_norm_eps, self.recompute)
     if cache is None:
       k, v = qat.fake_quant_kv(k, qc), qat.fake_quant_kv(v, qc)   # as an int8 KV cache would
       mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)
@@ -312,12 +329,14 @@ class MLP(nnx.Module):
     self.down = param(rngs, (hidden, d), ('mlp', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
     self.dtype = jnp.dtype(cfg.dtype)
     self.quant = cfg.quant
+    self.recompute = cfg.get('recompute_elementwise', False)
     for name in ('gate', 'up', 'down'):
       add_quant_scale(self, name, cfg.quant)
 
   def __call__(self, x):
     dt, qc = self.dtype, self.quant
     x = act(x, qc)
-    h = swiglu_hidden(x, kernel(self, 'gate', qc, dt), kernel(self, 'up', qc, dt), '...d,df->...f')
+    h = swiglu_hidden(x, kernel(self, 'gate', qc, dt), kernel(self, 'up', qc, dt), '...d,df->...f',
+                      self.recompute)
     h = constrain(h, ('batch', 'length', 'mlp'))
     return act(h, qc) @ kernel(self, 'down', qc, dt)
