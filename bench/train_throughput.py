@@ -882,9 +882,11 @@ def worker_env(w: Workload, environ=os.environ):
   return env
 
 
-def launch(names, a):
-  """Runs one worker process; returns {workload: result}."""
+def launch(names, a, deadline=None):
+  """Runs one worker process, stopped at --limit-s or at `deadline` (time.time()), whichever
+  comes first; returns {workload: result} (those it finished before a stop too)."""
   env = worker_env(WORKLOADS[names[0]])
+  limit = a.limit_s if deadline is None else max(1.0, min(a.limit_s, deadline - time.time()))
   argv = [sys.executable, os.path.abspath(__file__), '--worker=' + ','.join(names),
           f'--warmup={a.warmup}', f'--steps={a.steps}'] + (['--profile'] if a.profile else []) \
       + ([f'--profile-dir={a.profile_dir}'] if a.profile_dir else [])
@@ -892,11 +894,11 @@ def launch(names, a):
   proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   try:
-    out, _ = proc.communicate(timeout=a.limit_s)
+    out, _ = proc.communicate(timeout=limit)
   except subprocess.TimeoutExpired:
     proc.kill()
     out, _ = proc.communicate()
-    out += f'\nkilled at --limit-s {a.limit_s} s'
+    out += f'\nkilled after {limit:.0f} s (--limit-s / --deadline-s)'
   found = {}
   for line in out.splitlines():
     if line.startswith('RESULT '):
@@ -1077,6 +1079,9 @@ def main():
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--limit-s', type=float, default=900, help='time limit per worker process')
+  p.add_argument('--deadline-s', type=float, default=0,
+                 help='stop every worker this many seconds after the start (0: none), e.g. '
+                      "inside a device call's limit; rows finished by then are kept")
   p.add_argument('--profile', action='store_true',
                  help='trace 2 more steps of each JAX workload (GPU time per kernel in the row)')
   p.add_argument('--profile-dir', default='',
@@ -1102,9 +1107,10 @@ def main():
   names = select(a)
   run = dict(runinfo.run_record('bench/train_throughput.py', WORKLOADS[names[0]].machine == 'gpu'),
              warmup_steps=a.warmup, timed_steps=a.steps)
+  deadline = time.time() + a.deadline_s if a.deadline_s else None
   found = {}
   for group in groups(names):   # written after each group: a run cut short keeps what it measured
-    found.update(launch(group, a))
+    found.update(launch(group, a, deadline))
     results = write(found, group, run, a)
   print(table({'rows': {n: results['rows'][n] for n in names}}))
   print(f'wrote {a.out}')
