@@ -101,22 +101,10 @@ WORKLOADS = {
         'the same global batch as 16 accumulated micro-batches of 16 (half the activation '
         'memory)', 'mobilemoe_s', 256, grad_accum=16, packed=True, model=released_s(),
         vs='rs_b256_accum8_packed'),
-    'rs_b256_accum8_packed_chunk128': Workload(
-        'A/B: the MFU step with the loss chunked over 128 positions (4k tokens a chunk)',
-        'mobilemoe_s', 256, grad_accum=8, packed=True, model=released_s(),
-        train={'loss_chunk_len': 128}, vs='rs_b256_accum8_packed'),
-    'rs_b256_accum8_packed_chunk256': Workload(
-        'A/B: the MFU step with the loss chunked over 256 positions (8k tokens a chunk)',
-        'mobilemoe_s', 256, grad_accum=8, packed=True, model=released_s(),
-        train={'loss_chunk_len': 256}, vs='rs_b256_accum8_packed'),
     'rs_b256_accum8_packed_recompute': Workload(
         'A/B: the MFU step with norms and SwiGLU products recomputed in the backward pass',
         'mobilemoe_s', 256, grad_accum=8, packed=True,
         model=released_s(recompute_elementwise=True), vs='rs_b256_accum8_packed'),
-    'rs_b256_accum16_packed_chunk256': Workload(
-        'A/B: 16 micro-batches of 16, the loss chunked over 256 positions (4k tokens a chunk)',
-        'mobilemoe_s', 256, grad_accum=16, packed=True, model=released_s(),
-        train={'loss_chunk_len': 256}, vs='rs_b256_accum8_packed'),
     'rs_b256_accum8_packed_bias': Workload(
         'the same step with packed rows attended through the mask as a bias (cuDNN, no bias '
         "gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 256, grad_accum=8,
