@@ -101,10 +101,6 @@ WORKLOADS = {
         'the same global batch as 16 accumulated micro-batches of 16 (half the activation '
         'memory)', 'mobilemoe_s', 256, grad_accum=16, packed=True, model=released_s(),
         vs='rs_b256_accum8_packed'),
-    'rs_b256_accum8_packed_recompute': Workload(
-        'A/B: the MFU step with norms and SwiGLU products recomputed in the backward pass',
-        'mobilemoe_s', 256, grad_accum=8, packed=True,
-        model=released_s(recompute_elementwise=True), vs='rs_b256_accum8_packed'),
     'rs_b256_accum8_packed_bias': Workload(
         'the same step with packed rows attended through the mask as a bias (cuDNN, no bias '
         "gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 256, grad_accum=8,

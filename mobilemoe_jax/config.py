@@ -49,7 +49,6 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.param_dtype = 'float32'
   c.init_std = 0.02
   c.remat = False               # rematerialise each block in the backward pass
-  c.recompute_elementwise = False   # A/B: norms and SwiGLU products recomputed in the backward pass
   # Attention kernel: 'xla' (scores materialised; any backend), 'cudnn' (fused flash attention,
   # GPU, 16-bit dtypes), 'auto' (cudnn on GPU with a 16-bit dtype, else xla). Decoding with a KV
   # cache always uses xla. cuDNN keeps no [T, S] scores in memory (bench/attention_check.py

@@ -114,7 +114,7 @@ def test_gather_drops_like_sorted():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def _two_matmuls(x, gate, up, spec, recompute=False):
+def _two_matmuls(x, gate, up, spec):
   """The SwiGLU hidden rows as two separate matmuls: the reference for swiglu_hidden."""
   return jax.nn.silu(jnp.einsum(spec, x, gate)) * jnp.einsum(spec, x, up)
 

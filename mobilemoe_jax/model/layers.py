@@ -3,6 +3,7 @@
 Parameters are stored in `param_dtype` (fp32) and cast to the compute dtype at use.
 Every parameter carries logical axis names (`axes=`) that sharding/ maps to the mesh.
 """
+import functools
 import math
 import threading
 
@@ -67,28 +68,21 @@ def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim: int, eps: float, param_dtype, recompute: bool = False):
+  def __init__(self, dim: int, eps: float, param_dtype):
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=('norm',))
     self.eps = eps
-    self.recompute = recompute
 
   def __call__(self, x):
-    return rms_norm(x, self.scale[...], self.eps, self.recompute)
+    return rms_norm(x, self.scale[...], self.eps)
 
 
-def _rms_norm(x, scale, eps: float):
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def rms_norm(x, scale, eps: float):
+  """rms_normalize(x) * scale (None: no weight, QK-norm), in x's dtype. Rematerialised: the
+  backward pass keeps x and recomputes the fp32 rows from it, where autodiff would keep two
+  fp32 copies of x per call; the big step is short of memory, not of elementwise passes."""
   y = rms_normalize(x, eps)
   return (y if scale is None else y * scale).astype(x.dtype)
-
-
-_rms_norm_recomputed = jax.checkpoint(_rms_norm, static_argnums=(2,))
-
-
-def rms_norm(x, scale, eps: float, recompute: bool = False):
-  """rms_normalize(x) * scale (None: no weight, QK-norm) in x's dtype. recompute: the
-  backward pass keeps only x and recomputes the fp32 normalised rows (autodiff of
-  rms_normalize keeps two fp32 copies of x)."""
-  return (_rms_norm_recomputed if recompute else _rms_norm)(x, scale, eps)
 
 
 def rms_normalize(x, eps: float):
@@ -169,7 +163,6 @@ class Attention(nnx.Module):
     self.use_rope, self.theta, self.rope_scaling = use_rope, cfg.rope_theta, config_lib.rope_scaling(cfg)
     # QK-norm only where RoPE is applied (the release's NoPE layers have neither).
     self.qk_norm_eps = cfg.norm_eps if use_rope and cfg.get('qk_norm', False) else None
-    self.recompute = cfg.get('recompute_elementwise', False)
     self.dtype = jnp.dtype(cfg.dtype)
     self.cudnn_mask = cfg.attention_mask
     self.cudnn_segments = cfg.get('attention_segments', 0)   # configs saved before the field
@@ -193,8 +186,8 @@ class Attention(nnx.Module):
       freq = rope_frequencies(q.shape[-1], self.theta, self.rope_scaling)
       q, k = rope(q, positions, freq), rope(k, positions, freq)
     if self.qk_norm_eps is not None:
-      q = rms_norm(q, None, self.qk_norm_eps, self.recompute)       # [B, T, H, Dh]
-      k = rms_norm(k, None, self.qk_norm_eps, self.recompute)
+      q = rms_norm(q, None, self.qk_norm_eps)                       # [B, T, H, Dh]
+      k = rms_norm(k, None, self.qk_norm_eps)
     if cache is None:
       k, v = qat.fake_quant_kv(k, qc), qat.fake_quant_kv(v, qc)   # as an int8 KV cache would
       mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)
@@ -329,14 +322,12 @@ class MLP(nnx.Module):
     self.down = param(rngs, (hidden, d), ('mlp', 'embed'), std / (2 * cfg.n_layers) ** 0.5, pd)
     self.dtype = jnp.dtype(cfg.dtype)
     self.quant = cfg.quant
-    self.recompute = cfg.get('recompute_elementwise', False)
     for name in ('gate', 'up', 'down'):
       add_quant_scale(self, name, cfg.quant)
 
   def __call__(self, x):
     dt, qc = self.dtype, self.quant
     x = act(x, qc)
-    h = swiglu_hidden(x, kernel(self, 'gate', qc, dt), kernel(self, 'up', qc, dt), '...d,df->...f',
-                      self.recompute)
+    h = swiglu_hidden(x, kernel(self, 'gate', qc, dt), kernel(self, 'up', qc, dt), '...d,df->...f')
     h = constrain(h, ('batch', 'length', 'mlp'))
     return act(h, qc) @ kernel(self, 'down', qc, dt)

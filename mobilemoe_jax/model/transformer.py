@@ -17,10 +17,9 @@ class Block(nnx.Module):
   def __init__(self, cfg, layer: int, rngs: nnx.Rngs):
     pd = jnp.dtype(cfg.param_dtype)
     window = 0 if config_lib.is_global_layer(cfg, layer) else cfg.sliding_window
-    recompute = cfg.get('recompute_elementwise', False)
-    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, recompute)
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     self.attn = Attention(cfg, window, rngs, use_rope=config_lib.is_rope_layer(cfg, layer))
-    self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, recompute)
+    self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     self.ffn = MoE(cfg, rngs) if config_lib.is_moe_layer(cfg, layer) else MLP(cfg, cfg.d_ff, rngs)
 
   def __call__(self, x, positions, segment_ids, cache=None):

@@ -85,14 +85,7 @@ def from_buffer(out, weights, flat, pos):
   return y, jnp.sum(~keep).astype(jnp.int32)
 
 
-def _glu(both):
-  return jax.nn.silu(both[..., 0, :]) * both[..., 1, :]
-
-
-_glu_recomputed = jax.checkpoint(_glu)
-
-
-def swiglu_hidden(x, gate, up, spec: str, recompute: bool = False):
+def swiglu_hidden(x, gate, up, spec: str):
   """silu(x @ gate) * (x @ up) for the einsum `spec` ('...d,...df->...f' shaped, e.g.
   'ecd,edf->ecf'): the SwiGLU hidden rows, before `down`.
 
@@ -100,21 +93,27 @@ def swiglu_hidden(x, gate, up, spec: str, recompute: bool = False):
   ([..., D, 2, F]; stacked rather than concatenated on F, so an F split over a mesh axis
   stays where it is): the input is read once, and the backward pass's input gradient is one
   matmul over 2F instead of two whose results are added. The same products and fp32
-  accumulation as two matmuls. recompute: the backward pass keeps only the matmul's output
-  and recomputes silu and the product from it.
+  accumulation as two matmuls.
   """
   ins, out = spec.split('->')
   lhs, rhs = ins.split(',')
   both = jnp.einsum(f'{lhs},{rhs[:-1]}g{rhs[-1]}->{out[:-1]}g{out[-1]}', x,
                     jnp.stack([gate, up], -2))
-  # Autodiff of the two slices: XLA writes the pair's gradient in one fusion (pad + add),
-  # which was faster than a hand-written VJP stacking the two halves.
-  return (_glu_recomputed if recompute else _glu)(both)
+  return _glu(both)
 
 
-def batched_experts(buf, gate, up, down, act=_same, recompute=False):
+@jax.checkpoint
+def _glu(both):
+  """silu(gate) * up from the pair [..., 2, F]. Rematerialised: the backward pass keeps only
+  the pair (the matmul's output) and recomputes silu and the product, instead of keeping
+  their [..., F] intermediates. Autodiff of the two slices: XLA writes the pair's gradient in
+  one fusion (pad + add), which was faster than a hand-written VJP stacking the two halves."""
+  return jax.nn.silu(both[..., 0, :]) * both[..., 1, :]
+
+
+def batched_experts(buf, gate, up, down, act=_same):
   """buf [E, C, D] -> [E, C, D], batched matmuls (gate and up in one)."""
-  h = swiglu_hidden(buf, gate, up, 'ecd,edf->ecf', recompute)
+  h = swiglu_hidden(buf, gate, up, 'ecd,edf->ecf')
   return jnp.einsum('ecf,efd->ecd', act(h), down)
 
 
@@ -192,14 +191,13 @@ def _combine_bwd(res, g):
 _combine_rows.defvjp(_combine_fwd, _combine_bwd)
 
 
-def gather_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same,
-                    recompute=False):
+def gather_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same):
   """`sorted_capacity` with gathers only for row data (see the module docstring)."""
   n_experts = gate.shape[0]
   cap = capacity(x.shape[0], experts.shape[1], n_experts, capacity_factor)
   src, dst = slots(experts, n_experts, cap)
   buf = _dispatch_rows(x, src, dst).reshape(n_experts, cap, -1)
-  out = batched_experts(buf, gate, up, down, act, recompute).reshape(n_experts * cap, -1)
+  out = batched_experts(buf, gate, up, down, act).reshape(n_experts * cap, -1)
   y = _combine_rows(out, weights, src, dst)
   return y, jnp.sum(dst == n_experts * cap).astype(jnp.int32)
 
@@ -224,8 +222,7 @@ def chunk_bounds(cap: int, chunks: int):
   return list(zip(cuts[:-1], cuts[1:]))
 
 
-def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same, chunks=1,
-                    recompute=False):
+def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0, act=_same, chunks=1):
   """`gather` with the experts split over the ambient mesh's 'expert' axis.
 
   x: [N, D] split over the token axes; gate/up/down split over 'expert' on E and over
@@ -252,7 +249,7 @@ def expert_parallel(x, weights, experts, gate, up, down, capacity_factor=0.0, ac
     """[n_ep, E/n_ep, c, D] rows for every expert block -> their outputs, same layout."""
     buf = jax.lax.all_to_all(buf, 'expert', 0, 0)                # [src, E/n, c, D]
     with jax.named_scope('expert_matmuls'):   # their name in profiles and in the HLO
-      h = swiglu_hidden(buf, gate, up, 'secd,edf->secf', recompute)
+      h = swiglu_hidden(buf, gate, up, 'secd,edf->secf')
       out = jnp.einsum('secf,efd->secd', act(h), down)
     if tensor:
       out = jax.lax.psum(out, tensor)                            # F was split over 'tensor'
@@ -284,12 +281,12 @@ def can_expert_parallel(n_tokens: int, n_experts: int) -> bool:
 
 
 def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_factor: float,
-                act=_same, ep_chunks: int = 1, recompute: bool = False):
+                act=_same, ep_chunks: int = 1):
   """Dispatches to one of the implementations above; returns (y [N, D], dropped).
   act(h) is applied to each expert's hidden rows before `down`; ep_chunks: `expert_parallel`."""
   if can_expert_parallel(x.shape[0], gate.shape[0]):
     return expert_parallel(x, weights, experts, gate, up, down, capacity_factor, act,
-                           ep_chunks, recompute)
+                           ep_chunks)
   if method == 'auto':
     # bench/moe_dispatch.py: `gather` was the fastest of ours at every
     # shape on an H200, with or without a capacity, and on CPU at the tiny preset's shape.
@@ -300,7 +297,7 @@ def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_fa
   if method == 'sorted':
     return sorted_capacity(x, weights, experts, gate, up, down, capacity_factor, act)
   if method == 'gather':
-    return gather_capacity(x, weights, experts, gate, up, down, capacity_factor, act, recompute)
+    return gather_capacity(x, weights, experts, gate, up, down, capacity_factor, act)
   if method == 'ragged':
     return ragged(x, weights, experts, gate, up, down, act)
   raise ValueError(f'unknown MoE dispatch {method!r}')

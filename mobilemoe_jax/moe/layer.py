@@ -28,7 +28,6 @@ class MoE(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
     self.quant = cfg.quant
     self.ep_chunks = m.get('ep_overlap_chunks', 1)   # configs saved before the field
-    self.recompute = cfg.get('recompute_elementwise', False)
     for name in ('gate', 'up', 'down'):
       add_quant_scale(self, name, cfg.quant, n_batch=1)
     # The router stays float unless quant.router: a flipped top-k choice costs more than
@@ -59,8 +58,7 @@ class MoE(nnx.Module):
       y, dropped = dispatch.run_experts(
           act(flat, qc), weights.astype(dt), experts, kernel(self, 'gate', qc, dt, n_batch=1),
           kernel(self, 'up', qc, dt, n_batch=1), kernel(self, 'down', qc, dt, n_batch=1),
-          method=m.dispatch, capacity_factor=m.capacity_factor, act=lambda h: act(h, qc), ep_chunks=self.ep_chunks,
-          recompute=self.recompute)
+          method=m.dispatch, capacity_factor=m.capacity_factor, act=lambda h: act(h, qc), ep_chunks=self.ep_chunks)
     y = y.reshape(b, t, d)
     if self.shared is not None:
       with jax.named_scope('shared_expert'):
