@@ -125,6 +125,10 @@ WORKLOADS = {
         "torchtitan Qwen3-MoE built to the released MobileMoE-S's shape, compiled blocks, "
         'varlen attention; 8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True,
         model=RELEASED_S, impl='torchtitan', peer=TORCHTITAN_COMPILED, vs='rs_b8_packed'),
+    'peer_torchtitan_flex_rs_b8_packed': Workload(
+        'the same torchtitan model, compiled blocks, flex attention (its default attention); '
+        '8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True, model=RELEASED_S,
+        impl='torchtitan', peer={'compile': True, 'attention': 'flex'}, vs='rs_b8_packed'),
     'peer_torchtitan_eager_rs_b8_packed': Workload(
         "the same torchtitan model with its defaults: eager (no torch.compile), flex attention; "
         '8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True, model=RELEASED_S,
@@ -175,8 +179,8 @@ WORKLOADS = {
 # The headline rows: the released S on packed rows at the preset's batch (MFU) and at 8 x 2048
 # beside one-document rows and its dropless variant, and the peers at 8 x 2048. One H100/H200.
 HEADLINE = ('rs_b256_accum8_packed', 'rs_b8', 'rs_b8_packed', 'rs_b8_dropless_packed',
-            'peer_torchtitan_rs_b8_packed', 'peer_torchtitan_eager_rs_b8_packed',
-            'peer_transformers_rs_b8')
+            'peer_torchtitan_rs_b8_packed', 'peer_torchtitan_flex_rs_b8_packed',
+            'peer_torchtitan_eager_rs_b8_packed', 'peer_transformers_rs_b8')
 
 
 # --------------------------------------------------------------------------------- batches
@@ -669,8 +673,8 @@ ONE_GPU = _OneGpu()
 
 def _torchtitan_on_this_torch():
   """torchtitan 0.3.0 is built against torch nightlies; on an older torch (the device image's
-  2.11) three names it uses are missing. Patches what is missing; returns what it patched
-  (each row records it)."""
+  2.11) names and keywords it uses are missing. Patches what is missing; returns what it
+  patched (each row records it)."""
   import importlib.util
   import inspect
   import torch
@@ -689,6 +693,14 @@ def _torchtitan_on_this_torch():
     # package, built from source); without it, torch's built-in flash attention (FA2).
     tt_utils.get_cuda_flash_attention_impl = lambda: None
     shims.append('varlen attention on torch built-in flash attention (FA2): no FA3 installed')
+  from torch.nn.attention import varlen
+  takes = frozenset(inspect.signature(varlen.varlen_attn).parameters)
+  missing = sorted({'window_size', 'num_splits', 'enable_gqa'} - takes)
+  if missing:
+    # torchtitan passes keywords of the nightly's varlen_attn (dynamo: "failed to bind
+    # arguments"); _varlen_attn_for maps them onto this torch's.
+    tt_attention.varlen_attn = _varlen_attn_for(varlen.varlen_attn, takes)
+    shims.append(f'varlen_attn without {missing} (this torch lacks them; _varlen_attn_for)')
   if 'separate_full_blocks' not in inspect.signature(create_block_mask).parameters:
     # torch 2.11's create_block_mask lacks this flag; True is its fixed behaviour.
     def block_mask(*args, separate_full_blocks=True, **kw):
@@ -697,6 +709,23 @@ def _torchtitan_on_this_torch():
     tt_attention._compiled_create_block_mask = torch.compile(block_mask)
     shims.append('flex create_block_mask without separate_full_blocks (torch 2.11)')
   return shims
+
+
+def _varlen_attn_for(varlen_attn, takes):
+  """torchtitan 0.3.0's call of torch's varlen_attn on a torch whose varlen_attn has fewer
+  keywords (`takes`: its parameter names): a causal window (-1, 0) becomes is_causal=True; the
+  split count (a heuristic of FA2's) and enable_gqa (its flash kernel takes KV with fewer
+  heads as they are) are dropped where not taken."""
+  def call(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), **kw):
+    kw = {n: x for n, x in kw.items() if n in takes}
+    if 'window_size' in takes:
+      kw['window_size'] = window_size
+    elif tuple(window_size) in ((-1, 0), (-1, -1)) and 'is_causal' in takes:
+      kw['is_causal'] = tuple(window_size) == (-1, 0)
+    elif tuple(window_size) != (-1, -1):
+      raise NotImplementedError(f'varlen_attn of this torch has no window_size {window_size}')
+    return varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, **kw)
+  return call
 
 
 def run_torchtitan(names, a):
@@ -837,9 +866,11 @@ def worker_env(w: Workload, environ=os.environ):
   return env
 
 
-def launch(names, a):
-  """Runs one worker process; returns {workload: result}."""
+def launch(names, a, deadline=None):
+  """Runs one worker process, stopped at --limit-s or at `deadline` (time.time()), whichever
+  comes first; returns {workload: result} (those it finished before a stop too)."""
   env = worker_env(WORKLOADS[names[0]])
+  limit = a.limit_s if deadline is None else max(1.0, min(a.limit_s, deadline - time.time()))
   argv = [sys.executable, os.path.abspath(__file__), '--worker=' + ','.join(names),
           f'--warmup={a.warmup}', f'--steps={a.steps}'] + (['--profile'] if a.profile else []) \
       + ([f'--profile-dir={a.profile_dir}'] if a.profile_dir else [])
@@ -847,11 +878,11 @@ def launch(names, a):
   proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   try:
-    out, _ = proc.communicate(timeout=a.limit_s)
+    out, _ = proc.communicate(timeout=limit)
   except subprocess.TimeoutExpired:
     proc.kill()
     out, _ = proc.communicate()
-    out += f'\nkilled at --limit-s {a.limit_s} s'
+    out += f'\nkilled after {limit:.0f} s (--limit-s / --deadline-s)'
   found = {}
   for line in out.splitlines():
     if line.startswith('RESULT '):
@@ -887,10 +918,9 @@ def select(a):
   return out
 
 
-def write(found, names, a):
-  """Puts this run's rows into the results file, replacing those of the same workloads."""
-  run = dict(runinfo.run_record('bench/train_throughput.py', WORKLOADS[names[0]].machine == 'gpu'),
-             warmup_steps=a.warmup, timed_steps=a.steps)
+def write(found, names, run, a):
+  """Puts this run's rows (`run`: its record) into the results file, replacing those of the
+  same workloads."""
   try:
     with open(a.out) as f:
       results = json.load(f)
@@ -1033,6 +1063,9 @@ def main():
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--limit-s', type=float, default=900, help='time limit per worker process')
+  p.add_argument('--deadline-s', type=float, default=0,
+                 help='stop every worker this many seconds after the start (0: none), e.g. '
+                      "inside a device call's limit; rows finished by then are kept")
   p.add_argument('--profile', action='store_true',
                  help='trace 2 more steps of each JAX workload (GPU time per kernel in the row)')
   p.add_argument('--profile-dir', default='',
@@ -1056,10 +1089,13 @@ def main():
   if not (a.headline or a.workload):
     p.error('name --workload=... or --headline (--list shows the workloads)')
   names = select(a)
+  run = dict(runinfo.run_record('bench/train_throughput.py', WORKLOADS[names[0]].machine == 'gpu'),
+             warmup_steps=a.warmup, timed_steps=a.steps)
+  deadline = time.time() + a.deadline_s if a.deadline_s else None
   found = {}
-  for group in groups(names):
-    found.update(launch(group, a))
-  results = write(found, names, a)
+  for group in groups(names):   # written after each group: a run cut short keeps what it measured
+    found.update(launch(group, a, deadline))
+    results = write(found, group, run, a)
   print(table({'rows': {n: results['rows'][n] for n in names}}))
   print(f'wrote {a.out}')
   return None

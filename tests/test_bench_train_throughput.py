@@ -87,6 +87,26 @@ def _row(tps, date, device='NVIDIA H100 80GB HBM3', **result):
           'run': {'date': date}}
 
 
+def test_varlen_shim_maps_torchtitans_keywords_onto_an_older_varlen_attn(bench_script):
+  """torchtitan calls varlen_attn with window_size / num_splits / enable_gqa; a torch whose
+  varlen_attn has only is_causal gets the causal flag and none of the others."""
+  tt = bench_script('train_throughput')
+  calls = []
+
+  def old_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None,
+                 is_causal=False):
+    calls.append(dict(return_aux=return_aux, scale=scale, is_causal=is_causal))
+    return 'out'
+  shim = tt._varlen_attn_for(old_varlen, frozenset(['return_aux', 'scale', 'is_causal']))
+  assert shim(1, 2, 3, 4, 5, 6, 7, scale=0.125, window_size=(-1, 0), num_splits=1,
+              enable_gqa=True) == 'out'
+  assert calls == [dict(return_aux=None, scale=0.125, is_causal=True)]
+  shim(1, 2, 3, 4, 5, 6, 7, window_size=(-1, -1))
+  assert calls[-1]['is_causal'] is False
+  with pytest.raises(NotImplementedError, match='window_size'):
+    shim(1, 2, 3, 4, 5, 6, 7, window_size=(128, 0))
+
+
 def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
   tt = bench_script('train_throughput')
   rows = {'rs_b256_accum8_packed': _row(170e3, 'd0', mfu=0.3),

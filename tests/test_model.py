@@ -136,3 +136,14 @@ def test_param_count_equals_parameter_tree(name):
 def test_mobilellm_pro_is_1_08b():
   total = accounting.count(PRESETS['mobilellm_pro'].model).total_params
   assert abs(total / 1.08e9 - 1) < 0.01
+
+
+def test_rms_norm_keeps_only_its_input_for_the_backward_pass(capsys):
+  """rms_norm is rematerialised: autodiff would keep two fp32 copies of x ([.., D] each)."""
+  from jax.ad_checkpoint import print_saved_residuals
+  from mobilemoe_jax.model.layers import rms_norm
+  x, scale = jnp.ones((4, 8, 64), jnp.bfloat16), jnp.ones((64,), jnp.float32)
+  for s in (scale, None):
+    print_saved_residuals(lambda x: rms_norm(x, s, 1e-5).astype(jnp.float32).sum(), x)
+    saved = capsys.readouterr().out.splitlines()
+    assert saved and not any(line.startswith('f32[4,8,64]') for line in saved), saved

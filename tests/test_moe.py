@@ -160,3 +160,16 @@ def test_fused_gate_up_mlp_equals_unfused(monkeypatch):
   np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6, atol=1e-6)
   for a, b in zip(jax.tree.leaves(out[True][1]), jax.tree.leaves(out[False][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_keeps_only_the_matmul_output_for_the_backward_pass(capsys):
+  """The SwiGLU products are rematerialised: no [.., F] intermediate is kept, only the
+  gate/up matmul's [.., 2, F] output (and the inputs)."""
+  from jax.ad_checkpoint import print_saved_residuals
+  x = jnp.ones((16, 32), jnp.bfloat16)
+  gate = up = jnp.ones((32, 24), jnp.bfloat16)
+  print_saved_residuals(lambda x: dispatch.swiglu_hidden(x, gate, up, '...d,df->...f')
+                        .astype(jnp.float32).sum(), x)
+  saved = capsys.readouterr().out.splitlines()
+  assert any(line.startswith('bf16[16,2,24]') for line in saved), saved
+  assert not any(line.startswith('bf16[16,24]') for line in saved), saved

@@ -3,6 +3,7 @@
 Parameters are stored in `param_dtype` (fp32) and cast to the compute dtype at use.
 Every parameter carries logical axis names (`axes=`) that sharding/ maps to the mesh.
 """
+import functools
 import math
 import threading
 
@@ -72,7 +73,16 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
-    return (rms_normalize(x, self.eps) * self.scale[...]).astype(x.dtype)
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def rms_norm(x, scale, eps: float):
+  """rms_normalize(x) * scale (None: no weight, QK-norm), in x's dtype. Rematerialised: the
+  backward pass keeps x and recomputes the fp32 rows from it, where autodiff would keep two
+  fp32 copies of x per call; the big step is short of memory, not of elementwise passes."""
+  y = rms_normalize(x, eps)
+  return (y if scale is None else y * scale).astype(x.dtype)
 
 
 def rms_normalize(x, eps: float):
@@ -176,8 +186,8 @@ class Attention(nnx.Module):
       freq = rope_frequencies(q.shape[-1], self.theta, self.rope_scaling)
       q, k = rope(q, positions, freq), rope(k, positions, freq)
     if self.qk_norm_eps is not None:
-      q = rms_normalize(q, self.qk_norm_eps).astype(q.dtype)        # [B, T, H, Dh]
-      k = rms_normalize(k, self.qk_norm_eps).astype(k.dtype)
+      q = rms_norm(q, None, self.qk_norm_eps)                       # [B, T, H, Dh]
+      k = rms_norm(k, None, self.qk_norm_eps)
     if cache is None:
       k, v = qat.fake_quant_kv(k, qc), qat.fake_quant_kv(v, qc)   # as an int8 KV cache would
       mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)

@@ -99,8 +99,15 @@ def swiglu_hidden(x, gate, up, spec: str):
   lhs, rhs = ins.split(',')
   both = jnp.einsum(f'{lhs},{rhs[:-1]}g{rhs[-1]}->{out[:-1]}g{out[-1]}', x,
                     jnp.stack([gate, up], -2))
-  # Autodiff of the two slices: XLA writes the pair's gradient in one fusion (pad + add),
-  # which was faster than a hand-written VJP stacking the two halves.
+  return _glu(both)
+
+
+@jax.checkpoint
+def _glu(both):
+  """silu(gate) * up from the pair [..., 2, F]. Rematerialised: the backward pass keeps only
+  the pair (the matmul's output) and recomputes silu and the product, instead of keeping
+  their [..., F] intermediates. Autodiff of the two slices: XLA writes the pair's gradient in
+  one fusion (pad + add), which was faster than a hand-written VJP stacking the two halves."""
   return jax.nn.silu(both[..., 0, :]) * both[..., 1, :]
 
 
