@@ -159,12 +159,16 @@ class LiteRTLM:
           dst[..., :p0] = src[..., :p0]
     s.w.Invoke(s.sg)
     end = p0 + n_new
-    for out, dst, part in self._rows[sig]:
-      rows = out[:n_new]                                    # [n, K, Dh], or [n, K] (scales)
-      if part == 'v':
-        dst[:, :, p0:end] = rows.transpose(1, 2, 0)
+    for out, dst, part in self._rows[sig]:            # out: [T, K, Dh], or [T, K] (scales)
+      if n_new == 1:                  # a decode step: one slot, indexed (no transposed views)
+        if part == 'v':
+          dst[:, :, p0] = out[0]
+        else:
+          dst[:, p0] = out[0]
+      elif part == 'v':
+        dst[:, :, p0:end] = out[:n_new].transpose(1, 2, 0)
       else:
-        dst[:, p0:end] = rows.swapaxes(0, 1)
+        dst[:, p0:end] = out[:n_new].swapaxes(0, 1)
     return s.views['logits'][0].copy()
 
   def prefill(self, ids) -> np.ndarray:
