@@ -121,7 +121,8 @@ def test_runner_cache_holds_the_rows_in_place(small, fp32_path):
   """After a prefill (two chunks) and decode steps, the runner's cache (the decode
   signature's own input buffers) holds exactly PyTorch's K/V rows at slots < pos: the
   writes persist across invocations of every signature; later slots are untouched zeros.
-  A saved cache assigned back restores the context (what the lm_eval backend does)."""
+  A saved cache assigned back restores the context (what the lm_eval backend does).
+  The logits a step returns are the caller's: later steps leave them as they were."""
   lm = LiteRTLM(fp32_path)
   lm.prefill(TOK[:40])                            # prefill_32 + a padded prefill_8
   for t in TOK[40:50]:
@@ -142,6 +143,9 @@ def test_runner_cache_holds_the_rows_in_place(small, fp32_path):
   assert not any(v.any() for v in lm.kv.values())
   lm.kv, lm.pos = saved, 50
   np.testing.assert_array_equal(lm.decode(TOK[50]), logits)
+  kept = logits.copy()
+  assert not np.array_equal(lm.decode(TOK[51]), kept)
+  np.testing.assert_array_equal(logits, kept)
 
 
 @pytest.mark.parametrize('quant,emb', [('int4_g32', 'auto'), ('int4_channel', 'int8')])
