@@ -941,6 +941,16 @@ def litertlm_model_summary(cfg):
   return out
 
 
+def keep_litertlm_rows(res, path):
+  """A full run's results with the `--litertlm` rows of the file it replaces (another mode
+  of this script, each with its own run record), so it does not drop them."""
+  if os.path.exists(path):
+    with open(path) as f:
+      for row in json.load(f).get("litertlm_vs_runner", {}).values():
+        res = merge_litertlm(res, {k: v for k, v in row.items() if k != "run"}, row["run"])
+  return res
+
+
 def merge_litertlm(res, row, record):
   """ondevice.json with the workload's row under litertlm_vs_runner (the run's record beside
   it), and, for the headline workload, the top-level keys: LiteRT-LM's decode tokens/s next
@@ -1152,6 +1162,7 @@ def main(argv=None):
       **(released_s_summary(whole, bw) if whole and not a.moe_model else {}),
       "wall_s": time.time() - t_start,
   })
+  res = keep_litertlm_rows(res, a.out)
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, "w") as f:
     json.dump(res, f, indent=1)

@@ -84,3 +84,20 @@ def test_litertlm_workload_writes_its_row_beside_the_runners(bench_script, spm_t
   assert top['litertlm_runner_decode_tokens_per_s'] == row['runner_decode_tokens_per_s']
   assert top['litertlm_cpu_model'] == row['cpu_model'] and top['litertlm_threads'] == 2
   assert set(top['litertlm_vs_runner']) == {'tiny', od.LITERTLM_HEADLINE}
+
+
+def test_full_run_keeps_the_litertlm_rows_of_the_file_it_replaces(bench_script, tmp_path):
+  """A full run rewrites ondevice.json; the --litertlm rows (another mode, with their own run
+  record) and the headline's top-level keys come back from the old file."""
+  import json
+  od = bench_script('ondevice')
+  row = {'workload': od.LITERTLM_HEADLINE, 'litertlm_decode_tokens_per_s': 3000.0,
+         'runner_decode_tokens_per_s': 2500.0, 'threads': 2, 'cpu_model': 'cpu X'}
+  old = od.merge_litertlm({'released_s_decode_speedup_vs_dense': 2.0}, row, {'command': 'old run'})
+  path = tmp_path / 'ondevice.json'
+  path.write_text(json.dumps(old))
+  res = od.keep_litertlm_rows({'released_s_decode_speedup_vs_dense': 3.0}, str(path))
+  assert res['released_s_decode_speedup_vs_dense'] == 3.0          # the new run's own keys
+  assert res['litertlm_vs_runner'][od.LITERTLM_HEADLINE]['run'] == {'command': 'old run'}
+  assert res['litertlm_decode_tokens_per_s'] == 3000.0 and res['litertlm_cpu_model'] == 'cpu X'
+  assert od.keep_litertlm_rows({'a': 1}, str(tmp_path / 'missing.json')) == {'a': 1}
