@@ -1121,6 +1121,7 @@ def main(argv=None):
     return print(json.dumps(dict(w["whole"]["ratios"], **summary), indent=1))
 
   t_start = time.time()
+  record = runinfo.run_record("bench/ondevice.py", gpu=False)   # its load average: at the start
   o = dict(BLOCK)
   L = 3 if a.quick else 8
   budget = 8 if a.quick else 20
@@ -1148,7 +1149,7 @@ def main(argv=None):
   if whole:
     whole.update(experts="given file" if a.moe_model else a.experts,
                  attention="given file" if a.moe_model else a.attention)
-  res = dict(runinfo.run_record("bench/ondevice.py", gpu=False), **{
+  res = dict(record, **{
       "threads": THREADS, "loadavg_end": os.getloadavg(),
       "block": o,
       "decode_stack_layers": L,
