@@ -36,8 +36,10 @@ CLEAN_ENV = ('PYTHONPATH', 'JAX_COMPILATION_CACHE_DIR', 'MOBILEMOE_TEST_XLA_CACH
 
 
 def pytest_summary(text: str) -> dict | None:
-  """Counts and seconds of pytest's last summary line ('== 675 passed, 3 skipped in 412.3s ==')."""
-  lines = [l for l in text.splitlines() if re.search(r'=+ .*\bin [\d.]+s\b', l)]
+  """Counts and seconds of pytest's last summary line ('== 675 passed, 3 skipped in 412.3s ==',
+  or without the '=' under -q: '802 passed, 5 warnings in 871.00s (0:14:30)')."""
+  lines = [l for l in text.splitlines()
+           if re.search(r'\b\d+ (passed|failed|errors?)\b.*\bin [\d.]+s\b', l)]
   if not lines:
     return None
   last = lines[-1]

@@ -39,7 +39,11 @@ def test_pytest_summary(bench_script):
       {'passed': 675, 'skipped': 3, 'seconds': 412.34}
   assert fc.pytest_summary('= 1 failed, 2 passed, 1 error in 3.00s =') == \
       {'failed': 1, 'passed': 2, 'error': 1, 'seconds': 3.0}
+  # pytest -q (the project's addopts) prints the line without the '='
+  assert fc.pytest_summary('.... [100%]\n802 passed, 5 warnings in 871.00s (0:14:30)\n') == \
+      {'passed': 802, 'seconds': 871.0}
   assert fc.pytest_summary('no summary') is None
+  assert fc.pytest_summary('collected 5 items in 2.0s') is None
 
 
 def test_demo_table(bench_script):
