@@ -33,7 +33,7 @@ def test_models_table_is_what_info_prints():
 # bench/ondevice.py is left out: its table labels the stored pre-release run's FFN stacks with
 # the current preset's layer count.
 TABLE_SCRIPTS = ('train_throughput', 'moe_dispatch', 'delegate_block', 'kv_cache', 'delegate_fuzz',
-                 'release_agreement', 'qat', 'regrid', 'attention_check', 'ondevice')
+                 'release_agreement', 'qat', 'regrid', 'attention_check', 'ondevice', 'fresh_clone')
 
 
 @pytest.mark.parametrize('script', TABLE_SCRIPTS)
