@@ -17,10 +17,11 @@ is measured in the same run as that one, and its row keeps the ratio of per-devi
 
 Results: bench/results/train_throughput.json holds one row per workload, the newest
 measurement, with the command, date, commit and machine that produced it; a run replaces
-the rows of the workloads it measured and keeps the others.
+the rows of the workloads it measured, keeps the others and drops rows of workloads no longer
+in WORKLOADS (a row has to be reproducible by its name).
 
   python bench/train_throughput.py --headline               # HEADLINE, on one GPU
-  python bench/train_throughput.py --workload=s_b8,s_ep2    # by name (s_ep2 needs 2 GPUs)
+  python bench/train_throughput.py --workload=rs_b8,rs_ep2  # by name (rs_ep2 needs 2 GPUs)
   python bench/train_throughput.py --workload=tiny_cpu,tiny_cpu_packed   # CPU, any machine
   python bench/train_throughput.py --list                   # the workload table
   python bench/train_throughput.py --table                  # the results as markdown
@@ -140,32 +141,6 @@ WORKLOADS = {
     'tiny_gpu_torchtitan': Workload(
         'the torchtitan peer at the tiny preset on a GPU, 4 x 128 packed (code-path check)',
         'tiny', 4, seq=128, packed=True, impl='torchtitan', peer=TORCHTITAN_COMPILED),
-    's_b256_accum8': Workload(
-        "MobileMoE-S, the preset's global batch 256 x 2048 on one GPU as 8 accumulated "
-        'micro-batches of 32, one document per row', 'mobilemoe_s', 256, grad_accum=8),
-    's_b256_accum8_packed': Workload(
-        'the same step on packed rows (several documents per row, segment ids)',
-        'mobilemoe_s', 256, grad_accum=8, packed=True, vs='s_b256_accum8'),
-    's_b8': Workload('MobileMoE-S, 8 x 2048 per step, one document per row', 'mobilemoe_s', 8),
-    's_b8_packed': Workload('MobileMoE-S, 8 x 2048 per step, packed rows', 'mobilemoe_s', 8,
-                            packed=True, vs='s_b8'),
-    's_b8_dropless_packed': Workload(
-        'MobileMoE-S, 8 x 2048 packed rows, dropless experts (capacity_factor 0)', 'mobilemoe_s',
-        8, packed=True, model={'moe.capacity_factor': 0.0}, vs='s_b8_packed'),
-    's_b48': Workload('MobileMoE-S, 48 x 2048 per step, no accumulation, one document per row',
-                      'mobilemoe_s', 48),
-    's_dense_ffn_b8': Workload(
-        'what-if: MobileMoE-S with every FFN a dense SwiGLU of the active width (no routing)',
-        'mobilemoe_s', 8, model={'dense_ffn': True}, vs='s_b8'),
-    's_ep2': Workload('MobileMoE-S expert parallel on 2 GPUs, 8 x 2048 per GPU (weak scaling)',
-                      'mobilemoe_s', 8, devices=2, vs='s_b8'),
-    's_ep4': Workload('MobileMoE-S expert parallel on 4 GPUs, 8 x 2048 per GPU (weak scaling)',
-                      'mobilemoe_s', 8, devices=4, vs='s_b8'),
-    'pro_b8': Workload('MobileLLM-Pro (dense 1.08B), 8 x 2048 per step', 'mobilellm_pro', 8),
-    'peer_transformers_s_b8': Workload(
-        "transformers Qwen2-MoE built to MobileMoE-S's shape: eager, autocast bf16, SDPA, "
-        'fused AdamW; 8 x 2048, one document per row', 'mobilemoe_s', 8, impl='transformers',
-        vs='s_b8'),
     'tiny_cpu': Workload('tiny preset on CPU, 4 x 128 (code-path check, not a speed claim)',
                          'tiny', 4, seq=128, machine='cpu'),
     'tiny_cpu_packed': Workload('tiny preset on CPU, 4 x 128 packed rows', 'tiny', 4, seq=128,
@@ -264,12 +239,7 @@ def model_cfg(w: Workload):
   if w.machine == 'gpu':
     cfg.dtype = 'bfloat16'
   cfg.max_seq_len = max(cfg.max_seq_len, w.seq)
-  overrides = dict(w.model)
-  if overrides.pop('dense_ffn', False):   # the MoE swapped for a dense SwiGLU, same active width
-    m = cfg.moe
-    cfg.d_ff = m.top_k * m.d_expert + m.n_shared * m.d_shared
-    cfg.moe.n_experts = 0
-  cfg.update_from_flattened_dict(overrides)
+  cfg.update_from_flattened_dict(w.model)
   return cfg
 
 
