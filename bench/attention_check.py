@@ -169,8 +169,7 @@ def markdown_tables(res: dict) -> str:
 
 if __name__ == '__main__':
   if sys.argv[1:] == ['--table']:
-    with open(OUT) as f:
-      print(markdown_tables(json.load(f)))
+    print(markdown_tables(runinfo.read_results(OUT)))
     sys.exit()
   record = dict(runinfo.run_record('bench/attention_check.py', gpu=True), **attention_check())
   with open(OUT, 'w') as f:

@@ -11,7 +11,6 @@ weight sets so decode streams from DRAM, 2 threads. Each (workload, round) is on
 process; rounds interleave the candidates, so a change in the box's load hits both.
 """
 import argparse
-import json
 import os
 import re
 import statistics
@@ -66,8 +65,7 @@ def main(argv=None):
   ap.add_argument('--table', action='store_true', help='print the README table of --out')
   a = ap.parse_args(argv)
   if a.table:
-    with open(a.out) as f:
-      return print(markdown_table(json.load(f)))
+    return print(markdown_table(runinfo.read_results(a.out)))
   subprocess.run(['make', '-s', '-C', DELEGATE, 'bench_block'], check=True)
   record = runinfo.run_record('bench/delegate_block.py', gpu=False)
   runs = {name: [] for name in WORKLOADS}

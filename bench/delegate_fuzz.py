@@ -109,8 +109,7 @@ def main(argv=None):
   ap.add_argument('--table', action='store_true', help='print the table of --out')
   a = ap.parse_args(argv)
   if a.table:
-    with open(a.out) as f:
-      return print(markdown_table(json.load(f)))
+    return print(markdown_table(runinfo.read_results(a.out)))
   res = runinfo.run_record('bench/delegate_fuzz.py', gpu=False)
   res['options'] = options_fuzzer(a.runs)
   print('options', json.dumps({k: v for k, v in res['options'].items() if k != 'stderr_tail'}), flush=True)

@@ -179,8 +179,7 @@ def main(argv=None):
   ap.add_argument('--kv-len', type=int, help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
   if a.table:
-    with open(a.out) as f:
-      return print(markdown_table(json.load(f)))
+    return print(markdown_table(runinfo.read_results(a.out)))
   if a.measure:                      # the child process: one measurement
     kind, path = a.measure
     r = measure_runner(path, threads=a.threads) if kind == 'runner' else \

@@ -329,7 +329,6 @@ def main():
 
 if __name__ == '__main__':
   if args.table:
-    with open(args.out) as fh:
-      print(table(json.load(fh)))
+    print(table(runinfo.read_results(args.out)))
   else:
     main()

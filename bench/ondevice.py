@@ -1064,8 +1064,7 @@ def main(argv=None):
                        "vocabulary is its size)")
   a = ap.parse_args(argv)
   if a.table:
-    with open(a.out) as f:
-      return print(markdown_table(json.load(f)))
+    return print(markdown_table(runinfo.read_results(a.out)))
   if a.build:
     return build(a.build[0], int(a.build[1]), a.build[2])
   ints = lambda csv: [int(v) for v in csv.split(",")]

@@ -16,7 +16,6 @@ same grid (model.quant: symmetric INT4, groups of 32, fp16 scales; router float)
 and (c) compute with exactly the integers the exported .tflite holds.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -110,8 +109,7 @@ def main(argv=None):
   ap.add_argument('--table', action='store_true', help='print the README table of --out')
   a = ap.parse_args(argv)
   if a.table:
-    with open(a.out) as f:
-      return print(markdown_table(json.load(f)))
+    return print(markdown_table(runinfo.read_results(a.out)))
 
   start = time.time()
   sft = load_checkpoint(os.path.join(a.workdir, 'sft', 'checkpoints')).model

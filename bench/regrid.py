@@ -91,8 +91,7 @@ def main(argv=None):
   ap.add_argument("--table", action="store_true", help="print the README table of --out")
   a = ap.parse_args(argv)
   if a.table:
-    with open(a.out) as f:
-      return print(markdown_table(json.load(f)))
+    return print(markdown_table(runinfo.read_results(a.out)))
   m = mobilemoe_s.get_config().model
   E, D, F = m.moe.n_experts, m.d_model, m.moe.d_expert
   rng = np.random.default_rng(0)

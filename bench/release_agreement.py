@@ -27,7 +27,6 @@ It also records how many of the FCs' fp16 block scales bf16 rounding moves, and 
   python bench/release_agreement.py --table  # the README tables of that file
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -232,8 +231,7 @@ def main(argv=None):
   ap.add_argument('--table', action='store_true', help='print the README tables of --out')
   a = ap.parse_args(argv)
   if a.table:
-    with open(a.out) as f:
-      return print(markdown_tables(json.load(f)))
+    return print(markdown_tables(runinfo.read_results(a.out)))
   res = runinfo.run_record('bench/release_agreement.py', gpu=False)
   with tempfile.TemporaryDirectory() as root:
     res.update(measure(root))

@@ -64,6 +64,17 @@ def run_record(script: str, gpu: bool) -> dict:
           'commit': commit(), 'machine': machine, 'versions': versions()}
 
 
+def read_results(path: str) -> dict:
+  """A results file (bench/results/<name>.json), as `--table` prints it; a file that is not
+  JSON is an error naming it (a missing one raises FileNotFoundError, which names it too)."""
+  import json
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not a JSON results file ({e})') from None
+
+
 def write_results(path: str, res: dict):
   """Stamps the run's end load on `res` (from run_record) and writes it as JSON to `path`."""
   import json

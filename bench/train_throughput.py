@@ -1048,8 +1048,7 @@ def main():
   if a.list:
     return print(workload_table())
   if a.table or a.summarize:
-    with open(a.out) as f:
-      results = json.load(f)
+    results = runinfo.read_results(a.out)
     if a.table:
       return print(table(results))
     results['summary'] = summary(results['rows'])
