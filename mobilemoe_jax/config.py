@@ -81,7 +81,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.moe.expert_bias = False     # aux-loss-free balancing: a selection bias updated from the load
   c.moe.bias_update_rate = 1e-3
   c.moe.capacity_factor = 0.0   # 0: no token is ever dropped; >0: per-expert capacity
-  c.moe.dispatch = 'auto'       # 'auto' | 'dense' | 'sorted' | 'gather' | 'ragged'; see moe/dispatch.py
+  c.moe.dispatch = 'auto'       # 'auto' | 'dense' | 'sorted' | 'gather' | 'ragged' | 'grouped'; see moe/dispatch.py
   # Expert parallel only (a mesh 'expert' axis): the capacity buffer crosses devices in this
   # many slices, so one slice's all-to-all runs while another's expert matmuls do; the shared
   # expert covers the first send and the last return (moe/dispatch.py, expert_parallel).
@@ -351,7 +351,7 @@ def validate(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     chunks = m.get('ep_overlap_chunks', 1)
     _require(isinstance(chunks, int) and chunks >= 1, 'model.moe.ep_overlap_chunks',
              f'must be an integer >= 1, got {chunks!r}')
-    _require(m.dispatch in ('auto', 'dense', 'sorted', 'gather', 'ragged'), 'model.moe.dispatch',
+    _require(m.dispatch in ('auto', 'dense', 'sorted', 'gather', 'ragged', 'grouped'), 'model.moe.dispatch',
              f'unknown dispatch {m.dispatch!r}')
   return model
 

@@ -1,4 +1,6 @@
 """Routing invariants and dispatch equivalence (fast paths vs the dense reference)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +57,7 @@ def test_load_balancing_loss_is_one_when_balanced():
   assert float(routing.load_balancing_loss(skew, jnp.zeros((E, 1), jnp.int32), E)) == pytest.approx(E)
 
 
-@pytest.mark.parametrize('method', ['sorted', 'gather', 'ragged'])
+@pytest.mark.parametrize('method', ['sorted', 'gather', 'ragged', 'grouped', 'grouped_tile4'])
 def test_fast_dispatch_equals_reference(method):
   x, logits, gate, up, down = _problem(1)
 
@@ -65,8 +67,10 @@ def test_fast_dispatch_equals_reference(method):
     y, dropped = fn(x, w, e, gate, up, down)
     return y, dropped
 
-  fast = getattr(dispatch, {'sorted': 'sorted_capacity', 'gather': 'gather_capacity',
-                            'ragged': 'ragged'}[method])
+  fast = {'sorted': dispatch.sorted_capacity, 'gather': dispatch.gather_capacity,
+          'ragged': dispatch.ragged, 'grouped': dispatch.grouped,
+          # several tiles per expert, most of them padded at the end
+          'grouped_tile4': functools.partial(dispatch.grouped, tile=4)}[method]
   y_ref, _ = run(dispatch.dense, x, gate, up, down)
   y, dropped = run(fast, x, gate, up, down)
   assert int(dropped) == 0
@@ -84,6 +88,36 @@ def test_fast_dispatch_equals_reference(method):
   wloss = lambda fn: lambda w: jnp.sum(jnp.sin(fn(x, w, e, gate, up, down)[0]))
   np.testing.assert_allclose(jax.grad(wloss(fast))(w), jax.grad(wloss(dispatch.dense))(w),
                              atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('tile', [1, 4, 5, 128])
+def test_group_slots_layout(tile):
+  """Every assignment has its own row, in a tile of its expert; rows stay inside the
+  static bound even when every expert pads its last tile."""
+  for experts in (jnp.asarray(np.random.default_rng(tile).integers(0, E, (N, K)), jnp.int32),
+                  jnp.arange(N * K, dtype=jnp.int32).reshape(N, K) % E):   # all E experts hit
+    src, dst, tile_expert = dispatch.group_slots(experts, E, tile)
+    src, dst, tile_expert = map(np.asarray, (src, dst, tile_expert))
+    flat = np.asarray(experts).reshape(-1)
+    assert len(set(dst.reshape(-1).tolist())) == N * K
+    np.testing.assert_array_equal(src[dst.reshape(-1)], np.arange(N * K))
+    np.testing.assert_array_equal(tile_expert[dst.reshape(-1) // tile], flat)
+    assert (src == N * K).sum() == len(src) - N * K                         # the rest is padding
+    assert len(src) == tile * (-(-N * K // tile) + E - 1)
+
+
+def test_auto_dispatch_without_capacity_is_grouped(monkeypatch):
+  """Dropless 'auto' on CPU/GPU takes `grouped` (not a buffer of all N tokens per expert)."""
+  x, logits, gate, up, down = _problem(4)
+  w, e, _ = routing.route(logits, top_k=K, score_func='softmax', norm_topk_prob=True,
+                          routed_scale=1.0)
+  called = []
+  monkeypatch.setattr(dispatch, 'grouped', lambda *a, **kw: called.append(1) or (x, 0))
+  dispatch.run_experts(x, w, e, gate, up, down, method='auto', capacity_factor=0.0)
+  assert called
+  called.clear()
+  dispatch.run_experts(x, w, e, gate, up, down, method='auto', capacity_factor=1.25)
+  assert not called
 
 
 @pytest.mark.parametrize('fn', [dispatch.sorted_capacity, dispatch.gather_capacity])

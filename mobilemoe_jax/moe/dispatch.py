@@ -13,6 +13,10 @@ All functions compute  y[n] = sum_j w[n, j] * Expert_{e[n, j]}(x[n])  with SwiGL
   sort) and only small int32 index arrays are scattered. XLA's scatters of rows (and the
   scatter-adds autodiff makes of gathers) are what made `sorted` slow on GPU.
 - `ragged`: the sorted assignments through `jax.lax.ragged_dot`, never dropping.
+- `grouped`: dropless with `gather`'s row moves and batched matmuls: each expert's
+  assignments fill whole tiles of `GROUP_TILE` rows (the last one padded), and every tile is
+  one matmul against its expert's weights (gathered per tile). The buffer holds N*k rows
+  plus at most E-1 tiles of padding, where `gather` without a capacity needs E*N.
 - `expert_parallel`: `gather` inside shard_map over the mesh; the [E, C, D] buffer is
   exchanged with all-to-all along the 'expert' axis so each device runs only its own
   experts: tokens move, weights stay. It moves in slices of C so that the all-to-alls can
@@ -216,6 +220,44 @@ def ragged(x, weights, experts, gate, up, down, act=_same):
   return y, jnp.zeros((), jnp.int32)
 
 
+GROUP_TILE = 128   # rows per tile in `grouped`: padding (< E tiles) vs weights gathered per tile
+
+
+def group_slots(experts, n_experts: int, tile: int):
+  """Index math of `grouped` (int32 only). Each expert's assignments, in assignment order,
+  take consecutive rows from the start of its first tile; its rows end on a tile boundary.
+
+  Returns src [R] (the assignment n*k + j in each row, N*k for padding), dst [N, k] (the
+  row of each assignment) and tile_expert [R / tile] (the expert whose weights each tile
+  uses; tiles past the last expert's repeat it and hold only padding). R = tile *
+  (ceil(N*k / tile) + E - 1) bounds the rows any routing needs.
+  """
+  n, k = experts.shape
+  flat = experts.reshape(-1)
+  onehot = jax.nn.one_hot(flat, n_experts, dtype=jnp.int32)                  # [N*k, E]
+  rank = jnp.take_along_axis(jnp.cumsum(onehot, 0), flat[:, None], 1)[:, 0] - 1
+  tiles = -(-onehot.sum(0) // tile)                                         # [E] per expert
+  first = jnp.cumsum(tiles) - tiles                                         # its first tile
+  dst = first[flat] * tile + rank
+  n_tiles = -(-n * k // tile) + n_experts - 1
+  src = jnp.full((n_tiles * tile,), n * k, jnp.int32).at[dst].set(
+      jnp.arange(n * k, dtype=jnp.int32), mode='drop')
+  tile_expert = jnp.minimum(
+      jnp.searchsorted(jnp.cumsum(tiles), jnp.arange(n_tiles), side='right'), n_experts - 1)
+  return src, dst.reshape(n, k), tile_expert.astype(jnp.int32)
+
+
+def grouped(x, weights, experts, gate, up, down, act=_same, tile=GROUP_TILE):
+  """Dropless routed experts over tiles of one expert each (see the module docstring)."""
+  n_experts = gate.shape[0]
+  src, dst, tile_expert = group_slots(experts, n_experts, tile)
+  buf = _dispatch_rows(x, src, dst).reshape(tile_expert.shape[0], tile, -1)   # [tiles, tile, D]
+  take = lambda w: jnp.take(w, tile_expert, axis=0)                          # [tiles, ...]
+  h = swiglu_hidden(buf, take(gate), take(up), 'tcd,tdf->tcf')
+  out = jnp.einsum('tcf,tfd->tcd', act(h), take(down)).reshape(src.shape[0], -1)
+  return _combine_rows(out, weights, src, dst), jnp.zeros((), jnp.int32)
+
+
 def chunk_bounds(cap: int, chunks: int):
   """[(lo, hi)]: `chunks` slices of the C capacity slots, as even as C allows (at most C)."""
   cuts = [round(i * cap / min(chunks, cap)) for i in range(min(chunks, cap) + 1)]
@@ -290,8 +332,11 @@ def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_fa
   if method == 'auto':
     # bench/moe_dispatch.py: `gather` was the fastest of ours at every
     # shape on an H200, with or without a capacity, and on CPU at the tiny preset's shape.
-    # TPU is unmeasured: it keeps `sorted`.
+    # TPU is unmeasured: it keeps `sorted`. Without a capacity both size every expert's
+    # buffer for all N tokens; `grouped` needs about N*k rows.
     method = 'gather' if jax.default_backend() in ('gpu', 'cpu') else 'sorted'
+    if capacity_factor <= 0 and method == 'gather':
+      method = 'grouped'
   if method == 'dense':
     return dense(x, weights, experts, gate, up, down, act)
   if method == 'sorted':
@@ -300,4 +345,6 @@ def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_fa
     return gather_capacity(x, weights, experts, gate, up, down, capacity_factor, act)
   if method == 'ragged':
     return ragged(x, weights, experts, gate, up, down, act)
+  if method == 'grouped':
+    return grouped(x, weights, experts, gate, up, down, act)
   raise ValueError(f'unknown MoE dispatch {method!r}')
