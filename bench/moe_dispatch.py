@@ -134,6 +134,8 @@ def candidates(cf_exact, group_cap):
       'gather': (lambda *a: dispatch.gather_capacity(*a, capacity_factor=cf_exact),
                  'project gather_capacity, C = max expert load (no drops)'),
       'ragged (lax)': (dispatch.ragged, 'project ragged: jax.lax.ragged_dot, dropless'),
+      'grouped': (dispatch.grouped, f'project grouped: dropless, tiles of {dispatch.GROUP_TILE} '
+                                    'rows of one expert each'),
       'gshard one-hot': (lambda *a: gshard_onehot(*a, group=GSHARD_GROUP, cap=group_cap),
                          f'one-hot einsum dispatch, groups of {GSHARD_GROUP} tokens, '
                          'C = max per-group load (no drops)'),
