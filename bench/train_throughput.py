@@ -102,6 +102,10 @@ WORKLOADS = {
         'the same global batch as 16 accumulated micro-batches of 16 (half the activation '
         'memory)', 'mobilemoe_s', 256, grad_accum=16, packed=True, model=released_s(),
         vs='rs_b256_accum8_packed'),
+    'rs_b256_accum4_packed': Workload(
+        'the same global batch as 4 accumulated micro-batches of 64 (twice the activation '
+        'memory: larger matmuls where the GPU holds it)', 'mobilemoe_s', 256, grad_accum=4,
+        packed=True, model=released_s(), vs='rs_b256_accum8_packed'),
     'rs_b256_accum8_packed_bias': Workload(
         'the same step with packed rows attended through the mask as a bias (cuDNN, no bias '
         "gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 256, grad_accum=8,
