@@ -150,10 +150,19 @@ def _rows(a, idx):
   return jnp.take(a, idx, axis=0, mode='fill', fill_value=0)
 
 
+def _rows_clamped(a, idx):
+  """a[idx] along axis 0 with out-of-range idx clamped to the last row: XLA's own gather,
+  without the extra pass over the rows that zeroing them takes. For rows that are unused
+  or multiplied by a zero weight afterwards."""
+  return jnp.take(a, idx, axis=0, mode='clip')
+
+
 @jax.custom_vjp
 def _dispatch_rows(x, src, dst):
-  """x [N, D] -> buf [E*C, D], buf[r] = x[src[r] // k]; its transpose is a gather too."""
-  return _rows(x, src // dst.shape[1])
+  """x [N, D] -> buf [E*C, D], buf[r] = x[src[r] // k]; its transpose is a gather too.
+  Empty rows (src = N*k) hold some token's copy: no assignment reads their outputs, and
+  their cotangent is zero (their routing weight is), so they need no zeroing."""
+  return _rows_clamped(x, src // dst.shape[1])
 
 
 def _dispatch_fwd(x, src, dst):
@@ -171,11 +180,17 @@ _dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 @jax.custom_vjp
 def _combine_rows(out, weights, src, dst):
-  """out [E*C, D] -> y [N, D] = sum_j weights[n, j] * out[dst[n, j]] (dropped -> 0)."""
-  got = _rows(out, dst.reshape(-1)).reshape(*dst.shape, -1)                 # [N, k, D]
-  y = jnp.einsum('nkd,nk->nd', got, weights.astype(out.dtype),
+  """out [E*C, D] -> y [N, D] = sum_j weights[n, j] * out[dst[n, j]] (dropped -> 0).
+  A dropped assignment (dst = E*C) reads a clamped row and gets weight 0."""
+  got = _rows_clamped(out, dst.reshape(-1)).reshape(*dst.shape, -1)         # [N, k, D]
+  y = jnp.einsum('nkd,nk->nd', got, _kept(weights, dst, out.shape[0]).astype(out.dtype),
                  preferred_element_type=jnp.float32)
   return y.astype(out.dtype)
+
+
+def _kept(weights, dst, rows: int):
+  """weights [N, k] with those of dropped assignments (dst >= rows) set to 0."""
+  return jnp.where(dst < rows, weights, jnp.zeros_like(weights))
 
 
 def _combine_fwd(out, weights, src, dst):
@@ -185,11 +200,11 @@ def _combine_fwd(out, weights, src, dst):
 def _combine_bwd(res, g):
   out, weights, src, dst = res
   k = dst.shape[1]
-  w_row = _rows(weights.reshape(-1).astype(g.dtype), src)                   # [E*C]
-  d_out = (_rows(g, src // k) * w_row[:, None]).astype(out.dtype)
-  got = _rows(out, dst.reshape(-1)).reshape(*dst.shape, -1)
+  w_row = _rows(weights.reshape(-1).astype(g.dtype), src)                   # [E*C], 0 if empty
+  d_out = (_rows_clamped(g, src // k) * w_row[:, None]).astype(out.dtype)
+  got = _rows_clamped(out, dst.reshape(-1)).reshape(*dst.shape, -1)
   d_w = jnp.einsum('nkd,nd->nk', got, g, preferred_element_type=jnp.float32)
-  return d_out, d_w.astype(weights.dtype), None, None
+  return d_out, _kept(d_w, dst, out.shape[0]).astype(weights.dtype), None, None
 
 
 _combine_rows.defvjp(_combine_fwd, _combine_bwd)
