@@ -109,7 +109,7 @@ def test_varlen_shim_maps_torchtitans_keywords_onto_an_older_varlen_attn(bench_s
 
 def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
   tt = bench_script('train_throughput')
-  rows = {'rs_b256_accum8_packed': _row(170e3, 'd0', mfu=0.3),
+  rows = {'rs_b256_accum16_packed': _row(170e3, 'd0', mfu=0.3),
           'rs_b8': _row(150e3, 'd1'), 'rs_b8_packed': _row(140e3, 'd1'),
           'rs_b8_dropless_packed': {'error': 'out of memory', 'run': {'date': 'd0'}},
           'peer_torchtitan_rs_b8_packed': _row(100e3, 'd0'),          # another run: ignored
@@ -136,6 +136,9 @@ def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
   assert 'without rs_b8_packed' in tt.summary(rows)['weak_scaling_efficiency_2gpu_reason']
   rows = {k: v for k, v in rows.items() if not k.startswith('peer_')}
   assert tt.summary(rows)['speedup_vs_best_peer'] is None
+  rows['rs_b256_accum16_packed'] = {'error': 'out of memory', 'run': {'date': 'd4'}}
+  s = tt.summary(rows)
+  assert s['mfu_released_s_1gpu'] is None and s['mfu_released_s_1gpu_reason'] == 'out of memory'
 
 
 @pytest.mark.slow
