@@ -106,18 +106,21 @@ def test_group_slots_layout(tile):
     assert len(src) == tile * (-(-N * K // tile) + E - 1)
 
 
-def test_auto_dispatch_without_capacity_is_grouped(monkeypatch):
-  """Dropless 'auto' on CPU/GPU takes `grouped` (not a buffer of all N tokens per expert)."""
+@pytest.mark.parametrize('backend', ['gpu', 'cpu'])
+def test_auto_dispatch_without_capacity(monkeypatch, backend):
+  """Dropless 'auto' takes `grouped` on a GPU (not a buffer of all N tokens per expert) and
+  `gather` on a CPU; with a capacity, `gather` on both."""
   x, logits, gate, up, down = _problem(4)
   w, e, _ = routing.route(logits, top_k=K, score_func='softmax', norm_topk_prob=True,
                           routed_scale=1.0)
   called = []
-  monkeypatch.setattr(dispatch, 'grouped', lambda *a, **kw: called.append(1) or (x, 0))
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  monkeypatch.setattr(dispatch, 'grouped', lambda *a, **kw: called.append('grouped') or (x, 0))
+  monkeypatch.setattr(dispatch, 'gather_capacity',
+                      lambda *a, **kw: called.append('gather') or (x, 0))
   dispatch.run_experts(x, w, e, gate, up, down, method='auto', capacity_factor=0.0)
-  assert called
-  called.clear()
   dispatch.run_experts(x, w, e, gate, up, down, method='auto', capacity_factor=1.25)
-  assert not called
+  assert called == (['grouped', 'gather'] if backend == 'gpu' else ['gather', 'gather'])
 
 
 @pytest.mark.parametrize('fn', [dispatch.sorted_capacity, dispatch.gather_capacity])

@@ -348,9 +348,12 @@ def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_fa
     # bench/moe_dispatch.py: `gather` was the fastest of ours at every
     # shape on an H200, with or without a capacity, and on CPU at the tiny preset's shape.
     # TPU is unmeasured: it keeps `sorted`. Without a capacity both size every expert's
-    # buffer for all N tokens; `grouped` needs about N*k rows.
-    method = 'gather' if jax.default_backend() in ('gpu', 'cpu') else 'sorted'
-    if capacity_factor <= 0 and method == 'gather':
+    # buffer for all N tokens; on a GPU (training-sized N) `grouped` needs about N*k rows
+    # instead. The CPU keeps `gather`: at the few tokens of tests, eval and the demo,
+    # grouped's 128-row tiles are mostly padding (the suite and the demo ran slower).
+    backend = jax.default_backend()
+    method = 'gather' if backend in ('gpu', 'cpu') else 'sorted'
+    if capacity_factor <= 0 and backend == 'gpu':
       method = 'grouped'
   if method == 'dense':
     return dense(x, weights, experts, gate, up, down, act)
