@@ -349,8 +349,8 @@ def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_fa
     # shape on an H200, with or without a capacity, and on CPU at the tiny preset's shape.
     # TPU is unmeasured: it keeps `sorted`. Without a capacity both size every expert's
     # buffer for all N tokens; on a GPU (training-sized N) `grouped` needs about N*k rows
-    # instead. The CPU keeps `gather`: at the few tokens of tests, eval and the demo,
-    # grouped's 128-row tiles are mostly padding (the suite and the demo ran slower).
+    # instead. The CPU keeps `gather`: at the few tokens of tests and eval, grouped's
+    # 128-row tiles would be mostly padding.
     backend = jax.default_backend()
     method = 'gather' if backend in ('gpu', 'cpu') else 'sorted'
     if capacity_factor <= 0 and backend == 'gpu':
