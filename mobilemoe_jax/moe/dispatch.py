@@ -127,6 +127,14 @@ def sorted_capacity(x, weights, experts, gate, up, down, capacity_factor=0.0, ac
   return from_buffer(batched_experts(buf, gate, up, down, act), weights, flat, pos)
 
 
+def _rank_in_expert(flat, n_experts: int):
+  """(rank [N*k]: how many earlier assignments went to the same expert, count [E] per expert)
+  from a cumsum of one-hot rows (no sort)."""
+  onehot = jax.nn.one_hot(flat, n_experts, dtype=jnp.int32)                  # [N*k, E]
+  rank = jnp.take_along_axis(jnp.cumsum(onehot, 0), flat[:, None], 1)[:, 0] - 1
+  return rank, onehot.sum(0)
+
+
 def slots(experts, n_experts: int, cap: int):
   """Index math of `gather` (int32 only, no row data moves).
 
@@ -137,8 +145,7 @@ def slots(experts, n_experts: int, cap: int):
   """
   n, k = experts.shape
   flat = experts.reshape(-1)
-  onehot = jax.nn.one_hot(flat, n_experts, dtype=jnp.int32)                  # [N*k, E]
-  pos = jnp.take_along_axis(jnp.cumsum(onehot, 0), flat[:, None], 1)[:, 0] - 1
+  pos, _ = _rank_in_expert(flat, n_experts)
   dst = jnp.where(pos < cap, flat * cap + pos, n_experts * cap)
   src = jnp.full((n_experts * cap,), n * k, jnp.int32).at[dst].set(
       jnp.arange(n * k, dtype=jnp.int32), mode='drop')
@@ -249,9 +256,8 @@ def group_slots(experts, n_experts: int, tile: int):
   """
   n, k = experts.shape
   flat = experts.reshape(-1)
-  onehot = jax.nn.one_hot(flat, n_experts, dtype=jnp.int32)                  # [N*k, E]
-  rank = jnp.take_along_axis(jnp.cumsum(onehot, 0), flat[:, None], 1)[:, 0] - 1
-  tiles = -(-onehot.sum(0) // tile)                                         # [E] per expert
+  rank, counts = _rank_in_expert(flat, n_experts)
+  tiles = -(-counts // tile)                                                # [E] per expert
   first = jnp.cumsum(tiles) - tiles                                         # its first tile
   dst = first[flat] * tile + rank
   n_tiles = -(-n * k // tile) + n_experts - 1
