@@ -35,10 +35,10 @@ by export/ (litert-torch + ai-edge-quantizer) with prefill_128 / prefill_512 / d
 signatures and a 1024-slot external KV cache, every weight INT4 channel-wise (XNNPACK's
 fastest INT4 path; MobileMoE-S's experts inside the op too, as `export --quant
 int4_channel --moe delegate` writes them; --experts block32: block-32 experts instead, the
-op's other format, cached as a separate file). Both models' decode signatures run
-attention as the delegate's MobileKvAttention op (export --attention delegate: it reads
-the cache slots that hold tokens, not all 1024; --attention portable: builtin ops over
-the whole cache, XNNPACK's BATCH_MATMULs). Prefill returns
+op's other format, cached as a separate file). Both models' signatures (decode and
+prefill) run attention as the delegate's MobileKvAttention op (export --attention delegate:
+it reads the cache slots that hold tokens, not all 1024, and the causal new tokens;
+--attention portable: builtin ops over the whole cache, XNNPACK's BATCH_MATMULs). Prefill returns
 the last prompt token's logits only (export --prefill-logits last, what a phone app
 samples from): the final norm + lm_head over the vocabulary run for one row, not for
 all T. The files are
@@ -529,7 +529,7 @@ def files_version(files):
 def whole_spec(file):
   """Everything that shapes a cached whole model (its .json must match). file: 'moe',
   'moe_cw' or 'dense', with '_pa' appended for the portable attention (else both
-  models' decode attention is the delegate's MobileKvAttention: --attention delegate)."""
+  models' attention is the delegate's MobileKvAttention: --attention delegate)."""
   name = file[:-3] if file.endswith("_pa") else file
   base = WHOLE_MOE_CW if name == "moe_cw" else WHOLE[name]
   return dict(base, attention="portable" if file.endswith("_pa") else "delegate",
@@ -1043,8 +1043,9 @@ def main(argv=None):
                   help="format of the whole MobileMoE-S model's experts (exported and cached "
                        "separately); the block and FFN-stack rows always show both")
   ap.add_argument("--attention", choices=("delegate", "portable"), default="delegate",
-                  help="both whole models' decode attention: the delegate's MobileKvAttention "
-                       "(reads the filled cache slots only) or builtin ops over the whole cache")
+                  help="both whole models' attention (decode and prefill): the delegate's "
+                       "MobileKvAttention (reads the filled cache slots and the causal new "
+                       "tokens only) or builtin ops over the whole cache")
   ap.add_argument("--baseline_lib", help="another build of libmobilemoe_delegate.so: adds "
                   "row (a0), the block-32 block run by it, timed with the others (before/after); "
                   "with --decode_profile: profiled next to this build (it needs the profile option)")

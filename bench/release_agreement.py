@@ -66,7 +66,7 @@ def import_snapshot(root: str) -> str:
 
 
 def export_file(ckpt: str, path: str, experts: str = 'released') -> str:
-  """The import as an INT4 block-32 .tflite, MoE blocks and decode attention on the delegate.
+  """The import as an INT4 block-32 .tflite, MoE blocks and attention on the delegate.
   experts: 'released' (the exact integers) or 'regridded' (input-axis groups of 32)."""
   from export import checkpoint, litert, torch_model
   model = checkpoint.load_any(ckpt)

@@ -162,8 +162,9 @@ def main(argv=None):
                        "int4 = INT4 channel-wise")
   ap.add_argument('--moe', default='portable', choices=('portable', 'delegate'))
   ap.add_argument('--attention', default='portable', choices=('portable', 'delegate'),
-                  help="delegate: decode's attention as MobileKvAttention ops (export/delegate "
-                       "reads only the filled cache slots); prefill keeps the builtin matmuls")
+                  help="delegate: attention as MobileKvAttention ops in decode and prefill "
+                       "(export/delegate reads only the filled cache slots and the causal new "
+                       "tokens)")
   ap.add_argument('--prefill', default='32,128', help='comma-separated prefill lengths')
   ap.add_argument('--prefill-logits', default='all', choices=('all', 'last'),
                   help="what prefill returns: 'all' positions (scoring, eval) or the 'last' "

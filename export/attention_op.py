@@ -1,6 +1,7 @@
-"""The 'delegate' attention lowering: one `MobileKvAttention` custom op per layer in the
-decode signature, run by export/delegate, which reads only the cache slots that hold
-tokens (the portable graph reads all of them in every layer).
+"""The 'delegate' attention lowering: one `MobileKvAttention` custom op per layer in every
+signature (decode and each prefill_<T>), run by export/delegate, which reads only the cache
+slots that hold tokens and, among the new tokens, only the causal ones (the portable graph
+reads all cache slots in every layer and masks).
 
 Contract (export/delegate's attention kernel implements exactly this):
   inputs  0 q [1, T, H, Dh] f32 (after RoPE), 1 k_new [1, T, K, Dh] f32 (after RoPE, and
@@ -28,9 +29,8 @@ from export.delegate import contract
 from export.moe_op import lower_to_custom
 
 OP_NAME = contract.ATTENTION.name
-# Calls with at most this many tokens (the decode signature) use the op; longer prefill
-# chunks keep the portable matmuls (XNNPACK's batched GEMMs are faster there).
-MAX_TOKENS = 16
+# Calls with more tokens than the op takes keep the portable matmuls.
+MAX_TOKENS = contract.ATTENTION.max_tokens
 
 
 def options(num_heads: int, num_kv_heads: int, head_dim: int, window: int) -> dict:

@@ -241,7 +241,7 @@ def export(model, out_path: str, *, quant='int4_g32', embedding='auto', moe='por
            convention='runner', kv_cache='f32', log=print):
   """torch model -> out_path. Returns the report dict (see report()).
   moe / attention: 'portable' (stock builtins) or 'delegate' (MobileMoeBlock /
-  MobileKvAttention custom ops, in decode only for attention: the file then needs
+  MobileKvAttention custom ops, in every signature for attention: the file then needs
   export/delegate loaded, runner.needs_delegate).
   prefill_logits: 'all' (every position: scoring needs them) or 'last' (see the module doc).
   convention: 'runner' (export.runner) or 'litertlm' (the LiteRT-LM runtime, CONVENTIONS).

@@ -141,7 +141,7 @@ class Attention(nn.Module):
     self.k = nn.Linear(d, kv * dh, bias=False)
     self.v = nn.Linear(d, kv * dh, bias=False)
     self.o = nn.Linear(h * dh, d, bias=False)
-    # 'portable' (builtin matmuls) or 'delegate': a decode-sized call with a cache computes
+    # 'portable' (builtin matmuls) or 'delegate': a call with a cache computes
     # y with one MobileKvAttention custom op (attention_op.py, MobileMoE.set_attention_lowering).
     self.lowering = 'portable'
 
@@ -168,7 +168,7 @@ class Attention(nn.Module):
           (kq.to(torch.int8), vq.to(torch.int8), ks[..., 0], vs[..., 0])
     if self.lowering == 'delegate' and cache is not None and b == 1:
       from export import attention_op
-      if t <= attention_op.MAX_TOKENS:   # decode; prefill chunks keep the matmuls below
+      if t <= attention_op.MAX_TOKENS:   # decode and prefill chunks (all but huge ones)
         opts = json.dumps(attention_op.options(self.h, self.kv, self.dh, self.window))
         y = attention_op.kv_attention(q, k, v, cache[0], cache[1], pos.to(torch.int32), opts)
         return self.o(y), new
@@ -357,7 +357,7 @@ class MobileMoE(nn.Module):
   def set_attention_lowering(self, lowering: str):
     """'portable' or 'delegate': the latter computes attention over a cache with the
     MobileKvAttention custom op (attention_op.py) for batch 1 and at most
-    attention_op.MAX_TOKENS tokens (the decode signature); prefill keeps the matmuls."""
+    attention_op.MAX_TOKENS tokens (decode and prefill chunks)."""
     if lowering not in ('portable', 'delegate'):
       raise ValueError(f"unknown attention lowering {lowering!r}: 'portable' or 'delegate'")
     if lowering == 'delegate':

@@ -76,7 +76,7 @@ def format_table(rows: list[dict]) -> str:
 
 def ship(workdir: str, checkpoint: str, tokenizer_path: str) -> dict:
   """The on-device end of the recipe: exports `checkpoint` to an INT4 `.tflite` whose MoE
-  blocks are MobileMoeBlock ops and whose decode attention is MobileKvAttention ops,
+  blocks are MobileMoeBlock ops and whose attention is MobileKvAttention ops,
   generates a few tokens with LiteRT + our delegate, and scores the JAX model on the
   bundled local eval task."""
   from export import delegate, litertlm

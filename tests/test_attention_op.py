@@ -36,7 +36,7 @@ def inputs(att, t, pos0, seed=1):
 
 @pytest.mark.parametrize('h,kv', [(12, 4), (20, 4), (4, 4)])
 @pytest.mark.parametrize('window', [0, 5])
-@pytest.mark.parametrize('t', [1, 3])
+@pytest.mark.parametrize('t', [1, 3, 12])
 def test_op_reference_equals_portable_attention(h, kv, window, t):
   """Attention with lowering 'delegate' (the op computes y) == the portable path, for
   positions from 0 to the cache's end; the returned rows are the same tensors."""
@@ -54,8 +54,9 @@ def test_op_reference_equals_portable_attention(h, kv, window, t):
 
 
 def test_op_with_int8_cache_and_without_the_lowering_conditions():
-  """int8 KV cache: the op reads the qdq'd new rows (what the layer returns). No cache, or
-  more than MAX_TOKENS tokens (prefill), keeps the portable path (the op is not called)."""
+  """int8 KV cache: the op reads the qdq'd new rows (what the layer returns). Without a
+  cache the portable path runs (the op is not called); with one, any number of tokens
+  (decode and prefill chunks) calls it."""
   att = attention(8, 2, 0, kv_int8=True)
   x, pos, cos, sin, cache = inputs(att, 3, 10)
   with torch.no_grad():
@@ -70,12 +71,11 @@ def test_op_with_int8_cache_and_without_the_lowering_conditions():
   try:
     with torch.no_grad():
       att(x, pos, cos, sin)                                   # no cache
-      x, pos, cos, sin, cache = inputs(att, attention_op.MAX_TOKENS + 1, 0)
-      att(x, pos, cos, sin, cache)                            # a prefill-sized chunk
       assert not calls
-      x, pos, cos, sin, cache = inputs(att, attention_op.MAX_TOKENS, 0)
-      att(x, pos, cos, sin, cache)
-      assert len(calls) == 1
+      for t in (1, 20):                                       # decode, a prefill chunk
+        x, pos, cos, sin, cache = inputs(att, t, 0)
+        att(x, pos, cos, sin, cache)
+      assert len(calls) == 2
   finally:
     attention_op.kv_attention = real
 

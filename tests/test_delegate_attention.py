@@ -1,11 +1,12 @@
-"""The delegate's MobileKvAttention op (decode attention over the filled KV-cache slots)
-against its numpy reference, on hand-made one-op models."""
+"""The delegate's MobileKvAttention op (attention over the filled KV-cache slots, decode
+steps and prefill chunks) against its numpy reference, on hand-made one-op models."""
 
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from export import delegate as dl
+from export.delegate import contract
 from export.delegate import tflite_builder as tb
 from tests.support.delegate import assert_close, attn_opts, inputs
 
@@ -26,6 +27,8 @@ def run(model, feeds, delegate, num_threads=2):
     (4, 4, 16, 3, 32, 5, 4),        # several new tokens, a window inside them
     (6, 2, 8, 2, 16, 0, 0),         # empty cache: only the new tokens
     (6, 2, 8, 1, 16, 16, 3),        # cache full, window of 3
+    (12, 4, 64, 128, 1024, 0, 0),   # MobileMoE-S prefill-128 into an empty cache
+    (20, 4, 64, 96, 256, 100, 64),  # a prefill chunk after earlier ones, window inside it
 ])
 def test_kv_attention_matches_reference(H, K, Dh, T, P, pos0, window):
   o = attn_opts(H, K, Dh, window)
@@ -58,7 +61,7 @@ def test_kv_attention_reads_no_stale_slot_after_reuse():
 
 @pytest.mark.parametrize("change,needle", [
     (dict(H=6, K=4), "multiple of num_kv_heads"),
-    (dict(T=65), "prefill stays portable"),
+    (dict(T=contract.ATTENTION.max_tokens + 1), f"the op runs 1..{contract.ATTENTION.max_tokens}"),
     (dict(pos_type=np.float32), "input_pos must be int32"),
     (dict(window=-1), "window"),
 ])

@@ -26,7 +26,7 @@ def _readme_section(title):
 
 
 @pytest.mark.parametrize("op, title", [(contract.MOE, "## The op contract"),
-                                       (contract.ATTENTION, "## The decode attention op")])
+                                       (contract.ATTENTION, "## The attention op")])
 def test_readme_tables_follow_the_contract(op, title):
   section = _readme_section(title)
   rows = re.findall(r"^\| (\d+) \| (\w+) \| (.*) \|$", section, flags=re.M)

@@ -18,6 +18,7 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from export import delegate as dl
+from export.delegate import contract
 from export.delegate import tflite_builder as tb
 from export.delegate.fuzz import models as model_fuzz
 from tests.support.delegate import attn_opts, inputs, opts, weights
@@ -38,8 +39,8 @@ def test_attention_resized_after_claim_is_rechecked():
   assert dl.stats(d)["claimed"] == 1
   q = it.get_input_details()[0]["index"]
   # q alone past the op's token limit (the other inputs still [.., 1, ..]): refused in Prepare.
-  it.resize_tensor_input(q, [1, 65, H, Dh])
-  with pytest.raises(RuntimeError, match="prefill stays portable"):
+  it.resize_tensor_input(q, [1, contract.ATTENTION.max_tokens + 1, H, Dh])
+  with pytest.raises(RuntimeError, match="longer prefill chunks stay portable"):
     it.allocate_tensors()
   # q with more tokens than k_new / input_pos: refused too.
   it.resize_tensor_input(q, [1, 3, H, Dh])

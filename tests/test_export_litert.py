@@ -263,11 +263,10 @@ def test_delegate_op_structure(small, delegate_dir):
   model, _ = flatbuf.load(delegate_dir)
   assert 'MobileMoeBlock' in flatbuf.op_names(model)
   assert 'TOPK_V2' not in flatbuf.op_names(model)        # routing lives inside the op
-  # --attention delegate: decode's attention, and prefill_8's (8 <= attention_op.MAX_TOKENS
-  # tokens); prefill_32 keeps the matmuls.
+  # --attention delegate: every signature's attention, one op per layer.
   counts = flatbuf.signature_op_counts(model)
   assert {k: c.get('MobileKvAttention', 0) for k, c in counts.items()} == {
-      'decode': 2, 'prefill_8': 2, 'prefill_32': 0}
+      'decode': 2, 'prefill_8': 2, 'prefill_32': 2}
   ops = moe_op.read_ops(delegate_dir)
   assert len(ops) == 1                                     # one MoE layer (per signature)
   opts, ws = ops[0]
@@ -300,8 +299,8 @@ def test_delegate_runs_the_op(small, delegate_dir):
   export_delegate, dlg = load_delegate('fp32')
   got = run(delegate_dir, delegate=dlg)
   st = export_delegate.stats(dlg)
-  # Every custom node of every signature: the MoE layer's 3, the attention's 2 + 2.
-  assert st['claimed'] == 7 and st['refused'] == 0 and st['invokes'] > 0, st
+  # Every custom node of every signature: the MoE layer's 3, the attention's 2 per signature.
+  assert st['claimed'] == 9 and st['refused'] == 0 and st['invokes'] > 0, st
   small.set_moe_lowering('delegate')
   try:
     ref = torch_logits(small)           # the op's dequantized reference inside PyTorch
@@ -467,8 +466,7 @@ def test_tiled_experts_export_runs_like_the_portable_file(tmp_path):
 
 @pytest.fixture(scope='module')
 def attention_path(small, tmp_path_factory):
-  """attention='delegate': decode's attention as MobileKvAttention ops; prefill_32 (more
-  than attention_op.MAX_TOKENS tokens) keeps the builtin matmuls."""
+  """attention='delegate': every signature's attention as MobileKvAttention ops."""
   path = str(tmp_path_factory.mktemp('attention') / 'attention_delegate.tflite')
   try:
     litert.export(small, path, quant='fp32', embedding='fp32', attention='delegate',
@@ -478,24 +476,26 @@ def attention_path(small, tmp_path_factory):
   return path
 
 
-def test_attention_delegate_op_only_in_decode(small, attention_path, fp32_path):
+def test_attention_delegate_op_in_every_signature(small, attention_path, fp32_path):
   from flatbuffers import flexbuffers
   from export import attention_op
   from export.runner import delegate_ops, needs_delegate
   model, _ = flatbuf.load(attention_path)
   counts = flatbuf.signature_op_counts(model)
   n = small.cfg['n_layers']
-  assert counts['decode'].get('MobileKvAttention') == n
-  assert 'MobileKvAttention' not in counts['prefill_32']
-  assert counts['prefill_32'].get('BATCH_MATMUL') == flatbuf.signature_op_counts(
-      flatbuf.load(fp32_path)[0])['prefill_32']['BATCH_MATMUL']
-  # Options per layer: layer 0 windowed (64), layer 1 global.
+  # Every signature's attention is the op: no BATCH_MATMUL is left (the portable file's
+  # are all attention's).
+  portable = flatbuf.signature_op_counts(flatbuf.load(fp32_path)[0])
+  for sig in ('decode', 'prefill_32'):
+    assert counts[sig].get('MobileKvAttention') == n
+    assert portable[sig].get('BATCH_MATMUL', 0) > 0 and 'BATCH_MATMUL' not in counts[sig]
+  # Options per layer (in each of the two signatures): layer 0 windowed (64), layer 1 global.
   code = next(i for i, oc in enumerate(model.operatorCodes) if oc.customCode == b'MobileKvAttention')
   opts = [flexbuffers.Loads(bytes(bytearray(op.customOptions)))
           for sg in model.subgraphs for op in sg.operators if op.opcodeIndex == code]
   c = small.cfg
-  assert opts == [attention_op.options(c['n_heads'], c['n_kv_heads'], c['head_dim'],
-                                       tm.layer_window(c, i)) for i in range(n)]
+  assert opts == 2 * [attention_op.options(c['n_heads'], c['n_kv_heads'], c['head_dim'],
+                                           tm.layer_window(c, i)) for i in range(n)]
   assert [tm.layer_window(c, i) for i in range(n)] == [64, 0]
   assert delegate_ops(attention_path) == ['MobileKvAttention'] and needs_delegate(attention_path)
   assert not needs_delegate(fp32_path)
@@ -505,11 +505,13 @@ def test_attention_delegate_op_only_in_decode(small, attention_path, fp32_path):
 
 def test_attention_delegate_runs_the_op(small, attention_path, fp32_path):
   """The delegate claims every MobileKvAttention node and gives the portable file's logits:
-  prefill (portable attention) + decode, and decode from position 0 over the window."""
+  prefill in chunks of 32 (the later ones over the cache, across the 64-token window) +
+  decode, and decode from position 0 over the window."""
   export_delegate, dlg = load_delegate('fp32')
   lm = LiteRTLM(attention_path, delegate=dlg)
   st = export_delegate.stats(dlg)
-  assert st['claimed'] == small.cfg['n_layers'] and st['refused'] == 0, st
+  # the layers' ops in both signatures
+  assert st['claimed'] == 2 * small.cfg['n_layers'] and st['refused'] == 0, st
   got = np.concatenate([lm.prefill(TOK[:70])] + [lm.decode(t)[None] for t in TOK[70:]])
   want = run(fp32_path)
   print('max |dlogit|', np.abs(got - want).max(), np.abs(want).max())

@@ -3,7 +3,7 @@
 A synthetic snapshot with the released S's structure at tiny dims (QK-norm, Llama-3 RoPE
 scaling, sigmoid routing with the expert bias, a shared expert, tied embedding, every layer
 an MoE; tests/support/release_snapshot.py writes it in exactly the released layout) is imported
-(python -m mobilemoe_jax.convert import), exported with the MoE blocks and decode attention
+(python -m mobilemoe_jax.convert import), exported with the MoE blocks and attention
 as the delegate's ops, and run by export.runner.LiteRTLM with the delegate in its int8 mode.
 Its greedy tokens are compared with the imported JAX model's on the QAT stage's grid (the
 released integers, int8 dynamic activations: what XNNPACK and the delegate compute on):
@@ -70,7 +70,7 @@ def qat_forward_model(ckpt):
 
 @pytest.fixture(scope='module')
 def exported(imported):
-  """The import as an INT4 .tflite with the MoE blocks and decode attention on the delegate."""
+  """The import as an INT4 .tflite with the MoE blocks and attention on the delegate."""
   from export import checkpoint, litert
   root, ckpt = imported
   path = os.path.join(root, 'release_s.tflite')

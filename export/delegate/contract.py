@@ -32,6 +32,7 @@ class OpContract(NamedTuple):
   cpp: str       # prefix of the C++ names: k<cpp><Slot>, k<cpp>Opt<Key>
   inputs: tuple[Slot, ...]
   options: tuple[Option, ...] = ()
+  max_tokens: int = 0    # the most tokens one call takes (0: no limit)
 
   @property
   def input_names(self) -> tuple[str, ...]:
@@ -82,7 +83,11 @@ ATTENTION = OpContract(
         Option("num_heads", "int", True), Option("num_kv_heads", "int", True),
         Option("head_dim", "int", True), Option("window", "int", True),
         Option("scale", "float", True),
-    ))
+    ),
+    # A prefill chunk costs ~T^2 / 2 dot products per head: bounded at the released models'
+    # max_seq_len, so a file (or an app's resize) cannot ask for an unbounded amount of work.
+    # Longer chunks keep the portable matmuls (export/torch_model.py).
+    max_tokens=8192)
 
 # The builtin FULLY_CONNECTED nodes the `fully_connected` option claims (no options of ours).
 FC = OpContract(
@@ -114,6 +119,8 @@ def render_header() -> str:
       req = "required" if o.required else "optional"
       out.append(f'constexpr const char* k{op.cpp}Opt{_camel(o.key)} = "{o.key}";  '
                  f"// {o.type}, {req}")
+    if op.max_tokens:
+      out.append(f"constexpr int k{op.cpp}MaxTokens = {op.max_tokens};")
     out.append("")
   out += ["}  // namespace mm::contract", ""]
   return "\n".join(out)

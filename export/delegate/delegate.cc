@@ -1,5 +1,5 @@
 // LiteRT external delegate that claims MobileMoeBlock custom-op nodes (sparse INT4 experts,
-// ops/moe_op.h), MobileKvAttention nodes (decode attention over the filled KV-cache slots,
+// ops/moe_op.h), MobileKvAttention nodes (attention over the filled KV-cache slots,
 // ops/attention_op.h) and, with the `fully_connected` option, INT4 channel-wise or
 // block-wise FULLY_CONNECTED nodes (ops/fc_op.h), and runs them on the kernels in
 // kernels/. Loaded from Python with ai_edge_litert.interpreter.load_delegate(path, options).

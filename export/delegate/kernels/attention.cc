@@ -15,7 +15,7 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
   const double work = (double)(past_end + T) * T * H * Dh;
   ThreadPool* run_on = (pool && work >= 65536) ? pool : nullptr;
   const int threads = run_on ? run_on->size() : 1;
-  if (T < 1 || T > kMaxAttentionTokens) return;  // the op refuses these before we get here
+  if (T < 1) return;  // the op refuses these before we get here
   // Scores of at most past_end + T keys per query row, sized here: an allocation failure
   // in a pool worker could not be reported.
   if ((int)scores_.size() < threads) scores_.resize(threads);
@@ -27,11 +27,9 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
     const int t = i / K, g = i % K, p = pos[t];
     const int lo = std::min(past_end, c.window ? std::max(0, p - c.window + 1) : 0);
     const int n_past = past_end - lo;
-    int news[kMaxAttentionTokens], n_new = 0;  // the new tokens this one sees
-    for (int j = 0; j < T; ++j) {
-      const int d = p - pos[j];
-      if (d >= 0 && (!c.window || d < c.window)) news[n_new++] = j;
-    }
+    // The new tokens this one sees: positions are contiguous (the op checks), so they are
+    // the run [j0, t] of those within the window.
+    const int j0 = c.window ? std::max(0, t - c.window + 1) : 0, n_new = t - j0 + 1;
     const int n = n_past + n_new;
     std::vector<float>& sc = scores_[tid];  // >= rep * n: sized above
     const float* qg = q + ((size_t)t * H + g * rep) * Dh;   // the group's rep query rows
@@ -44,9 +42,8 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
     // Scores [rep, n]: the past slots, then the new tokens this one sees.
     DotRows(qg, rep, Dh, k_cache + ((size_t)g * P + lo) * Dh, n_past, Dh, Dh, c.scale,
             sc.data(), n, isa);
-    for (int k = 0; k < n_new; ++k)
-      DotRows(qg, rep, Dh, k_new + ((size_t)news[k] * K + g) * Dh, 1, Dh, Dh, c.scale,
-              sc.data() + n_past + k, n, isa);
+    DotRows(qg, rep, Dh, k_new + ((size_t)j0 * K + g) * Dh, n_new, K * Dh, Dh, c.scale,
+            sc.data() + n_past, n, isa);
     for (int r = 0; r < rep; ++r) {
       float* s = sc.data() + (size_t)r * n;
       float mx = s[0];
@@ -65,7 +62,7 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
     for (int r = 0; r < rep; ++r) {
       const float* p_new = sc.data() + (size_t)r * n + n_past;
       for (int k = 0; k < n_new; ++k) {
-        const float* vr = v_new + ((size_t)news[k] * K + g) * Dh;
+        const float* vr = v_new + ((size_t)(j0 + k) * K + g) * Dh;
         for (int d = 0; d < Dh; ++d) yg[(size_t)r * Dh + d] += p_new[k] * vr[d];
       }
     }

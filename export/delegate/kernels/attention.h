@@ -1,10 +1,11 @@
-// The MobileKvAttention computation: decode attention over the KV cache that
-// reads only the slots holding tokens (see README.md for the op contract).
+// The MobileKvAttention computation: attention of T new tokens (a decode step or a
+// prefill chunk) over the KV cache that reads only the slots holding tokens (see
+// README.md for the op contract).
 //
 // The portable graph attends over every cache slot (masking the empty ones) and
 // XNNPACK repacks the whole cache operand of each BATCH_MATMUL per call; here a
 // token at position p reads slots [max(0, p - window + 1), pos0) plus the new
-// rows, so a decode step costs what the context holds, not the cache size.
+// rows (causal among them), so a step costs what the context holds, not the cache size.
 #pragma once
 
 #include <cstdint>
@@ -14,9 +15,6 @@
 #include "threadpool.h"
 
 namespace mm {
-
-// The most new tokens one call runs (decode; longer prefill chunks stay portable).
-constexpr int kMaxAttentionTokens = 64;
 
 struct KvAttentionConfig {
   int num_heads = 0;     // H
@@ -30,7 +28,7 @@ class KvAttention {
  public:
   // q [T, H, Dh], k_new / v_new [T, K, Dh] (the T new tokens), k_cache
   // [K, P, Dh], v_cache [K, Dh, P] (slots < pos[0] hold the earlier tokens),
-  // pos [T] contiguous positions >= 0 -> y [T, H * Dh]. T in 1..kMaxAttentionTokens.
+  // pos [T] contiguous positions >= 0 -> y [T, H * Dh]. T >= 1.
   void Run(const KvAttentionConfig& c, const float* q, const float* k_new,
            const float* v_new, const float* k_cache, const float* v_cache, int P,
            const int32_t* pos, int T, float* y, ThreadPool* pool, Isa isa);

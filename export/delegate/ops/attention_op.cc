@@ -41,9 +41,9 @@ bool AttentionOp::CheckInputs(const TfLiteContext* ctx, const std::vector<int>& 
   const int T = q.dims->data[1];
   const TfLiteTensor& kc = t[in[kAttnKCache]];
   const int P = kc.dims && kc.dims->size == 4 ? kc.dims->data[2] : -1;
-  if (T < 1 || T > kMaxAttentionTokens) {
+  if (T < 1 || T > kAttnMaxTokens) {
     *why = "T = " + std::to_string(T) + " tokens: the op runs 1.." +
-           std::to_string(kMaxAttentionTokens) + " (decode); prefill stays portable";
+           std::to_string(kAttnMaxTokens) + " (longer prefill chunks stay portable)";
     return false;
   }
   if (!CheckF32(q, {1, T, H, Dh}, "q", why) ||

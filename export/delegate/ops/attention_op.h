@@ -10,7 +10,7 @@ namespace mm {
 class AttentionOp : public Op {
  public:
   using Config = KvAttentionConfig;
-  // IsNodeSupported: options, six inputs [1,T,H,Dh] ... (T <= kMaxAttentionTokens), output.
+  // IsNodeSupported: options, six inputs [1,T,H,Dh] ... (1 <= T <= kAttnMaxTokens), output.
   static bool Check(TfLiteContext* ctx, const TfLiteNode* node, KvAttentionConfig* c,
                     std::string* why);
   AttentionOp(const KvAttentionConfig& c, const TfLiteNode* node);  // Init

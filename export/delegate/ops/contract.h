@@ -26,6 +26,7 @@ constexpr const char* kAttnOptNumKvHeads = "num_kv_heads";  // int, required
 constexpr const char* kAttnOptHeadDim = "head_dim";  // int, required
 constexpr const char* kAttnOptWindow = "window";  // int, required
 constexpr const char* kAttnOptScale = "scale";  // float, required
+constexpr int kAttnMaxTokens = 8192;
 
 constexpr const char* kFcName = "FULLY_CONNECTED";
 enum FcSlot { kFcX = 0, kFcWeights = 1, kFcBias = 2, kFcSlots = 3 };
