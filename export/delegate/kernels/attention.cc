@@ -18,9 +18,22 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
   if (T < 1) return;  // the op refuses these before we get here
   // Scores of at most past_end + T keys per query row, sized here: an allocation failure
   // in a pool worker could not be reported.
+  // + rep * Dh for the new tokens' share of y, kept apart in a prefill chunk (below).
+  const size_t per_thread = (size_t)rep * (past_end + T + Dh);
   if ((int)scores_.size() < threads) scores_.resize(threads);
   for (auto& sc : scores_)
-    if (sc.size() < (size_t)rep * (past_end + T)) sc.resize((size_t)rep * (past_end + T));
+    if (sc.size() < per_thread) sc.resize(per_thread);
+  // A prefill chunk's new values transposed, [K, Dh, T]: one head dim over the tokens per
+  // row, so their weighted sums are dot products along the tokens like the cache's
+  // (DotRows), not T strided row updates of y per query row.
+  const bool wide = T >= kWideTokens;
+  if (wide) {
+    if (v_new_t_.size() < (size_t)K * Dh * T) v_new_t_.resize((size_t)K * Dh * T);
+    for (int t = 0; t < T; ++t)
+      for (int g = 0; g < K; ++g)
+        for (int d = 0; d < Dh; ++d)
+          v_new_t_[((size_t)g * Dh + d) * T + t] = v_new[((size_t)t * K + g) * Dh + d];
+  }
 
   // One item per (token, kv head): its query heads share every key and value row read.
   auto item = [&](int i, int tid) {
@@ -59,7 +72,14 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
     } else {
       for (int i = 0; i < rep * Dh; ++i) yg[i] = 0.f;
     }
-    for (int r = 0; r < rep; ++r) {
+    if (wide) {   // the new tokens' share as dot products over the tokens, then added
+      float* y_new = sc.data() + (size_t)rep * (past_end + T);
+      DotRows(sc.data() + n_past, rep, n, v_new_t_.data() + (size_t)g * Dh * T + j0, Dh, T,
+              n_new, 1.f, y_new, Dh, isa);
+      for (int i = 0; i < rep * Dh; ++i) yg[i] += y_new[i];
+      return;
+    }
+    for (int r = 0; r < rep; ++r) {   // decode: a token or a few, each added in turn
       const float* p_new = sc.data() + (size_t)r * n + n_past;
       for (int k = 0; k < n_new; ++k) {
         const float* vr = v_new + ((size_t)(j0 + k) * K + g) * Dh;
