@@ -21,7 +21,7 @@ Conventions (written once, used everywhere):
   takes (active INT4 weight bytes + KV-cache bytes read) / bandwidth; prefill is
   compute-bound, so it takes its FLOPs / compute rate. The two constants are placeholders
   (ASSUMED_DEVICE) unless the caller loads a benchmark record (`load_device(path)`; the search
-  CLI reads bench/results/ondevice.json).
+  CLI's --device_json, e.g. bench/results/ondevice.json).
 """
 import dataclasses
 import json

@@ -334,9 +334,9 @@ def main(argv=None):
   for field in ('d_model', 'n_layers', 'head_dim', 'n_experts', 'top_k', 'd_expert'):
     ap.add_argument(f'--{field}', default='', help=f'comma-separated {field} values to search '
                     f'(default: {getattr(Space(), field)})')
-  ap.add_argument('--device_json', default='bench/results/ondevice.json',
-                  help='latency constants (accounting.load_device); a missing file means the '
-                  'assumed placeholders')
+  ap.add_argument('--device_json', default='',
+                  help='latency constants (accounting.load_device), e.g. the on-device '
+                  'benchmark\'s bench/results/ondevice.json; none: the assumed placeholders')
   ap.add_argument('--top', type=int, default=5, help='how many of the best shapes to print')
   ap.add_argument('--write', default='', help='directory for the optimum config file')
   ap.add_argument('--name', default='', help='file name for --write (default from budgets)')
