@@ -20,7 +20,9 @@ Rows (MobileMoE-S's MoE layer as configs/mobilemoe_s.py has it, random weights):
   (a') delegate_cw  the same op with channel-wise experts (group_size 0: one fp32 scale
                     per output row, like the dense FCs' INT4 channel-wise)
   (a'') delegate_cwt  channel-wise experts in 16-row tiles (weight_tiles=16, what the
-                    exporter writes when the shapes allow: one sequential stream per tile)
+                    exporter writes when the shapes allow: one sequential stream per tile);
+                    delegate_cwt_avx512 the same with the delegate's kernel=avx512 (its int8
+                    GEMMs of 4+ tokens without the AMX tiles, on CPUs that have them)
   (b) all-experts   the portable lowering: every expert as INT4 FULLY_CONNECTED
                     (gate/up of all experts fused in one FC, down in one FC),
                     hidden masked by the top-k routing weights (XNNPACK, qc4w)
@@ -256,12 +258,14 @@ def add_delegate_block_cwt(g, x, T, rng, o, name):
 
 BUILDERS = {"delegate": add_delegate_block, "delegate_cw": add_delegate_block_cw,
             "delegate_cwt": add_delegate_block_cwt,
+            # (a'') run with the delegate's kernels capped at AVX-512 VNNI (no AMX tiles)
+            "delegate_cwt_avx512": add_delegate_block_cwt,
             "all_experts": add_allexperts_block, "upstream_moe": add_upstream_moe_block,
             # (a) run by another build of the delegate (--baseline_lib): before/after
             "delegate_base": add_delegate_block}
 # Models whose MobileMoeBlock nodes need the delegate loaded.
-DELEGATE_METHODS = ("delegate", "delegate_cw", "delegate_cwt", "moe_s_ffn", "moe_s_ffn_cw",
-                    "moe_s_ffn_cwt")
+DELEGATE_METHODS = ("delegate", "delegate_cw", "delegate_cwt", "delegate_cwt_avx512", "moe_s_ffn",
+                    "moe_s_ffn_cw", "moe_s_ffn_cwt")
 BASELINE_ENV = "MOBILEMOE_BASELINE_LIB"
 
 # FFN-only proxies of the whole models (attention, embeddings, lm_head left
@@ -291,6 +295,7 @@ COMPARISONS = (
     ("delegate", "all_experts"),       # vs the portable all-experts lowering
     ("delegate_cw", "delegate"),       # channel-wise vs block-32 experts
     ("delegate_cwt", "delegate_cw"),   # 16-row tiles vs rows
+    ("delegate_cwt", "delegate_cwt_avx512"),   # AMX tiles vs AVX-512 VNNI alone
     ("delegate", "delegate_base"),     # this build vs --baseline_lib
     ("moe_s_ffn_cwt", "pro_ffn"),      # FFN stacks, MobileMoE-S vs MobileLLM-Pro
     ("moe_s_ffn_cw", "pro_ffn"),
@@ -351,7 +356,8 @@ def build(method, L, path):
 
 def _load(method, path, T, D):
   from ai_edge_litert.interpreter import Interpreter
-  d = dl.load(num_threads=THREADS) if method in DELEGATE_METHODS else None
+  kernel = "avx512" if method.endswith("_avx512") else "auto"
+  d = dl.load(num_threads=THREADS, kernel=kernel) if method in DELEGATE_METHODS else None
   if method == "delegate_base":
     from ai_edge_litert.interpreter import load_delegate
     d = load_delegate(os.environ[BASELINE_ENV], {"num_threads": THREADS})
@@ -623,12 +629,18 @@ def whole_model_race(moe_path, dense_path, budget_s):
       if x is not None:
         s = dl.stats(x)
         assert s["claimed"] > 0 and s["refused"] == 0, s
+  # The plain variant beside the favourable one: S's prefill with the delegate's AMX tiles
+  # left out (its int8 GEMMs of 4+ tokens use them where the CPU has them).
+  prefill_names = ["moe", "dense"]
+  if dl.stats(delegate())["cpu_isa"] == "avx512-amx":
+    lms["moe_avx512"] = LiteRTLM(moe_path, num_threads=THREADS, delegate=delegate(kernel="avx512"))
+    prefill_names.insert(1, "moe_avx512")
   rng = np.random.default_rng(0)
   out = {}
   for P in (128, 512):   # prefill runs on the first interpreter: the same in both arrangements
     if any(P > lm.kv_len for lm in lms.values()):
       continue
-    times = {n: [] for n in ("moe", "dense")}
+    times = {n: [] for n in prefill_names}
     t_end = time.perf_counter() + budget_s
     while min(map(len, times.values())) < 3 or time.perf_counter() < t_end:
       for n in times:
@@ -645,12 +657,13 @@ def whole_model_race(moe_path, dense_path, budget_s):
   # attention that reads only the filled slots costs more as the context grows.
   # Each round runs every arrangement once, back to back; the per-round medians pair the
   # models within seconds of each other (whole_model_rows: the spread of the ratio).
+  decoders = {n: lm for n, lm in lms.items() if n != "moe_avx512"}   # decode: GEMVs, no AMX
   for key, prompt in (("decode", DECODE_PROMPT), ("decode_long", WHOLE_KV_LEN - DECODE_STEPS)):
-    times = {n: [] for n in lms}
-    rounds = {n: [] for n in lms}
+    times = {n: [] for n in decoders}
+    rounds = {n: [] for n in decoders}
     t_end = time.perf_counter() + budget_s
     while min(map(len, rounds.values())) < DECODE_ROUNDS or time.perf_counter() < t_end:
-      for n, lm in lms.items():
+      for n, lm in decoders.items():
         lm.reset()
         lm.prefill_last(rng.integers(0, 1000, prompt))
         t = []
@@ -723,6 +736,8 @@ def whole_rss(path, fc="plain"):
 
 
 ARRANGEMENTS = {"moe": "MobileMoE-S, one interpreter (XNNPACK + the delegate's MoE ops)",
+                "moe_avx512": "MobileMoE-S, one interpreter, the delegate without AMX "
+                              "(kernel=avx512; prefill only, on CPUs with AMX)",
                 "moe_fc": "MobileMoE-S, decode_delegate (every INT4 FC on the delegate)",
                 "dense": "MobileLLM-Pro, one interpreter (XNNPACK)",
                 "dense_fc": "MobileLLM-Pro, decode_delegate (every INT4 FC on the delegate)"}
@@ -732,11 +747,12 @@ def whole_arrangements(raw):
   """{arrangement: {decode_ms, decode_rounds_ms, decode_long_ms, ..., prefill128_ms (one
   interpreter only: prefill runs there in both), peak_rss_mb}} from the timing child's keys
   (`<arrangement>_<what>`)."""
-  out = {}
-  for name in ARRANGEMENTS:
-    keys = [k for k in raw if k.startswith(name + "_") and not (
-        "_fc" not in name and k.startswith(name + "_fc_"))]
-    out[name] = {k[len(name) + 1:]: raw[k] for k in keys}
+  out = {name: {} for name in ARRANGEMENTS}
+  for k, v in raw.items():
+    owners = [n for n in ARRANGEMENTS if k.startswith(n + "_")]
+    if owners:   # "moe_fc_decode_ms" is moe_fc's, not moe's
+      n = max(owners, key=len)
+      out[n][k[len(n) + 1:]] = v
   return out
 
 
@@ -759,6 +775,9 @@ def whole_ratios(arr):
   for P in WHOLE_PREFILL:
     if f"prefill{P}_ms" in arr["moe"]:
       out[f"prefill{P}"] = arr["dense"][f"prefill{P}_ms"] / arr["moe"][f"prefill{P}_ms"]
+      if f"prefill{P}_ms" in arr["moe_avx512"]:   # the same without AMX
+        out[f"prefill{P}_without_amx"] = (arr["dense"][f"prefill{P}_ms"]
+                                          / arr["moe_avx512"][f"prefill{P}_ms"])
   return out
 
 
@@ -790,6 +809,7 @@ def released_s_summary(whole, bw):
   return {"released_s_decode_speedup_vs_dense": r["decode"]["fastest"],
           "released_s_decode_speedup_vs_dense_same_arrangement": r["decode"]["same_arrangement"],
           "released_s_prefill128_speedup_vs_dense": r["prefill128"],
+          "released_s_prefill128_speedup_vs_dense_without_amx": r.get("prefill128_without_amx"),
           "released_s_decode_fraction_of_bandwidth_limit": limit_ms / measured_ms,
           "released_s_decode_bandwidth_limit": {
               "weight_bytes_per_token": weight_bytes, "kv_bytes_per_token": kv_bytes,
@@ -973,6 +993,7 @@ def markdown_table(res) -> str:
            "delegate": "(a) MobileMoeBlock delegate, experts block-32",
            "delegate_cw": "(a') MobileMoeBlock delegate, experts channel-wise",
            "delegate_cwt": "(a'') MobileMoeBlock delegate, experts channel-wise, 16-row tiles",
+           "delegate_cwt_avx512": "(a'') the same, kernel=avx512 (no AMX tiles)",
            "all_experts": "(b) all experts, INT4 FCs",
            "upstream_moe": "(c) upstream `moe` op (int8, gelu)",
            "moe_s_ffn": f"MobileMoE-S FFN stack ({n_s} layers, experts block-32)",
@@ -1019,6 +1040,9 @@ def markdown_table(res) -> str:
     for P in WHOLE_PREFILL:
       if f"prefill{P}" in whole["ratios"]:
         lines.append(f"| whole models, prefill {P} | {whole['ratios'][f'prefill{P}']:.2f}x |")
+      if f"prefill{P}_without_amx" in whole["ratios"]:
+        lines.append(f"| whole models, prefill {P}, the delegate without AMX (kernel=avx512) | "
+                     f"{whole['ratios'][f'prefill{P}_without_amx']:.2f}x |")
   for name, r in res["ratios"].items():
     lines.append(f"| {name} (T=" + " / ".join(r) + ") | " + " / ".join(f"{v:.2f}x" for v in r.values()) + " |")
   return "\n".join(lines)
@@ -1130,7 +1154,8 @@ def main(argv=None):
   print(f"DRAM read bandwidth ({THREADS} threads): {bw:.1f} GB/s", flush=True)
   rows = []
   tmp = tempfile.mkdtemp()
-  groups = [("delegate", "delegate_cw", "delegate_cwt", "all_experts", "upstream_moe")]
+  groups = [("delegate", "delegate_cw", "delegate_cwt", "delegate_cwt_avx512", "all_experts",
+             "upstream_moe")]
   if a.baseline_lib:
     os.environ[BASELINE_ENV] = os.path.abspath(a.baseline_lib)   # read by the children
     groups[0] = ("delegate_base",) + groups[0]

@@ -269,8 +269,12 @@ def test_kernel_option_caps_the_isa():
   assert dl.stats(dl.load())["isa"] == cpu
   assert dl.stats(dl.load(kernel="scalar"))["isa"] == "scalar"
   # "avx2" forces the AVX2 kernels on an AVX-512 CPU (what the avx2 cases above run)
-  want = "avx2" if cpu in ("avx512-vnni", "avx2") else cpu if cpu == "neon-dot" else "scalar"
+  x86 = ("avx512-amx", "avx512-vnni", "avx2")
+  want = "avx2" if cpu in x86 else cpu if cpu == "neon-dot" else "scalar"
   assert dl.stats(dl.load(kernel="avx2"))["isa"] == want
+  # "avx512" leaves out the AMX tiles (the AVX-512 VNNI kernels alone)
+  want = "avx512-vnni" if cpu in x86[:2] else want
+  assert dl.stats(dl.load(kernel="avx512"))["isa"] == want
 
 
 def test_bad_delegate_option():

@@ -36,14 +36,20 @@ def test_native_simd_matches_scalar(tmp_path):
   exe = str(tmp_path / "kcheck")
   _build_check("g++", {
       "kernels_avx512.cc": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"],
-      "kernels_avx2.cc": ["-mavx2", "-mfma"]}, ["-DMM_HAVE_AVX512", "-DMM_HAVE_AVX2"], exe)
+      "kernels_avx2.cc": ["-mavx2", "-mfma"],
+      "kernels_amx.cc": ["-mavx512f", "-mavx512bw", "-mamx-tile", "-mamx-int8"]},
+      ["-DMM_HAVE_AVX512", "-DMM_HAVE_AVX2", "-DMM_HAVE_AMX"], exe)
   r = subprocess.run([exe], capture_output=True, text=True)
   if r.returncode == 2:
     pytest.skip("CPU without AVX2")
   assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
-  # both x86 families checked where the CPU has them (AVX2 also forced on AVX-512 CPUs)
-  if "avx512_vnni" in open("/proc/cpuinfo").read():
+  # each x86 family checked where the CPU has it (AVX2 also forced on AVX-512 CPUs; the
+  # AMX run also compares its bits with the AVX-512 kernels')
+  flags = open("/proc/cpuinfo").read()
+  if "avx512_vnni" in flags:
     assert "ok avx512-vnni" in r.stdout and "ok avx2" in r.stdout, r.stdout
+  if "amx_int8" in flags:
+    assert "ok avx512-amx" in r.stdout, r.stdout
 
 
 def _require_arm(require):

@@ -236,8 +236,8 @@ def load(num_threads: int | None = None, activations: str = "int8", kernel: str 
 
   num_threads: None -> the interpreter's thread count. activations: "int8"
   (dynamic per-row, VNNI) or "fp32". kernel: "auto" (the best SIMD kernels the
-  CPU has), "avx2" (at most AVX2 on x86: tests that path on AVX-512 CPUs) or
-  "scalar" (portable C++).
+  CPU has, AMX tiles included), "avx512" (AVX-512 VNNI without AMX), "avx2" (at most
+  AVX2 on x86: tests that path on AVX-512 CPUs) or "scalar" (portable C++).
   variant: "release" or "asan"; None reads $MOBILEMOE_DELEGATE_VARIANT so the
   sanitizer run can reuse the ordinary tests unchanged.
   fully_connected: also claim INT4 FULLY_CONNECTED nodes, channel-wise or block-wise (fp16

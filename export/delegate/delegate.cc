@@ -318,9 +318,10 @@ bool ParseOptions(const char* const* keys, const char* const* values, int n,
       else { *err = "activations must be 'int8' or 'fp32'"; return false; }
     } else if (k == "kernel") {
       if (v == "auto") o->kernel = mm::IsaCap::kAuto;
+      else if (v == "avx512") o->kernel = mm::IsaCap::kAvx512;
       else if (v == "avx2") o->kernel = mm::IsaCap::kAvx2;
       else if (v == "scalar") o->kernel = mm::IsaCap::kScalar;
-      else { *err = "kernel must be 'auto', 'avx2' or 'scalar'"; return false; }
+      else { *err = "kernel must be 'auto', 'avx512', 'avx2' or 'scalar'"; return false; }
     } else if (k == "verbose") {
       o->verbose = v == "1" || v == "true";
     } else if (k == "fully_connected") {

@@ -46,6 +46,18 @@ MM_X86_KERNELS
 #endif
 }  // namespace mm
 #undef MM_X86_KERNELS
+#if defined(MM_HAVE_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cpuid.h>
+namespace mm {
+namespace amx {
+void GemmI8C(const uint8_t* q, int tiles, const float* s, int K, int m0, int m1,
+             const int8_t* tq, const int32_t* csum, const float* xs, int N, float* out,
+             int ldo);
+}  // namespace amx
+}  // namespace mm
+#endif
 #endif
 
 #if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
@@ -63,6 +75,29 @@ MM_GEMM_OUT_DECL
 
 namespace mm {
 
+#if defined(__x86_64__) && defined(MM_HAVE_AMX)
+// AMX-TILE and AMX-INT8 in CPUID, the tile state enabled by the OS (XCR0 bits 17-18),
+// and Linux's permission for this process to use it (arch_prctl; refused e.g. under a
+// hypervisor or kernel that does not pass AMX through). Asked once per process.
+static bool AmxReady() {
+  static const bool ready = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25)))
+      return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ready;
+}
+#endif
+
+// The vector kernels an ISA runs (kAmx: AVX-512's, AMX only in GemmRows).
+static Isa VecIsa(Isa isa) { return isa == Isa::kAmx ? Isa::kAvx512 : isa; }
+
 Isa KernelIsa(IsaCap cap) {
   if (cap == IsaCap::kScalar) return Isa::kScalar;
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
@@ -70,7 +105,10 @@ Isa KernelIsa(IsaCap cap) {
                              __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") &&
                              __builtin_cpu_supports("avx512vnni");
-  if (cap == IsaCap::kAuto && avx512) return Isa::kAvx512;
+#if defined(MM_HAVE_AMX)
+  if (cap == IsaCap::kAuto && avx512 && AmxReady()) return Isa::kAmx;
+#endif
+  if ((cap == IsaCap::kAuto || cap == IsaCap::kAvx512) && avx512) return Isa::kAvx512;
 #endif
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -86,6 +124,7 @@ Isa KernelIsa(IsaCap cap) {
 const char* IsaName(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return "avx512-vnni";
+    case Isa::kAmx: return "avx512-amx";
     case Isa::kAvx2: return "avx2";
     case Isa::kNeon: return "neon-dot";
     default: return "scalar";
@@ -115,6 +154,7 @@ void Acts::Resize(int n, int k, ActMode m, Isa kernel_isa, bool f32_rows) {
       corr.resize(rows * (K / 8));
       csum.resize(rows);
     }
+    if (simd && isa == Isa::kAmx) tq.resize((size_t)(N + 15) / 16 * 16 * K);
   }
 }
 
@@ -159,7 +199,7 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
   for (int n = n0; n < n1; ++n) {
     const float* xr = x + (size_t)(rows ? rows[n] : n) * ldx;
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-    if (simd && isa == Isa::kAvx512) {
+    if (simd && VecIsa(isa) == Isa::kAvx512) {
       const size_t slot = (size_t)(n / 4) * 4 * K + (n % 4) * 128;
       if (mode == ActMode::kF32) {
         avx512::PrepRowF32(xr, K, f.data() + slot);
@@ -174,6 +214,15 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
         for (int b = 0; b < K / 128; ++b)
           for (int l = 0; l < 16; ++l) cs += c[(size_t)b * 4 * 16 + l];
         csum[n] = cs;
+        // The AMX B tiles (kernels_amx.cc): per 16 tokens and 128-k block, the block's even
+        // k's then its odd k's (the quad layout's halves), each as [16 k-quads][16 tokens][4].
+        if (isa == Isa::kAmx) {
+          int8_t* dst = tq.data() + (size_t)(n / 16) * 16 * K + (n % 16) * 4;
+          const int8_t* src = q.data() + slot;
+          for (int b = 0; b < K / 128; ++b, dst += 2048, src += 4 * 128)
+            for (int h = 0; h < 2; ++h)
+              for (int j = 0; j < 16; ++j) std::memcpy(dst + h * 1024 + j * 64, src + h * 64 + 4 * j, 4);
+        }
       }
       continue;
     }
@@ -324,7 +373,7 @@ static void ScalarGemmOut(const Q4Matrix& w, int m0, int m1, const float* x, int
 
 // Bytes per SIMD vector of the output-axis kernels (simd_shared.h GemmOutVec's W); 0: none.
 static int OutVecBytes(Isa isa) {
-  switch (isa) {
+  switch (VecIsa(isa)) {
     case Isa::kAvx512: return 16;
     case Isa::kAvx2: return 8;
     case Isa::kNeon: return 4;
@@ -342,6 +391,7 @@ static void GemmOutCols(const Q4Matrix& w, int m0, int m1, const float* x, int l
   if (s1 < m1) ScalarGemmOut(w, s1, m1, x, ldx, N, out + (s1 - m0), ldo);
   if (s0 >= s1) return;
   float* o = out + (s0 - m0);
+  isa = VecIsa(isa);
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
   if (isa == Isa::kAvx512) return avx512::GemmOut(w.q, w.s, w.K, w.M, w.G, s0, s1, x, ldx, N, o, ldo);
 #endif
@@ -382,8 +432,21 @@ static void X86Gemm(GemmI8Fn i8, GemmF32Fn f32, const Q4Matrix& w, int m0, int m
 #endif
 
 static void GemmRows(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo) {
+#if defined(__x86_64__) && defined(MM_HAVE_AMX)
+  // Channel-wise int8, several tokens: whole 16-row tiles on AMX, the rest on AVX-512.
+  if (a.isa == Isa::kAmx && a.mode == ActMode::kI8 && w.G == w.K && a.N >= kAmxMinTokens &&
+      m1 - m0 >= 16) {
+    const int m = m0 + (m1 - m0) / 16 * 16;
+    amx::GemmI8C(w.q, w.tiles, w.s, w.K, m0, m, a.tq.data(), a.csum.data(), a.scale.data(), a.N,
+                 out, ldo);
+    if (m < m1)
+      avx512::GemmI8(w.q, w.tiles, w.s, w.K, w.G, m, m1, a.q.data(), a.corr.data(),
+                     a.csum.data(), a.scale.data(), a.N, out + (m - m0), ldo);
+    return ZeroPointFix(w, m0, m1, a, out, ldo);
+  }
+#endif
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-  if (a.isa == Isa::kAvx512) return X86Gemm(avx512::GemmI8, avx512::GemmF32, w, m0, m1, a, out, ldo);
+  if (VecIsa(a.isa) == Isa::kAvx512) return X86Gemm(avx512::GemmI8, avx512::GemmF32, w, m0, m1, a, out, ldo);
 #endif
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
   if (a.isa == Isa::kAvx2) return X86Gemm(avx2::GemmI8, avx2::GemmF32, w, m0, m1, a, out, ldo);
@@ -443,7 +506,7 @@ void WeightRowSums(const Q4Matrix* mats, float* const* outs, int n, ThreadPool* 
 
 float Dot(const float* a, const float* b, int n, Isa isa) {
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-  if (isa == Isa::kAvx512) return avx512::Dot(a, b, n);
+  if (VecIsa(isa) == Isa::kAvx512) return avx512::Dot(a, b, n);
 #endif
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
   if (isa == Isa::kAvx2) return avx2::Dot(a, b, n);
@@ -459,7 +522,7 @@ float Dot(const float* a, const float* b, int n, Isa isa) {
 void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, int len,
              float scale, float* out, int ldo, Isa isa) {
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-  if (isa == Isa::kAvx512) return avx512::DotRows(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
+  if (VecIsa(isa) == Isa::kAvx512) return avx512::DotRows(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
 #endif
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
   if (isa == Isa::kAvx2) return avx2::DotRows(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
@@ -471,7 +534,7 @@ void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr
 
 void SiluMul(const float* g, const float* u, float* h, int n, Isa isa) {
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)
-  if (isa == Isa::kAvx512) return avx512::SiluMul(g, u, h, n);
+  if (VecIsa(isa) == Isa::kAvx512) return avx512::SiluMul(g, u, h, n);
 #endif
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
   if (isa == Isa::kAvx2) return avx2::SiluMul(g, u, h, n);

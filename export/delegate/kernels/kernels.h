@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 namespace mm {
@@ -16,16 +17,34 @@ enum class ActMode { kF32, kI8 };
 
 // Kernel families. Isa::kScalar is the portable C++ (any shape); the others
 // need SimdShapeOk. On x86 the best the CPU has is picked at run time:
-// AVX-512 VNNI, else AVX2 + FMA (with AVX-VNNI's dot product when present).
-enum class Isa { kScalar, kAvx2, kAvx512, kNeon };
-// A cap on that choice (the delegate's `kernel` option): kAvx2 runs the AVX2
-// kernels even on an AVX-512 CPU, e.g. to test them.
-enum class IsaCap { kAuto, kAvx2, kScalar };
+// AVX-512 VNNI plus AMX-INT8 tiles, else AVX-512 VNNI, else AVX2 + FMA (with
+// AVX-VNNI's dot product when present). kAmx is the AVX-512 family whose
+// channel-wise int8 GEMMs of kAmxMinTokens+ tokens run on the AMX tiles.
+enum class Isa { kScalar, kAvx2, kAvx512, kNeon, kAmx };
+// A cap on that choice (the delegate's `kernel` option): kAvx512 runs without
+// AMX, kAvx2 the AVX2 kernels even on an AVX-512 CPU, e.g. to test them.
+enum class IsaCap { kAuto, kAvx512, kAvx2, kScalar };
+// Fewer tokens than this stay on the VNNI kernels (decode: a GEMV streams its weights once).
+constexpr int kAmxMinTokens = 4;
 
 // The kernels this CPU and build run under `cap`.
 Isa KernelIsa(IsaCap cap);
 const char* IsaName(Isa isa);
 bool SimdShapeOk(int K, int G);
+
+// std::vector storage on 64-byte boundaries: AMX tile rows that straddle two cache lines
+// loaded ~3.7x slower (kernels_amx.cc).
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const Aligned64&) const { return true; }
+  bool operator!=(const Aligned64&) const { return false; }
+};
 
 // N activation rows of length K, laid out for the kernel that will read them.
 // Scalar layout: plain [N, K]. SIMD layout: tokens in quads, each quad stored
@@ -44,6 +63,9 @@ struct Acts {
   std::vector<int32_t> csum;  // simd int8: [N] -8 * (sum of the row's q's), channel-wise kernels
   std::vector<float> scale;   // [N] int8 mode: 1 / inv
   std::vector<float> zp;      // [N] int8 mode: integer-valued zero point
+  // kAmx int8: the tokens again as AMX B tiles (kernels_amx.cc): per 16 tokens and 128-k
+  // block, [even k | odd k] x [16 k-quads][16 tokens][4 k's].
+  std::vector<int8_t, Aligned64<int8_t>> tq;
   // Rows for output-axis matrices (Q4Matrix::out_groups): f holds plain fp32 rows [N, K] in
   // either mode, in int8 mode the grid's values (q - zp) * scale (grid.fake_quant_act).
   bool rows_f32 = false;

@@ -22,22 +22,24 @@ namespace mm { double g_phase_ms[8]; }
 namespace mm {
 
 namespace {
-// Prefill work items; -D overrides for bench_block experiments. Down tiles of 64
-// rows measured ~4% faster than 32 at T=128 (equal at T=512); 128-row gate/up
-// items no better than 64.
+// Prefill work items; -D overrides for bench_block experiments. With T=128 an expert has
+// ~8 tokens, so its GEMMs stream weights much as decode does: long runs per work item
+// measured faster (gate/up items of 384 rows and down split as StreamTile: S's block at
+// T=128, 2 threads, this 2-core Xeon, 16-row tiles, AMX: 4.9 -> 4.1 ms; 64-row items were
+// best when the kernels were compute-bound).
 #ifndef MM_TILE1
-#define MM_TILE1 64
+#define MM_TILE1 384
 #define MM_TILE3 64
 #endif
 constexpr int kRowTile1 = MM_TILE1;  // gate/up rows per work item (prefill)
-constexpr int kRowTile3 = MM_TILE3;  // down rows per work item (prefill)
+constexpr int kRowTile3 = MM_TILE3;  // the least rows per streaming work item (StreamTile)
 #ifndef MM_DECODE_SPLIT
 #define MM_DECODE_SPLIT 2
 #endif
-// Decode-sized steps (T < 8) are weight streaming: each thread gets a few long
-// contiguous runs of rows (rows / (split * threads), multiples of 16) instead of
-// many short ones, so the prefetchers run ahead within one stream.
-int DecodeTile(int rows, int threads, int tile) {
+// Weight streaming (decode-sized steps, and the down projection of any step): each thread
+// gets a few long contiguous runs of rows (rows / (split * threads), multiples of 16)
+// instead of many short ones, so the prefetchers run ahead within one stream.
+int StreamTile(int rows, int threads, int tile) {
   const int per = (rows + MM_DECODE_SPLIT * threads - 1) / (MM_DECODE_SPLIT * threads);
   return std::max(tile, (per + 15) / 16 * 16);
 }
@@ -201,7 +203,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     cheap->Run((T + 15) / 16, [&](int item, int) {
       shared_x_.PrepareRows(x, D, nullptr, item * 16, std::min(T, item * 16 + 16));
     });
-    if (T < 8) shared_tile = DecodeTile(2 * Fs, nthreads, kRowTile1);
+    if (T < 8) shared_tile = StreamTile(2 * Fs, nthreads, kRowTile3);
     shared_items = (2 * Fs + shared_tile - 1) / shared_tile;
   }
   gu_out_.resize(gu_total);  // the shared expert's part (grown once routed below)
@@ -277,7 +279,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   part_.resize(part_off[nj]);
   std::vector<int> tile1(nr);
   for (int j = 0; j < nr; ++j)
-    tile1[j] = T < 8 ? DecodeTile(2 * jobs_[j].F, nthreads, kRowTile1) : kRowTile1;
+    tile1[j] = T < 8 ? StreamTile(2 * jobs_[j].F, nthreads, kRowTile3) : kRowTile1;
   for (int j = 0; j < nj; ++j)
     first_item[j + 1] = first_item[j] + (j >= nr ? 0 : is_split(jobs_[j]) ? parts
                                          : (2 * jobs_[j].F + tile1[j] - 1) / tile1[j]);
@@ -299,19 +301,20 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
 
   MM_TICK(2);
   // Phase 2: h = silu(gate) * up, then prepare h for the down kernels; work
-  // items are quads of tokens so no two threads write the same quad.
+  // items are 16 tokens (as phase 0's), so no two threads write the same quad or the
+  // same lines of the AMX layout (16 tokens' words share each line).
   h_.resize(h_total);
   for (int j = 0; j < nj; ++j) {
     const Job& jb = jobs_[j];
     const bool out = jb.down.out_groups;
     h_acts_[j].Resize(jb.n, jb.F, opt.mode,
                       out || SimdShapeOk(jb.F, jb.down.G) ? isa : Isa::kScalar, out);
-    first_item[j + 1] = first_item[j] + (jb.n + 3) / 4;
+    first_item[j + 1] = first_item[j] + (jb.n + 15) / 16;
   }
   cheap->Run(first_item[nj], [&](int item, int) {
     const int j = job_of(item);
     const Job& jb = jobs_[j];
-    const int n0 = (item - first_item[j]) * 4, n1 = std::min(jb.n, n0 + 4);
+    const int n0 = (item - first_item[j]) * 16, n1 = std::min(jb.n, n0 + 16);
     float* h = h_.data() + jb.h_off;
     for (int n = n0; n < n1; ++n) {
       float* gu = gu_out_.data() + jb.gu_off + (size_t)n * 2 * jb.F;
@@ -345,7 +348,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
     });
   }
   tmp_.resize(nthreads);
-  const int tile3 = T < 8 ? DecodeTile(D, nthreads, kRowTile3) : kRowTile3;
+  const int tile3 = StreamTile(D, nthreads, kRowTile3);
   for (auto& t : tmp_) t.resize((size_t)T * tile3);
   pool->Run((D + tile3 - 1) / tile3, [&](int item, int tid) {
     const int m0 = item * tile3, m1 = std::min(D, m0 + tile3);

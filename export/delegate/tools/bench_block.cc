@@ -88,7 +88,10 @@ int main(int argc, char** argv) {
   ThreadPool pool(threads);
   std::vector<MoeBlock> blocks(NB);
   RunOptions opt;
-  opt.cap = !strcmp(kern, "avx2") ? IsaCap::kAvx2 : !strcmp(kern, "scalar") ? IsaCap::kScalar : IsaCap::kAuto;
+  opt.cap = !strcmp(kern, "avx2")     ? IsaCap::kAvx2
+            : !strcmp(kern, "avx512") ? IsaCap::kAvx512
+            : !strcmp(kern, "scalar") ? IsaCap::kScalar
+                                      : IsaCap::kAuto;
   for (int b = 0; b < NB; ++b) blocks[b].Run(c, mw[b], xs[0].data(), T, y.data(), &pool, opt);
 #ifdef MM_PROFILE
   for (double& v : g_phase_ms) v = 0;

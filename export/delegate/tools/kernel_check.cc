@@ -2,7 +2,7 @@
 // random INT4 matrices and activations, every (K, G, N, M, mode) combination
 // (G == K: channel-wise, one scale per row), and the 16-row tiled layout
 // against the row layout (M % 16 == 0: whole matrix, from row 16, from row 5),
-// for each SIMD family this CPU runs (AVX-512 and AVX2 on x86, NEON on arm64); and the
+// for each SIMD family this CPU runs (AMX, AVX-512 and AVX2 on x86, NEON on arm64); and the
 // output-axis layout (Q4Matrix::out_groups, CheckOut) over odd shapes and column ranges;
 // and HalfToFloat (block-wise FC scales) on every fp16 value.
 // Used by tests/test_delegate_kernels.py (natively, and arm64 under qemu).
@@ -79,7 +79,7 @@ static int Check(Isa isa) {
     for (int G : {32, 64, 128, 256, 0}) {  // 0: channel-wise (G = K)
       if (G == 0) G = K;
       else if (K % G || G == K) continue;
-      for (int N : {1, 3, 4, 9})
+      for (int N : {1, 3, 4, 9, 21, 70})  // 21, 70: AMX's partial and several token groups
       for (int M : {13, 37, 48}) {  // row tiles plus tail rows; 48: also tiled
         std::vector<uint8_t> q((size_t)M * K / 2);
         for (auto& b : q) b = (uint8_t)rng();
@@ -115,6 +115,19 @@ static int Check(Isa isa) {
             return err <= 1e-5f * scale + 1e-6f;
           };
           if (!same(a, 0, "rows")) return -1;
+          if (isa == Isa::kAmx && mode == ActMode::kI8) {
+            // The AMX tiles sum the same integers as the AVX-512 kernels: the same bits.
+            Acts vnni;
+            vnni.Resize(N, K, mode, Isa::kAvx512);
+            vnni.PrepareRows(x.data(), K, nullptr, 0, N);
+            std::vector<float> v((size_t)N * M);
+            Q4Gemm(w, 0, M, vnni, v.data(), M);
+            ++checks;
+            if (v != a) {
+              printf("MISMATCH avx512-amx vs avx512-vnni K=%d G=%d N=%d M=%d\n", K, G, N, M);
+              return -1;
+            }
+          }
           if (TilesOk(M, K)) {
             std::vector<uint8_t> tq(q.size());
             TileRows(q.data(), M, K, tq.data());
@@ -174,7 +187,7 @@ int main() {
   if (!CheckHalf()) return 1;
   printf("ok fp16 -> fp32: 65536 values\n");
   std::vector<Isa> isas;
-  for (IsaCap cap : {IsaCap::kAuto, IsaCap::kAvx2}) {
+  for (IsaCap cap : {IsaCap::kAuto, IsaCap::kAvx512, IsaCap::kAvx2}) {
     const Isa isa = KernelIsa(cap);
     if (isa != Isa::kScalar && (isas.empty() || isas.back() != isa)) isas.push_back(isa);
   }
