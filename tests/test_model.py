@@ -147,3 +147,21 @@ def test_rms_norm_keeps_only_its_input_for_the_backward_pass(capsys):
     print_saved_residuals(lambda x: rms_norm(x, s, 1e-5).astype(jnp.float32).sum(), x)
     saved = capsys.readouterr().out.splitlines()
     assert saved and not any(line.startswith('f32[4,8,64]') for line in saved), saved
+
+
+def test_rope_gradient_is_the_inverse_rotation():
+  """rope's hand-written VJP (the rotation by minus the angle) equals autodiff of the
+  rotation, also with positions restarting per packed document."""
+  from mobilemoe_jax.model import layers
+  keys = jax.random.split(jax.random.key(3), 2)
+  x = jax.random.normal(keys[0], (2, 12, 3, 16), jnp.bfloat16)
+  g = jax.random.normal(keys[1], x.shape, jnp.float32)
+  positions = jnp.array([list(range(12)), [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]])
+  freq = layers.rope_frequencies(16, 10_000.0)
+  loss = lambda f: lambda x: jnp.sum(f(x, positions, freq).astype(jnp.float32) * g)
+  np.testing.assert_array_equal(layers.rope(x, positions, freq), layers._rotate(x, positions, freq))
+  got, want = jax.grad(loss(layers.rope))(x), jax.grad(loss(layers._rotate))(x)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=1e-2, atol=1e-2)
+  assert np.abs(np.asarray(got, np.float32)).max() > 0.1

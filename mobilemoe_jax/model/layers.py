@@ -127,11 +127,35 @@ def rope(x, positions, freq):
   that permutation and the exporter undoes it (mobilemoe_jax/convert/layout.py), so the
   model has one convention.
   """
+  return _rope(x, positions, freq)
+
+
+def _rotate(x, positions, freq):
+  """x rotated by positions * freq (the forward pass of `rope`; with -freq its transpose)."""
   half = x.shape[-1] // 2
   angle = positions[..., None, None].astype(jnp.float32) * freq         # [B, T, 1, Dh/2]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _rope(x, positions, freq):
+  return _rotate(x, positions, freq)
+
+
+def _rope_fwd(x, positions, freq):
+  return _rotate(x, positions, freq), (positions, freq)
+
+
+def _rope_bwd(res, g):
+  """A rotation's transpose is the rotation by minus the angle: one concatenate pass like
+  the forward's, where autodiff of the two half slices writes a pad + add per half."""
+  positions, freq = res
+  return _rotate(g, positions, -freq), None, None
+
+
+_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 def attention_mask(q_pos, k_pos, q_seg, k_seg, window: int):

@@ -307,6 +307,23 @@ def packed_runs(segment_ids, positions):
   return int(runs.max())
 
 
+FP32_MATRICES = ('router',)   # matrices the model uses in fp32 (MoE.__call__)
+
+
+def compute_copy(params, model_cfg):
+  """params with every matrix the model casts to model.dtype at use already in that dtype
+  (the router stays fp32; the norm scales are vectors). Unchanged under QAT: its fake
+  quantization reads the fp32 weights."""
+  dt = jnp.dtype(model_cfg.dtype)
+  if model_cfg.quant.weights is not None:
+    return params
+
+  def cast(path, p):
+    name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+    return p.astype(dt) if p.ndim >= 2 and name not in FP32_MATRICES else p
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def make_train_step(config, tx, lr_schedule):
   """(state, batch {name: [B, T]}) -> (new state, per-step metrics); pure, for jax.jit."""
   t, moe = config.train, config.model.moe
@@ -363,9 +380,13 @@ def make_train_step(config, tx, lr_schedule):
     micros = jax.tree.map(
         lambda x: x.reshape(micro, t.grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    # The matrices in the compute dtype once per step instead of once per micro-batch; the
+    # micro-batch gradients come back in that dtype, as they did through the cast, and add
+    # up in fp32 in the carry.
+    cparams = compute_copy(params, config.model)
 
     def accumulate(carry, mb):
-      (obj, (ce_sum, stats)), g = grad_fn(params, rest, mb, n_tokens, state.get('teacher'))
+      (obj, (ce_sum, stats)), g = grad_fn(cparams, rest, mb, n_tokens, state.get('teacher'))
       acc = (obj, ce_sum, stats['aux_loss'], stats['z_loss'], stats['tokens_per_expert'],
              stats['dropped'], g)
       return jax.tree.map(jnp.add, carry, acc), None
