@@ -23,16 +23,34 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
   if ((int)scores_.size() < threads) scores_.resize(threads);
   for (auto& sc : scores_)
     if (sc.size() < per_thread) sc.resize(per_thread);
-  // A prefill chunk's new values transposed, [K, Dh, T]: one head dim over the tokens per
-  // row, so their weighted sums are dot products along the tokens like the cache's
-  // (DotRows), not T strided row updates of y per query row.
+  // A prefill chunk reads its keys as columns, kt_ [K, Dh, Np], and its values as rows,
+  // vr_ [K, Np, Dh] (Np = the filled slots, then the new tokens): its scores and weighted
+  // sums are then DotCols, W keys or head dims per vector and no horizontal sums (a dot
+  // product per score, as decode's DotRows, spends most of its time summing lanes).
   const bool wide = T >= kWideTokens;
+  const int Np = past_end + T, ldk = Np + 16;   // kt_ rows padded: DotCols reads whole vectors
   if (wide) {
-    if (v_new_t_.size() < (size_t)K * Dh * T) v_new_t_.resize((size_t)K * Dh * T);
-    for (int t = 0; t < T; ++t)
-      for (int g = 0; g < K; ++g)
-        for (int d = 0; d < Dh; ++d)
-          v_new_t_[((size_t)g * Dh + d) * T + t] = v_new[((size_t)t * K + g) * Dh + d];
+    if (kt_.size() < (size_t)K * Dh * ldk) kt_.resize((size_t)K * Dh * ldk);
+    if (vr_.size() < (size_t)K * Np * Dh + 16) vr_.resize((size_t)K * Np * Dh + 16);
+    auto copy_head = [&](int g, int) {
+      float* kt = kt_.data() + (size_t)g * Dh * ldk;
+      float* vr = vr_.data() + (size_t)g * Np * Dh;
+      for (int s = 0; s < past_end; ++s)
+        for (int d = 0; d < Dh; ++d) {
+          kt[(size_t)d * ldk + s] = k_cache[((size_t)g * P + s) * Dh + d];
+          vr[(size_t)s * Dh + d] = v_cache[((size_t)g * Dh + d) * P + s];
+        }
+      for (int t = 0; t < T; ++t)
+        for (int d = 0; d < Dh; ++d) {
+          kt[(size_t)d * ldk + past_end + t] = k_new[((size_t)t * K + g) * Dh + d];
+          vr[(size_t)(past_end + t) * Dh + d] = v_new[((size_t)t * K + g) * Dh + d];
+        }
+    };
+    if (run_on) {
+      run_on->Run(K, copy_head);
+    } else {
+      for (int g = 0; g < K; ++g) copy_head(g, 0);
+    }
   }
 
   // One item per (token, kv head): its query heads share every key and value row read.
@@ -47,37 +65,39 @@ void KvAttention::Run(const KvAttentionConfig& c, const float* q, const float* k
     std::vector<float>& sc = scores_[tid];  // >= rep * n: sized above
     const float* qg = q + ((size_t)t * H + g * rep) * Dh;   // the group's rep query rows
     float* yg = y + ((size_t)t * H + g * rep) * Dh;
-    // The values' rows (one head dim each, P floats apart) come from DRAM after a step
-    // streamed the weights: ask for them all now, so they arrive while the scores run.
-    const float* vg = v_cache + (size_t)g * Dh * P + lo;
-    for (int d = 0; d < Dh && n_past; ++d)
-      for (int s = 0; s < n_past; s += 16) __builtin_prefetch(vg + (size_t)d * P + s, 0, 2);
     // Scores [rep, n]: the past slots, then the new tokens this one sees.
-    DotRows(qg, rep, Dh, k_cache + ((size_t)g * P + lo) * Dh, n_past, Dh, Dh, c.scale,
-            sc.data(), n, isa);
-    DotRows(qg, rep, Dh, k_new + ((size_t)j0 * K + g) * Dh, n_new, K * Dh, Dh, c.scale,
-            sc.data() + n_past, n, isa);
-    for (int r = 0; r < rep; ++r) {
-      float* s = sc.data() + (size_t)r * n;
-      float mx = s[0];
-      for (int k = 1; k < n; ++k) mx = std::max(mx, s[k]);
-      float sum = 0.f;
-      for (int k = 0; k < n; ++k) sum += (s[k] = std::exp(s[k] - mx));
-      const float inv = 1.f / sum;
-      for (int k = 0; k < n; ++k) s[k] *= inv;
+    const float* vg = v_cache + (size_t)g * Dh * P + lo;
+    if (wide) {
+      const float* kt = kt_.data() + (size_t)g * Dh * ldk;
+      DotCols(qg, rep, Dh, kt + lo, ldk, n_past, Dh, c.scale, sc.data(), n, isa);
+      DotCols(qg, rep, Dh, kt + past_end + j0, ldk, n_new, Dh, c.scale, sc.data() + n_past, n, isa);
+    } else {
+      // The values' rows (one head dim each, P floats apart) come from DRAM after a step
+      // streamed the weights: ask for them all now, so they arrive while the scores run.
+      for (int d = 0; d < Dh && n_past; ++d)
+        for (int s = 0; s < n_past; s += 16) __builtin_prefetch(vg + (size_t)d * P + s, 0, 2);
+      DotRows(qg, rep, Dh, k_cache + ((size_t)g * P + lo) * Dh, n_past, Dh, Dh, c.scale,
+              sc.data(), n, isa);
+      DotRows(qg, rep, Dh, k_new + ((size_t)j0 * K + g) * Dh, n_new, K * Dh, Dh, c.scale,
+              sc.data() + n_past, n, isa);
+    }
+    // Softmax per query row; decode keeps the plain scalar loop (its bits).
+    for (int r = 0; r < rep; ++r) Softmax(sc.data() + (size_t)r * n, n, wide ? isa : Isa::kScalar);
+
+    if (wide) {   // y [rep, Dh]: the past slots' share, then the new tokens' added
+      const float* vr = vr_.data() + (size_t)g * Np * Dh;
+      float* y_new = sc.data() + (size_t)rep * (past_end + T);
+      DotCols(sc.data(), rep, n, vr + (size_t)lo * Dh, Dh, Dh, n_past, 1.f, yg, Dh, isa);
+      DotCols(sc.data() + n_past, rep, n, vr + (size_t)(past_end + j0) * Dh, Dh, Dh, n_new, 1.f,
+              y_new, Dh, isa);
+      for (int i = 0; i < rep * Dh; ++i) yg[i] += y_new[i];
+      return;
     }
     // y [rep, Dh]: v_cache rows are one head dim over all slots (contiguous in the slot).
     if (n_past) {
       DotRows(sc.data(), rep, n, vg, Dh, P, n_past, 1.f, yg, Dh, isa);
     } else {
       for (int i = 0; i < rep * Dh; ++i) yg[i] = 0.f;
-    }
-    if (wide) {   // the new tokens' share as dot products over the tokens, then added
-      float* y_new = sc.data() + (size_t)rep * (past_end + T);
-      DotRows(sc.data() + n_past, rep, n, v_new_t_.data() + (size_t)g * Dh * T + j0, Dh, T,
-              n_new, 1.f, y_new, Dh, isa);
-      for (int i = 0; i < rep * Dh; ++i) yg[i] += y_new[i];
-      return;
     }
     for (int r = 0; r < rep; ++r) {   // decode: a token or a few, each added in turn
       const float* p_new = sc.data() + (size_t)r * n + n_past;

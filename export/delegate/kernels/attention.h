@@ -34,11 +34,11 @@ class KvAttention {
            const int32_t* pos, int T, float* y, ThreadPool* pool, Isa isa);
 
  private:
-  // Calls with at least this many tokens (prefill chunks) sum the new tokens' values
-  // as dot products over a transposed copy; decode adds them row by row (its bits).
+  // Calls with at least this many tokens (prefill chunks) read keys and values through
+  // the copies below (DotCols); decode reads the cache in place (DotRows, its bits).
   static constexpr int kWideTokens = 16;
   std::vector<std::vector<float>> scores_;  // per thread [H/K, keys] + [H/K, Dh]
-  std::vector<float> v_new_t_;              // [K, Dh, T] (calls of kWideTokens or more)
+  std::vector<float> kt_, vr_;              // [K, Dh, Np + 16], [K, Np, Dh] (+16: DotCols)
 };
 
 }  // namespace mm

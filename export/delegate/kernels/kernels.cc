@@ -28,6 +28,9 @@
   float Dot(const float* a, const float* b, int n);                           \
   void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, \
                int len, float scale, float* out, int ldo);                    \
+  void DotCols(const float* q, int rep, int ldq, const float* cols, int ldc, int n, \
+               int len, float scale, float* out, int ldo);                    \
+  void Softmax(float* s, int n);                                              \
   void SiluMul(const float* g, const float* u, float* h, int n);              \
   MM_GEMM_OUT_DECL
 namespace mm {
@@ -530,6 +533,37 @@ void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr
   for (int r = 0; r < rep; ++r)
     for (int i = 0; i < n; ++i)
       out[(size_t)r * ldo + i] = Dot(q + (size_t)r * ldq, rows + (size_t)i * ldr, len, isa) * scale;
+}
+
+void DotCols(const float* q, int rep, int ldq, const float* cols, int ldc, int n, int len,
+             float scale, float* out, int ldo, Isa isa) {
+#if defined(__x86_64__) && defined(MM_HAVE_AVX512)
+  if (VecIsa(isa) == Isa::kAvx512) return avx512::DotCols(q, rep, ldq, cols, ldc, n, len, scale, out, ldo);
+#endif
+#if defined(__x86_64__) && defined(MM_HAVE_AVX2)
+  if (isa == Isa::kAvx2) return avx2::DotCols(q, rep, ldq, cols, ldc, n, len, scale, out, ldo);
+#endif
+  for (int r = 0; r < rep; ++r)
+    for (int i = 0; i < n; ++i) {
+      float sum = 0.f;
+      for (int k = 0; k < len; ++k) sum += q[(size_t)r * ldq + k] * cols[(size_t)k * ldc + i];
+      out[(size_t)r * ldo + i] = sum * scale;
+    }
+}
+
+void Softmax(float* s, int n, Isa isa) {
+#if defined(__x86_64__) && defined(MM_HAVE_AVX512)
+  if (VecIsa(isa) == Isa::kAvx512) return avx512::Softmax(s, n);
+#endif
+#if defined(__x86_64__) && defined(MM_HAVE_AVX2)
+  if (isa == Isa::kAvx2) return avx2::Softmax(s, n);
+#endif
+  float mx = s[0];
+  for (int k = 1; k < n; ++k) mx = std::max(mx, s[k]);
+  float sum = 0.f;
+  for (int k = 0; k < n; ++k) sum += (s[k] = std::exp(s[k] - mx));
+  const float inv = 1.f / sum;
+  for (int k = 0; k < n; ++k) s[k] *= inv;
 }
 
 void SiluMul(const float* g, const float* u, float* h, int n, Isa isa) {

@@ -140,6 +140,16 @@ float Dot(const float* a, const float* b, int n, Isa isa);
 void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, int len,
              float scale, float* out, int ldo, Isa isa);
 
+// out[r * ldo + i] = scale * sum_k q[r * ldq + k] * cols[k * ldc + i] for r < rep, i < n
+// (a prefill chunk's attention: keys, or value rows, stored as columns; no horizontal sums).
+// Each row of cols must be readable up to i = n + 15 (SIMD reads the last vector whole).
+void DotCols(const float* q, int rep, int ldq, const float* cols, int ldc, int n, int len,
+             float scale, float* out, int ldo, Isa isa);
+
+// s[i] = exp(s[i] - max(s)) / sum_k exp(s[k] - max(s)), n >= 1 (SIMD: a polynomial exp,
+// |rel err| ~1e-7; the scalar code is the plain loop with std::exp).
+void Softmax(float* s, int n, Isa isa);
+
 // h[i] = silu(g[i]) * u[i]
 void SiluMul(const float* g, const float* u, float* h, int n, Isa isa);
 

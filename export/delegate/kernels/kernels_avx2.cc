@@ -216,6 +216,13 @@ void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr
   DotRowsVec<8>(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
 }
 
+void DotCols(const float* q, int rep, int ldq, const float* cols, int ldc, int n, int len,
+             float scale, float* out, int ldo) {
+  DotColsVec<8>(q, rep, ldq, cols, ldc, n, len, scale, out, ldo);
+}
+
+void Softmax(float* s, int n) { SoftmaxVec<8>(s, n); }
+
 void SiluMul(const float* g, const float* u, float* h, int n) { SiluMulVec<8>(g, u, h, n); }
 
 }  // namespace avx2

@@ -364,6 +364,13 @@ void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr
   DotRowsVec<16>(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
 }
 
+void DotCols(const float* q, int rep, int ldq, const float* cols, int ldc, int n, int len,
+             float scale, float* out, int ldo) {
+  DotColsVec<16>(q, rep, ldq, cols, ldc, n, len, scale, out, ldo);
+}
+
+void Softmax(float* s, int n) { SoftmaxVec<16>(s, n); }
+
 void SiluMul(const float* g, const float* u, float* h, int n) { SiluMulVec<16>(g, u, h, n); }
 
 }  // namespace avx512

@@ -329,6 +329,84 @@ inline void DotRowsVec(const float* q, int rep, int ldq, const float* rows, int 
   }
 }
 
+// Columns [i, i + C * W) of DotColsVec for NR rows: the rows' coefficients are broadcast,
+// C * NR accumulators, no horizontal sums (each output is one lane, summed in k order).
+template <int W, int NR, int C>
+inline void DotColsNR(const float* q, int ldq, const float* cols, int ldc, int i, int len,
+                      float scale, float* out, int ldo) {
+  using F = typename Vec<W>::F;
+  F acc[NR][C] = {};
+  for (int k = 0; k < len; ++k) {
+    const float* ck = cols + (size_t)k * ldc + i;
+    F c[C];
+    MM_UNROLL for (int j = 0; j < C; ++j) std::memcpy(&c[j], ck + j * W, sizeof(F));
+    MM_UNROLL for (int r = 0; r < NR; ++r) {
+      const float a = q[(size_t)r * ldq + k];
+      MM_UNROLL for (int j = 0; j < C; ++j) acc[r][j] += a * c[j];
+    }
+  }
+  MM_UNROLL for (int r = 0; r < NR; ++r)
+    MM_UNROLL for (int j = 0; j < C; ++j) {
+      const F v = acc[r][j] * scale;
+      std::memcpy(out + (size_t)r * ldo + i + j * W, &v, sizeof(F));
+    }
+}
+
+template <int W, int NR>
+inline void DotColsRows(const float* q, int ldq, const float* cols, int ldc, int n, int len,
+                        float scale, float* out, int ldo) {
+  int i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) DotColsNR<W, NR, 2>(q, ldq, cols, ldc, i, len, scale, out, ldo);
+  for (; i + W <= n; i += W) DotColsNR<W, NR, 1>(q, ldq, cols, ldc, i, len, scale, out, ldo);
+  if (i < n) {   // the last n - i columns: a whole vector (cols readable that far), kept in part
+    float tail[NR * W];
+    DotColsNR<W, NR, 1>(q, ldq, cols + i, ldc, 0, len, scale, tail, W);
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < n - i; ++j) out[(size_t)r * ldo + i + j] = tail[r * W + j];
+  }
+}
+
+// out[r * ldo + i] = scale * sum_k q[r * ldq + k] * cols[k * ldc + i] for r < rep, i < n: a
+// prefill chunk's attention scores against keys stored as columns, and its values' weighted
+// sums (value rows as columns of head dims), up to 4 rows per pass over the columns. Each
+// row of cols must be readable up to n rounded up to W (the last vector is read whole).
+template <int W>
+inline void DotColsVec(const float* q, int rep, int ldq, const float* cols, int ldc, int n,
+                       int len, float scale, float* out, int ldo) {
+  for (int r = 0; r < rep; r += 4) {
+    const float* qr = q + (size_t)r * ldq;
+    float* o = out + (size_t)r * ldo;
+    switch (rep - r) {
+      case 1: DotColsRows<W, 1>(qr, ldq, cols, ldc, n, len, scale, o, ldo); break;
+      case 2: DotColsRows<W, 2>(qr, ldq, cols, ldc, n, len, scale, o, ldo); break;
+      case 3: DotColsRows<W, 3>(qr, ldq, cols, ldc, n, len, scale, o, ldo); break;
+      default: DotColsRows<W, 4>(qr, ldq, cols, ldc, n, len, scale, o, ldo); break;
+    }
+  }
+}
+
+// s[i] = exp(s[i] - max(s)) / sum, W at a time (ExpNeg: |rel err| ~1e-7 against std::exp).
+template <int W>
+inline void SoftmaxVec(float* s, int n) {
+  using F = typename Vec<W>::F;
+  float mx = s[0];
+  for (int i = 1; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
+  F acc = {};
+  int i = 0;
+  for (; i + W <= n; i += W) {
+    F x;
+    std::memcpy(&x, s + i, sizeof(F));
+    x = ExpNeg<W>(x - mx);
+    acc += x;
+    std::memcpy(s + i, &x, sizeof(F));
+  }
+  float sum = 0.f;
+  for (int j = 0; j < W; ++j) sum += acc[j];
+  for (; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
+  const float inv = 1.f / sum;
+  for (i = 0; i < n; ++i) s[i] *= inv;
+}
+
 // h[i] = silu(g[i]) * u[i], W floats at a time.
 template <int W>
 inline void SiluMulVec(const float* g, const float* u, float* h, int n) {

@@ -4,7 +4,7 @@
 // against the row layout (M % 16 == 0: whole matrix, from row 16, from row 5),
 // for each SIMD family this CPU runs (AMX, AVX-512 and AVX2 on x86, NEON on arm64); and the
 // output-axis layout (Q4Matrix::out_groups, CheckOut) over odd shapes and column ranges;
-// and HalfToFloat (block-wise FC scales) on every fp16 value.
+// DotCols and Softmax (prefill attention); and HalfToFloat (block-wise FC scales) on every fp16 value.
 // Used by tests/test_delegate_kernels.py (natively, and arm64 under qemu).
 //   g++ -std=c++17 -O2 -I export/delegate [-DMM_HAVE_...] tools/kernel_check.cc
 //       kernels/kernels.cc [kernels/kernels_<isa>.cc ...] && ./a.out
@@ -160,6 +160,35 @@ static int Check(Isa isa) {
   if (!(std::fabs(d1 - d2) <= 1e-4f * (1 + std::fabs(d2)))) {
     printf("MISMATCH %s Dot: %g vs %g\n", IsaName(isa), d1, d2);
     return -1;
+  }
+  // DotCols (prefill attention): 1-5 rows, column counts with and without a partial vector.
+  for (int rep : {1, 3, 5})
+    for (int n : {1, 16, 45, 64}) {
+      const int len = 37, ldc = n + 16, ldq = len + 3;
+      std::vector<float> q((size_t)rep * ldq), cols((size_t)len * ldc);
+      for (auto& v : q) v = u(rng);
+      for (auto& v : cols) v = u(rng);
+      std::vector<float> a((size_t)rep * n), b((size_t)rep * n);
+      DotCols(q.data(), rep, ldq, cols.data(), ldc, n, len, 0.5f, a.data(), n, isa);
+      DotCols(q.data(), rep, ldq, cols.data(), ldc, n, len, 0.5f, b.data(), n, Isa::kScalar);
+      ++checks;
+      for (size_t i = 0; i < a.size(); ++i)
+        if (!(std::fabs(a[i] - b[i]) <= 1e-5f * (1 + std::fabs(b[i])))) {
+          printf("MISMATCH %s DotCols rep=%d n=%d: %g vs %g\n", IsaName(isa), rep, n, a[i], b[i]);
+          return -1;
+        }
+    }
+  for (int n : {1, 15, 16, 77}) {   // Softmax: SIMD exp vs std::exp
+    std::vector<float> a(n), b(n);
+    for (int i = 0; i < n; ++i) a[i] = b[i] = 20 * u(rng);
+    Softmax(a.data(), n, isa);
+    Softmax(b.data(), n, Isa::kScalar);
+    ++checks;
+    for (int i = 0; i < n; ++i)
+      if (!(std::fabs(a[i] - b[i]) <= 1e-6f * (1e-3f + b[i]))) {
+        printf("MISMATCH %s Softmax n=%d: %g vs %g\n", IsaName(isa), n, a[i], b[i]);
+        return -1;
+      }
   }
   const int out = CheckOut(isa, rng);
   return out < 0 ? -1 : checks + 2 + out;
