@@ -183,22 +183,31 @@ def test_adam_mu_dtype(data_dir):
 
 
 def test_compute_copy_hoists_the_cast_without_changing_the_step(data_dir, monkeypatch):
-  """With bf16 compute, the matrices are cast once per step (router and norm scales stay
-  fp32); the step equals the one that casts inside every micro-batch."""
+  """With bf16 compute, the matrices are cast (router and norm scales stay fp32) and each
+  SwiGLU's gate and up stacked once per step; the step equals the one that casts and stacks
+  inside every micro-batch."""
   batch = next(iter(pipeline.make_dataset(make_config(data_dir).data.train, seq_len=32,
                                           batch_size=8, seed=0)))
   config = make_config(data_dir, **{'train.grad_accum': 2, 'model.dtype': 'bfloat16'})
   tx, lr = optim.make_optimizer(config.train)
   state = jax.jit(trainer.make_init_fn(config, tx))()
-  copy = trainer.compute_copy(state['params'], config.model)
+  params = state['params']
+  copy = trainer.compute_copy(params, config.model)
   moe = copy['blocks'][1]['ffn']
   assert moe['gate'][...].dtype == 'bfloat16' and copy['embed'][...].dtype == 'bfloat16'
   assert moe['router'][...].dtype == 'float32'
   assert copy['blocks'][1]['ffn_norm']['scale'][...].dtype == 'float32'
+  stacked = trainer.stack_gate_up(params)
+  e, d, f = params['blocks'][1]['ffn']['gate'][...].shape
+  assert stacked['blocks'][1]['ffn']['gate'][...].shape == (e, d, 2, f)
+  assert stacked['blocks'][0]['ffn']['gate'][...].shape[-2] == 2          # the dense MLP too
+  assert stacked['blocks'][1]['ffn']['up'][...].size == 0
+  jax.tree.map(np.testing.assert_array_equal, trainer.unstack_gate_up(stacked), params)
   out = []
   for hoist in (True, False):
-    if not hoist:   # the cast left to the model, inside every micro-batch
-      monkeypatch.setattr(trainer, 'compute_copy', lambda params, cfg: params)
+    if not hoist:   # the cast and the stack left to the model, inside every micro-batch
+      for name in ('compute_copy', 'stack_gate_up', 'unstack_gate_up'):
+        monkeypatch.setattr(trainer, name, lambda params, *cfg: params)
     new, m = jax.jit(trainer.make_train_step(config, tx, lr))(state, batch)
     out.append((float(m['loss']), float(m['grad_norm']), new['params']))
   assert out[0][:2] == out[1][:2]

@@ -324,6 +324,39 @@ def compute_copy(params, model_cfg):
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
+def _renamed(path, old: str, new: str):
+  """path with its last dict key renamed from `old` to `new`; None if that key is not `old`."""
+  i = max(j for j, k in enumerate(path) if isinstance(k, jax.tree_util.DictKey))
+  if path[i].key != old:
+    return None
+  return path[:i] + (jax.tree_util.DictKey(new),) + path[i + 1:]
+
+
+def stack_gate_up(params):
+  """Every SwiGLU's gate and up as the one [..., D, 2, F] weight `swiglu_hidden` multiplies
+  by, in `gate` (`up` an empty placeholder): stacked once per step, not per micro-batch."""
+  leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+
+  def pair(path, p):
+    if _renamed(path, 'gate', 'up') in leaves:
+      return jnp.stack([p, leaves[_renamed(path, 'gate', 'up')]], -2)
+    return jnp.zeros((0,), p.dtype) if _renamed(path, 'up', 'gate') in leaves else p
+  return jax.tree_util.tree_map_with_path(pair, params)
+
+
+def unstack_gate_up(params):
+  """The inverse of stack_gate_up. Inside a micro-batch, XLA folds the model's stack of the
+  two slices back into the stacked weight."""
+  leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+
+  def half(path, p):
+    if _renamed(path, 'gate', 'up') in leaves:
+      return p[..., 0, :]
+    gate = _renamed(path, 'up', 'gate')
+    return leaves[gate][..., 1, :] if gate in leaves else p
+  return jax.tree_util.tree_map_with_path(half, params)
+
+
 def make_train_step(config, tx, lr_schedule):
   """(state, batch {name: [B, T]}) -> (new state, per-step metrics); pure, for jax.jit."""
   t, moe = config.train, config.model.moe
@@ -353,6 +386,7 @@ def make_train_step(config, tx, lr_schedule):
   def micro_loss(params, rest, batch, n_tokens, teacher=None):
     """One micro-batch [b, T]. Returns (objective, (ce_sum, stats)); the objective is
     scaled so the gradients of all micro-batches add up to the full batch's gradient."""
+    params = unstack_gate_up(params)
     model = nnx.merge(graphdef, params, rest)
     inputs = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
     # loss_mask is 0 on padding and (SFT) on prompt tokens: they carry no gradient.
@@ -380,10 +414,10 @@ def make_train_step(config, tx, lr_schedule):
     micros = jax.tree.map(
         lambda x: x.reshape(micro, t.grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    # The matrices in the compute dtype once per step instead of once per micro-batch; the
-    # micro-batch gradients come back in that dtype, as they did through the cast, and add
-    # up in fp32 in the carry.
-    cparams = compute_copy(params, config.model)
+    # The matrices in the compute dtype and each SwiGLU's gate and up stacked once per step
+    # instead of once per micro-batch; the micro-batch gradients come back in that dtype,
+    # as they did through the cast, and add up in fp32 in the carry, stacked.
+    cparams = stack_gate_up(compute_copy(params, config.model))
 
     def accumulate(carry, mb):
       (obj, (ce_sum, stats)), g = grad_fn(cparams, rest, mb, n_tokens, state.get('teacher'))
@@ -393,9 +427,10 @@ def make_train_step(config, tx, lr_schedule):
 
     zero = jnp.zeros(())
     zeros = (zero, zero, zero, zero, _zero_load(config.model), jnp.zeros((), jnp.int32),
-             jax.tree.map(jnp.zeros_like, params))
+             jax.tree.map(jnp.zeros_like, stack_gate_up(params)))
     (objective, ce_sum, aux, z, tokens_per_expert, dropped, grads), _ = jax.lax.scan(
         accumulate, zeros, micros)
+    grads = unstack_gate_up(grads)
 
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
