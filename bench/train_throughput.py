@@ -298,16 +298,34 @@ def _compiled_bytes(compiled):
           + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
 
 
+def step_parts(w, cfg_model, config, mesh):
+  """What a workload's step is built from (under `jax.set_mesh(mesh)`): optimizer (tx, lr),
+  init function and its abstract state, state and batch shardings, the host batch (seed 0)
+  and the step config `trainer.step_config` picks for it."""
+  import types
+  import jax
+  import numpy as np
+  from mobilemoe_jax import sharding
+  from mobilemoe_jax.train import optim, trainer
+  tx, lr = optim.make_optimizer(config.train)
+  init_state = trainer.make_init_fn(config, tx)
+  abstract = jax.eval_shape(init_state)
+  rows = packed_rows if w.packed else one_document_rows
+  host = rows(np.random.default_rng(0), config.train.batch_size, w.seq, cfg_model.vocab_size)
+  return types.SimpleNamespace(
+      tx=tx, lr=lr, init_state=init_state, abstract=abstract,
+      state_sh=sharding.state_shardings(abstract, mesh), batch_sh=sharding.batch_sharding(mesh),
+      host=host, step_cfg=trainer.step_config(config, host['segment_ids'], host['positions']))
+
+
 def run_jax(names, a):
   """Measures workloads of one preset and device count in this process, in turn: the
   initial state is built once (most of a run's minutes at full size) and each step trains
   on from the state the one before left. Emits one result per workload."""
   _imports()
   import jax
-  import numpy as np
-  from mobilemoe_jax import sharding
   from mobilemoe_jax.scaling import accounting
-  from mobilemoe_jax.train import optim, trainer
+  from mobilemoe_jax.train import trainer
   state, state_key = None, None
   for name in names:
     w = WORKLOADS[name]
@@ -319,15 +337,9 @@ def run_jax(names, a):
     try:
       cfg_model, config, mesh = _config(w, devices)
       with jax.set_mesh(mesh):
-        tx, lr = optim.make_optimizer(config.train)
-        init_state = trainer.make_init_fn(config, tx)
-        abstract = jax.eval_shape(init_state)
-        state_sh = sharding.state_shardings(abstract, mesh)
-        batch_sh = sharding.batch_sharding(mesh)
-        rng = np.random.default_rng(0)
-        rows = packed_rows if w.packed else one_document_rows
-        host = rows(rng, config.train.batch_size, w.seq, cfg_model.vocab_size)
-        step_cfg = trainer.step_config(config, host['segment_ids'], host['positions'])
+        p = step_parts(w, cfg_model, config, mesh)
+        tx, lr, init_state, abstract = p.tx, p.lr, p.init_state, p.abstract
+        state_sh, batch_sh, host, step_cfg = p.state_sh, p.batch_sh, p.host, p.step_cfg
         step = jax.jit(trainer.make_train_step(step_cfg, tx, lr),
                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                        donate_argnums=0)

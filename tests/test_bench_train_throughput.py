@@ -179,3 +179,13 @@ def test_expert_parallel_workload_end_to_end(tmp_path):
   assert row['workload']['devices'] == 2 and res['tokens_per_step'] == 2 * 4 * 128
   assert res['ep_overlap_chunks'] == 2 and np.isfinite(res['loss_last'])
   assert '--xla_force_host_platform_device_count=2' in res['xla_flags'].split()
+
+
+def test_ab_step_variant_settings(bench_script):
+  """bench/ab_step.py: a variant's settings split into module switches and XLA options."""
+  ab = bench_script('ab_step')
+  assert ab.parse_variant('base') == ('base', {}, {})
+  name, switches, options = ab.parse_variant(
+      "v=mobilemoe_jax.train.trainer.FP32_MATRICES=('router',) xla_gpu_triton_gemm_any=True")
+  assert name == 'v' and options == {'xla_gpu_triton_gemm_any': True}
+  assert switches == {('mobilemoe_jax.train.trainer', 'FP32_MATRICES'): ('router',)}
