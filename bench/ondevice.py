@@ -1021,7 +1021,9 @@ def markdown_table(res) -> str:
               "896..1023) | prefill 128 ms | prefill 512 ms | peak RSS MB |",
               "|---|---|---|---|---|---|"]
     for n, label in ARRANGEMENTS.items():
-      a = whole["arrangements"][n]
+      a = whole["arrangements"].get(n)
+      if not a:   # not timed in this run (moe_avx512: a CPU without AMX, or an older file)
+        continue
       cell = lambda k: f"{a[k]:.4g}" if k in a else "-"
       lines.append(f"| {label} | {cell('decode_ms')} | {cell('decode_long_ms')} | "
                    f"{cell('prefill128_ms')} | {cell('prefill512_ms')} | {cell('peak_rss_mb')} |")
