@@ -157,7 +157,7 @@ void Acts::Resize(int n, int k, ActMode m, Isa kernel_isa, bool f32_rows) {
       corr.resize(rows * (K / 8));
       csum.resize(rows);
     }
-    if (simd && isa == Isa::kAmx) tq.resize((size_t)(N + 15) / 16 * 16 * K);
+    if (amx_tiles()) tq.resize((size_t)(N + 15) / 16 * 16 * K);
   }
 }
 
@@ -219,7 +219,7 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
         csum[n] = cs;
         // The AMX B tiles (kernels_amx.cc): per 16 tokens and 128-k block, the block's even
         // k's then its odd k's (the quad layout's halves), each as [16 k-quads][16 tokens][4].
-        if (isa == Isa::kAmx) {
+        if (amx_tiles()) {
           int8_t* dst = tq.data() + (size_t)(n / 16) * 16 * K + (n % 16) * 4;
           const int8_t* src = q.data() + slot;
           for (int b = 0; b < K / 128; ++b, dst += 2048, src += 4 * 128)
@@ -437,8 +437,7 @@ static void X86Gemm(GemmI8Fn i8, GemmF32Fn f32, const Q4Matrix& w, int m0, int m
 static void GemmRows(const Q4Matrix& w, int m0, int m1, const Acts& a, float* out, int ldo) {
 #if defined(__x86_64__) && defined(MM_HAVE_AMX)
   // Channel-wise int8, several tokens: whole 16-row tiles on AMX, the rest on AVX-512.
-  if (a.isa == Isa::kAmx && a.mode == ActMode::kI8 && w.G == w.K && a.N >= kAmxMinTokens &&
-      m1 - m0 >= 16) {
+  if (a.amx_tiles() && w.G == w.K && m1 - m0 >= 16) {
     const int m = m0 + (m1 - m0) / 16 * 16;
     amx::GemmI8C(w.q, w.tiles, w.s, w.K, m0, m, a.tq.data(), a.csum.data(), a.scale.data(), a.N,
                  out, ldo);

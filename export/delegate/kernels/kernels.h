@@ -71,6 +71,8 @@ struct Acts {
   bool rows_f32 = false;
 
   void Resize(int n, int k, ActMode m, Isa kernel_isa, bool f32_rows = false);
+  // Whether the GEMMs read these rows through the AMX tiles (and tq is prepared).
+  bool amx_tiles() const { return simd && isa == Isa::kAmx && mode == ActMode::kI8 && N >= kAmxMinTokens; }
   // Prepares tokens [n0, n1): token n is row rows[n] (or n) of x, row stride
   // ldx. Tokens are independent, so callers may split them across threads
   // (at multiples of 4 to keep quads apart).
