@@ -72,6 +72,13 @@ void GemmI8(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, i
 void GemmF32(const uint8_t* q, int tiles, const float* s, int K, int G, int m0, int m1,
              const float* xf, int N, float* out, int ldo);
 MM_GEMM_OUT_DECL
+float Dot(const float* a, const float* b, int n);
+void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, int len,
+             float scale, float* out, int ldo);
+void DotCols(const float* q, int rep, int ldq, const float* cols, int ldc, int n, int len,
+             float scale, float* out, int ldo);
+void Softmax(float* s, int n);
+void SiluMul(const float* g, const float* u, float* h, int n);
 }  // namespace neon
 }  // namespace mm
 #endif
@@ -513,6 +520,9 @@ float Dot(const float* a, const float* b, int n, Isa isa) {
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
   if (isa == Isa::kAvx2) return avx2::Dot(a, b, n);
 #endif
+#if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+  if (isa == Isa::kNeon) return neon::Dot(a, b, n);
+#endif
   float s[4] = {0, 0, 0, 0};
   int i = 0;
   for (; i + 4 <= n; i += 4)
@@ -529,6 +539,9 @@ void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
   if (isa == Isa::kAvx2) return avx2::DotRows(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
 #endif
+#if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+  if (isa == Isa::kNeon) return neon::DotRows(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
+#endif
   for (int r = 0; r < rep; ++r)
     for (int i = 0; i < n; ++i)
       out[(size_t)r * ldo + i] = Dot(q + (size_t)r * ldq, rows + (size_t)i * ldr, len, isa) * scale;
@@ -541,6 +554,9 @@ void DotCols(const float* q, int rep, int ldq, const float* cols, int ldc, int n
 #endif
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
   if (isa == Isa::kAvx2) return avx2::DotCols(q, rep, ldq, cols, ldc, n, len, scale, out, ldo);
+#endif
+#if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+  if (isa == Isa::kNeon) return neon::DotCols(q, rep, ldq, cols, ldc, n, len, scale, out, ldo);
 #endif
   for (int r = 0; r < rep; ++r)
     for (int i = 0; i < n; ++i) {
@@ -557,6 +573,9 @@ void Softmax(float* s, int n, Isa isa) {
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
   if (isa == Isa::kAvx2) return avx2::Softmax(s, n);
 #endif
+#if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+  if (isa == Isa::kNeon) return neon::Softmax(s, n);
+#endif
   float mx = s[0];
   for (int k = 1; k < n; ++k) mx = std::max(mx, s[k]);
   float sum = 0.f;
@@ -571,6 +590,9 @@ void SiluMul(const float* g, const float* u, float* h, int n, Isa isa) {
 #endif
 #if defined(__x86_64__) && defined(MM_HAVE_AVX2)
   if (isa == Isa::kAvx2) return avx2::SiluMul(g, u, h, n);
+#endif
+#if defined(__aarch64__) && defined(MM_HAVE_NEON_DOT)
+  if (isa == Isa::kNeon) return neon::SiluMul(g, u, h, n);
 #endif
   for (int i = 0; i < n; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }

@@ -176,6 +176,23 @@ void GemmOut(const uint8_t* q, const float* s, int K, int M, int G, int m0, int 
   GemmOutVec<OutNibbles, 32, 8, 6>(q, s, K, M, G, m0, m1, x, ldx, N, out, ldo);
 }
 
+// The fp32 helpers on 4-lane vectors (simd_shared.h): router logits, attention, SiLU.
+float Dot(const float* a, const float* b, int n) { return DotVec<4>(a, b, n); }
+
+void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, int len,
+             float scale, float* out, int ldo) {
+  DotRowsVec<4>(q, rep, ldq, rows, n, ldr, len, scale, out, ldo);
+}
+
+void DotCols(const float* q, int rep, int ldq, const float* cols, int ldc, int n, int len,
+             float scale, float* out, int ldo) {
+  DotColsVec<4>(q, rep, ldq, cols, ldc, n, len, scale, out, ldo);
+}
+
+void Softmax(float* s, int n) { SoftmaxVec<4>(s, n); }
+
+void SiluMul(const float* g, const float* u, float* h, int n) { SiluMulVec<4>(g, u, h, n); }
+
 }  // namespace neon
 }  // namespace mm
 #endif  // __aarch64__
