@@ -311,22 +311,30 @@ inline void DotRowsNR(const float* q, int ldq, const float* rows, int n, int ldr
   }
 }
 
+// Calls f(Int<NR>(), r) for query rows r = 0, 4, 8, ... < rep, NR = min(4, rep - r): the
+// attention's kernels keep up to 4 query rows of a KV group in registers per pass.
+template <class F>
+inline void ByFourRows(int rep, F f) {
+  for (int r = 0; r < rep; r += 4) {
+    switch (rep - r) {
+      case 1: f(Int<1>(), r); break;
+      case 2: f(Int<2>(), r); break;
+      case 3: f(Int<3>(), r); break;
+      default: f(Int<4>(), r); break;
+    }
+  }
+}
+
 // out[r * ldo + i] = scale * sum_k q[r * ldq + k] * rows[i * ldr + k] for r < rep, i < n:
 // the attention's scores (rows = keys) and values (rows = one head dim over the slots),
 // up to 4 query rows per pass over the rows.
 template <int W>
 inline void DotRowsVec(const float* q, int rep, int ldq, const float* rows, int n, int ldr,
                        int len, float scale, float* out, int ldo) {
-  for (int r = 0; r < rep; r += 4) {
-    const float* qr = q + (size_t)r * ldq;
-    float* o = out + (size_t)r * ldo;
-    switch (rep - r) {
-      case 1: DotRowsNR<W, 1>(qr, ldq, rows, n, ldr, len, scale, o, ldo); break;
-      case 2: DotRowsNR<W, 2>(qr, ldq, rows, n, ldr, len, scale, o, ldo); break;
-      case 3: DotRowsNR<W, 3>(qr, ldq, rows, n, ldr, len, scale, o, ldo); break;
-      default: DotRowsNR<W, 4>(qr, ldq, rows, n, ldr, len, scale, o, ldo); break;
-    }
-  }
+  ByFourRows(rep, [&](auto nr, int r) {
+    DotRowsNR<W, decltype(nr)::value>(q + (size_t)r * ldq, ldq, rows, n, ldr, len, scale,
+                                      out + (size_t)r * ldo, ldo);
+  });
 }
 
 // Columns [i, i + C * W) of DotColsVec for NR rows: the rows' coefficients are broadcast,
@@ -373,16 +381,10 @@ inline void DotColsRows(const float* q, int ldq, const float* cols, int ldc, int
 template <int W>
 inline void DotColsVec(const float* q, int rep, int ldq, const float* cols, int ldc, int n,
                        int len, float scale, float* out, int ldo) {
-  for (int r = 0; r < rep; r += 4) {
-    const float* qr = q + (size_t)r * ldq;
-    float* o = out + (size_t)r * ldo;
-    switch (rep - r) {
-      case 1: DotColsRows<W, 1>(qr, ldq, cols, ldc, n, len, scale, o, ldo); break;
-      case 2: DotColsRows<W, 2>(qr, ldq, cols, ldc, n, len, scale, o, ldo); break;
-      case 3: DotColsRows<W, 3>(qr, ldq, cols, ldc, n, len, scale, o, ldo); break;
-      default: DotColsRows<W, 4>(qr, ldq, cols, ldc, n, len, scale, o, ldo); break;
-    }
-  }
+  ByFourRows(rep, [&](auto nr, int r) {
+    DotColsRows<W, decltype(nr)::value>(q + (size_t)r * ldq, ldq, cols, ldc, n, len, scale,
+                                        out + (size_t)r * ldo, ldo);
+  });
 }
 
 // s[i] = exp(s[i] - max(s)) / sum, W at a time (ExpNeg: |rel err| ~1e-7 against std::exp).
