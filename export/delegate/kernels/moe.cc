@@ -23,10 +23,8 @@ namespace mm {
 
 namespace {
 // Prefill work items; -D overrides for bench_block experiments. With T=128 an expert has
-// ~8 tokens, so its GEMMs stream weights much as decode does: long runs per work item
-// measured faster (gate/up items of 384 rows and down split as StreamTile: S's block at
-// T=128, 2 threads, this 2-core Xeon, 16-row tiles, AMX: 4.9 -> 4.1 ms; 64-row items were
-// best when the kernels were compute-bound).
+// ~8 tokens, so its GEMMs stream weights much as decode does, and long runs per work item
+// (gate/up items of 384 rows, down split as StreamTile) beat short ones.
 #ifndef MM_TILE1
 #define MM_TILE1 384
 #define MM_TILE3 64
