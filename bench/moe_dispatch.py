@@ -19,6 +19,7 @@ its command, date, commit and machine); a run replaces the shapes it measured.
   python bench/moe_dispatch.py --table              # the results as markdown
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -55,6 +56,7 @@ BACKEND = jax.default_backend()
 # MoE layer per device; N is a training micro-batch's tokens (8 x 2048, 16 x 2048).
 SHAPES = {
     'S (mobilemoe_s)': ((16384, 768, 64, 4, 512), 'gpu'),
+    'released S': ((16384, 768, 60, 4, 384), 'gpu'),   # facebook/MobileMoE-S, 8 x 2048
     'S-like E32': ((16384, 1024, 32, 4, 512), 'gpu'),
     'M (mobilemoe_m)': ((32768, 1024, 64, 8, 512), 'gpu'),
     'L (mobilemoe_l)': ((32768, 1280, 72, 6, 640), 'gpu'),
@@ -62,6 +64,7 @@ SHAPES = {
     'small E32': ((2048, 384, 32, 4, 256), 'cpu'),
 }
 GSHARD_GROUP = 1024
+GROUP_TILES = (128, 256, 512)   # tile sizes of `grouped` measured beside its default
 
 
 # ---------------------------------------------------------------- candidates defined here
@@ -136,6 +139,9 @@ def candidates(cf_exact, group_cap):
       'ragged (lax)': (dispatch.ragged, 'project ragged: jax.lax.ragged_dot, dropless'),
       'grouped': (dispatch.grouped, f'project grouped: dropless, tiles of {dispatch.GROUP_TILE} '
                                     'rows of one expert each'),
+      **{f'grouped tile={t}': (functools.partial(dispatch.grouped, tile=t),
+                               f'project grouped with tiles of {t} rows')
+         for t in GROUP_TILES if t != dispatch.GROUP_TILE},
       'gshard one-hot': (lambda *a: gshard_onehot(*a, group=GSHARD_GROUP, cap=group_cap),
                          f'one-hot einsum dispatch, groups of {GSHARD_GROUP} tokens, '
                          'C = max per-group load (no drops)'),

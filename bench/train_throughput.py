@@ -102,6 +102,10 @@ WORKLOADS = {
         'the same global batch as 4 accumulated micro-batches of 64 (four times the activation '
         'memory: larger matmuls where the GPU holds them)', 'mobilemoe_s', 256, grad_accum=4,
         packed=True, model=released_s(), vs='rs_b256_accum16_packed'),
+    'rs_b256_accum16_dropless_packed': Workload(
+        'the same step with dropless experts (capacity_factor 0): no routed compute spent on '
+        'capacity padding, none dropped', 'mobilemoe_s', 256, grad_accum=16, packed=True,
+        model=released_s(**{'moe.capacity_factor': 0.0}), vs='rs_b256_accum16_packed'),
     'rs_b8': Workload('released MobileMoE-S, 8 x 2048 per step, one document per row, '
                       'capacity 1.25', 'mobilemoe_s', 8, model=released_s()),
     'rs_b8_packed': Workload('released MobileMoE-S, 8 x 2048 per step, packed rows, capacity 1.25',
@@ -155,11 +159,13 @@ WORKLOADS = {
     'tiny_cpu_ep2': Workload('tiny preset on 2 fake CPU devices, expert parallel, 4 x 128 each',
                              'tiny', 4, seq=128, devices=2, machine='cpu', vs='tiny_cpu'),
 }
-# The headline rows: the released S on packed rows at the preset's batch (MFU) and at 8 x 2048
-# beside one-document rows and its dropless variant, and the peers at 8 x 2048. One H100/H200.
-HEADLINE = ('rs_b256_accum16_packed', 'rs_b8', 'rs_b8_packed', 'rs_b8_dropless_packed',
-            'peer_torchtitan_rs_b8_packed', 'peer_torchtitan_flex_rs_b8_packed',
-            'peer_torchtitan_eager_rs_b8_packed', 'peer_transformers_rs_b8')
+# The headline rows: the released S on packed rows at the preset's batch (MFU, with a capacity
+# and dropless) and at 8 x 2048 beside one-document rows and its dropless variant, and the
+# peers at 8 x 2048. One H100/H200.
+HEADLINE = ('rs_b256_accum16_packed', 'rs_b256_accum16_dropless_packed', 'rs_b8',
+            'rs_b8_packed', 'rs_b8_dropless_packed', 'peer_torchtitan_rs_b8_packed',
+            'peer_torchtitan_flex_rs_b8_packed', 'peer_torchtitan_eager_rs_b8_packed',
+            'peer_transformers_rs_b8')
 
 
 # --------------------------------------------------------------------------------- batches
@@ -930,9 +936,10 @@ def write(found, names, run, a):
 
 
 # The released S against its peers (bench/README.md's targets): MFU at the preset's batch on
-# packed rows; tokens/s at 8 x 2048 packed rows (capacity 1.25, and dropless) against the
+# packed rows (capacity 1.25, and dropless); tokens/s at 8 x 2048 packed rows (capacity 1.25, and dropless) against the
 # fastest peer row measured in the same run; weak scaling 1 -> 2 -> 4 GPUs.
-SUMMARY = {'mfu': 'rs_b256_accum16_packed', 'ours': 'rs_b8_packed',
+SUMMARY = {'mfu': 'rs_b256_accum16_packed', 'mfu_dropless': 'rs_b256_accum16_dropless_packed',
+           'ours': 'rs_b8_packed',
            'ours_dropless': 'rs_b8_dropless_packed',
            'weak_scaling': {2: 'rs_ep2', 4: 'rs_ep4'}}
 # Peers with no runner, and why (checked against PyPI and the device machines' image).
@@ -957,6 +964,11 @@ def summary(rows):
   out['mfu_released_s_1gpu_gpu'] = rows[mfu]['device_kind'] if ok(mfu) else None
   if not ok(mfu):
     out['mfu_released_s_1gpu_reason'] = rows.get(mfu, {}).get('error', f'{mfu} not measured')
+  dropless = SUMMARY['mfu_dropless']
+  out['mfu_released_s_1gpu_dropless'] = rows[dropless]['result']['mfu'] if ok(dropless) else None
+  if not ok(dropless):
+    out['mfu_released_s_1gpu_dropless_reason'] = rows.get(dropless, {}).get(
+        'error', f'{dropless} not measured')
   ours = SUMMARY['ours']
   peers = [n for n in rows if n.startswith('peer_') and n in WORKLOADS and
            WORKLOADS[n].vs in (ours, 'rs_b8') and ok(n) and ok(WORKLOADS[n].vs) and

@@ -117,6 +117,8 @@ def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
           'peer_transformers_rs_b8': _row(30e3, 'd1')}
   s = tt.summary(rows)
   assert s['mfu_released_s_1gpu'] == 0.3 and s['mfu_released_s_1gpu_gpu'].startswith('NVIDIA')
+  assert s['mfu_released_s_1gpu_dropless'] is None
+  assert s['mfu_released_s_1gpu_dropless_reason'] == 'rs_b256_accum16_dropless_packed not measured'
   assert s['best_peer'] == 'peer_torchtitan_eager_rs_b8_packed'
   assert s['speedup_vs_best_peer'] == 2.0
   assert s['speedup_dropless_vs_best_peer'] is None
@@ -136,6 +138,8 @@ def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
   assert 'without rs_b8_packed' in tt.summary(rows)['weak_scaling_efficiency_2gpu_reason']
   rows = {k: v for k, v in rows.items() if not k.startswith('peer_')}
   assert tt.summary(rows)['speedup_vs_best_peer'] is None
+  rows['rs_b256_accum16_dropless_packed'] = _row(180e3, 'd0', mfu=0.32)
+  assert tt.summary(rows)['mfu_released_s_1gpu_dropless'] == 0.32
   rows['rs_b256_accum16_packed'] = {'error': 'out of memory', 'run': {'date': 'd4'}}
   s = tt.summary(rows)
   assert s['mfu_released_s_1gpu'] is None and s['mfu_released_s_1gpu_reason'] == 'out of memory'

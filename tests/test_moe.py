@@ -106,6 +106,25 @@ def test_group_slots_layout(tile):
     assert len(src) == tile * (-(-N * K // tile) + E - 1)
 
 
+@pytest.mark.parametrize('w_shape', [(D, F), (D, 2, F)])
+def test_tile_matmul_grads_equal_autodiff_of_the_gather(w_shape):
+  """tile_matmul's backward (per-tile weight gradients summed by a one-hot matmul, weights
+  gathered again) equals autodiff of the plain matmul against the gathered weights (whose
+  weight gradient is a scatter-add). Experts without tiles get zero gradients."""
+  ks = jax.random.split(jax.random.key(5), 3)
+  tile_expert = jnp.asarray([0, 0, 2, 3, 3, 3, 5], jnp.int32)             # 1, 4, 6, 7 unused
+  x = jax.random.normal(ks[0], (len(tile_expert), 4, D))
+  w = jax.random.normal(ks[1], (E, *w_shape))
+  ct = jax.random.normal(ks[2], (len(tile_expert), 4, *w_shape[1:]))
+  plain = lambda x, w: jnp.einsum('tck,tk...->tc...', x, jnp.take(w, tile_expert, axis=0))
+  fast = lambda x, w: dispatch.tile_matmul(x, w, tile_expert)
+  np.testing.assert_allclose(fast(x, w), plain(x, w), rtol=1e-6, atol=1e-6)
+  loss = lambda fn: lambda x, w: jnp.sum(fn(x, w) * ct)
+  for a, b in zip(jax.grad(loss(fast), (0, 1))(x, w), jax.grad(loss(plain), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert not np.asarray(jax.grad(loss(fast), 1)(x, w))[np.array([1, 4, 6, 7])].any()
+
+
 @pytest.mark.parametrize('backend', ['gpu', 'cpu'])
 def test_auto_dispatch_without_capacity(monkeypatch, backend):
   """Dropless 'auto' takes `grouped` on a GPU (not a buffer of all N tokens per expert) and

@@ -15,8 +15,10 @@ All functions compute  y[n] = sum_j w[n, j] * Expert_{e[n, j]}(x[n])  with SwiGL
 - `ragged`: the sorted assignments through `jax.lax.ragged_dot`, never dropping.
 - `grouped`: dropless with `gather`'s row moves and batched matmuls: each expert's
   assignments fill whole tiles of `GROUP_TILE` rows (the last one padded), and every tile is
-  one matmul against its expert's weights (gathered per tile). The buffer holds N*k rows
-  plus at most E-1 tiles of padding, where `gather` without a capacity needs E*N.
+  one matmul against its expert's weights (gathered per tile; `tile_matmul`, whose backward
+  pass sums the per-tile weight gradients with a matmul rather than a scatter-add). The
+  buffer holds N*k rows plus at most E-1 tiles of padding, where `gather` without a capacity
+  needs E*N.
 - `expert_parallel`: `gather` inside shard_map over the mesh; the [E, C, D] buffer is
   exchanged with all-to-all along the 'expert' axis so each device runs only its own
   experts: tokens move, weights stay. It moves in slices of C so that the all-to-alls can
@@ -242,7 +244,10 @@ def ragged(x, weights, experts, gate, up, down, act=_same):
   return y, jnp.zeros((), jnp.int32)
 
 
-GROUP_TILE = 128   # rows per tile in `grouped`: padding (< E tiles) vs weights gathered per tile
+# Rows per tile in `grouped`: more rows mean fewer per-tile weight copies (read and written
+# in the forward and backward passes) but up to E-1 tiles of padding computed; the choice
+# rests on bench/moe_dispatch.py's 'released S' shape, which times 128 / 256 / 512.
+GROUP_TILE = 512
 
 
 def group_slots(experts, n_experts: int, tile: int):
@@ -268,14 +273,52 @@ def group_slots(experts, n_experts: int, tile: int):
   return src, dst.reshape(n, k), tile_expert.astype(jnp.int32)
 
 
-def grouped(x, weights, experts, gate, up, down, act=_same, tile=GROUP_TILE):
-  """Dropless routed experts over tiles of one expert each (see the module docstring)."""
+@jax.custom_vjp
+def tile_matmul(x, w, tile_expert):
+  """x [T, C, K], w [E, K, ...] -> [T, C, ...]: tile t times its expert's w[tile_expert[t]].
+
+  One batched matmul over tiles against the weights gathered per tile. Autodiff would
+  scatter-add the [T, K, ...] per-tile weight gradients into [E, K, ...] (atomic, slow on
+  GPU). Here the backward pass sums them with a matmul
+  against the one-hot [T, E] tile-to-expert matrix (fp32 accumulation), and gathers the
+  weights again for the input gradient instead of keeping the [T, K, ...] copy for it.
+  """
+  return jnp.einsum('tck,tkm->tcm', x, _flat_tiles(w, tile_expert)).reshape(
+      *x.shape[:2], *w.shape[2:])
+
+
+def _flat_tiles(w, tile_expert):
+  """w [E, K, ...] gathered per tile -> [T, K, M]."""
+  return jnp.take(w.reshape(*w.shape[:2], -1), tile_expert, axis=0, mode='clip')   # in range
+
+
+def _tile_matmul_fwd(x, w, tile_expert):
+  return tile_matmul(x, w, tile_expert), (x, w, tile_expert)
+
+
+def _tile_matmul_bwd(res, g):
+  x, w, tile_expert = res
+  g = g.reshape(*g.shape[:2], -1)                                           # [T, C, M]
+  dx = jnp.einsum('tcm,tkm->tck', g, _flat_tiles(w, tile_expert))
+  dw_tiles = jnp.einsum('tck,tcm->tkm', x, g)                               # per tile
+  onehot = jax.nn.one_hot(tile_expert, w.shape[0], dtype=dw_tiles.dtype)    # [T, E]
+  dw = jnp.einsum('te,tkm->ekm', onehot, dw_tiles, preferred_element_type=jnp.float32)
+  return dx, dw.astype(w.dtype).reshape(w.shape), None
+
+
+tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
+
+
+def grouped(x, weights, experts, gate, up, down, act=_same, tile=None):
+  """Dropless routed experts over tiles of one expert each (see the module docstring).
+  tile: rows per tile, GROUP_TILE unless given."""
   n_experts = gate.shape[0]
+  tile = tile or GROUP_TILE
   src, dst, tile_expert = group_slots(experts, n_experts, tile)
-  buf = _dispatch_rows(x, src, dst).reshape(tile_expert.shape[0], tile, -1)   # [tiles, tile, D]
-  take = lambda w: jnp.take(w, tile_expert, axis=0)                          # [tiles, ...]
-  h = swiglu_hidden(buf, take(gate), take(up), 'tcd,tdf->tcf')
-  out = jnp.einsum('tcf,tfd->tcd', act(h), take(down)).reshape(src.shape[0], -1)
+  buf = _dispatch_rows(x, src, dst).reshape(tile_expert.shape[0], tile, -1)   # [T, tile, D]
+  # gate and up stacked per expert (as in swiglu_hidden): one matmul, gathered once per tile
+  h = _glu(tile_matmul(buf, jnp.stack([gate, up], -2), tile_expert))         # [T, tile, F]
+  out = tile_matmul(act(h), down, tile_expert).reshape(src.shape[0], -1)
   return _combine_rows(out, weights, src, dst), jnp.zeros((), jnp.int32)
 
 
@@ -356,7 +399,7 @@ def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_fa
     # TPU is unmeasured: it keeps `sorted`. Without a capacity both size every expert's
     # buffer for all N tokens; on a GPU (training-sized N) `grouped` needs about N*k rows
     # instead. The CPU keeps `gather`: at the few tokens of tests and eval, grouped's
-    # 128-row tiles would be mostly padding.
+    # GROUP_TILE-row tiles would be mostly padding.
     backend = jax.default_backend()
     method = 'gather' if backend in ('gpu', 'cpu') else 'sorted'
     if capacity_factor <= 0 and backend == 'gpu':
