@@ -61,30 +61,15 @@ class Workload:
   vs: str = ''                # workload measured in the same run; the row keeps the ratio
 
 
-# The released MobileMoE-S (facebook/MobileMoE-S: 1,263,374,256 total / 272,469,936 active
-# parameters) as overrides of the mobilemoe_s preset,
-# field for field where the model config has the field: Llama-3 vocabulary (tied), 20 layers,
-# 12 query / 4 KV heads of 64, full attention on every layer, every layer an MoE of 60 experts
-# of 384 (top-4, sigmoid scores, selection-only expert bias, normalised weights x 2.5) plus one
-# ungated shared expert of 1536; balancing by the expert bias and the z-loss (no Switch loss).
-# Not expressible here (no such fields): the weightless QK-norm and Llama-3 RoPE frequency
-# scaling, each a few elementwise passes over q/k (no matmul FLOPs).
-RELEASED_S = {
-    'vocab_size': 128_256, 'd_model': 768, 'n_layers': 20, 'n_heads': 12, 'n_kv_heads': 4,
-    'head_dim': 64, 'd_ff': 1536, 'sliding_window': 0, 'rope_theta': 500_000.0,
-    'norm_eps': 1e-5, 'moe.n_experts': 60, 'moe.top_k': 4, 'moe.d_expert': 384,
-    'moe.n_shared': 1, 'moe.d_shared': 1536, 'moe.first_dense': 0, 'moe.score_func': 'sigmoid',
-    'moe.norm_topk_prob': True, 'moe.routed_scale': 2.5, 'moe.expert_bias': True,
-    'moe.aux_loss_coef': 0.0}
+# The presets mobilemoe_s / mobilemoe_m are the released models (configs/mobilemoe_s.py, field
+# for field from config.json, QK-norm and Llama-3 RoPE scaling included); each row records the
+# shape and parameter counts it ran (model_summary). Training workloads add a capacity.
+CAPACITY = {'moe.capacity_factor': 1.25}
+DROPLESS = {'moe.capacity_factor': 0.0}
 # The torchtitan peer as its Qwen3-MoE users run it on one GPU: FSDP2 mixed precision (bf16
 # params, fp32 reductions), grouped-GEMM experts, dropless; per-TransformerBlock torch.compile
 # or eager; attention 'varlen' (flash attention over documents) or 'flex' (its default).
 TORCHTITAN_COMPILED = {'compile': True, 'attention': 'varlen'}
-
-
-def released_s(**model):
-  """RELEASED_S with more overrides (e.g. the capacity)."""
-  return {**RELEASED_S, 'moe.capacity_factor': 1.25, **model}
 
 
 # The presets as configured (bf16 compute on GPU, capacity 1.25, chunked loss, cuDNN attention
@@ -93,59 +78,64 @@ WORKLOADS = {
     'rs_b256_accum16_packed': Workload(
         'released MobileMoE-S, 256 x 2048 per step as 16 accumulated micro-batches of 16, '
         'packed rows, capacity 1.25 (the largest micro-batch of the preset batch that fits one '
-        'H100 80GB)', 'mobilemoe_s', 256, grad_accum=16, packed=True, model=released_s()),
+        'H100 80GB)', 'mobilemoe_s', 256, grad_accum=16, packed=True, model=CAPACITY),
     'rs_b256_accum8_packed': Workload(
         'the same global batch as 8 accumulated micro-batches of 32 (twice the activation '
         'memory: 78.4 GB, over an H100\'s 80 GB at the 0.92 allocator fraction)', 'mobilemoe_s',
-        256, grad_accum=8, packed=True, model=released_s(), vs='rs_b256_accum16_packed'),
+        256, grad_accum=8, packed=True, model=CAPACITY, vs='rs_b256_accum16_packed'),
     'rs_b256_accum4_packed': Workload(
         'the same global batch as 4 accumulated micro-batches of 64 (four times the activation '
         'memory: larger matmuls where the GPU holds them)', 'mobilemoe_s', 256, grad_accum=4,
-        packed=True, model=released_s(), vs='rs_b256_accum16_packed'),
+        packed=True, model=CAPACITY, vs='rs_b256_accum16_packed'),
     'rs_b256_accum16_dropless_packed': Workload(
         'the same step with dropless experts (capacity_factor 0): no routed compute spent on '
         'capacity padding, none dropped', 'mobilemoe_s', 256, grad_accum=16, packed=True,
-        model=released_s(**{'moe.capacity_factor': 0.0}), vs='rs_b256_accum16_packed'),
+        model=DROPLESS, vs='rs_b256_accum16_packed'),
     'rs_b8': Workload('released MobileMoE-S, 8 x 2048 per step, one document per row, '
-                      'capacity 1.25', 'mobilemoe_s', 8, model=released_s()),
+                      'capacity 1.25', 'mobilemoe_s', 8, model=CAPACITY),
     'rs_b8_packed': Workload('released MobileMoE-S, 8 x 2048 per step, packed rows, capacity 1.25',
-                             'mobilemoe_s', 8, packed=True, model=released_s(), vs='rs_b8'),
+                             'mobilemoe_s', 8, packed=True, model=CAPACITY, vs='rs_b8'),
     'rs_b256_accum8_packed_bias': Workload(
         'the same step with packed rows attended through the mask as a bias (cuDNN, no bias '
         "gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 256, grad_accum=8,
-        packed=True, model=released_s(attention_mask='bias_nograd'), vs='rs_b256_accum8_packed'),
+        packed=True, model={**CAPACITY, 'attention_mask': 'bias_nograd'}, vs='rs_b256_accum8_packed'),
     'rs_b8_packed_bias': Workload(
         'released MobileMoE-S, 8 x 2048 packed rows attended through the mask as a bias (cuDNN, '
         "no bias gradient) instead of cuDNN's packed layout", 'mobilemoe_s', 8, packed=True,
-        model=released_s(attention_mask='bias_nograd'), vs='rs_b8_packed'),
+        model={**CAPACITY, 'attention_mask': 'bias_nograd'}, vs='rs_b8_packed'),
     'rs_b8_dropless_packed': Workload(
         'released MobileMoE-S, 8 x 2048 packed rows, dropless experts (capacity_factor 0)',
-        'mobilemoe_s', 8, packed=True, model=released_s(**{'moe.capacity_factor': 0.0}),
+        'mobilemoe_s', 8, packed=True, model=DROPLESS,
         vs='rs_b8_packed'),
+    'rm_b256_accum64_packed': Workload(
+        'released MobileMoE-M (2.8B total / 528M active), 256 x 2048 per step as 64 accumulated '
+        'micro-batches of 4, packed rows, capacity 1.25 (fp32 master weights and AdamW states: '
+        '~51 GB of the 80 GB before activations)', 'mobilemoe_m', 256, grad_accum=64,
+        packed=True, model=CAPACITY),
     # Weak scaling: rs_b8_packed's step on 2 and 4 GPUs (mesh expert=devices), 8 x 2048 rows
     # per GPU; the ratio to rs_b8_packed (the 1-GPU point) is the efficiency.
     'rs_ep2': Workload('released MobileMoE-S expert parallel on 2 GPUs, 8 x 2048 per GPU, packed '
                        'rows (weak scaling)', 'mobilemoe_s', 8, devices=2, packed=True,
-                       model=released_s(), vs='rs_b8_packed'),
+                       model=CAPACITY, vs='rs_b8_packed'),
     'rs_ep4': Workload('released MobileMoE-S expert parallel on 4 GPUs, 8 x 2048 per GPU, packed '
                        'rows (weak scaling)', 'mobilemoe_s', 8, devices=4, packed=True,
-                       model=released_s(), vs='rs_b8_packed'),
+                       model=CAPACITY, vs='rs_b8_packed'),
     'peer_torchtitan_rs_b8_packed': Workload(
         "torchtitan Qwen3-MoE built to the released MobileMoE-S's shape, compiled blocks, "
         'varlen attention; 8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True,
-        model=RELEASED_S, impl='torchtitan', peer=TORCHTITAN_COMPILED, vs='rs_b8_packed'),
+        impl='torchtitan', peer=TORCHTITAN_COMPILED, vs='rs_b8_packed'),
     'peer_torchtitan_flex_rs_b8_packed': Workload(
         'the same torchtitan model, compiled blocks, flex attention (its default attention); '
-        '8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True, model=RELEASED_S,
+        '8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True,
         impl='torchtitan', peer={'compile': True, 'attention': 'flex'}, vs='rs_b8_packed'),
     'peer_torchtitan_eager_rs_b8_packed': Workload(
         "the same torchtitan model with its defaults: eager (no torch.compile), flex attention; "
-        '8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True, model=RELEASED_S,
+        '8 x 2048 packed rows', 'mobilemoe_s', 8, packed=True,
         impl='torchtitan', peer={'compile': False, 'attention': 'flex'}, vs='rs_b8_packed'),
     'peer_transformers_rs_b8': Workload(
         "transformers Qwen2-MoE built to the released MobileMoE-S's shape (softmax routing, "
         'gated shared expert: its model has no other); 8 x 2048, one document per row',
-        'mobilemoe_s', 8, model=RELEASED_S, impl='transformers', vs='rs_b8'),
+        'mobilemoe_s', 8, impl='transformers', vs='rs_b8'),
     'tiny_gpu_torchtitan': Workload(
         'the torchtitan peer at the tiny preset on a GPU, 4 x 128 packed (code-path check)',
         'tiny', 4, seq=128, packed=True, impl='torchtitan', peer=TORCHTITAN_COMPILED),
@@ -939,6 +929,7 @@ def write(found, names, run, a):
 # packed rows (capacity 1.25, and dropless); tokens/s at 8 x 2048 packed rows (capacity 1.25, and dropless) against the
 # fastest peer row measured in the same run; weak scaling 1 -> 2 -> 4 GPUs.
 SUMMARY = {'mfu': 'rs_b256_accum16_packed', 'mfu_dropless': 'rs_b256_accum16_dropless_packed',
+           'mfu_m': 'rm_b256_accum64_packed',
            'ours': 'rs_b8_packed',
            'ours_dropless': 'rs_b8_dropless_packed',
            'weak_scaling': {2: 'rs_ep2', 4: 'rs_ep4'}}
@@ -969,6 +960,13 @@ def summary(rows):
   if not ok(dropless):
     out['mfu_released_s_1gpu_dropless_reason'] = rows.get(dropless, {}).get(
         'error', f'{dropless} not measured')
+  m = SUMMARY['mfu_m']
+  out['mfu_released_m_1gpu'] = rows[m]['result']['mfu'] if ok(m) else None
+  out['mfu_released_m_1gpu_workload'] = m
+  if ok(m):
+    out['mfu_released_m_1gpu_gpu'] = rows[m]['device_kind']
+  else:
+    out['mfu_released_m_1gpu_reason'] = rows.get(m, {}).get('error', f'{m} not measured')
   ours = SUMMARY['ours']
   peers = [n for n in rows if n.startswith('peer_') and n in WORKLOADS and
            WORKLOADS[n].vs in (ours, 'rs_b8') and ok(n) and ok(WORKLOADS[n].vs) and
@@ -1013,12 +1011,7 @@ def workload_table():
            'vs | what |', '|---|---|---|---|---|---|---|---|---|---|']
   for n, w in WORKLOADS.items():
     shape = f'{w.batch} x {w.seq}' + (f' ({w.grad_accum} micro)' if w.grad_accum > 1 else '')
-    model = dict(w.model)
-    released = all(model.get(k) == v for k, v in RELEASED_S.items())
-    if released:   # the released shape by name, then what the workload adds
-      model = {k: v for k, v in model.items() if k not in RELEASED_S}
-    over = ', '.join((['RELEASED_S'] if released else []) +
-                     [f'{k}={v}' for k, v in {**model, **w.train, **w.peer}.items()]) or '-'
+    over = ', '.join(f'{k}={v}' for k, v in {**w.model, **w.train, **w.peer}.items()) or '-'
     lines.append(f"| {n}{' *' if n in HEADLINE else ''} | {w.preset} | {shape} | {w.devices} | "
                  f"{'packed' if w.packed else 'one document'} | {over} | {w.impl} | {w.machine} | "
                  f"{w.vs or '-'} | {w.what} |")

@@ -43,15 +43,20 @@ def test_every_vs_names_a_workload_of_the_same_machine_kind(bench_script):
   assert set(tt.HEADLINE) <= set(tt.WORKLOADS)
 
 
-def test_released_s_overrides_give_the_released_counts(bench_script):
+def test_released_workloads_run_the_released_counts(bench_script):
+  """rs_* / rm_* train the released S / M presets (their published parameter counts) with the
+  capacity each workload names."""
   from mobilemoe_jax import config
   from mobilemoe_jax.scaling import accounting
   tt = bench_script('train_throughput')
-  cfg = tt.model_cfg(tt.WORKLOADS['rs_b8_packed'])
-  config.validate(cfg)
-  counts = accounting.count(cfg)
-  assert (counts.total_params, counts.active_params) == (1_263_374_256, 272_469_936)
-  assert cfg.moe.capacity_factor == 1.25
+  released = {'rs_b8_packed': (1_263_374_256, 272_469_936),
+              'rm_b256_accum64_packed': (2_818_390_552, 528_300_568)}
+  for name, want in released.items():
+    cfg = tt.model_cfg(tt.WORKLOADS[name])
+    config.validate(cfg)
+    counts = accounting.count(cfg)
+    assert (counts.total_params, counts.active_params) == want, name
+    assert cfg.moe.capacity_factor == 1.25, name
   assert tt.model_cfg(tt.WORKLOADS['rs_b8_dropless_packed']).moe.capacity_factor == 0
 
 
@@ -119,6 +124,8 @@ def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
   assert s['mfu_released_s_1gpu'] == 0.3 and s['mfu_released_s_1gpu_gpu'].startswith('NVIDIA')
   assert s['mfu_released_s_1gpu_dropless'] is None
   assert s['mfu_released_s_1gpu_dropless_reason'] == 'rs_b256_accum16_dropless_packed not measured'
+  assert s['mfu_released_m_1gpu'] is None
+  assert s['mfu_released_m_1gpu_reason'] == 'rm_b256_accum64_packed not measured'
   assert s['best_peer'] == 'peer_torchtitan_eager_rs_b8_packed'
   assert s['speedup_vs_best_peer'] == 2.0
   assert s['speedup_dropless_vs_best_peer'] is None
@@ -140,6 +147,9 @@ def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
   assert tt.summary(rows)['speedup_vs_best_peer'] is None
   rows['rs_b256_accum16_dropless_packed'] = _row(180e3, 'd0', mfu=0.32)
   assert tt.summary(rows)['mfu_released_s_1gpu_dropless'] == 0.32
+  rows['rm_b256_accum64_packed'] = _row(90e3, 'd5', mfu=0.31)
+  s = tt.summary(rows)
+  assert s['mfu_released_m_1gpu'] == 0.31 and s['mfu_released_m_1gpu_gpu'].startswith('NVIDIA')
   rows['rs_b256_accum16_packed'] = {'error': 'out of memory', 'run': {'date': 'd4'}}
   s = tt.summary(rows)
   assert s['mfu_released_s_1gpu'] is None and s['mfu_released_s_1gpu_reason'] == 'out of memory'
