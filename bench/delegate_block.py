@@ -32,15 +32,19 @@ LINE = re.compile(r'(?P<kernel>[\w-]+): median (?P<median>[\d.]+) ms\s+p10 (?P<p
                   r'cpu (?P<cpu>[\d.]+) ms/block')
 
 
-def run_once(binary: str, name: str) -> dict:
-  t, iters, kernel, axis = WORKLOADS[name]
-  argv = [binary, str(t), str(iters), str(THREADS), str(GROUP), kernel, str(WEIGHT_SETS), '0',
-          str(TILES), axis, 'released']
-  out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+def time_block(binary: str, argv: list) -> dict:
+  """One bench_block process (argv after the binary): its kernel and median / p10 / CPU ms."""
+  out = subprocess.run([binary, *argv], capture_output=True, text=True, check=True).stdout
   m = LINE.search(out)
   if m is None:
-    raise RuntimeError(f'{" ".join(argv)}: no timing line in its output:\n{out[-2000:]}')
+    raise RuntimeError(f'{binary} {" ".join(argv)}: no timing line in its output:\n{out[-2000:]}')
   return {'kernel': m['kernel'], **{k: float(m[k]) for k in ('median', 'p10', 'cpu')}}
+
+
+def run_once(binary: str, name: str) -> dict:
+  t, iters, kernel, axis = WORKLOADS[name]
+  return time_block(binary, [str(t), str(iters), str(THREADS), str(GROUP), kernel,
+                             str(WEIGHT_SETS), '0', str(TILES), axis, 'released'])
 
 
 def markdown_table(res: dict) -> str:
