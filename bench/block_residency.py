@@ -21,14 +21,13 @@ change in the box's load hits all of them.
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench import runinfo  # noqa: E402
-from bench.delegate_block import DELEGATE, TILES, time_block  # noqa: E402
+from bench.delegate_block import TILES, interleaved_rounds, time_block  # noqa: E402
 from bench.ondevice import dram_read_bandwidth  # noqa: E402
 
 TOKENS, SETS = 128, {'cached': 1, 'dram': 24}
@@ -73,13 +72,8 @@ def main(argv=None):
   a = ap.parse_args(argv)
   if a.table:
     return print(markdown_table(runinfo.read_results(a.out)))
-  subprocess.run(['make', '-s', '-C', DELEGATE, 'bench_block'], check=True)
   record = runinfo.run_record('bench/block_residency.py', gpu=False)
-  runs = {name: [] for name in WORKLOADS}
-  for r in range(a.rounds):
-    for name in WORKLOADS:
-      runs[name].append(run_once(os.path.join(DELEGATE, 'bench_block'), name))
-      print(f'round {r + 1}/{a.rounds} {name}: {runs[name][-1]}', file=sys.stderr, flush=True)
+  runs = interleaved_rounds(WORKLOADS, run_once, a.rounds)
   rows = {}
   for name, rs in runs.items():
     where, threads, _ = WORKLOADS[name]

@@ -47,6 +47,18 @@ def run_once(binary: str, name: str) -> dict:
                              str(WEIGHT_SETS), '0', str(TILES), axis, 'released'])
 
 
+def interleaved_rounds(names, run_once, rounds: int) -> dict:
+  """Builds bench_block, then runs every workload once per round, rounds interleaving them:
+  {name: [each round's time_block result]}."""
+  subprocess.run(['make', '-s', '-C', DELEGATE, 'bench_block'], check=True)
+  runs = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names:
+      runs[name].append(run_once(os.path.join(DELEGATE, 'bench_block'), name))
+      print(f'round {r + 1}/{rounds} {name}: {runs[name][-1]}', file=sys.stderr, flush=True)
+  return runs
+
+
 def markdown_table(res: dict) -> str:
   m = res['machine']
   lines = [f"{m['cpu']}, {res['threads']} threads, load average {m['loadavg_start'][0]:.1f} at "
@@ -70,13 +82,8 @@ def main(argv=None):
   a = ap.parse_args(argv)
   if a.table:
     return print(markdown_table(runinfo.read_results(a.out)))
-  subprocess.run(['make', '-s', '-C', DELEGATE, 'bench_block'], check=True)
   record = runinfo.run_record('bench/delegate_block.py', gpu=False)
-  runs = {name: [] for name in WORKLOADS}
-  for r in range(a.rounds):
-    for name in WORKLOADS:
-      runs[name].append(run_once(os.path.join(DELEGATE, 'bench_block'), name))
-      print(f'round {r + 1}/{a.rounds} {name}: {runs[name][-1]}', file=sys.stderr, flush=True)
+  runs = interleaved_rounds(WORKLOADS, run_once, a.rounds)
   rows = {name: {'tokens': WORKLOADS[name][0], 'expert_group_axis': WORKLOADS[name][3],
                  'kernel': rs[0]['kernel'], 'median_ms': statistics.median(x['median'] for x in rs),
                  'rounds_median_ms': [x['median'] for x in rs], 'rounds_cpu_ms': [x['cpu'] for x in rs]}
