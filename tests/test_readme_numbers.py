@@ -32,8 +32,9 @@ def test_models_table_is_what_info_prints():
 # Scripts whose --table the READMEs copy whole (bench/README.md says "printed by --table").
 # bench/ondevice.py is left out: its table labels the stored pre-release run's FFN stacks with
 # the current preset's layer count.
-TABLE_SCRIPTS = ('train_throughput', 'moe_dispatch', 'delegate_block', 'kv_cache', 'delegate_fuzz',
-                 'release_agreement', 'qat', 'regrid', 'attention_check', 'ondevice', 'fresh_clone')
+TABLE_SCRIPTS = ('train_throughput', 'moe_dispatch', 'delegate_block', 'block_residency', 'kv_cache',
+                 'delegate_fuzz', 'release_agreement', 'qat', 'regrid', 'attention_check', 'ondevice',
+                 'fresh_clone')
 
 
 @pytest.mark.parametrize('script', TABLE_SCRIPTS)
