@@ -20,22 +20,25 @@ change in the box's load hits all of them.
 """
 import argparse
 import os
-import statistics
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench import runinfo  # noqa: E402
-from bench.delegate_block import TILES, interleaved_rounds, time_block  # noqa: E402
+from bench.delegate_block import TILES, interleaved_rounds, round_stats, time_block  # noqa: E402
+from configs import mobilemoe_s  # noqa: E402
 from bench.ondevice import dram_read_bandwidth  # noqa: E402
 
 TOKENS, SETS = 128, {'cached': 1, 'dram': 24}
 # name: (where the weights are, threads, kernel)
 WORKLOADS = {f'{where}_{kernel}_{threads}t': (where, threads, kernel)
              for kernel in ('auto', 'avx512') for threads in (1, 2) for where in SETS}
-E, D, F, FS = 60, 768, 384, 1536   # the released S block (bench_block's `released` shape)
-WEIGHT_BYTES = (E * 3 * D * F + 3 * D * FS) // 2   # routed + shared INT4 matrices
+# The released S block (the preset's shape, which bench_block's `released` shape restates in C++):
+# routed + shared INT4 matrices, gate, up and down each.
+_S = mobilemoe_s.get_config().model
+WEIGHT_BYTES = 3 * _S.d_model * (_S.moe.n_experts * _S.moe.d_expert
+                                 + _S.moe.n_shared * _S.moe.d_shared) // 2
 
 
 def run_once(binary: str, name: str) -> dict:
@@ -77,12 +80,9 @@ def main(argv=None):
   rows = {}
   for name, rs in runs.items():
     where, threads, _ = WORKLOADS[name]
-    median = statistics.median(x['median'] for x in rs)
-    rows[name] = {'weights': where, 'weight_sets': SETS[where], 'threads': threads,
-                  'kernel': rs[0]['kernel'], 'median_ms': median,
-                  'weight_gbps': WEIGHT_BYTES / (median * 1e-3) / 1e9,
-                  'rounds_median_ms': [x['median'] for x in rs],
-                  'rounds_cpu_ms': [x['cpu'] for x in rs]}
+    stats = round_stats(rs)
+    rows[name] = {'weights': where, 'weight_sets': SETS[where], 'threads': threads, **stats,
+                  'weight_gbps': WEIGHT_BYTES / (stats['median_ms'] * 1e-3) / 1e9}
   ratios = {name[len('dram_'):]: rows[name]['median_ms'] / rows['cached_' + name[len('dram_'):]]['median_ms']
             for name in rows if name.startswith('dram_')}
   threads = sorted({t for _, t, _ in WORKLOADS.values()})

@@ -59,6 +59,13 @@ def interleaved_rounds(names, run_once, rounds: int) -> dict:
   return runs
 
 
+def round_stats(rs: list) -> dict:
+  """A workload's row fields from its rounds (time_block results): kernel, median of the
+  rounds' medians, and each round's median and CPU ms."""
+  return {'kernel': rs[0]['kernel'], 'median_ms': statistics.median(x['median'] for x in rs),
+          'rounds_median_ms': [x['median'] for x in rs], 'rounds_cpu_ms': [x['cpu'] for x in rs]}
+
+
 def markdown_table(res: dict) -> str:
   m = res['machine']
   lines = [f"{m['cpu']}, {res['threads']} threads, load average {m['loadavg_start'][0]:.1f} at "
@@ -85,9 +92,7 @@ def main(argv=None):
   record = runinfo.run_record('bench/delegate_block.py', gpu=False)
   runs = interleaved_rounds(WORKLOADS, run_once, a.rounds)
   rows = {name: {'tokens': WORKLOADS[name][0], 'expert_group_axis': WORKLOADS[name][3],
-                 'kernel': rs[0]['kernel'], 'median_ms': statistics.median(x['median'] for x in rs),
-                 'rounds_median_ms': [x['median'] for x in rs], 'rounds_cpu_ms': [x['cpu'] for x in rs]}
-          for name, rs in runs.items()}
+                 **round_stats(rs)} for name, rs in runs.items()}
   ratios = {f'{k}_t{t}': rows[f'out_{k}_t{t}']['median_ms'] / rows[f'in_{k}_t{t}']['median_ms']
             for _, (t, _, k, axis) in WORKLOADS.items() if axis == 'in'}
   res = dict(record, threads=THREADS, group_size=GROUP, weight_sets=WEIGHT_SETS, tiles=TILES,
