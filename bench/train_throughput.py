@@ -109,8 +109,9 @@ WORKLOADS = {
         vs='rs_b8_packed'),
     'rm_b256_accum64_packed': Workload(
         'released MobileMoE-M (2.8B total / 528M active), 256 x 2048 per step as 64 accumulated '
-        'micro-batches of 4, packed rows, capacity 1.25 (fp32 master weights and AdamW states: '
-        '~51 GB of the 80 GB before activations)', 'mobilemoe_m', 256, grad_accum=64,
+        'micro-batches of 4, packed rows, capacity 1.25 (fp32 master weights, AdamW states and '
+        'gradient accumulators plus the bf16 copy: ~51 GB of the 80 GB by arithmetic, before '
+        'activations)', 'mobilemoe_m', 256, grad_accum=64,
         packed=True, model=CAPACITY),
     # Weak scaling: rs_b8_packed's step on 2 and 4 GPUs (mesh expert=devices), 8 x 2048 rows
     # per GPU; the ratio to rs_b8_packed (the 1-GPU point) is the efficiency.
