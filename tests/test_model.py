@@ -165,3 +165,29 @@ def test_rope_gradient_is_the_inverse_rotation():
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              rtol=1e-2, atol=1e-2)
   assert np.abs(np.asarray(got, np.float32)).max() > 0.1
+
+
+def test_embed_fp32_gradient():
+  """transformer.embed with EMBED_GRAD_FP32: the same rows forward; the gradient is the
+  scatter-add done in fp32 then rounded once (repeated tokens add up without bf16 rounding
+  per add), where autodiff of table[tokens] adds in the table's bf16."""
+  from mobilemoe_jax.model import transformer
+  k = jax.random.split(jax.random.key(0), 3)
+  table = jax.random.normal(k[0], (11, 8)).astype(jnp.bfloat16)
+  tokens = jax.random.randint(k[1], (3, 40), 0, 4)          # 120 lookups of 4 rows
+  g = jax.random.normal(k[2], (3, 40, 8)).astype(jnp.bfloat16)
+  want = np.zeros((11, 8), np.float64)
+  np.add.at(want, np.asarray(tokens), np.asarray(g.astype(jnp.float32), np.float64))
+  out = {}
+  for fp32 in (False, True):
+    transformer.EMBED_GRAD_FP32 = fp32
+    try:
+      y, vjp = jax.vjp(lambda t: transformer.embed(t, tokens), table)
+    finally:
+      transformer.EMBED_GRAD_FP32 = False
+    np.testing.assert_array_equal(y, table[tokens])
+    out[fp32] = np.asarray(vjp(g)[0].astype(jnp.float32), np.float64)
+    assert vjp(g)[0].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(out[True], want.astype(np.float32).astype(jnp.bfloat16).astype(np.float64))
+  assert np.abs(out[True] - want).max() < np.abs(out[False] - want).max()
+  assert not np.any(out[True][4:])

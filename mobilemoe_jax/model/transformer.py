@@ -76,7 +76,7 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     table = self.table(dt)                                                     # [V, D]
-    x = table[tokens]
+    x = embed(table, tokens)
     x = constrain(x, ('batch', 'length', 'act_embed'))
     moe_stats, new_layers = [], []
     for i, block in enumerate(self.blocks):
@@ -109,6 +109,36 @@ class Transformer(nnx.Module):
     scale = getattr(self, 'embed_scale', None)
     return qat.fake_quant(self.embed[...].T, q.embedding, None if scale is None else scale[...],
                           **qat.weight_grid(q)).T.astype(dtype)
+
+
+# The embedding gradient's scatter-add in fp32 (then cast to the table's dtype) instead of
+# in the table's dtype: rows of frequent tokens add up without bf16 rounding at every add.
+EMBED_GRAD_FP32 = False
+
+
+def embed(table, tokens):
+  """table[tokens]: [V, D], [B, T] int -> [B, T, D]."""
+  if EMBED_GRAD_FP32 and table.dtype != jnp.float32:
+    return _embed_fp32_grad(table, tokens)
+  return table[tokens]
+
+
+@jax.custom_vjp
+def _embed_fp32_grad(table, tokens):
+  return table[tokens]
+
+
+def _embed_fwd(table, tokens):
+  return table[tokens], (tokens, jnp.zeros((0,), table.dtype), table.shape[0])
+
+
+def _embed_bwd(res, g):
+  tokens, like, n = res
+  d = jnp.zeros((n, g.shape[-1]), jnp.float32).at[tokens].add(g.astype(jnp.float32))
+  return d.astype(like.dtype), None
+
+
+_embed_fp32_grad.defvjp(_embed_fwd, _embed_bwd)
 
 
 def logits(x, head):
