@@ -56,8 +56,8 @@ MM_X86_KERNELS
 namespace mm {
 namespace amx {
 void GemmI8C(const uint8_t* q, int tiles, const float* s, int K, int m0, int m1,
-             const int8_t* tq, const int32_t* csum, const float* xs, int N, float* out,
-             int ldo);
+             const int8_t* tq, const int32_t* csum, const float* xs, const float* zp,
+             const float* wsum, int N, float* out, int ldo);
 }  // namespace amx
 }  // namespace mm
 #endif
@@ -446,12 +446,12 @@ static void GemmRows(const Q4Matrix& w, int m0, int m1, const Acts& a, float* ou
   // Channel-wise int8, several tokens: whole 16-row tiles on AMX, the rest on AVX-512.
   if (a.amx_tiles() && w.G == w.K && m1 - m0 >= 16) {
     const int m = m0 + (m1 - m0) / 16 * 16;
-    amx::GemmI8C(w.q, w.tiles, w.s, w.K, m0, m, a.tq.data(), a.csum.data(), a.scale.data(), a.N,
-                 out, ldo);
-    if (m < m1)
-      avx512::GemmI8(w.q, w.tiles, w.s, w.K, w.G, m, m1, a.q.data(), a.corr.data(),
-                     a.csum.data(), a.scale.data(), a.N, out + (m - m0), ldo);
-    return ZeroPointFix(w, m0, m1, a, out, ldo);
+    amx::GemmI8C(w.q, w.tiles, w.s, w.K, m0, m, a.tq.data(), a.csum.data(), a.scale.data(),
+                 a.zp.data(), w.wsum, a.N, out, ldo);  // its zero point included
+    if (m == m1) return;
+    avx512::GemmI8(w.q, w.tiles, w.s, w.K, w.G, m, m1, a.q.data(), a.corr.data(),
+                   a.csum.data(), a.scale.data(), a.N, out + (m - m0), ldo);
+    return ZeroPointFix(w, m, m1, a, out + (m - m0), ldo);
   }
 #endif
 #if defined(__x86_64__) && defined(MM_HAVE_AVX512)

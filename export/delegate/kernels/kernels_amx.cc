@@ -19,8 +19,8 @@ namespace amx {
 
 namespace {
 
-// Tile registers: 0-3 sums (one per group of 16 tokens; a lone group's even and odd k's in
-// 0 and 1), 4/5 weights (even / odd k's), 6/7 tokens (even / odd k's).
+// Tile registers: 0-3 sums (one per group of 16 tokens), 4/5 weights (even / odd k's), 6/7
+// tokens (even / odd k's).
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
@@ -41,15 +41,24 @@ inline void Unpack(const uint8_t* q, size_t row, size_t block, size_t ahead, int
   }
 }
 
+// A product rounded on its own: the empty asm hides it from the compiler, which would fuse
+// a product and the subtraction after it into one FMA (one rounding: other bits than
+// TileI8C and ZeroPointFix give).
+inline __m512 Rounded(__m512 p) {
+  __asm__("" : "+v"(p));
+  return p;
+}
+
 }  // namespace
 
-// out[n * ldo + (m - m0)] = xs[n] * s[m] * (sum_k (q[m,k] + 8) x_n[k] + csum[n]) for rows
-// [m0, m1) in whole 16-row tiles (the caller: (m1 - m0) % 16 == 0; tiled weights start at a
-// tile) and N tokens: the same integers and the same float expression as the AVX-512
-// channel-wise tile (TileI8C), so the same bits.
+// out[n * ldo + (m - m0)] = xs[n] * s[m] * (sum_k (q[m,k] + 8) x_n[k] + csum[n])
+// - (xs[n] * zp[n]) * wsum[m] for rows [m0, m1) in whole 16-row tiles (the caller:
+// (m1 - m0) % 16 == 0; tiled weights start at a tile) and N tokens: the same integers and the
+// same float expressions as the AVX-512 channel-wise tile (TileI8C) followed by kernels.cc's
+// ZeroPointFix, so the same bits, in one pass over out.
 void GemmI8C(const uint8_t* q, int tiles, const float* s, int K, int m0, int m1,
-             const int8_t* tq, const int32_t* csum, const float* xs, int N, float* out,
-             int ldo) {
+             const int8_t* tq, const int32_t* csum, const float* xs, const float* zp,
+             const float* wsum, int N, float* out, int ldo) {
   const size_t ldw = K / 2, gs = (size_t)(K / 128) * 2048;  // gs: one token group's B tiles
   const int nb = K / 128;
   // Where row r's block b lies: tiles (kernels.h) keep a 16-row tile's blocks together.
@@ -62,17 +71,16 @@ void GemmI8C(const uint8_t* q, int tiles, const float* s, int K, int m0, int m1,
   _tile_loadconfig(&cfg);
   // Two blocks' A tiles: block b + 1 is unpacked while the tile unit works on block b.
   alignas(64) uint8_t a[2][2048];
-  alignas(64) int32_t c[2][16 * 16];
+  alignas(64) int32_t c[16 * 16];
   const __m512i col = _mm512_mullo_epi32(  // lane r: c's offset of row r
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(16));
   for (int m = m0; m < m1; m += 16) {
     const uint8_t* wq = q + (size_t)m * ldw;  // either layout: m starts a tile
-    const __m512 sr = _mm512_loadu_ps(s + m);
+    const __m512 sr = _mm512_loadu_ps(s + m), ws = _mm512_loadu_ps(wsum + m);
     for (int g0 = 0; g0 < N; g0 += 64) {  // up to 4 groups of 16 tokens per pass
       const int ng = (N - g0 + 15) / 16 < 4 ? (N - g0 + 15) / 16 : 4;
-      // One group: its even and odd k's sum in tiles 0 and 1, two independent chains.
-      const bool split = ng == 1;
+      const bool one = ng == 1;
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
@@ -84,15 +92,14 @@ void GemmI8C(const uint8_t* q, int tiles, const float* s, int K, int m0, int m1,
         _tile_loadd(5, a[b % 2] + 1024, 64);
         // The groups' B tiles of block b (Acts::tq: [group][block][half][1024]).
         const int8_t* tb = tq + ((size_t)(g0 / 16) * nb + b) * 2048;
-        if (split) {
+        if (one) {  // back to back into one tile: measured as fast as two tiles added after
           _tile_loadd(6, tb, 64);
           _tile_loadd(7, tb + 1024, 64);
           _tile_dpbusd(0, 4, 6);
-          _tile_dpbusd(1, 5, 7);
+          _tile_dpbusd(0, 5, 7);
           continue;
         }
-        // Every group's even k's, then every group's odd k's: a group's two products add
-        // into one tile, and back to back the second would wait out the first's latency.
+        // Every group's even k's, then every group's odd k's.
 #define MM_GROUP(G, A, B, HALF)                   \
   if (ng > G) {                                   \
     _tile_loadd(B, tb + G * gs + HALF * 1024, 64); \
@@ -104,23 +111,23 @@ void GemmI8C(const uint8_t* q, int tiles, const float* s, int K, int m0, int m1,
       }
       for (int g = 0; g < ng; ++g) {
         switch (g) {  // tile numbers are immediates
-          case 0: _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); break;
-          case 1: _tile_stored(1, c[0], 64); break;
-          case 2: _tile_stored(2, c[0], 64); break;
-          default: _tile_stored(3, c[0], 64); break;
+          case 0: _tile_stored(0, c, 64); break;
+          case 1: _tile_stored(1, c, 64); break;
+          case 2: _tile_stored(2, c, 64); break;
+          default: _tile_stored(3, c, 64); break;
         }
         // Token n's 16 rows are column n - n0 of c: a gather (measured no slower than a
         // 16 x 16 transpose), then TileI8C's expression (xs[n] * s[m + r]) * (float)(sum +
-        // csum[n]), 16 rows at a time.
+        // csum[n]) - (xs[n] * zp[n]) * wsum[m + r], 16 rows at a time.
         const int n0 = g0 + 16 * g, n1 = N - n0 < 16 ? N : n0 + 16;
         for (int n = n0; n < n1; ++n) {
           const __m512i idx = _mm512_add_epi32(col, _mm512_set1_epi32(n - n0));
-          __m512i sum = _mm512_add_epi32(_mm512_i32gather_epi32(idx, c[0], 4),
+          __m512i sum = _mm512_add_epi32(_mm512_i32gather_epi32(idx, c, 4),
                                          _mm512_set1_epi32(csum[n]));
-          if (split) sum = _mm512_add_epi32(sum, _mm512_i32gather_epi32(idx, c[1], 4));
-          _mm512_storeu_ps(out + (size_t)n * ldo + (m - m0),
-                           _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(xs[n]), sr),
-                                         _mm512_cvtepi32_ps(sum)));
+          const __m512 v = Rounded(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(xs[n]), sr),
+                                                 _mm512_cvtepi32_ps(sum)));
+          const __m512 z = Rounded(_mm512_mul_ps(_mm512_set1_ps(xs[n] * zp[n]), ws));
+          _mm512_storeu_ps(out + (size_t)n * ldo + (m - m0), _mm512_sub_ps(v, z));
         }
       }
     }
