@@ -38,7 +38,8 @@ namespace mm {
 namespace avx512 {
 MM_X86_KERNELS
 void MinMax(const float* x, int K, float* mn, float* mx);
-void PrepRowI8(const float* x, int K, float inv, float zp, int8_t* q, int32_t* corr);
+int32_t PrepRowI8(const float* x, int K, float inv, float zp, int8_t* q, int32_t* corr);
+void AmxColumns(const int8_t* qslot, int K, int8_t* dst);
 void PrepRowF32(const float* x, int K, float* f);
 }  // namespace avx512
 #endif
@@ -219,20 +220,11 @@ void Acts::PrepareRows(const float* x, int ldx, const int* rows, int n0, int n1)
         AsymParams(mn, mx, &inv, &zp[n]);
         scale[n] = 1.f / inv;
         int32_t* c = corr.data() + (size_t)(n / 4) * 4 * (K / 8) + (n % 4) * 16;
-        avx512::PrepRowI8(xr, K, inv, zp[n], q.data() + slot, c);
-        int32_t cs = 0;
-        for (int b = 0; b < K / 128; ++b)
-          for (int l = 0; l < 16; ++l) cs += c[(size_t)b * 4 * 16 + l];
-        csum[n] = cs;
+        csum[n] = avx512::PrepRowI8(xr, K, inv, zp[n], q.data() + slot, c);
         // The AMX B tiles (kernels_amx.cc): per 16 tokens and 128-k block, the block's even
         // k's then its odd k's (the quad layout's halves), each as [16 k-quads][16 tokens][4].
-        if (amx_tiles()) {
-          int8_t* dst = tq.data() + (size_t)(n / 16) * 16 * K + (n % 16) * 4;
-          const int8_t* src = q.data() + slot;
-          for (int b = 0; b < K / 128; ++b, dst += 2048, src += 4 * 128)
-            for (int h = 0; h < 2; ++h)
-              for (int j = 0; j < 16; ++j) std::memcpy(dst + h * 1024 + j * 64, src + h * 64 + 4 * j, 4);
-        }
+        if (amx_tiles())
+          avx512::AmxColumns(q.data() + slot, K, tq.data() + (size_t)(n / 16) * 16 * K + (n % 16) * 4);
       }
       continue;
     }

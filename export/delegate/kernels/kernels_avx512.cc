@@ -309,37 +309,56 @@ void MinMax(const float* x, int K, float* mn, float* mx) {
   *mx = _mm512_reduce_max_ps(hi);
 }
 
-// q = clip(rint(x * inv) + zp, -128, 127) (inv, zp from kernels.cc).
-void PrepRowI8(const float* x, int K, float inv_s, float zp_s, int8_t* q, int32_t* corr) {
+// q = clip(rint(x * inv) + zp, -128, 127) (inv, zp from kernels.cc); corr lane j of block b
+// = -8 * (the sum of k = 8j .. 8j+7): one dpbusd with ones over the block's 64 even q's
+// (lane j: 4 evens) plus one over its odds. Returns the sum of corr (csum).
+int32_t PrepRowI8(const float* x, int K, float inv_s, float zp_s, int8_t* q, int32_t* corr) {
   const __m512 inv = _mm512_set1_ps(inv_s), zp = _mm512_set1_ps(zp_s);
   const __m512 lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
   const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i io = _mm512_add_epi32(ie, _mm512_set1_epi32(1));
+  const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
   // rint(v) + zp, clamped in fp32: max/min_ps return their second operand
   // when the first is NaN, so NaN becomes -128 as in the scalar path.
   auto quant = [&](__m512 v) {
     v = _mm512_add_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, inv),
                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zp);
-    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+    return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi)));
   };
-  alignas(64) int32_t pair[16];
+  __m512i total = zero;
   for (int b = 0; b < K / 128; ++b) {
-    int8_t* qb = q + (size_t)b * kQuad * 128;
-    int32_t* cb = corr + (size_t)b * kQuad * 16;
-    MM_UNROLL
-    for (int c = 0; c < 4; ++c) {  // 32 k's -> 16 evens + 16 odds
-      const float* xc = x + b * 128 + c * 32;
-      const __m512 a = _mm512_loadu_ps(xc), a2 = _mm512_loadu_ps(xc + 16);
-      const __m512i e = quant(_mm512_permutex2var_ps(a, ie, a2));
-      const __m512i o = quant(_mm512_permutex2var_ps(a, io, a2));
-      _mm_storeu_si128((__m128i*)(qb + c * 16), _mm512_cvtepi32_epi8(e));
-      _mm_storeu_si128((__m128i*)(qb + 64 + c * 16), _mm512_cvtepi32_epi8(o));
-      // corr lane 4c+t sums k = 32c + 8t .. +7, i.e. pairs 4t .. 4t+3.
-      _mm512_store_si512(pair, _mm512_add_epi32(e, o));
-      for (int t = 0; t < 4; ++t)
-        cb[4 * c + t] = -8 * (pair[4 * t] + pair[4 * t + 1] + pair[4 * t + 2] + pair[4 * t + 3]);
-    }
+    const float* xb = x + b * 128;
+    __m512i ev = zero, od = zero;  // 32 k's per chunk c -> its 16 evens and 16 odds
+#define MM_CHUNK(C)                                                                   \
+  {                                                                                   \
+    const __m512 a = _mm512_loadu_ps(xb + C * 32), a2 = _mm512_loadu_ps(xb + C * 32 + 16); \
+    ev = _mm512_inserti32x4(ev, quant(_mm512_permutex2var_ps(a, ie, a2)), C);         \
+    od = _mm512_inserti32x4(od, quant(_mm512_permutex2var_ps(a, io, a2)), C);         \
   }
+    MM_CHUNK(0) MM_CHUNK(1) MM_CHUNK(2) MM_CHUNK(3)
+#undef MM_CHUNK
+    int8_t* qb = q + (size_t)b * kQuad * 128;
+    _mm512_storeu_si512(qb, ev);
+    _mm512_storeu_si512(qb + 64, od);
+    const __m512i sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ones, ev), ones, od);
+    const __m512i c = _mm512_sub_epi32(zero, _mm512_slli_epi32(sum, 3));
+    _mm512_storeu_si512(corr + (size_t)b * kQuad * 16, c);
+    total = _mm512_add_epi32(total, c);
+  }
+  return _mm512_reduce_add_epi32(total);
+}
+
+// Token n's AMX B-tile columns (Acts::tq) from its row in the quad layout (qslot: block b's
+// even k's at qslot + b * 512, odd k's 64 bytes on): per block and half, its 16 k-quads
+// scattered 64 bytes apart into dst (dst: the token's first column, (n % 16) * 4 bytes
+// into its group).
+void AmxColumns(const int8_t* qslot, int K, int8_t* dst) {
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(64));
+  for (int b = 0; b < K / 128; ++b)
+    for (int h = 0; h < 2; ++h)
+      _mm512_i32scatter_epi32(dst + (size_t)b * 2048 + h * 1024, idx,
+                              _mm512_loadu_si512(qslot + (size_t)b * kQuad * 128 + h * 64), 1);
 }
 
 void PrepRowF32(const float* x, int K, float* f) {
