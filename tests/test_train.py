@@ -161,24 +161,6 @@ def test_gradient_accumulation_matches_one_batch(data_dir):
   np.testing.assert_allclose(out[0][2], out[1][2], rtol=1e-5, atol=1e-7)
 
 
-def test_accumulation_loop_unrolled_is_the_same_step(data_dir, monkeypatch):
-  """trainer.ACCUM_UNROLL 2 (two micro-batches per loop iteration): the step of the rolled
-  loop, the gradients added in the same order."""
-  batch = next(iter(pipeline.make_dataset(make_config(data_dir).data.train, seq_len=32,
-                                          batch_size=8, seed=0)))
-  config = make_config(data_dir, **{'train.grad_accum': 4})
-  tx, lr = optim.make_optimizer(config.train)
-  state = jax.jit(trainer.make_init_fn(config, tx))()
-  out = []
-  for unroll in (1, 2):
-    monkeypatch.setattr(trainer, 'ACCUM_UNROLL', unroll)
-    new, m = jax.jit(trainer.make_train_step(config, tx, lr))(state, batch)
-    out.append((float(m['loss']), float(m['grad_norm']), new['params']))
-  np.testing.assert_allclose(out[0][:2], out[1][:2], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
-               out[0][2], out[1][2])
-
-
 def test_adam_mu_dtype(data_dir):
   """train.adam_mu_dtype='bfloat16' stores the first moment in bf16 (the second stays fp32);
   one step's update stays close to the fp32 one (it only rounds the moment)."""

@@ -111,16 +111,14 @@ class Transformer(nnx.Module):
                           **qat.weight_grid(q)).T.astype(dtype)
 
 
-# The embedding gradient's scatter-add in fp32 (then cast to the table's dtype) instead of
-# in the table's dtype: rows of frequent tokens add up without bf16 rounding at every add.
-EMBED_GRAD_FP32 = False
-
-
 def embed(table, tokens):
-  """table[tokens]: [V, D], [B, T] int -> [B, T, D]."""
-  if EMBED_GRAD_FP32 and table.dtype != jnp.float32:
-    return _embed_fp32_grad(table, tokens)
-  return table[tokens]
+  """table[tokens]: [V, D], [B, T] int -> [B, T, D]. Its gradient's scatter-add runs in fp32
+  and is rounded to the table's dtype once: autodiff of the lookup would add in the table's
+  dtype (bf16 when training) and round every add, and a frequent token's row takes hundreds
+  of adds per micro-batch."""
+  if table.dtype == jnp.float32:
+    return table[tokens]
+  return _embed_fp32_grad(table, tokens)
 
 
 @jax.custom_vjp

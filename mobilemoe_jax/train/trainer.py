@@ -307,10 +307,6 @@ def packed_runs(segment_ids, positions):
   return int(runs.max())
 
 
-# Micro-batches per iteration of the gradient-accumulation loop: with 2, XLA can add two
-# micro-batches' gradients to the fp32 sums in one pass over them.
-ACCUM_UNROLL = 1
-
 FP32_MATRICES = ('router',)   # matrices the model uses in fp32 (MoE.__call__)
 
 
@@ -433,7 +429,7 @@ def make_train_step(config, tx, lr_schedule):
     zeros = (zero, zero, zero, zero, _zero_load(config.model), jnp.zeros((), jnp.int32),
              jax.tree.map(jnp.zeros_like, stack_gate_up(params)))
     (objective, ce_sum, aux, z, tokens_per_expert, dropped, grads), _ = jax.lax.scan(
-        accumulate, zeros, micros, unroll=ACCUM_UNROLL)
+        accumulate, zeros, micros)
     grads = unstack_gate_up(grads)
 
     grad_norm = optax.tree.norm(grads)
