@@ -40,6 +40,7 @@ MM_X86_KERNELS
 void MinMax(const float* x, int K, float* mn, float* mx);
 int32_t PrepRowI8(const float* x, int K, float inv, float zp, int8_t* q, int32_t* corr);
 void AmxColumns(const int8_t* qslot, int K, int8_t* dst);
+void AddScaled(float a, const float* x, float* y, int n);
 void PrepRowF32(const float* x, int K, float* f);
 }  // namespace avx512
 #endif
@@ -574,6 +575,13 @@ void Softmax(float* s, int n, Isa isa) {
   for (int k = 0; k < n; ++k) sum += (s[k] = std::exp(s[k] - mx));
   const float inv = 1.f / sum;
   for (int k = 0; k < n; ++k) s[k] *= inv;
+}
+
+void AddScaled(float a, const float* x, float* y, int n, Isa isa) {
+#if defined(__x86_64__) && defined(MM_HAVE_AVX512)
+  if (VecIsa(isa) == Isa::kAvx512) return avx512::AddScaled(a, x, y, n);
+#endif
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 void SiluMul(const float* g, const float* u, float* h, int n, Isa isa) {

@@ -152,6 +152,9 @@ void DotCols(const float* q, int rep, int ldq, const float* cols, int ldc, int n
 // |rel err| ~1e-7; the scalar code is the plain loop with std::exp).
 void Softmax(float* s, int n, Isa isa);
 
+// y[i] += a * x[i] (the combine of expert outputs): the same bits on every ISA.
+void AddScaled(float a, const float* x, float* y, int n, Isa isa);
+
 // h[i] = silu(g[i]) * u[i]
 void SiluMul(const float* g, const float* u, float* h, int n, Isa isa);
 

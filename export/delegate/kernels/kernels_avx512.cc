@@ -361,6 +361,23 @@ void AmxColumns(const int8_t* qslot, int K, int8_t* dst) {
                               _mm512_loadu_si512(qslot + (size_t)b * kQuad * 128 + h * 64), 1);
 }
 
+// y[i] += a * x[i], the product rounded before the add (the empty asm keeps the compiler from
+// fusing them into an FMA): the bits of the portable loop in kernels.cc.
+void AddScaled(float a, const float* x, float* y, int n) {
+  const __m512 av = _mm512_set1_ps(a);
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 p = _mm512_mul_ps(av, _mm512_loadu_ps(x + i));
+    __asm__("" : "+v"(p));
+    _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), p));
+  }
+  for (; i < n; ++i) {
+    float p = a * x[i];
+    __asm__("" : "+v"(p));
+    y[i] += p;
+  }
+}
+
 void PrepRowF32(const float* x, int K, float* f) {
   const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i io = _mm512_add_epi32(ie, _mm512_set1_epi32(1));

@@ -393,8 +393,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
       for (int n = 0; n < jb.n; ++n) {
         float* yr = y + (size_t)jb.tokens[n] * D;
         const float wn = jb.weights[n];
-        const float* tr = tmp + (size_t)n * tile3;
-        for (int m = m0; m < m1; ++m) yr[m] += wn * tr[m - m0];
+        AddScaled(wn, tmp + (size_t)n * tile3, yr + m0, m1 - m0, isa);
       }
     }
   });
@@ -462,8 +461,7 @@ void MoeBlock::ExpertsDecode(const MoeConfig& c, const float* x, int T, float* y
     for (int n = 0; n < jb.n; ++n) {
       float* yr = y + (size_t)jb.tokens[n] * D;
       const float wn = jb.weights[n];
-      const float* o = job_out_.data() + ((size_t)j * T + n) * D;
-      for (int m = 0; m < D; ++m) yr[m] += wn * o[m];
+      AddScaled(wn, job_out_.data() + ((size_t)j * T + n) * D, yr, D, isa);
     }
   }
 }

@@ -4,7 +4,7 @@
 // against the row layout (M % 16 == 0: whole matrix, from row 16, from row 5),
 // for each SIMD family this CPU runs (AMX, AVX-512 and AVX2 on x86, NEON on arm64); and the
 // output-axis layout (Q4Matrix::out_groups, CheckOut) over odd shapes and column ranges;
-// DotCols and Softmax (prefill attention); and HalfToFloat (block-wise FC scales) on every fp16 value.
+// DotCols and Softmax (prefill attention), AddScaled (the combine, bit for bit); and HalfToFloat (block-wise FC scales) on every fp16 value.
 // Used by tests/test_delegate_kernels.py (natively, and arm64 under qemu).
 //   g++ -std=c++17 -O2 -I export/delegate [-DMM_HAVE_...] tools/kernel_check.cc
 //       kernels/kernels.cc [kernels/kernels_<isa>.cc ...] && ./a.out
@@ -154,6 +154,16 @@ static int Check(Isa isa) {
   for (size_t i = 0; i < g.size(); ++i)
     if (!(std::fabs(h1[i] - h2[i]) <= 1e-5f * (1 + std::fabs(h2[i])))) {
       printf("MISMATCH %s SiluMul g=%g: %g vs %g\n", IsaName(isa), g[i], h1[i], h2[i]);
+      return -1;
+    }
+  // The combine y += w * x: the same bits as the portable loop (no FMA), a partial vector too.
+  h1 = up;
+  h2 = up;
+  AddScaled(0.37f, g.data(), h1.data(), 999, isa);
+  AddScaled(0.37f, g.data(), h2.data(), 999, Isa::kScalar);
+  for (size_t i = 0; i < h1.size(); ++i)
+    if (h1[i] != h2[i]) {
+      printf("MISMATCH %s AddScaled i=%zu: %.9g vs %.9g\n", IsaName(isa), i, h1[i], h2[i]);
       return -1;
     }
   const float d1 = Dot(g.data(), up.data(), 999, isa), d2 = Dot(g.data(), up.data(), 999, Isa::kScalar);
