@@ -161,6 +161,29 @@ def test_gradient_accumulation_matches_one_batch(data_dir):
   np.testing.assert_allclose(out[0][2], out[1][2], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize('dispatch,cf,dtype', [('gather', 1.25, 'bfloat16'), ('dense', 0.0, 'bfloat16'),
+                                               ('grouped', 0.0, 'float32')])   # XLA:CPU: no bf16 -> fp32 dot
+def test_stacked_pairs_into_the_model_same_step(data_dir, monkeypatch, dispatch, cf, dtype):
+  """The model taking each SwiGLU's gate and up as the stacked pair (trainer.STACKED_PAIRS;
+  `gather` and `grouped` multiply by it, the other dispatches take it apart): the step of
+  the model given gate and up apart."""
+  batch = next(iter(pipeline.make_dataset(make_config(data_dir).data.train, seq_len=32,
+                                          batch_size=8, seed=0)))
+  config = make_config(data_dir, **{'train.grad_accum': 2, 'model.dtype': dtype,
+                                    'model.moe.dispatch': dispatch,
+                                    'model.moe.capacity_factor': cf})
+  tx, lr = optim.make_optimizer(config.train)
+  state = jax.jit(trainer.make_init_fn(config, tx))()
+  out = []
+  for stacked in (True, False):
+    monkeypatch.setattr(trainer, 'STACKED_PAIRS', stacked)
+    new, m = jax.jit(trainer.make_train_step(config, tx, lr))(state, batch)
+    out.append((float(m['loss']), float(m['grad_norm']), new['params']))
+  np.testing.assert_allclose(out[0][:2], out[1][:2], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               out[0][2], out[1][2])
+
+
 def test_adam_mu_dtype(data_dir):
   """train.adam_mu_dtype='bfloat16' stores the first moment in bf16 (the second stays fp32);
   one step's update stays close to the fp32 one (it only rounds the moment)."""

@@ -103,9 +103,20 @@ def swiglu_hidden(x, gate, up, spec: str):
   """
   ins, out = spec.split('->')
   lhs, rhs = ins.split(',')
-  both = jnp.einsum(f'{lhs},{rhs[:-1]}g{rhs[-1]}->{out[:-1]}g{out[-1]}', x,
-                    jnp.stack([gate, up], -2))
+  both = jnp.einsum(f'{lhs},{rhs[:-1]}g{rhs[-1]}->{out[:-1]}g{out[-1]}', x, gate_up(gate, up))
   return _glu(both)
+
+
+def gate_up(gate, up):
+  """The [..., D, 2, F] pair of a SwiGLU's gate and up: stacked here, or `gate` itself where
+  the caller passes the pair already stacked and `up` empty (the trainer stacks once per
+  step: a stack inside the micro-batch loop is a copy of the weights per micro-batch)."""
+  return gate if up.size == 0 else jnp.stack([gate, up], -2)
+
+
+def pair_apart(gate, up):
+  """(gate, up) [..., D, F] each, from the pair as `gate_up` takes it."""
+  return (gate[..., 0, :], gate[..., 1, :]) if up.size == 0 else (gate, up)
 
 
 @jax.checkpoint
@@ -317,7 +328,7 @@ def grouped(x, weights, experts, gate, up, down, act=_same, tile=None):
   src, dst, tile_expert = group_slots(experts, n_experts, tile)
   buf = _dispatch_rows(x, src, dst).reshape(tile_expert.shape[0], tile, -1)   # [T, tile, D]
   # gate and up stacked per expert (as in swiglu_hidden): one matmul, gathered once per tile
-  h = _glu(tile_matmul(buf, jnp.stack([gate, up], -2), tile_expert))         # [T, tile, F]
+  h = _glu(tile_matmul(buf, gate_up(gate, up), tile_expert))                 # [T, tile, F]
   out = tile_matmul(act(h), down, tile_expert).reshape(src.shape[0], -1)
   return _combine_rows(out, weights, src, dst), jnp.zeros((), jnp.int32)
 
@@ -389,10 +400,11 @@ def can_expert_parallel(n_tokens: int, n_experts: int) -> bool:
 def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_factor: float,
                 act=_same, ep_chunks: int = 1):
   """Dispatches to one of the implementations above; returns (y [N, D], dropped).
-  act(h) is applied to each expert's hidden rows before `down`; ep_chunks: `expert_parallel`."""
+  act(h) is applied to each expert's hidden rows before `down`; ep_chunks: `expert_parallel`.
+  gate and up [E, D, F], or stacked in gate [E, D, 2, F] with up empty (`gate_up`)."""
   if can_expert_parallel(x.shape[0], gate.shape[0]):
-    return expert_parallel(x, weights, experts, gate, up, down, capacity_factor, act,
-                           ep_chunks)
+    return expert_parallel(x, weights, experts, *pair_apart(gate, up), down, capacity_factor,
+                           act, ep_chunks)
   if method == 'auto':
     # bench/moe_dispatch.py: `gather` was the fastest of ours at every
     # shape on an H200, with or without a capacity, and on CPU at the tiny preset's shape.
@@ -404,6 +416,8 @@ def run_experts(x, weights, experts, gate, up, down, *, method: str, capacity_fa
     method = 'gather' if backend in ('gpu', 'cpu') else 'sorted'
     if capacity_factor <= 0 and backend == 'gpu':
       method = 'grouped'
+  if method not in ('gather', 'grouped'):   # those two multiply by the pair (gate_up)
+    gate, up = pair_apart(gate, up)
   if method == 'dense':
     return dense(x, weights, experts, gate, up, down, act)
   if method == 'sorted':

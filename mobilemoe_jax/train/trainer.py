@@ -307,6 +307,10 @@ def packed_runs(segment_ids, positions):
   return int(runs.max())
 
 
+# The model takes each SwiGLU's gate and up as the stacked pair (moe/dispatch.py, gate_up)
+# that stack_gate_up makes once per step; False: apart (unstack_gate_up), as under QAT.
+STACKED_PAIRS = True
+
 FP32_MATRICES = ('router',)   # matrices the model uses in fp32 (MoE.__call__)
 
 
@@ -345,8 +349,7 @@ def stack_gate_up(params):
 
 
 def unstack_gate_up(params):
-  """The inverse of stack_gate_up. Inside a micro-batch, XLA folds the model's stack of the
-  two slices back into the stacked weight."""
+  """The inverse of stack_gate_up."""
   leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
 
   def half(path, p):
@@ -386,7 +389,8 @@ def make_train_step(config, tx, lr_schedule):
   def micro_loss(params, rest, batch, n_tokens, teacher=None):
     """One micro-batch [b, T]. Returns (objective, (ce_sum, stats)); the objective is
     scaled so the gradients of all micro-batches add up to the full batch's gradient."""
-    params = unstack_gate_up(params)
+    if not STACKED_PAIRS or config.model.quant.weights is not None:
+      params = unstack_gate_up(params)   # QAT fake-quantizes gate and up each on its own grid
     model = nnx.merge(graphdef, params, rest)
     inputs = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
     # loss_mask is 0 on padding and (SFT) on prompt tokens: they carry no gradient.
