@@ -41,6 +41,7 @@ void MinMax(const float* x, int K, float* mn, float* mx);
 int32_t PrepRowI8(const float* x, int K, float inv, float zp, int8_t* q, int32_t* corr);
 void AmxColumns(const int8_t* qslot, int K, int8_t* dst);
 void AddScaled(float a, const float* x, float* y, int n);
+void DotMany(const float* a, const float* rows, int n, int len, float* out);
 void PrepRowF32(const float* x, int K, float* f);
 }  // namespace avx512
 #endif
@@ -522,6 +523,13 @@ float Dot(const float* a, const float* b, int n, Isa isa) {
     for (int j = 0; j < 4; ++j) s[j] += a[i + j] * b[i + j];
   for (; i < n; ++i) s[0] += a[i] * b[i];
   return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+void DotMany(const float* a, const float* rows, int n, int len, float* out, Isa isa) {
+#if defined(__x86_64__) && defined(MM_HAVE_AVX512)
+  if (VecIsa(isa) == Isa::kAvx512) return avx512::DotMany(a, rows, n, len, out);
+#endif
+  for (int i = 0; i < n; ++i) out[i] = Dot(a, rows + (size_t)i * len, len, isa);
 }
 
 void DotRows(const float* q, int rep, int ldq, const float* rows, int n, int ldr, int len,

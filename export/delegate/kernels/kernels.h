@@ -136,6 +136,9 @@ void Q4GemmOutRows(const Q4Matrix& w, int k0, int k1, const Acts& a, float* out,
 float HalfToFloat(uint16_t h);
 
 float Dot(const float* a, const float* b, int n, Isa isa);
+// out[i] = Dot(a, rows + i * len, len, isa) for i < n <= 16: the same bits as n calls (the
+// router's logits); AVX-512 runs them interleaved and sums their lanes together.
+void DotMany(const float* a, const float* rows, int n, int len, float* out, Isa isa);
 
 // out[r * ldo + i] = scale * (q_r . row_i) for r < rep, i < n (q_r = q + r * ldq,
 // row_i = rows + i * ldr, both of length len): attention scores and values.

@@ -361,6 +361,42 @@ void AmxColumns(const int8_t* qslot, int K, int8_t* dst) {
                               _mm512_loadu_si512(qslot + (size_t)b * kQuad * 128 + h * 64), 1);
 }
 
+// DotVec<16>'s arithmetic (Dot) for up to 16 rows: per row two accumulators over the halves
+// of each 32 inputs, added, then the 16 lanes summed in lane order; the rows' chains
+// interleaved (8 at a time) and the 16 lane sums done together, lane j of every row by one
+// gather. Rows of other lengths: Dot per row.
+void DotMany(const float* a, const float* rows, int n, int len, float* out) {
+  if (len % 32) {
+    for (int i = 0; i < n; ++i) out[i] = DotVec<16>(a, rows + (size_t)i * len, len);
+    return;
+  }
+  alignas(64) float v[16][16];
+  for (int h = 0; h < n; h += 8) {
+    const int m = n - h < 8 ? n - h : 8;
+    __m512 acc0[8], acc1[8];
+    for (int i = 0; i < 8; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    for (int k = 0; k < len; k += 32) {
+      const __m512 x0 = _mm512_loadu_ps(a + k), x1 = _mm512_loadu_ps(a + k + 16);
+      MM_UNROLL for (int i = 0; i < 8; ++i) {
+        if (i >= m) break;
+        const float* r = rows + (size_t)(h + i) * len + k;
+        acc0[i] = _mm512_fmadd_ps(x0, _mm512_loadu_ps(r), acc0[i]);
+        acc1[i] = _mm512_fmadd_ps(x1, _mm512_loadu_ps(r + 16), acc1[i]);
+      }
+    }
+    for (int i = 0; i < m; ++i) _mm512_store_ps(v[h + i], _mm512_add_ps(acc0[i], acc1[i]));
+  }
+  const __m512i row = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16));
+  const __mmask16 live = (__mmask16)((1u << n) - 1);
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < 16; ++j)
+    sum = _mm512_add_ps(sum, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
+                                                      _mm512_add_epi32(row, _mm512_set1_epi32(j)),
+                                                      &v[0][0], 4));
+  _mm512_mask_storeu_ps(out, live, sum);
+}
+
 // y[i] += a * x[i], the product rounded before the add (the empty asm keeps the compiler from
 // fusing them into an FMA): the bits of the portable loop in kernels.cc.
 void AddScaled(float a, const float* x, float* y, int n) {

@@ -47,35 +47,18 @@ int StreamTile(int rows, int threads, int tile) {
 constexpr int kOutParts = 1;
 }  // namespace
 
-int MoeBlock::RouterItems(const MoeConfig& c, int T) const {
-  return T >= kRouterTokens ? (T + kRouterTokens - 1) / kRouterTokens
-                            : T * ((c.num_experts + 15) / 16);
-}
-
-void MoeBlock::PrepareRouterT(const MoeConfig& c, const MoeWeights& w) {
-  if (router_t_key_ == w.router_w && !router_t_.empty()) return;
-  const int E = c.num_experts, D = c.d_model, ld = RouterLd(c);
-  router_t_.assign((size_t)D * ld, 0.f);
-  for (int e = 0; e < E; ++e)
-    for (int k = 0; k < D; ++k) router_t_[(size_t)k * ld + e] = w.router_w[(size_t)e * D + k];
-  router_t_key_ = w.router_w;
-}
-
 void MoeBlock::RouterLogits(const MoeConfig& c, const MoeWeights& w, const float* x, int T,
                             int item, Isa isa) {
-  const int E = c.num_experts, D = c.d_model;
-  if (T >= kRouterTokens) {
-    // Item: tokens t0 .. t0 + kRouterTokens - 1 against every expert, router_w^T's columns
-    // in vectors (DotCols: no horizontal sums; a dot product per logit spends most of its
-    // time summing lanes, ~0.45 ms of CPU per block of the released S at T=128).
-    const int t0 = item * kRouterTokens, n = std::min(T - t0, kRouterTokens);
-    return DotCols(x + (size_t)t0 * D, n, D, router_t_.data(), RouterLd(c), E, D, 1.f,
-                   logits_.data() + (size_t)t0 * E, E, isa);
-  }
-  // Decode-sized steps: item (token t, experts e0 .. e0 + 15), one dot product per logit,
-  // so the few tokens' logits still split across the pool.
-  const int eb = (E + 15) / 16;
+  // Item (token t, experts e0 .. e0 + 15) of logits [T, E] = x @ router_w^T, every logit with
+  // Dot's bits, so a prefill and the same tokens' decode steps route alike. Prefill-sized
+  // steps run the 16 together (DotMany: their lane sums were most of the time); decode-sized
+  // ones read the router's rows one after another (from DRAM there; DotMany's 8 interleaved
+  // rows measured no faster, slower in one A/B).
+  const int E = c.num_experts, D = c.d_model, eb = (E + 15) / 16;
   const int t = item / eb, e0 = (item % eb) * 16, e1 = std::min(E, e0 + 16);
+  if (T >= 8)
+    return DotMany(x + (size_t)t * D, w.router_w + (size_t)e0 * D, e1 - e0, D,
+                   logits_.data() + (size_t)t * E + e0, isa);
   for (int e = e0; e < e1; ++e)
     logits_[(size_t)t * E + e] = Dot(x + (size_t)t * D, w.router_w + (size_t)e * D, D, isa);
 }
@@ -230,8 +213,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   }
   gu_out_.resize(gu_total);  // the shared expert's part (grown once routed below)
   logits_.resize((size_t)T * E);
-  if (T >= kRouterTokens) PrepareRouterT(c, w);
-  const int router_items = RouterItems(c, T);
+  const int router_items = T * ((E + 15) / 16);
   // Phase 1a: router logits (first: the routed experts wait on them), shared gate/up.
   pool->Run(router_items + shared_items, [&](int item, int) {
     if (item < router_items) return RouterLogits(c, w, x, T, item, isa);

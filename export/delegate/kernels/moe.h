@@ -63,19 +63,10 @@ class MoeBlock {
     size_t gu_off = 0, h_off = 0;  // offsets into gu_out_ / h_
   };
 
-  // Routing: logits_ one work item at a time (kRouterTokens tokens against every expert,
-  // or with fewer tokens one token against 16 experts), then per token the top-k experts
-  // into tok_ / wt_.
-  static constexpr int kRouterTokens = 4;
-  int RouterItems(const MoeConfig& c, int T) const;
+  // Routing: logits_ one work item (a token, 16 experts) at a time, then per token the
+  // top-k experts into tok_ / wt_.
   void RouterLogits(const MoeConfig& c, const MoeWeights& w, const float* x, int T, int item,
                     Isa isa);
-  // router_w^T [D, RouterLd] (zero columns past E: DotCols reads whole vectors), made once
-  // per router weights.
-  static int RouterLd(const MoeConfig& c) { return (c.num_experts + 15) / 16 * 16; }
-  void PrepareRouterT(const MoeConfig& c, const MoeWeights& w);
-  std::vector<float> router_t_;
-  const float* router_t_key_ = nullptr;
   void Select(const MoeConfig& c, const MoeWeights& w, int T);
 
   // Per weight row: sum_k W[m,k] for the int8 zero point (kernels.h). Weights

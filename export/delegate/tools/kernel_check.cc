@@ -4,7 +4,7 @@
 // against the row layout (M % 16 == 0: whole matrix, from row 16, from row 5),
 // for each SIMD family this CPU runs (AMX, AVX-512 and AVX2 on x86, NEON on arm64); and the
 // output-axis layout (Q4Matrix::out_groups, CheckOut) over odd shapes and column ranges;
-// DotCols and Softmax (prefill attention), AddScaled (the combine, bit for bit); and HalfToFloat (block-wise FC scales) on every fp16 value.
+// DotCols and Softmax (prefill attention), AddScaled (the combine) and DotMany (the router) bit for bit; and HalfToFloat (block-wise FC scales) on every fp16 value.
 // Used by tests/test_delegate_kernels.py (natively, and arm64 under qemu).
 //   g++ -std=c++17 -O2 -I export/delegate [-DMM_HAVE_...] tools/kernel_check.cc
 //       kernels/kernels.cc [kernels/kernels_<isa>.cc ...] && ./a.out
@@ -165,6 +165,24 @@ static int Check(Isa isa) {
     if (h1[i] != h2[i]) {
       printf("MISMATCH %s AddScaled i=%zu: %.9g vs %.9g\n", IsaName(isa), i, h1[i], h2[i]);
       return -1;
+    }
+  // The router's DotMany: the bits of one Dot per row (1-16 rows; lengths with and without
+  // whole blocks of 32).
+  std::vector<float> rows(16 * 100);
+  for (auto& v : rows) v = u(rng);
+  for (int len : {96, 100})
+    for (int n : {1, 7, 16}) {
+      float many[16];
+      DotMany(up.data(), rows.data(), n, len, many, isa);
+      ++checks;
+      for (int i = 0; i < n; ++i) {
+        const float one = Dot(up.data(), rows.data() + (size_t)i * len, len, isa);
+        if (many[i] != one) {
+          printf("MISMATCH %s DotMany len=%d n=%d i=%d: %.9g vs %.9g\n", IsaName(isa), len, n, i,
+                 many[i], one);
+          return -1;
+        }
+      }
     }
   const float d1 = Dot(g.data(), up.data(), 999, isa), d2 = Dot(g.data(), up.data(), 999, Isa::kScalar);
   if (!(std::fabs(d1 - d2) <= 1e-4f * (1 + std::fabs(d2)))) {
