@@ -15,16 +15,20 @@ accounting.train_flops_per_token (6 x active params + attention at each layer's 
 context) / the device's dense bf16 peak (PEAK_FLOPS; none on CPU). A workload with `vs`
 is measured in the same run as that one, and its row keeps the ratio of per-device tokens/s.
 
-Results: bench/results/train_throughput.json holds one row per workload, the newest
-measurement, with the command, date, commit and machine that produced it; a run replaces
-the rows of the workloads it measured, keeps the others and drops rows of workloads no longer
-in WORKLOADS (a row has to be reproducible by its name).
+Results: bench/results/train_throughput.json holds one row per workload and GPU model
+(`rows`: {device kind: {workload: row}}), the newest measurement on that GPU, with the
+command, date, commit and machine that produced it; a run replaces the rows of the workloads
+it measured on its GPU, keeps the others (an H100's row beside an H200's) and drops rows of
+workloads no longer in WORKLOADS (a row has to be reproducible by its name). `summary` names
+the GPU, workload, commit and date of each figure, and keeps each GPU's own under `by_gpu`.
+A run on another machine writes its own --out; `--merge FILE` puts its rows into the file here.
 
   python bench/train_throughput.py --headline               # HEADLINE, on one GPU
   python bench/train_throughput.py --workload=rs_b8,rs_ep2  # by name (rs_ep2 needs 2 GPUs)
   python bench/train_throughput.py --workload=tiny_cpu,tiny_cpu_packed   # CPU, any machine
   python bench/train_throughput.py --list                   # the workload table
   python bench/train_throughput.py --table                  # the results as markdown
+  python bench/train_throughput.py --merge device/train_throughput.json   # a device run's rows
 """
 import argparse
 import dataclasses
@@ -113,6 +117,16 @@ WORKLOADS = {
         'gradient accumulators plus the bf16 copy: ~51 GB of the 80 GB by arithmetic, before '
         'activations)', 'mobilemoe_m', 256, grad_accum=64,
         packed=True, model=CAPACITY),
+    'rm_b256_accum16_packed': Workload(
+        'the released M at the same global batch as 16 accumulated micro-batches of 16 (the '
+        "released S's MFU micro-batch): a quarter of the accumulation passes over M's 2.8B fp32 "
+        'gradient sums, four times the activation memory (where the GPU holds it)',
+        'mobilemoe_m', 256, grad_accum=16, packed=True, model=CAPACITY,
+        vs='rm_b256_accum64_packed'),
+    'rm_b256_accum8_packed': Workload(
+        'the released M as 8 accumulated micro-batches of 32 (eight times the activation memory '
+        'of rm_b256_accum64_packed)', 'mobilemoe_m', 256, grad_accum=8, packed=True,
+        model=CAPACITY, vs='rm_b256_accum64_packed'),
     # Weak scaling: rs_b8_packed's step on 2 and 4 GPUs (mesh expert=devices), 8 x 2048 rows
     # per GPU; the ratio to rs_b8_packed (the 1-GPU point) is the efficiency.
     'rs_ep2': Workload('released MobileMoE-S expert parallel on 2 GPUs, 8 x 2048 per GPU, packed '
@@ -901,14 +915,58 @@ def select(a):
   return out
 
 
+def row_device(row, w: Workload):
+  """The device a row was measured on: the device kind its worker saw ('NVIDIA H200',
+  'NVIDIA H100 80GB HBM3', 'cpu'); for a row that failed before naming one, nvidia-smi's name
+  of the run's first GPU (or 'cpu' for a CPU workload)."""
+  if row.get('device_kind'):
+    return row['device_kind']
+  if w.machine == 'cpu':
+    return 'cpu'
+  gpus = row.get('run', {}).get('machine', {}).get('gpus') or ['unknown GPU']
+  return gpus[0].split(',')[0].strip()
+
+
+def load(path):
+  """A results file, {'benchmark', 'rows': {device: {workload: row}}, 'summary'}; a file of the
+  earlier shape (rows keyed by workload alone) is keyed by device on reading. A missing file
+  gives an empty one."""
+  try:
+    results = runinfo.read_results(path)
+  except FileNotFoundError:
+    return {'benchmark': 'bench/train_throughput.py', 'rows': {}}
+  rows = results.get('rows', {})
+  if any('run' in r for r in rows.values()):   # the earlier shape: {workload: row}
+    by_device = {}
+    for n, r in rows.items():
+      if n in WORKLOADS:
+        by_device.setdefault(row_device(r, WORKLOADS[n]), {})[n] = r
+    results['rows'] = by_device
+  return results
+
+
+def put(results, rows):
+  """Puts rows ({device: {workload: row}}) into `results`, replacing those of the same workload
+  on the same device and keeping the others (another GPU's row of a workload stays beside
+  it); drops workloads no longer in WORKLOADS; recomputes the summary."""
+  for device, new in rows.items():
+    results['rows'].setdefault(device, {}).update(new)
+  results['rows'] = {d: {n: r[n] for n in WORKLOADS if n in r}
+                     for d, r in sorted(results['rows'].items())}
+  results['summary'] = summary(results['rows'])
+  return results
+
+
+def save(results, path):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=1)
+
+
 def write(found, names, run, a):
   """Puts this run's rows (`run`: its record) into the results file, replacing those of the
-  same workloads."""
-  try:
-    with open(a.out) as f:
-      results = json.load(f)
-  except FileNotFoundError:
-    results = {'benchmark': 'bench/train_throughput.py', 'rows': {}}
+  same workloads on the same device."""
+  results, rows = load(a.out), {}
   for n in names:
     w = WORKLOADS[n]
     row = dict(found[n], workload=dataclasses.asdict(w), run=run)
@@ -917,23 +975,36 @@ def write(found, names, run, a):
       row['vs'] = {'workload': w.vs, 'tokens_per_s_per_device': vs['result']['tokens_per_s_per_device'],
                    'ratio': (row['result']['tokens_per_s_per_device']
                              / vs['result']['tokens_per_s_per_device'])}
-    results['rows'][n] = row
-  results['rows'] = {n: results['rows'][n] for n in WORKLOADS if n in results['rows']}
-  results['summary'] = summary(results['rows'])
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, 'w') as f:
-    json.dump(results, f, indent=1)
+    rows.setdefault(row_device(row, w), {})[n] = row
+  results = put(results, rows)
+  save(results, a.out)
+  return results
+
+
+def merge(paths, a):
+  """Merges the rows of results files written elsewhere (a device machine's --out) into
+  a.out, as if the runs had written there: the rows of the same workload and device are
+  replaced, the others kept."""
+  results = put(load(a.out), {})   # the stored rows, summary recomputed
+  for path in paths:
+    results = put(results, load(path)['rows'])
+  save(results, a.out)
   return results
 
 
 # The released S against its peers (bench/README.md's targets): MFU at the preset's batch on
-# packed rows (capacity 1.25, and dropless); tokens/s at 8 x 2048 packed rows (capacity 1.25, and dropless) against the
-# fastest peer row measured in the same run; weak scaling 1 -> 2 -> 4 GPUs.
-SUMMARY = {'mfu': 'rs_b256_accum16_packed', 'mfu_dropless': 'rs_b256_accum16_dropless_packed',
-           'mfu_m': 'rm_b256_accum64_packed',
+# packed rows (capacity 1.25, the best of the micro-batch sizes measured on a GPU; and
+# dropless); tokens/s at 8 x 2048 packed rows (capacity 1.25, and dropless) against the
+# fastest peer row measured in the same run; weak scaling 1 -> 2 -> 4 GPUs. The released M's
+# MFU likewise.
+SUMMARY = {'mfu': ('rs_b256_accum16_packed', 'rs_b256_accum8_packed', 'rs_b256_accum4_packed'),
+           'mfu_dropless': ('rs_b256_accum16_dropless_packed',),
+           'mfu_m': ('rm_b256_accum64_packed', 'rm_b256_accum16_packed', 'rm_b256_accum8_packed'),
            'ours': 'rs_b8_packed',
            'ours_dropless': 'rs_b8_dropless_packed',
            'weak_scaling': {2: 'rs_ep2', 4: 'rs_ep4'}}
+MFU_KEYS = {'mfu_released_s_1gpu': 'mfu', 'mfu_released_s_1gpu_dropless': 'mfu_dropless',
+            'mfu_released_m_1gpu': 'mfu_m'}
 # Peers with no runner, and why (checked against PyPI and the device machines' image).
 PEERS_NOT_RUN = {
     'maxtext': (
@@ -945,33 +1016,35 @@ PEERS_NOT_RUN = {
         'and a call carries at most 64 MiB of wheels. Not installed, not run.')}
 
 
-def summary(rows):
-  """The headline figures, each with the GPU it was measured on, from the stored rows."""
-  def ok(n):
-    return n in rows and 'result' in rows[n]
+def _ok(rows, n):
+  return n in rows and 'result' in rows[n]
+
+
+def gpu_summary(rows):
+  """The headline figures from one GPU model's rows ({workload: row}): each MFU figure is the
+  best of its workloads (SUMMARY) with the workload, commit and date it came from, beside
+  every candidate's MFU or failure; the peer speedup from one run."""
   out = {}
-  mfu = SUMMARY['mfu']
-  out['mfu_released_s_1gpu'] = rows[mfu]['result']['mfu'] if ok(mfu) else None
-  out['mfu_released_s_1gpu_workload'] = mfu
-  out['mfu_released_s_1gpu_gpu'] = rows[mfu]['device_kind'] if ok(mfu) else None
-  if not ok(mfu):
-    out['mfu_released_s_1gpu_reason'] = rows.get(mfu, {}).get('error', f'{mfu} not measured')
-  dropless = SUMMARY['mfu_dropless']
-  out['mfu_released_s_1gpu_dropless'] = rows[dropless]['result']['mfu'] if ok(dropless) else None
-  if not ok(dropless):
-    out['mfu_released_s_1gpu_dropless_reason'] = rows.get(dropless, {}).get(
-        'error', f'{dropless} not measured')
-  m = SUMMARY['mfu_m']
-  out['mfu_released_m_1gpu'] = rows[m]['result']['mfu'] if ok(m) else None
-  out['mfu_released_m_1gpu_workload'] = m
-  if ok(m):
-    out['mfu_released_m_1gpu_gpu'] = rows[m]['device_kind']
-  else:
-    out['mfu_released_m_1gpu_reason'] = rows.get(m, {}).get('error', f'{m} not measured')
+  for key, kind in MFU_KEYS.items():
+    names = SUMMARY[kind]
+    done = [n for n in names if _ok(rows, n)]
+    best = max(done, key=lambda n: rows[n]['result']['mfu'] or 0, default=None)
+    out[key] = rows[best]['result']['mfu'] if best else None
+    if best:
+      run = rows[best]['run']
+      out[key + '_workload'] = best
+      out[key + '_commit'], out[key + '_date'] = run.get('commit'), run['date']
+    else:
+      out[key + '_reason'] = '; '.join(rows[n]['error'] if n in rows else f'{n} not measured'
+                                       for n in names)
+    if len(names) > 1:
+      out[key + '_by_workload'] = {
+          n: rows[n]['result']['mfu'] if _ok(rows, n) else 'failed: ' + rows[n]['error'][:200]
+          for n in names if n in rows}
   ours = SUMMARY['ours']
   peers = [n for n in rows if n.startswith('peer_') and n in WORKLOADS and
-           WORKLOADS[n].vs in (ours, 'rs_b8') and ok(n) and ok(WORKLOADS[n].vs) and
-           rows[n]['run']['date'] == rows[ours]['run']['date']]   # the same run only
+           WORKLOADS[n].vs in (ours, 'rs_b8') and _ok(rows, n) and _ok(rows, WORKLOADS[n].vs) and
+           _ok(rows, ours) and rows[n]['run']['date'] == rows[ours]['run']['date']]   # one run
   best = max(peers, key=lambda n: rows[n]['result']['tokens_per_s_per_device'], default=None)
   out['best_peer'] = best
   if best:   # against the row of ours with the same rows (packed or one document)
@@ -979,29 +1052,74 @@ def summary(rows):
     out['best_peer_tokens_per_s'] = peer_tps
     out['speedup_vs_best_peer'] = rows[ours]['result']['tokens_per_s_per_device'] / peer_tps
     out['speedup_vs_best_peer_workloads'] = f'{ours} / {best}'
+    out['speedup_vs_best_peer_commit'] = rows[ours]['run'].get('commit')
+    out['speedup_vs_best_peer_date'] = rows[ours]['run']['date']
     dropless = SUMMARY['ours_dropless']
-    same_run = ok(dropless) and rows[dropless]['run']['date'] == rows[best]['run']['date']
+    same_run = _ok(rows, dropless) and rows[dropless]['run']['date'] == rows[best]['run']['date']
     out['speedup_dropless_vs_best_peer'] = (
         rows[dropless]['result']['tokens_per_s_per_device'] / peer_tps if same_run else None)
     if not same_run:
       out['speedup_dropless_vs_best_peer_reason'] = (
           rows[dropless]['error'] if dropless in rows and 'error' in rows[dropless] else
           f'{dropless} not measured in the same run as {best}')
-    out['speedup_vs_best_peer_gpu'] = rows[ours]['device_kind']
   else:
     out['speedup_vs_best_peer'] = None
     out['speedup_vs_best_peer_reason'] = f'no peer row measured in the same run as {ours}'
   for n_gpu, ep in SUMMARY['weak_scaling'].items():   # per-GPU tokens/s vs the same step on 1
     key, vs = f'weak_scaling_efficiency_{n_gpu}gpu', WORKLOADS[ep].vs
-    out[key] = rows[ep]['vs']['ratio'] if ok(ep) and rows[ep].get('vs') else None
+    out[key] = rows[ep]['vs']['ratio'] if _ok(rows, ep) and rows[ep].get('vs') else None
     if out[key] is not None:
-      out[key + '_gpu'] = rows[ep]['device_kind']
+      pass
     elif ep in rows and 'error' in rows[ep]:
       out[key + '_reason'] = rows[ep]['error']
-    elif ok(ep):
+    elif _ok(rows, ep):
       out[key + '_reason'] = f'{ep} was measured without {vs} in the same run'
     else:
       out[key + '_reason'] = f'{ep} not measured: it needs a machine with {n_gpu} GPUs'
+  return out
+
+
+def summary(rows):
+  """The headline figures over every GPU model's rows ({device: {workload: row}}), each naming
+  the GPU it was measured on: an MFU figure is the best over GPUs (and over its workloads), the
+  peer speedup the lowest over GPUs (the target has to hold on each), a weak-scaling
+  efficiency the first GPU's that has one; `by_gpu` keeps each GPU's own figures (the H100's
+  beside the H200's), with workload, commit and date."""
+  by_gpu = {d: gpu_summary(r) for d, r in rows.items() if d != 'cpu'}
+  out = {}
+  for key in MFU_KEYS:
+    have = [d for d, s in by_gpu.items() if s[key] is not None]
+    best = max(have, key=lambda d: by_gpu[d][key], default=None)
+    out[key] = by_gpu[best][key] if best else None
+    if best:
+      out[key + '_gpu'] = best
+      for k in ('workload', 'commit', 'date'):
+        out[f'{key}_{k}'] = by_gpu[best][f'{key}_{k}']
+    else:
+      out[key + '_reason'] = '; '.join(f"{d}: {s[key + '_reason']}" for d, s in by_gpu.items()) \
+          or 'no GPU rows'
+  have = [d for d, s in by_gpu.items() if s['speedup_vs_best_peer'] is not None]
+  low = min(have, key=lambda d: by_gpu[d]['speedup_vs_best_peer'], default=None)
+  if low:
+    out.update({k: v for k, v in by_gpu[low].items()
+                if k.startswith(('best_peer', 'speedup_'))})
+    out['speedup_vs_best_peer_gpu'] = low
+  else:
+    out.update(best_peer=None, speedup_vs_best_peer=None,
+               speedup_vs_best_peer_reason='; '.join(
+                   f"{d}: {s['speedup_vs_best_peer_reason']}" for d, s in by_gpu.items())
+               or 'no GPU rows')
+  for n_gpu in SUMMARY['weak_scaling']:
+    key = f'weak_scaling_efficiency_{n_gpu}gpu'
+    have = [d for d, s in by_gpu.items() if s[key] is not None]
+    out[key] = by_gpu[have[0]][key] if have else None
+    if have:
+      out[key + '_gpu'] = have[0]
+    else:
+      reasons = sorted({s[key + '_reason'] for s in by_gpu.values()})
+      out[key + '_reason'] = '; '.join(reasons) or (
+          f"{SUMMARY['weak_scaling'][n_gpu]} not measured: it needs a machine with {n_gpu} GPUs")
+  out['by_gpu'] = by_gpu
   out['peers_not_run'] = PEERS_NOT_RUN
   return out
 
@@ -1020,26 +1138,37 @@ def workload_table():
 
 
 def table(results):
-  """The markdown table of a results file (bench/README.md)."""
+  """The markdown table of a results file (bench/README.md): workloads in WORKLOADS' order,
+  each GPU's row of a workload beside the others. GPU memory: the compiled step's bytes for
+  a JAX row (arguments + outputs + temporaries - aliased), the process's peak allocation for
+  a PyTorch peer."""
   lines = ['| workload | rows x seq / device | devices | step ms | tokens/s/device | MFU | '
-           'vs (same run) | machine | date, commit |', '|---|---|---|---|---|---|---|---|---|']
-  for n, r in results['rows'].items():
-    w, run = r['workload'], r['run']
-    shape = f"{w['batch']} x {w['seq']}" + (f" ({w['grad_accum']} micro)" if w['grad_accum'] > 1 else '') \
-        + (' packed' if w['packed'] else '')
-    gpus = run['machine'].get('gpus') or ['-']
-    where = (r.get('device_kind') or gpus[0].split(',')[0]) if w['machine'] == 'gpu' \
-        else run['machine']['cpu']
-    when = f"{run['date'][:10]}, {run.get('commit') or 'not recorded'}"
-    if 'result' not in r:
-      error = ' '.join(r['error'].split())[:120].replace('|', '/')
-      lines.append(f"| {n} | {shape} | {w['devices']} | failed: {error} | | | | {where} | {when} |")
-      continue
-    x = r['result']
-    mfu = f"{100 * x['mfu']:.1f}%" if x.get('mfu') else '-'
-    vs = f"{r['vs']['ratio']:.3f} x {r['vs']['workload']}" if r.get('vs') else '-'
-    lines.append(f"| {n} | {shape} | {w['devices']} | {1e3 * x['step_s_median']:.1f} | "
-                 f"{x['tokens_per_s_per_device']:,.0f} | {mfu} | {vs} | {where} | {when} |")
+           'GPU memory GB | vs (same run) | machine | date, commit |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  rows = results['rows']
+  for n in WORKLOADS:
+    for device in sorted(rows):
+      if n not in rows[device]:
+        continue
+      r = rows[device][n]
+      w, run = r['workload'], r['run']
+      shape = f"{w['batch']} x {w['seq']}" + (f" ({w['grad_accum']} micro)" if w['grad_accum'] > 1 else '') \
+          + (' packed' if w['packed'] else '')
+      where = device if w['machine'] == 'gpu' else run['machine']['cpu']
+      when = f"{run['date'][:10]}, {run.get('commit') or 'not recorded'}"
+      if 'result' not in r:
+        error = ' '.join(r['error'].split())[:120].replace('|', '/')
+        lines.append(f"| {n} | {shape} | {w['devices']} | failed: {error} | | | | | {where} | "
+                     f'{when} |')
+        continue
+      x = r['result']
+      mfu = f"{100 * x['mfu']:.1f}%" if x.get('mfu') else '-'
+      mem = (x.get('compiled_bytes_per_device') or x.get('process_peak_bytes_in_use')) \
+          if w['machine'] == 'gpu' else None
+      mem = f'{mem / 1e9:.1f}' if mem else '-'
+      vs = f"{r['vs']['ratio']:.3f} x {r['vs']['workload']}" if r.get('vs') else '-'
+      lines.append(f"| {n} | {shape} | {w['devices']} | {1e3 * x['step_s_median']:.1f} | "
+                   f"{x['tokens_per_s_per_device']:,.0f} | {mfu} | {mem} | {vs} | {where} | {when} |")
   return '\n'.join(lines)
 
 
@@ -1053,6 +1182,10 @@ def main():
   p.add_argument('--table', action='store_true', help='print the results file as markdown')
   p.add_argument('--summarize', action='store_true',
                  help="recompute the results file's summary from its stored rows (no measuring)")
+  p.add_argument('--merge', nargs='+', default=[], metavar='FILE',
+                 help='merge the rows of results files written elsewhere (a device machine\'s '
+                      '--out) into --out: rows of the same workload and GPU replaced, the '
+                      'others kept; no measuring')
   p.add_argument('--out', default=RESULTS, help='results JSON (default %(default)s)')
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--steps', type=int, default=10)
@@ -1071,13 +1204,14 @@ def main():
     return RUNNERS[WORKLOADS[names[0]].impl](names, a)
   if a.list:
     return print(workload_table())
-  if a.table or a.summarize:
-    results = runinfo.read_results(a.out)
+  if a.table or a.summarize or a.merge:
+    if not a.merge:
+      runinfo.read_results(a.out)   # a missing or broken --out is an error here
     if a.table:
-      return print(table(results))
-    results['summary'] = summary(results['rows'])
-    with open(a.out, 'w') as f:
-      json.dump(results, f, indent=1)
+      return print(table(load(a.out)))
+    results = merge(a.merge, a)   # none: the stored rows, summary recomputed
+    if a.merge:
+      print(table(results))
     return print(json.dumps(results['summary'], indent=1))
   if not (a.headline or a.workload):
     p.error('name --workload=... or --headline (--list shows the workloads)')
@@ -1089,7 +1223,8 @@ def main():
   for group in groups(names):   # written after each group: a run cut short keeps what it measured
     found.update(launch(group, a, deadline))
     results = write(found, group, run, a)
-  print(table({'rows': {n: results['rows'][n] for n in names}}))
+  print(table({'rows': {d: {n: r for n, r in rows.items() if r['run']['date'] == run['date']}
+                         for d, rows in results['rows'].items()}}))
   print(f'wrote {a.out}')
   return None
 

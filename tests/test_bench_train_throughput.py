@@ -1,5 +1,6 @@
 """bench/train_throughput.py: the packed-row batches and one workload end to end on CPU."""
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -87,9 +88,9 @@ def test_worker_env_turns_on_the_latency_hiding_scheduler_where_collectives_run(
   assert cpu['JAX_PLATFORMS'] == 'cpu'
 
 
-def _row(tps, date, device='NVIDIA H100 80GB HBM3', **result):
+def _row(tps, date, device='NVIDIA H100 80GB HBM3', commit=None, **result):
   return {'result': dict(tokens_per_s_per_device=tps, **result), 'device_kind': device,
-          'run': {'date': date}}
+          'run': {'date': date, 'commit': commit}}
 
 
 def test_varlen_shim_maps_torchtitans_keywords_onto_an_older_varlen_attn(bench_script):
@@ -112,7 +113,7 @@ def test_varlen_shim_maps_torchtitans_keywords_onto_an_older_varlen_attn(bench_s
     shim(1, 2, 3, 4, 5, 6, 7, window_size=(128, 0))
 
 
-def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
+def test_gpu_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
   tt = bench_script('train_throughput')
   rows = {'rs_b256_accum16_packed': _row(170e3, 'd0', mfu=0.3),
           'rs_b8': _row(150e3, 'd1'), 'rs_b8_packed': _row(140e3, 'd1'),
@@ -120,12 +121,13 @@ def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
           'peer_torchtitan_rs_b8_packed': _row(100e3, 'd0'),          # another run: ignored
           'peer_torchtitan_eager_rs_b8_packed': _row(70e3, 'd1'),
           'peer_transformers_rs_b8': _row(30e3, 'd1')}
-  s = tt.summary(rows)
-  assert s['mfu_released_s_1gpu'] == 0.3 and s['mfu_released_s_1gpu_gpu'].startswith('NVIDIA')
+  s = tt.gpu_summary(rows)
+  assert s['mfu_released_s_1gpu'] == 0.3
+  assert s['mfu_released_s_1gpu_workload'] == 'rs_b256_accum16_packed'
   assert s['mfu_released_s_1gpu_dropless'] is None
   assert s['mfu_released_s_1gpu_dropless_reason'] == 'rs_b256_accum16_dropless_packed not measured'
   assert s['mfu_released_m_1gpu'] is None
-  assert s['mfu_released_m_1gpu_reason'] == 'rm_b256_accum64_packed not measured'
+  assert s['mfu_released_m_1gpu_reason'].startswith('rm_b256_accum64_packed not measured; ')
   assert s['best_peer'] == 'peer_torchtitan_eager_rs_b8_packed'
   assert s['speedup_vs_best_peer'] == 2.0
   assert s['speedup_dropless_vs_best_peer'] is None
@@ -136,23 +138,103 @@ def test_summary_takes_the_fastest_peer_of_the_same_run(bench_script):
         f'rs_ep{n} not measured: it needs a machine with {n} GPUs')
   rows['rs_ep4'] = dict(_row(120e3, 'd2'), vs={'ratio': 0.9})
   rows['rs_ep2'] = {'error': 'out of memory', 'run': {'date': 'd2'}}
-  s = tt.summary(rows)
+  s = tt.gpu_summary(rows)
   assert s['weak_scaling_efficiency_4gpu'] == 0.9
-  assert s['weak_scaling_efficiency_4gpu_gpu'].startswith('NVIDIA')
   assert s['weak_scaling_efficiency_2gpu'] is None
   assert s['weak_scaling_efficiency_2gpu_reason'] == 'out of memory'
   rows['rs_ep2'] = _row(130e3, 'd3')                  # measured --alone: no ratio to take
-  assert 'without rs_b8_packed' in tt.summary(rows)['weak_scaling_efficiency_2gpu_reason']
+  assert 'without rs_b8_packed' in tt.gpu_summary(rows)['weak_scaling_efficiency_2gpu_reason']
   rows = {k: v for k, v in rows.items() if not k.startswith('peer_')}
-  assert tt.summary(rows)['speedup_vs_best_peer'] is None
+  assert tt.gpu_summary(rows)['speedup_vs_best_peer'] is None
   rows['rs_b256_accum16_dropless_packed'] = _row(180e3, 'd0', mfu=0.32)
-  assert tt.summary(rows)['mfu_released_s_1gpu_dropless'] == 0.32
+  assert tt.gpu_summary(rows)['mfu_released_s_1gpu_dropless'] == 0.32
   rows['rm_b256_accum64_packed'] = _row(90e3, 'd5', mfu=0.31)
-  s = tt.summary(rows)
-  assert s['mfu_released_m_1gpu'] == 0.31 and s['mfu_released_m_1gpu_gpu'].startswith('NVIDIA')
+  s = tt.gpu_summary(rows)
+  assert s['mfu_released_m_1gpu'] == 0.31 and s['mfu_released_m_1gpu_date'] == 'd5'
   rows['rs_b256_accum16_packed'] = {'error': 'out of memory', 'run': {'date': 'd4'}}
-  s = tt.summary(rows)
-  assert s['mfu_released_s_1gpu'] is None and s['mfu_released_s_1gpu_reason'] == 'out of memory'
+  s = tt.gpu_summary(rows)
+  assert s['mfu_released_s_1gpu'] is None
+  assert s['mfu_released_s_1gpu_reason'] == ('out of memory; rs_b256_accum8_packed not measured; '
+                                             'rs_b256_accum4_packed not measured')
+  # the best of the micro-batch sizes measured; a failed one is listed beside it
+  rows['rs_b256_accum8_packed'] = _row(200e3, 'd6', commit='abc', mfu=0.35)
+  rows['rs_b256_accum4_packed'] = _row(210e3, 'd6', commit='abc', mfu=0.37)
+  s = tt.gpu_summary(rows)
+  assert (s['mfu_released_s_1gpu'], s['mfu_released_s_1gpu_workload']) == (0.37, 'rs_b256_accum4_packed')
+  assert (s['mfu_released_s_1gpu_commit'], s['mfu_released_s_1gpu_date']) == ('abc', 'd6')
+  assert s['mfu_released_s_1gpu_by_workload'] == {
+      'rs_b256_accum16_packed': 'failed: out of memory', 'rs_b256_accum8_packed': 0.35,
+      'rs_b256_accum4_packed': 0.37}
+
+
+H100, H200 = 'NVIDIA H100 80GB HBM3', 'NVIDIA H200'
+
+
+def test_summary_names_each_figures_gpu_and_keeps_every_gpus_own(bench_script):
+  """MFU: the best over GPUs and micro-batch sizes, the other GPU's figure under by_gpu; the
+  peer speedup: the lowest over GPUs; weak scaling: null with the reason where no GPU has it."""
+  tt = bench_script('train_throughput')
+  h100 = {'rs_b256_accum16_packed': _row(188e3, 'd0', H100, 'c1', mfu=0.347),
+          'rs_b8_packed': _row(143e3, 'd1', H100, 'c2'),
+          'peer_torchtitan_rs_b8_packed': _row(94e3, 'd1', H100, 'c2')}
+  h200 = {'rs_b256_accum16_packed': _row(200e3, 'd2', H200, 'c3', mfu=0.37),
+          'rs_b256_accum8_packed': _row(215e3, 'd2', H200, 'c3', mfu=0.39),
+          'rs_b8_packed': _row(160e3, 'd3', H200, 'c3'),
+          'peer_torchtitan_rs_b8_packed': _row(100e3, 'd3', H200, 'c3')}
+  s = tt.summary({H100: h100, H200: h200, 'cpu': {'tiny_cpu': _row(2e3, 'd4', 'cpu')}})
+  assert s['mfu_released_s_1gpu'] == 0.39
+  assert (s['mfu_released_s_1gpu_gpu'], s['mfu_released_s_1gpu_workload'],
+          s['mfu_released_s_1gpu_commit']) == (H200, 'rs_b256_accum8_packed', 'c3')
+  assert set(s['by_gpu']) == {H100, H200}
+  h = s['by_gpu'][H100]
+  assert (h['mfu_released_s_1gpu'], h['mfu_released_s_1gpu_workload'], h['mfu_released_s_1gpu_commit'],
+          h['mfu_released_s_1gpu_date']) == (0.347, 'rs_b256_accum16_packed', 'c1', 'd0')
+  assert s['speedup_vs_best_peer'] == 143e3 / 94e3 and s['speedup_vs_best_peer_gpu'] == H100
+  assert s['best_peer'] == 'peer_torchtitan_rs_b8_packed' and s['best_peer_tokens_per_s'] == 94e3
+  assert s['by_gpu'][H200]['speedup_vs_best_peer'] == 1.6
+  assert s['mfu_released_m_1gpu'] is None and H200 in s['mfu_released_m_1gpu_reason']
+  assert s['weak_scaling_efficiency_4gpu'] is None
+  assert s['weak_scaling_efficiency_4gpu_reason'] == 'rs_ep4 not measured: it needs a machine with 4 GPUs'
+  del h200['peer_torchtitan_rs_b8_packed']
+  del h100['peer_torchtitan_rs_b8_packed']
+  s = tt.summary({H100: h100, H200: h200})
+  assert s['speedup_vs_best_peer'] is None and 'same run' in s['speedup_vs_best_peer_reason']
+
+
+def test_a_device_run_merged_keeps_the_other_gpus_rows(bench_script, tmp_path):
+  """--merge of an H200 run's file replaces the H200 rows of its workloads only; a file of the
+  earlier shape (rows keyed by workload alone) is keyed by GPU on reading."""
+  tt = bench_script('train_throughput')
+  out, device = tmp_path / 'stored.json', tmp_path / 'device.json'
+  old = _row(188e3, 'd0', H100, 'c1', mfu=0.347)
+  oom = {'error': 'out of memory', 'run': {'date': 'd0', 'machine': {'gpus': [f'{H100}, 81559 MiB']}}}
+  out.write_text(json.dumps({'benchmark': 'x', 'rows': {
+      'rs_b256_accum16_packed': old, 'rs_b256_accum8_packed': oom,
+      'tiny_cpu': _row(2e3, 'd4', 'cpu'), 'a_workload_since_removed': old}}))
+  new = _row(200e3, 'd2', H200, 'c3', mfu=0.37)
+  device.write_text(json.dumps({'benchmark': 'x', 'rows': {H200: {'rs_b256_accum16_packed': new}}}))
+  a = argparse.Namespace(out=str(out))
+  tt.merge([str(device)], a)
+  stored = json.loads(out.read_text())
+  assert stored['rows'] == {H100: {'rs_b256_accum16_packed': old, 'rs_b256_accum8_packed': oom},
+                            H200: {'rs_b256_accum16_packed': new},
+                            'cpu': {'tiny_cpu': _row(2e3, 'd4', 'cpu')}}
+  assert stored['summary']['mfu_released_s_1gpu_gpu'] == H200
+  assert stored['summary']['by_gpu'][H100]['mfu_released_s_1gpu'] == 0.347
+  newer = _row(210e3, 'd5', H200, 'c4', mfu=0.38)   # the same workload and GPU: replaced
+  device.write_text(json.dumps({'benchmark': 'x', 'rows': {H200: {'rs_b256_accum16_packed': newer}}}))
+  tt.merge([str(device)], a)
+  rows = json.loads(out.read_text())['rows']
+  assert rows[H200] == {'rs_b256_accum16_packed': newer} and rows[H100]['rs_b256_accum16_packed'] == old
+  results = json.loads(out.read_text())
+  for n, r in ((n, r) for rs in results['rows'].values() for n, r in rs.items()):
+    r['workload'] = dataclasses.asdict(tt.WORKLOADS[n])
+    r['run'].setdefault('machine', {'cpu': 'AMD EPYC'})
+    r.get('result', {}).setdefault('step_s_median', 1.0)
+  table = tt.table(results)
+  assert table.index(f'| {H100} |') < table.index(f'| {H200} |') < table.index('| rs_b256_accum8_packed')
+
+
 
 
 @pytest.mark.slow
@@ -164,8 +246,8 @@ def test_tiny_packed_workload_end_to_end(tmp_path):
                      env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   rows = json.loads(out.read_text())['rows']
-  assert list(rows) == ['tiny_cpu_packed']
-  row = rows['tiny_cpu_packed']
+  assert {d: list(r) for d, r in rows.items()} == {'cpu': ['tiny_cpu_packed']}
+  row = rows['cpu']['tiny_cpu_packed']
   assert 'error' not in row, row
   assert row['workload']['packed'] and row['workload']['preset'] == 'tiny'
   assert row['run']['machine']['cpu'] and row['run']['date'] and 'commit' in row['run']
@@ -187,7 +269,7 @@ def test_expert_parallel_workload_end_to_end(tmp_path):
                       '--steps=1', f'--out={out}'], env=dict(os.environ, PYTHONPATH=ROOT),
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-  row = json.loads(out.read_text())['rows']['tiny_cpu_ep2']
+  row = json.loads(out.read_text())['rows']['cpu']['tiny_cpu_ep2']
   assert 'error' not in row, row
   res = row['result']
   assert row['workload']['devices'] == 2 and res['tokens_per_step'] == 2 * 4 * 128
