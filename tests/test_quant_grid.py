@@ -71,6 +71,13 @@ def _check(path, w, scheme, want_type):
   np.testing.assert_array_equal(np.asarray(s_v[1]), s_ref)
 
 
+# _weight's all-zero group: the tools divide it by its zero scale (0 / 0), numpy warns, and
+# _check compares only the scale there (the integers are undefined).
+ZERO_GROUP_WARNINGS = pytest.mark.filterwarnings(
+    'ignore:invalid value encountered in (divide|cast):RuntimeWarning')
+
+
+@ZERO_GROUP_WARNINGS
 def test_litert_torch_int4_block32_recipe(tmp_path):
   litert_torch = import_litert_torch()
   from litert_torch.generative.quantize import quant_attrs, quant_recipes
@@ -86,6 +93,7 @@ def test_litert_torch_int4_block32_recipe(tmp_path):
   _check(path, w, 'int4_g32', 'INT4')
 
 
+@ZERO_GROUP_WARNINGS
 @pytest.mark.parametrize('scheme,recipe_name,want_type', [
     ('int4_g32', 'dynamic_wi4b32_afp32', 'INT4'),
     ('int4_channel', 'dynamic_wi4c_afp32', 'INT4'),
