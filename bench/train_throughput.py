@@ -1068,14 +1068,11 @@ def gpu_summary(rows):
   for n_gpu, ep in SUMMARY['weak_scaling'].items():   # per-GPU tokens/s vs the same step on 1
     key, vs = f'weak_scaling_efficiency_{n_gpu}gpu', WORKLOADS[ep].vs
     out[key] = rows[ep]['vs']['ratio'] if _ok(rows, ep) and rows[ep].get('vs') else None
-    if out[key] is not None:
-      pass
-    elif ep in rows and 'error' in rows[ep]:
-      out[key + '_reason'] = rows[ep]['error']
-    elif _ok(rows, ep):
-      out[key + '_reason'] = f'{ep} was measured without {vs} in the same run'
-    else:
-      out[key + '_reason'] = f'{ep} not measured: it needs a machine with {n_gpu} GPUs'
+    if out[key] is None:
+      out[key + '_reason'] = (
+          rows[ep]['error'] if ep in rows and 'error' in rows[ep] else
+          f'{ep} was measured without {vs} in the same run' if _ok(rows, ep) else
+          f'{ep} not measured: it needs a machine with {n_gpu} GPUs')
   return out
 
 
