@@ -69,6 +69,7 @@ struct MoeDelegate {
   std::string messages;  // why nodes were refused, newest last
   std::mutex run_mu;     // one node runs at a time: the pool is shared
   std::unique_ptr<mm::ThreadPool> pool;
+  mm::MoeBlock moe;      // every MoE node's computation and scratch (run_mu: one at a time)
   Profile profile;
   std::string profile_text;  // Profile::Text() as of the last mobilemoe_delegate_profile call
 
@@ -209,6 +210,7 @@ TfLiteStatus KernelInvoke(TfLiteContext* ctx, TfLiteNode* node) {
     std::lock_guard<std::mutex> lock(del->run_mu);
     mm::RunEnv env;
     env.pool = del->Pool(ctx->recommended_num_threads);
+    env.moe = &del->moe;
     env.mode = del->opts.mode;
     env.cap = del->opts.kernel;
     Profile& prof = del->profile;

@@ -139,25 +139,26 @@ static void ExpertMatrices(const MoeConfig& c, const MoeWeights& w, int e, const
   }
 }
 
-void MoeBlock::PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, ThreadPool* pool,
-                                 Isa isa) {
+const float* MoeWeightSums::Get(const MoeConfig& c, const MoeWeights& w, ThreadPool* pool,
+                                Isa isa) {
   const void* key[4] = {w.gate_up_q, w.down_q, w.shared_gate_up_q, w.shared_down_q};
-  if (std::equal(key, key + 4, wsum_key_) && !wsum_.empty()) return;
+  if (std::equal(key, key + 4, key_) && !sums_.empty()) return sums_.data();
   const int E = c.num_experts, D = c.d_model, F = c.d_expert, Fs = c.d_shared;
-  wsum_.assign((size_t)E * (2 * F + D) + (Fs > 0 ? 2 * Fs + D : 0), 0.f);
+  sums_.assign((size_t)E * (2 * F + D) + (Fs > 0 ? 2 * Fs + D : 0), 0.f);
   // Every input-axis matrix of the block (all experts: any may be routed to later),
-  // each with its place in wsum_.
+  // each with its place in sums_.
   std::vector<Q4Matrix> mats;
   for (int e = c.experts_out ? E : 0; e < E + (Fs > 0); ++e) {
     Q4Matrix gu, dn;
-    ExpertMatrices(c, w, e, wsum_.data(), &gu, &dn);
+    ExpertMatrices(c, w, e, sums_.data(), &gu, &dn);
     mats.push_back(gu);
     mats.push_back(dn);
   }
   std::vector<float*> outs;
-  for (const Q4Matrix& m : mats) outs.push_back(wsum_.data() + (m.wsum - wsum_.data()));
+  for (const Q4Matrix& m : mats) outs.push_back(sums_.data() + (m.wsum - sums_.data()));
   WeightRowSums(mats.data(), outs.data(), (int)mats.size(), pool, isa);
-  std::copy(key, key + 4, wsum_key_);
+  std::copy(key, key + 4, key_);
+  return sums_.data();
 }
 
 void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
@@ -170,8 +171,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   if (T == 0) return;
   MM_TICK0();
   const Isa isa = KernelIsa(opt.cap);
-  if (opt.mode == ActMode::kI8) PrepareWeightSums(c, w, pool, isa);
-  const float* wsum = opt.mode == ActMode::kI8 ? wsum_.data() : nullptr;
+  const float* wsum = opt.mode == ActMode::kI8 ? w.wsum : nullptr;
   const Isa x_isa = SimdShapeOk(D, Gd) ? isa : Isa::kScalar;
   // Decode-sized steps run the cheap phases (0, 2) inline: each pool hand-off
   // is a barrier, and on a busy core a barrier can cost a time slice.

@@ -36,6 +36,19 @@ struct MoeWeights {
   const float* shared_gate_up_s = nullptr;
   const uint8_t* shared_down_q = nullptr;     // [D, Fs/2]
   const float* shared_down_s = nullptr;
+  // int8 mode: every input-axis matrix's row sums (MoeWeightSums), [E*2F | E*D | 2Fs | D].
+  const float* wsum = nullptr;
+};
+
+// Per weight row: sum_k W[m,k], for the int8 zero point (kernels.h). Weights are constant
+// tensors, so the sums are computed once per weight set (on the pool) and kept by its node.
+class MoeWeightSums {
+ public:
+  const float* Get(const MoeConfig& c, const MoeWeights& w, ThreadPool* pool, Isa isa);
+
+ private:
+  std::vector<float> sums_;
+  const void* key_[4] = {nullptr, nullptr, nullptr, nullptr};
 };
 
 struct RunOptions {
@@ -43,10 +56,12 @@ struct RunOptions {
   IsaCap cap = IsaCap::kAuto;
 };
 
-// Holds scratch buffers between calls; one per claimed node.
+// The computation and its scratch buffers, kept between calls. One serves every block of
+// a model (the delegate runs one node at a time): the buffers stay warm in the caches from
+// one layer to the next, and a model holds one set of them, not one per layer.
 class MoeBlock {
  public:
-  // y [T, D] = MoE(x [T, D]).
+  // y [T, D] = MoE(x [T, D]); int8 mode needs w.wsum.
   void Run(const MoeConfig& c, const MoeWeights& w, const float* x, int T,
            float* y, ThreadPool* pool, const RunOptions& opt);
 
@@ -69,8 +84,6 @@ class MoeBlock {
                     Isa isa);
   void Select(const MoeConfig& c, const MoeWeights& w, int T);
 
-  // Per weight row: sum_k W[m,k] for the int8 zero point (kernels.h). Weights
-  // are constant tensors, so computed once per weight set, on the pool.
   // The experts of a decode-sized step (T < 8, input-axis experts), after routing: jobs_
   // [0, nr) routed, jobs_[nr] the shared expert (its gate/up done). y [T, D] zeroed.
   void ExpertsDecode(const MoeConfig& c, const float* x, int T, float* y, ThreadPool* pool,
@@ -82,10 +95,6 @@ class MoeBlock {
   std::vector<Scratch> scratch_;
   std::vector<float> job_out_;              // ExpertsDecode: per job [n, D]
   Acts shared_h_;                           // ExpertsDecode: the shared expert's hidden
-
-  void PrepareWeightSums(const MoeConfig& c, const MoeWeights& w, ThreadPool* pool, Isa isa);
-  std::vector<float> wsum_;  // [E*2F | E*D | 2Fs | D]
-  const void* wsum_key_[4] = {nullptr, nullptr, nullptr, nullptr};
 
   std::vector<float> logits_;               // [T, E]
   std::vector<std::vector<int>> tok_;       // per expert: token ids

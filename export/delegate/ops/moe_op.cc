@@ -121,7 +121,8 @@ TfLiteStatus MoeOp::Eval(TfLiteContext* ctx, Partition* part, const RunEnv& env,
   RunOptions ro;
   ro.mode = env.mode;
   ro.cap = env.cap;
-  block_.Run(cfg_, w, x, (int)(numel / D), y, env.pool, ro);
+  if (ro.mode == ActMode::kI8) w.wsum = sums_.Get(cfg_, w, env.pool, KernelIsa(env.cap));
+  env.moe->Run(cfg_, w, x, (int)(numel / D), y, env.pool, ro);
   return kLiteOk;
 }
 

@@ -1,5 +1,5 @@
 // MobileMoeBlock nodes (README.md, "The op contract"): the glue between LiteRT tensors and
-// kernels/moe.h's MoeBlock.
+// kernels/moe.h's MoeBlock (the delegate's one, RunEnv::moe).
 #pragma once
 
 #include "kernels/moe.h"
@@ -25,7 +25,7 @@ class MoeOp : public Op {
                            const MoeConfig& c, std::string* why);
 
   MoeConfig cfg_;
-  MoeBlock block_;
+  MoeWeightSums sums_;  // this node's weights' row sums (int8 mode)
 };
 
 }  // namespace mm

@@ -16,6 +16,7 @@
 
 #include "abi.h"
 #include "kernels/kernels.h"
+#include "kernels/moe.h"
 #include "kernels/threadpool.h"
 #include "ops/checks.h"
 
@@ -24,6 +25,7 @@ namespace mm {
 // What the delegate's options choose for every op it runs.
 struct RunEnv {
   ThreadPool* pool = nullptr;
+  MoeBlock* moe = nullptr;  // the MoE blocks' computation and scratch, shared by their nodes
   ActMode mode = ActMode::kI8;
   IsaCap cap = IsaCap::kAuto;
 };
