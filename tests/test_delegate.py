@@ -195,6 +195,33 @@ def test_every_node_claimed_and_builtins_run(chain):
   assert_close(y, reference(x), 1e-4)
 
 
+@pytest.mark.parametrize("T", [2, 33])   # decode-sized, then prefill-sized (AMX on CPUs with it)
+def test_nodes_of_different_shapes_share_the_delegates_block(T):
+  """The delegate runs every MoE node on one MoeBlock (its scratch buffers) and each node on
+  its own weights' row sums: two chained nodes of different shapes, int8 activations (where
+  the row sums enter), each invoke also after the other shape ran."""
+  rng = np.random.default_rng(31)
+  D = 256
+  o1, o2 = opts(8, 2, D, 128, 0, 0), opts(16, 4, D, 256, 128, 32, score_func="sigmoid")
+  w1, w2 = weights(rng, o1), weights(rng, o2)
+  g = tb.GraphBuilder()
+  x = g.tensor("x", [T, D])
+  m1 = tb.add_moe_block(g, x, [T, D], w1, o1, name="moe1")
+  m2 = tb.add_moe_block(g, m1, [T, D], w2, o2, name="moe2")
+  g.inputs, g.outputs = [x], [m2]
+  d = dl.load(activations="int8")
+  it = Interpreter(model_content=g.build(), experimental_delegates=[d], num_threads=2)
+  it.allocate_tensors()
+  assert dl.stats(d)["claimed"] == 2
+  for _ in range(2):   # the second invoke finds the buffers left by the other node
+    xv = tokens(rng, w1, o1, T)
+    it.set_tensor(it.get_input_details()[0]["index"], xv)
+    it.invoke()
+    y = it.get_tensor(it.get_output_details()[0]["index"])
+    h = dl.reference_moe(xv, w1, o1, activations="int8")
+    assert_rel_l2(y, dl.reference_moe(h, w2, o2, activations="int8"), 4e-3)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(act="gelu"), "unsupported act 'gelu'"),
     (dict(score_func="sparsemax"), "unsupported score_func"),
