@@ -24,12 +24,15 @@ namespace mm {
 namespace {
 // Prefill work items; -D overrides for bench_block experiments. With T=128 an expert has
 // ~8 tokens, so its GEMMs stream weights much as decode does, and long runs per work item
-// (gate/up items of 384 rows, down split as StreamTile) beat short ones.
+// beat short ones: a routed expert's whole gate/up is one item (one stream, its tokens read
+// by one thread; the released S's block: gate/up 1.10-1.17 vs 1.26-1.33 ms with items of
+// 384 rows, bench_block), the shared expert's gate/up is split in kRowTile1 rows, the down
+// projections as StreamTile.
 #ifndef MM_TILE1
-#define MM_TILE1 384
+#define MM_TILE1 768
 #define MM_TILE3 64
 #endif
-constexpr int kRowTile1 = MM_TILE1;  // gate/up rows per work item (prefill)
+constexpr int kRowTile1 = MM_TILE1;  // the shared expert's gate/up rows per work item (prefill)
 constexpr int kRowTile3 = MM_TILE3;  // the least rows per streaming work item (StreamTile)
 #ifndef MM_DECODE_SPLIT
 #define MM_DECODE_SPLIT 2
@@ -284,7 +287,7 @@ void MoeBlock::Run(const MoeConfig& c, const MoeWeights& w, const float* x,
   part_.resize(part_off[nj]);
   std::vector<int> tile1(nr);
   for (int j = 0; j < nr; ++j)
-    tile1[j] = T < 8 ? StreamTile(2 * jobs_[j].F, nthreads, kRowTile3) : kRowTile1;
+    tile1[j] = T < 8 ? StreamTile(2 * jobs_[j].F, nthreads, kRowTile3) : 2 * jobs_[j].F;
   for (int j = 0; j < nj; ++j)
     first_item[j + 1] = first_item[j] + (j >= nr ? 0 : is_split(jobs_[j]) ? parts
                                          : (2 * jobs_[j].F + tile1[j] - 1) / tile1[j]);
