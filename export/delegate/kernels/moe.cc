@@ -25,8 +25,7 @@ namespace {
 // Prefill work items; -D overrides for bench_block experiments. With T=128 an expert has
 // ~8 tokens, so its GEMMs stream weights much as decode does, and long runs per work item
 // beat short ones: a routed expert's whole gate/up is one item (one stream, its tokens read
-// by one thread; the released S's block: gate/up 1.10-1.17 vs 1.26-1.33 ms with items of
-// 384 rows, bench_block), the shared expert's gate/up is split in kRowTile1 rows, the down
+// by one thread), the shared expert's gate/up is split in kRowTile1 rows, the down
 // projections as StreamTile.
 #ifndef MM_TILE1
 #define MM_TILE1 768
